@@ -1,0 +1,1 @@
+"""Exporters: ONNX (torch.onnx dynamo), torch.compile / AOTInductor, TensorRT."""

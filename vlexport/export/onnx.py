@@ -1,0 +1,108 @@
+"""torch -> ONNX for one component: dynamo export with named dynamic axes, external data, kernels' ops."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from vlexport.manifest import Component, TensorSpec
+from vlexport.models.base import ComponentSpec
+
+DEFAULT_OPSET = 18
+# Above this many bytes of weights a graph keeps its tensors in a side file (protobuf's 2 GiB limit,
+# and smaller single files load faster when only the graph is inspected).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def dynamic_shapes(spec: ComponentSpec, example: Mapping[str, torch.Tensor]) -> tuple[tuple[Any, ...]]:
+    """torch.export dynamic shapes from the spec's named axes; one Dim object per axis name.
+
+    Sharing the Dim by name ties e.g. the batch axis of every input together, so the exported graph
+    states the relation instead of guarding on it.
+    """
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(name: str) -> torch.export.Dim:
+        if name not in dims:
+            dims[name] = torch.export.Dim(name, min=1, max=1 << 16)
+        return dims[name]
+
+    per_input = []
+    for name in spec.inputs:
+        axes = spec.dynamic_axes.get(name, {})
+        per_input.append({axis: dim(axis_name) for axis, axis_name in axes.items()} or None)
+    # The wrapper's forward takes *args: torch.export wants one entry for that varargs tuple.
+    return (tuple(per_input),)
+
+
+def export_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
+                     opset: int = DEFAULT_OPSET, translation_table: Mapping[Any, Any] | None = None) -> Component:
+    """Export ``module`` (forward(*inputs) -> tuple) to ``path`` and describe it for the manifest."""
+    args = tuple(example[name] for name in spec.inputs)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes(spec, example),
+            input_names=list(spec.inputs), output_names=list(spec.outputs), opset_version=opset,
+            custom_translation_table=dict(translation_table or {}), optimize=True, verbose=False,
+        )
+    program.save(str(path), external_data=external)
+    return describe(path, spec.name, spec.dynamic_axes, root=path.parent)
+
+
+def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path) -> Component:
+    """A manifest Component read off the ONNX file itself (what the graph really declares)."""
+    model = onnx.load(str(path), load_external_data=False)
+    external = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    comp = Component(
+        name=name,
+        file=str(path.relative_to(root)),
+        inputs=[_tensor_spec(v, dynamic_axes) for v in model.graph.input],
+        outputs=[_tensor_spec(v, dynamic_axes) for v in model.graph.output],
+        external_data=next(iter(sorted(external)), None),
+    )
+    comp.size_bytes = sum((root / rel).stat().st_size for rel in filter(None, (comp.file, comp.external_data)))
+    return comp
+
+
+def _tensor_spec(value: onnx.ValueInfoProto, dynamic_axes: Mapping[str, Mapping[int, str]]) -> TensorSpec:
+    t = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    named = dynamic_axes.get(value.name, {})
+    shape: list[int | str] = []
+    for i, d in enumerate(t.shape.dim):
+        shape.append(d.dim_value if d.HasField("dim_value") else named.get(i, d.dim_param or f"dim{i}"))
+    return TensorSpec(value.name, dtype, shape)
+
+
+class _quiet_exporter:
+    """The dynamo exporter logs warnings per unsupported torchvision op and per rename; keep the CLI readable."""
+
+    def __enter__(self) -> None:
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes"):
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._warn.__exit__(*exc)

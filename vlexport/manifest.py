@@ -1,0 +1,137 @@
+"""The artifact manifest (``manifest.json``, schema ``vlexport-artifact/1``): read and written only here.
+
+Every stage reads and writes an artifact directory described by its manifest, so no stage needs to
+know which stage ran before it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vlexport.errors import CheckError, UsageError
+
+SCHEMA = "vlexport-artifact/1"
+MANIFEST = "manifest.json"
+_VERSIONED = ("vlexport", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "triton", "tensorrt")
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: float32, int64, ...
+    shape: list[int | str]  # ints are static, strings name dynamic axes
+
+
+@dataclass
+class Component:
+    name: str
+    file: str  # relative to the artifact directory
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    external_data: str | None = None  # relative path of the external-data file, when there is one
+    size_bytes: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Component:
+        d = dict(d)
+        d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
+        d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
+        return cls(**d)
+
+
+@dataclass
+class Manifest:
+    family: str
+    task: str
+    hf_class: str
+    backend: str  # onnx | aoti | tensorrt
+    precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static | int8-weight
+    source: dict[str, Any]  # {"preset": ..., "path": ..., "checkpoint": ...}
+    weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
+    components: dict[str, Component]
+    kernels: list[str] = field(default_factory=list)
+    opset: int | None = None
+    image_size: int | None = None
+    files: list[str] = field(default_factory=list)  # config / processor / tokenizer files copied in
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # {"kind": "copied"|"placeholder", ...}
+    generation: dict[str, Any] = field(default_factory=dict)  # generation settings for generative tasks
+    derived_from: dict[str, Any] | None = None  # for quantized / converted artifacts: the parent's identity
+    validation: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    schema: str = SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str) + "\n"
+
+    def write(self, directory: Path) -> None:
+        if not self.versions:
+            self.versions = library_versions()
+        if not self.created:
+            self.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (directory / MANIFEST).write_text(self.to_json())
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise UsageError(f"{directory} is not a directory. Pass an artifact directory written by vlexport.")
+        if not path.is_file():
+            raise UsageError(
+                f"{directory} has no {MANIFEST}: it is not a vlexport artifact directory. Export one first, e.g. "
+                "`vlexport onnx bridgetower-tiny --random-weights -o DIR`."
+            )
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckError(f"{path} is not valid JSON ({e}); the artifact is damaged, export it again.") from None
+        if d.get("schema") != SCHEMA:
+            raise CheckError(f"{path} has schema {d.get('schema')!r}, expected {SCHEMA!r}; export it again.")
+        try:
+            d["components"] = {k: Component.from_dict(v) for k, v in d["components"].items()}
+            manifest = cls(**d)
+        except (KeyError, TypeError) as e:
+            raise CheckError(f"{path} does not match schema {SCHEMA} ({e}); export it again.") from None
+        manifest.check_files(directory)
+        return manifest
+
+    def check_files(self, directory: Path) -> None:
+        """Every file the manifest names must exist with the recorded size."""
+        for comp in self.components.values():
+            for rel in filter(None, (comp.file, comp.external_data)):
+                if not (directory / rel).is_file():
+                    raise CheckError(
+                        f"{directory} is incomplete: component {comp.name!r} needs {rel}, which is missing. "
+                        "Export the artifact again."
+                    )
+            size = component_size(directory, comp)
+            if comp.size_bytes and size != comp.size_bytes:
+                raise CheckError(
+                    f"{directory}: component {comp.name!r} files are {size} bytes, the manifest records "
+                    f"{comp.size_bytes}: the files were changed or truncated. Export the artifact again."
+                )
+        for rel in self.files:
+            if not (directory / rel).is_file():
+                raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
+
+
+def component_size(directory: Path, comp: Component) -> int:
+    return sum((directory / rel).stat().st_size for rel in filter(None, (comp.file, comp.external_data)))
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

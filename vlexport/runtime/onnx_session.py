@@ -1,0 +1,51 @@
+"""Load ONNX components of an artifact as callables on ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from vlexport.errors import CheckError
+
+
+def available_providers(device: str = "auto") -> list[str]:
+    have = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise CheckError("CUDA was requested but this onnxruntime has no CUDAExecutionProvider: "
+                         "pip install 'vlexport[gpu]' (onnxruntime-gpu) on a machine with a GPU.")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxComponent:
+    """One ONNX graph as a callable: named numpy inputs in, named numpy outputs out.
+
+    Feeds only the inputs the graph declares: optimized graphs may drop unused ones (pixel_mask).
+    """
+
+    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts,
+                                                providers=list(providers or available_providers()))
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise CheckError(f"ONNX Runtime cannot load {path}: {e}. The file is damaged or incomplete; "
+                             "export the artifact again.") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._input_types = {i.name: i.type for i in self.session.get_inputs()}
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise CheckError(f"Missing inputs {missing} for ONNX graph expecting {self.input_names}.")
+        feed = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, feed)))
