@@ -18,16 +18,11 @@ def check_output_dir(out: Path, *, force: bool) -> None:
         raise UsageError(f"Output directory {out} already exists. Pass --force to replace it, or choose another -o.")
     if out.exists() and not out.is_dir():
         raise UsageError(f"Output path {out} exists and is not a directory. Choose another -o.")
-    parent = _existing_parent(out.absolute())
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"Cannot write to {out}: {parent} is a file, not a directory. Choose another -o.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write to {out}: {parent} is not writable. Choose another -o.")
-
-
-def _existing_parent(path: Path) -> Path:
-    for p in (path, *path.parents):
-        if p.exists():
-            return p if p.is_dir() else p.parent
-    return Path("/")
 
 
 @contextlib.contextmanager

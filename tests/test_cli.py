@@ -1,0 +1,109 @@
+"""The CLI as a user meets it: exit codes, one-paragraph errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlexport.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_json(capsys) -> None:
+    code, out, _ = _run(capsys, "list", "--json")
+    assert code == 0
+    presets = {p["preset"]: p for p in json.loads(out)["presets"]}
+    assert presets["bridgetower-base"]["tasks"] == {"features": "BridgeTowerModel"}
+    assert presets["bridgetower-base"]["tiny"] == "bridgetower-tiny"
+    assert presets["blip-itm-base-coco"]["tasks"]["itm"] == "BlipForImageTextRetrieval"
+
+
+def test_list_table(capsys) -> None:
+    code, out, _ = _run(capsys, "list")
+    assert code == 0 and "bridgetower-large-itm-mlm-itc" in out and "blip2-flan-t5-tiny" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["onnx", "bridgetower-bse", "--random-weights"], 2, "Did you mean 'bridgetower-base'"),
+        (["onnx", "altclip-tiny", "--random-weights", "--task", "mlm"], 2, "Supported tasks: features"),
+        (["onnx", "bridgetower-tiny", "--random-weights", "--kernels", "flash"], 2, "Unknown kernel"),
+        (["validate", "/nonexistent/artifact"], 2, "is not a directory"),
+    ],
+)
+def test_usage_errors(capsys, argv, code: int, message: str) -> None:
+    rc, _, err = _run(capsys, *argv)
+    assert rc == code
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+def test_no_weights_exit_2(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, _, err = _run(capsys, "onnx", "bridgetower-base", "-o", str(tmp_path / "o"))
+    assert rc == 2 and "--random-weights" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, _, err = _run(capsys, "onnx", "altclip-tiny", "--random-weights", "-o", str(out))
+    assert rc == 2 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(capsys, tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    rc, _, err = _run(capsys, "onnx", "altclip-tiny", "--random-weights", "-o", str(ro / "o"))
+    assert rc == 2 and "not writable" in err
+
+
+def test_unwritable_output_under_a_file(capsys, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = _run(capsys, "onnx", "altclip-tiny", "--random-weights", "-o", str(tmp_path / "afile" / "o"))
+    assert rc == 2 and "is a file, not a directory" in err
+
+
+def test_export_then_validate(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "vt"
+    rc, stdout, _ = _run(capsys, "onnx", "vision-text-dual-encoder-tiny", "--random-weights", "-o", str(out))
+    assert rc == 0 and "validation passed" in stdout
+    rc, stdout, _ = _run(capsys, "validate", str(out))
+    assert rc == 0 and "validation passed" in stdout
+    # A damaged artifact is a failed check (exit 1), named clearly.
+    (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:1000])
+    rc, _, err = _run(capsys, "validate", str(out))
+    assert rc == 1 and "truncated" in err
+
+
+def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "vlexport.cli", "onnx", "bridgetower-tiny", "--random-weights",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".o.*.partial")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".o.*.partial")), "export never started staging"
+    time.sleep(0.5)  # inside torch.onnx.export
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

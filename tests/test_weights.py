@@ -1,0 +1,124 @@
+"""Weight resolution: local save_pretrained dirs, random weights, and every way it can go wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BridgeTowerConfig, BridgeTowerForImageAndTextRetrieval
+
+from vlexport.errors import CheckError, UsageError
+from vlexport.pipeline import ExportJob, run_export
+from vlexport.weights import check_safetensors, load_model, resolve
+
+
+def _save_tiny(path: Path, **overrides) -> BridgeTowerForImageAndTextRetrieval:
+    config = BridgeTowerConfig(
+        # BridgeTower's vision tower has hidden_size // 64 heads, so 64 is its smallest width.
+        hidden_size=64, num_attention_heads=2, num_hidden_layers=1,
+        text_config=dict(vocab_size=300, hidden_size=64, num_attention_heads=2, intermediate_size=96,
+                         num_hidden_layers=1, max_position_embeddings=40),
+        vision_config=dict(hidden_size=64, num_hidden_layers=1, image_size=48, patch_size=16),
+        **overrides,
+    )
+    torch.manual_seed(3)
+    model = BridgeTowerForImageAndTextRetrieval(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_local_dir_loads_saved_weights_exactly(tmp_path: Path) -> None:
+    saved = _save_tiny(tmp_path / "m")
+    source = resolve(str(tmp_path / "m"))
+    assert source.origin["kind"] == "local"
+    assert source.tasks[0] == "itm"  # from the config's architectures
+    loaded = load_model(source, "itm")
+    for (name, a), b in zip(saved.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_local_dir_of_unusual_size_exports_and_validates(tmp_path: Path) -> None:
+    # Not a preset's sizes: 2 heads of 32, 48 px images, one layer, scaled_add link towers. Shapes must come from the config.
+    _save_tiny(tmp_path / "m", link_tower_type="scaled_add")
+    manifest = run_export(ExportJob(str(tmp_path / "m"), tmp_path / "out", task="itm"))
+    assert manifest.weights["kind"] == "local"
+    assert manifest.validation["passed"] is True
+    assert manifest.image_size == 48
+    assert manifest.components["model"].inputs[2].shape == ["batch", 3, 48, 48]
+
+
+def test_random_weights_are_seeded_and_not_degenerate() -> None:
+    a = load_model(resolve("blip-tiny", random_weights=True, seed=1), "itm")
+    b = load_model(resolve("blip-tiny", random_weights=True, seed=1), "itm")
+    c = load_model(resolve("blip-tiny", random_weights=True, seed=2), "itm")
+    wa, wb, wc = (m.vision_model.embeddings.patch_embedding.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    # BLIP's vision config defaults to initializer_range=1e-10; random weights must use a sane range.
+    assert 0.005 < wa.std().item() < 0.1
+
+
+def test_random_weights_fix_blip_tiny_initializer_range() -> None:
+    from vlexport.presets import get_preset
+
+    d = get_preset("blip-tiny").config_dict()
+    d["vision_config"]["initializer_range"] = 1e-10  # the upstream default
+    from vlexport.weights import _config_from_dict, _sane_init_config
+
+    fixed = _sane_init_config(_config_from_dict(d, where="test"))
+    assert fixed.vision_config.initializer_range == 0.02
+
+
+def test_no_weights_names_three_ways_out(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError) as e:
+        resolve("bridgetower-base")
+    msg = str(e.value)
+    assert "--random-weights" in msg and "local directory" in msg and "cache" in msg
+
+
+def test_unknown_preset_suggests_close_names() -> None:
+    with pytest.raises(UsageError, match="Did you mean 'blip-tiny'"):
+        resolve("blip-tinyy")
+
+
+def test_unsupported_task() -> None:
+    source = resolve("altclip-tiny", random_weights=True)
+    with pytest.raises(UsageError, match="Supported tasks: features"):
+        source.check_task("itm")
+
+
+def test_dir_without_config(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match="no config.json"):
+        resolve(str(tmp_path))
+
+
+def test_unsupported_model_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UsageError, match="model_type 'bert' is not supported"):
+        resolve(str(tmp_path))
+
+
+def test_dir_without_safetensors(tmp_path: Path) -> None:
+    _save_tiny(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(UsageError, match="no \\*.safetensors"):
+        resolve(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(tmp_path: Path, damage: str) -> None:
+    _save_tiny(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(CheckError, match="model.safetensors"):
+        resolve(str(tmp_path))
+
+
+def test_check_safetensors_accepts_a_good_file(tmp_path: Path) -> None:
+    _save_tiny(tmp_path)
+    header = json.loads(check_safetensors(tmp_path / "model.safetensors"))
+    assert any(k.endswith("itm_score.weight") or "itm" in k for k in header)
