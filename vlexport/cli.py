@@ -25,7 +25,7 @@ def command(name: str, help: str) -> Callable:
     """Register ``add_<name>_args`` / ``cmd_<name>`` pairs by decorating the command function."""
 
     def wrap(fn: Command) -> Command:
-        COMMANDS[name] = (getattr(sys.modules[__name__], f"_{name}_args"), fn, help)
+        COMMANDS[name] = (getattr(sys.modules[__name__], f"_{name.replace('-', '_')}_args"), fn, help)
         return fn
 
     return wrap
@@ -122,6 +122,27 @@ def _print_summary(directory: Path, manifest) -> None:
         out.print(f"validation {verdict}" + (f": {v['summary']}" if v.get("summary") else ""))
     if manifest.timings:
         out.print("timings: " + ", ".join(f"{k} {s:.1f}s" for k, s in manifest.timings.items()))
+
+
+# ---------------------------------------------------------------- dual-encoder
+def _dual_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vision", type=Path, help="vision encoder directory (save_pretrained: ViT, CLIP vision, ...)")
+    p.add_argument("text", type=Path, help="text encoder directory (save_pretrained: BERT, RoBERTa, ...)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to save the combined model")
+    p.add_argument("--projection-dim", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed for the new projection layers")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+@command("dual-encoder", "combine two local encoders into a VisionTextDualEncoder directory")
+def cmd_dual_encoder(args: argparse.Namespace) -> int:
+    from vlexport.compose import compose_dual_encoder
+
+    path = compose_dual_encoder(args.vision, args.text, args.output, projection_dim=args.projection_dim,
+                                seed=args.seed, force=args.force)
+    out.print(f"{path}: VisionTextDualEncoder (new projections, seed {args.seed}); export it with "
+              f"`vlexport onnx {path}`")
+    return 0
 
 
 # ---------------------------------------------------------------- validate
