@@ -96,13 +96,12 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     from vlexport.export.onnx import DEFAULT_OPSET
     from vlexport.pipeline import ExportJob, run_export
 
-    output = args.output or Path(f"{Path(args.model).name}-{args.task or 'default'}-onnx")
-    job = ExportJob(args.model, output, task=args.task, precision=args.precision, random_weights=args.random_weights,
+    job = ExportJob(args.model, args.output, task=args.task, precision=args.precision, random_weights=args.random_weights,
                     seed=args.seed, optimize=args.optimize, kernels=args.kernels, force=args.force,
                     opset=args.opset or DEFAULT_OPSET, validate=not args.no_validate)
     with console.status("exporting") as status:
         manifest = run_export(job, progress=lambda msg: status.update(msg))
-    _print_summary(output, manifest)
+    _print_summary(job.output, manifest)
     return 0
 
 

@@ -32,7 +32,7 @@ Progress = Callable[[str], None]
 @dataclass
 class ExportJob:
     model: str
-    output: Path
+    output: Path | None  # None: ./<model>-<task>-onnx
     task: str | None = None
     precision: str = "fp32"
     random_weights: bool = False
@@ -45,7 +45,7 @@ class ExportJob:
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output)
+        self.output = Path(self.output) if self.output is not None else None
         unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
         if unknown:
             raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
@@ -80,6 +80,8 @@ def injected(model: PreTrainedModel, kernels: tuple[str, ...]) -> Iterator[dict[
 def run_export(job: ExportJob, progress: Progress = lambda msg: None) -> Manifest:
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
     task = source.check_task(job.task)
+    if job.output is None:
+        job.output = Path(f"{Path(job.model).name}-{task}-onnx")
     check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
     task_spec = source.family.task(task)
     with _timed(job, "load", progress):
