@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlexport.errors import UsageError, VlexportError
@@ -59,16 +60,34 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append({"preset": p.name, "family": p.family, "checkpoint": p.checkpoint, "tiny": p.tiny,
                      "tasks": {t: fam.task(t).hf_class_name for t in p.tasks}, "default_task": p.default_task})
     if args.json:
-        out.print_json(json.dumps({"presets": rows, "backends": ["onnx"], "precisions": list(TOLERANCES)}))
+        out.print_json(json.dumps({"presets": rows, "backends": ["onnx", "aoti", "trt"], "precisions": list(TOLERANCES)}))
         return 0
+    # Names never wrap or get cut (users copy them): one section per family, tiny twins last in it;
+    # the HF class of each task goes in a second table.
     table = Table(title="vlexport presets")
-    for col in ("preset", "family", "tasks (HF class)", "upstream checkpoint", "tiny twin"):
-        table.add_column(col)
-    for r in rows:
-        tasks = "\n".join(f"{t}{'*' if t == r['default_task'] else ''}: {c}" for t, c in r["tasks"].items())
-        table.add_row(r["preset"], r["family"], tasks, r["checkpoint"] or "-", r["tiny"] or "-")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("tasks (* default)")
+    table.add_column("upstream checkpoint", overflow="fold")
+    families = dict.fromkeys(r["family"] for r in rows)
+    for family in families:
+        members = sorted((r for r in rows if r["family"] == family), key=lambda r: r["checkpoint"] is None)
+        for r in members:
+            tasks = ", ".join(f"{t}{'*' if t == r['default_task'] else ''}" for t in r["tasks"])
+            table.add_row(r["preset"], tasks, r["checkpoint"] or ("(composed, see `dual-encoder`)" if r["tiny"]
+                                                                  else "(tiny twin, tests)"))
+        table.add_section()
     out.print(table)
-    out.print("* default task.  Backends: onnx.  Precisions: " + ", ".join(TOLERANCES))
+    classes = Table(title="tasks")
+    for col in ("family", "task", "HF class"):
+        classes.add_column(col, no_wrap=True)
+    seen = set()
+    for r in rows:
+        for t, c in r["tasks"].items():
+            if (r["family"], t) not in seen:
+                seen.add((r["family"], t))
+                classes.add_row(r["family"], t, c)
+    out.print(classes)
+    out.print("Backends: onnx, aoti (`vlexport compile`), trt.  Precisions: " + ", ".join(TOLERANCES))
     return 0
 
 
@@ -166,6 +185,199 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- compile
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("-o", "--output", type=Path, help="artifact directory (default: ./<model>-<task>-aoti)")
+    p.add_argument("--mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode applied to the AOT compile (reduce-overhead: no CUDA graphs in AOTI)")
+    p.add_argument("--kernels", type=_csv, default=(), help="inject fused kernels: attention,bridge")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the package is compiled for")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (the manifest says so)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+@command("compile", "AOTInductor package (torch.export + aoti_compile_and_package), validated against eager")
+def cmd_compile(args: argparse.Namespace) -> int:
+    from vlexport.export.compile import run_compile
+    from vlexport.pipeline import ExportJob
+
+    job = ExportJob(args.model, args.output, task=args.task, random_weights=args.random_weights, seed=args.seed,
+                    kernels=args.kernels, force=args.force, validate=not args.no_validate)
+    with console.status("compiling") as status:
+        manifest = run_compile(job, mode=args.mode, device=args.device, progress=lambda msg: status.update(msg))
+    _print_summary(job.output, manifest)
+    return 0
+
+
+# ---------------------------------------------------------------- trt
+def _trt_args(p: argparse.ArgumentParser) -> None:
+    from vlexport.export.tensorrt import DEFAULT_SHAPES
+
+    p.add_argument("model", help="preset, local model directory, or an ONNX artifact directory")
+    p.add_argument("--task", help="task to export when MODEL is not an artifact directory")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration inputs")
+    p.add_argument("-o", "--output", type=Path, help="artifact directory (default: ./<model>-<task>-trt-<precision>)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--shapes", default=DEFAULT_SHAPES,
+                   help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {DEFAULT_SHAPES})")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (the manifest says so)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+@command("trt", "TensorRT engine(s) from a model or an ONNX artifact, validated against eager")
+def cmd_trt(args: argparse.Namespace) -> int:
+    from vlexport.export.tensorrt import TrtJob, parse_shapes, run_trt
+
+    job = TrtJob(args.model, args.output, precision=args.precision, shapes=parse_shapes(args.shapes), task=args.task,
+                 random_weights=args.random_weights, seed=args.seed, force=args.force, validate=not args.no_validate)
+    with console.status("building TensorRT engine") as status:
+        manifest = run_trt(job, progress=lambda msg: status.update(msg))
+    _print_summary(job.output, manifest)
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL|DIR",
+                   help="presets / model directories (variants built per --backends) or artifact directories")
+    p.add_argument("--task", help="task (default: the preset's first task)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and benchmark inputs")
+    p.add_argument("--backends", type=_csv, default=("eager", "onnx"),
+                   help="comma list of eager, compile, onnx, onnx-opt, aoti, trt (eager fp32 always runs)")
+    p.add_argument("--precision", type=_csv, default=("fp32",), help="comma list of precisions (default fp32)")
+    p.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
+    p.add_argument("--seq-len", type=int, default=32, help="text tokens per sample (padded masks)")
+    p.add_argument("--new-tokens", type=int, default=16, help="generation: tokens decoded per sample")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant and shape")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per variant and shape")
+    p.add_argument("--kernels", type=_csv, default=(), help="inject fused kernels into the built variants")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"), help="default: auto")
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile / AOTI mode")
+    p.add_argument("--work-dir", type=Path, help="keep built artifacts here and reuse them (default: temp dir)")
+    p.add_argument("--suite", help="run a named suite from benchmarks/suites.toml instead of MODEL args")
+    p.add_argument("--suite-file", type=Path, help="suites file (default: benchmarks/suites.toml)")
+    p.add_argument("--json", type=Path, help="write rows as JSON (input of `vlexport regress`)")
+    p.add_argument("--markdown", type=Path, help="write a Markdown table")
+    p.add_argument("--plot", type=Path, help="write a PNG: latency vs batch and speed-up vs eager")
+
+
+@command("bench", "benchmark backends against eager (interleaved, parity-checked); JSON / Markdown / PNG")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlexport.bench import BenchPlan, run_bench, write_rows
+    from vlexport.bench.plot import plot_rows
+    from vlexport.bench.report import RichProgress, to_markdown, to_rich
+    from vlexport.bench.suite import load_suite
+
+    if args.suite:
+        plans = load_suite(args.suite, args.suite_file, device=args.device, threads=args.threads,
+                           work_dir=args.work_dir)
+    else:
+        plans = [BenchPlan(tuple(args.models), backends=args.backends, precisions=args.precision,
+                           batch_sizes=args.batch_sizes, seq_len=args.seq_len, warmup=args.warmup, iters=args.iters,
+                           task=args.task, random_weights=args.random_weights, seed=args.seed, kernels=args.kernels,
+                           device=args.device or "auto", threads=args.threads, compile_mode=args.compile_mode,
+                           work_dir=args.work_dir, new_tokens=args.new_tokens)]
+    rows, case_errors = [], 0
+    with RichProgress(console) as progress:
+        for plan in plans:
+            try:
+                rows += run_bench(plan, progress)
+            except VlexportError as e:
+                if not args.suite:
+                    raise
+                case_errors += 1  # a suite goes on with its other cases
+                console.print(f"[red]error:[/red] case {', '.join(plan.models)}: {escape(str(e))}")
+    title = f"vlexport bench{f' --suite {args.suite}' if args.suite else ''}"
+    for renderable in to_rich(rows, title=title):
+        out.print(renderable)
+    if args.json:
+        write_rows(args.json, rows, suite=args.suite, argv=sys.argv[1:])
+    if args.markdown:
+        args.markdown.write_text(to_markdown(rows, title=title))
+    if args.plot and rows:
+        plot_rows(rows, args.plot)
+    failed = [r for r in rows if not r.ok]
+    if failed or case_errors:
+        console.print(f"[red]{len(failed)} row(s) failed parity or errored[/red]"
+                      + (f", {case_errors} suite case(s) failed" if case_errors else "")
+                      + ": failed variants are reported, never timed.")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- regress
+def _regress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("baseline", type=Path, help="baseline JSON written by `vlexport bench --json`")
+    p.add_argument("current", type=Path, help="current JSON written by `vlexport bench --json`")
+    p.add_argument("--max-slowdown", type=float, default=0.10,
+                   help="allowed loss of speed-up vs eager, as a fraction (0.10 = 10%%)")
+    p.add_argument("--abs-max-slowdown", type=float,
+                   help="allowed absolute p50 slowdown when both files come from the same device "
+                        "(default: --max-slowdown)")
+    p.add_argument("--ratios-only", action="store_true", help="never compare absolute latencies")
+    p.add_argument("--allow-missing", action="store_true", help="rows absent from CURRENT are not regressions")
+    p.add_argument("--all", action="store_true", help="list every comparison, not only regressions")
+
+
+@command("regress", "compare two bench JSON files; exit 1 on a slowdown, a missing row or a parity failure")
+def cmd_regress(args: argparse.Namespace) -> int:
+    from vlexport.bench import compare, read_rows
+    from vlexport.bench.regress import to_rich
+
+    if args.max_slowdown < 0 or (args.abs_max_slowdown or 0) < 0:
+        raise UsageError("--max-slowdown and --abs-max-slowdown are fractions >= 0 (0.10 = 10% slower).")
+    baseline, _ = read_rows(args.baseline)
+    current, _ = read_rows(args.current)
+    report = compare(baseline, current, max_slowdown=args.max_slowdown, abs_max_slowdown=args.abs_max_slowdown,
+                     same_device=False if args.ratios_only else None, allow_missing=args.allow_missing)
+    table = to_rich(report, show_all=args.all)
+    if table.row_count:
+        out.print(table)
+    checked = sum(f.kind != "new" for f in report.findings)
+    if report.failed:
+        console.print(f"[red]{len(report.failures)} regression(s)[/red] in {checked} comparison(s) of "
+                      f"{args.current} against {args.baseline}.")
+        return 1
+    out.print(f"no regressions: {checked} comparison(s) within +{args.max_slowdown:.0%}.")
+    return 0
+
+
+# ---------------------------------------------------------------- run
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, help="artifact directory")
+    p.add_argument("--image", type=Path, required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--text", action="append", default=[],
+                   help="prompt / question (generative tasks) or text to score; may be given several times")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the artifact's, else 20)")
+    p.add_argument("--num-beams", type=int, help="beam search width (default: greedy)")
+    p.add_argument("--ids", action="store_true", help="also print the token ids")
+    p.add_argument("--raw-prompt", action="store_true", help="BLIP-2: use --text as is, not 'Question: ... Answer:'")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+
+
+@command("run", "caption / answer / score an image with an artifact directory")
+def cmd_run(args: argparse.Namespace) -> int:
+    from vlexport.runtime.run import run_artifact
+
+    result = run_artifact(args.directory, args.image, args.text, max_new_tokens=args.max_new_tokens,
+                          num_beams=args.num_beams, device=args.device, raw_prompt=args.raw_prompt)
+    for line in result.lines:
+        prefix = f"{line.text}: " if line.text is not None and (result.kind == "scores" or len(result.lines) > 1) else ""
+        if result.kind == "scores":
+            out.print(escape(prefix + ", ".join(f"{k} {v:.4f}" for k, v in line.score.items())))
+        elif line.output is not None:
+            out.print(escape(prefix + line.output))
+        if args.ids or line.output is None and result.kind == "generate":
+            out.print(f"ids: {line.ids}")
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/dim]")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -191,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except VlexportError as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [extras]
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted:[/red] nothing was written (partial output removed).")

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from vlexport.artifact import check_output_dir, staged_dir
 from vlexport.errors import UsageError
 from vlexport.export.onnx import DEFAULT_OPSET, describe, export_component
-from vlexport.manifest import Manifest
+from vlexport.manifest import Component, Manifest
+from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
@@ -27,6 +30,27 @@ from vlexport.weights import ModelSource, load_model, resolve
 
 KERNEL_NAMES = ("attention", "bridge")
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComponentExporter:
+    """How one component becomes a file in the staging dir; the rest of the flow is shared by every backend.
+
+    ``export(module, spec, example, directory, translation_table) -> Component``. ONNX is the default;
+    export/compile.py supplies the AOTInductor one.
+    """
+
+    backend: str  # manifest backend: onnx | aoti
+    export: Callable[[nn.Module, ComponentSpec, Mapping[str, torch.Tensor], Path, Mapping[Any, Any]], Component]
+
+
+def onnx_exporter(opset: int = DEFAULT_OPSET) -> ComponentExporter:
+    def export(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], directory: Path,
+               translation_table: Mapping[Any, Any]) -> Component:
+        return export_component(module, spec, example, directory / f"{spec.name}.onnx", opset=opset,
+                                translation_table=translation_table)
+
+    return ComponentExporter("onnx", export)
 
 
 @dataclass
@@ -77,15 +101,22 @@ def injected(model: PreTrainedModel, kernels: tuple[str, ...]) -> Iterator[dict[
         yield {"translation_table": onnx_translation_table(), "replaced": handle.counts}
 
 
-def run_export(job: ExportJob, progress: Progress = lambda msg: None) -> Manifest:
+def run_export(job: ExportJob, progress: Progress = lambda msg: None, *, exporter: ComponentExporter | None = None,
+               model: PreTrainedModel | None = None) -> Manifest:
+    """Export ``job.model`` with ``exporter`` (default ONNX). ``model``: the already-loaded eager model of
+    ``job.model``/``job.task`` (the benchmark harness holds one; loading full-size weights twice costs seconds)."""
+    exporter = exporter or onnx_exporter(job.opset)
+    if job.optimize and exporter.backend != "onnx":
+        raise UsageError(f"--optimize applies to ONNX graphs, not to the {exporter.backend} backend.")
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
     task = source.check_task(job.task)
     if job.output is None:
-        job.output = Path(f"{Path(job.model).name}-{task}-onnx")
+        job.output = Path(f"{Path(job.model).name}-{task}-{exporter.backend}")
     check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
     task_spec = source.family.task(task)
-    with _timed(job, "load", progress):
-        model = load_model(source, task)
+    if model is None:
+        with _timed(job, "load", progress):
+            model = load_model(source, task)
 
     with staged_dir(job.output, force=job.force) as tmp:
         components = {}
@@ -94,8 +125,8 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None) -> Manifes
                 progress(f"exporting {spec.name}")
                 example = (spec.example_inputs(model, EXPORT_SHAPE, job.seed) if spec.example_inputs
                            else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed))
-                components[spec.name] = export_component(spec.build(model), spec, example, tmp / f"{spec.name}.onnx",
-                                                         opset=job.opset, translation_table=inj["translation_table"])
+                components[spec.name] = exporter.export(spec.build(model), spec, example, tmp,
+                                                        inj["translation_table"])
         fused: dict[str, dict[str, int]] = {}
         if job.optimize:
             from vlexport.export.onnx_optimize import optimize_onnx
@@ -105,7 +136,7 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None) -> Manifes
                     fused[name] = optimize_onnx(tmp / comp.file)
                     spec = next(s for s in task_spec.components(model.config) if s.name == name)
                     components[name] = describe(tmp / comp.file, name, spec.dynamic_axes, root=tmp)
-        manifest = _manifest(source, task, model, components, job, inj["replaced"])
+        manifest = _manifest(source, task, model, components, job, inj["replaced"], exporter.backend)
         manifest.files = [write_config(model.config, tmp), *copy_support_files(source.local_dir, tmp)]
         manifest.tokenizer = tokenizer_record(manifest.files)
         if task_spec.generative:
@@ -124,18 +155,19 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None) -> Manifes
             raise_on_failure(result, f"{job.model} ({task}, {manifest.backend} {manifest.precision})")
         else:
             manifest.validation = {"passed": None, "skipped": True}
+            manifest.timings = dict(job.timings)
             manifest.write(tmp)
     return manifest
 
 
 def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict, job: ExportJob,
-              replaced: dict[str, int]) -> Manifest:
+              replaced: dict[str, int], backend: str = "onnx") -> Manifest:
     vision = getattr(model.config, "vision_config", None)
     return Manifest(
         family=source.family.name,
         task=task,
         hf_class=type(model).__name__,
-        backend="onnx",
+        backend=backend,
         precision=job.precision,
         source={"preset": source.preset.name if source.preset else None,
                 "path": str(source.local_dir) if source.local_dir else None,
@@ -143,7 +175,7 @@ def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components
         weights=source.origin,
         components=components,
         kernels=[f"{k}:{n}" for k, n in replaced.items()],
-        opset=job.opset,
+        opset=job.opset if backend == "onnx" else None,
         image_size=image_size(vision) if vision is not None else None,
     )
 

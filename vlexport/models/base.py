@@ -72,6 +72,8 @@ class TaskSpec:
     description: str = ""
     load_kwargs: Callable[[PretrainedConfig], dict[str, Any]] = lambda config: {}
     prepare: Callable[[PreTrainedModel], None] = lambda model: None
+    # generative tasks: config -> GenerationRecipe (models/generative.py), what the runtime's decode loop follows
+    generation: Callable[[PretrainedConfig], Any] | None = None
 
     def hf_class(self) -> type[PreTrainedModel]:
         return getattr(importlib.import_module("transformers"), self.hf_class_name)

@@ -1,0 +1,48 @@
+"""The CI benchmark gate: run the `ci-cpu` suite, then `regress` it against the committed CPU baseline.
+
+The gate itself is exercised on every CI run. Its tolerances are wide because CI machines are shared
+and noisy: a same-run speed-up may lose 75% of itself (x1.75) and absolute p50 may triple before this
+fails; tests/test_bench.py shows that a real slowdown trips it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlexport.bench import read_rows
+from vlexport.bench.suite import load_suite
+from vlexport.cli import main
+from vlexport.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = REPO / "benchmarks" / "suites.toml"
+BASELINE = REPO / "benchmarks" / "results" / "cpu-ci.json"
+CI_GATE = ["--max-slowdown", "0.75", "--abs-max-slowdown", "2.0"]
+
+
+def test_ci_suite_then_regress_against_committed_baseline(tmp_path: Path, capsys) -> None:
+    current = tmp_path / "ci.json"
+    assert main(["bench", "--suite", "ci-cpu", "--suite-file", str(SUITES), "--json", str(current)]) == 0
+    rows, meta = read_rows(current)
+    assert meta["suite"] == "ci-cpu"
+    assert [(r.backend, r.batch) for r in rows] == [("eager", 1), ("onnx", 1), ("eager", 4), ("onnx", 4)]
+    assert all(r.ok and r.threads == 1 and r.iters == 20 for r in rows)
+    baseline, _ = read_rows(BASELINE)
+    assert {r.identity for r in baseline} == {r.identity for r in rows}  # the baseline covers the suite
+    code = main(["regress", str(BASELINE), str(current), *CI_GATE])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_suite_loading(tmp_path: Path) -> None:
+    (plan,) = load_suite("ci-cpu", SUITES, threads=None, device="cpu")
+    assert plan.models == ("bridgetower-tiny",) and plan.backends == ("eager", "onnx") and plan.threads == 1
+    assert {p.models[0] for p in load_suite("gpu", SUITES)} == {
+        "bridgetower-base-itm-mlm", "blip-image-captioning-base", "blip2-opt-2.7b"}
+    bad = tmp_path / "s.toml"
+    bad.write_text('[[x]]\nmodels = ["bridgetower-tiny"]\nbatch = 3\n')
+    with pytest.raises(UsageError, match="unknown key"):
+        load_suite("x", bad)
+    with pytest.raises(UsageError, match="No suite 'y'"):
+        load_suite("y", bad)

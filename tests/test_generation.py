@@ -1,0 +1,236 @@
+"""Generative export: the four tiny families export, validate token-exact, and generate what HF generate() does.
+
+Cases: "blip-tiny" caption and vqa, "blip2-opt-tiny" generate, "blip2-flan-t5-tiny" generate. Every check
+compares against the eager model's generate() tokens, never only that something ran.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vlexport.errors import CheckError, UsageError, ValidationError
+from vlexport.manifest import Manifest
+from vlexport.models.inputs import InputShape
+from vlexport.runtime import load_artifact
+from vlexport.runtime.generate import Generator
+from vlexport.runtime.generation_check import validate_generation
+from vlexport.validate import raise_on_failure
+from vlexport.weights import load_model, resolve
+
+CASES = [
+    ("blip-tiny", "caption", ("vision_encoder", "decoder")),
+    ("blip-tiny", "vqa", ("vision_encoder", "question_encoder", "decoder")),
+    ("blip2-opt-tiny", "generate", ("image_encoder", "decoder")),
+    ("blip2-flan-t5-tiny", "generate", ("image_encoder", "encoder", "decoder")),
+]
+IDS = [f"{p}-{t}" for p, t, _ in CASES]
+
+_models: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def eager(preset: str, task: str) -> torch.nn.Module:
+    """The eager reference with the export's seeded random weights (loaded once per module)."""
+    if (preset, task) not in _models:
+        _models[preset, task] = load_model(resolve(preset, random_weights=True), task)
+    return _models[preset, task]
+
+
+@pytest.mark.parametrize(("preset", "task", "components"), CASES, ids=IDS)
+def test_tiny_generative_export_validates_token_exact(exported, preset: str, task: str, components: tuple) -> None:
+    out = exported(preset, task)
+    manifest = Manifest.read(out)
+    v = manifest.validation
+    assert v["passed"] is True, v["failures"]
+    g = v["generation"]
+    assert g["tokens_equal"] and g["samples"] >= 4 and len(g["batch_sizes"]) == 2 and g["num_beams"] == 3
+    assert g["new_tokens_compared"] >= 4 * 2 * 2 * 1  # every sample, batch size and mode produced tokens
+    assert v["max_abs_error"]["logits"] < 1e-4
+    assert {c["shape"] for c in v["checks"]} >= {"b1 greedy", "b4 greedy", "b1 beam3", "b4 beam3"}
+    # One merged decoder (past of length 0 on the first step), every file named in the manifest.
+    assert tuple(manifest.components) == components
+    for comp in manifest.components.values():
+        assert (out / comp.file).is_file()
+    decoder = manifest.components["decoder"]
+    past = [t for t in decoder.inputs if t.name.startswith("past_key_values.") and ".encoder." not in t.name]
+    assert past and all(t.shape[2] == "past_sequence" for t in past)
+    assert {t.name for t in decoder.outputs} == {"logits"} | {p.name.replace("past_key_values.", "present.")
+                                                            for p in past}
+    mask = next((t for t in decoder.inputs if t.name == "attention_mask"), None)
+    assert mask is None or mask.shape == ["batch", "total_sequence"]  # its own dim, not past + sequence
+    # Settings and a placeholder tokenizer (random weights, no source tokenizer) let the directory run alone.
+    assert manifest.generation["eos_token_id"] and manifest.tokenizer["kind"] == "placeholder"
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest.files)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) == manifest.generation["vocab_size"]
+
+
+def _fresh_inputs(model, task_spec, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    return task_spec.make_inputs(model.config, InputShape(batch, 7), seed)
+
+
+@pytest.mark.parametrize(("preset", "task", "components"), CASES, ids=IDS)
+def test_runtime_generates_what_hf_generate_does(exported, preset: str, task: str, components: tuple) -> None:
+    """Independent of the validator: new seeds, batch 3 with prompts of 3 different lengths, greedy and beam."""
+    out = exported(preset, task)
+    model = eager(preset, task)
+    artifact = load_artifact(out, device="cpu")
+    gen = Generator(artifact)
+    inputs = _fresh_inputs(model, artifact.task_spec, 3, seed=77)
+    if "attention_mask" in inputs:
+        assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # three prompt lengths, padded
+    for kwargs in ({"num_beams": 1}, {"num_beams": 2}, {"num_beams": 1, "min_new_tokens": 9}):
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=9, do_sample=False, **kwargs).numpy()
+        got = gen.generate(**{k: v.numpy() for k, v in inputs.items()}, max_new_tokens=9, **kwargs)
+        np.testing.assert_array_equal(got.sequences, ref, err_msg=str(kwargs))
+
+
+def test_caption_without_prompt_and_vqa_output_are_decoder_tokens(exported) -> None:
+    model = eager("blip-tiny", "caption")
+    gen = Generator(load_artifact(exported("blip-tiny", "caption"), device="cpu"))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model.generate(pixel_values=pixels, max_new_tokens=6).numpy()
+    got = gen.generate(pixels.numpy(), max_new_tokens=6)
+    np.testing.assert_array_equal(got.sequences, ref)
+    assert got.prompt_length == 1 and (got.sequences[:, 0] == model.config.text_config.bos_token_id).all()
+
+
+def test_blip2_prompt_without_image_tokens_is_refused(exported) -> None:
+    gen = Generator(load_artifact(exported("blip2-opt-tiny", "generate"), device="cpu"))
+    with pytest.raises(UsageError, match="exactly num_query_tokens=8 image tokens"):
+        gen.generate(np.zeros((1, 3, 32, 32), np.float32), np.array([[2, 50, 60]]), max_new_tokens=3)
+    t5 = Generator(load_artifact(exported("blip2-flan-t5-tiny", "generate"), device="cpu"))
+    with pytest.raises(UsageError, match="prompt"):
+        t5.generate(np.zeros((1, 3, 32, 32), np.float32), max_new_tokens=3)
+
+
+def test_validation_names_sample_step_and_tokens_on_a_broken_cache(exported, monkeypatch) -> None:
+    """A decode loop that forgets the cache between steps must fail validation, not pass quietly."""
+    from vlexport.runtime import generate as rg
+
+    def forgetful_next(self, tokens):
+        n = tokens.shape[0]
+        self.past = self.decoder.empty_past(n)  # the cache is dropped: each token is decoded without context
+        self.mask = np.ones((n, 1), dtype=np.int64)
+        return self._run(tokens.reshape(-1, 1).astype(np.int64), {}, np.zeros((n, 1), dtype=np.int64))
+
+    monkeypatch.setattr(rg._Stepper, "next", forgetful_next)
+    report = validate_generation(eager("blip-tiny", "caption"), load_artifact(exported("blip-tiny", "caption"),
+                                                                              device="cpu"))
+    assert not report["passed"]
+    f = report["failures"][0]
+    assert f["sample"] is not None and f["step"] >= 1 and "artifact" in f["detail"] and "HF generate()" in f["detail"]
+    with pytest.raises(ValidationError, match=r"sample \d+: b\d \w+: tokens diverge at step \d+"):
+        raise_on_failure(report, "blip-tiny caption")
+
+
+def test_decoder_graph_runs_with_an_empty_past(exported) -> None:
+    """The merged decoder: the first step is the same graph with past length 0 (no decoder_with_past copy)."""
+    out = exported("blip2-opt-tiny", "generate")
+    names = {p.name for p in (out).iterdir() if p.suffix == ".onnx"}
+    assert names == {"image_encoder.onnx", "decoder.onnx"}
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    assert any(i.name == "past_key_values.0.key" for i in graph.input)
+
+
+def test_tampered_artifacts_fail_with_check_errors(exported, tmp_path) -> None:
+    import shutil
+
+    src = exported("blip-tiny", "caption")
+    # A component entry missing from the manifest (the directory no longer describes a complete artifact).
+    d1 = tmp_path / "no-decoder"
+    shutil.copytree(src, d1)
+    m = json.loads((d1 / "manifest.json").read_text())
+    del m["components"]["decoder"]
+    (d1 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckError, match="lacks component"):
+        Generator(load_artifact(d1, device="cpu"))
+    # Files swapped behind the manifest's back (sizes patched so only the graphs tell).
+    d2 = tmp_path / "swapped"
+    shutil.copytree(src, d2)
+    m = json.loads((d2 / "manifest.json").read_text())
+    (d2 / "decoder.onnx").write_bytes((src / "vision_encoder.onnx").read_bytes())
+    m["components"]["decoder"]["size_bytes"] = (d2 / "decoder.onnx").stat().st_size
+    (d2 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckError, match="does not match its files"):
+        Generator(load_artifact(d2, device="cpu"))
+
+
+def test_external_data_path_of_large_models_on_the_tiny_preset(tmp_path, monkeypatch) -> None:
+    """blip2-opt-2.7b's graphs exceed protobuf's 2 GiB: their weights go to external data files. The same code
+    path, forced on the tiny twin: every component keeps its weights beside it and still validates."""
+    from vlexport.export import onnx as onnx_export
+    from vlexport.pipeline import ExportJob, run_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "opt-external"
+    manifest = run_export(ExportJob("blip2-opt-tiny", out, random_weights=True))
+    assert manifest.validation["passed"] and manifest.validation["generation"]["tokens_equal"]
+    for comp in manifest.components.values():
+        data = (out / comp.external_data).stat().st_size if comp.external_data else 0
+        assert data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes  # tiny tensors stay inline
+    model = eager("blip2-opt-tiny", "generate")
+    inputs = _fresh_inputs(model, load_artifact(out).task_spec, 2, seed=3)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=5, num_beams=2).numpy()
+    got = Generator(load_artifact(out, device="cpu")).generate(**{k: v.numpy() for k, v in inputs.items()},
+                                                                max_new_tokens=5, num_beams=2)
+    np.testing.assert_array_equal(got.sequences, ref)
+
+
+def test_local_checkpoint_copies_tokenizer_and_processor_files(tmp_path, capsys) -> None:
+    """A save_pretrained directory with its tokenizer and preprocessor config: both travel with the artifact
+    and `run` uses them (the real-checkpoint path, on a tiny model)."""
+    from PIL import Image
+    from transformers import PreTrainedTokenizerFast
+
+    from vlexport.cli import main
+    from vlexport.pipeline import ExportJob, run_export
+    from vlexport.runtime.preprocess import image_settings
+    from vlexport.runtime.tokenizer import build_placeholder
+
+    model = eager("blip-tiny", "caption")
+    src = tmp_path / "blip-local"
+    model.save_pretrained(src)
+    text = model.config.text_config
+    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id,
+                "eos_token_id": [text.sep_token_id]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=build_placeholder(text.vocab_size, settings,
+                                                                      (("bos_token_id",), ("sep_token_id",))),
+                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(src)
+    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3,
+                                                              "rescale_factor": 1 / 255, "resample": 3}))
+    out = tmp_path / "artifact"
+    manifest = run_export(ExportJob(str(src), out))
+    assert manifest.task == "caption" and manifest.weights["kind"] == "local"
+    assert manifest.validation["passed"] and manifest.tokenizer["kind"] == "copied"
+    assert {"tokenizer.json", "preprocessor_config.json"} <= set(manifest.files)
+    s = image_settings(out, Manifest.read(out))
+    assert s.source == "preprocessor_config.json" and s.std == (0.25, 0.25, 0.25)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
+    assert main(["run", str(out), "--image", str(image), "--text", "a photo of", "--ids"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("a photo of") and "placeholder" not in captured.err
+
+
+def test_placeholder_tokenizer_is_deterministic_with_specials_at_config_ids(exported) -> None:
+    from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
+
+    out = exported("blip2-opt-tiny", "generate")
+    manifest = Manifest.read(out)
+    s = manifest.generation
+    a = build_placeholder(s["vocab_size"], s, (("bos_token_id",), ())).to_str()
+    assert a == build_placeholder(s["vocab_size"], s, (("bos_token_id",), ())).to_str()
+    tok = ArtifactTokenizer(out, manifest)
+    ids = tok.encode("Question: what is it? Answer:")
+    assert ids[0] == s["bos_token_id"] and max(ids) < s["vocab_size"]
+    assert tok.decode(ids) == "Question: what is it? Answer:"
+    assert tok.tok.convert_tokens_to_ids("<image>") == s["image_token_id"]

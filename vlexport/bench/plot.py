@@ -1,0 +1,98 @@
+"""PNG of a benchmark: latency vs batch per backend, and speed-up vs eager (matplotlib, Agg backend).
+
+One row of two panels per (model, task). Failed variants get no line or bar: they are listed in the
+panel's note instead, so nothing that missed parity looks fast.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlexport.bench.rows import BenchRow, is_reference
+from vlexport.errors import UsageError
+
+
+def variant_name(r: BenchRow) -> str:
+    return r.backend + (f"+{r.kernels}" if r.kernels else "") + ("" if r.precision == "fp32" else f" {r.precision}")
+
+
+def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display; must precede pyplot
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter  # noqa: F401  (checked here, used in _panels)
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'vlexport[plot]'.") from None
+    groups: dict[tuple[str, str], list[BenchRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.model, r.task)].append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    for (model, task), (ax_lat, ax_speed) in zip(groups, axes):
+        _panels(groups[(model, task)], model, task, ax_lat, ax_speed)
+    r0 = rows[0] if rows else None
+    if r0 is not None:
+        fig.suptitle(f"vlexport bench — {r0.device} ({r0.device_kind}, {r0.threads} threads), "
+                     f"{r0.iters} iters interleaved, p50 with p90 whiskers", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    by_variant: dict[str, list[BenchRow]] = defaultdict(list)
+    for r in rows:
+        by_variant[variant_name(r)].append(r)
+    ok = {name: sorted((r for r in rs if r.ok), key=lambda r: r.batch) for name, rs in by_variant.items()}
+    failed = sorted({f"{name} ({r.status})" for name, rs in by_variant.items() for r in rs if not r.ok})
+    batches = sorted({r.batch for r in rows})
+    unit = "generate latency" if any(r.new_tokens for r in rows) else "latency"
+
+    for name, rs in ok.items():
+        if not rs:
+            continue
+        xs = [r.batch for r in rs]
+        p50 = [r.latency_p50_ms for r in rs]
+        err = [max(0.0, r.latency_p90_ms - r.latency_p50_ms) for r in rs]
+        style = dict(color="black", linewidth=2.2) if name == "eager" else {}
+        ax_lat.errorbar(xs, p50, yerr=[[0] * len(err), err], marker="o", capsize=3, label=name, **style)
+    ax_lat.set_xscale("log", base=2)
+    ax_lat.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # "20" rather than "2 x 10^1" on the log axis
+    ax_lat.yaxis.set_major_formatter(plain)
+    ax_lat.yaxis.set_minor_formatter(plain)
+    ax_lat.tick_params(axis="y", which="minor", labelsize=7)
+    ax_lat.set_xticks(batches, [str(b) for b in batches])
+    ax_lat.set_xlabel("batch size")
+    ax_lat.set_ylabel(f"{unit} p50 (ms, log)")
+    seq = rows[0].seq_len
+    ax_lat.set_title(f"{model} {task}: {unit} vs batch (seq {seq})", fontsize=10)
+    ax_lat.grid(True, which="both", alpha=0.3)
+    ax_lat.legend(fontsize=8)
+
+    others = [name for name, rs in ok.items() if rs and not all(is_reference(r) for r in rs)]
+    width = 0.8 / max(1, len(others))
+    for i, name in enumerate(others):
+        pts = [(batches.index(r.batch), r.speedup_vs_eager) for r in ok[name] if r.speedup_vs_eager is not None]
+        if not pts:
+            continue
+        xs = [x + (i - (len(others) - 1) / 2) * width for x, _ in pts]
+        bars = ax_speed.bar(xs, [s for _, s in pts], width=width, label=name)
+        ax_speed.bar_label(bars, labels=[f"{s:.2f}x" for _, s in pts], fontsize=7, padding=2)
+    ax_speed.axhline(1.0, color="black", linewidth=1, linestyle="--", label="eager fp32 = 1.0")
+    ax_speed.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax_speed.set_xlabel("batch size")
+    ax_speed.set_ylabel("speed-up vs eager fp32 (p50 ratio, same run)")
+    ax_speed.set_title(f"{model} {task}: speed-up vs eager (higher is better)", fontsize=10)
+    ax_speed.grid(True, axis="y", alpha=0.3)
+    ax_speed.legend(fontsize=8)
+    ax_speed.set_ylim(bottom=0)
+    if failed:
+        ax_speed.text(0.01, 0.98, "not plotted, failed: " + ", ".join(failed), transform=ax_speed.transAxes,
+                      va="top", fontsize=8, color="red", wrap=True)

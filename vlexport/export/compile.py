@@ -1,0 +1,110 @@
+"""torch.export -> AOTInductor package (``<component>.pt2``) per component, with the ONNX spec's dynamic axes.
+
+The staging / manifest / validation flow is ``pipeline.run_export``'s; this module only supplies the
+component exporter (backend ``aoti``). The package carries its input/output names in its metadata, so
+the runtime loader (runtime/backends.py) needs nothing but the file. JIT ``torch.compile`` has no
+artifact: it is a benchmark backend (bench/backends.py) built with :func:`jit_compile`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlexport.errors import CheckError, UsageError
+from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
+from vlexport.manifest import Component, Manifest, TensorSpec
+from vlexport.models.base import ComponentSpec
+from vlexport.pipeline import ComponentExporter, ExportJob, Progress, run_export
+
+MODES = ("default", "reduce-overhead", "max-autotune")
+# Package metadata keys (strings only: AOTI metadata is a str -> str map).
+META_INPUTS = "vlexport.inputs"
+META_OUTPUTS = "vlexport.outputs"
+
+
+def inductor_configs(mode: str) -> dict[str, Any]:
+    """Inductor settings for a ``torch.compile`` mode, applied to an AOT compile.
+
+    reduce-overhead means CUDA graphs, which AOTInductor packages do not capture: it compiles like
+    default. max-autotune benchmarks matmul / conv templates at compile time (minutes, GPU mostly).
+    """
+    if mode not in MODES:
+        raise UsageError(f"Unknown --mode {mode!r}: choose one of {', '.join(MODES)}.")
+    if mode == "max-autotune":
+        return {"max_autotune": True, "max_autotune_gemm": True}
+    return {}
+
+
+def aoti_exporter(*, mode: str = "default", device: str = "cpu") -> ComponentExporter:
+    """A pipeline exporter writing ``<component>.pt2`` packages compiled for ``device``."""
+    configs = inductor_configs(mode)
+
+    def export(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], directory: Path,
+               translation_table: Mapping[Any, Any]) -> Component:
+        return compile_component(module, spec, example, directory / f"{spec.name}.pt2", device=device,
+                                 configs=configs)
+
+    return ComponentExporter("aoti", export)
+
+
+def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
+                      device: str = "cpu", configs: Mapping[str, Any] | None = None) -> Component:
+    """torch.export ``module`` with the spec's dynamic axes, AOT-compile it to ``path``, describe it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
+    if device != "cpu":
+        # A copy: the caller's eager model stays on the CPU as the validation reference.
+        module = copy.deepcopy(module).to(device)
+    args = tuple(example[name].to(device) for name in spec.inputs)
+    meta = {META_INPUTS: json.dumps(list(spec.inputs)), META_OUTPUTS: json.dumps(list(spec.outputs))}
+    with torch.no_grad(), _quiet_exporter():
+        try:
+            program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes(spec, example),
+                                          strict=False)
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path),
+                inductor_configs={**dict(configs or {}), "aot_inductor.metadata": meta})
+        except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
+            # A missing C++ compiler or an untraceable op: one readable paragraph, not a 200-line trace.
+            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            raise CheckError(f"AOTInductor could not compile component {spec.name!r}: {first}. AOTInductor needs a "
+                             "C++ compiler (g++) on the PATH for CPU packages.") from e
+    return _describe(program, spec, path)
+
+
+def _describe(program: torch.export.ExportedProgram, spec: ComponentSpec, path: Path) -> Component:
+    """Manifest record from the exported program: dtypes and shapes, dynamic axes under the spec's names."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    (output,) = [n for n in program.graph.nodes if n.op == "output"]
+    outputs = output.args[0]
+    inputs = [TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
+              for name, node in zip(spec.inputs, placeholders)]
+    outs = [TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
+            for name, node in zip(spec.outputs, outputs)]
+    return Component(name=spec.name, file=path.name, inputs=inputs, outputs=outs, size_bytes=path.stat().st_size)
+
+
+def _spec_of(val: torch.Tensor, axes: Mapping[int, str]) -> tuple[str, list[int | str]]:
+    dtype = str(val.dtype).removeprefix("torch.")
+    shape: list[int | str] = [axes.get(i, d if isinstance(d, int) else str(d)) for i, d in enumerate(val.shape)]
+    return dtype, shape
+
+
+def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
+    """``torch.compile`` for benchmarking (no artifact); dynamic=None recompiles once with symbolic shapes."""
+    inductor_configs(mode)  # validates the mode name
+    return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
+
+
+def run_compile(job: ExportJob, *, mode: str = "default", device: str = "cpu",
+                progress: Progress = lambda msg: None, model: Any = None) -> Manifest:
+    """``vlexport compile``: the export flow of pipeline.run_export with the AOTInductor exporter."""
+    return run_export(job, progress, exporter=aoti_exporter(mode=mode, device=device), model=model)

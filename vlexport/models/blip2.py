@@ -1,0 +1,209 @@
+"""BLIP-2: ViT + Q-Former + language projection in front of a frozen LM (OPT decoder or Flan-T5).
+
+One task, ``generate``, whose components depend on the language model:
+  OPT:  image_encoder (pixel_values -> query_embeds) + decoder (token ids, with the query embeddings put at
+        the image-token positions on the first step, past key/values)
+  T5:   image_encoder + encoder (T5 encoder over [queries; prompt] -> the decoder's cross-attention K/V)
+        + decoder (self-attention past, cross-attention K/V)
+The decoder graphs embed token ids themselves (their LM head shares that table), so no separate
+embedding component duplicates the vocabulary matrix.
+
+DESIGN.md pitfall: generate() only uses the image where the prompt holds ``image_token_index`` tokens,
+``num_query_tokens`` of them; the runtime checks that instead of silently ignoring the image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from vlexport.errors import UsageError
+from vlexport.models.base import ComponentSpec, FamilySpec, TaskSpec
+from vlexport.models.generative import (
+    CacheLayout,
+    ExampleDims,
+    GenerationRecipe,
+    cross_kv,
+    decoder_component,
+    embed_with_image,
+    encoder_component,
+    generation_settings,
+)
+from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
+
+
+def _is_opt(config: PretrainedConfig) -> bool:
+    return bool(config.use_decoder_only_language_model)
+
+
+def _layout(config: PretrainedConfig) -> CacheLayout:
+    text = config.text_config
+    if _is_opt(config):
+        return CacheLayout(text.num_hidden_layers, text.num_attention_heads,
+                           text.hidden_size // text.num_attention_heads)
+    return CacheLayout(text.num_decoder_layers, text.num_heads, text.d_kv, cross=True)
+
+
+def _dims(model: PreTrainedModel) -> ExampleDims:
+    config = model.config
+    return ExampleDims(config.text_config.vocab_size, _layout(config), embed_dim=config.text_config.hidden_size
+                       if _is_opt(config) else config.text_config.d_model, num_query_tokens=config.num_query_tokens)
+
+
+def _pixels(model: PreTrainedModel, batch: int, gen: torch.Generator) -> torch.Tensor:
+    return pixel_values(model.config.vision_config, batch, gen)
+
+
+def _image_encoder() -> ComponentSpec:
+    # Vision encoder + Q-Former + language projection: what generate() computes before the LM.
+    return encoder_component(
+        "image_encoder", ("pixel_values",), ("query_embeds",), lambda m: m,
+        lambda m, x: m.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output,
+        _dims, _pixels)
+
+
+def _opt_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
+    embeds = embed_with_image(lm.get_input_embeddings(), x["input_ids"], x["image_embeds"], x["image_mask"])
+    return lm(inputs_embeds=embeds, attention_mask=x["attention_mask"], position_ids=x["position_ids"],
+              past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+
+
+def _t5_encode(lm: nn.Module, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    embeds = embed_with_image(lm.get_input_embeddings(), x["input_ids"], x["image_embeds"], x["image_mask"])
+    states = lm.encoder(inputs_embeds=embeds, attention_mask=x["attention_mask"], return_dict=True).last_hidden_state
+    pairs = [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in lm.decoder.block]
+    return cross_kv(states, pairs, lm.config.d_kv)
+
+
+def _t5_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
+    return lm(encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
+              attention_mask=x["encoder_attention_mask"], decoder_input_ids=x["input_ids"], past_key_values=cache,
+              use_cache=True, return_dict=True)
+
+
+_LM_INPUTS = ("input_ids", "image_embeds", "image_mask", "attention_mask")
+
+
+def _components(config: PretrainedConfig) -> tuple[ComponentSpec, ...]:
+    layout = _layout(config)
+    if _is_opt(config):
+        decoder = decoder_component((*_LM_INPUTS, "position_ids"), layout, lambda m: m.language_model, _opt_step,
+                                    _dims)
+        return _image_encoder(), decoder
+    encoder = encoder_component("encoder", _LM_INPUTS, layout.cross_present, lambda m: m.language_model,
+                                _t5_encode, _dims)
+    decoder = decoder_component(("input_ids", "encoder_attention_mask"), layout, lambda m: m.language_model,
+                                _t5_step, _dims)
+    return _image_encoder(), encoder, decoder
+
+
+# ---------------------------------------------------------------- what generate() does before the LM
+def _settings(model: PreTrainedModel) -> dict[str, Any]:
+    config, lm = model.config, model.language_model
+    text = config.text_config
+    gen = lm.generation_config  # Blip2ForConditionalGeneration.generate calls language_model.generate
+    start = gen.decoder_start_token_id
+    start = getattr(text, "decoder_start_token_id", None) if start is None else start
+    return generation_settings(
+        text, gen, image_token_id=int(config.image_token_index), num_query_tokens=int(config.num_query_tokens),
+        bos_token_id=None if gen.bos_token_id is None else int(gen.bos_token_id),
+        decoder_start_token_id=None if _is_opt(config) else int(start),
+        max_positions=int(text.max_position_embeddings) if _is_opt(config) else None,
+    )
+
+
+def _place_queries(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Blip2ForConditionalGeneration.generate up to the LM: default prompt [image]*Q + [bos], mask of ones,
+    query embeddings scattered into the image-token positions (row-major, as masked_scatter)."""
+    query = env["query_embeds"]
+    batch, q, width = query.shape
+    ids = env.get("input_ids")
+    if ids is None:
+        if s.get("bos_token_id") is None:
+            raise UsageError("This BLIP-2 model (T5 language model) has no default prompt: give a prompt (--text), "
+                             "e.g. 'Question: what is in the picture? Answer:'.")
+        ids = np.tile(np.array([[s["image_token_id"]] * q + [s["bos_token_id"]]], dtype=np.int64), (batch, 1))
+    mask = env.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else mask
+    image_mask = ids == s["image_token_id"]
+    counts = image_mask.sum(1)
+    if (counts != q).any():
+        raise UsageError(
+            f"Each BLIP-2 prompt must contain exactly num_query_tokens={q} image tokens (id {s['image_token_id']}); "
+            f"got {sorted(set(counts.tolist()))}. Without them generate() silently ignores the image. Prepend "
+            f"{q} image tokens to the tokenized prompt (the BLIP-2 processor does that).")
+    embeds = np.zeros((*ids.shape, width), dtype=query.dtype)
+    embeds[image_mask] = query.reshape(-1, width)
+    return {"input_ids": ids, "attention_mask": mask, "image_mask": image_mask, "image_embeds": embeds}
+
+
+def _opt_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {"decoder_input_ids": env["input_ids"], "decoder_attention_mask": env["attention_mask"]}
+
+
+def _t5_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
+    # T5 generate(): the decoder starts from decoder_start_token_id and attends to the encoder's mask.
+    batch = env["input_ids"].shape[0]
+    return {"decoder_input_ids": np.full((batch, 1), s["decoder_start_token_id"], dtype=np.int64),
+            "encoder_attention_mask": env["attention_mask"]}
+
+
+def _recipe(config: PretrainedConfig) -> GenerationRecipe:
+    if _is_opt(config):
+        return GenerationRecipe(("image_encoder", _place_queries, _opt_prompt), _settings,
+                                first_step=("image_embeds", "image_mask"),
+                                tokenizer_template=(("bos_token_id",), ()),  # OPT's tokenizer prepends </s>
+                                prompt_template="Question: {} Answer:")
+    return GenerationRecipe(("image_encoder", _place_queries, "encoder", _t5_prompt), _settings,
+                            tokenizer_template=((), ("eos_token_id",)),  # T5's tokenizer appends </s>
+                            prompt_template="Question: {} Answer:", needs_prompt=True)
+
+
+def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[str, torch.Tensor]:
+    """generate() inputs: pixel_values + [image]*Q + text prompts of different lengths (OPT: [bos] first, left
+    padding; T5: [eos] last, right padding, as their tokenizers write them)."""
+    gen = generator(seed)
+    text = config.text_config
+    out = {"pixel_values": pixel_values(config.vision_config, shape.batch, gen)}
+    n = max(shape.seq_len, 2)
+    pad = text.pad_token_id
+    t = text_inputs(text.vocab_size, InputShape(shape.batch, n), gen, pad_token_id=pad)
+    ids, mask = t["input_ids"], t["attention_mask"]
+    ids = ids.masked_fill(ids == config.image_token_index, 3)  # text never holds the image token
+    lengths = mask.sum(1)
+    q = config.num_query_tokens
+    rows = []
+    for row, length in enumerate(lengths.tolist()):
+        body = ids[row, :length].tolist()
+        if _is_opt(config):
+            body = [text.bos_token_id, *body[1:]]
+        else:
+            body = [*body[:-1], text.eos_token_id]
+        rows.append([config.image_token_index] * q + body)
+    width = max(map(len, rows))
+    ids = torch.full((shape.batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((shape.batch, width), dtype=torch.long)
+    for row, r in enumerate(rows):
+        sl = slice(width - len(r), width) if _is_opt(config) else slice(0, len(r))
+        ids[row, sl] = torch.tensor(r)
+        mask[row, sl] = 1
+    return {**out, "input_ids": ids, "attention_mask": mask}
+
+
+FAMILY = FamilySpec(
+    name="blip2",
+    model_types=("blip-2",),
+    tasks={
+        "generate": TaskSpec(
+            "generate", "Blip2ForConditionalGeneration", _components, make_inputs, generative=True,
+            description="captioning / prompted VQA: image encoder (ViT + Q-Former + projection) + LM with KV cache",
+            generation=_recipe,
+        ),
+    },
+    architectures={"Blip2ForConditionalGeneration": ("generate",)},
+)

@@ -1,0 +1,165 @@
+"""``vlexport run``: an artifact directory + an image (+ texts) -> caption / answer, or ITM/ITC scores.
+
+Generative artifacts: the prompt is tokenised with the artifact's tokenizer (BLIP-2: wrapped in the
+"Question: ... Answer:" template and preceded by num_query_tokens image tokens, as its processor does),
+then generated with runtime.generate. Other artifacts: each text is scored against the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlexport.errors import UsageError
+from vlexport.manifest import Manifest
+from vlexport.runtime import load_artifact
+from vlexport.runtime.preprocess import image_settings, load_image
+from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
+
+
+@dataclass
+class RunLine:
+    text: str | None  # the prompt / the scored text (None: no prompt)
+    output: str | None = None  # caption / answer (None when the artifact has no tokenizer)
+    ids: list[int] = field(default_factory=list)
+    score: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    kind: str  # "generate" | "scores"
+    task: str
+    lines: list[RunLine]
+    notes: list[str] = field(default_factory=list)
+
+
+def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] = (), *,
+                 max_new_tokens: int | None = None, num_beams: int | None = None, device: str = "auto",
+                 raw_prompt: bool = False) -> RunResult:
+    directory = Path(directory)
+    manifest = Manifest.read(directory)  # missing files / size mismatches fail here, before any work
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}.")
+    if num_beams is not None and num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {num_beams}.")
+    pixels = load_image(image, image_settings(directory, manifest))
+    artifact = load_artifact(directory, manifest=manifest, device=device)
+    if artifact.task_spec.generative:
+        return _generate(artifact, pixels, texts, max_new_tokens, num_beams, raw_prompt)
+    return _scores(artifact, pixels, texts)
+
+
+def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_tokens: int | None,
+              num_beams: int | None, raw_prompt: bool) -> RunResult:
+    from vlexport.runtime.generate import Generator
+
+    gen = Generator(artifact)
+    s, recipe = gen.settings, gen.recipe
+    notes = []
+    tokenizer = None
+    if artifact.manifest.tokenizer.get("kind", "none") != "none":
+        tokenizer = ArtifactTokenizer(artifact.directory, artifact.manifest)
+        if tokenizer.kind == "placeholder":
+            notes.append("random weights: the text comes from a placeholder tokenizer and is not meaningful")
+    elif texts:
+        raise UsageError(f"{artifact.directory} has no tokenizer to encode --text with (the export source had none). "
+                         "Export from a checkpoint directory that includes its tokenizer files.")
+    prompts: list[str | None] = list(texts) or [None]
+    lines = []
+    for text in prompts:
+        ids = _prompt_ids(text, tokenizer, s, recipe, raw_prompt)
+        out = gen.generate(pixels, ids, None if ids is None else np.ones_like(ids),
+                           max_new_tokens=max_new_tokens or int(s.get("default_max_new_tokens", 20)),
+                           num_beams=num_beams or int(s.get("default_num_beams", 1)))
+        seq = out.sequences[0]
+        shown = seq if recipe.continues_prompt else seq[out.prompt_length:]
+        lines.append(RunLine(text, tokenizer.decode(shown) if tokenizer else None, seq.tolist()))
+    if tokenizer is None:
+        notes.append("the artifact has no tokenizer: showing token ids only")
+    return RunResult("generate", artifact.manifest.task, lines, notes)
+
+
+def _prompt_ids(text: str | None, tokenizer: ArtifactTokenizer | None, s: dict[str, Any], recipe: Any,
+                raw_prompt: bool) -> np.ndarray | None:
+    queries = s.get("num_query_tokens")
+    if text is None and not (recipe.needs_prompt and queries):
+        return None  # the model's own default prompt (BLIP caption: [bos]; BLIP-2 OPT: image tokens + bos)
+    if tokenizer is None:
+        raise UsageError("This task needs a text prompt, and the artifact has no tokenizer to encode it with.")
+    if text is not None and recipe.prompt_template and not raw_prompt and "{}" in recipe.prompt_template:
+        text = recipe.prompt_template.format(text)
+    ids = tokenizer.encode(text or "")
+    if queries:  # BLIP-2: the image is used only where the prompt holds its query tokens
+        ids = [s["image_token_id"]] * int(queries) + ids
+    return np.array([ids], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- ITM / ITC scores
+def _scores(artifact: Any, pixels: np.ndarray, texts: Sequence[str]) -> RunResult:
+    if not texts:
+        raise UsageError(f"{artifact.manifest.family} {artifact.manifest.task} scores texts against the image: give "
+                         "one or more --text.")
+    if len(artifact.components) != 1:
+        raise UsageError(f"{artifact.directory} has components {sorted(artifact.components)}; scoring needs one.")
+    (component,) = artifact.components.values()
+    notes = []
+    if artifact.manifest.tokenizer.get("kind", "none") != "none":
+        tokenizer: Any = ArtifactTokenizer(artifact.directory, artifact.manifest)
+        ids, mask = tokenizer.batch(texts)
+    else:
+        ids, mask = _placeholder_batch(artifact.directory, texts)
+        notes.append("no tokenizer in the artifact (random weights): texts encoded with a byte-level placeholder")
+    n = len(texts)
+    size = pixels.shape[-1]
+    feeds = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, n, axis=0),
+             "pixel_mask": np.ones((n, size, size), dtype=np.int64)}
+    names = getattr(component, "input_names", list(feeds))
+    out = component({k: feeds[k] for k in names if k in feeds})
+    scores = _interpret(out, n)
+    lines = [RunLine(t, ids=ids[i][mask[i] == 1].tolist(), score={k: float(v[i]) for k, v in scores.items()})
+             for i, t in enumerate(texts)]
+    return RunResult("scores", artifact.manifest.task, lines, notes)
+
+
+def _interpret(out: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Per-text scores from the task's outputs (the image is repeated once per text)."""
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    for name in ("itm_score", "logits", "logits_per_image"):
+        x = out.get(name)
+        if x is None:
+            continue
+        if x.shape == (n, 2):  # ITM head: (no match, match)
+            return {"match_probability": softmax(x)[:, 1], "match_logit": x[:, 1] - x[:, 0]}
+        if x.shape == (n, n):  # similarity of every image copy to every text: row 0
+            return {"similarity": x[0], "probability_over_texts": softmax(x[0])}
+    if "text_embeds" in out and "image_embeds" in out:
+        t, i = out["text_embeds"], out["image_embeds"]
+        cos = (t * i).sum(-1) / np.maximum(np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1), 1e-12)
+        return {"cosine": cos}
+    raise UsageError(f"`vlexport run` cannot turn outputs {sorted(out)} into image-text scores (e.g. masked-LM "
+                     "logits); use the runtime API for this task.")
+
+
+def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    from vlexport.runtime.generate import artifact_config
+
+    text = artifact_config(directory).text_config
+    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
+                "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
+    keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
+            tuple(k for k in ("eos_token_id",) if settings[k]))
+    tok = build_placeholder(text.vocab_size, settings, keys)
+    rows = [tok.encode(t).ids for t in texts]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), text.pad_token_id or 0, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return ids, mask
