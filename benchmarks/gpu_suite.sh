@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh
 #
-# Runs `vlexport bench --suite gpu --device cuda` (benchmarks/suites.toml) and writes
+# Runs the kernel micro-benchmarks (`python -m vlexport_kernels.bench`, -> gpu-<device>-kernels.json), then
+# `vlexport bench --suite gpu --device cuda` (benchmarks/suites.toml) and writes
 # benchmarks/results/gpu-<device>.{json,md,png}; copies them to $OUT when that is set. vlexport is
 # imported from this checkout (no install). Wheels for missing or too-old packages (vlexport needs
 # transformers>=5.23; TensorRT for the trt rows) are installed from ./.whl when that folder exists.
@@ -16,7 +17,9 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     || exit 1
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# The kernels/ folder is the `vlexport_kernels` package (pyproject maps it); without an install, a link does.
+mkdir -p /tmp/vlexport-src && ln -sfn "$PWD/kernels" /tmp/vlexport-src/vlexport_kernels
+export PYTHONPATH="$PWD:/tmp/vlexport-src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 
 python3 - <<'PY' || exit 1
 import sys
@@ -34,8 +37,12 @@ PY
 
 name=$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 out=benchmarks/results/gpu-$name
+# Kernel micro-benchmarks first (seconds): ours vs HF eager math vs SDPA at the models' real shapes.
+python3 -m vlexport_kernels.bench --json "$out-kernels.json"
+rc_kernels=$?
 python3 -m vlexport.cli bench --suite gpu --device cuda --work-dir /tmp/vlexport-bench-work \
   --json "$out.json" --markdown "$out.md" --plot "$out.png"
 rc=$?
-if [ -n "${OUT:-}" ]; then cp "$out".json "$out".md "$out".png "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then cp "$out".json "$out".md "$out".png "$out-kernels.json" "$OUT"/ 2>/dev/null; fi
+[ "$rc_kernels" -eq 0 ] || exit "$rc_kernels"
 exit $rc
