@@ -212,7 +212,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- trt
 def _trt_args(p: argparse.ArgumentParser) -> None:
-    from vlexport.export.tensorrt import DEFAULT_SHAPES
+    from vlexport.export import TRT_DEFAULT_SHAPES as DEFAULT_SHAPES  # not export.tensorrt: it imports torch
 
     p.add_argument("model", help="preset, local model directory, or an ONNX artifact directory")
     p.add_argument("--task", help="task to export when MODEL is not an artifact directory")

@@ -7,6 +7,7 @@ component exported and validation passed; otherwise nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
-from vlexport.validate import raise_on_failure, validate_artifact
+from vlexport.validate import eager_references, raise_on_failure
 from vlexport.weights import ModelSource, load_model, resolve
 
 KERNEL_NAMES = ("attention", "bridge")
@@ -114,6 +115,7 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *, exporte
         job.output = Path(f"{Path(job.model).name}-{task}-{exporter.backend}")
     check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
     task_spec = source.family.task(task)
+    owns_model = model is None
     if model is None:
         with _timed(job, "load", progress):
             model = load_model(source, task)
@@ -148,7 +150,11 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *, exporte
         manifest.write(tmp)
         if job.validate:
             with _timed(job, "validate", progress):
-                result = validate_artifact(model, load_artifact(tmp, manifest=manifest, device="cpu"))
+                check = eager_references(model, task_spec)
+                if owns_model:  # eager and artifact weights never in memory together (eager_references)
+                    del model
+                    gc.collect()
+                result = check(load_artifact(tmp, manifest=manifest, device="cpu"))
             manifest.validation = {**result, **({"fused_ops": fused} if fused else {})}
             manifest.timings = dict(job.timings)
             manifest.write(tmp)

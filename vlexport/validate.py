@@ -6,6 +6,7 @@ sizes and sequence lengths other than the export example, with padded attention 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,28 +110,50 @@ def degenerate_outputs(refs: Mapping[str, Sequence[np.ndarray]]) -> list[str]:
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def validate_outputs(model: PreTrainedModel, task: TaskSpec, runner: Runner, *, precision: str,
-                     shapes: Sequence[InputShape] = VALIDATION_SHAPES, seed: int = 1234) -> dict[str, Any]:
-    """Compare a single-component artifact (``runner``) with the eager model on seeded inputs."""
+@dataclass
+class OutputReferences:
+    """Eager outputs of a single-component task on seeded inputs at several shapes."""
+
+    component: Any  # ComponentSpec
+    agreement: Mapping[str, str]
+    shapes: tuple[InputShape, ...]
+    inputs: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+
+
+def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequence[InputShape] = VALIDATION_SHAPES,
+                      seed: int = 1234) -> OutputReferences:
     (component,) = task.components(model.config)
     reference = component.build(model).eval()
+    inputs, outputs = [], []
+    for i, shape in enumerate(shapes):
+        x = task.make_inputs(model.config, shape, seed + i)
+        with torch.no_grad():
+            ref = reference(*(x[name] for name in component.inputs))
+        inputs.append({k: v.numpy() for k, v in x.items()})
+        outputs.append({name: r.float().numpy() for name, r in zip(component.outputs, ref)})
+    return OutputReferences(component, dict(task.agreement), tuple(shapes), inputs, outputs)
+
+
+def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -> dict[str, Any]:
+    """Run ``runner`` (the artifact) on the references' inputs; per-output checks at each shape."""
     tol = TOLERANCES[precision]
     checks: list[OutputCheck] = []
-    refs: dict[str, list[np.ndarray]] = {name: [] for name in component.outputs}
-    for i, shape in enumerate(shapes):
-        inputs = task.make_inputs(model.config, shape, seed + i)
-        with torch.no_grad():
-            ref = reference(*(inputs[name] for name in component.inputs))
-        got = runner({k: v.numpy() for k, v in inputs.items()})
-        for name, r in zip(component.outputs, ref):
-            r = r.float().numpy()
-            refs[name].append(r)
-            checks.append(compare_output(name, str(shape), got.get(name), r, tol, task.agreement.get(name)))
-    for name in degenerate_outputs(refs):
+    for shape, x, ref in zip(refs.shapes, refs.inputs, refs.outputs):
+        got = runner(x)
+        for name in refs.component.outputs:
+            checks.append(compare_output(name, str(shape), got.get(name), ref[name], tol, refs.agreement.get(name)))
+    for name in degenerate_outputs({n: [o[n] for o in refs.outputs] for n in refs.component.outputs}):
         checks.append(OutputCheck("all", name, "degenerate", False,
                                   detail=f"reference output is ~constant (std < {DEGENERATE_STD:g}); the "
                                          "comparison would pass trivially. Check the weights' initialisation."))
-    return report(checks, precision, tol, shapes)
+    return report(checks, precision, tol, refs.shapes)
+
+
+def validate_outputs(model: PreTrainedModel, task: TaskSpec, runner: Runner, *, precision: str,
+                     shapes: Sequence[InputShape] = VALIDATION_SHAPES, seed: int = 1234) -> dict[str, Any]:
+    """Compare a single-component artifact (``runner``) with the eager model on seeded inputs."""
+    return compare_outputs(output_references(model, task, shapes=shapes, seed=seed), runner, precision=precision)
 
 
 def report(checks: Sequence[OutputCheck], precision: str, tol: Tolerance, shapes: Sequence[InputShape],
@@ -171,24 +194,38 @@ def raise_on_failure(result: dict[str, Any], where: str) -> None:
     )
 
 
+ArtifactCheck = Callable[[Any], dict[str, Any]]
+
+
+def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
+    """Run the eager side of validation now; return ``check(artifact) -> report``, which needs no model.
+
+    Callers that own the model drop it before loading the artifact, so that eager weights and the
+    artifact's weights are never in memory together: the peak is one copy, not two, which is what lets
+    a model that fills half the machine (BLIP-2's 3.7B parameters) be validated on it.
+    """
+    if task.generative:
+        from vlexport.runtime.generation_check import compare_generation, generation_references
+
+        gen_refs = generation_references(model, task)
+        return lambda artifact: compare_generation(gen_refs, artifact)
+    refs = output_references(model, task)
+    return lambda artifact: compare_outputs(refs, artifact.run, precision=artifact.manifest.precision)
+
+
 def validate_directory(directory: str | Path, *, device: str = "cpu") -> dict[str, Any]:
     """Re-run validation from the artifact directory alone (rebuilding the eager reference)."""
     from vlexport.runtime import load_artifact
-    from vlexport.weights import source_from_manifest, load_model
+    from vlexport.weights import load_model, source_from_manifest
 
     directory = Path(directory)
     manifest = Manifest.read(directory)
     source = source_from_manifest(manifest, directory)
-    model = load_model(source, manifest.task)
-    artifact = load_artifact(directory, manifest=manifest, device=device)
-    return validate_artifact(model, artifact)
+    check = eager_references(load_model(source, manifest.task), source.family.task(manifest.task))
+    gc.collect()  # the eager model is gone before the artifact's weights load
+    return check(load_artifact(directory, manifest=manifest, device=device))
 
 
 def validate_artifact(model: PreTrainedModel, artifact: Any) -> dict[str, Any]:
-    """Dispatch on the task: generation agreement for generative tasks, per-output errors otherwise."""
-    task = artifact.task_spec
-    if task.generative:
-        from vlexport.runtime.generation_check import validate_generation
-
-        return validate_generation(model, artifact)
-    return validate_outputs(model, task, artifact.run, precision=artifact.manifest.precision)
+    """Generation agreement for generative tasks, per-output errors otherwise."""
+    return eager_references(model, artifact.task_spec)(artifact)

@@ -20,6 +20,7 @@ import torch
 
 from vlexport.artifact import check_output_dir, staged_dir
 from vlexport.errors import CheckError, UsageError
+from vlexport.export import TRT_DEFAULT_SHAPES
 from vlexport.manifest import Component, Manifest
 from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import InputShape
@@ -27,9 +28,8 @@ from vlexport.pipeline import ExportJob, Progress, run_export
 from vlexport.runtime.backends import import_tensorrt
 
 PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-static"}  # --precision -> manifest precision
-# Default min:opt:max per named dynamic axis. opt is where TensorRT tunes kernels: a typical serving batch
-# and caption length. Axes not listed (e.g. past_sequence) fall back to DEFAULT_RANGE.
-DEFAULT_SHAPES = "batch=1:8:32,sequence=1:32:128"
+# Axes not listed in --shapes (e.g. past_sequence) fall back to DEFAULT_RANGE.
+DEFAULT_SHAPES = TRT_DEFAULT_SHAPES
 DEFAULT_RANGE = (1, 32, 256)
 WORKSPACE_BYTES = 4 << 30
 CALIBRATION_BATCHES = 8

@@ -44,20 +44,36 @@ class TokenCheck:
     detail: str = ""
 
 
-def validate_generation(model: PreTrainedModel, artifact: Any, *, samples: int = SAMPLES,
-                        batch_sizes: Sequence[int] = BATCH_SIZES, max_new_tokens: int = MAX_NEW_TOKENS,
-                        num_beams: int = NUM_BEAMS, seed: int = 1234) -> dict[str, Any]:
-    """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
-    from vlexport.runtime.generate import Generator
+@dataclass
+class _Case:
+    shape: str  # "b4 greedy"
+    mode: str
+    beams: int
+    rows: list[int]
+    inputs: dict[str, np.ndarray]
+    sequences: np.ndarray  # HF generate()'s sequences
+    logits: list[np.ndarray]  # its raw logits per step
 
-    precision = artifact.manifest.precision
-    tol = TOLERANCES[precision]
-    generator = Generator(artifact, config=model.config)
-    inputs = artifact.task_spec.make_inputs(model.config, InputShape(samples, PROMPT_TOKENS), seed)
-    checks: list[TokenCheck] = []
-    ref_tokens: list[np.ndarray] = []
-    logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+
+@dataclass
+class GenerationReferences:
+    """HF ``generate()`` on the eager model, run before the artifact is loaded (see validate.eager_references)."""
+
+    config: Any
+    cases: list[_Case]
+    modes: list[tuple[str, int]]
+    batch_sizes: tuple[int, ...]
+    samples: int
+    max_new_tokens: int
+
+
+def generation_references(model: PreTrainedModel, task: Any, *, samples: int = SAMPLES,
+                          batch_sizes: Sequence[int] = BATCH_SIZES, max_new_tokens: int = MAX_NEW_TOKENS,
+                          num_beams: int = NUM_BEAMS, seed: int = 1234) -> GenerationReferences:
+    """Seeded samples at every (mode, batch size) and what ``model.generate()`` makes of them."""
+    inputs = task.make_inputs(model.config, InputShape(samples, PROMPT_TOKENS), seed)
     modes = [("greedy", 1), (f"beam{num_beams}", num_beams)]
+    cases = []
     for mode, beams in modes:
         for bs in batch_sizes:
             for start in range(0, samples, bs):
@@ -66,14 +82,28 @@ def validate_generation(model: PreTrainedModel, artifact: Any, *, samples: int =
                 with torch.no_grad():
                     ref = model.generate(**sub, max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
                                          return_dict_in_generate=True, output_logits=True)
-                got = generator.generate(**{k: v.numpy() for k, v in sub.items()}, max_new_tokens=max_new_tokens,
-                                         num_beams=beams, output_logits=True)
-                ref_seq = ref.sequences.numpy()
-                ref_logits = [x.float().numpy() for x in ref.logits]
-                if mode == "greedy":
-                    ref_tokens.append(ref_seq[:, got.prompt_length:])
-                checks += _compare(f"b{bs} {mode}", rows, ref_seq, got.sequences, got.prompt_length, ref_logits,
-                                   got.logits, beams, logit_pairs)
+                cases.append(_Case(f"b{bs} {mode}", mode, beams, rows, {k: v.numpy() for k, v in sub.items()},
+                                   ref.sequences.numpy(), [x.float().numpy() for x in ref.logits]))
+    return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
+
+
+def compare_generation(refs: GenerationReferences, artifact: Any) -> dict[str, Any]:
+    """Run the artifact's generation loop on the references' samples; return a validation report."""
+    from vlexport.runtime.generate import Generator
+
+    precision = artifact.manifest.precision
+    tol = TOLERANCES[precision]
+    generator = Generator(artifact, config=refs.config)
+    checks: list[TokenCheck] = []
+    ref_tokens: list[np.ndarray] = []
+    logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for case in refs.cases:
+        got = generator.generate(**case.inputs, max_new_tokens=refs.max_new_tokens, num_beams=case.beams,
+                                 output_logits=True)
+        if case.mode == "greedy":
+            ref_tokens.append(case.sequences[:, got.prompt_length:])
+        checks += _compare(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length, case.logits,
+                           got.logits, case.beams, logit_pairs)
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
@@ -81,7 +111,13 @@ def validate_generation(model: PreTrainedModel, artifact: Any, *, samples: int =
         checks += _logits_gate(logit_pairs, tol)
     if tol.atol is None:  # reduced precisions: a share of tokens, not every token
         checks = _agreement(checks, tol.min_agreement or 1.0)
-    return _report(checks, precision, tol, modes, batch_sizes, samples, max_new_tokens, distinct, degenerate)
+    return _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
+                   distinct, degenerate)
+
+
+def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> dict[str, Any]:
+    """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
+    return compare_generation(generation_references(model, artifact.task_spec, **kwargs), artifact)
 
 
 def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> dict[str, torch.Tensor]:
