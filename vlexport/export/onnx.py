@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from collections.abc import Mapping
@@ -55,7 +56,30 @@ def export_component(module: nn.Module, spec: ComponentSpec, example: Mapping[st
             custom_translation_table=dict(translation_table or {}), optimize=True, verbose=False,
         )
     program.save(str(path), external_data=external)
+    _release_weights(program)
     return describe(path, spec.name, spec.dynamic_axes, root=path.parent)
+
+
+def _release_weights(program: Any) -> None:
+    """Detach the model's parameters from the in-memory ONNX graph once it is saved.
+
+    The graph's initializers wrap every parameter of the model without copying, and onnxscript's rewrite
+    rules (module-level objects) keep the last graph they matched: without this the eager weights stay
+    alive after the model is dropped, and validation holds two copies of them (eager_references).
+    """
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to clear
+        return
+    # Values folded away during optimisation are no longer initializers but stay reachable from the
+    # graph the matchers hold; dropping that graph frees them too.
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
 
 
 def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path) -> Component:
