@@ -193,7 +193,7 @@ def run_trt(job: TrtJob, progress: Progress = lambda msg: None) -> Manifest:
 
 def _build_artifact(job: TrtJob, onnx_dir: Path, parent: Manifest, progress: Progress, *, kept: bool) -> Manifest:
     from vlexport.runtime import load_artifact
-    from vlexport.validate import raise_on_failure, validate_artifact
+    from vlexport.validate import eager_references, raise_on_failure
     from vlexport.weights import load_model, source_from_manifest
 
     precision = PRECISIONS[job.precision]
@@ -220,7 +220,9 @@ def _build_artifact(job: TrtJob, onnx_dir: Path, parent: Manifest, progress: Pro
         manifest.write(tmp)
         if job.validate:
             progress("validating against eager")
-            result = validate_artifact(model, load_artifact(tmp, manifest=manifest, device="cuda"))
+            check = eager_references(model, task)
+            del model  # eager weights and engines never in host memory together (validate.eager_references)
+            result = check(load_artifact(tmp, manifest=manifest, device="cuda"))
             manifest.validation = result
             manifest.write(tmp)
             raise_on_failure(result, f"{job.source} (tensorrt {precision})")
