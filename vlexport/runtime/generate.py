@@ -35,6 +35,9 @@ class GenerationOutput:
     sequences: np.ndarray  # [batch, decoder prompt + new tokens], what HF generate() returns
     prompt_length: int  # decoder prompt length: sequences[:, prompt_length:] are the new tokens
     logits: list[np.ndarray] = field(default_factory=list)  # raw logits per step, [batch * beams, vocab]
+    # beam search, with output_logits: per step and batch row, the smallest gap between the ranked candidate
+    # scores that decide which hypotheses run next, and in which row order ([batch]); see _selection_margin
+    beam_margins: list[np.ndarray] = field(default_factory=list)
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -142,11 +145,13 @@ class Generator:
         first = {k: env[k] for k in self.recipe.first_step}
         stepper = _Stepper(self.decoder, static, first, mask.astype(np.int64), repeat=num_beams)
         logits_log: list[np.ndarray] | None = [] if output_logits else None
+        margins: list[np.ndarray] = []
         if num_beams == 1:
             seqs = self._greedy(stepper, prompt, max_new_tokens, min_new_tokens, logits_log, on_step)
         else:
-            seqs = self._beam(stepper, prompt, num_beams, max_new_tokens, min_new_tokens, logits_log, on_step)
-        return GenerationOutput(seqs, prompt.shape[1], logits_log or [])
+            seqs = self._beam(stepper, prompt, num_beams, max_new_tokens, min_new_tokens, logits_log, on_step,
+                              margins if output_logits else None)
+        return GenerationOutput(seqs, prompt.shape[1], logits_log or [], margins)
 
     # ------------------------------------------------------------ checks
     def _check_request(self, pixel_values: np.ndarray, input_ids: np.ndarray | None, max_new_tokens: int,
@@ -212,7 +217,8 @@ class Generator:
 
     # ------------------------------------------------------------ beam search (GenerationMixin._beam_search)
     def _beam(self, stepper: _Stepper, prompt: np.ndarray, k: int, max_new: int, min_new: int,
-              logits_log: list[np.ndarray] | None, on_step: Callable[[int], None] | None) -> np.ndarray:
+              logits_log: list[np.ndarray] | None, on_step: Callable[[int], None] | None,
+              margins_log: list[np.ndarray] | None = None) -> np.ndarray:
         b, prompt_len = prompt.shape
         cur_len, max_length = prompt_len, prompt_len + max_new
         length_penalty = float(self.settings.get("length_penalty", 1.0))
@@ -250,6 +256,8 @@ class Generator:
             # c. top-K continuations over all beams
             topk_idx = _topk(log_probs, keep)
             topk_log_probs = np.take_along_axis(log_probs, topk_idx, axis=1)
+            if margins_log is not None:
+                margins_log.append(_selection_margin(log_probs, keep))
             topk_beam = topk_idx // vocab
             topk_running_beam_indices = _gather(running_beam_indices, topk_beam)
             topk_running_sequences = _gather(running_sequences, topk_beam)
@@ -443,6 +451,21 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     vals = np.take_along_axis(x, part, axis=-1)
     order = np.lexsort((part, -vals), axis=-1)
     return np.take_along_axis(part, order, axis=-1)
+
+
+def _selection_margin(log_probs: np.ndarray, keep: int) -> np.ndarray:
+    """Per batch row: the smallest gap between adjacent scores among the best ``keep + 1`` candidates.
+
+    Their ranking decides which hypotheses continue and in which row order; candidates closer than the
+    two runs' numerical error may rank either way (a near-tie), after which rows hold other hypotheses.
+    Less the float32 rounding of scores that size (both runs add in float32). Scores at _NEG (beams not
+    yet opened) are never selected and are left out.
+    """
+    n = min(keep + 1, log_probs.shape[1])
+    top = -np.sort(-np.partition(log_probs, log_probs.shape[1] - n, axis=1)[:, -n:], axis=1)
+    top = np.where(top > _NEG / 2, top, np.nan)
+    gaps = top[:, :-1] - top[:, 1:] - 2 * np.spacing(np.abs(top[:, :-1]).astype(np.float32))
+    return np.where(np.isnan(gaps), np.inf, gaps).min(axis=1)
 
 
 def _gather(x: np.ndarray, idx: np.ndarray) -> np.ndarray:

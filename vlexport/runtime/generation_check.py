@@ -41,6 +41,7 @@ class TokenCheck:
     margin: float | None = None  # reference's smallest top-1/top-2 logit gap over the compared steps
     tokens: int = 0  # new tokens compared
     limit: str = "tokens equal"
+    near_tie_step: int | None = None  # beam search: logits compared up to this step (see _compare)
     detail: str = ""
 
 
@@ -97,13 +98,16 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> dict[str, A
     checks: list[TokenCheck] = []
     ref_tokens: list[np.ndarray] = []
     logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    near_ties = 0
     for case in refs.cases:
         got = generator.generate(**case.inputs, max_new_tokens=refs.max_new_tokens, num_beams=case.beams,
                                  output_logits=True)
         if case.mode == "greedy":
             ref_tokens.append(case.sequences[:, got.prompt_length:])
-        checks += _compare(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length, case.logits,
-                           got.logits, case.beams, logit_pairs)
+        case_checks = _compare(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length,
+                               case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
+        near_ties += any(c.near_tie_step is not None for c in case_checks)
+        checks += case_checks
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
@@ -112,7 +116,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> dict[str, A
     if tol.atol is None:  # reduced precisions: a share of tokens, not every token
         checks = _agreement(checks, tol.min_agreement or 1.0)
     return _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
-                   distinct, degenerate)
+                   distinct, degenerate, near_ties)
 
 
 def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> dict[str, Any]:
@@ -132,7 +136,8 @@ def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> d
 
 def _compare(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
              ref_logits: list[np.ndarray], got_logits: list[np.ndarray], beams: int,
-             logit_pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[TokenCheck]:
+             logit_pairs: list[tuple[np.ndarray, np.ndarray]],
+             beam_margins: Sequence[np.ndarray] = ()) -> list[TokenCheck]:
     out = []
     first_div: int | None = None
     divergences = []
@@ -151,6 +156,7 @@ def _compare(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prom
     steps = min(len(ref_logits), len(got_logits))
     last = steps if first_div is None else min(steps, max(first_div, 0) + 1)
     errs, margins = [], []
+    tie_step, score_err = None, 0.0
     for s in range(last):
         a, b = ref_logits[s], got_logits[s]
         if a.shape != b.shape:
@@ -160,13 +166,22 @@ def _compare(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prom
         errs.append(np.abs(a.astype(np.float64) - b).max(axis=-1))  # per row
         top2 = np.sort(a, axis=-1)[:, -2:]
         margins.append(top2[:, 1] - top2[:, 0])
+        # Beam rows hold hypotheses in score order. A log-softmax value moves by at most twice the largest
+        # logit error and a path score sums one per step, so candidates closer than twice that may rank
+        # either way: after such a near-tie the two runs' rows hold other hypotheses and per-row logits stop
+        # being comparable (tokens still are). Random weights with huge logits do this at every step.
+        score_err += 2 * float(errs[-1].max())
+        if s < len(beam_margins) and float(beam_margins[s].min()) <= 2 * score_err:
+            tie_step = s
+            break
     for sample, i, step, pos in divergences:
         row_slice = slice(i * beams, (i + 1) * beams)
         err = float(max((e[row_slice].max() for e in errs), default=0.0))
         margin = float(min((m[row_slice].min() for m in margins), default=np.inf))
         margin = margin if np.isfinite(margin) else None
         new = max(0, min(len(ref[i]), len(got[i])) - prompt_len)
-        check = TokenCheck(shape, "tokens", "ok", True, sample=sample, max_abs=err, margin=margin, tokens=new)
+        check = TokenCheck(shape, "tokens", "ok", True, sample=sample, max_abs=err, margin=margin, tokens=new,
+                           near_tie_step=tie_step)
         if step is not None:
             r_tok = _tok(ref[i], pos)
             g_tok = _tok(got[i], pos)
@@ -209,7 +224,7 @@ def _agreement(checks: list[TokenCheck], need: float) -> list[TokenCheck]:
 
 def _report(checks: list[TokenCheck], precision: str, tol: Any, modes: list[tuple[str, int]],
             batch_sizes: Sequence[int], samples: int, max_new_tokens: int, distinct: int,
-            degenerate: bool) -> dict[str, Any]:
+            degenerate: bool, near_ties: int = 0) -> dict[str, Any]:
     token_checks = [c for c in checks if c.output == "tokens"]
     failures = [asdict(c) for c in checks if not c.passed]
     err = max((c.max_abs for c in checks if c.max_abs is not None), default=0.0)
@@ -223,6 +238,9 @@ def _report(checks: list[TokenCheck], precision: str, tol: Any, modes: list[tupl
                f"logits max abs err {err:.2g}, reference min top-2 margin {margin if margin is None else f'{margin:.2g}'}")
     if degenerate:
         summary += "; the reference tokens are constant (random weights), so the logits were checked too"
+    if near_ties:
+        summary += (f"; beam logits compared up to a near-tie in the candidates' ranking in {near_ties} "
+                    "case(s)")
     return {
         "passed": not failures,
         "reference": "HF generate() on eager PyTorch fp32",
@@ -235,6 +253,6 @@ def _report(checks: list[TokenCheck], precision: str, tol: Any, modes: list[tupl
         "generation": {"samples": samples, "batch_sizes": list(batch_sizes), "max_new_tokens": max_new_tokens,
                        "num_beams": modes[1][1], "new_tokens_compared": compared, "tokens_equal": equal,
                        "distinct_reference_tokens": distinct, "min_logit_margin": margin,
-                       "logits_max_abs_error": err},
+                       "logits_max_abs_error": err, "beam_near_ties": near_ties},
         "summary": summary,
     }
