@@ -54,7 +54,8 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     # EVA ViT-g + Q-Former + Flan-T5-XL. The checkpoint holds 3.94B: flan-t5 has its own LM head
     # (tie_word_embeddings=false upstream). transformers 5 builds T5 with lm_head tied to `shared` and
     # unties it only when a checkpoint brings a different one, so the model built here counts
-    # 3,876,648,448 (T5 2.784B); untied it is 3,942,446,592. The range admits both.
+    # 3,876,648,448 (T5 2.784B); untied it is 3,942,446,592, as --random-weights builds it
+    # (weights._sane_random_weights). The range admits both.
     "blip2-flan-t5-xl": (3.85e9, 3.96e9),
     # XLM-R large text 559.6M + CLIP ViT-L/14 @224 303.2M + projections 1.4M = 864,186,113; the hub
     # lists "864M params" for BAAI/AltCLIP.
