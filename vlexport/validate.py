@@ -150,12 +150,6 @@ def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -
     return report(checks, precision, tol, refs.shapes)
 
 
-def validate_outputs(model: PreTrainedModel, task: TaskSpec, runner: Runner, *, precision: str,
-                     shapes: Sequence[InputShape] = VALIDATION_SHAPES, seed: int = 1234) -> dict[str, Any]:
-    """Compare a single-component artifact (``runner``) with the eager model on seeded inputs."""
-    return compare_outputs(output_references(model, task, shapes=shapes, seed=seed), runner, precision=precision)
-
-
 def report(checks: Sequence[OutputCheck], precision: str, tol: Tolerance, shapes: Sequence[InputShape],
            **extra: Any) -> dict[str, Any]:
     failures = [asdict(c) for c in checks if not c.passed]
