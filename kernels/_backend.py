@@ -18,8 +18,9 @@ import torch
 
 try:
     import triton
+    import triton.language as tl
 except ImportError:  # triton is the optional `kernels` extra: without it only the reference path exists
-    triton = None
+    triton = tl = None
 
 if not __name__.startswith("vlexport_kernels."):  # see __init__.py: a second copy would register the ops twice
     raise ImportError(f"{__name__}: import this package as vlexport_kernels, not from the kernels/ folder")

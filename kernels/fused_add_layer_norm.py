@@ -18,14 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import use_triton
+from ._backend import tl, triton, use_triton
 from ._shapes import known_ne
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional extra: the op then always runs the reference
-    triton = None
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernel

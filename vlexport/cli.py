@@ -80,12 +80,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     classes = Table(title="tasks")
     for col in ("family", "task", "HF class"):
         classes.add_column(col, no_wrap=True)
-    seen = set()
-    for r in rows:
-        for t, c in r["tasks"].items():
-            if (r["family"], t) not in seen:
-                seen.add((r["family"], t))
-                classes.add_row(r["family"], t, c)
+    for (family, t), c in {(r["family"], t): c for r in rows for t, c in r["tasks"].items()}.items():
+        classes.add_row(family, t, c)
     out.print(classes)
     out.print("Backends: onnx, aoti (`vlexport compile`), trt.  Precisions: " + ", ".join(TOLERANCES))
     return 0
@@ -212,7 +208,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- trt
 def _trt_args(p: argparse.ArgumentParser) -> None:
-    from vlexport.export import TRT_DEFAULT_SHAPES as DEFAULT_SHAPES  # not export.tensorrt: it imports torch
+    from vlexport.export import TRT_DEFAULT_SHAPES  # not export.tensorrt: it imports torch
 
     p.add_argument("model", help="preset, local model directory, or an ONNX artifact directory")
     p.add_argument("--task", help="task to export when MODEL is not an artifact directory")
@@ -220,8 +216,8 @@ def _trt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration inputs")
     p.add_argument("-o", "--output", type=Path, help="artifact directory (default: ./<model>-<task>-trt-<precision>)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
-    p.add_argument("--shapes", default=DEFAULT_SHAPES,
-                   help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {DEFAULT_SHAPES})")
+    p.add_argument("--shapes", default=TRT_DEFAULT_SHAPES,
+                   help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {TRT_DEFAULT_SHAPES})")
     p.add_argument("--no-validate", action="store_true", help="skip validation (the manifest says so)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 

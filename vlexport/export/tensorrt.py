@@ -28,8 +28,7 @@ from vlexport.pipeline import ExportJob, Progress, run_export
 from vlexport.runtime.backends import import_tensorrt
 
 PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-static"}  # --precision -> manifest precision
-# Axes not listed in --shapes (e.g. past_sequence) fall back to DEFAULT_RANGE.
-DEFAULT_SHAPES = TRT_DEFAULT_SHAPES
+# Axes not listed in --shapes (default TRT_DEFAULT_SHAPES; e.g. past_sequence) fall back to DEFAULT_RANGE.
 DEFAULT_RANGE = (1, 32, 256)
 WORKSPACE_BYTES = 4 << 30
 CALIBRATION_BATCHES = 8
@@ -52,7 +51,7 @@ def parse_shapes(text: str) -> dict[str, AxisRange]:
             lo, opt, hi = (int(p) for p in parts) if len(parts) == 3 else (int(spec),) * 3
         except ValueError:
             raise UsageError(f"--shapes: {item!r} is not AXIS=MIN:OPT:MAX (or AXIS=N) with integers, "
-                             f"e.g. {DEFAULT_SHAPES}.") from None
+                             f"e.g. {TRT_DEFAULT_SHAPES}.") from None
         if not name or not 1 <= lo <= opt <= hi:
             raise UsageError(f"--shapes: {item!r} needs a named axis and 1 <= MIN <= OPT <= MAX.")
         ranges[name.strip()] = AxisRange(lo, opt, hi)
@@ -64,7 +63,7 @@ class TrtJob:
     source: str  # preset, model dir, or an ONNX artifact dir
     output: Path | None = None
     precision: str = "fp32"
-    shapes: dict[str, AxisRange] = field(default_factory=lambda: parse_shapes(DEFAULT_SHAPES))
+    shapes: dict[str, AxisRange] = field(default_factory=lambda: parse_shapes(TRT_DEFAULT_SHAPES))
     task: str | None = None
     random_weights: bool = False
     seed: int = 0

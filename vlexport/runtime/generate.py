@@ -461,8 +461,7 @@ def _selection_margin(log_probs: np.ndarray, keep: int) -> np.ndarray:
     Less the float32 rounding of scores that size (both runs add in float32). Scores at _NEG (beams not
     yet opened) are never selected and are left out.
     """
-    n = min(keep + 1, log_probs.shape[1])
-    top = -np.sort(-np.partition(log_probs, log_probs.shape[1] - n, axis=1)[:, -n:], axis=1)
+    top = np.take_along_axis(log_probs, _topk(log_probs, min(keep + 1, log_probs.shape[1])), axis=1)
     top = np.where(top > _NEG / 2, top, np.nan)
     gaps = top[:, :-1] - top[:, 1:] - 2 * np.spacing(np.abs(top[:, :-1]).astype(np.float32))
     return np.where(np.isnan(gaps), np.inf, gaps).min(axis=1)
