@@ -7,7 +7,7 @@
 # `vlexport bench --suite gpu --device cuda` (benchmarks/suites.toml) and writes
 # benchmarks/results/gpu-<device>.{json,md,png}; copies them to $OUT when that is set. vlexport is
 # imported from this checkout (no install). Wheels for missing or too-old packages (vlexport needs
-# transformers>=5.23; TensorRT for the trt rows) are installed from ./.whl when that folder exists.
+# transformers>=5.23; TensorRT for the tensorrt rows) are installed from ./.whl when that folder exists.
 # A case that cannot run (no TensorRT, a preset config not shipped yet) is reported and the others go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlexport.bench import BACKENDS, BenchPlan, read_rows, register_backend, run_bench
+from vlexport.bench import RUNNERS, BenchPlan, read_rows, register_runner, run_bench
 from vlexport.bench.backends import BenchContext, Variant, eager_module, torch_variant
 from vlexport.cli import main
 
@@ -73,23 +73,23 @@ def test_regress_passes_on_itself(acceptance: dict) -> None:
 
 @pytest.fixture
 def fake_backends():
-    """Test-only backends: a slowed-down eager and a wrong one. Removed afterwards."""
+    """Test-only runners: a slowed-down eager and a wrong one. Removed afterwards."""
     delay = {"s": 0.0}
 
-    @register_backend("sleepy")
+    @register_runner("sleepy")
     def sleepy(ctx: BenchContext, precision: str) -> Variant:
         module, close = eager_module(ctx, precision, ())
         variant = torch_variant("sleepy", module, ctx, precision, device=ctx.device, close=close)
-        step = variant.step
+        call = variant.call
 
-        def slow_step(args):
+        def slow_call(args):
             time.sleep(delay["s"])
-            return step(args)
+            return call(args)
 
-        variant.step = slow_step
+        variant.call = slow_call
         return variant
 
-    @register_backend("wrong")
+    @register_runner("wrong")
     def wrong(ctx: BenchContext, precision: str) -> Variant:
         module, close = eager_module(ctx, precision, ())
         variant = torch_variant("wrong", module, ctx, precision, device=ctx.device, close=close)
@@ -98,7 +98,7 @@ def fake_backends():
         return variant
 
     yield delay
-    del BACKENDS["sleepy"], BACKENDS["wrong"]
+    del RUNNERS["sleepy"], RUNNERS["wrong"]
 
 
 def test_injected_slowdown_makes_regress_exit_1(fake_backends, tmp_path: Path, capsys) -> None:
@@ -117,7 +117,7 @@ def test_injected_slowdown_makes_regress_exit_1(fake_backends, tmp_path: Path, c
     sleepy = next(r for r in rows if r.backend == "sleepy")
     assert sleepy.ok and sleepy.latency_p50_ms >= 100 and sleepy.speedup_vs_eager < 0.5
     capsys.readouterr()
-    assert main(["regress", str(base), str(cur), "--max-slowdown", "0.5", "--ratios-only"]) == 1
+    assert main(["regress", str(base), str(cur), "--max-slowdown", "0.5"]) == 1  # ratios: the default gate
     text = " ".join(capsys.readouterr().out.split())
     assert "SLOWER" in text and "sleepy" in text
     assert main(["regress", str(base), str(base), "--max-slowdown", "0.5"]) == 0
@@ -141,7 +141,10 @@ def test_bench_usage_errors(capsys) -> None:
     assert main(["bench", *TINY, "--backends", "eager,flash"]) == 2
     assert "Unknown backend" in capsys.readouterr().err
     assert main(["bench", *TINY, "--backends", "onnx", "--precision", "fp16", "--batch-sizes", "1"]) == 2
-    assert "vlexport quantize" in " ".join(capsys.readouterr().err.split())
+    # The registry knows what each backend builds: refused before any timing, with what it does build.
+    assert "onnx backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
+    assert main(["bench", *TINY, "--backends", "compile", "--precision", "int8-static", "--batch-sizes", "1"]) == 2
+    assert "compile runner runs fp32, fp16, bf16, not int8-static" in " ".join(capsys.readouterr().err.split())
     assert main(["bench", *TINY, "--precision", "fp8"]) == 2
     assert main(["bench"]) == 2
 
@@ -155,3 +158,26 @@ def test_bench_reuses_an_artifact_directory(exported, tmp_path: Path) -> None:
     assert 0 < rows[1].parity["logits"]["max_abs"] <= 1e-4
     meta = json.loads((directory / "manifest.json").read_text())
     assert rows[1].build_s == pytest.approx(sum(meta["timings"].values()), abs=1e-3)
+
+
+def test_work_dir_artifacts_are_derived_once_and_reused(tmp_path: Path) -> None:
+    """Export backends come from the registry: onnx-opt is derived from the work dir's ONNX export, then reused."""
+    plan = BenchPlan(("bridgetower-tiny",), backends=("onnx-opt", "onnx"), task="itm", random_weights=True,
+                     batch_sizes=(1,), warmup=0, iters=1, threads=1, work_dir=tmp_path)
+    first = run_bench(plan)
+    assert [r.backend for r in first] == ["eager", "onnx-opt", "onnx"] and all(r.ok for r in first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridgetower-tiny-itm-onnx", "bridgetower-tiny-itm-onnx-opt"]
+    assert first[1].build_s > first[2].build_s > 0  # onnx-opt's build includes the export it was derived from
+    second = run_bench(plan)
+    assert [r.detail.split(",")[0] for r in second[1:]] == ["reused bridgetower-tiny-itm-onnx-opt",
+                                                            "reused bridgetower-tiny-itm-onnx"]
+    # An artifact directory the user names: the row's backend is the manifest's.
+    rows = run_bench(BenchPlan((str(tmp_path / "bridgetower-tiny-itm-onnx-opt"),), batch_sizes=(1,), warmup=0,
+                               iters=1, threads=1))
+    assert [(r.backend, r.ok) for r in rows] == [("eager", True), ("onnx-opt", True)]
+    assert 0 < rows[1].parity["logits"]["max_abs"] <= 1e-4
+
+
+def test_plan_names_one_spelling_per_backend_and_precision() -> None:
+    plan = BenchPlan(("bridgetower-tiny",), backends=("eager", "trt", "tensorrt"), precisions=("fp32", "int8"))
+    assert plan.backends == ("eager", "tensorrt") and plan.precisions == ("fp32", "int8-static")

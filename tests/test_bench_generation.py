@@ -8,6 +8,7 @@ import torch
 
 from vlexport.bench import BenchPlan, run_bench
 from vlexport.bench.generation import hf_generate_timed, timing_from_stamps, token_parity
+from vlexport.errors import UsageError
 from vlexport.models.inputs import InputShape
 from vlexport.weights import load_model, resolve
 
@@ -48,3 +49,10 @@ def test_stamps_and_token_parity() -> None:
     assert status == "failed-parity" and report["tokens"]["agreement"] == 0.75 and "75.0%" in detail
     # bf16 needs 95% agreement: 3 of 4 tokens is not enough.
     assert token_parity(np.array([[1, 2, 3, 5]]), ref, "bf16")[0] == "failed-parity"
+
+
+def test_compile_runner_refuses_generation() -> None:
+    plan = BenchPlan(("blip-tiny",), task="caption", backends=("compile",), batch_sizes=(1,), seq_len=5, warmup=0,
+                     iters=1, new_tokens=2, random_weights=True, device="cpu")
+    with pytest.raises(UsageError, match="compile runner benchmarks encoder tasks"):
+        run_bench(plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,34 @@ def test_list_json(capsys) -> None:
     assert presets["blip-itm-base-coco"]["tasks"]["itm"] == "BlipForImageTextRetrieval"
 
 
+def test_list_reads_the_backend_registry_and_precision_configs(capsys) -> None:
+    from vlexport.export.backend import backend_names
+    from vlexport.quantize.precision import PRECISIONS
+
+    code, out, _ = _run(capsys, "list", "--json")
+    data = json.loads(out)
+    backends = {b["name"]: b for b in data["backends"]}
+    assert list(backends) == list(backend_names()) and "trt" not in backends
+    assert backends["tensorrt"]["derived_from"] == "onnx"
+    assert backends["tensorrt"]["precisions"] == ["fp32", "fp16", "int8-static"]
+    assert backends["onnx"]["precisions"] == ["fp32"]
+    assert list(data["precisions"]) == list(PRECISIONS)
+    assert data["precisions"]["fp32"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
+
+
+def test_help_advertises_only_verbs_that_exist(capsys) -> None:
+    from vlexport.cli import COMMANDS, build_parser
+
+    verbs = {c.name for c in COMMANDS}
+    for argv in (["--help"], *([v, "--help"] for v in sorted(verbs))):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        mentioned = set(re.findall(r"`vlexport ([a-z][a-z-]*)", text))
+        assert "quantize" not in text, argv  # no verb of that name (yet)
+        assert not mentioned - verbs, argv
+
+
 def test_list_table(capsys) -> None:
     code, out, _ = _run(capsys, "list")
     assert code == 0 and "bridgetower-large-itm-mlm-itc" in out and "blip2-flan-t5-tiny" in out
@@ -42,6 +71,9 @@ def test_list_table(capsys) -> None:
         (["onnx", "altclip-tiny", "--random-weights", "--task", "mlm"], 2, "Supported tasks: features"),
         (["onnx", "bridgetower-tiny", "--random-weights", "--kernels", "flash"], 2, "Unknown kernel"),
         (["validate", "/nonexistent/artifact"], 2, "is not a directory"),
+        # Checked before any work (the exporter silently falls back to 18 below 17: LayerNormalization).
+        (["onnx", "bridgetower-tiny", "--random-weights", "--opset", "7"], 2, "at ONNX opsets 17.."),
+        (["onnx", "bridgetower-tiny", "--random-weights", "--opset", "99"], 2, "at ONNX opsets 17.."),
     ],
 )
 def test_usage_errors(capsys, argv, code: int, message: str) -> None:

@@ -1,4 +1,5 @@
-"""`vlexport trt`: shape profiles everywhere; a clean failure without TensorRT; real builds only where it exists."""
+"""`vlexport tensorrt`: shape profiles everywhere; a clean failure without TensorRT; real builds only where it
+exists."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 
 from vlexport.cli import main
 from vlexport.errors import UsageError
-from vlexport.export.tensorrt import AxisRange, TrtJob, parse_shapes, profile_shapes
+from vlexport.export.tensorrt import AxisRange, parse_shapes, profile_shapes
 from vlexport.manifest import Component, TensorSpec
+from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime.backends import import_tensorrt
 
 
@@ -21,7 +23,9 @@ def test_parse_shapes() -> None:
         with pytest.raises(UsageError, match="--shapes"):
             parse_shapes(bad)
     with pytest.raises(UsageError, match="precision"):
-        TrtJob("x", precision="int4")
+        run_export(ExportJob("bridgetower-tiny", None, backend="tensorrt", precision="int4"))
+    with pytest.raises(UsageError, match="tensorrt backend builds fp32, fp16, int8-static, not bf16"):
+        run_export(ExportJob("bridgetower-tiny", None, backend="tensorrt", precision="bf16"))
 
 
 def test_profile_shapes_fill_dynamic_axes_by_name() -> None:
@@ -45,11 +49,12 @@ def test_trt_without_tensorrt_fails_cleanly(no_tensorrt, tmp_path: Path, capsys)
     with pytest.raises(UsageError, match=r"vlexport\[trt\]"):
         import_tensorrt()
     out = tmp_path / "engine"
-    assert main(["trt", "bridgetower-tiny", "--random-weights", "-o", str(out)]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "TensorRT 10 is not installed" in err and "vlexport[trt]" in err and "Traceback" not in err
-    assert not out.exists()
-    assert main(["bench", "bridgetower-tiny", "--random-weights", "--backends", "eager,trt"]) == 2
+    for verb in ("tensorrt", "trt"):  # `trt`: the verb's earlier name, kept as an alias
+        assert main([verb, "bridgetower-tiny", "--random-weights", "-o", str(out)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "TensorRT 10 is not installed" in err and "vlexport[trt]" in err and "Traceback" not in err
+        assert not out.exists()
+    assert main(["bench", "bridgetower-tiny", "--random-weights", "--backends", "eager,tensorrt"]) == 2
     assert "TensorRT" in capsys.readouterr().err
 
 
@@ -75,7 +80,7 @@ needs_trt = pytest.mark.skipif(not _have_tensorrt(), reason="needs TensorRT 10 a
 @needs_trt
 def test_trt_engine_validates(tmp_path: Path) -> None:
     out = tmp_path / "trt"
-    assert main(["trt", "bridgetower-tiny", "--random-weights", "--task", "itm", "-o", str(out),
+    assert main(["tensorrt", "bridgetower-tiny", "--random-weights", "--task", "itm", "-o", str(out),
                  "--shapes", "batch=1:4:8,sequence=1:16:32"]) == 0
     import json
 

@@ -21,7 +21,7 @@ def test_dual_encoder_from_two_dirs_exports_and_validates(tmp_path: Path, capsys
     assert main(["onnx", str(tmp_path / "dual"), "-o", str(tmp_path / "onnx")]) == 0
     manifest = Manifest.read(tmp_path / "onnx")
     assert manifest.family == "vision-text-dual-encoder" and manifest.weights["kind"] == "local"
-    assert manifest.validation["passed"] is True
+    assert manifest.validation.passed is True
     assert manifest.components["model"].outputs[0].shape == ["batch", 16]
 
 

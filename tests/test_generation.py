@@ -18,8 +18,8 @@ from vlexport.manifest import Manifest
 from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.runtime.generate import Generator
-from vlexport.runtime.generation_check import validate_generation
 from vlexport.validate import raise_on_failure
+from vlexport.validate.generation import validate_generation
 from vlexport.weights import load_model, resolve
 
 CASES = [
@@ -45,12 +45,12 @@ def test_tiny_generative_export_validates_token_exact(exported, preset: str, tas
     out = exported(preset, task)
     manifest = Manifest.read(out)
     v = manifest.validation
-    assert v["passed"] is True, v["failures"]
-    g = v["generation"]
+    assert v.passed is True, v.failures
+    g = v.generation
     assert g["tokens_equal"] and g["samples"] >= 4 and len(g["batch_sizes"]) == 2 and g["num_beams"] == 3
     assert g["new_tokens_compared"] >= 4 * 2 * 2 * 1  # every sample, batch size and mode produced tokens
-    assert v["max_abs_error"]["logits"] < 1e-4
-    assert {c["shape"] for c in v["checks"]} >= {"b1 greedy", "b4 greedy", "b1 beam3", "b4 beam3"}
+    assert v.max_abs_error["logits"] < 1e-4
+    assert {c["shape"] for c in v.checks} >= {"b1 greedy", "b4 greedy", "b1 beam3", "b4 beam3"}
     # One merged decoder (past of length 0 on the first step), every file named in the manifest.
     assert tuple(manifest.components) == components
     for comp in manifest.components.values():
@@ -112,19 +112,19 @@ def test_blip2_prompt_without_image_tokens_is_refused(exported) -> None:
 
 def test_validation_names_sample_step_and_tokens_on_a_broken_cache(exported, monkeypatch) -> None:
     """A decode loop that forgets the cache between steps must fail validation, not pass quietly."""
-    from vlexport.runtime import generate as rg
+    from vlexport.runtime.decoder_session import KVCacheStep
 
     def forgetful_next(self, tokens):
         n = tokens.shape[0]
-        self.past = self.decoder.empty_past(n)  # the cache is dropped: each token is decoded without context
+        self.past = self.session.empty_past(n)  # the cache is dropped: each token is decoded without context
         self.mask = np.ones((n, 1), dtype=np.int64)
         return self._run(tokens.reshape(-1, 1).astype(np.int64), {}, np.zeros((n, 1), dtype=np.int64))
 
-    monkeypatch.setattr(rg._Stepper, "next", forgetful_next)
+    monkeypatch.setattr(KVCacheStep, "next", forgetful_next)
     report = validate_generation(eager("blip-tiny", "caption"), load_artifact(exported("blip-tiny", "caption"),
                                                                               device="cpu"))
-    assert not report["passed"]
-    f = report["failures"][0]
+    assert not report.passed
+    f = report.failures[0]
     assert f["sample"] is not None and f["step"] >= 1 and "artifact" in f["detail"] and "HF generate()" in f["detail"]
     with pytest.raises(ValidationError, match=r"sample \d+: b\d \w+: tokens diverge at step \d+"):
         raise_on_failure(report, "blip-tiny caption")
@@ -171,7 +171,7 @@ def test_external_data_path_of_large_models_on_the_tiny_preset(tmp_path, monkeyp
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "opt-external"
     manifest = run_export(ExportJob("blip2-opt-tiny", out, random_weights=True))
-    assert manifest.validation["passed"] and manifest.validation["generation"]["tokens_equal"]
+    assert manifest.validation.passed and manifest.validation.generation["tokens_equal"]
     for comp in manifest.components.values():
         data = (out / comp.external_data).stat().st_size if comp.external_data else 0
         assert data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes  # tiny tensors stay inline
@@ -210,7 +210,7 @@ def test_local_checkpoint_copies_tokenizer_and_processor_files(tmp_path, capsys)
     out = tmp_path / "artifact"
     manifest = run_export(ExportJob(str(src), out))
     assert manifest.task == "caption" and manifest.weights["kind"] == "local"
-    assert manifest.validation["passed"] and manifest.tokenizer["kind"] == "copied"
+    assert manifest.validation.passed and manifest.tokenizer["kind"] == "copied"
     assert {"tokenizer.json", "preprocessor_config.json"} <= set(manifest.files)
     s = image_settings(out, Manifest.read(out))
     assert s.source == "preprocessor_config.json" and s.std == (0.25, 0.25, 0.25)

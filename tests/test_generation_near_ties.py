@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlexport.runtime.generate import _selection_margin
-from vlexport.runtime.generation_check import _compare, _logits_gate
-from vlexport.validate import TOLERANCES
+from vlexport.quantize.precision import get_precision
+from vlexport.runtime.decode import selection_margin
+from vlexport.validate.generation import compare_case, logits_gate
+
+FP32 = get_precision("fp32").tolerance
 
 RNG = np.random.default_rng(0)
 VOCAB, BEAMS, STEPS = 50, 3, 4
@@ -32,7 +34,7 @@ def _case(swap_at: int | None, noise: float = 1e-5):
 
 def _run(ref, got, seq, margins):
     pairs: list = []
-    checks = _compare("b1 beam3", [0], seq, seq.copy(), 1, ref, got, BEAMS, pairs, margins)
+    checks = compare_case("b1 beam3", [0], seq, seq.copy(), 1, ref, got, BEAMS, pairs, margins)
     return checks, pairs
 
 
@@ -42,7 +44,7 @@ def test_rows_after_a_near_tie_are_not_compared() -> None:
     checks, pairs = _run(ref, got, seq, margins)
     assert [c.near_tie_step for c in checks] == [1]
     assert len(pairs) == 2  # steps 0 and 1: their rows are the same hypotheses in both runs
-    gate = _logits_gate(pairs, TOLERANCES["fp32"])
+    gate = logits_gate(pairs, FP32)
     assert gate[0].passed, gate[0]
 
 
@@ -54,7 +56,7 @@ def test_swapped_rows_without_a_tie_still_fail() -> None:
     # Step 2, the first swapped one, is compared (its error then stops the comparison: nothing after it
     # could be trusted) and fails.
     assert len(pairs) == 3 and [c.near_tie_step for c in checks] == [2]
-    gate = _logits_gate(pairs, TOLERANCES["fp32"])
+    gate = logits_gate(pairs, FP32)
     assert not gate[0].passed and gate[0].max_abs > 0.1
 
 
@@ -65,13 +67,13 @@ def test_a_broken_step_before_the_tie_still_fails() -> None:
     margins = [np.array([1.0]), np.array([0.8]), np.array([1.0]), np.array([1.0])]  # "tie" only by that error
     checks, pairs = _run(ref, got, seq, margins)
     assert len(pairs) == 2
-    assert not _logits_gate(pairs, TOLERANCES["fp32"])[0].passed
+    assert not logits_gate(pairs, FP32)[0].passed
 
 
 def test_selection_margin_is_the_smallest_gap_among_the_ranked_candidates() -> None:
     log_probs = np.full((2, 8), -1e9, dtype=np.float32)
     log_probs[0, :4] = [-1.0, -1.5, -1.50001, -3.0]
     log_probs[1, :4] = [-1.0, -2.0, -3.0, -4.0]
-    m = _selection_margin(log_probs, keep=3)
+    m = selection_margin(log_probs, keep=3)
     assert m[0] < 2e-5  # -1.5 vs -1.50001, less float32 rounding
-    assert abs(m[1] - 1.0) < 1e-5  # beams at _NEG (not opened yet) are never candidates
+    assert abs(m[1] - 1.0) < 1e-5  # beams at decode.NEG (not opened yet) are never candidates

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
-from vlexport.inject import inject
-from vlexport.models import get_family
+from vlexport.inject import Rule, inject
+from vlexport.models import family_for_model_type, get_family
 from vlexport.models.inputs import InputShape
-from vlexport.presets import PRESETS, get_preset
-from vlexport.weights import _sane_init_config, load_model, resolve
+from vlexport.presets import PRESETS
+from vlexport.weights import load_model, resolve
 
 # fp32 tolerance, injected vs eager. The kernels compute the same math in another order (fused
 # softmax, (q*scale)@k instead of (q@k)*scale, SDPA vs explicit matmuls in the reference model): a few
@@ -110,15 +110,21 @@ ENCODER_CASES = [
     for name, p in PRESETS.items()
     if p.is_tiny and not p.family.startswith("blip2")
     for task in p.tasks
-    if task in get_family(p.family).tasks and not get_family(p.family).task(task).generative
+    if not get_family(p.family).task(task).generative
 ]
-# Generative HF classes, built straight from the tiny configs (independent of the export task specs).
+# Generative HF models (BlipForConditionalGeneration, BlipForQuestionAnswering, Blip2ForConditionalGeneration),
+# run with HF generate() rather than through the export components.
 GENERATIVE_CASES = [
-    ("blip-tiny", "BlipForConditionalGeneration"),
-    ("blip-tiny", "BlipForQuestionAnswering"),
-    ("blip2-opt-tiny", "Blip2ForConditionalGeneration"),
-    ("blip2-flan-t5-tiny", "Blip2ForConditionalGeneration"),
+    ("blip-tiny", "caption"),
+    ("blip-tiny", "vqa"),
+    ("blip2-opt-tiny", "generate"),
+    ("blip2-flan-t5-tiny", "generate"),
 ]
+
+
+def rules(model: PreTrainedModel) -> tuple[Rule, ...]:
+    """The injection rules of the model's family, as the pipeline passes them."""
+    return family_for_model_type(model.config.model_type).injection
 
 
 def _encoder_model(preset: str, task: str):
@@ -129,13 +135,10 @@ def _encoder_model(preset: str, task: str):
     return model, spec, component
 
 
-def _hf_model(preset: str, hf_class: str) -> PreTrainedModel:
-    d = get_preset(preset).config_dict()
-    config = _sane_init_config(AutoConfig.for_model(d.pop("model_type"), **d))
-    torch.manual_seed(0)
-    import transformers
-
-    return getattr(transformers, hf_class)(config).eval()
+def _hf_model(preset: str, task: str) -> tuple[PreTrainedModel, str]:
+    """The seeded random-weights model of a generative task and its HF class name."""
+    source = resolve(preset, random_weights=True)
+    return load_model(source, task), source.family.task(task).hf_class_name
 
 
 def _generation_inputs(model: PreTrainedModel, batch: int = 3, text_len: int = 6) -> dict[str, torch.Tensor]:
@@ -183,12 +186,11 @@ def test_expected_counts_for_the_tiny_configs() -> None:
     for (preset, task), want in cases.items():
         model, spec, _ = _encoder_model(preset, task)
         assert expected_modules(model.config, spec.hf_class_name) == want, preset
-    assert expected_modules(_hf_model("blip-tiny", "BlipForQuestionAnswering").config,
-                            "BlipForQuestionAnswering") == {"attention": 10, "bridge": 12}
+    vqa, vqa_class = _hf_model("blip-tiny", "vqa")
+    assert expected_modules(vqa.config, vqa_class) == {"attention": 10, "bridge": 12}
     # vision 2 + Q-Former 2 self + 1 cross + OPT 2 / T5 2 encoder + 2x2 decoder
-    assert expected_modules(_hf_model("blip2-opt-tiny", "Blip2ForConditionalGeneration").config, "") == \
-        {"attention": 7, "bridge": 5}
-    assert expected_modules(_hf_model("blip2-flan-t5-tiny", "Blip2ForConditionalGeneration").config, "") == \
+    assert expected_modules(_hf_model("blip2-opt-tiny", "generate")[0].config, "") == {"attention": 7, "bridge": 5}
+    assert expected_modules(_hf_model("blip2-flan-t5-tiny", "generate")[0].config, "") == \
         {"attention": 11, "bridge": 5}
 
 
@@ -201,7 +203,7 @@ def test_encoder_injection_matches_eager_and_restores(preset: str, task: str) ->
     before = _snapshot(model)
     with torch.no_grad():
         reference = wrapper(*args)
-        with inject(model, attention=True, bridge_norm=True) as handle, OpCalls() as ops:
+        with inject(model, rules(model), attention=True, bridge_norm=True) as handle, OpCalls() as ops:
             injected = wrapper(*args)
         after = wrapper(*args)
 
@@ -216,10 +218,10 @@ def test_encoder_injection_matches_eager_and_restores(preset: str, task: str) ->
         assert torch.equal(ref, again)
 
 
-@pytest.mark.parametrize(("preset", "hf_class"), GENERATIVE_CASES, ids=[f"{p}-{c}" for p, c in GENERATIVE_CASES])
-def test_generative_injection_matches_eager_with_kv_cache(preset: str, hf_class: str) -> None:
+@pytest.mark.parametrize(("preset", "task"), GENERATIVE_CASES, ids=[f"{p}-{t}" for p, t in GENERATIVE_CASES])
+def test_generative_injection_matches_eager_with_kv_cache(preset: str, task: str) -> None:
     """Decoders: causal + padding masks, KV cache (query at the end), cross-attention, T5's position bias."""
-    model = _hf_model(preset, hf_class)
+    model, hf_class = _hf_model(preset, task)
     inputs = _generation_inputs(model)
     forward_inputs = dict(inputs)
     if model.config.model_type == "blip-2" and not model.config.use_decoder_only_language_model:
@@ -230,7 +232,7 @@ def test_generative_injection_matches_eager_with_kv_cache(preset: str, hf_class:
     with torch.no_grad():
         ref_tokens = model.generate(**inputs, **generate)
         ref_logits = None if hf_class == "BlipForQuestionAnswering" else model(**forward_inputs).logits
-        with inject(model) as handle, OpCalls() as ops:
+        with inject(model, rules(model)) as handle, OpCalls() as ops:
             tokens = model.generate(**inputs, **generate)
             logits = None if ref_logits is None else model(**forward_inputs).logits
         after = model.generate(**inputs, **generate)
@@ -254,7 +256,7 @@ def test_injection_really_replaces_and_switches() -> None:
     vision_block = model.bridgetower.vision_model.visual.transformer.resblocks[0]
     link = model.bridgetower.cross_modal_text_link_tower[0]
     text_attention = model.bridgetower.text_model.encoder.layer[0].attention
-    with inject(model) as handle:
+    with inject(model, rules(model)) as handle:
         # hand-rolled attention and bridge blocks: the instance's bound method is no longer the class's
         assert "attention" in vars(vision_block)
         assert "forward" in vars(link) and "forward" in vars(text_attention.output)
@@ -276,7 +278,7 @@ def test_bridgetower_vision_block_key_padding_mask() -> None:
     pad[1, 12:] = pad[2, 5:] = True
     with torch.no_grad():
         ref = block.attention(hidden, pad)
-        with inject(model), OpCalls() as ops:
+        with inject(model, rules(model)), OpCalls() as ops:
             got = block.attention(hidden, pad)
     assert ops.calls["attention"] == 1
     assert_close_fp32(got, ref)
@@ -286,7 +288,8 @@ def test_bridgetower_vision_block_key_padding_mask() -> None:
 def test_one_switch_per_kernel(attention: bool, bridge_norm: bool) -> None:
     model, spec, component = _encoder_model("altclip-tiny", "features")
     inputs = spec.make_inputs(model.config, InputShape(2, 7), 0)
-    with torch.no_grad(), inject(model, attention=attention, bridge_norm=bridge_norm) as handle, OpCalls() as ops:
+    switches = {"attention": attention, "bridge_norm": bridge_norm}
+    with torch.no_grad(), inject(model, rules(model), **switches) as handle, OpCalls() as ops:
         component.build(model)(*(inputs[n] for n in component.inputs))
         assert model.config._attn_implementation == ("vlexport" if attention else "sdpa")
     assert set(handle.counts) == {k for k, on in (("attention", attention), ("bridge", bridge_norm)) if on}
@@ -296,7 +299,7 @@ def test_one_switch_per_kernel(attention: bool, bridge_norm: bool) -> None:
 def test_restore_is_idempotent_and_works_without_with() -> None:
     model, _, _ = _encoder_model("blip-tiny", "itm")
     before = _snapshot(model)
-    handle = inject(model)
+    handle = inject(model, rules(model))
     assert _snapshot(model) != before
     handle.restore()
     handle.restore()
@@ -308,9 +311,9 @@ def test_nested_injection_unwinds_in_order() -> None:
     inputs = spec.make_inputs(model.config, InputShape(2, 5), 0)
     args = [inputs[n] for n in component.inputs]
     before = _snapshot(model)
-    with torch.no_grad(), inject(model, attention=True, bridge_norm=False):
+    with torch.no_grad(), inject(model, rules(model), attention=True, bridge_norm=False):
         inner_before = _snapshot(model)
-        with inject(model, attention=True, bridge_norm=True), OpCalls() as ops:
+        with inject(model, rules(model), attention=True, bridge_norm=True), OpCalls() as ops:
             component.build(model)(*args)
         assert ops.kernel_calls() == expected_calls(model.config, "itm")
         assert _snapshot(model) == inner_before
@@ -320,7 +323,7 @@ def test_nested_injection_unwinds_in_order() -> None:
 def test_restores_even_when_the_body_raises() -> None:
     model, _, _ = _encoder_model("vision-text-dual-encoder-tiny", "features")
     before = _snapshot(model)
-    with pytest.raises(RuntimeError, match="boom"), inject(model):
+    with pytest.raises(RuntimeError, match="boom"), inject(model, rules(model)):
         raise RuntimeError("boom")
     assert _snapshot(model) == before
 
@@ -330,19 +333,28 @@ def test_unknown_layout_is_refused_before_anything_changes() -> None:
     model.bridgetower.cross_modal_image_link_tower[0].link_tower_type = "concat"  # a type the rule does not know
     before = _snapshot(model)
     with pytest.raises(UsageError, match="cross_modal_image_link_tower.0.*concat"):
-        inject(model)
+        inject(model, rules(model))
     assert _snapshot(model) == before
     # without the bridge kernel the link towers are not touched, so attention alone still injects
-    with inject(model, attention=True, bridge_norm=False) as handle:
+    with inject(model, rules(model), attention=True, bridge_norm=False) as handle:
         assert handle.counts == {"attention": 12}
 
 
-def test_unsupported_model_type_is_a_usage_error() -> None:
+def test_no_rules_is_a_usage_error() -> None:
     from transformers import BertConfig, BertModel
 
-    with pytest.raises(UsageError, match="model_type 'bert'"):
+    with pytest.raises(UsageError, match="no injection rules for model_type 'bert'"):
         inject(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=37)))
+                                    intermediate_size=37)), ())
+
+
+def test_every_family_declares_rules_and_inject_knows_no_family() -> None:
+    # Family knowledge lives in the family modules: inject.py must not import them (models -> inject only).
+    script = "import sys, vlexport.inject; print(sorted(m for m in sys.modules if m.startswith('vlexport.models')))"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]"
+    for name in {p.family for p in PRESETS.values()}:
+        assert get_family(name).injection, name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,7 +367,7 @@ def test_output_attentions_falls_back_to_materialised_probabilities() -> None:
     inputs = spec.make_inputs(model.config, InputShape(2, 7), 0)
     with torch.no_grad():
         ref = model(**inputs, output_attentions=True)
-        with inject(model), OpCalls() as ops:
+        with inject(model, rules(model)), OpCalls() as ops:
             got = model(**inputs, output_attentions=True)
             plain = model(**inputs)  # the flag is per call: the next call is fused again
     assert ops.calls["attention"] == expected_calls(model.config, "features")["attention"]  # only `plain`
@@ -376,7 +388,7 @@ def test_training_mode_runs_the_original_code() -> None:
     args = [inputs[n] for n in component.inputs]
     torch.manual_seed(1)
     ref = wrapper(*args)
-    with inject(model), OpCalls() as ops:
+    with inject(model, rules(model)), OpCalls() as ops:
         torch.manual_seed(1)
         got = wrapper(*args)
     assert sum(ops.calls.values()) == 0
@@ -406,7 +418,7 @@ def test_triton_interpreter_path_matches_eager() -> None:
         args = [inputs[n] for n in component.inputs]
         with torch.no_grad():
             ref = wrapper(*args)[0]
-            with vlexport_kernels.use_backend("triton"), inject(model):
+            with vlexport_kernels.use_backend("triton"), inject(model, source.family.injection):
                 got = wrapper(*args)[0]
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         print("max abs", (got - ref).abs().max().item())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,41 @@ def test_preset_tasks_are_declared_by_family(name: str) -> None:
     assert set(preset.tasks) <= set(family.tasks), set(preset.tasks) - set(family.tasks)
 
 
-def test_every_tiny_generative_task_has_an_export_test() -> None:
-    # Encoder tasks are parametrised over PRESETS in test_export_onnx.py; generative ones have their own
-    # modules, which must name each tiny preset (optimum's test_all_models_tested, in spirit).
-    text = "\n".join(p.read_text() for p in TESTS.glob("test_generation*.py"))
-    for name, preset in PRESETS.items():
-        family = get_family(preset.family)
-        for task in preset.tasks:
-            if preset.is_tiny and family.task(task).generative:
-                assert re.search(rf"[\"']{re.escape(name)}[\"']", text) and task in text, (name, task)
+# The export test each tiny (preset, task) must have: generative tasks in test_generation.py, the others in
+# test_export_onnx.py (optimum's test_all_models_tested, in spirit).
+EXPORT_TESTS = {
+    True: ("test_generation.py", "test_tiny_generative_export_validates_token_exact"),
+    False: ("test_export_onnx.py", "test_tiny_export_validates_against_eager"),
+}
+
+
+def tiny_tasks(generative: bool) -> set[tuple[str, str]]:
+    return {(name, task) for name, p in PRESETS.items() if p.is_tiny for task in p.tasks
+            if get_family(p.family).task(task).generative == generative}
+
+
+def collected_export_cases(request: pytest.FixtureRequest, module: str, function: str) -> set[tuple[str, str]]:
+    """(preset, task) of every test item pytest itself collects for ``function`` in ``module``.
+
+    pytest's collection, not the source text or a list beside the test: a case counts only when a test item
+    with those parameters exists and exports (requests the ``exported`` fixture).
+    """
+    stack: list[pytest.Item | pytest.Collector] = [pytest.Module.from_parent(request.session, path=TESTS / module)]
+    cases: set[tuple[str, str]] = set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, pytest.Collector):
+            stack.extend(node.collect())
+        elif isinstance(node, pytest.Function) and node.originalname == function and "exported" in node.fixturenames:
+            params = node.callspec.params if hasattr(node, "callspec") else {}
+            cases.add((params.get("preset"), params.get("task")))
+    return cases
+
+
+@pytest.mark.parametrize("generative", [True, False], ids=["generative", "encoder"])
+def test_every_tiny_task_has_an_export_test(request: pytest.FixtureRequest, generative: bool) -> None:
+    module, function = EXPORT_TESTS[generative]
+    wanted = tiny_tasks(generative)
+    assert wanted, "no tiny preset declares such a task: the check would be vacuous"
+    missing = wanted - collected_export_cases(request, module, function)
+    assert not missing, f"{module}::{function} collects no export test for {sorted(missing)}"

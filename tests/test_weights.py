@@ -10,6 +10,7 @@ import torch
 from transformers import BridgeTowerConfig, BridgeTowerForImageAndTextRetrieval
 
 from vlexport.errors import CheckError, UsageError
+from vlexport.models.inputs import InputShape
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.weights import check_safetensors, load_model, resolve
 
@@ -44,7 +45,7 @@ def test_local_dir_of_unusual_size_exports_and_validates(tmp_path: Path) -> None
     _save_tiny(tmp_path / "m", link_tower_type="scaled_add")
     manifest = run_export(ExportJob(str(tmp_path / "m"), tmp_path / "out", task="itm"))
     assert manifest.weights["kind"] == "local"
-    assert manifest.validation["passed"] is True
+    assert manifest.validation.passed is True
     assert manifest.image_size == 48
     assert manifest.components["model"].inputs[2].shape == ["batch", 3, 48, 48]
 
@@ -59,15 +60,28 @@ def test_random_weights_are_seeded_and_not_degenerate() -> None:
     assert 0.005 < wa.std().item() < 0.1
 
 
-def test_random_weights_fix_blip_tiny_initializer_range() -> None:
-    from vlexport.presets import get_preset
+def test_random_weights_replace_a_degenerate_initializer_range() -> None:
+    # BLIP's vision config defaults to initializer_range=1e-10 (the full-size BLIP-2 presets ship it): weights
+    # that small make every activation ~0 (measured: vision output std 8e-7), so random weights use 0.02.
+    source = resolve("blip-tiny", random_weights=True)
+    source.config.vision_config.initializer_range = 1e-10
+    model = load_model(source, "itm")
+    assert model.config.vision_config.initializer_range == 0.02
+    assert source.config.vision_config.initializer_range == 1e-10  # the model gets a copy; the source is as given
+    assert 0.005 < model.vision_model.embeddings.patch_embedding.weight.std().item() < 0.1
+    inputs = source.family.task("itm").make_inputs(model.config, InputShape(2, 5), 0)
+    with torch.no_grad():
+        image = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+    assert image.std().item() > 0.1
 
-    d = get_preset("blip-tiny").config_dict()
-    d["vision_config"]["initializer_range"] = 1e-10  # the upstream default
-    from vlexport.weights import _config_from_dict, _sane_init_config
 
-    fixed = _sane_init_config(_config_from_dict(d, where="test"))
-    assert fixed.vision_config.initializer_range == 0.02
+def test_random_weights_untie_flan_t5_head() -> None:
+    # The family's random_init (BLIP-2): T5 v1.1 gets its own LM head at std d_model**-0.5, as checkpoints have it.
+    lm = load_model(resolve("blip2-flan-t5-tiny", random_weights=True), "generate").language_model
+    assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr() and not lm.config.tie_word_embeddings
+    assert lm.lm_head.weight.std().item() == pytest.approx(lm.config.d_model ** -0.5, rel=0.1)
+    opt = load_model(resolve("blip2-opt-tiny", random_weights=True), "generate").language_model
+    assert opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()  # OPT: tied, untouched
 
 
 def test_no_weights_names_three_ways_out(monkeypatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VlexportError(Exception):
     """Base class: a message written for the user, one paragraph, saying what to do."""
@@ -24,6 +26,6 @@ class CheckError(VlexportError):
 class ValidationError(CheckError):
     """An artifact's outputs differ from the eager reference beyond tolerance (carries the report)."""
 
-    def __init__(self, message: str, report: dict | None = None):
+    def __init__(self, message: str, report: Any = None):
         super().__init__(message)
-        self.report = report or {}
+        self.report = report  # manifest.ValidationReport

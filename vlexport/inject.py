@@ -1,14 +1,16 @@
 """Swap a loaded model's attention and bridge (add + LayerNorm) layers for ``vlexport_kernels``, reversibly.
 
-``inject(model, attention=True, bridge_norm=True)`` returns an :class:`Injection` handle, usable as a
-context manager; leaving it (or ``handle.restore()``) puts back exactly what was changed.
+``inject(model, family.injection, attention=True, bridge_norm=True)`` returns an :class:`Injection` handle,
+usable as a context manager; leaving it (or ``handle.restore()``) puts back exactly what was changed.
 
-One mechanism, family parts as data:
+One mechanism here, family parts as data in the family modules:
 
 * :class:`_Patches` sets attributes and remembers what was there (an instance's bound method, a
   config's attention implementation); ``restore`` undoes them in reverse order. Nothing is patched
   on a class, so other instances (the eager reference that validation compares with) are untouched.
-* :data:`FAMILY_RULES` lists, per family, which module classes change and how (:class:`Rule`).
+* Each family declares which module classes change and how (``FamilySpec.injection``, a tuple of
+  :class:`Rule`), built from :func:`interface`, :func:`post_norm` and its own replacement forwards.
+  This module never imports ``vlexport.models`` (the family modules import it).
 
 Attention reaches the kernel in one of two ways:
 
@@ -18,7 +20,8 @@ Attention reaches the kernel in one of two ways:
   the model to it. Its masks are HF's eager masks (additive float, materialised), so the kernel sees
   exactly what eager attention sees: the mask is the authority on padding and causality.
 * ``forward``: modules that hand-roll ``softmax(QK^T)V`` (BLIP vision and text, BridgeTower's vision
-  ``nn.MultiheadAttention``) get a replacement method computing q/k/v with the module's own weights.
+  ``nn.MultiheadAttention``) get a replacement method computing q/k/v with the module's own weights,
+  written in their family module with :func:`kernel_attention`.
 
 Bridge norm replaces post-norm ``LayerNorm(dropout(dense(h)) + input)`` blocks (BERT-style SelfOutput /
 Output of the text encoders and Q-Former) and BridgeTower's link towers with ``add_layer_norm``.
@@ -31,7 +34,7 @@ code (eager attention, dropout and all), so results stay correct and the fused p
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,12 +136,12 @@ def _attentions_requested() -> bool:
     return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
 
 
-def _use_original(module: nn.Module) -> bool:
+def use_original(module: nn.Module) -> bool:
     """Training (dropout on probabilities, autograd) and requested attentions need the original code path."""
     return module.training or _attentions_requested()
 
 
-def _additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """An HF attention mask as an additive float bias: float masks as they are, boolean (True = attend) to 0/min.
 
     HF 5.x sizes masks to the keys (cache-aware), so they are used as given, like its eager attention does.
@@ -176,7 +179,7 @@ def _eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     if position_bias is not None:
         scores = scores + position_bias
-    bias = _additive_bias(attention_mask, scores.dtype)
+    bias = additive_bias(attention_mask, scores.dtype)
     if bias is not None:
         scores = scores + bias
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -194,9 +197,9 @@ def vlexport_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     is honoured only when passed explicitly with no mask; modules' own ``is_causal`` attribute is not
     trusted: BridgeTower's cross-modal self-attention sets it although its eager reference is bidirectional.
     """
-    if _use_original(module) or kwargs.get("output_attentions"):
+    if use_original(module) or kwargs.get("output_attentions"):
         return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, position_bias)
-    bias = _additive_bias(attention_mask, query.dtype)
+    bias = additive_bias(attention_mask, query.dtype)
     if position_bias is not None:  # T5: relative position bias (1, H, Sq, Sk), added before the mask as in eager
         bias = position_bias if bias is None else position_bias + bias
     causal = bool(is_causal) and bias is None and query.shape[-2] > 1
@@ -212,108 +215,7 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Replacement methods for modules that do not go through the attention interface.
-# Each takes (module, original, *args) where ``original`` is the bound method it replaces.
-
-
-def _blip_vision_attention(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BlipAttention: fused qkv projection, no mask."""
-    if _use_original(self):
-        return original(hidden_states, **kwargs)
-    bsz, tgt_len, embed_dim = hidden_states.shape
-    qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, embed_dim // self.num_heads)
-    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    out = kernel_attention(query, key, value, bias=None, scale=self.scale)
-    return self.projection(out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)), None
-
-
-def _blip_text_attention(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None,
-                         encoder_hidden_states: torch.Tensor | None = None,
-                         encoder_attention_mask: torch.Tensor | None = None,
-                         past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BlipTextSelfAttention (self and cross, with its KV cache): the HF code up to the scores, then the kernel."""
-    # transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (the old name is deprecated).
-    if past_key_values is None:
-        past_key_values = kwargs.pop("cache", None)
-    if _use_original(self):
-        return original(hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
-                        encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values, **kwargs)
-    from transformers.cache_utils import EncoderDecoderCache
-
-    input_shape = hidden_states.shape[:-1]
-    query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
-    is_cross = encoder_hidden_states is not None
-    attention_mask = encoder_attention_mask if is_cross else attention_mask
-    is_updated, cache = False, past_key_values
-    if isinstance(past_key_values, EncoderDecoderCache):
-        is_updated = past_key_values.is_updated.get(self.layer_idx)
-        cache = past_key_values.cross_attention_cache if is_cross else past_key_values.self_attention_cache
-    current = encoder_hidden_states if is_cross else hidden_states
-    if is_cross and past_key_values is not None and is_updated:
-        key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
-    else:
-        kv_shape = (*current.shape[:-1], -1, self.attention_head_size)
-        key = self.key(current).view(kv_shape).transpose(1, 2)
-        value = self.value(current).view(kv_shape).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-            if is_cross and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[self.layer_idx] = True
-    bias = _additive_bias(attention_mask, query.dtype)
-    out = kernel_attention(query, key, value, bias=bias, scale=self.attention_head_size ** -0.5)
-    return out.transpose(1, 2).reshape(*input_shape, self.all_head_size), None
-
-
-def _residual_block_attention(self: nn.Module, original: Callable, hidden_state: torch.Tensor,
-                              attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """BridgeTowerResidualAttention.attention: nn.MultiheadAttention on (L, B, E), key padding mask True = pad."""
-    mha: nn.MultiheadAttention = self.attn
-    if _use_original(self):
-        return original(hidden_state, attention_mask)
-    seq, bsz, embed = hidden_state.shape
-    heads = mha.num_heads
-    qkv = nn.functional.linear(hidden_state, mha.in_proj_weight, mha.in_proj_bias)
-    query, key, value = qkv.view(seq, bsz, 3, heads, embed // heads).permute(2, 1, 3, 0, 4).unbind(0)
-    bias = None
-    if self.attn_mask is not None:  # (L, L): bool True = masked, or additive float
-        m = self.attn_mask
-        bias = _additive_bias(~m if m.dtype == torch.bool else m, query.dtype)
-    keep = None if attention_mask is None else ~attention_mask.to(torch.bool)  # the kernel's mask: 1 = keep
-    out = kernel_attention(query, key, value, bias=bias, scale=(embed // heads) ** -0.5, key_padding_mask=keep)
-    return mha.out_proj(out.permute(2, 0, 1, 3).reshape(seq, bsz, embed))
-
-
-# Bridge norm
-
-
-def _dense_add_norm(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                    input_tensor: torch.Tensor) -> torch.Tensor:
-    """BERT-style SelfOutput/Output: LayerNorm(dropout(dense(h)) + input) -> add_layer_norm."""
-    if self.training:
-        return original(hidden_states, input_tensor)
-    ln = self.LayerNorm
-    x = self.dropout(self.dense(hidden_states))
-    return _kernels().add_layer_norm(x, input_tensor, ln.weight, ln.bias, ln.eps)
-
-
-def _link_tower(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                cross_modal_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """BridgeTowerLinkTower: LayerNorm(a + b) for add / scaled_add / interpolate, the scaling kept as in eager."""
-    if self.training:
-        return original(hidden_states, cross_modal_hidden_states, attention_mask)
-    x, residual = hidden_states, cross_modal_hidden_states
-    if self.link_tower_type == "scaled_add":
-        x = hidden_states * self.scaled_factor
-    elif self.link_tower_type == "interpolate":
-        x, residual = hidden_states * (1 - self.beta), cross_modal_hidden_states * self.beta
-    ln = self.LayerNorm
-    return _kernels().add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Declarative per-family rules
+# Rules: what a family declares (FamilySpec.injection)
 
 
 @dataclass(frozen=True)
@@ -321,7 +223,8 @@ class Rule:
     """Module classes (``<transformers.models sub-path>.<Class>``) that one kernel takes over, and how.
 
     ``replacement`` None: the classes call ALL_ATTENTION_FUNCTIONS, so switching their config routes them.
-    Otherwise ``method`` of every instance is replaced by ``replacement(module, original, *args)``.
+    Otherwise ``method`` of every instance is replaced by ``replacement(module, original, *args)``, where
+    ``original`` is the bound method it replaces (the fallback for training / requested attentions).
     ``check`` returns why a module cannot be taken over (a layout the replacement does not know), or None.
     """
 
@@ -332,81 +235,58 @@ class Rule:
     check: Callable[[nn.Module], str | None] = lambda module: None
 
 
-def _check_layer_norm(ln: nn.Module) -> str | None:
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+    """``ln(x + residual)`` through ``torch.ops.vlexport.add_layer_norm``."""
+    return _kernels().add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps)
+
+
+def check_layer_norm(ln: nn.Module) -> str | None:
     if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1 or ln.weight is None or ln.bias is None:
         return "expected a LayerNorm over the last dim with weight and bias"
     return None
+
+
+def _dense_add_norm(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
+                    input_tensor: torch.Tensor) -> torch.Tensor:
+    """BERT-style SelfOutput/Output: LayerNorm(dropout(dense(h)) + input) -> add_layer_norm."""
+    if self.training:
+        return original(hidden_states, input_tensor)
+    return add_layer_norm(self.dropout(self.dense(hidden_states)), input_tensor, self.LayerNorm)
 
 
 def _check_post_norm(module: nn.Module) -> str | None:
     if not (isinstance(getattr(module, "dense", None), nn.Linear)
             and isinstance(getattr(module, "dropout", None), nn.Dropout)):
         return "expected dense (Linear), dropout and LayerNorm submodules"
-    return _check_layer_norm(getattr(module, "LayerNorm", None))
+    return check_layer_norm(getattr(module, "LayerNorm", None))
 
 
-def _check_link_tower(module: nn.Module) -> str | None:
-    if module.link_tower_type not in ("add", "scaled_add", "interpolate"):
-        return f"link_tower_type {module.link_tower_type!r}"
-    return _check_layer_norm(module.LayerNorm)
-
-
-def _check_mha(module: nn.Module) -> str | None:
-    mha = module.attn
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn or mha.batch_first:
-        return "expected nn.MultiheadAttention with packed in_proj, no bias_k/zero_attn, sequence-first"
-    return None
-
-
-def _interface(*classes: str) -> Rule:
+def interface(*classes: str) -> Rule:
+    """Attention modules that call ALL_ATTENTION_FUNCTIONS: routed by switching their configs."""
     return Rule("attention", classes)
 
 
-def _post_norm(*classes: str) -> Rule:
+def post_norm(*classes: str) -> Rule:
+    """BERT-style ``LayerNorm(dropout(dense(h)) + input)`` blocks (dense, dropout, LayerNorm submodules)."""
     return Rule("bridge", classes, _dense_add_norm, check=_check_post_norm)
 
 
 # Encoders a VisionTextDualEncoder is usually built from (and that other families reuse).
-_BERT_LIKE = (
-    _interface("bert.modeling_bert.BertSelfAttention", "bert.modeling_bert.BertCrossAttention",
-               "roberta.modeling_roberta.RobertaSelfAttention", "roberta.modeling_roberta.RobertaCrossAttention",
-               "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfAttention",
-               "xlm_roberta.modeling_xlm_roberta.XLMRobertaCrossAttention"),
-    _post_norm("bert.modeling_bert.BertSelfOutput", "bert.modeling_bert.BertOutput",
-               "roberta.modeling_roberta.RobertaSelfOutput", "roberta.modeling_roberta.RobertaOutput",
-               "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfOutput",
-               "xlm_roberta.modeling_xlm_roberta.XLMRobertaOutput"),
+BERT_LIKE = (
+    interface("bert.modeling_bert.BertSelfAttention", "bert.modeling_bert.BertCrossAttention",
+              "roberta.modeling_roberta.RobertaSelfAttention", "roberta.modeling_roberta.RobertaCrossAttention",
+              "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfAttention",
+              "xlm_roberta.modeling_xlm_roberta.XLMRobertaCrossAttention"),
+    post_norm("bert.modeling_bert.BertSelfOutput", "bert.modeling_bert.BertOutput",
+              "roberta.modeling_roberta.RobertaSelfOutput", "roberta.modeling_roberta.RobertaOutput",
+              "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfOutput",
+              "xlm_roberta.modeling_xlm_roberta.XLMRobertaOutput"),
 )
-_VIT_LIKE = (_interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),)  # pre-norm: no bridge
+VIT_LIKE = (interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),)  # pre-norm: no bridge
 
-# Keyed by config.model_type (BLIP-2's is "blip-2").
-FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
-    "bridgetower": (
-        _interface("bridgetower.modeling_bridgetower.BridgeTowerSelfAttention",
-                   "bridgetower.modeling_bridgetower.BridgeTowerCrossAttention"),
-        Rule("attention", ("bridgetower.modeling_bridgetower.BridgeTowerResidualAttention",),
-             _residual_block_attention, method="attention", check=_check_mha),
-        _post_norm("bridgetower.modeling_bridgetower.BridgeTowerSelfOutput",
-                   "bridgetower.modeling_bridgetower.BridgeTowerOutput"),
-        Rule("bridge", ("bridgetower.modeling_bridgetower.BridgeTowerLinkTower",), _link_tower,
-             check=_check_link_tower),
-    ),
-    "blip": (
-        Rule("attention", ("blip.modeling_blip.BlipAttention",), _blip_vision_attention),
-        Rule("attention", ("blip.modeling_blip_text.BlipTextSelfAttention",), _blip_text_attention),
-        _post_norm("blip.modeling_blip_text.BlipTextSelfOutput", "blip.modeling_blip_text.BlipTextOutput"),
-    ),
-    "blip-2": (
-        _interface("blip_2.modeling_blip_2.Blip2Attention", "blip_2.modeling_blip_2.Blip2QFormerMultiHeadAttention",
-                   "opt.modeling_opt.OPTAttention", "t5.modeling_t5.T5Attention"),
-        _post_norm("blip_2.modeling_blip_2.Blip2QFormerSelfOutput", "blip_2.modeling_blip_2.Blip2QFormerOutput"),
-    ),
-    "altclip": (
-        _interface("altclip.modeling_altclip.AltRobertaSelfAttention", "altclip.modeling_altclip.AltCLIPAttention"),
-        _post_norm("altclip.modeling_altclip.AltRobertaSelfOutput", "altclip.modeling_altclip.AltRobertaOutput"),
-    ),
-    "vision-text-dual-encoder": (*_BERT_LIKE, *_VIT_LIKE),
-}
+
+# ----------------------------------------------------------------------------------------------------------
+# Injection
 
 
 def _class_key(module: nn.Module) -> str:
@@ -430,20 +310,21 @@ def _configs(model: nn.Module) -> Iterator[PretrainedConfig]:
                     if isinstance(getattr(config, key, None), PretrainedConfig))
 
 
-def inject(model: PreTrainedModel, attention: bool = True, bridge_norm: bool = True) -> Injection:
-    """Route ``model``'s attention and bridge layers through vlexport_kernels; returns a handle that restores.
+def inject(model: PreTrainedModel, rules: Sequence[Rule], *, attention: bool = True,
+           bridge_norm: bool = True) -> Injection:
+    """Route ``model``'s attention and bridge layers through vlexport_kernels as ``rules`` (its family's
+    ``FamilySpec.injection``) say; returns a handle that restores.
 
     Checks every module before changing any, so a layout it does not know leaves the model untouched.
     """
-    model_type = model.config.model_type
-    if model_type not in FAMILY_RULES:
-        raise UsageError(f"--kernels: no injection rules for model_type {model_type!r}; vlexport injects into "
-                         f"{', '.join(sorted(FAMILY_RULES))}.")
+    if not rules:
+        raise UsageError(f"--kernels: no injection rules for model_type {model.config.model_type!r}: its family "
+                         "declares none. Export without --kernels.")
     wanted = {"attention": attention, "bridge": bridge_norm}
-    rules = {cls: rule for rule in FAMILY_RULES[model_type] if wanted[rule.kernel] for cls in rule.classes}
+    by_class = {cls: rule for rule in rules if wanted[rule.kernel] for cls in rule.classes}
     plan: list[tuple[str, nn.Module, Rule]] = []
     for name, module in model.named_modules():
-        rule = rules.get(_class_key(module))
+        rule = by_class.get(_class_key(module))
         if rule is None:
             continue
         problem = rule.check(module)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ class Component:
     outputs: list[TensorSpec]
     external_data: str | None = None  # relative path of the external-data file, when there is one
     size_bytes: int = 0
+    opset: int | None = None  # ONNX files: the default-domain opset the graph declares (read off the file)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Component:
@@ -44,13 +45,70 @@ class Component:
         d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
         return cls(**d)
 
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass
+class ValidationReport:
+    """What validation found, as the manifest stores it (written by vlexport.validate, read by everyone else).
+
+    ``checks`` / ``failures`` hold one dict per check (validate's OutputCheck / TokenCheck, serialised):
+    per output and shape for encoders, per sample and decode mode for generation.
+    """
+
+    passed: bool | None  # None: validation was skipped (--no-validate)
+    reference: str = ""
+    precision: str = ""
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    shapes: list[str] = field(default_factory=list)
+    max_abs_error: dict[str, float] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    summary: str = ""
+    generation: dict[str, Any] | None = None  # generative tasks: samples, modes, tokens compared, margins
+
+    @property
+    def skipped(self) -> bool:
+        return self.passed is None
+
+    @property
+    def verdict(self) -> str:
+        return "skipped" if self.skipped else ("passed" if self.passed else "FAILED")
+
+    @classmethod
+    def skipped_report(cls) -> ValidationReport:
+        return cls(passed=None, summary="validation skipped (--no-validate)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidationReport:
+        if d.get("skipped"):  # manifests written before this class
+            return cls.skipped_report()
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def failure_lines(self, limit: int = 8) -> list[str]:
+        """One line per failed check, for the error a miss raises."""
+        lines = []
+        for f in self.failures[:limit]:
+            if f.get("step") is not None or f.get("output") == "tokens":  # generation mismatch
+                lines.append(f"  sample {f.get('sample')}: {f.get('detail')}")
+                continue
+            err = ", ".join(f"{k}={f[k]:.3g}" for k in ("max_abs", "max_rel", "cosine", "agreement")
+                            if f.get(k) is not None)
+            lines.append(f"  {f['output']} @ {f['shape']}: {f['kind']} ({err}) limit {f.get('limit') or '-'} "
+                         f"{f.get('detail', '')}")
+        if len(self.failures) > limit:
+            lines.append(f"  ... and {len(self.failures) - limit} more")
+        return lines
+
 
 @dataclass
 class Manifest:
     family: str
     task: str
     hf_class: str
-    backend: str  # onnx | aoti | tensorrt
+    backend: str  # a registered backend name (export/backend.py): onnx | onnx-opt | aoti | tensorrt | ...
     precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static | int8-weight
     source: dict[str, Any]  # {"preset": ..., "path": ..., "checkpoint": ...}
     weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
@@ -62,7 +120,8 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)  # {"kind": "copied"|"placeholder", ...}
     generation: dict[str, Any] = field(default_factory=dict)  # generation settings for generative tasks
     derived_from: dict[str, Any] | None = None  # for quantized / converted artifacts: the parent's identity
-    validation: dict[str, Any] = field(default_factory=dict)
+    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op counts (onnx-opt)
+    validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -97,8 +156,12 @@ class Manifest:
             raise CheckError(f"{path} has schema {d.get('schema')!r}, expected {SCHEMA!r}; export it again.")
         try:
             d["components"] = {k: Component.from_dict(v) for k, v in d["components"].items()}
+            validation = d.get("validation") or None
+            if validation is not None and "fused_ops" in validation:  # written before the fused_ops field
+                d.setdefault("fused_ops", validation["fused_ops"])
+            d["validation"] = ValidationReport.from_dict(validation) if validation is not None else None
             manifest = cls(**d)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise CheckError(f"{path} does not match schema {SCHEMA} ({e}); export it again.") from None
         manifest.check_files(directory)
         return manifest

@@ -1,84 +1,105 @@
-"""The export flow of DESIGN.md: resolve -> load eager -> (inject) -> export components -> validate -> commit.
+"""The one orchestrator: resolve -> load eager -> (inject) -> export or derive components -> validate -> commit.
 
-One spec dataclass in (``ExportJob``), one manifest out. The directory appears only when every
-component exported and validation passed; otherwise nothing is left behind.
+One spec dataclass in (:class:`ExportJob`), one manifest out, for every backend in the registry
+(export/backend.py). A base backend exports each component from the eager model; a derived backend is
+built from a parent artifact, which this module exports first (into a scratch directory) when the user
+gave a model rather than an artifact. The output directory appears only when every component was
+written and validation passed; otherwise nothing is left behind (artifact.staged_dir).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from vlexport.artifact import check_output_dir, staged_dir
 from vlexport.errors import UsageError
-from vlexport.export.onnx import DEFAULT_OPSET, describe, export_component
-from vlexport.manifest import Component, Manifest
-from vlexport.models.base import ComponentSpec
+from vlexport.export.backend import (
+    KERNEL_NAMES,
+    Backend,
+    DeriveContext,
+    ExportJob,
+    Progress,
+    backend_options,
+    backend_precisions,
+    get_backend,
+)
+from vlexport.manifest import Component, Manifest, ValidationReport
+from vlexport.models.base import FamilySpec, TaskSpec
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
+from vlexport.quantize.precision import get_precision
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
 from vlexport.validate import eager_references, raise_on_failure
-from vlexport.weights import ModelSource, load_model, resolve
+from vlexport.weights import ModelSource, load_model, resolve, source_from_manifest
 
-KERNEL_NAMES = ("attention", "bridge")
-Progress = Callable[[str], None]
+__all__ = ["KERNEL_NAMES", "ExportJob", "Progress", "injected", "run_export"]
 
 
-@dataclass(frozen=True)
-class ComponentExporter:
-    """How one component becomes a file in the staging dir; the rest of the flow is shared by every backend.
+def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
+               model: PreTrainedModel | None = None) -> Manifest:
+    """Build ``job`` with its backend and validate it against eager.
 
-    ``export(module, spec, example, directory, translation_table) -> Component``. ONNX is the default;
-    export/compile.py supplies the AOTInductor one.
+    ``model``: the already-loaded eager model of ``job.model`` / ``job.task`` (the benchmark harness holds
+    one; loading full-size weights twice costs seconds). A model passed in is the caller's: it is not
+    dropped before the artifact loads.
     """
+    backend = _checked(job)
+    if backend.parent is None:
+        return _export(job, backend, progress, _Eager(model))
+    return _derive(job, backend, progress, _Eager(model))
 
-    backend: str  # manifest backend: onnx | aoti
-    export: Callable[[nn.Module, ComponentSpec, Mapping[str, torch.Tensor], Path, Mapping[Any, Any]], Component]
 
-
-def onnx_exporter(opset: int = DEFAULT_OPSET) -> ComponentExporter:
-    def export(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], directory: Path,
-               translation_table: Mapping[Any, Any]) -> Component:
-        return export_component(module, spec, example, directory / f"{spec.name}.onnx", opset=opset,
-                                translation_table=translation_table)
-
-    return ComponentExporter("onnx", export)
+def _checked(job: ExportJob) -> Backend:
+    """Every option checked before minutes of work: backend, precision, backend options."""
+    backend = get_backend(job.backend)
+    job.backend = backend.name
+    precision = get_precision(job.precision)
+    job.precision = precision.name
+    builds = backend_precisions(backend)
+    if precision.name not in builds:
+        raise UsageError(f"The {backend.name} backend builds {', '.join(builds) or 'no precision'}, "
+                         f"not {precision.name}.")
+    allowed = backend_options(backend)
+    unknown = sorted(set(job.options) - set(allowed))
+    if unknown:
+        raise UsageError(f"Option(s) {unknown} do not apply to the {backend.name} backend "
+                         f"(it takes {', '.join(allowed) or 'none'}).")
+    job.options = {**allowed, **{k: v for k, v in job.options.items() if v is not None}}
+    backend.check(job)
+    return backend
 
 
 @dataclass
-class ExportJob:
-    model: str
-    output: Path | None  # None: ./<model>-<task>-onnx
-    task: str | None = None
-    precision: str = "fp32"
-    random_weights: bool = False
-    seed: int = 0
-    optimize: bool = False
-    kernels: tuple[str, ...] = ()
-    force: bool = False
-    opset: int = DEFAULT_OPSET
-    validate: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
+class _Eager:
+    """The eager model, and whether this export owns it (and may drop it before the artifact loads)."""
+
+    model: PreTrainedModel | None
+    owned: bool = False
 
     def __post_init__(self) -> None:
-        self.output = Path(self.output) if self.output is not None else None
-        unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
-        if unknown:
-            raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
-        if self.precision != "fp32":
-            raise UsageError(
-                f"`vlexport onnx` exports fp32 graphs; got --precision {self.precision}. Convert the fp32 artifact "
-                "afterwards with `vlexport quantize DIR -o OUT --precision fp16|bf16|int8-dynamic|int8-static`."
-            )
+        self.owned = self.model is None
+
+    def load(self, source: ModelSource, task: str, job: ExportJob, progress: Progress) -> PreTrainedModel:
+        if self.model is None:
+            with _timed(job, "load", progress):
+                self.model = load_model(source, task)
+        return self.model
+
+    def release(self) -> None:
+        """Eager and artifact weights are never in memory together (validate.eager_references)."""
+        if self.owned:
+            self.model = None
+            gc.collect()
 
 
 @contextlib.contextmanager
@@ -86,94 +107,61 @@ def _timed(job: ExportJob, stage: str, progress: Progress) -> Iterator[None]:
     progress(f"{stage}...")
     start = time.perf_counter()
     yield
-    job.timings[stage] = round(time.perf_counter() - start, 3)
+    job.timings[stage] = round(job.timings.get(stage, 0.0) + time.perf_counter() - start, 3)
 
 
 @contextlib.contextmanager
-def injected(model: PreTrainedModel, kernels: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     """Swap in our kernels for the duration of the export; yields the exporter's translation table."""
     if not kernels:
         yield {"translation_table": {}, "replaced": {}}
         return
-    from vlexport.inject import inject
     from vlexport_kernels import onnx_translation_table
 
-    with inject(model, attention="attention" in kernels, bridge_norm="bridge" in kernels) as handle:
-        yield {"translation_table": onnx_translation_table(), "replaced": handle.counts}
+    from vlexport.inject import inject
+
+    with inject(model, family.injection, attention="attention" in kernels, bridge_norm="bridge" in kernels) as h:
+        yield {"translation_table": onnx_translation_table(), "replaced": h.counts}
 
 
-def run_export(job: ExportJob, progress: Progress = lambda msg: None, *, exporter: ComponentExporter | None = None,
-               model: PreTrainedModel | None = None) -> Manifest:
-    """Export ``job.model`` with ``exporter`` (default ONNX). ``model``: the already-loaded eager model of
-    ``job.model``/``job.task`` (the benchmark harness holds one; loading full-size weights twice costs seconds)."""
-    exporter = exporter or onnx_exporter(job.opset)
-    if job.optimize and exporter.backend != "onnx":
-        raise UsageError(f"--optimize applies to ONNX graphs, not to the {exporter.backend} backend.")
+# ---------------------------------------------------------------- base backends: export from torch
+def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
     task = source.check_task(job.task)
-    if job.output is None:
-        job.output = Path(f"{Path(job.model).name}-{task}-{exporter.backend}")
+    job.output = job.output or _default_output(Path(job.model).name, task, job)
     check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
     task_spec = source.family.task(task)
-    owns_model = model is None
-    if model is None:
-        with _timed(job, "load", progress):
-            model = load_model(source, task)
-
+    model = eager.load(source, task, job, progress)
     with staged_dir(job.output, force=job.force) as tmp:
-        components = {}
-        with _timed(job, "export", progress), injected(model, job.kernels) as inj:
+        components: dict[str, Component] = {}
+        with _timed(job, "export", progress), injected(model, source.family, job.kernels) as inj:
             for spec in task_spec.components(model.config):
                 progress(f"exporting {spec.name}")
                 example = (spec.example_inputs(model, EXPORT_SHAPE, job.seed) if spec.example_inputs
                            else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed))
-                components[spec.name] = exporter.export(spec.build(model), spec, example, tmp,
-                                                        inj["translation_table"])
-        fused: dict[str, dict[str, int]] = {}
-        if job.optimize:
-            from vlexport.export.onnx_optimize import optimize_onnx
-
-            with _timed(job, "optimize", progress):
-                for name, comp in components.items():
-                    fused[name] = optimize_onnx(tmp / comp.file)
-                    spec = next(s for s in task_spec.components(model.config) if s.name == name)
-                    components[name] = describe(tmp / comp.file, name, spec.dynamic_axes, root=tmp)
-        manifest = _manifest(source, task, model, components, job, inj["replaced"], exporter.backend)
+                path = tmp / f"{spec.name}{backend.suffix}"
+                components[spec.name] = backend.export_component(spec.build(model), spec, example, path, job,
+                                                                 inj["translation_table"])
+        manifest = _manifest(source, task, model, components, job, inj["replaced"])
         manifest.files = [write_config(model.config, tmp), *copy_support_files(source.local_dir, tmp)]
         manifest.tokenizer = tokenizer_record(manifest.files)
         if task_spec.generative:
-            from vlexport.runtime.generation_files import write_generation_files
+            from vlexport.export.generation_files import write_generation_files
 
             write_generation_files(model, source, manifest, tmp)
-        if fused:
-            manifest.validation["fused_ops"] = fused
-        manifest.write(tmp)
-        if job.validate:
-            with _timed(job, "validate", progress):
-                check = eager_references(model, task_spec)
-                if owns_model:  # eager and artifact weights never in memory together (eager_references)
-                    del model
-                    gc.collect()
-                result = check(load_artifact(tmp, manifest=manifest, device="cpu"))
-            manifest.validation = {**result, **({"fused_ops": fused} if fused else {})}
-            manifest.timings = dict(job.timings)
-            manifest.write(tmp)
-            raise_on_failure(result, f"{job.model} ({task}, {manifest.backend} {manifest.precision})")
-        else:
-            manifest.validation = {"passed": None, "skipped": True}
-            manifest.timings = dict(job.timings)
-            manifest.write(tmp)
+        model = None  # only `eager` holds it now, so that validation can drop it
+        _validate(job, backend, manifest, tmp, eager, task_spec, progress)
     return manifest
 
 
-def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict, job: ExportJob,
-              replaced: dict[str, int], backend: str = "onnx") -> Manifest:
+def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict[str, Component],
+              job: ExportJob, replaced: dict[str, int]) -> Manifest:
     vision = getattr(model.config, "vision_config", None)
     return Manifest(
         family=source.family.name,
         task=task,
         hf_class=type(model).__name__,
-        backend=backend,
+        backend=job.backend,
         precision=job.precision,
         source={"preset": source.preset.name if source.preset else None,
                 "path": str(source.local_dir) if source.local_dir else None,
@@ -181,7 +169,100 @@ def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components
         weights=source.origin,
         components=components,
         kernels=[f"{k}:{n}" for k, n in replaced.items()],
-        opset=job.opset if backend == "onnx" else None,
+        opset=_opset(components),
         image_size=image_size(vision) if vision is not None else None,
     )
 
+
+def _opset(components: dict[str, Component]) -> int | None:
+    """What the files declare (never what was asked for)."""
+    opsets = {c.opset for c in components.values() if c.opset is not None}
+    return max(opsets) if opsets else None
+
+
+def _default_output(name: str, task: str, job: ExportJob) -> Path:
+    return Path(f"{name}-{task}-{job.backend}" + ("" if job.precision == "fp32" else f"-{job.precision}"))
+
+
+# ---------------------------------------------------------------- derived backends: built from a parent artifact
+def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
+    given = Path(job.model)
+    from_artifact = (given / "manifest.json").is_file()
+    if from_artifact:
+        parent = Manifest.read(given)
+        _check_parent(parent, backend, job, given)
+        source = source_from_manifest(parent, given)
+        task = parent.task
+        name = parent.source.get("preset") or given.name
+    else:
+        source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
+        task = source.check_task(job.task)
+        name = Path(job.model).name
+    job.output = job.output or _default_output(name, task, job)
+    check_output_dir(job.output, force=job.force)
+    task_spec = source.family.task(task)
+    model = eager.load(source, task, job, progress) if job.validate or not from_artifact else None
+    config = model.config if model is not None else source.config
+    with contextlib.ExitStack() as stack:
+        if from_artifact:
+            parent_dir = given
+        else:  # the parent is built for this export only, next to the output (renames stay on one disk)
+            job.output.absolute().parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{job.output.name}.", suffix=".parent.partial",
+                                            dir=job.output.absolute().parent))
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            parent_dir = scratch / "artifact"
+            progress(f"exporting the {backend.parent} parent")
+            parent_job = replace(job, backend=backend.parent, output=parent_dir, precision="fp32", validate=False,
+                                 force=True, timings=job.timings,
+                                 options={k: v for k, v in job.options.items()
+                                          if k in backend_options(get_backend(backend.parent))})
+            parent = run_export(parent_job, progress, model=model)
+        model = None  # only `eager` holds it now, so that validation can drop it
+        with staged_dir(job.output, force=job.force) as tmp:
+            ctx = DeriveContext(parent_dir, parent, tmp, job, task_spec, source.family, config, progress,
+                                parent_is_scratch=not from_artifact)
+            with _timed(job, backend.name, progress):
+                derived = backend.derive(ctx)
+            for rel in parent.files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(parent_dir / rel, tmp / rel)
+            manifest = replace(
+                parent, backend=backend.name, precision=job.precision, components=derived.components,
+                opset=_opset(derived.components), fused_ops=derived.fused_ops, validation=None, timings={},
+                versions={}, created="",
+                derived_from={"backend": parent.backend, "precision": parent.precision,
+                              # None: the parent was built in a scratch dir for this export and removed
+                              "path": str(given.resolve()) if from_artifact else None, **derived.details})
+            _validate(job, backend, manifest, tmp, eager, task_spec, progress)
+    return manifest
+
+
+def _check_parent(parent: Manifest, backend: Backend, job: ExportJob, directory: Path) -> None:
+    if parent.backend != backend.parent or parent.precision not in ("fp32", job.precision):
+        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {backend.name} "
+                         f"backend builds from fp32 {backend.parent} artifacts"
+                         + (f" (or {job.precision} ones)." if job.precision != "fp32" else "."))
+    if parent.validation is not None and parent.validation.passed is False:
+        raise UsageError(f"{directory} failed its validation; export it again before building from it.")
+    if job.kernels:
+        raise UsageError(f"--kernels applies when exporting from a model; {directory} already has its kernels "
+                         f"({', '.join(parent.kernels) or 'none'}).")
+    if job.task not in (None, parent.task):
+        raise UsageError(f"{directory} holds a {parent.task!r} artifact; --task {job.task} does not apply.")
+
+
+# ---------------------------------------------------------------- shared tail: validate, write
+def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, eager: _Eager, task_spec: TaskSpec,
+              progress: Progress) -> None:
+    manifest.write(tmp)  # the loader reads a complete directory
+    if not job.validate:
+        manifest.validation = ValidationReport.skipped_report()
+    else:
+        with _timed(job, "validate", progress):
+            check = eager_references(eager.model, task_spec)
+            eager.release()
+            manifest.validation = check(load_artifact(tmp, manifest=manifest, device=backend.validation_device))
+    manifest.timings = dict(job.timings)
+    manifest.write(tmp)
+    raise_on_failure(manifest.validation, f"{job.model} ({manifest.task}, {manifest.backend} {manifest.precision})")

@@ -1,4 +1,4 @@
-"""Where a model's weights come from, in the order DESIGN.md fixes.
+"""Where a model's weights come from, in this order (docs/ARCHITECTURE.md, "Pitfalls").
 
 1. a local directory given as the model argument (config.json + *.safetensors, written by
    ``save_pretrained``), 2. the offline Hugging Face cache, 3. the hub when reachable.
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import CheckError, UsageError
@@ -190,25 +189,6 @@ def _sane_init_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def _sane_random_weights(model: PreTrainedModel) -> None:
-    """Random-init quirks of transformers that the config alone cannot fix.
-
-    T5 v1.1 / Flan-T5 (BLIP-2's language model) has its own LM head and no ``d_model**-0.5`` rescaling of
-    the decoder output (``scale_decoder_outputs=False``). transformers 5 builds it with the head tied to the
-    std-1 input embeddings (it unties only when a checkpoint brings a head), so random logits reach ~1e3 at
-    d_model 2048: every greedy token is the same and beam paths tie to float32 precision, which leaves
-    token-exact validation nothing to check. Random weights get the checkpoint's layout instead, an
-    untied head, initialised at std ``d_model**-0.5`` (the effective scale of T5's tied, rescaled head).
-    """
-    from transformers import T5ForConditionalGeneration
-
-    for module in model.modules():
-        if isinstance(module, T5ForConditionalGeneration) and not module.config.scale_decoder_outputs:
-            head = module.lm_head
-            head.weight = nn.Parameter(torch.randn_like(head.weight) * module.config.d_model ** -0.5)
-            module.config.tie_word_embeddings = False
-
-
 def load_model(source: ModelSource, task: str) -> PreTrainedModel:
     """Instantiate the task's HF class with the source's weights: fp32, eval mode, eager reference."""
     task_spec = source.family.task(task)
@@ -216,7 +196,7 @@ def load_model(source: ModelSource, task: str) -> PreTrainedModel:
     if source.origin.get("kind") == "random":
         torch.manual_seed(source.origin["seed"])
         model = cls(_sane_init_config(source.config))
-        _sane_random_weights(model)
+        source.family.random_init(model)  # what the config alone cannot fix (BLIP-2's T5 LM head)
     else:
         where = source.local_dir if source.local_dir is not None else source.origin["checkpoint"]
         try:

@@ -37,6 +37,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
+def ran(triton: int = 0, reference: int = 0) -> dict[str, int]:
+    """What ``calls`` must read after ``triton`` Triton and ``reference`` reference runs of both ops."""
+    return {"attention_triton": triton, "reference_attention": reference, "add_layer_norm_triton": triton,
+            "reference_add_layer_norm": reference}
+
+
 def run_both_ops() -> None:
     q = torch.randn(1, 2, 3, 64)
     vlexport_kernels.attention(q, q, q)
@@ -47,10 +53,10 @@ def run_both_ops() -> None:
 def test_auto_on_cpu_follows_triton_interpret(interpreter, calls, monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     run_both_ops()
-    assert calls["reference_attention"] == 1 and calls["reference_add_layer_norm"] == 1
+    assert calls == ran(reference=1)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     run_both_ops()
-    assert calls["attention_triton"] == 1 and calls["add_layer_norm_triton"] == 1
+    assert calls == ran(triton=1, reference=1)
 
 
 def test_use_backend_forces_a_path_and_restores(interpreter, calls) -> None:
@@ -61,8 +67,7 @@ def test_use_backend_forces_a_path_and_restores(interpreter, calls) -> None:
             run_both_ops()
         assert vlexport_kernels.current_backend() == "reference"
     assert vlexport_kernels.current_backend() == "auto"
-    assert calls == {"attention_triton": 1, "reference_attention": 1, "add_layer_norm_triton": 1,
-                     "reference_add_layer_norm": 1}
+    assert calls == ran(triton=1, reference=1)
     assert vlexport_kernels.backend is use_backend  # the alias vlexport.inject's tests use
 
 
@@ -136,7 +141,7 @@ def block_inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, seq, 32), mask
 
 
-def test_torch_compile_fullgraph(interpreter) -> None:
+def test_torch_compile_fullgraph(interpreter, calls) -> None:
     block = TinyBlock().eval()
     x, mask = block_inputs(2, 7)
     torch._dynamo.reset()
@@ -144,8 +149,11 @@ def test_torch_compile_fullgraph(interpreter) -> None:
         expected = block(x, mask)
         compiled = torch.compile(block, fullgraph=True)  # fullgraph: a graph break raises
         torch.testing.assert_close(compiled(x, mask), expected, atol=1e-5, rtol=1e-5)
+        assert calls == ran(reference=2)  # eager and compiled: tracing ran the fake implementations only
         with use_backend("triton"):  # the op reads the backend when it runs, not when it was traced
             torch.testing.assert_close(compiled(x, mask), expected, atol=1e-5, rtol=1e-5)
+        # The same expected value on both paths: only the counts prove the switch was not ignored.
+        assert calls == ran(triton=1, reference=2)
 
 
 def test_torch_export_dynamic_shapes() -> None:
@@ -206,4 +214,4 @@ def test_the_folder_imported_as_kernels_registers_nothing(interpreter, calls, mo
     assert _is_package_available("kernels", return_version=True)[1] == "N/A"  # -> is_kernels_available() False
     with use_backend("triton"):  # the ops still run vlexport_kernels' code, so the switch still works
         run_both_ops()
-    assert calls["attention_triton"] == 1 and calls["add_layer_norm_triton"] == 1
+    assert calls == ran(triton=1)

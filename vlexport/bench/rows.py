@@ -29,7 +29,7 @@ class BenchRow:
     # identity
     model: str
     task: str
-    backend: str  # eager | compile | onnx | onnx-opt | aoti | trt | <artifact backend>
+    backend: str  # a bench runner (eager | compile) or an export backend (onnx | onnx-opt | aoti | tensorrt | ...)
     precision: str
     kernels: str = ""  # comma list of injected kernels, "" for none
     batch: int = 1

@@ -1,9 +1,8 @@
-"""torch.export -> AOTInductor package (``<component>.pt2``) per component, with the ONNX spec's dynamic axes.
+"""The ``aoti`` backend: torch.export -> AOTInductor package (``<component>.pt2``) per component.
 
-The staging / manifest / validation flow is ``pipeline.run_export``'s; this module only supplies the
-component exporter (backend ``aoti``). The package carries its input/output names in its metadata, so
-the runtime loader (runtime/backends.py) needs nothing but the file. JIT ``torch.compile`` has no
-artifact: it is a benchmark backend (bench/backends.py) built with :func:`jit_compile`.
+The component's dynamic axes are the ONNX spec's. The package carries its input/output names in its
+metadata, so the runtime loader (runtime/backends.py) needs nothing but the file. JIT ``torch.compile``
+has no artifact: it is a benchmark runner (bench/) built with :func:`jit_compile`.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ import torch
 from torch import nn
 
 from vlexport.errors import CheckError, UsageError
+from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
-from vlexport.manifest import Component, Manifest, TensorSpec
+from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
-from vlexport.pipeline import ComponentExporter, ExportJob, Progress, run_export
 
 MODES = ("default", "reduce-overhead", "max-autotune")
 # Package metadata keys (strings only: AOTI metadata is a str -> str map).
@@ -40,18 +39,6 @@ def inductor_configs(mode: str) -> dict[str, Any]:
     if mode == "max-autotune":
         return {"max_autotune": True, "max_autotune_gemm": True}
     return {}
-
-
-def aoti_exporter(*, mode: str = "default", device: str = "cpu") -> ComponentExporter:
-    """A pipeline exporter writing ``<component>.pt2`` packages compiled for ``device``."""
-    configs = inductor_configs(mode)
-
-    def export(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], directory: Path,
-               translation_table: Mapping[Any, Any]) -> Component:
-        return compile_component(module, spec, example, directory / f"{spec.name}.pt2", device=device,
-                                 configs=configs)
-
-    return ComponentExporter("aoti", export)
 
 
 def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
@@ -104,7 +91,29 @@ def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
 
 
-def run_compile(job: ExportJob, *, mode: str = "default", device: str = "cpu",
-                progress: Progress = lambda msg: None, model: Any = None) -> Manifest:
-    """``vlexport compile``: the export flow of pipeline.run_export with the AOTInductor exporter."""
-    return run_export(job, progress, exporter=aoti_exporter(mode=mode, device=device), model=model)
+class AotiBackend(BackendBase):
+    name = "aoti"
+    suffix = ".pt2"
+    options = {"mode": "default", "device": "cpu"}
+    description = "AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`"
+
+    def check(self, job: ExportJob) -> None:
+        inductor_configs(job.option("mode"))
+        if job.option("device") not in ("cpu", "cuda"):
+            raise UsageError(f"--device {job.option('device')!r}: AOTInductor packages are built for cpu or cuda.")
+        if job.option("device") == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
+
+    def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
+                         path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
+        return compile_component(module, spec, example, path, device=job.option("device"),
+                                 configs=inductor_configs(job.option("mode")))
+
+    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
+             interleaved: bool = False) -> Any:
+        from vlexport.runtime.backends import AotiComponent
+
+        return AotiComponent(path, device=device, threads=threads)
+
+
+BACKEND = register_backend(AotiBackend())

@@ -1,4 +1,5 @@
-"""torch -> ONNX for one component: dynamo export with named dynamic axes, external data, kernels' ops."""
+"""The ``onnx`` backend: torch -> ONNX per component (dynamo export with named dynamic axes, external data,
+kernels' ops), loaded back on ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ import onnx
 import torch
 from torch import nn
 
+from vlexport.errors import UsageError
+from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
 
 DEFAULT_OPSET = 18
+# The dynamo exporter emits opset 18 graphs and converts down with the version converter, which cannot
+# express these models' ops (LayerNormalization, ...) below 17; above what onnx knows nothing loads.
+MIN_OPSET = 17
 # Above this many bytes of weights a graph keeps its tensors in a side file (protobuf's 2 GiB limit,
 # and smaller single files load faster when only the graph is inspected).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -98,6 +104,7 @@ def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]
         inputs=[_tensor_spec(v, dynamic_axes) for v in model.graph.input],
         outputs=[_tensor_spec(v, dynamic_axes) for v in model.graph.output],
         external_data=next(iter(sorted(external)), None),
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
     )
     comp.size_bytes = sum((root / rel).stat().st_size for rel in filter(None, (comp.file, comp.external_data)))
     return comp
@@ -130,3 +137,31 @@ class _quiet_exporter:
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
         self._warn.__exit__(*exc)
+
+
+class OnnxBackend(BackendBase):
+    name = "onnx"
+    suffix = ".onnx"
+    options = {"opset": DEFAULT_OPSET}
+    description = "ONNX graphs (torch.onnx dynamo exporter), run on ONNX Runtime"
+
+    def check(self, job: ExportJob) -> None:
+        opset = job.option("opset")
+        top = onnx.defs.onnx_opset_version()
+        if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+            raise UsageError(f"--opset {opset}: these models export at ONNX opsets {MIN_OPSET}..{top} "
+                             f"(default {DEFAULT_OPSET}).")
+
+    def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
+                         path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
+        return export_component(module, spec, example, path, opset=job.option("opset"),
+                                translation_table=translation_table)
+
+    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
+             interleaved: bool = False) -> Any:
+        from vlexport.runtime.onnx_session import OnnxComponent, available_providers
+
+        return OnnxComponent(path, providers=available_providers(device), threads=threads, spin=not interleaved)
+
+
+BACKEND = register_backend(OnnxBackend())

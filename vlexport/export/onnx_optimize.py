@@ -13,15 +13,15 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "Layer
              "FastGelu", "Gelu", "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
-def optimize_onnx(path: Path, *, use_gpu: bool = False) -> dict[str, int]:
+def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict[str, int]:
     """Optimize ``path`` in place with ORT's transformer optimizer; return counts of fused op types.
 
-    model_type "bert" covers the BERT/RoBERTa/ViT encoder blocks every family here is made of;
+    ``model_type``: the optimizer's model type, the family's ``FamilySpec.ort_model_type``;
     num_heads/hidden_size 0 lets the optimizer read them off the graph.
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=1,
+    model = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1,
                            use_gpu=use_gpu, only_onnxruntime=False)
     external = any(init.data_location == onnx.TensorProto.EXTERNAL
                    for init in onnx.load(str(path), load_external_data=False).graph.initializer)

@@ -8,17 +8,26 @@ The export/validate/runtime mechanism lives once, outside the family modules.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.models.inputs import InputShape
 
+if TYPE_CHECKING:
+    from vlexport.inject import Rule
+
 DynamicAxes = Mapping[str, Mapping[int, str]]
+# The image statistics of CLIP's processor, which the BLIP, BLIP-2, BridgeTower and AltCLIP checkpoints use.
+CLIP_IMAGE_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+# (outputs of one run over n texts, n) -> per-text scores by name (models/scores.py has the shared readers)
+ScoreReader = Callable[[Mapping[str, np.ndarray], int], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -74,18 +83,64 @@ class TaskSpec:
     prepare: Callable[[PreTrainedModel], None] = lambda model: None
     # generative tasks: config -> GenerationRecipe (models/generative.py), what the runtime's decode loop follows
     generation: Callable[[PretrainedConfig], Any] | None = None
+    # `vlexport run`: the base feed (input_ids, attention_mask, pixel_values; numpy) -> the component's feed,
+    # with the family's extra inputs added (BridgeTower's pixel_mask)
+    run_inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = lambda feeds: feeds
+    # `vlexport run`: how per-text scores are read off the outputs; None: the task has no image-text score
+    scores: ScoreReader | None = None
 
     def hf_class(self) -> type[PreTrainedModel]:
         return getattr(importlib.import_module("transformers"), self.hf_class_name)
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A shipped model name: its family, tasks, upstream checkpoint id and a copy of its config.json.
+
+    Declared in the family module (``FamilySpec.presets``); the config lives in
+    ``vlexport/presets/configs/<name>.json`` so the architecture builds without the hub. Every full-size
+    preset names a ``-tiny`` twin of the same family (a few MB, same code paths) that the tests use.
+    """
+
+    name: str
+    family: str
+    tasks: tuple[str, ...]
+    checkpoint: str | None  # upstream hub id; None for tiny twins (no upstream checkpoint)
+    tiny: str | None = None  # name of the tiny twin, for full-size presets
+    summary: str = ""
+
+    @property
+    def default_task(self) -> str:
+        return self.tasks[0]
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name.endswith("-tiny")
+
+    def config_dict(self) -> dict[str, Any]:
+        from importlib import resources
+
+        text = resources.files("vlexport.presets").joinpath("configs", f"{self.name}.json").read_text()
+        return json.loads(text)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
-    model_types: tuple[str, ...]  # config.model_type values this family handles
+    model_types: tuple[str, ...]  # config.model_type values this family handles (the registry reads them)
     tasks: Mapping[str, TaskSpec]
     # HF architecture name -> the tasks such a checkpoint supports (first is the default)
     architectures: Mapping[str, tuple[str, ...]]
+    # --kernels: which module classes vlexport.inject takes over, and how (empty: the family has no kernels)
+    injection: tuple[Rule, ...] = ()
+    # --random-weights: fixes a seeded random-init model needs beyond the config (called after construction)
+    random_init: Callable[[PreTrainedModel], None] = lambda model: None
+    # --optimize: the model_type ONNX Runtime's transformer optimizer fuses the graphs as
+    ort_model_type: str = "bert"
+    title: str = ""  # how users write the family's name (messages): "BridgeTower", "BLIP-2", ...
+    presets: tuple[Preset, ...] = ()  # the shipped names (vlexport/presets builds its table from these)
+    # `vlexport run` without a preprocessor_config.json: the family's processor mean / std per channel
+    image_stats: tuple[tuple[float, ...], tuple[float, ...]] = CLIP_IMAGE_STATS
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]

@@ -1,6 +1,6 @@
 """BLIP: ViT vision encoder + BERT text encoder/decoder with cross-attention to the image.
 
-Generative tasks (DESIGN.md pitfall: BlipForQuestionAnswering.forward returns only the loss, so the
+Generative tasks (docs/ARCHITECTURE.md, "Pitfalls": BlipForQuestionAnswering.forward returns only the loss, so the
 parts are exported as components):
   caption: vision_encoder (pixel_values -> the decoder's cross-attention K/V of the image) + decoder
   vqa:     vision_encoder (-> image_embeds) + question_encoder (question cross-attending to the image ->
@@ -9,6 +9,7 @@ parts are exported as components):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,9 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
-from vlexport.models import dual_encoder_tasks
-from vlexport.models.base import ComponentSpec, FamilySpec, TaskSpec, single_component
+from vlexport.inject import Rule, additive_bias, kernel_attention, post_norm, use_original
+from vlexport.models import dual_encoder_tasks, scores
+from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec, single_component
 from vlexport.models.generative import (
     CacheLayout,
     ExampleDims,
@@ -39,6 +41,8 @@ def _retrieval_task(name: str, use_itm_head: bool, axes: dict, description: str)
         single_component(dual_encoder_tasks.INPUTS, _ITM_OUTPUTS, {**dual_encoder_tasks.AXES, **axes},
                          call_kwargs={"use_itm_head": use_itm_head}),
         dual_encoder_tasks.make_inputs, agreement={"itm_score": "argmax"}, description=description,
+        # itm_score is the (no, yes) head with use_itm_head, else the image x text cosine-similarity matrix
+        scores=scores.itm("itm_score") if use_itm_head else scores.similarity_row("itm_score"),
     )
 
 
@@ -166,6 +170,63 @@ def _prompts(config: PretrainedConfig, shape: InputShape, seed: int, *, left: bo
     return {**out, "input_ids": ids, "attention_mask": mask}
 
 
+# ---------------------------------------------------------------- --kernels: BLIP's hand-rolled attention
+def _vision_attention(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
+                      **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BlipAttention: fused qkv projection, no mask."""
+    if use_original(self):
+        return original(hidden_states, **kwargs)
+    bsz, tgt_len, embed_dim = hidden_states.shape
+    qkv = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, embed_dim // self.num_heads)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = kernel_attention(query, key, value, bias=None, scale=self.scale)
+    return self.projection(out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)), None
+
+
+def _text_attention(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                    encoder_attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BlipTextSelfAttention (self and cross, with its KV cache): the HF code up to the scores, then the kernel."""
+    # transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (the old name is deprecated).
+    if past_key_values is None:
+        past_key_values = kwargs.pop("cache", None)
+    if use_original(self):
+        return original(hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                        encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values, **kwargs)
+    from transformers.cache_utils import EncoderDecoderCache
+
+    input_shape = hidden_states.shape[:-1]
+    query = self.query(hidden_states).view(*input_shape, -1, self.attention_head_size).transpose(1, 2)
+    is_cross = encoder_hidden_states is not None
+    attention_mask = encoder_attention_mask if is_cross else attention_mask
+    is_updated, cache = False, past_key_values
+    if isinstance(past_key_values, EncoderDecoderCache):
+        is_updated = past_key_values.is_updated.get(self.layer_idx)
+        cache = past_key_values.cross_attention_cache if is_cross else past_key_values.self_attention_cache
+    current = encoder_hidden_states if is_cross else hidden_states
+    if is_cross and past_key_values is not None and is_updated:
+        key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+    else:
+        kv_shape = (*current.shape[:-1], -1, self.attention_head_size)
+        key = self.key(current).view(kv_shape).transpose(1, 2)
+        value = self.value(current).view(kv_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+            if is_cross and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[self.layer_idx] = True
+    bias = additive_bias(attention_mask, query.dtype)
+    out = kernel_attention(query, key, value, bias=bias, scale=self.attention_head_size ** -0.5)
+    return out.transpose(1, 2).reshape(*input_shape, self.all_head_size), None
+
+
+INJECTION = (
+    Rule("attention", ("blip.modeling_blip.BlipAttention",), _vision_attention),
+    Rule("attention", ("blip.modeling_blip_text.BlipTextSelfAttention",), _text_attention),
+    post_norm("blip.modeling_blip_text.BlipTextSelfOutput", "blip.modeling_blip_text.BlipTextOutput"),
+)
+
+
 _BLIP_TEMPLATE = (("bos_token_id",), ("sep_token_id",))
 
 TASKS: dict[str, TaskSpec] = {
@@ -189,14 +250,28 @@ TASKS: dict[str, TaskSpec] = {
     ),
 }
 
+PRESETS = (
+    Preset("blip-itm-base-coco", "blip", ("itm", "itc", "features"), "Salesforce/blip-itm-base-coco",
+           "blip-tiny", "BLIP image-text retrieval (ITM and ITC heads)"),
+    Preset("blip-image-captioning-base", "blip", ("caption",), "Salesforce/blip-image-captioning-base",
+           "blip-tiny", "BLIP image captioning"),
+    Preset("blip-vqa-base", "blip", ("vqa",), "Salesforce/blip-vqa-base", "blip-tiny",
+           "BLIP visual question answering"),
+    Preset("blip-tiny", "blip", ("itm", "itc", "features", "caption", "vqa"), None, None, "tiny BLIP (tests)"),
+)
+
 FAMILY = FamilySpec(
     name="blip",
     model_types=("blip",),
     tasks=TASKS,
+    injection=INJECTION,
+    ort_model_type="bert",  # its ViT vision tower and BERT text towers are BERT-style encoder blocks
     architectures={
         "BlipForImageTextRetrieval": ("itm", "itc", "features"),
         "BlipForConditionalGeneration": ("caption",),
         "BlipForQuestionAnswering": ("vqa",),
         "BlipModel": ("features",),
     },
+    title="BLIP",
+    presets=PRESETS,
 )

@@ -8,7 +8,7 @@ One task, ``generate``, whose components depend on the language model:
 The decoder graphs embed token ids themselves (their LM head shares that table), so no separate
 embedding component duplicates the vocabulary matrix.
 
-DESIGN.md pitfall: generate() only uses the image where the prompt holds ``image_token_index`` tokens,
+docs/ARCHITECTURE.md, "Pitfalls": generate() only uses the image where the prompt holds ``image_token_index`` tokens,
 ``num_query_tokens`` of them; the runtime checks that instead of silently ignoring the image.
 """
 
@@ -23,7 +23,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from vlexport.errors import UsageError
-from vlexport.models.base import ComponentSpec, FamilySpec, TaskSpec
+from vlexport.inject import interface, post_norm
+from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec
 from vlexport.models.generative import (
     CacheLayout,
     ExampleDims,
@@ -195,6 +196,34 @@ def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[
     return {**out, "input_ids": ids, "attention_mask": mask}
 
 
+def random_init(model: PreTrainedModel) -> None:
+    """Random-init quirk of transformers that the config alone cannot fix (``--random-weights``).
+
+    T5 v1.1 / Flan-T5 (the T5 language model) has its own LM head and no ``d_model**-0.5`` rescaling of
+    the decoder output (``scale_decoder_outputs=False``). transformers 5 builds it with the head tied to the
+    std-1 input embeddings (it unties only when a checkpoint brings a head), so random logits reach ~1e3 at
+    d_model 2048: every greedy token is the same and beam paths tie to float32 precision, which leaves
+    token-exact validation nothing to check. Random weights get the checkpoint's layout instead, an
+    untied head, initialised at std ``d_model**-0.5`` (the effective scale of T5's tied, rescaled head).
+    """
+    from transformers import T5ForConditionalGeneration
+
+    for module in model.modules():
+        if isinstance(module, T5ForConditionalGeneration) and not module.config.scale_decoder_outputs:
+            head = module.lm_head
+            head.weight = nn.Parameter(torch.randn_like(head.weight) * module.config.d_model ** -0.5)
+            module.config.tie_word_embeddings = False
+
+
+PRESETS = (
+    Preset("blip2-opt-2.7b", "blip2", ("generate",), "Salesforce/blip2-opt-2.7b", "blip2-opt-tiny",
+           "BLIP-2 with OPT-2.7b: captioning and prompted VQA"),
+    Preset("blip2-flan-t5-xl", "blip2", ("generate",), "Salesforce/blip2-flan-t5-xl",
+           "blip2-flan-t5-tiny", "BLIP-2 with Flan-T5-XL: captioning and prompted VQA"),
+    Preset("blip2-opt-tiny", "blip2", ("generate",), None, None, "tiny BLIP-2 with OPT (tests)"),
+    Preset("blip2-flan-t5-tiny", "blip2", ("generate",), None, None, "tiny BLIP-2 with T5 (tests)"),
+)
+
 FAMILY = FamilySpec(
     name="blip2",
     model_types=("blip-2",),
@@ -206,4 +235,13 @@ FAMILY = FamilySpec(
         ),
     },
     architectures={"Blip2ForConditionalGeneration": ("generate",)},
+    injection=(
+        interface("blip_2.modeling_blip_2.Blip2Attention", "blip_2.modeling_blip_2.Blip2QFormerMultiHeadAttention",
+                  "opt.modeling_opt.OPTAttention", "t5.modeling_t5.T5Attention"),
+        post_norm("blip_2.modeling_blip_2.Blip2QFormerSelfOutput", "blip_2.modeling_blip_2.Blip2QFormerOutput"),
+    ),
+    random_init=random_init,
+    ort_model_type="bert",  # ViT and Q-Former are BERT-style blocks; OPT/T5 graphs get the generic fusions only
+    title="BLIP-2",
+    presets=PRESETS,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from vlexport.models import scores
 from vlexport.models.base import TaskSpec, single_component
 from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
 
@@ -31,4 +32,5 @@ def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[
 def features_task(hf_class_name: str, description: str = "projected text and image embeddings") -> TaskSpec:
     """The ``features`` task: projected embeddings plus the image-text similarity matrix."""
     return TaskSpec("features", hf_class_name, single_component(INPUTS, OUTPUTS, AXES), make_inputs,
-                    agreement={"logits_per_image": "argmax"}, description=description)
+                    agreement={"logits_per_image": "argmax"}, description=description,
+                    scores=scores.similarity_row("logits_per_image"))

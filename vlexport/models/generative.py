@@ -88,7 +88,7 @@ _AXES_BY_NAME: dict[str, dict[int, str]] = {
 def axes_for(names: Sequence[str], *, decoder: bool, overrides: Mapping[str, Mapping[int, str]] | None = None
              ) -> dict[str, dict[int, str]]:
     """Dynamic axes from tensor names. In a decoder the attention mask spans past + new tokens: its own dim
-    ("total_sequence"), not an expression of two dims (DESIGN.md pitfall)."""
+    ("total_sequence"), not an expression of two dims (docs/ARCHITECTURE.md, "Pitfalls")."""
     axes: dict[str, dict[int, str]] = {}
     for name in names:
         if name.startswith("past_key_values.") and ".encoder." in name:

@@ -1,13 +1,15 @@
-"""Load an artifact directory as callables, whatever backend wrote it."""
+"""Load an artifact directory as callables, whatever backend wrote it (the backend registry loads each file)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
-from vlexport.errors import CheckError
+from vlexport.errors import CheckError, UsageError
+from vlexport.export.backend import get_backend
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 
@@ -29,25 +31,19 @@ class Artifact:
 
 
 def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, device: str = "auto",
-                  threads: int | None = None) -> Artifact:
+                  threads: int | None = None, interleaved: bool = False) -> Artifact:
+    """Every component of an artifact as a callable, loaded by the backend the manifest names.
+
+    ``interleaved``: the caller alternates the artifact with other work on the same cores (the benchmark).
+    """
     directory = Path(directory)
     manifest = manifest or Manifest.read(directory)
     task_spec = get_family(manifest.family).task(manifest.task)
-    loaders: dict[str, Callable[..., ComponentFn]] = {"onnx": _onnx_loader}
-    if manifest.backend not in loaders:
-        from vlexport.runtime import backends
-
-        loaders.update(backends.LOADERS)
-    if manifest.backend not in loaders:
-        raise CheckError(f"{directory}: backend {manifest.backend!r} cannot be loaded by this vlexport version.")
-    load = loaders[manifest.backend]
-    components = {name: load(directory / comp.file, device=device, threads=threads)
+    try:
+        backend = get_backend(manifest.backend)
+    except UsageError:
+        raise CheckError(f"{directory}: backend {manifest.backend!r} cannot be loaded by this vlexport version "
+                         "(`vlexport list` shows the backends it has).") from None
+    components = {name: backend.load(directory / comp.file, device=device, threads=threads, interleaved=interleaved)
                   for name, comp in manifest.components.items()}
     return Artifact(directory, manifest, task_spec, components)
-
-
-def _onnx_loader(path: Path, *, device: str, threads: int | None) -> ComponentFn:
-    from vlexport.runtime.onnx_session import OnnxComponent, available_providers
-
-    return OnnxComponent(path, providers=available_providers(device), threads=threads)
-

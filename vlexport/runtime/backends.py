@@ -1,14 +1,15 @@
-"""Loaders for non-ONNX backends: AOTInductor packages (``aoti``) and TensorRT engines (``tensorrt``).
+"""Component callables for non-ONNX files: AOTInductor packages and TensorRT engines.
 
-A loader takes ``(path, *, device, threads)`` and returns a component callable: named numpy arrays in,
-named numpy arrays out (what validation feeds). Each component also exposes ``call_tensors`` for the
-benchmark harness, which times the backend on device tensors without numpy round trips.
+The backends that write these files (export/compile.py, export/tensorrt.py) load them with these classes.
+A component takes named numpy arrays and returns named numpy arrays (what validation feeds); it also
+exposes ``call_tensors`` for the benchmark harness, which times it on device tensors without numpy
+round trips.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +122,3 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     if dtype not in table:
         raise CheckError(f"TensorRT tensor dtype {dtype} has no torch equivalent in vlexport.")
     return table[dtype]
-
-
-LOADERS: dict[str, Callable[..., Any]] = {
-    "aoti": AotiComponent,
-    "tensorrt": TensorRTComponent,
-}

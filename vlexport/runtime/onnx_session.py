@@ -29,10 +29,15 @@ class OnnxComponent:
     Feeds only the inputs the graph declares: optimized graphs may drop unused ones (pixel_mask).
     """
 
-    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                 spin: bool = True):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            # ORT's pool spins after each run by default; interleaved with eager on a small machine the
+            # spinning threads steal the cores torch needs next (eager measured 2x slower beside one).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts,
                                                 providers=list(providers or available_providers()))

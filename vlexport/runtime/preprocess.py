@@ -1,7 +1,7 @@
 """Image preprocessing for ``vlexport run``: decode, resize to the artifact's size, rescale, normalise.
 
 Mean/std/resample come from the artifact's ``preprocessor_config.json`` when the export source had one,
-else from the family's defaults (the processors of these checkpoints use CLIP's statistics).
+else from the family's defaults (``FamilySpec.image_stats``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,8 @@ from typing import Any
 import numpy as np
 
 from vlexport.errors import UsageError
+from vlexport.models import get_family
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FAMILY_DEFAULTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "blip": (CLIP_MEAN, CLIP_STD),
-    "blip2": (CLIP_MEAN, CLIP_STD),
-    "bridgetower": (CLIP_MEAN, CLIP_STD),
-    "altclip": (CLIP_MEAN, CLIP_STD),
-    "vision-text-dual-encoder": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # ViTImageProcessor's defaults
-}
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what the BLIP / CLIP processors use
 
 
@@ -40,7 +32,7 @@ class ImageSettings:
 def image_settings(directory: Path, manifest: Any) -> ImageSettings:
     if manifest.image_size is None:
         raise UsageError(f"{directory}: the manifest records no image_size; this artifact takes no images.")
-    mean, std = FAMILY_DEFAULTS.get(manifest.family, (CLIP_MEAN, CLIP_STD))
+    mean, std = get_family(manifest.family).image_stats
     path = Path(directory) / "preprocessor_config.json"
     if not path.is_file():
         return ImageSettings(manifest.image_size, tuple(mean), tuple(std))

@@ -100,51 +100,29 @@ def _prompt_ids(text: str | None, tokenizer: ArtifactTokenizer | None, s: dict[s
 
 # ---------------------------------------------------------------- ITM / ITC scores
 def _scores(artifact: Any, pixels: np.ndarray, texts: Sequence[str]) -> RunResult:
+    spec, manifest = artifact.task_spec, artifact.manifest
+    if spec.scores is None:  # e.g. masked-LM logits or plain features
+        raise UsageError(f"`vlexport run` has no image-text scores for {manifest.family} {manifest.task} (its outputs "
+                         "are not a matching or similarity score); use the runtime API for this task.")
     if not texts:
-        raise UsageError(f"{artifact.manifest.family} {artifact.manifest.task} scores texts against the image: give "
-                         "one or more --text.")
+        raise UsageError(f"{manifest.family} {manifest.task} scores texts against the image: give one or more --text.")
     if len(artifact.components) != 1:
         raise UsageError(f"{artifact.directory} has components {sorted(artifact.components)}; scoring needs one.")
     (component,) = artifact.components.values()
     notes = []
-    if artifact.manifest.tokenizer.get("kind", "none") != "none":
-        tokenizer: Any = ArtifactTokenizer(artifact.directory, artifact.manifest)
+    if manifest.tokenizer.get("kind", "none") != "none":
+        tokenizer: Any = ArtifactTokenizer(artifact.directory, manifest)
         ids, mask = tokenizer.batch(texts)
     else:
         ids, mask = _placeholder_batch(artifact.directory, texts)
         notes.append("no tokenizer in the artifact (random weights): texts encoded with a byte-level placeholder")
-    n = len(texts)
-    size = pixels.shape[-1]
-    feeds = {"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, n, axis=0),
-             "pixel_mask": np.ones((n, size, size), dtype=np.int64)}
+    n = len(texts)  # the image is repeated once per text
+    feeds = spec.run_inputs({"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, n, axis=0)})
     names = getattr(component, "input_names", list(feeds))
-    out = component({k: feeds[k] for k in names if k in feeds})
-    scores = _interpret(out, n)
+    scores = spec.scores(component({k: feeds[k] for k in names if k in feeds}), n)
     lines = [RunLine(t, ids=ids[i][mask[i] == 1].tolist(), score={k: float(v[i]) for k, v in scores.items()})
              for i, t in enumerate(texts)]
-    return RunResult("scores", artifact.manifest.task, lines, notes)
-
-
-def _interpret(out: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """Per-text scores from the task's outputs (the image is repeated once per text)."""
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
-
-    for name in ("itm_score", "logits", "logits_per_image"):
-        x = out.get(name)
-        if x is None:
-            continue
-        if x.shape == (n, 2):  # ITM head: (no match, match)
-            return {"match_probability": softmax(x)[:, 1], "match_logit": x[:, 1] - x[:, 0]}
-        if x.shape == (n, n):  # similarity of every image copy to every text: row 0
-            return {"similarity": x[0], "probability_over_texts": softmax(x[0])}
-    if "text_embeds" in out and "image_embeds" in out:
-        t, i = out["text_embeds"], out["image_embeds"]
-        cos = (t * i).sum(-1) / np.maximum(np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1), 1e-12)
-        return {"cosine": cos}
-    raise UsageError(f"`vlexport run` cannot turn outputs {sorted(out)} into image-text scores (e.g. masked-LM "
-                     "logits); use the runtime API for this task.")
+    return RunResult("scores", manifest.task, lines, notes)
 
 
 def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

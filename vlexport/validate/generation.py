@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
-from vlexport.validate import TOLERANCES
+from vlexport.quantize.precision import Tolerance, get_precision
 
 SAMPLES = 4
 BATCH_SIZES = (1, 4)
@@ -41,7 +42,7 @@ class TokenCheck:
     margin: float | None = None  # reference's smallest top-1/top-2 logit gap over the compared steps
     tokens: int = 0  # new tokens compared
     limit: str = "tokens equal"
-    near_tie_step: int | None = None  # beam search: logits compared up to this step (see _compare)
+    near_tie_step: int | None = None  # beam search: logits compared up to this step (see compare_case)
     detail: str = ""
 
 
@@ -88,12 +89,12 @@ def generation_references(model: PreTrainedModel, task: Any, *, samples: int = S
     return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
 
 
-def compare_generation(refs: GenerationReferences, artifact: Any) -> dict[str, Any]:
+def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationReport:
     """Run the artifact's generation loop on the references' samples; return a validation report."""
     from vlexport.runtime.generate import Generator
 
     precision = artifact.manifest.precision
-    tol = TOLERANCES[precision]
+    tol = get_precision(precision).tolerance
     generator = Generator(artifact, config=refs.config)
     checks: list[TokenCheck] = []
     ref_tokens: list[np.ndarray] = []
@@ -104,22 +105,22 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> dict[str, A
                                  output_logits=True)
         if case.mode == "greedy":
             ref_tokens.append(case.sequences[:, got.prompt_length:])
-        case_checks = _compare(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length,
+        case_checks = compare_case(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length,
                                case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
-    if degenerate and tol.atol is not None:
-        checks += _logits_gate(logit_pairs, tol)
-    if tol.atol is None:  # reduced precisions: a share of tokens, not every token
+    if degenerate and tol.exact_tokens:
+        checks += logits_gate(logit_pairs, tol)
+    if not tol.exact_tokens:  # reduced precisions: a share of tokens, not every token
         checks = _agreement(checks, tol.min_agreement or 1.0)
     return _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
                    distinct, degenerate, near_ties)
 
 
-def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> dict[str, Any]:
+def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> ValidationReport:
     """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
     return compare_generation(generation_references(model, artifact.task_spec, **kwargs), artifact)
 
@@ -134,7 +135,7 @@ def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> d
     return sub
 
 
-def _compare(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
+def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
              ref_logits: list[np.ndarray], got_logits: list[np.ndarray], beams: int,
              logit_pairs: list[tuple[np.ndarray, np.ndarray]],
              beam_margins: Sequence[np.ndarray] = ()) -> list[TokenCheck]:
@@ -199,7 +200,7 @@ def _tok(seq: np.ndarray, pos: int) -> str:
     return str(int(seq[pos])) if pos < len(seq) else "<end>"
 
 
-def _logits_gate(pairs: list[tuple[np.ndarray, np.ndarray]], tol: Any) -> list[TokenCheck]:
+def logits_gate(pairs: list[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> list[TokenCheck]:
     """Constant reference tokens: the logits carry the check, within the precision's tolerance."""
     worst, worst_excess = 0.0, -np.inf
     for a, b in pairs:
@@ -222,9 +223,9 @@ def _agreement(checks: list[TokenCheck], need: float) -> list[TokenCheck]:
     return checks
 
 
-def _report(checks: list[TokenCheck], precision: str, tol: Any, modes: list[tuple[str, int]],
+def _report(checks: list[TokenCheck], precision: str, tol: Tolerance, modes: list[tuple[str, int]],
             batch_sizes: Sequence[int], samples: int, max_new_tokens: int, distinct: int,
-            degenerate: bool, near_ties: int = 0) -> dict[str, Any]:
+            degenerate: bool, near_ties: int = 0) -> ValidationReport:
     token_checks = [c for c in checks if c.output == "tokens"]
     failures = [asdict(c) for c in checks if not c.passed]
     err = max((c.max_abs for c in checks if c.max_abs is not None), default=0.0)
@@ -241,18 +242,13 @@ def _report(checks: list[TokenCheck], precision: str, tol: Any, modes: list[tupl
     if near_ties:
         summary += (f"; beam logits compared up to a near-tie in the candidates' ranking in {near_ties} "
                     "case(s)")
-    return {
-        "passed": not failures,
-        "reference": "HF generate() on eager PyTorch fp32",
-        "precision": precision,
-        "tolerance": {"tokens": "exact" if tol.atol is not None else f"agreement >= {tol.min_agreement}"},
-        "shapes": shapes,
-        "max_abs_error": {"logits": err},
-        "checks": [asdict(c) for c in checks],
-        "failures": failures,
-        "generation": {"samples": samples, "batch_sizes": list(batch_sizes), "max_new_tokens": max_new_tokens,
-                       "num_beams": modes[1][1], "new_tokens_compared": compared, "tokens_equal": equal,
-                       "distinct_reference_tokens": distinct, "min_logit_margin": margin,
-                       "logits_max_abs_error": err, "beam_near_ties": near_ties},
-        "summary": summary,
-    }
+    return ValidationReport(
+        passed=not failures, reference="HF generate() on eager PyTorch fp32", precision=precision,
+        tolerance={"tokens": "exact" if tol.exact_tokens else f"agreement >= {tol.min_agreement}"},
+        shapes=shapes, max_abs_error={"logits": err}, checks=[asdict(c) for c in checks], failures=failures,
+        generation={"samples": samples, "batch_sizes": list(batch_sizes), "max_new_tokens": max_new_tokens,
+                    "num_beams": modes[1][1], "new_tokens_compared": compared, "tokens_equal": equal,
+                    "distinct_reference_tokens": distinct, "min_logit_margin": margin,
+                    "logits_max_abs_error": err, "beam_near_ties": near_ties},
+        summary=summary,
+    )

@@ -1,0 +1,192 @@
+"""The contract between the orchestrator (pipeline.run_export) and the backends, and the one registry of backends.
+
+A backend turns components into files and loads them back:
+
+* a **base** backend (``parent is None``: ONNX, AOTInductor) exports each component from the eager torch
+  module with :meth:`Backend.export_component`;
+* a **derived** backend (``parent`` names another backend: TensorRT and ONNX-Runtime-optimized graphs from
+  ONNX now, quantized variants next) builds its components from a parent artifact with
+  :meth:`Backend.derive`. The orchestrator makes the parent first when the user gave a model.
+
+Every backend :meth:`Backend.load`\\ s its component files as callables (named numpy arrays in and out),
+which is all the runtime, validation and the benchmark need. The name a backend registers under is the
+one the CLI takes, the manifest records and bench rows show. Backends never import the orchestrator;
+see docs/ARCHITECTURE.md for the layers and the "new backend" checklist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from vlexport.errors import UsageError
+
+ComponentFn = Callable[[dict[str, Any]], dict[str, Any]]
+Progress = Callable[[str], None]
+
+KERNEL_NAMES = ("attention", "bridge")
+
+
+@dataclass
+class ExportJob:
+    """One export: what to build, with which backend and precision, and where. The orchestrator's only input."""
+
+    model: str  # preset name, save_pretrained directory, or (derived backends) a parent artifact directory
+    output: Path | None  # None: ./<model>-<task>-<backend>
+    backend: str = "onnx"
+    task: str | None = None
+    precision: str = "fp32"
+    random_weights: bool = False
+    seed: int = 0
+    kernels: tuple[str, ...] = ()
+    force: bool = False
+    validate: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # backend options (Backend.options names them)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by the orchestrator
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output) if self.output is not None else None
+        self.kernels = tuple(self.kernels)
+        unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
+        if unknown:
+            raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
+
+    def option(self, name: str) -> Any:
+        return self.options[name]
+
+
+@dataclass
+class DeriveContext:
+    """What a derived backend gets: the parent artifact, the staging directory, and the task it serves."""
+
+    parent_dir: Path
+    parent: Any  # manifest.Manifest of the parent artifact
+    out_dir: Path  # the staging directory: write the new component files here
+    job: ExportJob
+    task_spec: Any  # models.TaskSpec
+    family: Any  # models.FamilySpec
+    config: Any  # the HF config (calibration inputs need it)
+    progress: Progress = lambda msg: None
+    parent_is_scratch: bool = False  # the parent was built for this export only: its files may be moved
+
+
+@dataclass
+class Derived:
+    components: dict[str, Any]  # name -> manifest.Component
+    details: dict[str, Any] = field(default_factory=dict)  # recorded in manifest.derived_from (e.g. TRT shapes)
+    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # CLI, manifest and bench rows
+    suffix: str  # component file suffix, e.g. ".onnx"
+    parent: str | None  # derived backends: the backend whose artifacts they are built from
+    options: Mapping[str, Any]  # option name -> default (ExportJob.options)
+    validation_device: str  # where validation runs the artifact: "cpu" | "cuda"
+    description: str
+    # The precisions it builds. None (the built-ins): the precision configs' ``backends`` say
+    # (quantize/precision.py); a backend registered from outside declares its own.
+    precisions: tuple[str, ...] | None
+
+    def check(self, job: ExportJob) -> None:
+        """Fail (UsageError) before any work: a missing toolchain or device, a bad option value."""
+
+    def export_component(self, module: Any, spec: Any, example: Mapping[str, Any], path: Path, job: ExportJob,
+                         translation_table: Mapping[Any, Any]) -> Any:
+        """Base backends: export ``module`` (forward(*inputs) -> tuple) to ``path``; return a manifest.Component."""
+
+    def derive(self, ctx: DeriveContext) -> Derived:
+        """Derived backends: build every component of the parent artifact into ``ctx.out_dir``."""
+
+    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
+             interleaved: bool = False) -> ComponentFn:
+        """A component file as a callable with ``input_names`` / ``output_names``.
+
+        ``interleaved``: the caller alternates this component with other work on the same cores (the
+        benchmark): thread pools must not spin-wait between calls.
+        """
+
+
+class BackendBase:
+    """Defaults for the protocol's optional parts, so a backend writes only what it does."""
+
+    parent: str | None = None
+    options: Mapping[str, Any] = {}
+    validation_device = "cpu"
+    description = ""
+    precisions: tuple[str, ...] | None = None
+
+    def check(self, job: ExportJob) -> None:
+        return None
+
+    def export_component(self, module: Any, spec: Any, example: Mapping[str, Any], path: Path, job: ExportJob,
+                         translation_table: Mapping[Any, Any]) -> Any:
+        raise UsageError(f"Backend {self.name} is built from a {self.parent} artifact, not exported from torch.")
+
+    def derive(self, ctx: DeriveContext) -> Derived:
+        raise UsageError(f"Backend {self.name} exports from torch; it is not derived from another artifact.")
+
+
+# ---------------------------------------------------------------- the registry
+# The built-in backends, by name -> the module whose import registers it. Names are listed here so that
+# `--help` and `vlexport list` can show them without importing torch.
+BUILTIN: dict[str, str] = {
+    "onnx": "vlexport.export.onnx",
+    "onnx-opt": "vlexport.export.onnx_optimized",
+    "aoti": "vlexport.export.compile",
+    "tensorrt": "vlexport.export.tensorrt",
+}
+# Earlier spellings users may still type; never written anywhere.
+ALIASES = {"trt": "tensorrt"}
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add ``backend`` under ``backend.name`` (tests register throwaway backends the same way)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{backend!r} does not implement the Backend protocol (export/backend.py)")
+    if backend.parent is not None and backend.parent == backend.name:
+        raise ValueError(f"backend {backend.name} cannot derive from itself")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def backend_precisions(backend: Backend) -> tuple[str, ...]:
+    """What ``backend`` builds: its own declaration, else every precision config that names it."""
+    if getattr(backend, "precisions", None) is not None:
+        return tuple(backend.precisions)
+    from vlexport.quantize.precision import precisions_for_backend
+
+    return precisions_for_backend(backend.name)
+
+
+def backend_options(backend: Backend) -> dict[str, Any]:
+    """Option name -> default; a derived backend also takes its parent's options (``--optimize --opset 17``)."""
+    parent = backend_options(get_backend(backend.parent)) if backend.parent else {}
+    return {**parent, **dict(backend.options)}
+
+
+def canonical_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*BUILTIN, *_REGISTRY]))
+
+
+def get_backend(name: str) -> Backend:
+    name = canonical_name(name)
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])  # registers it
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise UsageError(f"Unknown backend {name!r}: choose from {', '.join(backend_names())}.")
+    return backend

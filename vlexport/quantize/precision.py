@@ -1,0 +1,171 @@
+"""One definition per precision: a frozen config carrying its dtype, tolerance row and the backends it applies to.
+
+The shape is torchao's (``Int8WeightOnlyConfig(group_size=...)``): a precision is a small dataclass whose
+fields are the scheme's knobs, validated in ``__post_init__``; what every instance of a precision shares
+(its name, the dtype of its float tensors, how validation judges it, where it can be built) are class
+attributes. Validation's tolerance table, the benchmark's dtypes and TensorRT's builder flags are all
+read from here (docs/ARCHITECTURE.md, "a new precision"). Imports nothing heavy: the CLI lists these
+without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vlexport.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How an artifact of a precision is judged against eager fp32.
+
+    fp32 compares values elementwise; reduced precisions compare direction (cosine) and task results.
+    """
+
+    atol: float | None = None  # elementwise |a - b| <= atol + rtol * |b|
+    rtol: float | None = None
+    min_cosine: float | None = None  # per-output cosine similarity of the flattened tensors
+    min_agreement: float | None = None  # share of rows (or generated samples) whose task-level result agrees
+
+    @property
+    def exact_tokens(self) -> bool:
+        """Generation must equal HF generate() token for token (value-exact precisions)."""
+        return self.atol is not None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Base of the precision configs; subclasses set the class attributes below."""
+
+    name: ClassVar[str]
+    # numpy-style name of the artifact's float activations ("float32", "float16", "bfloat16"); int8 schemes
+    # quantize weights (and maybe activations inside the graph) but keep float32 at the graph's boundary.
+    dtype: ClassVar[str]
+    tolerance: ClassVar[Tolerance]
+    # Where this precision can be produced today: export-backend names (export/backend.py) and the bench's
+    # torch runners (eager, compile).
+    backends: ClassVar[tuple[str, ...]]
+    tensorrt_flags: ClassVar[tuple[str, ...]] = ()  # trt.BuilderFlag names to set
+    tensorrt_clear_flags: ClassVar[tuple[str, ...]] = ()  # ... and to clear
+    description: ClassVar[str] = ""
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype a torch module is cast to for this precision (None: weights are quantized instead)."""
+        import torch
+
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.dtype) \
+            if not self.name.startswith("int8") else None
+
+    def applies_to(self, backend: str) -> bool:
+        return backend in self.backends
+
+
+# Tolerances. fp32: the exporters reorder float ops (fused matmuls, other reduction orders), so relative
+# errors of ~1e-6 are normal; 1e-4 leaves room for deep models without hiding a wrong graph (a wrong mask
+# or cache gives errors of 1e-2 or more). fp16 keeps ~3 decimal digits, bf16 ~2: cosines of 0.999 / 0.99
+# over whole outputs. int8 dynamic quantization of activations and weights loses more: 0.98, with task
+# agreement on top; weight-only int8 keeps activations in float and loses less.
+@dataclass(frozen=True)
+class Fp32Config(PrecisionConfig):
+    name: ClassVar[str] = "fp32"
+    dtype: ClassVar[str] = "float32"
+    tolerance: ClassVar[Tolerance] = Tolerance(atol=1e-4, rtol=1e-4)
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "onnx-opt", "aoti", "tensorrt")
+    # TF32 is on by default in TensorRT; its 10-bit mantissa misses fp32 tolerances.
+    tensorrt_clear_flags: ClassVar[tuple[str, ...]] = ("TF32",)
+    description: ClassVar[str] = "reference precision: values within 1e-4 of eager"
+
+
+@dataclass(frozen=True)
+class Fp16Config(PrecisionConfig):
+    name: ClassVar[str] = "fp16"
+    dtype: ClassVar[str] = "float16"
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.999, min_agreement=0.99)
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "tensorrt")
+    tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16",)
+    description: ClassVar[str] = "half precision weights and activations"
+
+
+@dataclass(frozen=True)
+class Bf16Config(PrecisionConfig):
+    name: ClassVar[str] = "bf16"
+    dtype: ClassVar[str] = "bfloat16"
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile")
+    description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig(PrecisionConfig):
+    """int8 weights, activations quantized at run time per tensor (ONNX Runtime dynamic quantization)."""
+
+    per_channel: bool = True  # one weight scale per output channel: outlier channels keep their own range
+    name: ClassVar[str] = "int8-dynamic"
+    dtype: ClassVar[str] = "float32"
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
+    backends: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
+
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class Int8StaticConfig(PrecisionConfig):
+    """int8 weights and activations with scales calibrated ahead of time (QDQ graphs, TensorRT int8)."""
+
+    method: str = "minmax"
+    name: ClassVar[str] = "int8-static"
+    dtype: ClassVar[str] = "float32"
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
+    backends: ClassVar[tuple[str, ...]] = ("tensorrt",)
+    # int8 layers that TensorRT cannot run in int8 fall back to fp16, not fp32.
+    tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16", "INT8")
+    description: ClassVar[str] = "int8 weights and activations, calibrated scales"
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise UsageError(f"Unknown calibration method {self.method!r}: choose {', '.join(CALIBRATION_METHODS)}.")
+
+
+@dataclass(frozen=True)
+class Int8WeightConfig(PrecisionConfig):
+    """Weight-only int8 (activations stay float): the decode-bandwidth lever for language models."""
+
+    block_size: int = 32  # weights sharing one scale along the input dim (MatMulNBits' block_size)
+    name: ClassVar[str] = "int8-weight"
+    dtype: ClassVar[str] = "float32"
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
+    backends: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = "int8 weights only, float activations"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UsageError(f"block_size must be a power of two >= 16, got {self.block_size}.")
+
+
+# The registry: every precision by name, with its default knobs.
+PRECISIONS: dict[str, PrecisionConfig] = {
+    c.name: c for c in (Fp32Config(), Fp16Config(), Bf16Config(), Int8DynamicConfig(), Int8StaticConfig(),
+                        Int8WeightConfig())
+}
+# Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).
+ALIASES = {"int8": "int8-static"}
+
+
+def get_precision(name: str | PrecisionConfig) -> PrecisionConfig:
+    if isinstance(name, PrecisionConfig):
+        return name
+    config = PRECISIONS.get(ALIASES.get(name, name))
+    if config is None:
+        raise UsageError(f"Unknown precision {name!r}: choose from {', '.join(PRECISIONS)}.")
+    return config
+
+
+def precisions_for_backend(backend: str) -> tuple[str, ...]:
+    return tuple(name for name, c in PRECISIONS.items() if c.applies_to(backend))
