@@ -24,6 +24,7 @@ CI_MAX_SLOWDOWN = 0.75
 CI_GATE = ["--max-slowdown", str(CI_MAX_SLOWDOWN)]  # ratios only: no --absolute
 
 
+@pytest.mark.timing
 def test_ci_suite_then_regress_against_committed_baseline(tmp_path: Path, capsys) -> None:
     current = tmp_path / "ci.json"
     assert main(["bench", "--suite", "ci-cpu", "--suite-file", str(SUITES), "--json", str(current)]) == 0

@@ -37,6 +37,9 @@ def _model_flags() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task / head to export (default: the preset's first task)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and example inputs")
+    p.add_argument("--allow-new-weights", type=_csv, default=(), metavar="GLOB,...",
+                   help="checkpoint tensors that may be missing and get fresh seeded values (e.g. a new head); "
+                        "recorded in the manifest. Without it a checkpoint that lacks tensors is refused")
     return p
 
 
@@ -101,7 +104,8 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     from vlexport.pipeline import ExportJob, run_export
 
     job = ExportJob(args.model, args.output, backend=backend, task=args.task, precision=args.precision,
-                    random_weights=args.random_weights, seed=args.seed, kernels=getattr(args, "kernels", ()),
+                    random_weights=args.random_weights, seed=args.seed, allow_new_weights=args.allow_new_weights,
+                    kernels=getattr(args, "kernels", ()),
                     force=args.force, validate=not args.no_validate,
                     options={k: v for k, v in options.items() if v is not None})
     with console.status(verb) as status:

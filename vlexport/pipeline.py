@@ -42,7 +42,7 @@ from vlexport.support_files import copy_support_files, tokenizer_record, write_c
 from vlexport.validate import eager_references, raise_on_failure
 from vlexport.weights import ModelSource, load_model, resolve, source_from_manifest
 
-__all__ = ["KERNEL_NAMES", "ExportJob", "Progress", "injected", "run_export"]
+__all__ = ["KERNEL_NAMES", "ExportJob", "Progress", "check_job", "injected", "run_export"]
 
 
 def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
@@ -53,14 +53,15 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
     one; loading full-size weights twice costs seconds). A model passed in is the caller's: it is not
     dropped before the artifact loads.
     """
-    backend = _checked(job)
+    backend = check_job(job)
     if backend.parent is None:
         return _export(job, backend, progress, _Eager(model))
     return _derive(job, backend, progress, _Eager(model))
 
 
-def _checked(job: ExportJob) -> Backend:
-    """Every option checked before minutes of work: backend, precision, backend options."""
+def check_job(job: ExportJob) -> Backend:
+    """Every option checked before minutes of work: backend, precision, backend options (and the backend's
+    own toolchain and device). Normalises ``job`` (canonical names, option defaults); returns the backend."""
     backend = get_backend(job.backend)
     job.backend = backend.name
     precision = get_precision(job.precision)
@@ -126,7 +127,8 @@ def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...
 
 # ---------------------------------------------------------------- base backends: export from torch
 def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
-    source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
+    source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
+                     allow_new_weights=job.allow_new_weights)
     task = source.check_task(job.task)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
     check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
@@ -195,7 +197,8 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
         task = parent.task
         name = parent.source.get("preset") or given.name
     else:
-        source = resolve(job.model, random_weights=job.random_weights, seed=job.seed)
+        source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
+                     allow_new_weights=job.allow_new_weights)
         task = source.check_task(job.task)
         name = Path(job.model).name
     job.output = job.output or _default_output(name, task, job)

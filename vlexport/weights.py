@@ -56,8 +56,12 @@ class ModelSource:
         return task
 
 
-def resolve(model: str, *, random_weights: bool = False, seed: int = 0) -> ModelSource:
-    """Resolve a preset name or a local directory into a :class:`ModelSource` (no weights loaded)."""
+def resolve(model: str, *, random_weights: bool = False, seed: int = 0,
+            allow_new_weights: tuple[str, ...] = ()) -> ModelSource:
+    """Resolve a preset name or a local directory into a :class:`ModelSource` (no weights loaded).
+
+    ``allow_new_weights``: glob patterns of tensors a checkpoint may lack (a head meant to be fresh).
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return _resolve_local(path, model)

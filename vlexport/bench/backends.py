@@ -103,11 +103,19 @@ def register_runner(name: str) -> Callable[[Runner], Runner]:
     return wrap
 
 
-def check_backends(names: Sequence[str]) -> None:
+def check_backends(names: Sequence[str], precisions: Sequence[str] = ("fp32",), device: str = "cpu") -> None:
+    """Every backend x precision the plan asks for can be built here: fail before any model loads or exports
+    (a missing TensorRT, a precision a backend does not build), not after minutes of other variants."""
+    from vlexport.pipeline import check_job
+
     known = (*RUNNERS, *backend_names())
     unknown = [n for n in names if n not in RUNNERS and canonical_name(n) not in backend_names()]
     if unknown:
         raise UsageError(f"Unknown backend(s) {unknown}: --backends takes a comma list of {', '.join(known)}.")
+    for name in (n for n in names if n not in RUNNERS):  # runners check their precision when built
+        for precision in precisions:
+            options = {"device": device} if "device" in backend_options(get_backend(name)) else {}
+            check_job(ExportJob("", None, backend=name, precision=precision, options=options))
 
 
 def build_variant(ctx: BenchContext, name: str, precision: str) -> Variant:

@@ -93,8 +93,8 @@ class Group:
 def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRow]:
     """Run every group of the plan; return rows with speed-ups filled in."""
     progress = progress or NoProgress()
-    check_backends(plan.backends)
     device = resolve_device(plan.device)
+    check_backends(plan.backends, plan.precisions, device)
     before = torch.get_num_threads()
     threads = plan.threads or before
     rows: list[BenchRow] = []

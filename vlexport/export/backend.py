@@ -41,6 +41,8 @@ class ExportJob:
     precision: str = "fp32"
     random_weights: bool = False
     seed: int = 0
+    # glob patterns of checkpoint tensors that may be absent and freshly (seeded) initialised, e.g. a new head
+    allow_new_weights: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
     force: bool = False
     validate: bool = True
@@ -50,6 +52,7 @@ class ExportJob:
     def __post_init__(self) -> None:
         self.output = Path(self.output) if self.output is not None else None
         self.kernels = tuple(self.kernels)
+        self.allow_new_weights = tuple(self.allow_new_weights)
         unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
         if unknown:
             raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
