@@ -76,3 +76,38 @@ def test_compile_usage_errors(tmp_path: Path, capsys) -> None:
         code = main(["compile", "bridgetower-tiny", "--random-weights", "--device", "cuda", "-o", str(tmp_path / "x")])
         assert code == 2 and "CUDA" in capsys.readouterr().err
         assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_dual_encoder_compiles_with_its_position_limit(tmp_path: Path) -> None:
+    """torch.export guards the text axis at max_position_embeddings (a learned position table): the
+    component declares that bound instead of failing with "Constraints violated (sequence)"."""
+    out = tmp_path / "vtde"
+    assert main(["compile", "vision-text-dual-encoder-tiny", "--random-weights", "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] is True
+    assert max(manifest["validation"]["max_abs_error"].values()) <= 1e-4
+
+
+def test_with_axis_limits_bounds_token_axes_only() -> None:
+    from vlexport.models.base import with_axis_limits
+
+    source = resolve("blip-tiny", random_weights=True)
+    (spec,) = source.family.task("itm").components(source.config)
+    bounded = with_axis_limits(spec, source.config)
+    limit = source.config.text_config.max_position_embeddings
+    assert bounded.axis_max == {"sequence": limit} and spec.axis_max == {}
+    t5 = resolve("blip2-flan-t5-tiny", random_weights=True)
+    decoder = t5.family.task("generate").components(t5.config)[-1]
+    assert with_axis_limits(decoder, t5.config).axis_max == {}  # relative positions: no table, no bound
+
+
+def test_compile_errors_name_the_cause_not_the_compiler(monkeypatch) -> None:
+    from vlexport.export import compile as aoti
+
+    err = RuntimeError("Constraints violated (sequence)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
+                       "  - Not all values of sequence satisfy the generated guard sequence <= 64\n"
+                       "Suggested fixes:\n  sequence = Dim('sequence', max=64)\n")
+    text = aoti.explain_compile_error(err)
+    assert "guard sequence <= 64" in text and "Dim('sequence', max=64)" in text and "compiler" not in text
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert "needs no-such-compiler-here on the PATH" in aoti.explain_compile_error(err)

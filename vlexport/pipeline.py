@@ -34,7 +34,7 @@ from vlexport.export.backend import (
     get_backend,
 )
 from vlexport.manifest import Component, Manifest, ValidationReport
-from vlexport.models.base import FamilySpec, TaskSpec
+from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
 from vlexport.quantize.precision import get_precision
 from vlexport.runtime import load_artifact
@@ -138,6 +138,7 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
         components: dict[str, Component] = {}
         with _timed(job, "export", progress), injected(model, source.family, job.kernels) as inj:
             for spec in task_spec.components(model.config):
+                spec = with_axis_limits(spec, model.config)
                 progress(f"exporting {spec.name}")
                 example = (spec.example_inputs(model, EXPORT_SHAPE, job.seed) if spec.example_inputs
                            else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed))

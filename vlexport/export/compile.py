@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,24 @@ def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[s
                 program, package_path=str(path),
                 inductor_configs={**dict(configs or {}), "aot_inductor.metadata": meta})
         except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
-            # A missing C++ compiler or an untraceable op: one readable paragraph, not a 200-line trace.
-            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-            raise CheckError(f"AOTInductor could not compile component {spec.name!r}: {first}. AOTInductor needs a "
-                             "C++ compiler (g++) on the PATH for CPU packages.") from e
+            why = explain_compile_error(e)
+            raise CheckError(f"AOTInductor could not compile component {spec.name!r}: {why}") from e
     return _describe(program, spec, path)
+
+
+def explain_compile_error(e: BaseException) -> str:
+    """The part of a torch.export / Inductor error that says why, in one paragraph (not a 200-line trace).
+
+    A constraint violation names the dim, the guard the model put on it and torch's suggested fix; a
+    missing compiler is only blamed when there is none.
+    """
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("For more information", "The error above", "If you would"))]
+    text = " ".join(keep[:4])[:600] or type(e).__name__
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        text += f" (no C++ compiler: AOTInductor needs {compiler} on the PATH for CPU packages)"
+    return text
 
 
 def _describe(program: torch.export.ExportedProgram, spec: ComponentSpec, path: Path) -> Component:

@@ -38,7 +38,7 @@ def dynamic_shapes(spec: ComponentSpec, example: Mapping[str, torch.Tensor]) -> 
 
     def dim(name: str) -> torch.export.Dim:
         if name not in dims:
-            dims[name] = torch.export.Dim(name, min=1, max=1 << 16)
+            dims[name] = torch.export.Dim(name, min=1, max=spec.axis_max.get(name, 1 << 16))
         return dims[name]
 
     per_input = []

@@ -7,6 +7,7 @@ The export/validate/runtime mechanism lives once, outside the family modules.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,28 @@ class ComponentSpec:
     build: Callable[[PreTrainedModel], nn.Module]
     # (model, shape, seed) -> example inputs of this component; None: the task's make_inputs
     example_inputs: Callable[[PreTrainedModel, InputShape, int], dict[str, torch.Tensor]] | None = None
+    # Largest size per dynamic axis name (with_axis_limits): what the model's own tables allow
+    axis_max: Mapping[str, int] = field(default_factory=dict)
+
+
+# Token axes bounded by the text model's learned position table.
+_POSITION_AXES = ("sequence", "past_sequence", "total_sequence")
+
+
+def with_axis_limits(spec: ComponentSpec, config: PretrainedConfig) -> ComponentSpec:
+    """``spec`` with its token axes bounded by ``max_position_embeddings`` of the (text) config.
+
+    Models with a learned position table slice ``position_ids[:, :seq_len]``: torch.export then guards
+    ``seq_len <= max_position_embeddings`` and refuses an unbounded dynamic dim ("Constraints violated
+    (sequence)"). Declaring the bound the model really has exports the same graph, and states its limit.
+    Relative-position models (T5) have no such table and keep unbounded axes.
+    """
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    names = {name for axes in spec.dynamic_axes.values() for name in axes.values()}
+    if not isinstance(limit, int) or not names & set(_POSITION_AXES):
+        return spec
+    return dataclasses.replace(spec, axis_max={**spec.axis_max, **{a: limit for a in _POSITION_AXES if a in names}})
 
 
 class OutputSelector(nn.Module):
