@@ -15,6 +15,19 @@ import torch
 # pytest-xdist workers share the machine's cores: one intra-op thread each, so that two workers on two
 # cores do not oversubscribe them; alone, two threads. Fixed either way, so numerics do not follow the load.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+# triton decides at decoration time (when it and vlexport_kernels are imported) whether kernels run in its
+# CPU interpreter: import both under TRITON_INTERPRET=1 here, before any test module can import them,
+# whatever order the directories are collected in (tests/kernels/conftest.py explains the two moments).
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import vlexport_kernels  # noqa: F401
+finally:
+    if _saved_interpret is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_interpret
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 _LOCK = Path(tempfile.gettempdir()) / f"vlexport-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'solo')}.lock"
 

@@ -140,9 +140,9 @@ def test_parity_failure_is_reported_not_timed(fake_backends, tmp_path: Path, cap
 def test_bench_usage_errors(capsys) -> None:
     assert main(["bench", *TINY, "--backends", "eager,flash"]) == 2
     assert "Unknown backend" in capsys.readouterr().err
-    assert main(["bench", *TINY, "--backends", "onnx", "--precision", "fp16", "--batch-sizes", "1"]) == 2
+    assert main(["bench", *TINY, "--backends", "aoti", "--precision", "fp16", "--batch-sizes", "1"]) == 2
     # The registry knows what each backend builds: refused before any timing, with what it does build.
-    assert "onnx backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
+    assert "aoti backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
     assert main(["bench", *TINY, "--backends", "compile", "--precision", "int8-static", "--batch-sizes", "1"]) == 2
     assert "compile runner runs fp32, fp16, bf16, not int8-static" in " ".join(capsys.readouterr().err.split())
     assert main(["bench", *TINY, "--precision", "fp8"]) == 2

@@ -159,5 +159,7 @@ def test_regress_cli_exit_codes(tmp_path: Path, capsys) -> None:
     write_rows(empty, [])
     capsys.readouterr()
     assert main(["regress", str(base), str(empty), "--allow-missing"]) == 1  # skipped every row: compared none
-    text = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()
+    text = " ".join(captured.out.split())
     assert "NOTHING" in text and "in 0 compared row(s)" in text
+    assert "Nothing was compared" in captured.err and "--allow-empty" in captured.err  # the way out is named

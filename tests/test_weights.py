@@ -41,7 +41,8 @@ def test_local_dir_loads_saved_weights_exactly(tmp_path: Path) -> None:
 
 
 def test_local_dir_of_unusual_size_exports_and_validates(tmp_path: Path) -> None:
-    # Not a preset's sizes: 2 heads of 32, 48 px images, one layer, scaled_add link towers. Shapes must come from the config.
+    # Not a preset's sizes: 2 heads of 32, 48 px images, one layer, scaled_add link towers.
+    # Shapes must come from the config.
     _save_tiny(tmp_path / "m", link_tower_type="scaled_add")
     manifest = run_export(ExportJob(str(tmp_path / "m"), tmp_path / "out", task="itm"))
     assert manifest.weights["kind"] == "local"
@@ -136,3 +137,75 @@ def test_check_safetensors_accepts_a_good_file(tmp_path: Path) -> None:
     _save_tiny(tmp_path)
     header = json.loads(check_safetensors(tmp_path / "model.safetensors"))
     assert any(k.endswith("itm_score.weight") or "itm" in k for k in header)
+
+
+# ---------------------------------------------------------------- checkpoints must fill the task's class exactly
+def _tiny_classes() -> list[tuple[str, str]]:
+    """(tiny preset, task) for each distinct HF class of the tiny presets."""
+    from vlexport.presets import PRESETS
+
+    seen, cases = set(), []
+    for preset in (p for p in PRESETS.values() if p.is_tiny):
+        src = resolve(preset.name, random_weights=True)
+        for task in preset.tasks:
+            name = src.family.task(task).hf_class_name
+            if name not in seen:
+                seen.add(name)
+                cases.append((preset.name, task))
+    return cases
+
+
+@pytest.mark.parametrize(("preset", "task"), _tiny_classes())
+def test_complete_save_of_every_tiny_class_loads_cleanly(tmp_path: Path, preset: str, task: str) -> None:
+    # Tied weights (LM heads) are absent from a complete save and must not count as missing.
+    saved = load_model(resolve(preset, random_weights=True), task)
+    saved.save_pretrained(tmp_path / "m")
+    source = resolve(str(tmp_path / "m"))
+    loaded = load_model(source, task)
+    assert "new_weights" not in source.origin and len(source.origin["sha256"]) == 64
+    for (name, a), b in zip(saved.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_unused_head_of_another_task_is_fine_a_missing_one_is_not(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "m")  # BridgeTowerForImageAndTextRetrieval: no MLM head
+    assert load_model(resolve(str(tmp_path / "m")), "features") is not None  # its ITM head is only unused
+    with pytest.raises(CheckError, match=r"lacks 6 .* mlm_score\.bias.*export itm \(--task\).*--allow-new-weights "
+                                         r"mlm_score\.\*"):
+        load_model(resolve(str(tmp_path / "m")), "mlm")
+
+
+def test_allowed_new_weights_are_seeded_by_name(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "m")
+    heads = []
+    for seed, global_seed in ((1, 0), (1, 99), (2, 0)):
+        torch.manual_seed(global_seed)  # the global RNG must not matter: validation runs in another process
+        source = resolve(str(tmp_path / "m"), seed=seed, allow_new_weights=("mlm_score.*",))
+        heads.append(load_model(source, "mlm").mlm_score.transform.dense.weight.detach().clone())
+        assert source.origin["new_weights"][0] == "mlm_score.bias" and len(source.origin["new_weights"]) == 6
+        assert source.origin["new_weights_seed"] == seed
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert 0.01 < heads[0].std().item() < 0.04
+
+
+def test_content_hash_sees_a_changed_value_under_the_same_header(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from vlexport.weights import weights_sha256
+
+    _save_tiny(tmp_path / "m")
+    before = resolve(str(tmp_path / "m")).origin["sha256"]
+    f = tmp_path / "m" / "model.safetensors"
+    header = check_safetensors(f)
+    tensors = load_file(f)
+    tensors["itm_score.fc.bias"] += 1
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert check_safetensors(f) == header
+    assert weights_sha256(tmp_path / "m") != before  # in the same process too: the memo keys on mtime and inode
+
+
+def test_composed_preset_advice_names_dual_encoder(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="no upstream checkpoint.*vlexport dual-encoder") as e:
+        resolve("vision-text-dual-encoder")
+    assert "download" not in str(e.value)

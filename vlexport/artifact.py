@@ -1,66 +1,399 @@
-"""Atomic artifact directories: build in a sibling temp dir, rename into place only on success."""
+"""Atomic artifact directories: build in a sibling temp dir, rename into place only on success.
+
+Every writer goes through here: a failure, Ctrl-C, SIGTERM or SIGHUP leaves nothing behind, two never share a target.
+
+- ``output_scope`` turns signals into :class:`~vlexport.errors.Interrupted` and owns the locks taken inside it.
+- The lock is ``fcntl.flock`` on ``.<name>.lock`` beside the target, held from ``check_output_dir`` to the
+  final rename and then removed. A second writer fails at once, ``--force`` or not: ``--force`` replaces a
+  finished artifact, never one that another process is still writing (waiting could mean tens of minutes
+  behind a TensorRT build; serialise on purpose with ``flock(1)``). flock dies with its process, so SIGKILL
+  leaves no stale lock, only the file, which the next writer reuses and removes.
+- Staging dirs are ``.<name>.<pid>-<host>.<random>.partial`` (``.parent.partial``: a derived backend's scratch):
+  the lock's holder removes those killed writers left; :func:`describe_partial` says what one is.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlexport.errors import UsageError
+from vlexport.errors import SIGNALS, CheckError, UsageError, interrupts_as_exceptions, signals_held
+
+PathLike = str | Path
+Sources = PathLike | Iterable[PathLike | None] | None  # the model directories an output must stay out of
+_TAG_RE = r"(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)"
+_STAGING_RES = (  # the last one: a release before the locks
+    re.compile(rf"^\.(?P<name>.+)\.{_TAG_RE}\.[a-z0-9_]+\.(?P<kind>partial|parent\.partial)$"),
+    re.compile(rf"^\.(?P<name>.+)\.{_TAG_RE}\.(?P<kind>old)$"),
+    re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>partial|parent\.partial)$"),
+)
 
 
-def check_output_dir(out: Path, *, force: bool) -> None:
-    """Fail early (before any expensive work) on an existing or unwritable output directory."""
-    if out.exists() and not force:
-        raise UsageError(f"Output directory {out} already exists. Pass --force to replace it, or choose another -o.")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"Output path {out} exists and is not a directory. Choose another -o.")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise UsageError(f"Cannot write to {out}: {parent} is a file, not a directory. Choose another -o.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"Cannot write to {out}: {parent} is not writable. Choose another -o.")
+class _Local(threading.local):
+    """Per thread: the output locks held (by resolved path), the open output scopes, the live scratch dirs."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, _Lock] = {}
+        self.scopes: list[_Scope] = []
+        self.scratch: list[tuple[Path, Path]] = []  # (scratch dir, the user's output it serves)
+
+
+_LOCAL = _Local()
+
+
+# ---------------------------------------------------------------- output locks
+@dataclass
+class _Lock:
+    path: Path
+    fd: int
+    count: int = 1
+
+
+@dataclass
+class _Scope:
+    locks: list[str] = field(default_factory=list)
+    made: list[Path] = field(default_factory=list)  # parent dirs check_output_dir created (removed on failure)
+
+
+def lock_path(out: PathLike) -> Path:
+    out = Path(out)
+    return Path(os.path.abspath(out)).parent / f".{out.name}.lock"
+
+
+def _tag() -> str:
+    return f"{os.getpid()}-{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40]}"
+
+
+def _acquire(out: Path, display: Path) -> None:
+    """Take (or, held by this thread already, re-enter) the lock of ``out``; fail at once when another holds it."""
+    key = str(out.resolve())
+    if key in _LOCAL.locks:
+        _LOCAL.locks[key].count += 1
+        return
+    path = lock_path(out)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise _unwritable(display, path.parent, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            who = "export in this process" if owner.startswith(f"pid {os.getpid()} ") else "vlexport process"
+            raise UsageError(f"Another {who} ({owner}) is writing {display}; wait for it or choose another -o "
+                             f"(its lock: {path}).") from None
+        # The previous holder removes the file as it lets go: the lock we got must be on the file still there.
+        with contextlib.suppress(FileNotFoundError):
+            st, now = os.fstat(fd), os.stat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                break
+        os.close(fd)
+    with contextlib.suppress(OSError):  # who holds it, for the loser's message; best effort on a full disk
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _LOCAL.locks[key] = _Lock(path, fd)
+
+
+def _release(key: str) -> None:
+    lock = _LOCAL.locks[key]
+    lock.count -= 1
+    if lock.count == 0:
+        del _LOCAL.locks[key]
+        with contextlib.suppress(OSError):
+            lock.path.unlink()  # still holding it: a waiter that opened this file sees the inode change and retries
+        os.close(lock.fd)
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure (Ctrl-C too) it is removed."""
+def output_scope() -> Iterator[None]:
+    """Signals raise :class:`Interrupted` inside; locks ``check_output_dir`` takes are held, made parents undone."""
+    with interrupts_as_exceptions():
+        scope = _Scope()
+        _LOCAL.scopes.append(scope)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            _LOCAL.scopes.remove(scope)
+            with signals_held():
+                for key in reversed(scope.locks):
+                    _release(key)
+                for made in reversed(scope.made if not ok else []):
+                    with contextlib.suppress(OSError):
+                        made.rmdir()
+
+
+# ---------------------------------------------------------------- checks before the work
+def _display(out: Path) -> Path:
+    """The path to name in messages: the user's output, never a scratch dir of ours."""
+    absolute = Path(os.path.abspath(out))
+    for scratch, user_out in reversed(_LOCAL.scratch):
+        if absolute == scratch or scratch in absolute.parents:
+            return user_out
+    return out
+
+
+def _unwritable(display: Path, where: Path, e: OSError) -> CheckError | UsageError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckError(f"No space left to write {display}: the filesystem of {where} is full "
+                          f"({_size(shutil.disk_usage(where).free)} free). Free some space or choose another -o.")
+    return UsageError(f"Cannot write to {display}: {where} is not writable ({e.strerror}). Choose another -o.")
+
+
+def _as_paths(source_dir: Sources) -> list[Path]:
+    items = [source_dir] if source_dir is None or isinstance(source_dir, (str, Path)) else list(source_dir)
+    return [Path(s) for s in items if s is not None]
+
+
+def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) -> None:
+    """Fail early (before any expensive work) on an output path that cannot or must not be replaced.
+
+    Refused whatever ``force`` says: the current directory or one above it, the source model directory
+    (``source_dir``: one or several), a directory inside it or above it, a path that is or lies under a regular
+    file, an unwritable place, an output another process is writing. An existing artifact needs ``force``.
+    Inside :func:`output_scope` (staged_dir opens one) this also creates the missing parents, takes the output's
+    lock (held until the scope ends) and removes what killed writers left. Messages name ``out`` as given.
+    """
     out = Path(out)
-    check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    display = _display(out)
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if out.name in ("", ".", "..") or target == cwd or target in cwd.parents:
+        raise UsageError(f"-o {display} is the current directory{' or above it' if target != cwd else ''}: the "
+                         "output directory is replaced as a whole. Name a new directory, e.g. -o ./artifact.")
+    for src in _as_paths(source_dir):
+        source = src.resolve()
+        how = ("is" if target == source else "is inside" if source in target.parents
+               else "contains" if target in source.parents else None)
+        if how:
+            raise UsageError(f"-o {display} {how} the source model directory {src}: exporting there would replace "
+                             "the model being exported. Choose an -o outside it.")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"Output path {display} exists and is a file, not a directory. Choose another -o.")
+    parent = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"Cannot write to {display}: {parent} is a file, not a directory. Choose another -o.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"Cannot write to {display}: {parent} is not writable. Choose another -o.")
+    if _LOCAL.scopes:
+        scope = _LOCAL.scopes[-1]
+        missing = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise _unwritable(display, d.parent, e) from None
+            scope.made.append(d)
+        _acquire(out, display)
+        scope.locks.append(str(out.resolve()))
+        clean_stale(out)
+    if out.exists() and not force:
+        raise UsageError(f"Output directory {display} already exists. Pass --force to replace it, or choose "
+                         "another -o.")
+
+
+def _check_space(out: Path, display: Path, expected_bytes: int | None) -> None:
+    free = shutil.disk_usage(Path(os.path.abspath(out)).parent).free
+    if expected_bytes and free < expected_bytes:
+        raise CheckError(f"Not enough space for {display}: the artifact needs at least {_size(expected_bytes)} (its "
+                         f"weights alone) and its filesystem has {_size(free)} free. Free some space or choose "
+                         "another -o; nothing was written.")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def tree_bytes(path: PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when a library wrapped it (torch's C++ writers raise RuntimeError with the text)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+# ---------------------------------------------------------------- staging and stale partials
+def parse_staging_name(name: str) -> dict[str, str] | None:
+    """``{"name", "kind", "pid", "host"}`` of a staging / set-aside directory name (pid, host: '' for old ones)."""
+    m = next((m for pattern in _STAGING_RES if (m := pattern.match(name))), None)
+    return {"pid": "", "host": "", **m.groupdict()} if m else None
+
+
+def describe_partial(directory: PathLike) -> str | None:
+    """What a vlexport staging directory is, for a user who passed one as an artifact (None: it is not one)."""
+    path = Path(directory)
+    info = parse_staging_name(path.name)
+    if info is None:
+        return None
+    writer = f"pid {info['pid']} on {info['host']}" if info["pid"] else "an earlier vlexport"
+    if info["pid"] and info["host"] == _tag().split("-", 1)[1]:
+        try:
+            os.kill(int(info["pid"]), 0)  # signal 0: only asks whether the process exists
+            writer += ", still running"
+        except ProcessLookupError:
+            writer += ", gone: killed before it could clean up"
+        except PermissionError:
+            writer += ", still running"
+    what = "set-aside copy of" if info["kind"] == "old" else "unfinished staging directory for"
+    return (f"{path} is the {what} {path.parent / info['name']}, not an artifact (its writer: {writer}). "
+            f"The next export to {path.parent / info['name']} removes it; or delete it.")
+
+
+def clean_stale(out: PathLike) -> list[Path]:
+    """Remove the staging dirs killed writers of ``out`` left (a set-aside ``.old`` goes back when ``out`` is
+    missing). Call it with the lock held: then no other writer of ``out`` is alive."""
+    out = Path(os.path.abspath(out))
+    done = []
+    for entry in sorted(out.parent.iterdir()):
+        info = parse_staging_name(entry.name)
+        if info is None or info["name"] != out.name or not entry.is_dir():
+            continue
+        if f"{info['pid']}-{info['host']}" == _tag():
+            continue  # ours: a derived backend's scratch parent, still in use
+        if info["kind"] == "old" and not out.exists():
+            entry.rename(out)  # killed between its two renames: the previous artifact goes back
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        done.append(entry)
+    return done
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the artifact should get the usual permissions
+    return umask
+
+
+def _make_staging(out: Path, suffix: str) -> Path:
+    parent = Path(os.path.abspath(out)).parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}.", suffix=suffix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should get the usual permissions
+    return tmp
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
+    old = out.parent / f".{out.name}.{_tag()}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
     try:
-        yield tmp
-        if out.exists():
-            # Move the old one aside first so a failure between the two renames loses nothing.
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old.rename(out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, renamed into place (reports, JSON rows)."""
+@contextlib.contextmanager
+def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None = None,
+               source_dir: Sources = None) -> Iterator[Path]:
+    """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure it is removed.
+
+    Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
+    naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
+    """
+    out = Path(out)
+    display = _display(out)
+    with output_scope():
+        if display == out:  # a signal from here on interrupts this write: what was committed before is not news
+            SIGNALS.committed = None
+        check_output_dir(out, force=force, source_dir=source_dir)
+        _check_space(out, display, expected_bytes)
+        try:
+            tmp = _make_staging(out, ".partial")
+        except OSError as e:
+            raise _unwritable(display, Path(os.path.abspath(out)).parent, e) from None
+        try:
+            try:
+                yield tmp
+            except BaseException as e:
+                if not _no_space(e):
+                    raise
+                written = _size(tree_bytes(tmp))
+                need = f"at least {_size(expected_bytes)} (its weights alone)" if expected_bytes else "more"
+                raise CheckError(f"No space left on the filesystem of {display} while writing the artifact: it needs "
+                                 f"{need}; {written} had been written when the disk filled. Free some space or choose "
+                                 "another -o; nothing was written.") from None
+            with signals_held():
+                _commit(tmp, out)
+                if display == out:  # a scratch parent is not the user's output
+                    SIGNALS.committed = out
+        except BaseException:
+            with signals_held():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def scratch_dir(out: PathLike, *, expected_bytes: int | None = None) -> Iterator[Path]:
+    """A temp dir beside ``out`` for intermediate work (a derived backend's parent), always removed; messages
+    about paths inside it name ``out``. Call it inside the scope that holds ``out``'s lock."""
+    out = Path(out)
+    with output_scope():
+        _check_space(out, out, expected_bytes)
+        Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
+        scratch = _make_staging(out, ".parent.partial")
+        _LOCAL.scratch.append((scratch, out))
+        try:
+            yield scratch
+        finally:
+            _LOCAL.scratch.remove((scratch, out))
+            with signals_held():
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, renamed into place (also on SIGTERM / SIGHUP)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with interrupts_as_exceptions():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; as readable as write_text's files
+            with signals_held():
+                os.replace(tmp, path)
+        except BaseException as e:
+            with signals_held(), contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if _no_space(e):
+                raise CheckError(f"No space left on the filesystem of {path} to write it ({_size(len(data))}); "
+                                 "nothing was written. Free some space or choose another path.") from None
+            raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, renamed into place (reports, JSON rows)."""
+    atomic_write_bytes(path, text.encode())

@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from vlexport import cli_args as opts  # option types and up-front checks
+from vlexport.artifact import atomic_write_text, check_output_dir
 from vlexport.errors import UsageError, VlexportError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -36,8 +38,8 @@ def _model_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--task", help="task / head to export (default: the preset's first task)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and example inputs")
-    p.add_argument("--allow-new-weights", type=_csv, default=(), metavar="GLOB,...",
+    opts.add_ranged(p, "--seed", "seed for --random-weights and example inputs", 0)
+    p.add_argument("--allow-new-weights", type=opts.csv, default=(), metavar="GLOB,...",
                    help="checkpoint tensors that may be missing and get fresh seeded values (e.g. a new head); "
                         "recorded in the manifest. Without it a checkpoint that lacks tensors is refused")
     return p
@@ -53,19 +55,8 @@ def _artifact_flags() -> argparse.ArgumentParser:
 
 def _kernel_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--kernels", type=_csv, default=(), help="inject fused kernels: attention,bridge")
+    p.add_argument("--kernels", type=opts.csv, default=(), help="inject fused kernels: attention,bridge")
     return p
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from None
 
 
 # ---------------------------------------------------------------- list
@@ -93,7 +84,8 @@ def _model_arg(p: argparse.ArgumentParser, *, artifact: bool = False) -> None:
 
 def _onnx_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
-    p.add_argument("--precision", default="fp32", choices=("fp32",), help="ONNX graphs are exported in fp32")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8-dynamic"),
+                   help="fp32, or a variant of the fp32 export (as `vlexport quantize` makes it)")
     p.add_argument("--optimize", action="store_true",
                    help="ONNX Runtime graph optimizations and fusions (backend onnx-opt)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
@@ -103,8 +95,9 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     from vlexport.display import artifact_summary
     from vlexport.pipeline import ExportJob, run_export
 
-    job = ExportJob(args.model, args.output, backend=backend, task=args.task, precision=args.precision,
-                    random_weights=args.random_weights, seed=args.seed, allow_new_weights=args.allow_new_weights,
+    job = ExportJob(args.model, args.output, backend=backend, task=getattr(args, "task", None),
+                    precision=args.precision, random_weights=getattr(args, "random_weights", False),
+                    seed=getattr(args, "seed", 0), allow_new_weights=getattr(args, "allow_new_weights", ()),
                     kernels=getattr(args, "kernels", ()),
                     force=args.force, validate=not args.no_validate,
                     options={k: v for k, v in options.items() if v is not None})
@@ -115,11 +108,23 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     return 0
 
 
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
+    p.add_argument("--precision", required=True,
+                   help="the variant, e.g. fp16 (range-sensitive ops and I/O stay fp32) or int8-dynamic (CPU); "
+                        "`vlexport list` shows what each backend builds")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from vlexport.manifest import Manifest
+
+    return _export(args, Manifest.read(args.model).backend, "quantizing")
+
+
 def cmd_onnx(args: argparse.Namespace) -> int:
     return _export(args, "onnx-opt" if args.optimize else "onnx", "exporting", opset=args.opset)
 
 
-# ---------------------------------------------------------------- dual-encoder
 def _compile_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--precision", default="fp32", choices=("fp32",), help="packages are compiled in fp32")
@@ -151,14 +156,15 @@ def _dual_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("vision", type=Path, help="vision encoder directory (save_pretrained: ViT, CLIP vision, ...)")
     p.add_argument("text", type=Path, help="text encoder directory (save_pretrained: BERT, RoBERTa, ...)")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to save the combined model")
-    p.add_argument("--projection-dim", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="seed for the new projection layers")
+    opts.add_ranged(p, "--projection-dim", "size of the shared embedding", 512)
+    opts.add_ranged(p, "--seed", "seed for the new projection layers", 0)
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def cmd_dual_encoder(args: argparse.Namespace) -> int:
     from vlexport.compose import compose_dual_encoder
 
+    check_output_dir(args.output, force=args.force)  # before both encoders load, not after
     path = compose_dual_encoder(args.vision, args.text, args.output, projection_dim=args.projection_dim,
                                 seed=args.seed, force=args.force)
     out.print(f"{path}: VisionTextDualEncoder (new projections, seed {args.seed}); export it with "
@@ -176,10 +182,11 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlexport.validate import raise_on_failure, validate_directory
 
+    opts.check_report_paths({"--json": args.json})  # before validation runs, so its report is not lost
     with console.status("validating"):
         report = validate_directory(args.directory, device=args.device)
     if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+        atomic_write_text(args.json, json.dumps(asdict(report), indent=2, default=str) + "\n")
     raise_on_failure(report, str(args.directory))
     errs = ", ".join(f"{k} {e:.2e}" for k, e in report.max_abs_error.items())
     out.print(f"{args.directory}: validation passed vs {report.reference}"
@@ -188,37 +195,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- bench
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="*", metavar="MODEL|DIR",
-                   help="presets / model directories (variants built per --backends) or artifact directories")
-    from vlexport.export.backend import backend_names
-
-    p.add_argument("--backends", type=_csv, default=("eager", "onnx"),
-                   help=f"comma list of eager, compile (torch, no artifact), {', '.join(backend_names())} "
-                        "(eager fp32 always runs)")
-    p.add_argument("--precision", type=_csv, default=("fp32",), help="comma list of precisions (default fp32)")
-    p.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
-    p.add_argument("--seq-len", type=int, default=32, help="text tokens per sample (padded masks)")
-    p.add_argument("--new-tokens", type=int, default=16, help="generation: tokens decoded per sample")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant and shape")
-    p.add_argument("--iters", type=int, default=20, help="timed calls per variant and shape")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"), help="default: auto")
-    p.add_argument("--threads", type=int, help="intra-op threads for torch and ONNX Runtime (default: torch's)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile / AOTI mode")
-    p.add_argument("--work-dir", type=Path, help="keep built artifacts here and reuse them (default: temp dir)")
-    p.add_argument("--suite", help="run a named suite from benchmarks/suites.toml instead of MODEL args")
-    p.add_argument("--suite-file", type=Path, help="suites file (default: benchmarks/suites.toml)")
-    p.add_argument("--json", type=Path, help="write rows as JSON (input of `vlexport regress`)")
-    p.add_argument("--markdown", type=Path, help="write a Markdown table")
-    p.add_argument("--plot", type=Path, help="write a PNG: latency vs batch and speed-up vs eager")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vlexport.bench import BenchPlan, run_bench, write_rows
-    from vlexport.bench.plot import plot_rows
-    from vlexport.bench.report import RichProgress, to_markdown, to_rich
+    from vlexport.bench import BenchPlan, run_bench
+    from vlexport.bench.report import RichProgress, to_rich, write_reports
     from vlexport.bench.suite import load_suite
 
+    opts.check_bench_args(args)  # whatever would lose the results after minutes of benchmarking, checked first
     if args.suite:
         plans = load_suite(args.suite, args.suite_file, device=args.device, threads=args.threads,
                            work_dir=args.work_dir)
@@ -226,6 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plans = [BenchPlan(tuple(args.models), backends=args.backends, precisions=args.precision,
                            batch_sizes=args.batch_sizes, seq_len=args.seq_len, warmup=args.warmup, iters=args.iters,
                            task=args.task, random_weights=args.random_weights, seed=args.seed, kernels=args.kernels,
+                           allow_new_weights=args.allow_new_weights,
                            device=args.device or "auto", threads=args.threads, compile_mode=args.compile_mode,
                            work_dir=args.work_dir, new_tokens=args.new_tokens)]
     rows, case_errors = [], 0
@@ -241,12 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     title = f"vlexport bench{f' --suite {args.suite}' if args.suite else ''}"
     for renderable in to_rich(rows, title=title):
         out.print(renderable)
-    if args.json:
-        write_rows(args.json, rows, suite=args.suite, argv=sys.argv[1:])
-    if args.markdown:
-        args.markdown.write_text(to_markdown(rows, title=title))
-    if args.plot and rows:
-        plot_rows(rows, args.plot)
+    write_reports(rows, title=title, json=args.json, markdown=args.markdown, plot=args.plot, suite=args.suite,
+                  argv=sys.argv[1:])
     failed = [r for r in rows if not r.ok]
     if failed or case_errors:
         console.print(f"[red]{len(failed)} row(s) failed parity or errored[/red]"
@@ -257,28 +236,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- regress
-def _regress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("baseline", type=Path, help="baseline JSON written by `vlexport bench --json`")
-    p.add_argument("current", type=Path, help="current JSON written by `vlexport bench --json`")
-    p.add_argument("--max-slowdown", type=float, default=0.10,
-                   help="allowed loss of speed-up vs eager, as a fraction (0.10 = 10%%)")
-    p.add_argument("--absolute", action="store_true",
-                   help="also judge absolute p50 latency (only meaningful on the same, quiet machine: machines of "
-                        "one kind differ 2-4x in speed)")
-    p.add_argument("--abs-max-slowdown", type=float,
-                   help="allowed absolute p50 slowdown with --absolute (default: --max-slowdown)")
-    p.add_argument("--allow-missing", action="store_true", help="rows absent from CURRENT are not regressions")
-    p.add_argument("--allow-empty", action="store_true",
-                   help="pass even when no row could be compared (by default a gate that compared nothing fails)")
-    p.add_argument("--all", action="store_true", help="list every comparison, not only regressions")
-
-
 def cmd_regress(args: argparse.Namespace) -> int:
     from vlexport.bench import compare, read_rows
     from vlexport.bench.regress import to_rich
 
-    if args.max_slowdown < 0 or (args.abs_max_slowdown or 0) < 0:
-        raise UsageError("--max-slowdown and --abs-max-slowdown are fractions >= 0 (0.10 = 10% slower).")
     if args.abs_max_slowdown is not None and not args.absolute:
         raise UsageError("--abs-max-slowdown applies with --absolute only.")
     baseline, _ = read_rows(args.baseline)
@@ -289,8 +250,9 @@ def cmd_regress(args: argparse.Namespace) -> int:
     if table.row_count:
         out.print(table)
     if report.failed:
+        nothing = any(f.kind == "nothing-compared" for f in report.failures)
         console.print(f"[red]{len(report.failures)} regression(s)[/red] in {report.compared} compared row(s) of "
-                      f"{args.current} against {args.baseline}.")
+                      f"{args.current} against {args.baseline}." + (f" {opts.NOTHING_COMPARED}" if nothing else ""))
         return 1
     out.print(f"no regressions: {report.compared} compared row(s) within +{args.max_slowdown:.0%}.")
     return 0
@@ -302,8 +264,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, required=True, help="image file (JPEG, PNG, ...)")
     p.add_argument("--text", action="append", default=[],
                    help="prompt / question (generative tasks) or text to score; may be given several times")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the artifact's, else 20)")
-    p.add_argument("--num-beams", type=int, help="beam search width (default: greedy)")
+    opts.add_ranged(p, "--max-new-tokens", "tokens to generate (default: the artifact's, else 20)")
+    opts.add_ranged(p, "--num-beams", "beam search width (default: greedy)")
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.add_argument("--raw-prompt", action="store_true", help="BLIP-2: use --text as is, not 'Question: ... Answer:'")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
@@ -337,20 +299,22 @@ COMMANDS: tuple[Command, ...] = (
             _compile_args, cmd_compile, (*_EXPORT, _kernel_flags)),
     Command("tensorrt", "TensorRT engine(s) from a model or an ONNX artifact, validated against eager",
             _tensorrt_args, cmd_tensorrt, _EXPORT, aliases=("trt",)),
+    Command("quantize", "an fp16 / int8 variant of an fp32 artifact, validated against eager fp32", _quantize_args,
+            cmd_quantize, (_artifact_flags,)),
     Command("dual-encoder", "combine two local encoders into a VisionTextDualEncoder directory",
             _dual_encoder_args, cmd_dual_encoder),
     Command("validate", "re-run validation of an artifact directory against eager PyTorch", _validate_args,
             cmd_validate),
     Command("run", "caption / answer / score an image with an artifact directory", _run_args, cmd_run),
     Command("bench", "benchmark backends against eager (interleaved, parity-checked); JSON / Markdown / PNG",
-            _bench_args, cmd_bench, (_model_flags, _kernel_flags)),
+            opts.bench_args, cmd_bench, (_model_flags, _kernel_flags)),
     Command("regress", "compare two bench JSON files; exit 1 on a slowdown, a missing row or a parity failure",
-            _regress_args, cmd_regress),
+            opts.regress_args, cmd_regress),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = opts.Parser(
         prog="vlexport", description="Export, validate and benchmark Hugging Face vision-language models. "
         "Exit codes: 0 ok, 1 failed check, 2 usage error.")
     from vlexport import __version__
@@ -361,24 +325,42 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(c.name, help=c.help, description=c.help, aliases=list(c.aliases),
                            parents=[make() for make in c.parents])
         c.add_args(p)
-        p.set_defaults(func=c.run)
+        p.set_defaults(func=opts.checked(c.run))  # option ranges checked before the command starts
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from vlexport.errors import Interrupted, interrupts_as_exceptions
+
     parser = build_parser()
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the CLI's own output
     try:
-        return args.func(args)
+        with interrupts_as_exceptions():  # SIGTERM / SIGHUP unwind (and clean up) like Ctrl-C, in every command
+            return args.func(args)
     except VlexportError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [extras]
         return e.exit_code
-    except KeyboardInterrupt:
-        console.print("[red]interrupted:[/red] nothing was written (partial output removed).")
-        return 130
+    except KeyboardInterrupt as e:  # exit 130 / 143 / 129 for SIGINT / SIGTERM / SIGHUP
+        stop = e if isinstance(e, Interrupted) else Interrupted(2)  # a bare KeyboardInterrupt is SIGINT's
+        done = f"{stop.committed} had been written" if stop.committed else "nothing was written (partial output " \
+            "removed)"
+        console.print(f"[red]interrupted ({stop.signal_name}):[/red] {escape(done)}.", soft_wrap=True)
+        if argv is None:  # the process's own entry point (console script, python -m vlexport.cli)
+            # CPython re-raises SIGINT on itself at exit (exit code -2, not ours) when a KeyboardInterrupt crossed a
+            # C-level PyRun_* boundary on its way up (torch's export stack has some), even one caught later.
+            # os._exit skips that step; what else a normal exit does (atexit hooks, stdio flushes) is done first.
+            import atexit
+
+            try:
+                atexit._run_exitfuncs()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(stop.exit_code)
+        return stop.exit_code
     except (ValueError, OSError) as e:
         # Library errors we did not anticipate still get one readable paragraph, not a traceback.
         if os.environ.get("VLEXPORT_DEBUG"):

@@ -72,7 +72,12 @@ def artifact_summary(directory: Path, manifest: Any) -> list[str]:
     lines = [f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
              f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
              f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}"]
-    if v.max_abs_error and not v.generation:
+    cosines = [c["cosine"] for c in v.checks if c.get("cosine") is not None]
+    agreements = [c["agreement"] for c in v.checks if c.get("agreement") is not None]
+    if cosines and not v.generation:  # reduced precisions are judged by direction and task results
+        lines.append(f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: min cosine {min(cosines):.5f}"
+                     + (f", min argmax agreement {min(agreements):.3f}" if agreements else ""))
+    elif v.max_abs_error and not v.generation:
         errs = ", ".join(f"{k} {e:.2e}" for k, e in v.max_abs_error.items())
         lines.append(f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: max abs error {errs}")
     else:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from vlexport.errors import CheckError, UsageError
+from vlexport.userdata import ShapeError, checked_fields, kind_of, read_json
 
 SCHEMA = "vlexport-artifact/1"
 MANIFEST = "manifest.json"
@@ -39,11 +40,13 @@ class Component:
     opset: int | None = None  # ONNX files: the default-domain opset the graph declares (read off the file)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Component:
-        d = dict(d)
-        d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
-        d["outputs"] = [TensorSpec(**t) for t in d["outputs"]]
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "component") -> Component:
+        """Raises ShapeError naming ``where`` and the field when ``d`` is not a component record."""
+        values = checked_fields(cls, d, where)
+        for key in ("inputs", "outputs"):
+            values[key] = [TensorSpec(**checked_fields(TensorSpec, t, f"{where}.{key}[{i}]"))
+                           for i, t in enumerate(values[key])]
+        return cls(**values)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -81,11 +84,11 @@ class ValidationReport:
         return cls(passed=None, summary="validation skipped (--no-validate)")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ValidationReport:
-        if d.get("skipped"):  # manifests written before this class
+    def from_dict(cls, d: dict[str, Any], where: str = "validation") -> ValidationReport:
+        """Raises ShapeError naming ``where`` and the field when ``d`` is not a validation report."""
+        if isinstance(d, dict) and d.get("skipped"):  # manifests written before this class
             return cls.skipped_report()
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**checked_fields(cls, d, where))
 
     def failure_lines(self, limit: int = 8) -> list[str]:
         """One line per failed check, for the error a miss raises."""
@@ -94,10 +97,10 @@ class ValidationReport:
             if f.get("step") is not None or f.get("output") == "tokens":  # generation mismatch
                 lines.append(f"  sample {f.get('sample')}: {f.get('detail')}")
                 continue
-            err = ", ".join(f"{k}={f[k]:.3g}" for k in ("max_abs", "max_rel", "cosine", "agreement")
+            err = ", ".join(f"{k}={_g(f[k])}" for k in ("max_abs", "max_rel", "cosine", "agreement")
                             if f.get(k) is not None)
-            lines.append(f"  {f['output']} @ {f['shape']}: {f['kind']} ({err}) limit {f.get('limit') or '-'} "
-                         f"{f.get('detail', '')}")
+            lines.append(f"  {f.get('output')} @ {f.get('shape')}: {f.get('kind')} ({err}) limit "
+                         f"{f.get('limit') or '-'} {f.get('detail', '')}")
         if len(self.failures) > limit:
             lines.append(f"  ... and {len(self.failures) - limit} more")
         return lines
@@ -139,8 +142,13 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> Manifest:
+        from vlexport.artifact import describe_partial
+
         directory = Path(directory)
         path = directory / MANIFEST
+        note = describe_partial(directory)  # a staging dir (a killed run's, or one in progress) is no artifact
+        if note:
+            raise UsageError(note)
         if not directory.is_dir():
             raise UsageError(f"{directory} is not a directory. Pass an artifact directory written by vlexport.")
         if not path.is_file():
@@ -148,21 +156,26 @@ class Manifest:
                 f"{directory} has no {MANIFEST}: it is not a vlexport artifact directory. Export one first, e.g. "
                 "`vlexport onnx bridgetower-tiny --random-weights -o DIR`."
             )
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckError(f"{path} is not valid JSON ({e}); the artifact is damaged, export it again.") from None
+        d = read_json(path, advice="The artifact is damaged: export it again.")
+        if not isinstance(d, dict):
+            raise CheckError(f"{path} holds {kind_of(d)}, not a manifest object (schema {SCHEMA}); the artifact is "
+                             "damaged, export it again.")
         if d.get("schema") != SCHEMA:
             raise CheckError(f"{path} has schema {d.get('schema')!r}, expected {SCHEMA!r}; export it again.")
         try:
-            d["components"] = {k: Component.from_dict(v) for k, v in d["components"].items()}
-            validation = d.get("validation") or None
+            values = checked_fields(cls, d, "manifest")
+            values["components"] = {k: Component.from_dict(v, f"components[{k!r}]")
+                                    for k, v in values["components"].items()}
+            validation = values.get("validation") or None
             if validation is not None and "fused_ops" in validation:  # written before the fused_ops field
-                d.setdefault("fused_ops", validation["fused_ops"])
-            d["validation"] = ValidationReport.from_dict(validation) if validation is not None else None
-            manifest = cls(**d)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise CheckError(f"{path} does not match schema {SCHEMA} ({e}); export it again.") from None
+                values.setdefault("fused_ops", validation["fused_ops"])
+                if not isinstance(values["fused_ops"], dict):
+                    raise ShapeError(f"validation.fused_ops must be an object, got {kind_of(values['fused_ops'])}")
+            values["validation"] = ValidationReport.from_dict(validation) if validation is not None else None
+            manifest = cls(**values)
+        except ShapeError as e:
+            raise CheckError(f"{path} does not match schema {SCHEMA}: {e}. The artifact is damaged or was not "
+                             "written by vlexport: export it again.") from None
         manifest.check_files(directory)
         return manifest
 
@@ -170,6 +183,7 @@ class Manifest:
         """Every file the manifest names must exist with the recorded size."""
         for comp in self.components.values():
             for rel in filter(None, (comp.file, comp.external_data)):
+                _check_inside(directory, rel)
                 if not (directory / rel).is_file():
                     raise CheckError(
                         f"{directory} is incomplete: component {comp.name!r} needs {rel}, which is missing. "
@@ -182,8 +196,20 @@ class Manifest:
                     f"{comp.size_bytes}: the files were changed or truncated. Export the artifact again."
                 )
         for rel in self.files:
+            _check_inside(directory, rel)
             if not (directory / rel).is_file():
                 raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
+
+
+def _check_inside(directory: Path, rel: str) -> None:
+    """A manifest names files inside its directory only: an artifact from elsewhere must not point us at others."""
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise CheckError(f"{directory / MANIFEST} names {rel!r}, a path outside the artifact directory; the "
+                         "manifest is damaged or not from vlexport. Export the artifact again.")
+
+
+def _g(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
 def component_size(directory: Path, comp: Component) -> int:

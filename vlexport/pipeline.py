@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from vlexport.artifact import check_output_dir, staged_dir
+from vlexport.artifact import check_output_dir, output_scope, scratch_dir, staged_dir
 from vlexport.errors import UsageError
 from vlexport.export.backend import (
     KERNEL_NAMES,
@@ -36,6 +35,7 @@ from vlexport.export.backend import (
 from vlexport.manifest import Component, Manifest, ValidationReport
 from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
+from vlexport.quantize.passes import precision_pass
 from vlexport.quantize.precision import get_precision
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
@@ -54,9 +54,13 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
     dropped before the artifact loads.
     """
     backend = check_job(job)
-    if backend.parent is None:
-        return _export(job, backend, progress, _Eager(model))
-    return _derive(job, backend, progress, _Eager(model))
+    rewrite = precision_pass(backend.name, job.precision)
+    with output_scope():  # SIGTERM / SIGHUP clean up like Ctrl-C; check_output_dir's lock is held to the end
+        if rewrite is not None:  # a precision pass: derived from the same backend's fp32 artifact
+            return _derive(job, backend, progress, _Eager(model), deriver=rewrite, parent_backend=backend.name)
+        if backend.parent is None:
+            return _export(job, backend, progress, _Eager(model))
+        return _derive(job, backend, progress, _Eager(model), deriver=backend, parent_backend=backend.parent)
 
 
 def check_job(job: ExportJob) -> Backend:
@@ -130,11 +134,12 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
                      allow_new_weights=job.allow_new_weights)
     task = source.check_task(job.task)
+    _check_precision(source, job)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
-    check_output_dir(job.output, force=job.force)  # fail before minutes of work, not after
+    check_output_dir(job.output, force=job.force, source_dir=source.local_dir)  # before minutes of work; locks
     task_spec = source.family.task(task)
     model = eager.load(source, task, job, progress)
-    with staged_dir(job.output, force=job.force) as tmp:
+    with staged_dir(job.output, force=job.force, expected_bytes=_expected_bytes(model, job.precision)) as tmp:
         components: dict[str, Component] = {}
         with _timed(job, "export", progress), injected(model, source.family, job.kernels) as inj:
             for spec in task_spec.components(model.config):
@@ -187,13 +192,32 @@ def _default_output(name: str, task: str, job: ExportJob) -> Path:
     return Path(f"{name}-{task}-{job.backend}" + ("" if job.precision == "fp32" else f"-{job.precision}"))
 
 
+def _check_precision(source: ModelSource, job: ExportJob) -> None:
+    """What the family says this model cannot take (Flan-T5 in fp16), before any work."""
+    reason = source.family.precision_limits(source.config).get(job.precision)
+    if reason:
+        raise UsageError(f"{source.name} cannot be built in {job.precision}: {reason}.")
+
+
+def _expected_bytes(model: PreTrainedModel | None, precision: str) -> int | None:
+    """Rough artifact size, for the free-space check and the disk-full message: parameters x bytes each."""
+    if model is None:
+        return None
+    config = get_precision(precision)
+    per = 1 if config.name.startswith("int8") else {"float16": 2, "bfloat16": 2}.get(config.dtype, 4)
+    return sum(p.numel() for p in model.parameters()) * per
+
+
 # ---------------------------------------------------------------- derived backends: built from a parent artifact
-def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
+def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager, *, deriver: Any,
+            parent_backend: str) -> Manifest:
+    """``deriver`` (a derived backend, or a precision pass) builds from a ``parent_backend`` fp32 artifact."""
     given = Path(job.model)
     from_artifact = (given / "manifest.json").is_file()
+    is_pass = deriver is not backend
     if from_artifact:
         parent = Manifest.read(given)
-        _check_parent(parent, backend, job, given)
+        _check_parent(parent, parent_backend, backend.name, job, given, exact_fp32=is_pass)
         source = source_from_manifest(parent, given)
         task = parent.task
         name = parent.source.get("preset") or given.name
@@ -202,32 +226,32 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
                      allow_new_weights=job.allow_new_weights)
         task = source.check_task(job.task)
         name = Path(job.model).name
+    _check_precision(source, job)
     job.output = job.output or _default_output(name, task, job)
-    check_output_dir(job.output, force=job.force)
+    check_output_dir(job.output, force=job.force, source_dir=given if from_artifact else source.local_dir)
     task_spec = source.family.task(task)
     model = eager.load(source, task, job, progress) if job.validate or not from_artifact else None
     config = model.config if model is not None else source.config
+    need = _expected_bytes(model, job.precision)  # None: only the parent artifact is at hand, nothing to check
     with contextlib.ExitStack() as stack:
         if from_artifact:
             parent_dir = given
         else:  # the parent is built for this export only, next to the output (renames stay on one disk)
-            job.output.absolute().parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=f".{job.output.name}.", suffix=".parent.partial",
-                                            dir=job.output.absolute().parent))
-            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+            scratch = stack.enter_context(scratch_dir(job.output, expected_bytes=need + _expected_bytes(model, "fp32")))
             parent_dir = scratch / "artifact"
-            progress(f"exporting the {backend.parent} parent")
-            parent_job = replace(job, backend=backend.parent, output=parent_dir, precision="fp32", validate=False,
+            progress(f"exporting the {parent_backend} fp32 parent")
+            parent_job = replace(job, backend=parent_backend, output=parent_dir, precision="fp32", validate=False,
                                  force=True, timings=job.timings,
                                  options={k: v for k, v in job.options.items()
-                                          if k in backend_options(get_backend(backend.parent))})
+                                          if k in backend_options(get_backend(parent_backend))})
             parent = run_export(parent_job, progress, model=model)
+            parent.weights = source.origin  # loaded here, so it names the fresh tensors (weights.load_model)
         model = None  # only `eager` holds it now, so that validation can drop it
-        with staged_dir(job.output, force=job.force) as tmp:
+        with staged_dir(job.output, force=job.force, expected_bytes=need) as tmp:
             ctx = DeriveContext(parent_dir, parent, tmp, job, task_spec, source.family, config, progress,
                                 parent_is_scratch=not from_artifact)
-            with _timed(job, backend.name, progress):
-                derived = backend.derive(ctx)
+            with _timed(job, job.precision if is_pass else backend.name, progress):
+                derived = deriver.derive(ctx)
             for rel in parent.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(parent_dir / rel, tmp / rel)
@@ -242,11 +266,16 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
     return manifest
 
 
-def _check_parent(parent: Manifest, backend: Backend, job: ExportJob, directory: Path) -> None:
-    if parent.backend != backend.parent or parent.precision not in ("fp32", job.precision):
-        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {backend.name} "
-                         f"backend builds from fp32 {backend.parent} artifacts"
-                         + (f" (or {job.precision} ones)." if job.precision != "fp32" else "."))
+def _check_parent(parent: Manifest, parent_backend: str, name: str, job: ExportJob, directory: Path, *,
+                  exact_fp32: bool) -> None:
+    if exact_fp32 and parent.backend == parent_backend and parent.precision != "fp32":
+        origin = (parent.derived_from or {}).get("path")
+        raise UsageError(f"{directory} is already a {parent.backend} {parent.precision} artifact: {job.precision} "
+                         f"variants are made from fp32 ones" + (f" (its parent: {origin})." if origin else "."))
+    if parent.backend != parent_backend or parent.precision not in ("fp32", job.precision):
+        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {name} "
+                         f"{job.precision} variant is built from fp32 {parent_backend} artifacts"
+                         + (f" (or {job.precision} ones)." if job.precision != "fp32" and not exact_fp32 else "."))
     if parent.validation is not None and parent.validation.passed is False:
         raise UsageError(f"{directory} failed its validation; export it again before building from it.")
     if job.kernels:

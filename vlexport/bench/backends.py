@@ -62,6 +62,7 @@ class BenchContext:
     threads: int
     work_dir: Path  # where built artifacts go (kept and reused when the user names it)
     random_weights: bool = False
+    allow_new_weights: tuple[str, ...] = ()
     seed: int = 0
     kernels: tuple[str, ...] = ()
     compile_mode: str = "default"
@@ -289,7 +290,7 @@ def build_artifact(ctx: BenchContext, name: str, precision: str) -> tuple[Path, 
         job, model = ExportJob(str(parent_dir), out, **common), None  # its kernels come with the parent
     else:
         job = ExportJob(ctx.model_name, out, random_weights=ctx.random_weights, seed=ctx.seed, kernels=ctx.kernels,
-                        **common)
+                        allow_new_weights=ctx.allow_new_weights, **common)
         model = ctx.model
     ctx.progress(f"building {backend.name} {precision}")
     start = time.perf_counter()

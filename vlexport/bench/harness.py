@@ -56,6 +56,7 @@ class BenchPlan:
     iters: int = 20
     task: str | None = None
     random_weights: bool = False
+    allow_new_weights: tuple[str, ...] = ()  # checkpoint tensors that may be fresh (weights.load_model)
     seed: int = 0
     kernels: tuple[str, ...] = ()
     device: str = "auto"
@@ -165,6 +166,7 @@ def _context(plan: BenchPlan, group: Group, model: Any, device: str, threads: in
                         task_spec=task_spec, model=model,
                         component=None if task_spec.generative else components[0], device=device,
                         threads=threads, work_dir=work, random_weights=group.source.origin.get("kind") == "random",
+                        allow_new_weights=tuple(plan.allow_new_weights),
                         seed=plan.seed, kernels=tuple(plan.kernels), compile_mode=plan.compile_mode,
                         batch_sizes=plan.batch_sizes, seq_len=plan.seq_len, new_tokens=plan.new_tokens,
                         progress=progress.message)
@@ -198,7 +200,8 @@ def _plan_groups(plan: BenchPlan) -> list[Group]:
         if (path / "manifest.json").is_file():
             artifacts.append(path)
             continue
-        source = resolve(arg, random_weights=plan.random_weights, seed=plan.seed)
+        source = resolve(arg, random_weights=plan.random_weights, seed=plan.seed,
+                         allow_new_weights=tuple(plan.allow_new_weights))
         task = source.check_task(plan.task)
         group = Group(arg, arg, task, source)
         groups.append(group)

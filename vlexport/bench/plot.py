@@ -6,6 +6,9 @@ panel's note instead, so nothing that missed parity looks fast.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,15 +21,23 @@ def variant_name(r: BenchRow) -> str:
     return r.backend + (f"+{r.kernels}" if r.kernels else "") + ("" if r.precision == "fp32" else f" {r.precision}")
 
 
-def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
+def check_available() -> None:
+    """UsageError when matplotlib is missing: `vlexport bench --plot` asks before the benchmark runs."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # no display; must precede pyplot
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot
         from matplotlib.ticker import FuncFormatter  # noqa: F401  (checked here, used in _panels)
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'vlexport[plot]'.") from None
+
+
+def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
+    """Write the PNG whole or not at all (a temp file beside ``path``, renamed into place)."""
+    check_available()
+    import matplotlib.pyplot as plt
+
     groups: dict[tuple[str, str], list[BenchRow]] = defaultdict(list)
     for r in rows:
         groups[(r.model, r.task)].append(r)
@@ -38,9 +49,22 @@ def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
         fig.suptitle(f"vlexport bench — {r0.device} ({r0.device_kind}, {r0.threads} threads), "
                      f"{r0.iters} iters interleaved, p50 with p90 whiskers", fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")  # the format explicitly: the temp name ends in .partial
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> None:

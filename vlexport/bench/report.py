@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -12,7 +13,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vlexport.bench.rows import BenchRow
+from vlexport.artifact import atomic_write_text
+from vlexport.bench.plot import plot_rows
+from vlexport.bench.rows import BenchRow, write_rows
 
 COLUMNS = ("model", "task", "backend", "precision", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "throughput",
            "speed-up vs eager", "peak MB", "build s", "parity")
@@ -67,6 +70,17 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "") -> str:
         lines += [f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.new_tokens} | {_num(r.prefill_ms, 2)} "
                   f"| {_num(r.decode_ms_per_token, 2)} | {_num(r.throughput, 1)} |" for r in gen]
     return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: Sequence[BenchRow], *, title: str, json: Path | None = None, markdown: Path | None = None,
+                  plot: Path | None = None, **meta: Any) -> None:
+    """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the JSON."""
+    if json:
+        write_rows(json, list(rows), **meta)
+    if markdown:
+        atomic_write_text(markdown, to_markdown(rows, title=title))
+    if plot and rows:
+        plot_rows(rows, plot)
 
 
 def to_rich(rows: Sequence[BenchRow], *, title: str = "vlexport bench") -> list[Any]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlexport.artifact import atomic_write_text
 from vlexport.errors import CheckError, UsageError
+from vlexport.userdata import ShapeError, checked_fields, kind_of, read_json
 
 SCHEMA = "vlexport-bench/1"
 IDENTITY = ("model", "task", "backend", "precision", "kernels", "batch", "seq_len", "image_size", "new_tokens")
@@ -80,9 +82,9 @@ class BenchRow:
         return f"{self.model} {self.task} {self.backend}{extra} {self.precision} {shape}"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BenchRow:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})  # newer files may carry more fields
+    def from_dict(cls, d: dict[str, Any], where: str = "row") -> BenchRow:
+        """Raises ShapeError naming ``where`` and the field; unknown keys are dropped (newer files carry more)."""
+        return cls(**checked_fields(cls, d, where))
 
 
 def now() -> str:
@@ -91,22 +93,31 @@ def now() -> str:
 
 def write_rows(path: str | Path, rows: list[BenchRow], **meta: Any) -> None:
     doc = {"schema": SCHEMA, "created": now(), **meta, "rows": [asdict(r) for r in rows]}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")  # a crash never leaves half a file
 
 
 def read_rows(path: str | Path) -> tuple[list[BenchRow], dict[str, Any]]:
     """Rows and the file's other top-level fields (device, versions, settings)."""
     path = Path(path)
+    write_one = f"write one with `vlexport bench ... --json {path}`"
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a bench JSON file; {write_one}.")
     if not path.is_file():
-        raise UsageError(f"{path} does not exist; write one with `vlexport bench ... --json {path}`.")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckError(f"{path} is not valid JSON ({e}).") from None
+        raise UsageError(f"{path} does not exist; {write_one}.")
+    doc = read_json(path, advice=f"It is not a vlexport bench file: {write_one}.")
+    if not isinstance(doc, dict):
+        raise CheckError(f"{path} holds {kind_of(doc)}, not a vlexport bench file (an object with \"schema\": "
+                         f"{SCHEMA!r} and \"rows\"); {write_one}.")
     if doc.get("schema") != SCHEMA:
         raise CheckError(f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}: not a vlexport bench file.")
-    rows = [BenchRow.from_dict(r) for r in doc.get("rows", [])]
+    try:
+        items = doc.get("rows", [])
+        if not isinstance(items, list):
+            raise ShapeError(f"rows must be a list of row objects, got {kind_of(items)}")
+        rows = [BenchRow.from_dict(r, f"rows[{i}]") for i, r in enumerate(items)]
+    except ShapeError as e:
+        raise CheckError(f"{path} does not match schema {SCHEMA}: {e}. The file is damaged or was not written by "
+                         f"vlexport; {write_one}.") from None
     return rows, {k: v for k, v in doc.items() if k != "rows"}
 
 

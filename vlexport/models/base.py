@@ -164,6 +164,8 @@ class FamilySpec:
     presets: tuple[Preset, ...] = ()  # the shipped names (vlexport/presets builds its table from these)
     # `vlexport run` without a preprocessor_config.json: the family's processor mean / std per channel
     image_stats: tuple[tuple[float, ...], tuple[float, ...]] = CLIP_IMAGE_STATS
+    # config -> {precision: why this model cannot take it}: refused before any work, with the reason
+    precision_limits: Callable[[PretrainedConfig], Mapping[str, str]] = lambda config: {}
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]

@@ -251,7 +251,8 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 PRESETS = (
-    Preset("blip-itm-base-coco", "blip", ("itm", "itc", "features"), "Salesforce/blip-itm-base-coco",
+    # No `features`: BlipModel's text tower and projections are not in a retrieval checkpoint (other names).
+    Preset("blip-itm-base-coco", "blip", ("itm", "itc"), "Salesforce/blip-itm-base-coco",
            "blip-tiny", "BLIP image-text retrieval (ITM and ITC heads)"),
     Preset("blip-image-captioning-base", "blip", ("caption",), "Salesforce/blip-image-captioning-base",
            "blip-tiny", "BLIP image captioning"),
@@ -267,7 +268,7 @@ FAMILY = FamilySpec(
     injection=INJECTION,
     ort_model_type="bert",  # its ViT vision tower and BERT text towers are BERT-style encoder blocks
     architectures={
-        "BlipForImageTextRetrieval": ("itm", "itc", "features"),
+        "BlipForImageTextRetrieval": ("itm", "itc"),
         "BlipForConditionalGeneration": ("caption",),
         "BlipForQuestionAnswering": ("vqa",),
         "BlipModel": ("features",),

@@ -165,6 +165,13 @@ def _recipe(config: PretrainedConfig) -> GenerationRecipe:
                             prompt_template="Question: {} Answer:", needs_prompt=True)
 
 
+def _precision_limits(config: PretrainedConfig) -> dict[str, str]:
+    if _is_opt(config):
+        return {}
+    return {"fp16": "Flan-T5 checkpoints were trained in bfloat16 and overflow in fp16 (the BLIP-2 documentation "
+                    "says so): use bf16 on a backend that builds it"}
+
+
 def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[str, torch.Tensor]:
     """generate() inputs: pixel_values + [image]*Q + text prompts of different lengths (OPT: [bos] first, left
     padding; T5: [eos] last, right padding, as their tokenizers write them)."""
@@ -244,4 +251,5 @@ FAMILY = FamilySpec(
     ort_model_type="bert",  # ViT and Q-Former are BERT-style blocks; OPT/T5 graphs get the generic fusions only
     title="BLIP-2",
     presets=PRESETS,
+    precision_limits=_precision_limits,
 )

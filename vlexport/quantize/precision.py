@@ -86,7 +86,7 @@ class Fp16Config(PrecisionConfig):
     name: ClassVar[str] = "fp16"
     dtype: ClassVar[str] = "float16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.999, min_agreement=0.99)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "tensorrt")
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "tensorrt")  # onnx: quantize/onnx_passes.py
     tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16",)
     description: ClassVar[str] = "half precision weights and activations"
 
@@ -108,7 +108,7 @@ class Int8DynamicConfig(PrecisionConfig):
     name: ClassVar[str] = "int8-dynamic"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
-    backends: ClassVar[tuple[str, ...]] = ()
+    backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_passes.py
     description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
 
 

@@ -9,7 +9,6 @@ tokens when none is given, as ``_prepare_attention_mask_for_generation`` does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +39,27 @@ class GenerationOutput:
 def artifact_config(directory: Path) -> Any:
     """The HF config copy of an artifact (recipes depend on it, e.g. BLIP-2 with OPT or T5)."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from vlexport.userdata import brief, kind_of, read_json
 
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckError(f"{directory} has no config.json; the artifact is incomplete, export it again.")
-    d = json.loads(path.read_text())
+    again = "The artifact is damaged: export it again."
+    d = read_json(path, advice=again)
+    if not isinstance(d, dict):
+        raise CheckError(f"{path} holds {kind_of(d)}, not a model config object. {again}")
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise CheckError(f"{path} has no model_type; the artifact is damaged, export it again.")
-    return AutoConfig.for_model(model_type, **d)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise CheckError(f"{path}: model_type {model_type!r:.60} is not a model type this transformers knows. "
+                         f"{again}")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except Exception as e:  # noqa: BLE001  a config class may raise anything on values of the wrong type
+        raise CheckError(f"{path} is not a valid {model_type} config ({brief(e)}). {again}") from None
 
 
 class Generator:

@@ -16,6 +16,7 @@ import numpy as np
 
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
+from vlexport.models import get_family
 from vlexport.runtime import load_artifact
 from vlexport.runtime.preprocess import image_settings, load_image
 from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
@@ -46,11 +47,28 @@ def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] 
         raise UsageError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}.")
     if num_beams is not None and num_beams < 1:
         raise UsageError(f"--num-beams must be >= 1, got {num_beams}.")
+    _check_options(directory, manifest, max_new_tokens=max_new_tokens, num_beams=num_beams, raw_prompt=raw_prompt)
     pixels = load_image(image, image_settings(directory, manifest))
     artifact = load_artifact(directory, manifest=manifest, device=device)
     if artifact.task_spec.generative:
         return _generate(artifact, pixels, texts, max_new_tokens, num_beams, raw_prompt)
     return _scores(artifact, pixels, texts)
+
+
+def _check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int | None, num_beams: int | None,
+                   raw_prompt: bool) -> None:
+    """Options that do not apply to the artifact are an error, not silently ignored (before anything loads)."""
+    what = f"{directory} holds a {manifest.family} {manifest.task} artifact"
+    if not get_family(manifest.family).task(manifest.task).generative:
+        given = [name for name, value in (("--num-beams", num_beams), ("--max-new-tokens", max_new_tokens),
+                                          ("--raw-prompt", raw_prompt or None)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to generative artifacts "
+                             f"(caption, vqa, generate); {what}, which generates no text (it scores or embeds its "
+                             "inputs). Drop the option.")
+    elif raw_prompt and "{}" not in (manifest.generation.get("prompt_template") or ""):
+        raise UsageError(f"--raw-prompt turns off the prompt template (BLIP-2's 'Question: {{}} Answer:'); {what}, "
+                         "whose recipe has none, so --text is already used as is. Drop --raw-prompt.")
 
 
 def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_tokens: int | None,

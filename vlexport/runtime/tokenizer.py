@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlexport.errors import CheckError, UsageError
+from vlexport.userdata import brief, kind_of, read_json
 
 PLACEHOLDER_NOTE = ("deterministic byte-level placeholder written by vlexport because the weights are random and "
                     "the source has no tokenizer: token ids are stable, generated text is not meaningful")
@@ -92,6 +93,10 @@ def write_placeholder(directory: Path, vocab_size: int, settings: Mapping[str, A
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
+# The JSON files a tokenizer directory may hold (AutoTokenizer reads whichever are present).
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
+
+
 class ArtifactTokenizer:
     """Text <-> ids with the artifact's tokenizer files (copied or placeholder)."""
 
@@ -100,12 +105,27 @@ class ArtifactTokenizer:
         if self.kind == "none":
             raise UsageError(f"{directory} has no tokenizer files (the export source had none). Export from a local "
                              "checkpoint directory that has its tokenizer (save_pretrained of the processor too).")
+        again = "The artifact's tokenizer is damaged: export the artifact again."
+        for name in TOKENIZER_JSON:
+            # Parsed here first, so that a damaged file is named (the libraries report a bare parse error).
+            path = Path(directory) / name
+            if path.exists() and not isinstance(doc := read_json(path, advice=again), dict):
+                raise CheckError(f"{path} holds {kind_of(doc)}, not a tokenizer object. {again}")
+        fast = Path(directory) / "tokenizer.json"
+        if fast.exists():  # JSON of the wrong structure: named here, not as a bare error of the loader below
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(fast))
+            except Exception as e:  # noqa: BLE001  tokenizers raises bare Exception for a file it cannot read
+                raise CheckError(f"{fast} is not a tokenizer the tokenizers library can load ({brief(e)}). "
+                                 f"{again}") from None
         try:
             from transformers import AutoTokenizer
 
             self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckError(f"Cannot load the tokenizer of {directory}: {e}. Export the artifact again.") from None
+        except Exception as e:  # noqa: BLE001  as above; transformers adds its own exception types
+            raise CheckError(f"Cannot load the tokenizer of {directory} ({brief(e)}). {again}") from None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text)["input_ids"])

@@ -1,0 +1,98 @@
+"""Precision passes on ONNX artifacts: fp16 and int8-dynamic variants, derived from an fp32 artifact and
+validated against eager fp32 with their precision's tolerance (cosine, task agreement)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from vlexport.cli import main
+from vlexport.manifest import Manifest
+from vlexport.quantize.precision import get_precision
+from vlexport.validate import validate_directory
+
+
+def _weight_bytes(directory: Path) -> int:
+    """Bytes of the graphs' initializers (the files also hold per-node metadata, which is most of a tiny one)."""
+    graph = onnx.load(str(directory / "model.onnx")).graph
+    return sum(len(i.raw_data) for i in graph.initializer)
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "fp16"])
+def test_quantize_an_onnx_artifact(exported, tmp_path: Path, capsys, precision: str) -> None:
+    parent = exported("bridgetower-tiny", "itm")
+    out = tmp_path / precision
+    assert main(["quantize", str(parent), "-o", str(out), "--precision", precision]) == 0
+    m = Manifest.read(out)
+    assert m.backend == "onnx" and m.precision == precision
+    assert m.derived_from == {"backend": "onnx", "precision": "fp32", "path": str(parent.resolve())}
+    v = m.validation
+    tol = get_precision(precision).tolerance
+    cosines = [c["cosine"] for c in v.checks]
+    assert v.passed and cosines and min(cosines) >= tol.min_cosine
+    assert all(c["agreement"] >= tol.min_agreement for c in v.checks if c["agreement"] is not None)
+    # Not a copy of the parent: the graph really changed, and shrank.
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if precision == "int8-dynamic":
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops or "DynamicQuantizeMatMul" in ops, ops
+        assert _weight_bytes(out) <= 0.3 * _weight_bytes(parent)  # int8 MatMul weights; embeddings stay fp32
+    else:
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+        assert [i.type.tensor_type.elem_type for i in graph.input][0] != onnx.TensorProto.FLOAT16  # fp32 I/O kept
+        assert _weight_bytes(out) <= 0.51 * _weight_bytes(parent)
+    assert validate_directory(out).passed  # re-checked from the directory alone
+    assert main(["validate", str(out)]) == 0
+
+
+def test_quantized_artifacts_are_not_quantized_again(exported, tmp_path: Path, capsys) -> None:
+    parent = exported("bridgetower-tiny", "itm")
+    first = tmp_path / "int8"
+    assert main(["quantize", str(parent), "-o", str(first), "--precision", "int8-dynamic"]) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["quantize", str(first), "-o", str(again), "--precision", "fp16"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "int8-dynamic" in err and "fp32" in err and "Traceback" not in err
+    assert not again.exists()
+
+
+def test_unknown_precision_for_a_backend_writes_nothing(exported, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "x"
+    assert main(["quantize", str(exported("bridgetower-tiny", "itm")), "-o", str(out), "--precision", "bf16"]) == 2
+    assert "onnx backend builds" in " ".join(capsys.readouterr().err.split()) and not out.exists()
+
+
+def test_flan_t5_refuses_fp16_and_names_bf16(exported, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t5-fp16"
+    assert main(["quantize", str(exported("blip2-flan-t5-tiny", "generate")), "-o", str(out),
+                 "--precision", "fp16"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "bf16" in err and "Flan-T5" in err and not out.exists()
+
+
+def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> None:
+    out = tmp_path / "cap-int8"
+    assert main(["quantize", str(exported("blip-tiny", "caption")), "-o", str(out), "--precision",
+                 "int8-dynamic"]) == 0
+    g = Manifest.read(out).validation.generation
+    need = get_precision("int8-dynamic").tolerance.min_agreement
+    assert g["new_tokens_compared"] > 0
+    report = json.loads((out / "manifest.json").read_text())["validation"]
+    share = np.mean([c["kind"] == "ok" for c in report["checks"] if c["output"] == "tokens"])
+    assert share >= need
+
+
+def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:
+    out = tmp_path / "bt-int8"
+    assert main(["onnx", "bridgetower-tiny", "--task", "itm", "--random-weights", "--precision", "int8-dynamic",
+                 "-o", str(out)]) == 0
+    m = Manifest.read(out)
+    assert m.precision == "int8-dynamic" and m.derived_from["path"] is None  # the fp32 parent was scratch
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    shutil.rmtree(out)

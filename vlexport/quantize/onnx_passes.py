@@ -1,0 +1,87 @@
+"""ONNX precision passes: fp16 with onnxconverter-common, int8 dynamic with ONNX Runtime's quantizer.
+
+* **fp16** (``Fp16Config``): weights and activations in half precision, with the range-sensitive ops
+  (normalisations, softmax, the reductions and powers inside them, erf) kept in fp32 and the graph's
+  inputs and outputs kept fp32 (``keep_io_types``): callers feed and read what they did at fp32.
+* **int8-dynamic** (``Int8DynamicConfig``): ``quantize_dynamic`` with int8 weights (per output channel
+  by default: outlier channels keep their own scale) and activations quantized per call; the CPU
+  deployment path. Graphs carrying our fused com.microsoft nodes (``--kernels``) quantize the same way:
+  the MatMuls around them are what the quantizer rewrites.
+
+Both keep external data for graphs above the exporter's threshold (BLIP-2's 2 GiB protobuf limit).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from vlexport.export.backend import DeriveContext, Derived
+from vlexport.quantize.passes import register_pass
+from vlexport.quantize.precision import Fp16Config, Int8DynamicConfig, get_precision
+
+# Ops whose fp16 results leave the fp32 tolerance band by orders of magnitude (variance and exp overflow).
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax",
+                  "ReduceMean", "Pow", "Sqrt", "Erf", "Exp", "Log")
+
+
+def _rewrite(ctx: DeriveContext, write) -> Derived:
+    """Apply ``write(src_path, dst_path, external)`` per component and describe the results."""
+    from vlexport.export.onnx import describe
+
+    specs = {s.name: s for s in ctx.task_spec.components(ctx.config)}
+    components = {}
+    for name, comp in ctx.parent.components.items():
+        ctx.progress(f"{ctx.job.precision}: {name}")
+        src, dst = ctx.parent_dir / comp.file, ctx.out_dir / comp.file
+        write(src, dst, comp.external_data is not None)
+        components[name] = describe(dst, name, specs[name].dynamic_axes, root=ctx.out_dir)
+    return Derived(components)
+
+
+class OnnxFp16Pass:
+    backend = "onnx"
+    precision = Fp16Config.name
+
+    def derive(self, ctx: DeriveContext) -> Derived:
+        from onnxconverter_common import float16
+
+        def write(src: Path, dst: Path, external: bool) -> None:
+            model = onnx.load(str(src))
+            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32),
+                                                    disable_shape_infer=external)
+            onnx.save(half, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
+                      location=f"{dst.name}.data")
+
+        return _rewrite(ctx, write)
+
+
+class OnnxInt8DynamicPass:
+    backend = "onnx"
+    precision = Int8DynamicConfig.name
+
+    def derive(self, ctx: DeriveContext) -> Derived:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        config = get_precision(ctx.job.precision)
+        assert isinstance(config, Int8DynamicConfig)
+
+        def write(src: Path, dst: Path, external: bool) -> None:
+            # The quantizer writes beside its output; a scratch dir keeps its intermediate files out of the
+            # artifact, then the results move in.
+            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch:
+                out = Path(scratch) / dst.name
+                quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
+                                 use_external_data_format=external)
+                for f in Path(scratch).iterdir():
+                    if f.name.startswith(dst.name):
+                        shutil.move(str(f), ctx.out_dir / f.name)
+
+        return _rewrite(ctx, write)
+
+
+register_pass(OnnxFp16Pass())
+register_pass(OnnxInt8DynamicPass())
