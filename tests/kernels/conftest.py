@@ -8,28 +8,19 @@ triton reads TRITON_INTERPRET (``knobs.runtime.interpret``) at two moments, both
 * launch: the first launch imports ``triton.experimental.gluon``, which asserts that the interpreter is
   on when it finds interpreted ``tl`` helpers.
 
-So the variable is set before the import below and again around every test here (autouse fixture), but
-not left set for the rest of the session: tests/test_inject.py and others keep "auto" dispatch on the
-reference path for CPU tensors, as they expect.
+So tests/conftest.py imports vlexport_kernels under the variable before any test module is collected,
+and it is set again around every test here (autouse fixture), but not left set for the rest of the
+session: tests/test_inject.py and others keep "auto" dispatch on the reference path for CPU tensors.
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    import vlexport_kernels  # noqa: F401  (decorates the kernels for the interpreter)
-    from vlexport_kernels import fused_attention as _attention_module
-    from vlexport_kernels._backend import is_interpreted
-finally:
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+# Already decorated for the interpreter by tests/conftest.py.
+from vlexport_kernels import fused_attention as _attention_module
+from vlexport_kernels._backend import is_interpreted
 
 
 @pytest.fixture(autouse=True)
