@@ -13,8 +13,11 @@ Both keep external data for graphs above the exporter's threshold (BLIP-2's 2 Gi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -59,6 +62,18 @@ class OnnxFp16Pass:
         return _rewrite(ctx, write)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The quantizer logs "consider pre-processing" on the root logger at every call; keep the CLI readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class OnnxInt8DynamicPass:
     backend = "onnx"
     precision = Int8DynamicConfig.name
@@ -72,7 +87,7 @@ class OnnxInt8DynamicPass:
         def write(src: Path, dst: Path, external: bool) -> None:
             # The quantizer writes beside its output; a scratch dir keeps its intermediate files out of the
             # artifact, then the results move in.
-            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch:
+            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch, _quiet_root_logger():
                 out = Path(scratch) / dst.name
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
                                  use_external_data_format=external)
