@@ -1,0 +1,164 @@
+"""Bounded load test of a local tritonserver on vlexport's repository: tiny BridgeTower ITM ensemble + tiny BLIP
+captioning (BLS), `--kind cpu --backend python-onnxruntime`, loopback only.
+
+    scripts/tritonserver_env.sh   # once: the server's own virtualenv
+    python benchmarks/triton_load.py [--clients 4] [--seconds 10] [--work DIR] [--out benchmarks/results/triton_load.json]
+
+Each of --clients threads (its own client; even ones grpc, odd ones http) sends requests for --seconds,
+alternating the two models, from a fixed pool of (image, texts/prompt) cases whose answers were computed first
+with `vlexport run` on the same artifacts: every response is checked (ITM scores within 1e-5 of `run`'s,
+caption token ids exactly). Reported per model: requests, req/s, p50/p99 latency, wrong, errors;
+after the clock stops no request is left unanswered (lost = sent - answered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.triton.client import generate, image_bytes, scores
+from tests.triton.server import Server, missing_reason
+from vlexport.manifest import library_versions
+
+TEXTS = ["a cat on a mat", "two dogs", "a red bus in the rain at night"]
+
+
+def _artifacts(work: Path) -> dict[str, Path]:
+    from vlexport.pipeline import ExportJob, run_export
+
+    out = {"itm": work / "bridgetower-tiny-itm", "caption": work / "blip-tiny-caption"}
+    for (name, path), (preset, task) in zip(out.items(), [("bridgetower-tiny", "itm"), ("blip-tiny", "caption")]):
+        if not (path / "manifest.json").is_file():
+            run_export(ExportJob(preset, path, task=task, random_weights=True, force=True))
+    return out
+
+
+def _cases(artifacts: dict[str, Path], work: Path, n: int = 8) -> list[tuple[str, bytes, object, object]]:
+    """(model, image, texts or prompt, expected answer) from `vlexport run` on the artifact."""
+    from vlexport.runtime.run import run_artifact
+
+    cases = []
+    for i in range(n):
+        image = image_bytes(100 + i)
+        path = work / f"img{i}.png"
+        path.write_bytes(image)
+        texts = TEXTS[: 1 + i % 3]
+        run = run_artifact(artifacts["itm"], path, texts, device="cpu")
+        cases.append(("itm", image, texts, [line.score["match_logit"] for line in run.lines]))
+        prompt = f"photo number {i}"
+        run = run_artifact(artifacts["caption"], path, [prompt], device="cpu")
+        cases.append(("caption", image, prompt, run.lines[0].ids))
+    return cases
+
+
+def _client(server: Server, i: int):
+    from tritonclient import grpc, http
+
+    if i % 2:
+        return http.InferenceServerClient(server.http_url, network_timeout=120.0)
+    return grpc.InferenceServerClient(server.grpc_url)
+
+
+def _worker(server: Server, i: int, cases: list, stop: float, log: list) -> None:
+    client = _client(server, i)
+    try:
+        k = i
+        while time.monotonic() < stop:
+            model, image, query, expected = cases[k % len(cases)]
+            k += 1
+            t0 = time.perf_counter()
+            entry = {"model": model, "sent": True}
+            try:
+                if model == "itm":
+                    got = scores(client, model, image, query)["match_logit"]
+                    ok = got.shape == (len(expected),) and bool(np.allclose(got, expected, rtol=0, atol=1e-5))
+                else:
+                    ok = generate(client, model, image, query)[1] == expected  # token ids: exact
+                entry.update(ok=ok, error=None)
+            except Exception as e:  # noqa: BLE001  counted, not raised: the run reports errors
+                entry.update(ok=False, error=f"{type(e).__name__}: {e}"[:200])
+            entry["latency_s"] = time.perf_counter() - t0
+            log.append(entry)
+    finally:
+        client.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--work", type=Path, default=None, help="where the artifacts and the repository go (kept)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_load.json")
+    args = p.parse_args()
+    if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
+        p.error("--clients must be 1..64 and --seconds 0..600 (the test is bounded)")
+    reason = missing_reason()
+    if reason:
+        print(f"cannot run: {reason}", file=sys.stderr)
+        return 2
+    from vlexport.serve.triton_config import ServeOptions
+    from vlexport.serve.triton_repo import write_repository
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="triton-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    artifacts = _artifacts(work)
+    repo = work / "repo"
+    opts = ServeOptions(kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8,
+                        max_queue_delay_us=2000)
+    for name, path in artifacts.items():
+        write_repository([path], repo, opts, name=name, backend="python-onnxruntime", force=name == "itm")
+    cases = _cases(artifacts, work)
+    models = sorted(p.name for p in repo.iterdir())
+    server = Server(repo, models, work / "tritonserver.log")
+    try:
+        startup = server.wait_ready()
+        log: list[dict] = []
+        stop = time.monotonic() + args.seconds
+        threads = [threading.Thread(target=_worker, args=(server, i, cases, stop, log)) for i in range(args.clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.seconds + 300)
+        wall = time.monotonic() - t0
+        hung = sum(t.is_alive() for t in threads)
+    finally:
+        server.stop()
+    rows = {}
+    for model in ("itm", "caption"):
+        entries = [e for e in log if e["model"] == model]
+        lat = np.array([e["latency_s"] for e in entries if e["ok"]]) * 1e3
+        rows[model] = {"requests": len(entries), "req_per_s": round(len(entries) / wall, 2),
+                       "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+                       "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+                       "wrong": sum(1 for e in entries if not e["ok"] and e["error"] is None),
+                       "errors": sum(1 for e in entries if e["error"] is not None),
+                       "error_examples": sorted({e["error"] for e in entries if e["error"]})[:3]}
+    result = {"clients": args.clients, "seconds": args.seconds, "wall_s": round(wall, 2),
+              "server_startup_s": round(startup, 1), "hung_clients": hung, "lost": hung, "models": rows,
+              "total_req_per_s": round(len(log) / wall, 2),
+              "setup": "tiny BridgeTower ITM ensemble (3 python models + ensemble) and tiny BLIP caption BLS, "
+                       "--kind cpu --backend python-onnxruntime, max_batch_size 8, queue delay 2 ms, 1 instance each",
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_1m_at_end": round(os.getloadavg()[0], 1)},  # other work sharing the cores
+              "versions": library_versions()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("total_req_per_s", "lost", "models")}, indent=1))
+    bad = hung or any(r["wrong"] or r["errors"] for r in rows.values())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

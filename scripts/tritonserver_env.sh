@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Makes the Triton Inference Server environment the integration tests (tests/triton/) and
+# `vlexport triton` users on a CPU machine run: its own virtualenv, since the nvidia-pytriton wheel that
+# bundles tritonserver 2.51 + the python backend pins numpy < 2 (the main environment has numpy 2).
+#
+#   scripts/tritonserver_env.sh            # -> $VLEXPORT_TRITON_ENV (default ~/.cache/vlexport/tritonserver-env)
+#   $ENV/bin/tritonserver --model-repository REPO ...   # a wrapper with LD_LIBRARY_PATH set
+#
+# Layout inside $ENV (what the issue found working): tritonserver/ is a copy of the wheel's
+# pytriton/tritonserver, with python_backend_stubs/3.11/triton_python_backend_stub put into
+# backends/python/; LD_LIBRARY_PATH holds the interpreter's sysconfig LIBDIR (libpython for the stub) and
+# the wheel's nvidia_pytriton.libs (the bundled libcudart). The python models import vlexport from this
+# venv (installed --no-deps, its runtime needs are pinned below), so the BLS generation model runs
+# vlexport's own decode loop. Idempotent: a finished env (stamp matches this script) is kept.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+env_dir="${VLEXPORT_TRITON_ENV:-$HOME/.cache/vlexport/tritonserver-env}"
+python="${PYTHON:-python3.11}"
+stamp="$env_dir/.vlexport-stamp"
+want="$(sha256sum "$0" | cut -c1-16)-$(cd "$here" && git rev-parse HEAD 2>/dev/null || echo nogit)"
+
+# vlexport itself is re-copied every time (cheap), the rest only when the script changed.
+if [ -f "$stamp" ] && [ "$(cut -d- -f1 "$stamp")" = "${want%%-*}" ]; then
+  "$env_dir/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$here" >/dev/null 2>&1
+  echo "tritonserver env up to date: $env_dir"
+  exit 0
+fi
+start=$(date +%s)
+rm -rf "$env_dir"
+"$python" -m venv "$env_dir"
+pip=("$env_dir/bin/python" -m pip install -q)
+"${pip[@]}" --upgrade "pip>=24" setuptools wheel
+# torch first, the CPU wheel on local disk (a bare requirement would pull a CUDA build); numpy < 2 for the stub.
+"${pip[@]}" "torch==2.13.0" "numpy<2"
+"${pip[@]}" "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20" "transformers>=5.23,<6" "tokenizers>=0.20" \
+  "pillow>=10" "safetensors>=0.4" "rich>=13" "onnx>=1.17"
+"${pip[@]}" --no-deps --no-build-isolation "$here" 2>/dev/null  # setuptools' deprecation notes are noise here
+
+site="$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+libdir="$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')"
+pyver="$("$env_dir/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+wheel="$site/pytriton/tritonserver"
+[ -x "$wheel/bin/tritonserver" ] || { echo "nvidia-pytriton has no $wheel/bin/tritonserver" >&2; exit 1; }
+stub="$wheel/python_backend_stubs/$pyver/triton_python_backend_stub"
+[ -x "$stub" ] || { echo "nvidia-pytriton has no python backend stub for Python $pyver ($stub)" >&2; exit 1; }
+cp -a "$wheel" "$env_dir/tritonserver"
+cp "$stub" "$env_dir/tritonserver/backends/python/triton_python_backend_stub"
+
+cat > "$env_dir/bin/tritonserver" <<WRAP
+#!/usr/bin/env bash
+# tritonserver from nvidia-pytriton with the libraries it needs; python models run this venv's packages.
+export LD_LIBRARY_PATH="$libdir:$site/nvidia_pytriton.libs:$env_dir/tritonserver/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export PATH="$env_dir/bin:\$PATH"
+export PYTHONPATH="\${PYTHONPATH:+\$PYTHONPATH:}$site"  # a caller's own vlexport checkout first
+exec "$env_dir/tritonserver/bin/tritonserver" --backend-directory="$env_dir/tritonserver/backends" "\$@"
+WRAP
+chmod +x "$env_dir/bin/tritonserver"
+"$env_dir/bin/tritonserver" --help >/dev/null  # the binary starts: its libraries are found
+echo "$want" > "$stamp"
+echo "tritonserver env made in $(( $(date +%s) - start )) s: $env_dir"

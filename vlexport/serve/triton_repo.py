@@ -1,0 +1,293 @@
+"""``vlexport triton``: artifact directories -> a Triton model repository, written atomically.
+
+Per artifact: one model per component (``<name>_<component>``, the component's file as ``<v>/model.onnx`` /
+``model.plan`` / ``model.pt2``, external data beside it under its own name, which the graph references);
+with ``--ensemble`` an encoder artifact also gets a python preprocessing model (image bytes and strings in,
+the component's tensors out, with the artifact's own processor and tokenizer files), a postprocessing
+model (the scores `vlexport run` prints) and an ensemble ``<name>`` wiring them. A generative artifact gets
+``<name>``: a python (BLS) model that runs vlexport's generation loop over the served components.
+
+Everything is planned (configs built and parsed back, names checked against each other and against the
+repository) before a byte is written; the repository is then staged beside the target and renamed into
+place (artifact.staged_dir). Without ``--force`` an existing repository is extended: its models are
+hard-linked into the staged copy, and a new model whose name it already holds is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlexport.artifact import staged_dir
+from vlexport.errors import CheckError, UsageError
+from vlexport.manifest import MANIFEST, Component, Manifest
+from vlexport.models import get_family
+from vlexport.serve import triton_config as tc
+
+# Triton model names are directory names that clients put in URLs: keep to a safe alphabet.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SUFFIX = {".onnx": "model.onnx", ".plan": "model.plan", ".engine": "model.plan", ".pt2": "model.pt2"}
+# artifact backend -> serving backends that can run its files (the first is the default)
+_SERVES = {"onnx": ("onnxruntime", "python-onnxruntime"), "onnx-opt": ("onnxruntime", "python-onnxruntime"),
+           "tensorrt": ("tensorrt",), "aoti": ("pytorch",)}
+ARTIFACT_DIR = "artifact"  # inside a python model's version folder: the artifact's manifest and support files
+SERVE_JSON = "serve.json"  # inside a python model's version folder: what the model needs to know
+
+
+@dataclass
+class PlannedModel:
+    name: str
+    config: Any  # tritonclient ModelConfig
+    files: dict[str, Path] = field(default_factory=dict)  # path inside the version folder -> source file
+    texts: dict[str, str] = field(default_factory=dict)  # path inside the version folder -> contents
+
+
+def sanitize(name: str) -> str:
+    """A Triton-safe model name from a directory name: other characters become ``_``."""
+    out = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("._-")[:100]
+    return out or "model"
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    if not _NAME_RE.match(name) or ".." in name:
+        raise UsageError(f"{what} {name!r} is not a valid Triton model name: use letters, digits, '_', '-' and '.' "
+                         "(starting with a letter or digit, no '..', no path separators, at most 128 characters).")
+    return name
+
+
+def shim(module: str) -> str:
+    return (f'"""Written by `vlexport triton`; the code is vlexport\'s ({module}), installed in the server\'s Python '
+            '(scripts/tritonserver_env.sh)."""\n\n'
+            f"from {module} import TritonPythonModel  # noqa: F401\n")
+
+
+# ---------------------------------------------------------------- per artifact
+def read_artifact(directory: Path) -> Manifest:
+    manifest = Manifest.read(directory)
+    report = manifest.validation
+    if report is None or report.skipped:
+        raise UsageError(f"{directory} was exported without validation (--no-validate): `vlexport triton` serves only "
+                         "artifacts checked against eager PyTorch. Export it again without --no-validate.")
+    if not report.passed:
+        raise CheckError(f"{directory} failed validation ({report.summary or 'see manifest.json'}): it is not served. "
+                         "Export it again (another precision or backend) until validation passes.")
+    return manifest
+
+
+def serving_backend(directory: Path, manifest: Manifest, requested: str | None) -> str:
+    allowed = _SERVES.get(manifest.backend)
+    if allowed is None:
+        raise UsageError(f"{directory} is a {manifest.backend!r} artifact, which `vlexport triton` cannot serve "
+                         f"(it serves {', '.join(sorted(_SERVES))} artifacts).")
+    if requested is None:
+        return allowed[0]
+    if requested not in allowed:
+        raise UsageError(f"--backend {requested} cannot run {directory}, a {manifest.backend} artifact; use "
+                         f"{' or '.join(allowed)}.")
+    return requested
+
+
+def batch_limit(manifest: Manifest) -> int | None:
+    """The largest batch the artifact's files take: a TensorRT profile's max; None when the axis is unbounded."""
+    shapes = (manifest.derived_from or {}).get("shapes") or {}
+    if manifest.backend == "tensorrt":
+        batch = shapes.get(tc.BATCH_AXIS)
+        return int(batch[2]) if isinstance(batch, (list, tuple)) and len(batch) == 3 else 256  # DEFAULT_RANGE max
+    return None
+
+
+def graph_inputs(path: Path, component: Component) -> list[Any]:
+    """The component's inputs that the ONNX graph declares (optimized graphs drop unused ones, e.g. pixel_mask)."""
+    if path.suffix != ".onnx":
+        return list(component.inputs)
+    import onnx
+
+    try:
+        names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    except Exception as e:  # noqa: BLE001  onnx raises DecodeError and others on a damaged file
+        raise CheckError(f"{path} is not a readable ONNX file ({e}); export the artifact again.") from None
+    return [t for t in component.inputs if t.name in names]
+
+
+def _support_files(directory: Path, manifest: Manifest) -> dict[str, Path]:
+    files = {f"{ARTIFACT_DIR}/{MANIFEST}": directory / MANIFEST}
+    files.update({f"{ARTIFACT_DIR}/{rel}": directory / rel for rel in manifest.files})
+    return files
+
+
+def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: str) -> list[PlannedModel]:
+    manifest = read_artifact(directory)
+    task = get_family(manifest.family).task(manifest.task)
+    limit = batch_limit(manifest)
+    if limit is not None and opts.max_batch_size > limit:
+        raise UsageError(f"--max-batch-size {opts.max_batch_size} is above what {directory} takes: its TensorRT "
+                         f"profile allows batches up to {limit}. Lower --max-batch-size, or build the engine with a "
+                         "larger batch range (`vlexport tensorrt --shapes batch=1:OPT:MAX`).")
+    if backend == "python-onnxruntime":
+        bf16 = [t.name for c in manifest.components.values() for t in [*c.inputs, *c.outputs] if t.dtype == "bfloat16"]
+        if bf16:
+            raise UsageError(f"{directory} has bfloat16 tensors ({bf16[:3]}), which python models cannot pass as numpy; "
+                             "serve it with --backend onnxruntime, or export at fp32/fp16.")
+    if task.generative and manifest.backend == "aoti":
+        raise UsageError(f"{directory} is a compiled generative artifact: its decoder updates a static KV cache in "
+                         "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
+                         "(`vlexport onnx`), or its TensorRT build.")
+    single = len(manifest.components) == 1 and not task.generative and not opts.ensemble
+    models: list[PlannedModel] = []
+    names: dict[str, str] = {}
+    for comp_name, comp in manifest.components.items():
+        model_name = name if single else f"{name}_{sanitize(comp_name)}"
+        names[comp_name] = model_name
+        models.append(_component_model(directory, model_name, comp, opts, backend))
+    if task.generative:
+        models.append(_generation_model(directory, manifest, name, names, models, opts))
+    elif opts.ensemble:
+        models += _ensemble_models(directory, manifest, task, name, models[0], opts)
+    return models
+
+
+def _component_model(directory: Path, model_name: str, comp: Component, opts: tc.ServeOptions,
+                     backend: str) -> PlannedModel:
+    src = directory / comp.file
+    target = _SUFFIX.get(src.suffix)
+    if target is None:
+        raise UsageError(f"{src}: `vlexport triton` does not know how Triton serves {src.suffix!r} files.")
+    inputs = graph_inputs(src, comp)
+    served = Component(comp.name, comp.file, inputs, comp.outputs)
+    cfg = tc.component_config(model_name, served, opts, max_batch_size=opts.max_batch_size, model_file=target)
+    files = {target: src}
+    if comp.external_data:  # the graph names its data file: it keeps its name, beside the renamed graph
+        files[Path(comp.external_data).name] = directory / comp.external_data
+    planned = PlannedModel(model_name, cfg, files)
+    if backend == "python-onnxruntime":
+        planned.texts["model.py"] = shim("vlexport.serve.py_component")
+    return planned
+
+
+def _io(config: Any, which: str) -> list[tuple[str, str, list[int]]]:
+    """A model's inputs or outputs as (name, dtype name, full dims: the batch dim put back when folded)."""
+    back = {v: k for k, v in tc.DTYPES.items() if k != "bytes"}
+    lead = [-1] if config.max_batch_size > 0 else []
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    return [(t.name, back[pb.DataType.Name(t.data_type)], lead + list(t.dims)) for t in getattr(config, which)]
+
+
+def score_names(task: Any, outputs: list[tuple[str, str, list[int]]]) -> list[str]:
+    """The names of the scores ``task.scores`` reads, found by reading zeros of the outputs' shapes."""
+    zeros = {n: np.zeros([2 if d < 0 else d for d in shape], dtype=np.float32) for n, _, shape in outputs}
+    return sorted(task.scores(zeros, 2))
+
+
+def _ensemble_models(directory: Path, manifest: Manifest, task: Any, name: str, component: PlannedModel,
+                     opts: tc.ServeOptions) -> list[PlannedModel]:
+    if manifest.image_size is None:
+        raise UsageError(f"{directory} takes no images: --ensemble builds image-and-text pipelines.")
+    comp_in, comp_out = _io(component.config, "input"), _io(component.config, "output")
+    raw = [("IMAGE", "bytes", [1]), ("TEXT", "bytes", [-1])]
+    meta = {"task": manifest.task, "family": manifest.family, "component": component.name,
+            "max_batch_size": component.config.max_batch_size, "inputs": [n for n, _, _ in comp_in]}
+    pre_name, post_name = f"{name}_preprocess", f"{name}_postprocess"
+    pre = PlannedModel(pre_name, tc.python_config(pre_name, raw, comp_in, opts), _support_files(directory, manifest),
+                       {"model.py": shim("vlexport.serve.py_preprocess"), SERVE_JSON: json.dumps(meta, indent=1)})
+    steps = [(pre_name, {"IMAGE": "IMAGE", "TEXT": "TEXT"}, {n: n for n, _, _ in comp_in}),
+             (component.name, {n: n for n, _, _ in comp_in}, {n: n for n, _, _ in comp_out})]
+    models = [pre]
+    outputs = comp_out
+    if task.scores is not None:
+        scores = [(s, "float32", [-1]) for s in score_names(task, comp_out)]
+        post = PlannedModel(post_name, tc.python_config(post_name, comp_out, scores, opts),
+                            _support_files(directory, manifest),
+                            {"model.py": shim("vlexport.serve.py_postprocess"), SERVE_JSON: json.dumps(meta, indent=1)})
+        models.append(post)
+        steps.append((post_name, {n: n for n, _, _ in comp_out}, {s: s for s, _, _ in scores}))
+        outputs = scores
+    models.append(PlannedModel(name, tc.ensemble_config(name, raw, outputs, steps)))
+    return models
+
+
+def _generation_model(directory: Path, manifest: Manifest, name: str, names: dict[str, str],
+                      components: list[PlannedModel], opts: tc.ServeOptions) -> PlannedModel:
+    if not manifest.generation:
+        raise CheckError(f"{directory}/manifest.json has no generation settings; export the artifact again.")
+    inputs = [("IMAGE", "bytes", [1]), ("TEXT", "bytes", [1]), ("MAX_NEW_TOKENS", "int32", [1]),
+              ("NUM_BEAMS", "int32", [1]), ("RAW_PROMPT", "bool", [1])]
+    outputs = [("TEXT", "bytes", [1]), ("TOKEN_IDS", "int64", [-1])]
+    served = {m.name: [t.name for t in m.config.input] for m in components}
+    meta = {"task": manifest.task, "family": manifest.family, "components": names, "served_inputs": served}
+    cfg = tc.python_config(name, inputs, outputs, opts, optional=("TEXT", "MAX_NEW_TOKENS", "NUM_BEAMS", "RAW_PROMPT"))
+    return PlannedModel(name, cfg, _support_files(directory, manifest),
+                        {"model.py": shim("vlexport.serve.py_generate"), SERVE_JSON: json.dumps(meta, indent=1)})
+
+
+# ---------------------------------------------------------------- the repository
+def plan_repository(directories: list[Path], opts: tc.ServeOptions, *, name: str | None = None,
+                    backend: str | None = None) -> list[PlannedModel]:
+    opts.check()
+    if name is not None:
+        check_name(name)
+        if len(directories) > 1:
+            raise UsageError(f"--name names one model, and {len(directories)} artifacts were given: their models would "
+                             "collide. Run `vlexport triton` once per artifact with its own --name.")
+    planned: list[PlannedModel] = []
+    for directory in directories:
+        base = name or sanitize(Path(os.path.abspath(directory)).name)
+        served = serving_backend(directory, Manifest.read(directory), backend)
+        planned += plan_artifact(directory, base, dataclasses.replace(opts, backend=served), served)
+    seen: dict[str, int] = {}
+    for m in planned:
+        seen[m.name] = seen.get(m.name, 0) + 1
+        tc.parse(tc.to_text(m.config))  # what Triton will read parses back (it always should: built as the protobuf)
+    dup = sorted(n for n, k in seen.items() if k > 1)
+    if dup:
+        raise UsageError(f"Model name(s) {dup} would be written twice (two artifacts with the same directory name?). "
+                         "Give each artifact its own --name in separate runs.")
+    return planned
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # a hard link: no second copy of multi-GB weights when on the same filesystem
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, *, name: str | None = None,
+                     backend: str | None = None, force: bool = False) -> list[str]:
+    """Write (or extend) the repository ``out``; return the names of the models written."""
+    planned = plan_repository(directories, opts, name=name, backend=backend)
+    out = Path(out)
+    if out.is_dir() and (out / MANIFEST).is_file():
+        raise UsageError(f"-o {out} is a vlexport artifact directory, not a Triton model repository. Choose another -o.")
+    expected = sum(p.stat().st_size for m in planned for p in m.files.values())
+    with staged_dir(out, force=True, expected_bytes=expected, source_dir=directories) as tmp:
+        existing = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() and not force \
+            else []
+        taken = sorted(set(existing) & {m.name for m in planned})
+        if taken:
+            raise UsageError(f"Repository {out} already holds model(s) {taken}. Pass --force to replace the "
+                             "repository, or --name to add these under another name.")
+        for entry in existing:  # extend: what was there stays, hard-linked into the new copy
+            src = out / entry
+            if src.is_dir():
+                shutil.copytree(src, tmp / entry, copy_function=_link_or_copy, symlinks=True)
+            else:
+                _link_or_copy(src, tmp / entry)
+        for m in planned:
+            version = tmp / m.name / str(opts.version)
+            version.mkdir(parents=True)
+            (tmp / m.name / "config.pbtxt").write_text(tc.to_text(m.config))
+            for rel, src in m.files.items():
+                (version / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(src, version / rel)
+            for rel, text in m.texts.items():
+                (version / rel).write_text(text)
+    return [m.name for m in planned]
