@@ -44,7 +44,7 @@ def test_quantize_an_onnx_artifact(exported, tmp_path: Path, capsys, precision: 
         assert _weight_bytes(out) <= 0.3 * _weight_bytes(parent)  # int8 MatMul weights; embeddings stay fp32
     else:
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
-        assert [i.type.tensor_type.elem_type for i in graph.input][0] != onnx.TensorProto.FLOAT16  # fp32 I/O kept
+        assert graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT16  # fp32 I/O kept
         assert _weight_bytes(out) <= 0.51 * _weight_bytes(parent)
     assert validate_directory(out).passed  # re-checked from the directory alone
     assert main(["validate", str(out)]) == 0
@@ -81,11 +81,15 @@ def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> N
     assert main(["quantize", str(exported("blip-tiny", "caption")), "-o", str(out), "--precision",
                  "int8-dynamic"]) == 0
     g = Manifest.read(out).validation.generation
-    need = get_precision("int8-dynamic").tolerance.min_agreement
+    tol = get_precision("int8-dynamic").tolerance
     assert g["new_tokens_compared"] > 0
     report = json.loads((out / "manifest.json").read_text())["validation"]
-    share = np.mean([c["kind"] == "ok" for c in report["checks"] if c["output"] == "tokens"])
-    assert share >= need
+    greedy = [c for c in report["checks"] if c["output"] == "tokens" and "greedy" in c["shape"]]
+    acc = report["accuracy"]["generation"]
+    # The accuracy report's share counts a divergence at a near-tie as agreeing; recount it from the checks.
+    share = np.mean([c["kind"] == "ok" or c["near_tie"] for c in greedy])
+    assert acc["agreement_with_near_ties"] == pytest.approx(share) and share >= tol.min_agreement
+    assert acc["min_logit_cosine"] >= tol.min_cosine
 
 
 def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:

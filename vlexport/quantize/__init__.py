@@ -5,6 +5,7 @@ from vlexport.quantize.precision import (
     Bf16Config,
     Fp16Config,
     Fp32Config,
+    Int8BnbConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     Int8WeightConfig,
@@ -14,5 +15,5 @@ from vlexport.quantize.precision import (
     precisions_for_backend,
 )
 
-__all__ = ["PRECISIONS", "Bf16Config", "Fp16Config", "Fp32Config", "Int8DynamicConfig", "Int8StaticConfig",
+__all__ = ["PRECISIONS", "Bf16Config", "Fp16Config", "Fp32Config", "Int8BnbConfig", "Int8DynamicConfig", "Int8StaticConfig",
            "Int8WeightConfig", "PrecisionConfig", "Tolerance", "get_precision", "precisions_for_backend"]

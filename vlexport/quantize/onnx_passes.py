@@ -81,21 +81,50 @@ class OnnxInt8DynamicPass:
     def derive(self, ctx: DeriveContext) -> Derived:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        config = get_precision(ctx.job.precision)
+        config = Int8DynamicConfig(smooth=ctx.job.smooth) if getattr(ctx.job, "smooth", None) else \
+            get_precision(ctx.job.precision)
         assert isinstance(config, Int8DynamicConfig)
+        details: dict = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # The quantizer writes beside its output; a scratch dir keeps its intermediate files out of the
             # artifact, then the results move in.
             with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch, _quiet_root_logger():
                 out = Path(scratch) / dst.name
+                exclude: list[str] = []
+                if config.smooth is not None:
+                    src, exclude = _smoothed(ctx, src, Path(scratch), config.smooth, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
-                                 use_external_data_format=external)
+                                 use_external_data_format=external, nodes_to_exclude=exclude)
                 for f in Path(scratch).iterdir():
                     if f.name.startswith(dst.name):
                         shutil.move(str(f), ctx.out_dir / f.name)
 
-        return _rewrite(ctx, write)
+        derived = _rewrite(ctx, write)
+        derived.details.update(details)
+        return derived
+
+
+def _smoothed(ctx: DeriveContext, src: Path, scratch: Path, alpha: float, details: dict) -> tuple[Path, list[str]]:
+    """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep fp32."""
+    from vlexport.errors import UsageError
+    from vlexport.quantize.calibration import calibration_set
+    from vlexport.quantize.smoothing import after_activation_matmuls, smooth
+
+    if len(ctx.parent.components) != 1:
+        raise UsageError("--smooth calibrates encoder artifacts (one component); for generative artifacts use "
+                         "--precision int8-weight.")
+    (comp,) = ctx.parent.components.values()
+    cal = calibration_set(ctx.job.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
+                          task_spec=ctx.task_spec, config=ctx.config, input_names=tuple(t.name for t in comp.inputs))
+    model = onnx.load(str(src))
+    keep = after_activation_matmuls(model)  # before smoothing puts a Mul between the GELU and its MatMul
+    n = smooth(model, cal.feeds, alpha)
+    path = scratch / f"smoothed-{src.name}"
+    onnx.save(model, str(path))
+    details.update(smooth={"alpha": alpha, "activations_smoothed": n, "kept_fp32": keep,
+                           "calibration": cal.record("minmax")})
+    return path, keep
 
 
 register_pass(OnnxFp16Pass())

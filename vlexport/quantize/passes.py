@@ -27,6 +27,8 @@ class PrecisionPass(Protocol):
 BUILTIN: dict[tuple[str, str], str] = {
     ("onnx", "fp16"): "vlexport.quantize.onnx_passes",
     ("onnx", "int8-dynamic"): "vlexport.quantize.onnx_passes",
+    ("onnx", "int8-weight"): "vlexport.quantize.onnx_weight_only",
+    ("onnx", "int8-static"): "vlexport.quantize.onnx_static",
 }
 _PASSES: dict[tuple[str, str], PrecisionPass] = {}
 

@@ -86,7 +86,8 @@ class Fp16Config(PrecisionConfig):
     name: ClassVar[str] = "fp16"
     dtype: ClassVar[str] = "float16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.999, min_agreement=0.99)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "tensorrt")  # onnx: quantize/onnx_passes.py
+    # onnx: quantize/onnx_passes.py; aoti: export/compile.py casts the modules (I/O stays fp32)
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "aoti", "tensorrt")
     tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16",)
     description: ClassVar[str] = "half precision weights and activations"
 
@@ -96,7 +97,7 @@ class Bf16Config(PrecisionConfig):
     name: ClassVar[str] = "bf16"
     dtype: ClassVar[str] = "bfloat16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile")
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/compile.py casts the modules
     description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
 
 
@@ -105,11 +106,18 @@ class Int8DynamicConfig(PrecisionConfig):
     """int8 weights, activations quantized at run time per tensor (ONNX Runtime dynamic quantization)."""
 
     per_channel: bool = True  # one weight scale per output channel: outlier channels keep their own range
+    # SmoothQuant strength (quantize/smoothing.py), None: off. With it, the FFN output MatMuls stay fp32: on real
+    # BERT weights plain int8-dynamic keeps a mean embedding cosine of 0.993, this 0.999 (README, Precisions).
+    smooth: float | None = None
     name: ClassVar[str] = "int8-dynamic"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
     backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_passes.py
     description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
+
+    def __post_init__(self) -> None:
+        if self.smooth is not None and not 0 < self.smooth < 1:
+            raise UsageError(f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}.")
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -123,7 +131,7 @@ class Int8StaticConfig(PrecisionConfig):
     name: ClassVar[str] = "int8-static"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
-    backends: ClassVar[tuple[str, ...]] = ("tensorrt",)
+    backends: ClassVar[tuple[str, ...]] = ("onnx", "tensorrt")  # onnx: quantize/onnx_static.py (QDQ)
     # int8 layers that TensorRT cannot run in int8 fall back to fp16, not fp32.
     tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16", "INT8")
     description: ClassVar[str] = "int8 weights and activations, calibrated scales"
@@ -141,7 +149,8 @@ class Int8WeightConfig(PrecisionConfig):
     name: ClassVar[str] = "int8-weight"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ()
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/compile.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
     description: ClassVar[str] = "int8 weights only, float activations"
 
     def __post_init__(self) -> None:
@@ -149,10 +158,27 @@ class Int8WeightConfig(PrecisionConfig):
             raise UsageError(f"block_size must be a power of two >= 16, got {self.block_size}.")
 
 
+@dataclass(frozen=True)
+class Int8BnbConfig(PrecisionConfig):
+    """bitsandbytes LLM.int8 (``load_in_8bit=True``, as BLIP-2's docs load it on one GPU): the baseline users
+    know. Eager only, CUDA only (quantize/bnb.py); int8 matmuls with fp16 outlier columns."""
+
+    threshold: float = 6.0  # LLM.int8's outlier threshold (BitsAndBytesConfig.llm_int8_threshold)
+    name: ClassVar[str] = "int8-bnb"
+    dtype: ClassVar[str] = "float16"  # the non-quantized modules run in fp16
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
+    backends: ClassVar[tuple[str, ...]] = ("eager",)
+    description: ClassVar[str] = "bitsandbytes LLM.int8 (load_in_8bit), eager on CUDA"
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise UsageError(f"threshold must be positive, got {self.threshold}.")
+
+
 # The registry: every precision by name, with its default knobs.
 PRECISIONS: dict[str, PrecisionConfig] = {
     c.name: c for c in (Fp32Config(), Fp16Config(), Bf16Config(), Int8DynamicConfig(), Int8StaticConfig(),
-                        Int8WeightConfig())
+                        Int8WeightConfig(), Int8BnbConfig())
 }
 # Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).
 ALIASES = {"int8": "int8-static"}

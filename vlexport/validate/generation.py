@@ -44,6 +44,8 @@ class TokenCheck:
     limit: str = "tokens equal"
     near_tie_step: int | None = None  # beam search: logits compared up to this step (see compare_case)
     detail: str = ""
+    logit_cosine: float | None = None  # smallest per-step logit cosine up to the first divergence
+    near_tie: bool = False  # diverged where the artifact's logit error can flip the reference's choice
 
 
 @dataclass
@@ -114,10 +116,16 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
     degenerate = distinct <= 1
     if degenerate and tol.exact_tokens:
         checks += logits_gate(logit_pairs, tol)
-    if not tol.exact_tokens:  # reduced precisions: a share of tokens, not every token
-        checks = _agreement(checks, tol.min_agreement or 1.0)
-    return _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
-                   distinct, degenerate, near_ties)
+    accuracy = None
+    if not tol.exact_tokens:  # reduced precisions: agreement and logit cosine (validate/accuracy.py)
+        from vlexport.validate.accuracy import generation_accuracy
+
+        accuracy = generation_accuracy(checks, precision, tol, refs.max_new_tokens)
+        checks = _agreement(checks, accuracy)
+    report = _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
+                     distinct, degenerate, near_ties)
+    report.accuracy = accuracy
+    return report
 
 
 def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> ValidationReport:
@@ -156,7 +164,7 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
     # Logits are comparable while both runs saw the same tokens: up to and including the first divergence.
     steps = min(len(ref_logits), len(got_logits))
     last = steps if first_div is None else min(steps, max(first_div, 0) + 1)
-    errs, margins = [], []
+    errs, margins, cosines = [], [], []
     tie_step, score_err = None, 0.0
     for s in range(last):
         a, b = ref_logits[s], got_logits[s]
@@ -164,7 +172,10 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             last = s
             break
         logit_pairs.append((a, b))
-        errs.append(np.abs(a.astype(np.float64) - b).max(axis=-1))  # per row
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        errs.append(np.abs(a64 - b64).max(axis=-1))  # per row
+        cosines.append((a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1),
+                                                         1e-30))
         top2 = np.sort(a, axis=-1)[:, -2:]
         margins.append(top2[:, 1] - top2[:, 0])
         # Beam rows hold hypotheses in score order. A log-softmax value moves by at most twice the largest
@@ -181,8 +192,9 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
         margin = float(min((m[row_slice].min() for m in margins), default=np.inf))
         margin = margin if np.isfinite(margin) else None
         new = max(0, min(len(ref[i]), len(got[i])) - prompt_len)
+        cos = float(min((c[row_slice].min() for c in cosines), default=np.nan))
         check = TokenCheck(shape, "tokens", "ok", True, sample=sample, max_abs=err, margin=margin, tokens=new,
-                           near_tie_step=tie_step)
+                           near_tie_step=tie_step, logit_cosine=cos if np.isfinite(cos) else None)
         if step is not None:
             r_tok = _tok(ref[i], pos)
             g_tok = _tok(got[i], pos)
@@ -190,10 +202,23 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             where = "in the prompt" if step < 0 else f"at step {step}"
             tie = " (a near-tie: the margin is below the logits error)" if margin is not None and margin <= err else ""
             check.kind, check.passed, check.step = "mismatch", False, step
+            check.near_tie = _near_tie(step, i * beams, errs, margins, tie_step, beams)
             check.detail = (f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
                             f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}{tie}")
         out.append(check)
     return out
+
+
+def _near_tie(step: int, row: int, errs: list[np.ndarray], margins: list[np.ndarray], tie_step: int | None,
+              beams: int) -> bool:
+    """Greedy: the reference's top-2 gap at the divergence is within twice the artifact's logit error there
+    (an error that size can swap them: fp32 itself barely prefers its token). Beam: the candidates' ranking
+    hit such a near-tie at or before the divergence (compare_case's ``tie_step``)."""
+    if beams > 1:
+        return tie_step is not None and tie_step <= step
+    if not 0 <= step < min(len(errs), len(margins)):
+        return False
+    return bool(margins[step][row] <= 2 * errs[step][row])
 
 
 def _tok(seq: np.ndarray, pos: int) -> str:
@@ -213,13 +238,15 @@ def logits_gate(pairs: list[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> l
                        detail="" if passed else "per-step logits differ from HF generate() beyond tolerance")]
 
 
-def _agreement(checks: list[TokenCheck], need: float) -> list[TokenCheck]:
-    """Reduced precisions: samples may diverge as long as the share that matches is high enough."""
-    token_checks = [c for c in checks if c.output == "tokens"]
-    share = sum(c.kind == "ok" for c in token_checks) / max(1, len(token_checks))
-    for c in token_checks:
-        c.limit = f"share of samples with equal tokens >= {need} (got {share:.2f})"
-        c.passed = c.kind == "ok" or share >= need
+def _agreement(checks: list[TokenCheck], accuracy: Any) -> list[TokenCheck]:
+    """Reduced precisions: samples may diverge as long as the accuracy report's thresholds hold."""
+    for c in checks:
+        if c.output == "tokens":
+            c.limit = "accuracy thresholds (agreement, logit cosine): " + ("met" if accuracy.passed else "missed")
+            c.passed = c.kind == "ok" or accuracy.passed
+    if not accuracy.passed:
+        checks.append(TokenCheck("all", "accuracy", "accuracy", False, limit=str(accuracy.thresholds),
+                                 detail="; ".join(accuracy.misses)))
     return checks
 
 

@@ -93,6 +93,7 @@ class OutputReferences:
     shapes: tuple[InputShape, ...]
     inputs: list[dict[str, np.ndarray]]
     outputs: list[dict[str, np.ndarray]]
+    task: str = ""
 
 
 def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequence[InputShape] = VALIDATION_SHAPES,
@@ -106,7 +107,7 @@ def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequenc
             ref = reference(*(x[name] for name in component.inputs))
         inputs.append({k: v.numpy() for k, v in x.items()})
         outputs.append({name: r.float().numpy() for name, r in zip(component.outputs, ref)})
-    return OutputReferences(component, dict(task.agreement), tuple(shapes), inputs, outputs)
+    return OutputReferences(component, dict(task.agreement), tuple(shapes), inputs, outputs, task.name)
 
 
 def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -> ValidationReport:
@@ -121,7 +122,12 @@ def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -
         checks.append(OutputCheck("all", name, "degenerate", False,
                                   detail=f"reference output is ~constant (std < {DEGENERATE_STD:g}); the "
                                          "comparison would pass trivially. Check the weights' initialisation."))
-    return report(checks, precision, tol, refs.shapes)
+    result = report(checks, precision, tol, refs.shapes)
+    if tol.min_cosine is not None:  # reduced precisions: the accuracy report (validate/accuracy.py)
+        from vlexport.validate.accuracy import outputs_accuracy
+
+        result.accuracy = outputs_accuracy(result.checks, refs.agreement, refs.task, precision, tol)
+    return result
 
 
 def report(checks: Sequence[OutputCheck], precision: str, tol: Tolerance, shapes: Sequence[InputShape]

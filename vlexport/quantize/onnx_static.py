@@ -1,0 +1,72 @@
+"""ONNX int8-static pass: QDQ graphs with activation scales calibrated ahead of time.
+
+ONNX Runtime's ``quantize_static`` runs the fp32 graph over the calibration set (quantize/calibration.py),
+collects each activation's range (minmax, entropy or percentile: ``Int8StaticConfig.method``) and writes
+QuantizeLinear / DequantizeLinear pairs around the MatMuls, Convs and Gemms, weights per output channel.
+Activations and weights are symmetric int8, the form TensorRT's explicit-quantization int8 builds read
+(the QDQ graph is what a TensorRT int8 engine is built from); ONNX Runtime runs it on CPU as well.
+Normalisations, softmax and the element-wise ops stay fp32: quantizing their inputs costs accuracy and
+saves little. Encoder artifacts (one component) only: a decoder step's calibration would need the cache
+of real generations; generative artifacts take int8-weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+from vlexport.errors import UsageError
+from vlexport.export.backend import DeriveContext, Derived
+from vlexport.quantize.calibration import FeedReader, calibration_set
+from vlexport.quantize.onnx_passes import _quiet_root_logger, _rewrite
+from vlexport.quantize.passes import register_pass
+from vlexport.quantize.precision import Int8StaticConfig
+
+QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
+
+
+class OnnxInt8StaticPass:
+    backend = "onnx"
+    precision = Int8StaticConfig.name
+
+    def derive(self, ctx: DeriveContext) -> Derived:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        config = Int8StaticConfig(method=ctx.job.method or Int8StaticConfig.method)
+        if len(ctx.parent.components) != 1 or ctx.task_spec.generative:
+            raise UsageError(f"int8-static calibrates encoder artifacts (one component); {ctx.parent_dir} holds a "
+                             f"generative {ctx.parent.task} artifact ({', '.join(ctx.parent.components)}). Use "
+                             "--precision int8-weight (weights only, any component) or int8-dynamic.")
+        (comp,) = ctx.parent.components.values()
+        cal = calibration_set(ctx.job.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
+                              task_spec=ctx.task_spec, config=ctx.config,
+                              input_names=tuple(t.name for t in comp.inputs))
+        ctx.progress(f"int8-static: calibrating on {len(cal.feeds)} {cal.source} sample(s), {config.method}")
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[config.method]
+
+        def write(src: Path, dst: Path, external: bool) -> None:
+            # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
+            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch, _quiet_root_logger(), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                out = Path(scratch) / dst.name
+                quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=method, use_external_data_format=external,
+                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                               "CalibTensorRangeSymmetric": True},
+                                calibration_providers=["CPUExecutionProvider"])
+                for f in Path(scratch).iterdir():
+                    if f.name.startswith(dst.name):
+                        shutil.move(str(f), ctx.out_dir / f.name)
+
+        derived = _rewrite(ctx, write)
+        derived.details["calibration"] = cal.record(config.method)
+        return derived
+
+
+register_pass(OnnxInt8StaticPass())
