@@ -5,7 +5,7 @@
 #
 # Runs the kernel micro-benchmarks (`python -m vlexport_kernels.bench`, -> gpu-<device>-kernels.json), then
 # `vlexport bench --suite gpu --device cuda` (benchmarks/suites.toml) and writes
-# benchmarks/results/gpu-<device>.{json,md,png}; copies them to $OUT when that is set. vlexport is
+# benchmarks/results/gpu-<device>.{json,md,png}, then the BLIP-2 generation rows (-> gpu-<device>-generation.json); copies them to $OUT when that is set. vlexport is
 # imported from this checkout (no install). Wheels for missing or too-old packages (vlexport needs
 # transformers>=5.23; TensorRT for the tensorrt rows) are installed from ./.whl when that folder exists.
 # A case that cannot run (no TensorRT, a preset config not shipped yet) is reported and the others go on.
@@ -43,6 +43,13 @@ rc_kernels=$?
 python3 -m vlexport.cli bench --suite gpu --device cuda --work-dir /tmp/vlexport-bench-work \
   --json "$out.json" --markdown "$out.md" --plot "$out.png"
 rc=$?
-if [ -n "${OUT:-}" ]; then cp "$out".json "$out".md "$out".png "$out-kernels.json" "$OUT"/ 2>/dev/null; fi
+# BLIP-2 OPT-2.7b batch 1, 64 new tokens: compiled static-cache packages (fp16, int8-weight; CUDA-graph decode step)
+# vs HF fp16 generate() and bitsandbytes LLM.int8: tokens/s and peak memory (benchmarks/gpu_generation.py).
+python3 benchmarks/gpu_generation.py --out "$out-generation.json"
+rc_generation=$?
+if [ -n "${OUT:-}" ]; then
+  cp "$out".json "$out".md "$out".png "$out-kernels.json" "$out-generation.json" "$OUT"/ 2>/dev/null
+fi
 [ "$rc_kernels" -eq 0 ] || exit "$rc_kernels"
+[ "$rc_generation" -eq 0 ] || exit "$rc_generation"
 exit $rc

@@ -8,12 +8,13 @@ has no artifact: it is a benchmark runner (bench/) built with :func:`jit_compile
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
+from vlexport.models.generative import CachedDecoder
+from vlexport.runtime.static_step import META_STATIC
 
 MODES = ("default", "reduce-overhead", "max-autotune")
 # Package metadata keys (strings only: AOTI metadata is a str -> str map).
@@ -33,8 +36,8 @@ META_OUTPUTS = "vlexport.outputs"
 def inductor_configs(mode: str) -> dict[str, Any]:
     """Inductor settings for a ``torch.compile`` mode, applied to an AOT compile.
 
-    reduce-overhead means CUDA graphs, which AOTInductor packages do not capture: it compiles like
-    default. max-autotune benchmarks matmul / conv templates at compile time (minutes, GPU mostly).
+    reduce-overhead means CUDA graphs, which AOTInductor packages do not capture themselves: it compiles
+    like default, and the runtime captures the static-cache decode step (runtime/static_step.py). max-autotune benchmarks matmul / conv templates at compile time (minutes, GPU mostly).
     """
     if mode not in MODES:
         raise UsageError(f"Unknown --mode {mode!r}: choose one of {', '.join(MODES)}.")
@@ -44,15 +47,19 @@ def inductor_configs(mode: str) -> dict[str, Any]:
 
 
 def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
-                      device: str = "cpu", configs: Mapping[str, Any] | None = None) -> Component:
-    """torch.export ``module`` with the spec's dynamic axes, AOT-compile it to ``path``, describe it."""
+                      device: str = "cpu", configs: Mapping[str, Any] | None = None,
+                      metadata: Mapping[str, str] | None = None, copied: bool = False) -> Component:
+    """torch.export ``module`` with the spec's dynamic axes, AOT-compile it to ``path``, describe it.
+
+    ``copied``: ``module`` is already a copy of the eager model's modules, so it may be moved."""
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
     if device != "cpu":
         # A copy: the caller's eager model stays on the CPU as the validation reference.
-        module = copy.deepcopy(module).to(device)
+        module = (module if copied else copy.deepcopy(module)).to(device)
     args = tuple(example[name].to(device) for name in spec.inputs)
-    meta = {META_INPUTS: json.dumps(list(spec.inputs)), META_OUTPUTS: json.dumps(list(spec.outputs))}
+    meta = {META_INPUTS: json.dumps(list(spec.inputs)), META_OUTPUTS: json.dumps(list(spec.outputs)),
+            **dict(metadata or {})}
     with torch.no_grad(), _quiet_exporter():
         try:
             program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes(spec, example),
@@ -106,11 +113,52 @@ def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
 
 
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TORCHAO_HINT = ("--precision int8-weight for compiled packages needs torchao (its Int8WeightOnlyConfig): "
+                "`pip install torchao` (0.18 works with torch 2.13), then compile again.")
+DEFAULT_MAX_LENGTH = 64  # static KV-cache slots of generative packages (prompt + new tokens)
+DEFAULT_MAX_BATCH = 16  # decoder rows (batch x beams) a generative package takes
+
+
+class CastIO(nn.Module):
+    """Runs ``module`` in a reduced float dtype behind float32 inputs and outputs (``keep``: inputs already in
+    that dtype, the static caches that the graph updates in place), so the runtime's numpy I/O is unchanged."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, input_names: tuple[str, ...], keep: frozenset[str]):
+        super().__init__()
+        self.module, self.dtype, self.input_names, self.keep = module, dtype, input_names, keep
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = tuple(a.to(self.dtype) if a.is_floating_point() and n not in self.keep else a
+                     for n, a in zip(self.input_names, args))
+        return tuple(o.float() if o.is_floating_point() else o for o in self.module(*args))
+
+
+def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, torch.Tensor], precision: str,
+                   device: str = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``module`` on ``device`` in ``precision`` (fp16 / bf16: cast; int8-weight: torchao int8
+    weight-only linears, quantized where they will run)."""
+    module = copy.deepcopy(module).to(device)  # the eager model stays fp32 on the CPU: the validation reference
+    caches = frozenset(n for n in spec.inputs if n.startswith("cache."))
+    if precision == "int8-weight":
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError:
+            raise UsageError(TORCHAO_HINT) from None
+        quantize_(module, Int8WeightOnlyConfig())
+        return module, example
+    dtype = _DTYPES[precision]
+    example = {k: v.to(dtype) if k in caches else v for k, v in example.items()}
+    return CastIO(module.to(dtype), dtype, spec.inputs, caches), example
+
+
 class AotiBackend(BackendBase):
     name = "aoti"
     suffix = ".pt2"
-    options = {"mode": "default", "device": "cpu"}
-    description = "AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`"
+    options: ClassVar[dict[str, Any]] = {"mode": "default", "device": "cpu", "max_length": DEFAULT_MAX_LENGTH,
+                                         "max_batch": DEFAULT_MAX_BATCH}
+    description = ("AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`; "
+                   "decoders over a static KV cache")
 
     def check(self, job: ExportJob) -> None:
         inductor_configs(job.option("mode"))
@@ -118,11 +166,29 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--device {job.option('device')!r}: AOTInductor packages are built for cpu or cuda.")
         if job.option("device") == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
+        if not 16 <= int(job.option("max_length")) <= 1 << 15:
+            raise UsageError(f"--max-length {job.option('max_length')}: give 16..32768 static cache slots.")
+        if not 1 <= int(job.option("max_batch")) <= 1 << 12:
+            raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
+        if job.precision == "int8-weight" and importlib.util.find_spec("torchao") is None:
+            raise UsageError(TORCHAO_HINT)
 
     def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
                          path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
+        metadata = {}
+        if isinstance(module, CachedDecoder):  # generative: the static-cache twin of the ONNX decoder
+            from vlexport.export.static_cache import static_decoder
+
+            max_length, max_batch = int(job.option("max_length")), int(job.option("max_batch"))
+            module, spec, example = static_decoder(module, spec, example, max_length=max_length,
+                                                   max_batch=max_batch)
+            metadata[META_STATIC] = json.dumps({"max_length": max_length, "max_batch": max_batch,
+                                                "cuda_graphs": job.option("mode") == "reduce-overhead"})
+        copied = job.precision != "fp32"
+        if copied:
+            module, example = with_precision(module, spec, dict(example), job.precision, job.option("device"))
         return compile_component(module, spec, example, path, device=job.option("device"),
-                                 configs=inductor_configs(job.option("mode")))
+                                 configs=inductor_configs(job.option("mode")), metadata=metadata, copied=copied)
 
     def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
              interleaved: bool = False) -> Any:

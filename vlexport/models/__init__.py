@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import pkgutil
 
 from vlexport.errors import UsageError
@@ -45,6 +46,13 @@ def family_names() -> tuple[str, ...]:
 
 
 def get_family(name: str) -> FamilySpec:
+    # The module named after the family first: loading an artifact imports its own family only (a compiled
+    # artifact generates without transformers, which the other family modules import).
+    module = f"{__name__}.{name.replace('-', '_')}"
+    if name.replace("-", "_").isidentifier() and importlib.util.find_spec(module) is not None:
+        family = getattr(importlib.import_module(module), "FAMILY", None)
+        if isinstance(family, FamilySpec) and family.name == name:
+            return family
     try:
         return _families()[name]
     except KeyError:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.models.inputs import InputShape
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
+    from transformers import PretrainedConfig, PreTrainedModel
+
     from vlexport.inject import Rule
 
 DynamicAxes = Mapping[str, Mapping[int, str]]

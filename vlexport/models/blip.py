@@ -10,12 +10,11 @@ parts are exported as components):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
 from vlexport.inject import Rule, additive_bias, kernel_attention, post_norm, use_original
@@ -31,6 +30,9 @@ from vlexport.models.generative import (
     generation_settings,
 )
 from vlexport.models.inputs import InputShape, generator, image_size, pixel_values, text_inputs
+
+if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
+    from transformers import PretrainedConfig, PreTrainedModel
 
 _ITM_OUTPUTS = ("itm_score",)
 

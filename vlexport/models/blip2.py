@@ -14,13 +14,11 @@ docs/ARCHITECTURE.md, "Pitfalls": generate() only uses the image where the promp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput
 
 from vlexport.errors import UsageError
 from vlexport.inject import interface, post_norm
@@ -36,6 +34,9 @@ from vlexport.models.generative import (
     generation_settings,
 )
 from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
+
+if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 def _is_opt(config: PretrainedConfig) -> bool:
@@ -82,9 +83,21 @@ def _t5_encode(lm: nn.Module, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def _t5_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
+    from transformers.modeling_outputs import BaseModelOutput
+
     return lm(encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
               attention_mask=x["encoder_attention_mask"], decoder_input_ids=x["input_ids"], past_key_values=cache,
               use_cache=True, return_dict=True)
+
+
+def _t5_static_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
+    # Over a static cache the decoder's mask (4D over the slots) is given: T5 would build a mask of the
+    # cache's whole length from it otherwise. Positions (relative bias) come from the cache's seen length.
+    from transformers.modeling_outputs import BaseModelOutput
+
+    return lm(encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
+              attention_mask=x["encoder_attention_mask"], decoder_input_ids=x["input_ids"],
+              decoder_attention_mask=x["attention_mask"], past_key_values=cache, use_cache=True, return_dict=True)
 
 
 _LM_INPUTS = ("input_ids", "image_embeds", "image_mask", "attention_mask")
@@ -99,7 +112,7 @@ def _components(config: PretrainedConfig) -> tuple[ComponentSpec, ...]:
     encoder = encoder_component("encoder", _LM_INPUTS, layout.cross_present, lambda m: m.language_model,
                                 _t5_encode, _dims)
     decoder = decoder_component(("input_ids", "encoder_attention_mask"), layout, lambda m: m.language_model,
-                                _t5_step, _dims)
+                                _t5_step, _dims, static_step=_t5_static_step)
     return _image_encoder(), encoder, decoder
 
 
@@ -148,9 +161,11 @@ def _opt_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.n
 
 
 def _t5_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    # T5 generate(): the decoder starts from decoder_start_token_id and attends to the encoder's mask.
+    # T5 generate(): the decoder starts from decoder_start_token_id and attends to the encoder's mask. Its own
+    # mask is all ones (the start token is the pad id: inferring a mask from pads would hide it).
     batch = env["input_ids"].shape[0]
     return {"decoder_input_ids": np.full((batch, 1), s["decoder_start_token_id"], dtype=np.int64),
+            "decoder_attention_mask": np.ones((batch, 1), dtype=np.int64),
             "encoder_attention_mask": env["attention_mask"]}
 
 

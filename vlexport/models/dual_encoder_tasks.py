@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PretrainedConfig
 
 from vlexport.models import scores
 from vlexport.models.base import TaskSpec, single_component
 from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
+
+if TYPE_CHECKING:  # annotations only (family modules load without transformers)
+    from transformers import PretrainedConfig
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values")
 OUTPUTS = ("text_embeds", "image_embeds", "logits_per_image")

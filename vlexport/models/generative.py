@@ -19,16 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import InputShape, generator
+
+if TYPE_CHECKING:  # the runtime reads recipes without transformers (compiled artifacts); export imports it
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.cache_utils import Cache
 
 # Example sizes for decoder exports: all different from each other and from the batch (2), so
 # torch.export never unifies two dynamic dims by coincidence; none is 0 or 1 (those specialise).
@@ -108,7 +110,7 @@ def axes_for(names: Sequence[str], *, decoder: bool, overrides: Mapping[str, Map
 
 
 # ---------------------------------------------------------------- wrappers
-Step = Callable[[nn.Module, dict[str, torch.Tensor], Cache], Any]
+Step = Callable[[nn.Module, dict[str, torch.Tensor], "Cache"], Any]
 Encode = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
 
 
@@ -134,16 +136,22 @@ class CachedDecoder(nn.Module):
     cache is an EncoderDecoderCache whose cross part is already filled (``is_updated``), so the HF
     attention reads keys/values from it; ``named_inputs["encoder_hidden_states"]`` is then a stand-in
     carrying only batch and length (HF checks it for None and reads its shape for the mask, never its values).
+    ``static_step`` is how the family calls the same module over a static cache (export/static_cache.py: the
+    mask arrives 4D over the cache slots); it defaults to ``step``.
     """
 
-    def __init__(self, module: nn.Module, step: Step, input_names: Sequence[str], layout: CacheLayout):
+    def __init__(self, module: nn.Module, step: Step, input_names: Sequence[str], layout: CacheLayout,
+                 static_step: Step | None = None):
         super().__init__()
         self.module = module
         self.step = step
+        self.static_step = static_step or step
         self.input_names = tuple(input_names)
         self.layout = layout
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
         named = dict(zip(self.input_names, args))
         self_cache = DynamicCache(_pairs([named.pop(n) for n in self.layout.past]))
         cache: Cache = self_cache
@@ -262,13 +270,16 @@ def encoder_component(name: str, inputs: Sequence[str], outputs: Sequence[str], 
 
 
 def decoder_component(inputs: Sequence[str], layout: CacheLayout, module: Callable[[Any], nn.Module], step: Step,
-                      dims: Callable[[PreTrainedModel], ExampleDims], name: str = "decoder") -> ComponentSpec:
-    """The decoder step: ``inputs`` (token ids, masks, ...) + past -> logits of the last position + present."""
+                      dims: Callable[[PreTrainedModel], ExampleDims], name: str = "decoder",
+                      static_step: Step | None = None) -> ComponentSpec:
+    """The decoder step: ``inputs`` (token ids, masks, ...) + past -> logits of the last position + present.
+
+    ``static_step``: the family's call over a static cache, where it differs from ``step`` (compile backend)."""
     all_inputs = (*inputs, *layout.past, *layout.cross_past)
     outputs = ("logits", *layout.present)
     return ComponentSpec(
         name, all_inputs, outputs, axes_for((*all_inputs, *outputs), decoder=True),
-        lambda model: CachedDecoder(module(model), step, all_inputs, layout),
+        lambda model: CachedDecoder(module(model), step, all_inputs, layout, static_step),
         lambda model, shape, seed: example_inputs(all_inputs, dims(model), shape, seed, decoder=True),
     )
 

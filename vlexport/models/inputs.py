@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
+
+if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)

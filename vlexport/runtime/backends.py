@@ -28,9 +28,15 @@ class AotiComponent:
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)  # the package's OpenMP kernels use torch's intra-op pool
+        built_for = package_device(path)
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"{path} was compiled for CUDA (--device cuda) and torch sees no GPU here: run it on "
+                             "a machine with an NVIDIA GPU and a CUDA build of torch, or compile again with "
+                             "--device cpu.")
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
             meta = self.runner.get_metadata()
+            self.metadata: dict[str, str] = dict(meta)
             self.input_names: list[str] = json.loads(meta["vlexport.inputs"])
             self.output_names: list[str] = json.loads(meta["vlexport.outputs"])
         except (RuntimeError, KeyError, json.JSONDecodeError) as e:
@@ -51,6 +57,19 @@ class AotiComponent:
             outs = self.call_tensors(*tensors)
         return {name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
                 for name, o in zip(self.output_names, outs)}
+
+
+def package_device(path: str | Path) -> str | None:
+    """The device an AOTInductor package was compiled for, read off its metadata without loading it (loading a
+    CUDA package without a GPU aborts inside the runtime)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("wrapper_metadata.json")]
+            return json.loads(z.read(names[0])).get("AOTI_DEVICE_KEY") if names else None
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None  # aoti_load_package names what is wrong with the file
 
 
 def import_tensorrt() -> Any:

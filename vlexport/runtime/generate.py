@@ -36,12 +36,25 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length:]
 
 
-def artifact_config(directory: Path) -> Any:
-    """The HF config copy of an artifact (recipes depend on it, e.g. BLIP-2 with OPT or T5)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+class ConfigView:
+    """Attribute view of a config.json (nested dicts as views): what recipes read, without transformers."""
 
+    def __init__(self, d: Mapping[str, Any]):
+        self.__dict__.update({k: ConfigView(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def artifact_config(directory: Path) -> Any:
+    """The HF config copy of an artifact (recipes depend on it, e.g. BLIP-2 with OPT or T5).
+
+    Without transformers installed (a compiled artifact deployed with torch alone), a plain view of the file.
+    """
     from vlexport.userdata import brief, kind_of, read_json
+
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:
+        AutoConfig = CONFIG_MAPPING = None
 
     path = Path(directory) / "config.json"
     if not path.is_file():
@@ -53,6 +66,8 @@ def artifact_config(directory: Path) -> Any:
     model_type = d.pop("model_type", None)
     if model_type is None:
         raise CheckError(f"{path} has no model_type; the artifact is damaged, export it again.")
+    if AutoConfig is None:
+        return ConfigView({**d, "model_type": model_type})
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise CheckError(f"{path}: model_type {model_type!r:.60} is not a model type this transformers knows. "
                          f"{again}")
@@ -88,7 +103,7 @@ class Generator:
                              "the manifest does not describe a complete artifact. Export it again.")
         check_components_match_manifest(artifact)
         specs = artifact.manifest.components
-        self.decoder = DecoderSession(artifact.components["decoder"], specs.get("decoder"))
+        self.decoder = _decoder_session(artifact.components["decoder"], specs.get("decoder"))
         # Declared input dtypes per stage component: the request's arrays are cast to what each graph takes.
         self._dtypes = {n: input_dtypes(specs.get(n)) for n in needed if n != "decoder"}
         self._search = SearchSettings.from_settings(self.settings)
@@ -141,6 +156,9 @@ class Generator:
             raise UsageError("The decoder prompt is empty: give at least one token besides the special ones.")
         if mask is None:
             mask = self._default_mask(prompt)
+        check = getattr(self.decoder, "check_request", None)  # static-cache packages: compiled length and rows
+        if check is not None:
+            check(prompt.shape[0] * num_beams, prompt.shape[1], max_new_tokens)
         step = self.decoder.step(env, mask, first_step=self.recipe.first_step, repeat=num_beams)
         out = search(step, prompt, self._search, num_beams=num_beams, max_new_tokens=max_new_tokens,
                      min_new_tokens=min_new_tokens, output_logits=output_logits, on_step=on_step)
@@ -186,6 +204,14 @@ class Generator:
             if "pixel_values" in dtypes:
                 return dtypes["pixel_values"]
         return np.dtype(np.float32)
+
+
+def _decoder_session(component: Any, spec: Any) -> Any:
+    """The decoder's DecodeStep source: a static-cache package (runtime/static_step.py) or a past-in/present-out
+    graph (runtime/decoder_session.py), told apart by the inputs the package declares."""
+    from vlexport.runtime.static_step import StaticDecoderSession, is_static_decoder
+
+    return StaticDecoderSession(component, spec) if is_static_decoder(component) else DecoderSession(component, spec)
 
 
 def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
