@@ -63,7 +63,23 @@ def test_bench_reports(acceptance: dict) -> None:
     image = mpimg.imread(png)
     assert image.shape[0] >= 400 and image.shape[1] >= 1000  # two readable panels side by side
     assert image[..., :3].std() > 0.05  # not a blank canvas
-    assert acceptance["meta"]["schema"] == "vlexport-bench/1"
+    assert acceptance["meta"]["schema"] == "vlexport-bench/2"
+    assert "GFLOP" in md and "% of fp32-gemm" in md and "Peaks of this machine" in md
+
+
+def test_rows_say_how_close_to_the_peak(acceptance: dict) -> None:
+    """Work counted once per shape, the peak measured in the same run, fraction = achieved / peak in the JSON."""
+    rows, meta = acceptance["rows"], acceptance["meta"]
+    (measured,) = [m for m in meta["peaks"] if m["threads"] == rows[0].threads]
+    work = {b: {r.work_flops for r in rows if r.batch == b} for b in (1, 4)}
+    assert len(work[1]) == len(work[4]) == 1  # one count per shape, whichever backend ran it
+    (w1,), (w4,) = work[1], work[4]
+    assert w1 > 0 and w4 == 4 * w1
+    for r in rows:
+        assert r.peak_kind == "fp32-gemm" and r.peak_value == measured["peaks"]["fp32-gemm"]["value"] > 0
+        assert r.achieved_gflops == pytest.approx(r.work_flops / (r.latency_p50_ms / 1e3) / 1e9, rel=1e-3)
+        assert r.peak_fraction == pytest.approx(r.achieved_gflops / r.peak_value, rel=1e-3)
+        assert r.work_bytes_per_step is None and r.achieved_gbps is None  # encoders: FLOPs, not decode bytes
 
 
 def test_regress_passes_on_itself(acceptance: dict) -> None:
@@ -140,9 +156,9 @@ def test_parity_failure_is_reported_not_timed(fake_backends, tmp_path: Path, cap
 def test_bench_usage_errors(capsys) -> None:
     assert main(["bench", *TINY, "--backends", "eager,flash"]) == 2
     assert "Unknown backend" in capsys.readouterr().err
-    assert main(["bench", *TINY, "--backends", "aoti", "--precision", "fp16", "--batch-sizes", "1"]) == 2
+    assert main(["bench", *TINY, "--backends", "onnx-opt", "--precision", "fp16", "--batch-sizes", "1"]) == 2
     # The registry knows what each backend builds: refused before any timing, with what it does build.
-    assert "aoti backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
+    assert "onnx-opt backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
     assert main(["bench", *TINY, "--backends", "compile", "--precision", "int8-static", "--batch-sizes", "1"]) == 2
     assert "compile runner runs fp32, fp16, bf16, not int8-static" in " ".join(capsys.readouterr().err.split())
     assert main(["bench", *TINY, "--precision", "fp8"]) == 2

@@ -26,6 +26,12 @@ def test_caption_rows_eager_vs_onnx() -> None:
         assert r.throughput == pytest.approx(r.batch * 6 / (r.latency_p50_ms / 1e3), rel=1e-3)
     assert rows[1].build_s > 0 and rows[1].speedup_vs_eager == pytest.approx(
         rows[0].latency_p50_ms / rows[1].latency_p50_ms, rel=1e-3)
+    # Decode is bandwidth-bound: bytes per step (weights + KV cache, the same for both at fp32) over ms/token.
+    assert rows[0].work_bytes_per_step == rows[1].work_bytes_per_step > 0
+    for r in rows:
+        assert r.peak_kind == "memory" and r.peak_value > 0 and r.work_flops is None
+        assert r.achieved_gbps == pytest.approx(r.work_bytes_per_step / (r.decode_ms_per_token / 1e3) / 1e9, rel=1e-3)
+        assert r.peak_fraction == pytest.approx(r.achieved_gbps / r.peak_value, rel=1e-3)
 
 
 def test_hf_generate_timed_forces_the_token_count() -> None:

@@ -26,15 +26,21 @@ from vlexport.bench.backends import (
     given_artifact_variant,
 )
 from vlexport.bench.measure import Live, Progress, measure_shape, one_line
-from vlexport.bench.rows import ERROR, BenchRow, fill_speedups, now
+from vlexport.bench.peaks import machine_peaks, peak_kind
+from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
 from vlexport.bench.timing import device_name, resolve_device
+from vlexport.bench.work import decode_shape, encoder_work, step_bytes, storage_bytes
 from vlexport.errors import UsageError
 from vlexport.export.backend import canonical_name
 from vlexport.manifest import Manifest, library_versions
-from vlexport.models.inputs import image_size
+from vlexport.models.inputs import InputShape, image_size
 from vlexport.quantize.precision import get_precision
 
 __all__ = ["BenchPlan", "NoProgress", "Progress", "run_bench"]
+
+# Peaks are measured before the first model loads and, when the run took longer than this, again after
+# the last row (each kind keeps the better value: load on a shared machine only lowers a measurement).
+PEAKS_AGAIN_AFTER_S = 60.0
 
 
 class NoProgress:
@@ -103,12 +109,19 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRo
     progress.start(sum(_steps(plan, g) for g in groups))
     torch.set_num_threads(threads)
     try:
+        progress.message(f"measuring this machine's GEMM and memory peaks ({threads} thread(s))")
+        machine_peaks(device, threads)  # before any model loads: the machine as the rows will find it
         with _work_dir(plan.work_dir) as work:
             for group in groups:
                 rows += _run_group(plan, group, device, threads, work, progress)
+        peaks = machine_peaks(device, threads, again_after_s=PEAKS_AGAIN_AFTER_S)  # a long run: best of two
     finally:
         torch.set_num_threads(before)  # the caller's setting, not ours, after the run
+    for r in rows:
+        found = peaks.get(r.peak_kind)
+        r.peak_value = found.value if found else None
     fill_speedups(rows)
+    fill_peak_fractions(rows)
     return rows
 
 
@@ -150,11 +163,39 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
         for batch in plan.batch_sizes:
             measure_shape(ctx, batch, live, common, warmup=plan.warmup, iters=plan.iters, seed=plan.seed,
                           progress=progress)
+            _record_work(ctx, batch, live, plan.seed, progress)
     finally:  # also when a later variant is refused: injected kernels come out of the shared model
         for lv in live:
             lv.variant.close()
     ordered = [lv.rows[b] for b in plan.batch_sizes for lv in live if b in lv.rows]  # shape-major, like a table
     return ordered + failed
+
+
+def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, progress: Progress) -> None:
+    """The work of one call at ``batch`` (counted once for all variants) and the peak each row is judged by."""
+    rows = [lv.rows[batch] for lv in live if batch in lv.rows and lv.rows[batch].ok]
+    if not rows:
+        return
+    progress.message(f"{ctx.task} b{batch}: counting the work of one call")
+    inputs = ctx.task_spec.make_inputs(ctx.model.config, InputShape(batch, ctx.seq_len), seed + 1000 + batch)
+    try:
+        if ctx.generative:
+            prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+            shape = decode_shape(ctx.model, ctx.task_spec.components(ctx.model.config), batch, prompt,
+                                 ctx.new_tokens, seed)
+        else:
+            work = encoder_work(ctx.model, (ctx.component,), inputs)
+    except Exception as e:  # noqa: BLE001  (counting is information: a model the counter cannot run keeps its timings)
+        for row in rows:
+            row.detail = "; ".join(filter(None, [row.detail, f"work not counted: {one_line(e)}"]))
+        return
+    for row in rows:
+        row.peak_kind = peak_kind(row.precision, ctx.generative)
+        if not ctx.generative:
+            row.work_flops, row.work_flops_by_component = work.flops, dict(work.flops_by_component)
+        elif shape is not None:
+            weight, activation = storage_bytes(row.precision)
+            row.work_bytes_per_step = step_bytes(shape, weight_bytes=weight, activation_bytes=activation)
 
 
 def _context(plan: BenchPlan, group: Group, model: Any, device: str, threads: int, work: Path,

@@ -1,6 +1,7 @@
-"""PNG of a benchmark: latency vs batch per backend, and speed-up vs eager (matplotlib, Agg backend).
+"""PNG of a benchmark: latency vs batch per backend, speed-up vs eager, and fraction of the machine's peak
+(matplotlib, Agg backend).
 
-One row of two panels per (model, task). Failed variants get no line or bar: they are listed in the
+One row of three panels per (model, task). Failed variants get no line or bar: they are listed in the
 panel's note instead, so nothing that missed parity looks fast.
 """
 
@@ -41,9 +42,10 @@ def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
     groups: dict[tuple[str, str], list[BenchRow]] = defaultdict(list)
     for r in rows:
         groups[(r.model, r.task)].append(r)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
-    for (model, task), (ax_lat, ax_speed) in zip(groups, axes):
+    fig, axes = plt.subplots(len(groups), 3, figsize=(18, 4.2 * len(groups)), squeeze=False)
+    for (model, task), (ax_lat, ax_speed, ax_peak) in zip(groups, axes):
         _panels(groups[(model, task)], model, task, ax_lat, ax_speed)
+        _peak_panel(groups[(model, task)], model, task, ax_peak)
     r0 = rows[0] if rows else None
     if r0 is not None:
         fig.suptitle(f"vlexport bench — {r0.device} ({r0.device_kind}, {r0.threads} threads), "
@@ -120,3 +122,36 @@ def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> No
     if failed:
         ax_speed.text(0.01, 0.98, "not plotted, failed: " + ", ".join(failed), transform=ax_speed.transAxes,
                       va="top", fontsize=8, color="red", wrap=True)
+
+
+def _peak_panel(rows: list[BenchRow], model: str, task: str, ax) -> None:
+    """Achieved / peak per variant and batch; the bar label gives the achieved rate and the peak's kind."""
+    batches = sorted({r.batch for r in rows})
+    by_variant: dict[str, list[BenchRow]] = defaultdict(list)
+    for r in rows:
+        if r.ok and r.peak_fraction is not None:
+            by_variant[variant_name(r)].append(r)
+    width = 0.8 / max(1, len(by_variant))
+    others = iter(range(len(by_variant)))
+    for i, (name, rs) in enumerate(by_variant.items()):
+        xs = [batches.index(r.batch) + (i - (len(by_variant) - 1) / 2) * width for r in rs]
+        color = "black" if all(is_reference(r) for r in rs) else f"C{next(others)}"  # as in the other panels
+        bars = ax.bar(xs, [100 * r.peak_fraction for r in rs], width=width, label=name, color=color)
+        rate = [f"{r.achieved_gbps:.3g} GB/s" if r.peak_kind == "memory" else f"{r.achieved_gflops:.3g}"
+                for r in rs]
+        ax.bar_label(bars, labels=[f"{100 * r.peak_fraction:.0f}%\n{t}" for r, t in zip(rs, rate)], fontsize=6,
+                     padding=2)
+    kinds = sorted({f"{r.peak_kind} {r.peak_value:.4g}" for rs in by_variant.values() for r in rs})
+    ax.axhline(100, color="black", linewidth=1, linestyle="--")
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("% of this machine's peak (same run)")
+    gen = any(r.new_tokens for r in rows)
+    ax.set_title(f"{model} {task}: " + ("decode GB/s" if gen else "achieved GFLOP/s") + " as % of peak\n("
+                 + "; ".join(kinds) + ")", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_ylim(bottom=0)
+    if by_variant:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no work counted / no peak measured", transform=ax.transAxes, ha="center", fontsize=9)

@@ -14,11 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vlexport.artifact import atomic_write_text
+from vlexport.bench.peaks import measured
 from vlexport.bench.plot import plot_rows
 from vlexport.bench.rows import BenchRow, write_rows
 
 COLUMNS = ("model", "task", "backend", "precision", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "throughput",
-           "speed-up vs eager", "peak MB", "build s", "parity")
+           "speed-up vs eager", "work", "achieved", "of peak", "peak MB", "build s", "parity")
+WORK_NOTE = ("Work: FLOPs of one call of the eager fp32 forward (torch FlopCounterMode), the same for every backend "
+             "of a shape; generation: bytes one decode step reads (weights + KV cache). Of peak: achieved / the "
+             "peak of the row's compute dtype (memory bandwidth for decode).")
 
 
 def cells(r: BenchRow) -> list[str]:
@@ -27,12 +31,45 @@ def cells(r: BenchRow) -> list[str]:
     if not r.ok:
         verdict = "FAILED parity" if r.status == "failed-parity" else "ERROR"
         return [r.model, r.task, backend, r.precision, str(r.batch), seq, "-", "-", "-", "-", verdict,
-                "-", _num(r.build_s, 1), f"{verdict}: {r.detail}"]
+                "-", "-", "-", "-", _num(r.build_s, 1), f"{verdict}: {r.detail}"]
     unit = "tok/s" if r.throughput_unit == "tokens/s" else "/s"
     return [r.model, r.task, backend, r.precision, str(r.batch), seq, _num(r.latency_p50_ms, 2),
             _num(r.latency_p90_ms, 2), _num(r.latency_p99_ms, 2), f"{_num(r.throughput, 1)} {unit}",
-            f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-", _num(r.peak_memory_mb, 0),
+            f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-", work_text(r),
+            achieved_text(r), fraction_text(r, long=True), _num(r.peak_memory_mb, 0),
             _num(r.build_s, 1), parity_text(r) + (f"; {r.detail}" if r.detail else "")]
+
+
+def work_text(r: BenchRow) -> str:
+    """The work of one call: GFLOP (encoders) or GB read per decode step (generation)."""
+    if r.work_bytes_per_step:
+        return f"{r.work_bytes_per_step / 1e9:.3g} GB/step"
+    return f"{r.work_flops / 1e9:.3g} GFLOP" if r.work_flops else "-"
+
+
+def achieved_text(r: BenchRow, short: bool = False) -> str:
+    if r.peak_kind == "memory" or (r.achieved_gbps is not None and r.achieved_gflops is None):
+        return "-" if r.achieved_gbps is None else f"{r.achieved_gbps:.3g}" + ("" if short else " GB/s")
+    unit = "GOP/s" if r.peak_kind == "int8-gemm" else "GFLOP/s"
+    return "-" if r.achieved_gflops is None else f"{r.achieved_gflops:.3g}" + ("" if short else f" {unit}")
+
+
+def fraction_text(r: BenchRow, long: bool = False) -> str:
+    """``73%`` (``73% of fp32-gemm 231`` when long); "-" when the work or the peak is unknown."""
+    if r.peak_fraction is None:
+        return "-"
+    return f"{r.peak_fraction:.0%}" + (f" of {r.peak_kind} {r.peak_value:.4g}" if long else "")
+
+
+def peaks_text(peaks: Sequence[dict[str, Any]]) -> str:
+    """One line per measurement of the machine's peaks (bench/peaks.py), for report headers."""
+    lines = []
+    for m in peaks:
+        found = "; ".join(f"{k} {p['value']:.4g} {p['unit']} ({p['method']})" for k, p in m["peaks"].items())
+        missing = f"; not measured: {', '.join(m['notes'])}" if m.get("notes") else ""
+        lines.append(f"Peaks of this machine, measured in this run ({m['device']}, {m['threads']} thread(s), "
+                     f"{m['seconds']:.1f} s, best of {m.get('samples', 1)} measurement(s)): {found}{missing}.")
+    return "\n\n".join(lines)
 
 
 def parity_text(r: BenchRow) -> str:
@@ -46,11 +83,16 @@ def parity_text(r: BenchRow) -> str:
     return f"ok (max abs {worst:.1e}" + (f", cos {min(cos):.4f}" if cos else "") + ")"
 
 
+def _sig(x: float | None) -> str:
+    """4 significant digits, whole numbers from 1000 up (11296, 974.2, 0.0213): narrow columns, no exponents."""
+    return "-" if x is None else f"{x:.4g}" if abs(x) < 1e3 else f"{x:.0f}"
+
+
 def _num(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def to_markdown(rows: Sequence[BenchRow], *, title: str = "") -> str:
+def to_markdown(rows: Sequence[BenchRow], *, title: str = "", peaks: Sequence[dict[str, Any]] = ()) -> str:
     lines = [f"### {title}", ""] if title else []
     if rows:
         r0 = rows[0]
@@ -58,6 +100,8 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "") -> str:
                   f"warm-up {r0.warmup}, "
                   f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
                   f"onnxruntime {r0.versions.get('onnxruntime', '?')}.", ""]
+    if peaks:
+        lines += [peaks_text(peaks), "", WORK_NOTE, ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "|".join("---" if c in ("model", "task", "backend", "precision", "parity") else "--:"
                                 for c in COLUMNS) + "|")
@@ -74,11 +118,13 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "") -> str:
 
 def write_reports(rows: Sequence[BenchRow], *, title: str, json: Path | None = None, markdown: Path | None = None,
                   plot: Path | None = None, **meta: Any) -> None:
-    """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the JSON."""
+    """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the JSON,
+    with the machine peaks this process measured (bench/peaks.py) unless ``meta`` names its own."""
+    meta.setdefault("peaks", measured())
     if json:
         write_rows(json, list(rows), **meta)
     if markdown:
-        atomic_write_text(markdown, to_markdown(rows, title=title))
+        atomic_write_text(markdown, to_markdown(rows, title=title, peaks=meta["peaks"]))
     if plot and rows:
         plot_rows(rows, plot)
 
@@ -97,21 +143,31 @@ def to_rich(rows: Sequence[BenchRow], *, title: str = "vlexport bench") -> list[
         # No vertical rules and collapsed padding: the table fits an 80-column terminal (CI logs).
         table.box, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, True
         unit = "tok/s" if r0.throughput_unit == "tokens/s" else "per s"
-        for c in ("variant", "batch", "p50 ms", "p90 ms", unit, "vs eager", "peak MB", "build s", "parity"):
-            table.add_column(c, justify="left" if c in ("variant", "parity") else "right", no_wrap=True)
+        rate = "GB/s" if r0.new_tokens else "GF/s"
+        # p90, build s and the peak kinds are in the Markdown / JSON: 80 columns hold the rest, and a long
+        # variant name (onnx+attention,bridge int8-dynamic) folds onto a second line while numbers never do.
+        for c in ("variant", "batch", "p50 ms", unit, "vs eager", rate, "%peak", "MB", "parity"):
+            table.add_column(c, justify="left" if c in ("variant", "parity") else "right", no_wrap=c != "variant",
+                             overflow="fold" if c == "variant" else "ellipsis",
+                             min_width=18 if c == "variant" else None)
         for r in rs:
             name = r.backend + (f"+{r.kernels}" if r.kernels else "") + ("" if r.precision == "fp32" else
                                                                          f" {r.precision}")
             if not r.ok:
-                table.add_row(name, str(r.batch), "-", "-", "-", "-", "-", _num(r.build_s, 1),
+                table.add_row(name, str(r.batch), "-", "-", "-", "-", "-", "-",
                               "FAILED" if r.status == "failed-parity" else "ERROR", style="red")
                 continue
-            table.add_row(name, str(r.batch), _num(r.latency_p50_ms, 2), _num(r.latency_p90_ms, 2),
-                          _num(r.throughput, 1),
+            table.add_row(name, str(r.batch), _sig(r.latency_p50_ms), _sig(r.throughput),
                           f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-",
-                          _num(r.peak_memory_mb, 0), _num(r.build_s, 1), "ok")
+                          achieved_text(r, short=True), fraction_text(r), _num(r.peak_memory_mb, 0), "ok")
         out.append(table)
         out += [f"[red]{escape(r.label())}: {r.status}[/red] {escape(r.detail)}" for r in rs if not r.ok]
+    kinds = sorted({r.peak_kind for r in rows if r.peak_value})
+    if kinds:  # what "of peak" was measured against
+        first = {k: next(r for r in rows if r.peak_kind == k and r.peak_value) for k in kinds}
+        out.append("of peak: achieved / this machine's " + ", ".join(
+            f"{k} {r.peak_value:.4g}" + (" GB/s" if k == "memory" else (" GOP/s" if k == "int8-gemm" else " GFLOP/s"))
+            for k, r in first.items()) + " (measured in this run; vlexport/bench/peaks.py)")
     return out
 
 

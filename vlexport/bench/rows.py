@@ -1,7 +1,8 @@
-"""Benchmark result rows and the JSON file that holds them (schema ``vlexport-bench/1``).
+"""Benchmark result rows and the JSON file that holds them (schema ``vlexport-bench/2``).
 
 A row is one (model, task, backend, precision, kernels, shape) measured in one run. Its identity
-fields are what `vlexport regress` matches rows by; the rest is measurement.
+fields are what `vlexport regress` matches rows by; the rest is measurement. Schema 2 added the work
+and peak fields (how close a row is to the machine's limit); files of schema 1 read as rows without them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from vlexport.artifact import atomic_write_text
 from vlexport.errors import CheckError, UsageError
 from vlexport.userdata import ShapeError, checked_fields, kind_of, read_json
 
-SCHEMA = "vlexport-bench/1"
+SCHEMA = "vlexport-bench/2"
+READABLE = ("vlexport-bench/1", SCHEMA)  # 1: before the work / peak fields (they read as None)
 IDENTITY = ("model", "task", "backend", "precision", "kernels", "batch", "seq_len", "image_size", "new_tokens")
 REFERENCE_BACKEND = "eager"  # eager fp32 without kernels: the parity reference and the speed-up baseline
+
+# A row faster than the peak its kind was measured at: the peak measurement met machine load.
+ABOVE_PEAK = "above the measured peak: the peak measurement was slowed by other load"
 
 # status values
 OK = "ok"
@@ -61,6 +66,16 @@ class BenchRow:
     memory_kind: str = ""  # cuda-allocated | cuda-device-delta | rss-delta
     build_s: float | None = None  # export / compile / engine build (or reuse) time of the variant
     first_call_s: float | None = None  # first call at this shape: JIT compile, lazy init
+    # how close to the limit: work counted once per model and shape (bench/work.py), the machine's peak
+    # measured in the same run with the same threads (bench/peaks.py)
+    work_flops: float | None = None  # FLOPs of one timed call (eager fp32 forward, FlopCounterMode), whole batch
+    work_flops_by_component: dict[str, float] = field(default_factory=dict)
+    work_bytes_per_step: float | None = None  # generation: bytes one decode step reads (weights + KV cache)
+    achieved_gflops: float | None = None  # work_flops / p50 (GOP/s for int8 rows)
+    achieved_gbps: float | None = None  # work_bytes_per_step / decode ms per token
+    peak_kind: str = ""  # the limit judged against: fp32-gemm | fp16-gemm | bf16-gemm | int8-gemm | memory
+    peak_value: float | None = None  # that limit on this machine in this run (GFLOP/s, GOP/s or GB/s)
+    peak_fraction: float | None = None  # achieved (GFLOP/s, or GB/s for memory) / peak_value
     warmup: int = 0
     iters: int = 0
     versions: dict[str, str] = field(default_factory=dict)
@@ -108,7 +123,7 @@ def read_rows(path: str | Path) -> tuple[list[BenchRow], dict[str, Any]]:
     if not isinstance(doc, dict):
         raise CheckError(f"{path} holds {kind_of(doc)}, not a vlexport bench file (an object with \"schema\": "
                          f"{SCHEMA!r} and \"rows\"); {write_one}.")
-    if doc.get("schema") != SCHEMA:
+    if doc.get("schema") not in READABLE:
         raise CheckError(f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}: not a vlexport bench file.")
     try:
         items = doc.get("rows", [])
@@ -128,6 +143,27 @@ def fill_speedups(rows: list[BenchRow]) -> None:
         base = ref.get(_shape_key(r))
         r.speedup_vs_eager = (round(base.latency_p50_ms / r.latency_p50_ms, 4)
                               if r.ok and base is not None and r.latency_p50_ms else None)
+
+
+def fill_peak_fractions(rows: list[BenchRow]) -> None:
+    """Achieved GFLOP/s (or GB/s per decode step) from the counted work and p50, and its fraction of the peak."""
+    for r in rows:
+        r.achieved_gflops = r.achieved_gbps = r.peak_fraction = None
+        if not r.ok:
+            continue
+        if r.work_flops and r.latency_p50_ms:
+            r.achieved_gflops = _sig(r.work_flops / (r.latency_p50_ms / 1e3) / 1e9)
+        if r.work_bytes_per_step and r.decode_ms_per_token:
+            r.achieved_gbps = _sig(r.work_bytes_per_step / (r.decode_ms_per_token / 1e3) / 1e9)
+        achieved = r.achieved_gbps if r.peak_kind == "memory" else r.achieved_gflops
+        if achieved is not None and r.peak_value:
+            r.peak_fraction = _sig(achieved / r.peak_value)
+            if r.peak_fraction > 1.0 and ABOVE_PEAK not in r.detail:
+                r.detail = "; ".join(filter(None, [r.detail, ABOVE_PEAK]))
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.6g}")  # 6 significant digits: tiny models' rates are small numbers
 
 
 def is_reference(r: BenchRow) -> bool:
