@@ -86,7 +86,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 
 
 # The longest tests (seconds on 2 cores) start first, so that no worker is left running one alone at the end.
-SLOW_FIRST = ("test_full_size.py", "test_compile.py", "test_backend_registry.py", "test_kernels_export.py")
+SLOW_FIRST = ("test_full_size.py", "test_compile_generation.py", "test_compile.py", "test_backend_registry.py",
+              "test_kernels_export.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from vlexport import cli_args as opts  # option types and up-front checks
 from vlexport.artifact import atomic_write_text, check_output_dir
+from vlexport.cli_serve import cmd_triton, triton_args
 from vlexport.errors import UsageError, VlexportError
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -84,7 +85,7 @@ def _model_arg(p: argparse.ArgumentParser, *, artifact: bool = False) -> None:
 
 def _onnx_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8-dynamic"),
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8-dynamic", "int8-weight"),
                    help="fp32, or a variant of the fp32 export (as `vlexport quantize` makes it)")
     p.add_argument("--optimize", action="store_true",
                    help="ONNX Runtime graph optimizations and fusions (backend onnx-opt)")
@@ -100,7 +101,10 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
                     seed=getattr(args, "seed", 0), allow_new_weights=getattr(args, "allow_new_weights", ()),
                     kernels=getattr(args, "kernels", ()),
                     force=args.force, validate=not args.no_validate,
-                    options={k: v for k, v in options.items() if v is not None})
+                    options={k: v for k, v in options.items() if v is not None},
+                    calibration=getattr(args, "calibration", None), method=getattr(args, "method", None),
+                    smooth=getattr(args, "smooth", None),
+                    accept_degraded=getattr(args, "accept_degraded", False))
     with console.status(verb) as status:
         manifest = run_export(job, progress=lambda msg: status.update(msg))
     for line in artifact_summary(job.output, manifest):
@@ -108,16 +112,10 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     return 0
 
 
-def _quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
-    p.add_argument("--precision", required=True,
-                   help="the variant, e.g. fp16 (range-sensitive ops and I/O stay fp32) or int8-dynamic (CPU); "
-                        "`vlexport list` shows what each backend builds")
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
 
+    opts.check_quantize_args(args)
     return _export(args, Manifest.read(args.model).backend, "quantizing")
 
 
@@ -127,14 +125,12 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
-    p.add_argument("--precision", default="fp32", choices=("fp32",), help="packages are compiled in fp32")
-    p.add_argument("--mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile mode applied to the AOT compile (reduce-overhead: no CUDA graphs in AOTI)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the package is compiled for")
+    opts.compile_args(p)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    return _export(args, "aoti", "compiling", mode=args.mode, device=args.device)
+    return _export(args, "aoti", "compiling", mode=args.mode, device=args.device, max_length=args.max_length,
+                   max_batch=args.max_batch)
 
 
 def _tensorrt_args(p: argparse.ArgumentParser) -> None:
@@ -299,13 +295,14 @@ COMMANDS: tuple[Command, ...] = (
             _compile_args, cmd_compile, (*_EXPORT, _kernel_flags)),
     Command("tensorrt", "TensorRT engine(s) from a model or an ONNX artifact, validated against eager",
             _tensorrt_args, cmd_tensorrt, _EXPORT, aliases=("trt",)),
-    Command("quantize", "an fp16 / int8 variant of an fp32 artifact, validated against eager fp32", _quantize_args,
+    Command("quantize", "an fp16 / int8 variant of an fp32 artifact, validated against eager fp32", opts.quantize_args,
             cmd_quantize, (_artifact_flags,)),
     Command("dual-encoder", "combine two local encoders into a VisionTextDualEncoder directory",
             _dual_encoder_args, cmd_dual_encoder),
     Command("validate", "re-run validation of an artifact directory against eager PyTorch", _validate_args,
             cmd_validate),
     Command("run", "caption / answer / score an image with an artifact directory", _run_args, cmd_run),
+    Command("triton", "a Triton Inference Server model repository from artifact directories", triton_args, cmd_triton),
     Command("bench", "benchmark backends against eager (interleaved, parity-checked); JSON / Markdown / PNG",
             opts.bench_args, cmd_bench, (_model_flags, _kernel_flags)),
     Command("regress", "compare two bench JSON files; exit 1 on a slowdown, a missing row or a parity failure",

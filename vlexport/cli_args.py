@@ -201,6 +201,19 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, help="write a PNG: latency vs batch and speed-up vs eager")
 
 
+def compile_args(p: argparse.ArgumentParser) -> None:
+    """`vlexport compile` options after the model argument (defaults: export/compile.py)."""
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8-weight"),
+                   help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
+                        "linears (needs torchao)")
+    p.add_argument("--mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode applied to the AOT compile; reduce-overhead: the runtime captures the "
+                        "static-cache decode step in a CUDA graph per batch size (CUDA packages)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the package is compiled for")
+    add_ranged(p, "--max-length", "generative tasks: static KV-cache slots (prompt + new tokens); default 64")
+    add_ranged(p, "--max-batch", "generative tasks: decoder rows (batch x beams) the package takes; default 16")
+
+
 def regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("baseline", type=Path, help="baseline JSON written by `vlexport bench --json`")
     p.add_argument("current", type=Path, help="current JSON written by `vlexport bench --json`")
@@ -215,3 +228,41 @@ def regress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="pass even when no row could be compared (by default a gate that compared nothing fails)")
     p.add_argument("--all", action="store_true", help="list every comparison, not only regressions")
+
+
+def quantize_args(p: argparse.ArgumentParser) -> None:
+    """`vlexport quantize`: the variant and its knobs (quantize/precision.py)."""
+    from vlexport.quantize.precision import CALIBRATION_METHODS
+
+    p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
+    p.add_argument("--precision", required=True,
+                   help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
+                        "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
+                        "`vlexport list` shows what each backend builds")
+    p.add_argument("--calibration", type=Path, metavar="DIR",
+                   help="int8-static: a directory of images (and .txt files of prompts/captions, one per line); "
+                        "default: a seeded synthetic set (the manifest says which)")
+    p.add_argument("--method", choices=CALIBRATION_METHODS, help="int8-static: how activation ranges are "
+                   "calibrated (default minmax)")
+    p.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="int8-dynamic: SmoothQuant activation outliers into the weights (alpha in (0, 1), e.g. 0.7; "
+                        "calibrated on --calibration or a synthetic set) and keep the FFN output MatMuls fp32")
+    p.add_argument("--accept-degraded", action="store_true",
+                   help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)")
+
+
+def check_quantize_args(args: argparse.Namespace) -> None:
+    """Knobs that do not apply to the precision are an error, not silently ignored (before anything loads)."""
+    from vlexport.quantize.precision import get_precision
+
+    name = get_precision(args.precision).name
+    if args.smooth is not None and name != "int8-dynamic":
+        raise UsageError(f"--smooth applies to --precision int8-dynamic, not {name}. Drop the option.")
+    calibrated = name == "int8-static" or args.smooth is not None
+    given = [f for f, v in (("--calibration", args.calibration), ("--method", args.method)) if v is not None]
+    if given == ["--calibration"] and calibrated:
+        return
+    if given and name != "int8-static":
+        raise UsageError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --precision int8-static "
+                         f"(calibrated activations){' or int8-dynamic --smooth' if given == ['--calibration'] else ''}"
+                         f", not {name}. Drop the option.")

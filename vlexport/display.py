@@ -82,6 +82,8 @@ def artifact_summary(directory: Path, manifest: Any) -> list[str]:
         lines.append(f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: max abs error {errs}")
     else:
         lines.append(f"validation {v.verdict}" + (f": {v.summary}" if v.summary else ""))
+    if v.accuracy is not None:
+        lines += v.accuracy.lines()
     if manifest.timings:
         lines.append("timings: " + ", ".join(f"{k} {s:.1f}s" for k, s in manifest.timings.items()))
     return lines

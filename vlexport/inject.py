@@ -36,13 +36,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+if TYPE_CHECKING:  # transformers is imported when injecting: family modules load without it (compiled artifacts)
+    from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
 
@@ -208,10 +209,16 @@ def vlexport_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, vlexport_attention_forward)
-# HF's eager masks (0 / dtype-min, never skipped for decoders) for the same name: registering both is
-# additive and inert for every model whose config does not name "vlexport".
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+@functools.cache
+def _register_attention() -> None:
+    """The ``vlexport`` attention implementation in transformers' registries (once, before injecting)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, vlexport_attention_forward)
+    # HF's eager masks (0 / dtype-min, never skipped for decoders) for the same name: registering both is
+    # additive and inert for every model whose config does not name "vlexport".
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,6 +304,8 @@ def _class_key(module: nn.Module) -> str:
 def _configs(model: nn.Module) -> Iterator[PretrainedConfig]:
     """Every distinct config the model's modules read (sub-configs included; models built with
     ``from_config`` may hold copies rather than the parent's sub-config objects)."""
+    from transformers import PretrainedConfig
+
     seen: set[int] = set()
     todo = [model.config] + [m.config for m in model.modules() if isinstance(getattr(m, "config", None),
                                                                               PretrainedConfig)]
@@ -334,6 +343,9 @@ def inject(model: PreTrainedModel, rules: Sequence[Rule], *, attention: bool = T
         plan.append((name, module, rule))
 
     _kernels()  # fail here, before patching, when the kernels package is missing
+    _register_attention()
+    from transformers import PreTrainedModel
+
     patches = _Patches()
     counts = {k: 0 for k in KERNELS if wanted[k]}
     modules: dict[str, list[str]] = {k: [] for k in counts}

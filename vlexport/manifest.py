@@ -53,6 +53,53 @@ class Component:
 
 
 @dataclass
+class AccuracyReport:
+    """What a reduced-precision variant did to accuracy against eager fp32 (written by validate.accuracy).
+
+    Measured on the seeded validation inputs, never on a calibration set. ``outputs``: per output, the
+    smallest cosine and largest absolute error over the shapes; ``tasks``: per output, the task-level
+    agreement kind (ITM argmax, ITC rank@1, MLM top-1, ...) and its share; ``generation``: greedy token
+    agreement, mean first-divergence step, per-step logit cosine up to the first divergence.
+    """
+
+    precision: str
+    passed: bool
+    thresholds: dict[str, float] = field(default_factory=dict)  # the precision config's Tolerance
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generation: dict[str, Any] | None = None
+    misses: list[str] = field(default_factory=list)  # one line per threshold missed
+    degraded: bool = False  # kept below its thresholds with --accept-degraded
+    calibration: dict[str, Any] | None = None  # int8-static: where its scales came from (not these inputs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "validation.accuracy") -> AccuracyReport:
+        return cls(**checked_fields(cls, d, where))
+
+    def lines(self) -> list[str]:
+        """The report as the CLI prints it."""
+        out = [f"accuracy vs eager fp32 ({self.precision}): {'passed' if self.passed else 'BELOW THRESHOLD'}"
+               + (" - kept with --accept-degraded" if self.degraded else "")]
+        for name, o in self.outputs.items():
+            out.append(f"  {name}: cosine {_g6(o.get('cosine'))}, max abs err {_g(o.get('max_abs'))}")
+        for name, t in self.tasks.items():
+            out.append(f"  {name}: {t.get('kind')} agreement {_g(t.get('agreement'))}")
+        g = self.generation or {}
+        if g:
+            out.append(f"  generation: greedy tokens equal for {_g(g.get('greedy_token_agreement'))} of samples "
+                       f"(near-ties included: {_g(g.get('agreement_with_near_ties'))}), mean first divergence "
+                       f"step {_g(g.get('mean_first_divergence_step'))}, logit cosine min "
+                       f"{_g6(g.get('min_logit_cosine'))} / mean {_g6(g.get('mean_logit_cosine'))}; beam tokens "
+                       f"equal for {_g(g.get('beam_token_agreement'))} (near-ties included: "
+                       f"{_g(g.get('beam_agreement_with_near_ties'))})")
+        if self.calibration:
+            out.append(f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} samples, "
+                       f"{self.calibration.get('method')})")
+        out += [f"  missed: {m}" for m in self.misses]
+        return out
+
+
+@dataclass
 class ValidationReport:
     """What validation found, as the manifest stores it (written by vlexport.validate, read by everyone else).
 
@@ -70,6 +117,7 @@ class ValidationReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
     summary: str = ""
     generation: dict[str, Any] | None = None  # generative tasks: samples, modes, tokens compared, margins
+    accuracy: AccuracyReport | None = None  # reduced precisions: the accuracy report (validate/accuracy.py)
 
     @property
     def skipped(self) -> bool:
@@ -88,7 +136,10 @@ class ValidationReport:
         """Raises ShapeError naming ``where`` and the field when ``d`` is not a validation report."""
         if isinstance(d, dict) and d.get("skipped"):  # manifests written before this class
             return cls.skipped_report()
-        return cls(**checked_fields(cls, d, where))
+        values = checked_fields(cls, d, where)
+        if values.get("accuracy") is not None:
+            values["accuracy"] = AccuracyReport.from_dict(values["accuracy"], f"{where}.accuracy")
+        return cls(**values)
 
     def failure_lines(self, limit: int = 8) -> list[str]:
         """One line per failed check, for the error a miss raises."""
@@ -210,6 +261,10 @@ def _check_inside(directory: Path, rel: str) -> None:
 
 def _g(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _g6(value: Any) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
 def component_size(directory: Path, comp: Component) -> int:

@@ -297,5 +297,11 @@ def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, e
             eager.release()
             manifest.validation = check(load_artifact(tmp, manifest=manifest, device=backend.validation_device))
     manifest.timings = dict(job.timings)
+    if job.accept_degraded and manifest.validation.passed is False:
+        from vlexport.validate.accuracy import accept_degraded
+
+        if accept_degraded(manifest.validation):  # below thresholds only: kept, the manifest says so
+            manifest.write(tmp)
+            return
     manifest.write(tmp)
     raise_on_failure(manifest.validation, f"{job.model} ({manifest.task}, {manifest.backend} {manifest.precision})")

@@ -32,6 +32,8 @@ RANGES: dict[str, tuple[int, int]] = {
     "threads": (1, 1024),
     "num_beams": (1, 256),
     "projection_dim": (1, 65536),
+    "max_length": (16, 32768),  # static KV-cache slots of a compiled generative package
+    "max_batch": (1, 4096),  # decoder rows (batch x beams) a compiled generative package takes
 }
 
 

@@ -47,6 +47,12 @@ class ExportJob:
     force: bool = False
     validate: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # backend options (Backend.options names them)
+    # precision passes (quantize/): a calibration directory and method (int8-static), and whether a variant
+    # below its accuracy thresholds is kept, marked degraded in the manifest (--accept-degraded)
+    calibration: Path | None = None
+    method: str | None = None
+    smooth: float | None = None  # int8-dynamic: SmoothQuant alpha (quantize/smoothing.py)
+    accept_degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by the orchestrator
 
     def __post_init__(self) -> None:
