@@ -55,6 +55,8 @@ export PYTHONPATH="\${PYTHONPATH:+\$PYTHONPATH:}$site"  # a caller's own vlexpor
 exec "$env_dir/tritonserver/bin/tritonserver" --backend-directory="$env_dir/tritonserver/backends" "\$@"
 WRAP
 chmod +x "$env_dir/bin/tritonserver"
-"$env_dir/bin/tritonserver" --help >/dev/null  # the binary starts: its libraries are found
+# The binary starts, so its libraries are found (--help prints the usage and exits 1 by design).
+help="$("$env_dir/bin/tritonserver" --help 2>&1 || true)"
+grep -q "Usage: tritonserver" <<<"$help" || { echo "tritonserver does not start: ${help:0:400}" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "tritonserver env made in $(( $(date +%s) - start )) s: $env_dir"

@@ -143,7 +143,7 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
         components: dict[str, Component] = {}
         with _timed(job, "export", progress), injected(model, source.family, job.kernels) as inj:
             for spec in task_spec.components(model.config):
-                spec = with_axis_limits(spec, model.config)
+                spec = with_axis_limits(spec, model.config, source.family.position_offset(model.config))
                 progress(f"exporting {spec.name}")
                 example = (spec.example_inputs(model, EXPORT_SHAPE, job.seed) if spec.example_inputs
                            else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed))

@@ -1,7 +1,7 @@
 """AltCLIP: XLM-RoBERTa text tower + CLIP ViT vision tower."""
 
 from vlexport.inject import interface, post_norm
-from vlexport.models.base import FamilySpec, Preset
+from vlexport.models.base import FamilySpec, Preset, roberta_position_offset
 from vlexport.models.dual_encoder_tasks import features_task
 
 PRESETS = (
@@ -21,5 +21,6 @@ FAMILY = FamilySpec(
     ),
     ort_model_type="bert",  # XLM-R and CLIP-ViT encoder blocks: what ORT's "bert" fusions match
     title="AltCLIP",
+    position_offset=roberta_position_offset,
     presets=PRESETS,
 )

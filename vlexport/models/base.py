@@ -51,20 +51,29 @@ class ComponentSpec:
 _POSITION_AXES = ("sequence", "past_sequence", "total_sequence")
 
 
-def with_axis_limits(spec: ComponentSpec, config: PretrainedConfig) -> ComponentSpec:
+def with_axis_limits(spec: ComponentSpec, config: PretrainedConfig, offset: int = 0) -> ComponentSpec:
     """``spec`` with its token axes bounded by ``max_position_embeddings`` of the (text) config.
 
     Models with a learned position table slice ``position_ids[:, :seq_len]``: torch.export then guards
     ``seq_len <= max_position_embeddings`` and refuses an unbounded dynamic dim ("Constraints violated
     (sequence)"). Declaring the bound the model really has exports the same graph, and states its limit.
-    Relative-position models (T5) have no such table and keep unbounded axes.
+    Relative-position models (T5) have no such table and keep unbounded axes. ``offset``: table rows the
+    model skips before its first token (``FamilySpec.position_offset``; RoBERTa-style embeddings start at
+    ``pad_token_id + 1``), so longer texts are refused up front instead of indexing past the table.
     """
     text = getattr(config, "text_config", None) or config
     limit = getattr(text, "max_position_embeddings", None)
     names = {name for axes in spec.dynamic_axes.values() for name in axes.values()}
     if not isinstance(limit, int) or not names & set(_POSITION_AXES):
         return spec
+    limit -= offset
     return dataclasses.replace(spec, axis_max={**spec.axis_max, **{a: limit for a in _POSITION_AXES if a in names}})
+
+
+def roberta_position_offset(config: PretrainedConfig) -> int:
+    """RoBERTa-style text embeddings number positions from ``pad_token_id + 1`` (BridgeTower, AltCLIP)."""
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "pad_token_id", None) or 0) + 1
 
 
 class OutputSelector(nn.Module):
@@ -167,6 +176,8 @@ class FamilySpec:
     image_stats: tuple[tuple[float, ...], tuple[float, ...]] = CLIP_IMAGE_STATS
     # config -> {precision: why this model cannot take it}: refused before any work, with the reason
     precision_limits: Callable[[PretrainedConfig], Mapping[str, str]] = lambda config: {}
+    # config -> rows of the learned position table before the first token's (models/base.py with_axis_limits)
+    position_offset: Callable[[PretrainedConfig], int] = lambda config: 0
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]

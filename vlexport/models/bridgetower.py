@@ -20,7 +20,14 @@ from vlexport.inject import (
     use_original,
 )
 from vlexport.models import scores
-from vlexport.models.base import FamilySpec, Preset, ScoreReader, TaskSpec, single_component
+from vlexport.models.base import (
+    FamilySpec,
+    Preset,
+    ScoreReader,
+    TaskSpec,
+    roberta_position_offset,
+    single_component,
+)
 from vlexport.models.inputs import InputShape, generator, image_size, pixel_values, text_inputs
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_mask")
@@ -149,5 +156,6 @@ FAMILY = FamilySpec(
     injection=INJECTION,
     ort_model_type="bert",  # RoBERTa text and CLIP-ViT vision encoder blocks: what ORT's "bert" fusions match
     title="BridgeTower",
+    position_offset=roberta_position_offset,
     presets=PRESETS,
 )

@@ -134,6 +134,11 @@ def _scores(artifact: Any, pixels: np.ndarray, texts: Sequence[str]) -> RunResul
     else:
         ids, mask = _placeholder_batch(artifact.directory, texts)
         notes.append("no tokenizer in the artifact (random weights): texts encoded with a byte-level placeholder")
+    limit = token_limit(artifact.directory, manifest)
+    if limit is not None and ids.shape[1] > limit:
+        longest = int(np.argmax(mask.sum(axis=1)))
+        raise UsageError(f"--text {texts[longest][:40]!r} is {ids.shape[1]} tokens, more than the {limit} this model's "
+                         "position table holds; shorten it.")
     n = len(texts)  # the image is repeated once per text
     feeds = spec.run_inputs({"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, n, axis=0)})
     names = getattr(component, "input_names", list(feeds))
@@ -141,6 +146,18 @@ def _scores(artifact: Any, pixels: np.ndarray, texts: Sequence[str]) -> RunResul
     lines = [RunLine(t, ids=ids[i][mask[i] == 1].tolist(), score={k: float(v[i]) for k, v in scores.items()})
              for i, t in enumerate(texts)]
     return RunResult("scores", manifest.task, lines, notes)
+
+
+def token_limit(directory: Path, manifest: Manifest) -> int | None:
+    """The longest token sequence the artifact's graphs take (its position table), None when unbounded."""
+    from vlexport.models.base import with_axis_limits
+    from vlexport.runtime.generate import artifact_config
+
+    family, config = get_family(manifest.family), artifact_config(directory)
+    offset = family.position_offset(config)
+    limits = [with_axis_limits(spec, config, offset).axis_max.get("sequence")
+              for spec in family.task(manifest.task).components(config)]
+    return min((n for n in limits if n), default=None)
 
 
 def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -119,12 +119,3 @@ def decode_image(data: bytes, settings: Any) -> np.ndarray:
             return load_image(f.name, settings)
         except VlexportError as e:
             raise RequestError(str(e).replace(f"Image {f.name}", "IMAGE").replace(f"image {f.name}", "IMAGE")) from None
-
-
-def token_limit(task: Any, config: Any) -> int | None:
-    """The longest token sequence the task's graphs take (the position table's size), None when unbounded."""
-    from vlexport.models.base import with_axis_limits
-
-    limits = [with_axis_limits(spec, config).axis_max.get("sequence") for spec in task.components(config)]
-    limits = [n for n in limits if n]
-    return min(limits) if limits else None

@@ -18,8 +18,8 @@ from vlexport.serve import py_common as common
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from vlexport.models import get_family
-        from vlexport.runtime.generate import artifact_config
         from vlexport.runtime.preprocess import image_settings
+        from vlexport.runtime.run import token_limit
         from vlexport.runtime.tokenizer import ArtifactTokenizer
 
         meta = common.serve_json(args)
@@ -30,7 +30,7 @@ class TritonPythonModel:
         self.tokenizer = (ArtifactTokenizer(self.directory, manifest)
                           if manifest.tokenizer.get("kind", "none") != "none" else None)
         self.max_texts = int(meta["max_batch_size"])
-        self.limit = common.token_limit(self.task, artifact_config(self.directory))
+        self.limit = token_limit(self.directory, manifest)
         comp = manifest.components[next(iter(manifest.components))]
         self.dtypes = {t.name: np.dtype(t.dtype) for t in comp.inputs if t.name in meta["inputs"]}
 
