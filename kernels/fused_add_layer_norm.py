@@ -21,7 +21,6 @@ from torch import Tensor
 from ._backend import tl, triton, use_triton
 from ._shapes import known_ne
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernel
 

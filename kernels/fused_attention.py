@@ -25,7 +25,6 @@ from torch import Tensor
 from ._backend import tl, triton, use_triton
 from ._shapes import broadcast_mismatch, known_ne
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernel
 

@@ -119,8 +119,8 @@ def fake_backends():
 
 def test_injected_slowdown_makes_regress_exit_1(fake_backends, tmp_path: Path, capsys) -> None:
     # One thread: two-thread eager calls stall when other jobs share the 2 cores, which would drown the sleep.
-    plan = dict(backends=("eager", "sleepy"), batch_sizes=(1,), warmup=1, iters=5, random_weights=True, task="itm",
-                threads=1)
+    plan = {"backends": ("eager", "sleepy"), "batch_sizes": (1,), "warmup": 1, "iters": 5, "random_weights": True, "task": "itm",
+                "threads": 1}
     base, cur = tmp_path / "base.json", tmp_path / "cur.json"
     fake_backends["s"] = 0.0
     assert main(["bench", *TINY, "--backends", "eager,sleepy", "--batch-sizes", "1", "--warmup", "1", "--iters", "5",

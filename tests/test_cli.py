@@ -36,6 +36,7 @@ def test_list_reads_the_backend_registry_and_precision_configs(capsys) -> None:
     from vlexport.quantize.precision import PRECISIONS
 
     code, out, _ = _run(capsys, "list", "--json")
+    assert code == 0
     data = json.loads(out)
     backends = {b["name"]: b for b in data["backends"]}
     assert list(backends) == list(backend_names()) and "trt" not in backends

@@ -17,7 +17,7 @@ from vlexport.manifest import Manifest
 
 def test_dual_encoder_from_two_dirs_exports_and_validates(tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
+    common = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1}
     ViTModel(ViTConfig(image_size=32, patch_size=8, **common)).save_pretrained(tmp_path / "vit")
     BertModel(BertConfig(vocab_size=200, max_position_embeddings=32, **common)).save_pretrained(tmp_path / "bert")
     assert main(["dual-encoder", str(tmp_path / "vit"), str(tmp_path / "bert"), "-o", str(tmp_path / "dual"),
@@ -43,7 +43,7 @@ def test_full_clip_as_vision_and_roberta_as_text_compose_and_export(tmp_path: Pa
     from transformers import CLIPConfig, CLIPModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
+    common = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1}
     CLIPModel(CLIPConfig(vision_config=dict(image_size=32, patch_size=8, **common),
                          text_config=dict(vocab_size=100, **common))).save_pretrained(tmp_path / "clip")
     RobertaModel(RobertaConfig(vocab_size=200, max_position_embeddings=40, pad_token_id=1, **common)

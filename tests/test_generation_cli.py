@@ -97,6 +97,16 @@ def test_prompt_longer_than_max_positions(exported, capsys, image: Path) -> None
     _assert_clean_error(code, err, 2, "more than the model's 64", "--max-new-tokens")
 
 
+def test_text_longer_than_the_position_table(exported, capsys, image: Path) -> None:
+    # RoBERTa-style positions start at pad_token_id + 1: bridgetower-tiny's 66 rows hold 64 tokens (the
+    # placeholder tokenizer adds bos and eos to one id per byte). 65 tokens used to index past the table in ORT.
+    art = exported("bridgetower-tiny", "itm")
+    code, _, err = run(capsys, art, "--image", image, "--text", "x" * 62)
+    assert code == 0, err
+    code, _, err = run(capsys, art, "--image", image, "--text", "x" * 63)
+    _assert_clean_error(code, err, 2, "is 65 tokens, more than the 64")
+
+
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_max_new_tokens_must_be_positive(exported, capsys, image: Path, n: str) -> None:
     code, _, err = run(capsys, exported("blip-tiny", "caption"), "--image", image, "--max-new-tokens", n)

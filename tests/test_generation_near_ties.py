@@ -65,7 +65,7 @@ def test_a_broken_step_before_the_tie_still_fails() -> None:
     ref, got, seq = _case(swap_at=None)
     got[1] = got[1] + 0.5  # wrong logits at step 1
     margins = [np.array([1.0]), np.array([0.8]), np.array([1.0]), np.array([1.0])]  # "tie" only by that error
-    checks, pairs = _run(ref, got, seq, margins)
+    _checks, pairs = _run(ref, got, seq, margins)
     assert len(pairs) == 2
     assert not logits_gate(pairs, FP32)[0].passed
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import vlexport.pipeline as pipeline
-import vlexport.validate as validate
+from vlexport import pipeline, validate
 from vlexport.manifest import Manifest
 from vlexport.pipeline import ExportJob, run_export
 
@@ -52,8 +51,7 @@ def test_export_drops_the_eager_model_before_loading_the_artifact(monkeypatch, t
 
 
 def test_validate_directory_drops_the_eager_model_first(monkeypatch, exported) -> None:
-    import vlexport.runtime as runtime
-    import vlexport.weights as weights
+    from vlexport import runtime, weights
 
     out = exported("bridgetower-tiny", "itm")
     seen = _watch(monkeypatch, weights, runtime)

@@ -19,9 +19,9 @@ def _save_tiny(path: Path, **overrides) -> BridgeTowerForImageAndTextRetrieval:
     config = BridgeTowerConfig(
         # BridgeTower's vision tower has hidden_size // 64 heads, so 64 is its smallest width.
         hidden_size=64, num_attention_heads=2, num_hidden_layers=1,
-        text_config=dict(vocab_size=300, hidden_size=64, num_attention_heads=2, intermediate_size=96,
-                         num_hidden_layers=1, max_position_embeddings=40),
-        vision_config=dict(hidden_size=64, num_hidden_layers=1, image_size=48, patch_size=16),
+        text_config={"vocab_size": 300, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 96,
+                         "num_hidden_layers": 1, "max_position_embeddings": 40},
+        vision_config={"hidden_size": 64, "num_hidden_layers": 1, "image_size": 48, "patch_size": 16},
         **overrides,
     )
     torch.manual_seed(3)

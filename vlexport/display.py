@@ -69,9 +69,9 @@ def artifact_summary(directory: Path, manifest: Any) -> list[str]:
 
     size = sum(component_size(directory, c) for c in manifest.components.values())
     v = manifest.validation
-    lines = [f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
-             f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
-             f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}"]
+    lines = [(f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
+              f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
+              f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}")]
     cosines = [c["cosine"] for c in v.checks if c.get("cosine") is not None]
     agreements = [c["agreement"] for c in v.checks if c.get("agreement") is not None]
     if cosines and not v.generation:  # reduced precisions are judged by direction and task results

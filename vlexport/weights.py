@@ -205,7 +205,7 @@ def _from_hf_cache(checkpoint: str) -> Path | None:
 
         snap = Path(snapshot_download(checkpoint, local_files_only=True, allow_patterns=["*.json", "*.safetensors",
                                                                                       "*.txt", "*.model"]))
-    except Exception:  # not cached (huggingface_hub raises several types for that)
+    except Exception:  # noqa: BLE001  not cached (huggingface_hub raises several types for that)
         return None
     return snap if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")) else None
 

@@ -15,7 +15,6 @@ session: tests/test_inject.py and others keep "auto" dispatch on the reference p
 
 from __future__ import annotations
 
-
 import pytest
 
 # Already decorated for the interpreter by tests/conftest.py.

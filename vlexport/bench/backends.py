@@ -246,7 +246,7 @@ def reusable(directory: Path, ctx: BenchContext, backend: str, precision: str) -
         return None
     try:
         manifest = Manifest.read(directory)
-    except Exception:  # damaged: rebuild
+    except Exception:  # noqa: BLE001  damaged in any way: rebuild
         return None
     same = (manifest.weights == ctx.source.origin and manifest.task == ctx.task and manifest.backend == backend
             and manifest.precision == precision
@@ -282,8 +282,8 @@ def build_artifact(ctx: BenchContext, name: str, precision: str) -> tuple[Path, 
     from vlexport.pipeline import run_export
 
     # The benchmark checks parity on its own inputs; the exporter's validation would repeat that work.
-    common = dict(backend=backend.name, task=ctx.task, precision=precision, force=True, validate=False,
-                  options=export_options(ctx, backend))
+    common = {"backend": backend.name, "task": ctx.task, "precision": precision, "force": True, "validate": False,
+                  "options": export_options(ctx, backend)}
     parent_s = 0.0
     if backend.parent is not None:
         parent_dir, parent_s, _ = build_artifact(ctx, backend.parent, "fp32")

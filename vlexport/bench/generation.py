@@ -10,6 +10,7 @@ callback gives the stamps. The harness measures these variants like any other (b
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class TokenClock(LogitsProcessor):
 def timing_from_stamps(start_ns: int, stamps: list[int], end_ns: int, tokens: np.ndarray) -> GenerationTiming:
     if not stamps:
         raise RuntimeError("generate() produced no token (no per-token stamp)")
-    decode = [(b - a) / 1e9 for a, b in zip(stamps, stamps[1:])]
+    decode = [(b - a) / 1e9 for a, b in itertools.pairwise(stamps)]
     return GenerationTiming((end_ns - start_ns) / 1e9, (stamps[0] - start_ns) / 1e9, decode, tokens)
 
 

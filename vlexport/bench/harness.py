@@ -133,10 +133,10 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
     model = load_model(group.source, group.task)
     ctx = _context(plan, group, model, device, threads, work, progress)
     vision = getattr(model.config, "vision_config", None)
-    common = dict(model=group.name, task=group.task, seq_len=plan.seq_len,
-                  image_size=image_size(vision) if vision is not None else None, device=device_name(device),
-                  device_kind=device, threads=threads, warmup=plan.warmup, iters=plan.iters,
-                  versions=library_versions(), timestamp=now())
+    common = {"model": group.name, "task": group.task, "seq_len": plan.seq_len,
+                  "image_size": image_size(vision) if vision is not None else None, "device": device_name(device),
+                  "device_kind": device, "threads": threads, "warmup": plan.warmup, "iters": plan.iters,
+                  "versions": library_versions(), "timestamp": now()}
     if ctx.generative:
         common.update(new_tokens=plan.new_tokens, throughput_unit="tokens/s")
 
@@ -149,7 +149,7 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
                 variant = build()
             except UsageError:
                 raise  # asked for something impossible here (no TensorRT, fp16 ONNX...): say so, do not guess
-            except Exception as e:  # a backend that fails to build is a failed row, not a crashed run
+            except Exception as e:  # noqa: BLE001  a backend that fails to build is a failed row, not a crash
                 failed += [BenchRow(**common, backend=backend, precision=precision, kernels=",".join(kernels),
                                     batch=b, status=ERROR, detail=f"build failed: {one_line(e)}")
                            for b in plan.batch_sizes]

@@ -64,7 +64,7 @@ def measure_shape(ctx: BenchContext, batch: int, live: list[Live], common: dict[
             raw, first = clock.measure(v.call, prepared)
             v.memory.add_call(v.memory.end(before))
             got = v.outputs(raw)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  a variant that fails to run is a failed row, not a crash
             row.status, row.detail = ERROR, f"run failed: {one_line(e)}"
             progress.advance(1 + warmup + iters)
             continue

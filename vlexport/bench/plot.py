@@ -86,7 +86,7 @@ def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> No
         xs = [r.batch for r in rs]
         p50 = [r.latency_p50_ms for r in rs]
         err = [max(0.0, r.latency_p90_ms - r.latency_p50_ms) for r in rs]
-        style = dict(color="black", linewidth=2.2) if name == "eager" else {}
+        style = {"color": "black", "linewidth": 2.2} if name == "eager" else {}
         ax_lat.errorbar(xs, p50, yerr=[[0] * len(err), err], marker="o", capsize=3, label=name, **style)
     ax_lat.set_xscale("log", base=2)
     ax_lat.set_yscale("log")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rich import box
 from rich.console import Console
@@ -96,10 +96,10 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "", peaks: Sequence[di
     lines = [f"### {title}", ""] if title else []
     if rows:
         r0 = rows[0]
-        lines += [f"Device: {r0.device} ({r0.device_kind}, {r0.threads} thread{'' if r0.threads == 1 else 's'}); "
-                  f"warm-up {r0.warmup}, "
-                  f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
-                  f"onnxruntime {r0.versions.get('onnxruntime', '?')}.", ""]
+        lines += [(f"Device: {r0.device} ({r0.device_kind}, {r0.threads} thread{'' if r0.threads == 1 else 's'}); "
+                   f"warm-up {r0.warmup}, "
+                   f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
+                   f"onnxruntime {r0.versions.get('onnxruntime', '?')}."), ""]
     if peaks:
         lines += [peaks_text(peaks), "", WORK_NOTE, ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
@@ -186,7 +186,7 @@ class RichProgress:
         self.task = self.bar.add_task("bench", total=None)
         self.last = 0.0
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> Self:
         self.bar.start()
         return self
 

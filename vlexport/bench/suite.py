@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from vlexport.bench.harness import BenchPlan
 from vlexport.errors import UsageError

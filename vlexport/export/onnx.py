@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 import torch
@@ -142,7 +142,7 @@ class _quiet_exporter:
 class OnnxBackend(BackendBase):
     name = "onnx"
     suffix = ".onnx"
-    options = {"opset": DEFAULT_OPSET}
+    options: ClassVar[dict[str, Any]] = {"opset": DEFAULT_OPSET}
     description = "ONNX graphs (torch.onnx dynamo exporter), run on ONNX Runtime"
 
     def check(self, job: ExportJob) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -94,12 +94,11 @@ def build_engine(onnx_path: Path, plan_path: Path, component: Component, *, prec
         config.clear_flag(getattr(trt.BuilderFlag, flag))
     for flag in precision.tensorrt_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if "INT8" in precision.tensorrt_flags:
-        if not _has_qdq(network, trt):  # a QDQ graph carries its own scales
-            if not calibration:
-                raise UsageError("int8 without Q/DQ nodes needs calibration inputs.")
-            config.int8_calibrator = _calibrator(trt, calibration, plan_path.with_suffix(".calib"))
-            config.set_calibration_profile(profile)
+    if "INT8" in precision.tensorrt_flags and not _has_qdq(network, trt):  # a QDQ graph carries its own scales
+        if not calibration:
+            raise UsageError("int8 without Q/DQ nodes needs calibration inputs.")
+        config.int8_calibrator = _calibrator(trt, calibration, plan_path.with_suffix(".calib"))
+        config.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CheckError(f"TensorRT could not build an engine for {onnx_path.name} (see the TensorRT log above).")
@@ -149,7 +148,7 @@ class TensorRTBackend(BackendBase):
     name = "tensorrt"
     suffix = ".plan"
     parent = "onnx"
-    options = {"shapes": TRT_DEFAULT_SHAPES}
+    options: ClassVar[dict[str, Any]] = {"shapes": TRT_DEFAULT_SHAPES}
     validation_device = "cuda"
     description = "TensorRT 10 engines built from the ONNX graphs (needs an NVIDIA GPU)"
 

@@ -231,8 +231,8 @@ def search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings, *, nu
            max_new_tokens: int, min_new_tokens: int = 0, output_logits: bool = False,
            on_step: OnStep | None = None) -> Decoded:
     """Greedy for ``num_beams == 1``, beam search otherwise (what ``generate(do_sample=False)`` picks)."""
-    common: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                  output_logits=output_logits, on_step=on_step)
+    common: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                                  "output_logits": output_logits, "on_step": on_step}
     if num_beams == 1:
         return greedy_search(step, prompt, settings, **common)
     return beam_search(step, prompt, settings, num_beams=num_beams, **common)

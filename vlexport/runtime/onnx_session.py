@@ -41,7 +41,7 @@ class OnnxComponent:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts,
                                                 providers=list(providers or available_providers()))
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        except Exception as e:  # noqa: BLE001  ORT raises its own Fail/InvalidGraph types
             raise CheckError(f"ONNX Runtime cannot load {path}: {e}. The file is damaged or incomplete; "
                              "export the artifact again.") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
