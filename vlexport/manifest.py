@@ -86,12 +86,12 @@ class AccuracyReport:
             out.append(f"  {name}: {t.get('kind')} agreement {_g(t.get('agreement'))}")
         g = self.generation or {}
         if g:
-            out.append(f"  generation: greedy tokens equal for {_g(g.get('greedy_token_agreement'))} of samples "
-                       f"(near-ties included: {_g(g.get('agreement_with_near_ties'))}), mean first divergence "
+            out.append(f"  generation: greedy tokens equal for {_pct(g.get('greedy_token_agreement'))} of samples "
+                       f"(near-ties included: {_pct(g.get('agreement_with_near_ties'))}), mean first divergence "
                        f"step {_g(g.get('mean_first_divergence_step'))}, logit cosine min "
                        f"{_g6(g.get('min_logit_cosine'))} / mean {_g6(g.get('mean_logit_cosine'))}; beam tokens "
-                       f"equal for {_g(g.get('beam_token_agreement'))} (near-ties included: "
-                       f"{_g(g.get('beam_agreement_with_near_ties'))})")
+                       f"equal for {_pct(g.get('beam_token_agreement'))} (near-ties included: "
+                       f"{_pct(g.get('beam_agreement_with_near_ties'))})")
         if self.calibration:
             out.append(f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} samples, "
                        f"{self.calibration.get('method')})")
@@ -257,6 +257,10 @@ def _check_inside(directory: Path, rel: str) -> None:
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise CheckError(f"{directory / MANIFEST} names {rel!r}, a path outside the artifact directory; the "
                          "manifest is damaged or not from vlexport. Export the artifact again.")
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
 
 
 def _g(value: Any) -> str:
