@@ -74,6 +74,20 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def quantizer_output(out_dir: Path, dst: Path) -> Iterator[Path]:
+    """The path an ONNX Runtime quantizer writes to, in a scratch dir inside ``out_dir``.
+
+    The quantizers write intermediate files beside their output; only the result (``dst.name`` and its
+    external data) moves into the artifact, and the quantizer's root-logger advice stays quiet.
+    """
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quant.") as scratch, _quiet_root_logger():
+        yield Path(scratch) / dst.name
+        for f in Path(scratch).iterdir():
+            if f.name.startswith(dst.name):
+                shutil.move(str(f), out_dir / f.name)
+
+
 class OnnxInt8DynamicPass:
     backend = "onnx"
     precision = Int8DynamicConfig.name
@@ -87,18 +101,12 @@ class OnnxInt8DynamicPass:
         details: dict = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
-            # The quantizer writes beside its output; a scratch dir keeps its intermediate files out of the
-            # artifact, then the results move in.
-            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch, _quiet_root_logger():
-                out = Path(scratch) / dst.name
+            with quantizer_output(ctx.out_dir, dst) as out:
                 exclude: list[str] = []
                 if config.smooth is not None:
-                    src, exclude = _smoothed(ctx, src, Path(scratch), config.smooth, details)
+                    src, exclude = _smoothed(ctx, src, out.parent, config.smooth, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
                                  use_external_data_format=external, nodes_to_exclude=exclude)
-                for f in Path(scratch).iterdir():
-                    if f.name.startswith(dst.name):
-                        shutil.move(str(f), ctx.out_dir / f.name)
 
         derived = _rewrite(ctx, write)
         derived.details.update(details)

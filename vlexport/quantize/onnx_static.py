@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
-import tempfile
 from pathlib import Path
 
 from vlexport.errors import UsageError
 from vlexport.export.backend import DeriveContext, Derived
 from vlexport.quantize.calibration import FeedReader, calibration_set
-from vlexport.quantize.onnx_passes import _quiet_root_logger, _rewrite
+from vlexport.quantize.onnx_passes import _rewrite, quantizer_output
 from vlexport.quantize.passes import register_pass
 from vlexport.quantize.precision import Int8StaticConfig
 
@@ -50,9 +48,7 @@ class OnnxInt8StaticPass:
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
-            with tempfile.TemporaryDirectory(dir=ctx.out_dir, prefix=".quant.") as scratch, _quiet_root_logger(), \
-                    contextlib.redirect_stdout(io.StringIO()):
-                out = Path(scratch) / dst.name
+            with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -60,9 +56,6 @@ class OnnxInt8StaticPass:
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                                "CalibTensorRangeSymmetric": True},
                                 calibration_providers=["CPUExecutionProvider"])
-                for f in Path(scratch).iterdir():
-                    if f.name.startswith(dst.name):
-                        shutil.move(str(f), ctx.out_dir / f.name)
 
         derived = _rewrite(ctx, write)
         derived.details["calibration"] = cal.record(config.method)
