@@ -77,3 +77,26 @@ def test_selection_margin_is_the_smallest_gap_among_the_ranked_candidates() -> N
     m = selection_margin(log_probs, keep=3)
     assert m[0] < 2e-5  # -1.5 vs -1.50001, less float32 rounding
     assert abs(m[1] - 1.0) < 1e-5  # beams at decode.NEG (not opened yet) are never candidates
+
+
+def test_greedy_divergence_is_a_near_tie_only_within_the_runs_noise() -> None:
+    """Greedy: a divergence where the reference's top-2 gap is within twice the variant's typical logit error
+    is a near-tie; a divergence over a clear gap is not, although the flip makes the error there large."""
+    from vlexport.validate.generation import mark_greedy_near_ties
+
+    def case(gap: float):
+        ref = [RNG.normal(size=(1, VOCAB)).astype(np.float32) for _ in range(STEPS)]
+        for r in ref:
+            r[0, :2] = [5.0, 5.0 - gap]  # token 0 wins by ``gap``
+        got = [r + RNG.normal(scale=0.01, size=r.shape).astype(np.float32) for r in ref]
+        got[3][0, :2] = [5.0 - gap, 5.0]  # the artifact flips the last step, after three at its noise level
+        seq, out = np.array([[9, 0, 0, 0, 0]]), np.array([[9, 0, 0, 0, 1]])
+        pairs: list = []
+        checks = compare_case("b1 greedy", [0], seq, out, 1, ref, got, 1, pairs)
+        mark_greedy_near_ties(checks, pairs)
+        return checks[0]
+
+    tie = case(gap=0.01)
+    assert tie.kind == "mismatch" and tie.step == 3 and abs(tie.step_margin - 0.01) < 1e-5 and tie.near_tie
+    clear = case(gap=2.0)
+    assert clear.kind == "mismatch" and clear.step == 3 and not clear.near_tie

@@ -83,7 +83,8 @@ class AccuracyReport:
         for name, o in self.outputs.items():
             out.append(f"  {name}: cosine {_g6(o.get('cosine'))}, max abs err {_g(o.get('max_abs'))}")
         for name, t in self.tasks.items():
-            out.append(f"  {name}: {t.get('kind')} agreement {_g(t.get('agreement'))}")
+            out.append(f"  {name}: {t.get('kind')} agreement {_pct(t.get('agreement'))} (near-ties included: "
+                       f"{_pct(t.get('agreement_with_near_ties'))})")
         g = self.generation or {}
         if g:
             out.append(f"  generation: greedy tokens equal for {_pct(g.get('greedy_token_agreement'))} of samples "

@@ -48,11 +48,13 @@ def outputs_accuracy(checks: Sequence[Mapping[str, Any]], agreement: Mapping[str
                          "max_abs": max((c["max_abs"] for c in mine if c.get("max_abs") is not None), default=None)}
         if agreement.get(name):
             tasks[name] = {"kind": TASK_LABELS.get(task, f"{task} {agreement[name]}"),
-                           "agreement": _min([c.get("agreement") for c in mine])}
+                           "agreement": _min([c.get("agreement") for c in mine]),
+                           "agreement_with_near_ties": _min([c.get("agreement_with_near_ties") for c in mine])}
     misses = [f"{n}: cosine {o['cosine']:.5f} < {tol.min_cosine}" for n, o in outputs.items()
               if tol.min_cosine is not None and o["cosine"] is not None and o["cosine"] < tol.min_cosine]
-    misses += [f"{n}: {t['kind']} agreement {t['agreement']:.3f} < {tol.min_agreement}" for n, t in tasks.items()
-               if tol.min_agreement is not None and t["agreement"] is not None and t["agreement"] < tol.min_agreement]
+    misses += [f"{n}: {t['kind']} agreement {t['agreement_with_near_ties']:.3f} (near-ties counted as agreeing) < "
+               f"{tol.min_agreement}" for n, t in tasks.items() if tol.min_agreement is not None
+               and t["agreement_with_near_ties"] is not None and t["agreement_with_near_ties"] < tol.min_agreement]
     return AccuracyReport(precision=precision, passed=not misses, thresholds=tol.as_dict(), outputs=outputs,
                           tasks=tasks, misses=misses)
 

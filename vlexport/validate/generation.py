@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
 from vlexport.quantize.precision import Tolerance, get_precision
+from vlexport.validate.outputs import noise_level
 
 SAMPLES = 4
 BATCH_SIZES = (1, 4)
@@ -46,6 +47,7 @@ class TokenCheck:
     detail: str = ""
     logit_cosine: float | None = None  # smallest per-step logit cosine up to the first divergence
     near_tie: bool = False  # diverged where the artifact's logit error can flip the reference's choice
+    step_margin: float | None = None  # greedy: the reference's top-2 gap at the divergence step
 
 
 @dataclass
@@ -111,6 +113,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
                                case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
+    mark_greedy_near_ties(checks, logit_pairs)
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
@@ -200,25 +203,28 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             g_tok = _tok(got[i], pos)
             at = errs[min(max(step, 0), len(errs) - 1)][row_slice].max() if errs else float("nan")
             where = "in the prompt" if step < 0 else f"at step {step}"
-            tie = " (a near-tie: the margin is below the logits error)" if margin is not None and margin <= err else ""
             check.kind, check.passed, check.step = "mismatch", False, step
-            check.near_tie = _near_tie(step, i * beams, errs, margins, tie_step, beams)
+            if beams > 1:  # the candidates' ranking hit a near-tie at or before the divergence
+                check.near_tie = tie_step is not None and tie_step <= step
+            elif 0 <= step < len(margins):  # judged in compare_generation, against the run's noise level
+                check.step_margin = float(margins[step][i])
             check.detail = (f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
-                            f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}{tie}")
+                            f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}")
         out.append(check)
     return out
 
 
-def _near_tie(step: int, row: int, errs: list[np.ndarray], margins: list[np.ndarray], tie_step: int | None,
-              beams: int) -> bool:
-    """Greedy: the reference's top-2 gap at the divergence is within twice the artifact's logit error there
-    (an error that size can swap them: fp32 itself barely prefers its token). Beam: the candidates' ranking
-    hit such a near-tie at or before the divergence (compare_case's ``tie_step``)."""
-    if beams > 1:
-        return tie_step is not None and tie_step <= step
-    if not 0 <= step < min(len(errs), len(margins)):
-        return False
-    return bool(margins[step][row] <= 2 * errs[step][row])
+def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """A greedy divergence is a near-tie when the reference's top-2 gap there is within twice the variant's
+    typical logit error over the run (validate.outputs.noise_level): fp32 itself barely preferred its token.
+    The error at the divergence cannot decide it: a flip always makes it at least half the gap."""
+    noise = noise_level(logit_pairs)
+    for c in checks:
+        if c.kind == "mismatch" and c.step_margin is not None:
+            c.near_tie = noise is not None and c.step_margin <= 2 * noise
+            if c.near_tie:
+                c.detail += (f" (a near-tie: the gap there, {c.step_margin:.3g}, is within twice the run's typical "
+                             f"logit error, {noise:.3g})")
 
 
 def _tok(seq: np.ndarray, pos: int) -> str:
