@@ -129,8 +129,10 @@ def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[st
     """What vlexport's int8-dynamic pass does (quantize/onnx_passes.py), with node selection for the study."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from vlexport.quantize.precision import Int8DynamicConfig
+
     quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                     nodes_to_quantize=include)
+                     nodes_to_quantize=include, reduce_range=Int8DynamicConfig().reduce_range)
 
 
 def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
@@ -140,6 +142,7 @@ def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref
 
     from vlexport.quantize.calibration import FeedReader
     from vlexport.quantize.onnx_static import QUANTIZED_OPS
+    from vlexport.quantize.precision import Int8StaticConfig
 
     texts = sentences(64, seed=7)
     x = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="np")
@@ -150,7 +153,7 @@ def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref
         path = work / f"static-{name}.onnx"
         quantize_static(fp32, path, FeedReader(cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        reduce_range=Int8StaticConfig().reduce_range, calibrate_method=method, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         out[f"int8-static ({name}, 64 other sentences)"] = summary(run(path, feeds), ref)
     return out
 
@@ -170,6 +173,7 @@ def main() -> int:
     import logging
 
     from vlexport.quantize.onnx_weight_only import weight_only_int8
+    from vlexport.quantize.precision import Int8WeightConfig
 
     logging.getLogger().setLevel(logging.ERROR)
     directory = model_dir()
@@ -189,8 +193,9 @@ def main() -> int:
     int8_dynamic(fp32, out)
     results["int8-dynamic (all MatMuls)"] = summary(run(out, feeds), ref)
     wo = work / "w8.onnx"
-    onnx.save(weight_only_int8(onnx.load(str(fp32)), 32), str(wo))
-    results["int8-weight (block 32)"] = summary(run(wo, feeds), ref)
+    config = Int8WeightConfig()
+    weight_only_int8(fp32, wo, config, external=False)
+    results[f"int8-weight (block {config.block_size}, int8 compute)"] = summary(run(wo, feeds), ref)
     # The fix: SmoothQuant (alpha 0.7, calibrated on other sentences) + the FFN output MatMuls (after GELU,
     # the most sensitive nodes below) kept fp32.
     from vlexport.quantize.smoothing import smooth

@@ -103,7 +103,7 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
                     force=args.force, validate=not args.no_validate,
                     options={k: v for k, v in options.items() if v is not None},
                     calibration=getattr(args, "calibration", None), method=getattr(args, "method", None),
-                    smooth=getattr(args, "smooth", None),
+                    smooth=getattr(args, "smooth", None), block_size=getattr(args, "block_size", None),
                     accept_degraded=getattr(args, "accept_degraded", False))
     with console.status(verb) as status:
         manifest = run_export(job, progress=lambda msg: status.update(msg))

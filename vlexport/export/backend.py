@@ -52,6 +52,7 @@ class ExportJob:
     calibration: Path | None = None
     method: str | None = None
     smooth: float | None = None  # int8-dynamic: SmoothQuant alpha (quantize/smoothing.py)
+    block_size: int | None = None  # int8-weight: weights per scale (default Int8WeightConfig.block_size)
     accept_degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by the orchestrator
 

@@ -106,10 +106,11 @@ class OnnxInt8DynamicPass:
                 if config.smooth is not None:
                     src, exclude = _smoothed(ctx, src, out.parent, config.smooth, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
+                                 reduce_range=config.reduce_range,
                                  use_external_data_format=external, nodes_to_exclude=exclude)
 
         derived = _rewrite(ctx, write)
-        derived.details.update(details)
+        derived.details.update(details, weight_bits=7 if config.reduce_range else 8)
         return derived
 
 

@@ -51,6 +51,7 @@ class OnnxInt8StaticPass:
             with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                                reduce_range=config.reduce_range,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=method, use_external_data_format=external,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
@@ -58,7 +59,7 @@ class OnnxInt8StaticPass:
                                 calibration_providers=["CPUExecutionProvider"])
 
         derived = _rewrite(ctx, write)
-        derived.details["calibration"] = cal.record(config.method)
+        derived.details.update(calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8)
         return derived
 
 

@@ -1,24 +1,31 @@
 """ONNX int8 weight-only pass: every MatMul with a constant weight becomes ONNX Runtime's ``MatMulNBits``.
 
-``MatMulNBitsQuantizer(bits=8)`` stores each weight as int8 blocks of ``block_size`` values along the input
-dimension, one scale (and zero point) per block, and dequantizes inside the kernel: activations stay fp32,
-so the error is the weights' rounding only. ORT >= 1.22 has x86 kernels for 8 bits; an older ORT is refused
-up front (its CPU provider would fail on the first call). This covers every component with constant
-weights: vision encoders, Q-Formers, BLIP's text decoders and BLIP-2's language models (OPT and Flan-T5,
-decoder steps included, so the KV-cache loop of vlexport/runtime runs them unchanged). Embedding Gathers
-stay fp32 (a quantized Gather saves disk but not memory, ORT's docstring says). Big graphs keep external
-data (the 2 GiB protobuf limit).
+Each weight is stored as int8 blocks of ``block_size`` values along the input dimension with one fp32
+scale per block, quantized by ONNX Runtime's own kernel (``quantize_matmul_8bits``, what its
+``MatMulNBitsQuantizer`` calls). The kernel runs at ``accuracy_level`` 4: on x86 the 8-bit MatMulNBits has
+a fast kernel only for int8 compute (activations quantized per block inside the kernel, per call); the
+fp32/fp16/bf16 compute levels are reference loops, measured 40-70x slower than the fp32 MatMul they
+replace (README, "Precisions"). The CUDA provider ignores the level and computes in fp16.
+
+The graph is rewritten one weight at a time: the source is opened without its external data, each weight is
+read from the parent's data file, quantized and appended to the new one. A 14 GB BLIP-2 decoder quantizes
+in ~1 GB of memory instead of loading twice its size, as ``MatMulNBitsQuantizer`` does. Embedding Gathers
+stay fp32 (a quantized Gather saves disk but not memory, ORT's docstring says). ORT >= 1.22 has the x86
+8-bit kernels; an older ORT is refused up front (its CPU provider would fail on the first call).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 
 from vlexport.errors import UsageError
 from vlexport.export.backend import DeriveContext, Derived
-from vlexport.quantize.onnx_passes import _quiet_root_logger, _rewrite
+from vlexport.quantize.onnx_passes import _rewrite
 from vlexport.quantize.passes import register_pass
 from vlexport.quantize.precision import Int8WeightConfig, get_precision
 
@@ -36,19 +43,167 @@ def check_runtime() -> None:
                          "--precision int8-dynamic.")
 
 
-def weight_only_int8(model: onnx.ModelProto, block_size: int, *, exclude: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """``model`` with its constant-weight MatMuls as 8-bit MatMulNBits (``exclude``: node names kept fp32)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+class _Tensors:
+    """Initializer bytes in and out: the parent's (inline or external) and the new file's (inline or appended)."""
 
-    with _quiet_root_logger():
-        q = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=False,
-                                 nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",))
-        q.process()
-    return q.model.model
+    def __init__(self, src: Path, dst: Path, external: bool) -> None:
+        self.src_dir, self.location = src.parent, f"{dst.name}.data"
+        self.out = open(dst.parent / self.location, "wb") if external else None  # noqa: SIM115 - closed in close()
+        self._inputs: dict[str, object] = {}
+
+    def read(self, t: TensorProto) -> np.ndarray:
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64))
+        path = str(self.src_dir / info["location"])
+        f = self._inputs.get(path)
+        if f is None:
+            f = self._inputs[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        f.seek(int(info.get("offset", 0)))
+        return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(t.dims))
+
+    def write(self, t: TensorProto, array: np.ndarray | None = None) -> TensorProto:
+        """``array`` under ``t``'s name, or the parent's ``t`` itself, as it is stored in the new file."""
+        if array is None:
+            if t.data_location != TensorProto.EXTERNAL:
+                return t  # inline in the parent: small, stays inline
+            array = self.read(t)
+        out = numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), t.name)
+        if self.out is None or out.ByteSize() < 1024:  # small constants stay inline, as onnx.save does
+            return out
+        offset = self.out.tell()
+        pad = -offset % 4096  # page-aligned, so ORT can mmap each tensor
+        self.out.write(b"\0" * pad)
+        data = out.raw_data
+        out.ClearField("raw_data")
+        out.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(offset + pad)), ("length", str(len(data)))):
+            entry = out.external_data.add()
+            entry.key, entry.value = key, value
+        self.out.write(data)
+        return out
+
+    def close(self) -> None:
+        for f in self._inputs.values():
+            f.close()
+        if self.out is not None:
+            self.out.close()
 
 
-def quantized_matmuls(model: onnx.ModelProto) -> int:
-    return sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+def _quantize(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ORT's 8-bit block quantization of a [K, N] weight: packed [N, blocks, block_size]; scales and zero
+    points [N, blocks]."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((cols, blocks, block_size), dtype=np.uint8)
+    scales = np.zeros((cols, blocks), dtype=np.float32)
+    zero_points = np.zeros((cols, blocks), dtype=np.uint8)
+    quantize_matmul_8bits(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size,
+                          cols, rows, symmetric)
+    return packed, scales, zero_points
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node, subgraphs (If / Loop bodies) included: an initializer a body reads must be kept."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
+def linear_weight(node: onnx.NodeProto, inits: dict[str, TensorProto],
+                     producer: dict[str, onnx.NodeProto]) -> tuple[TensorProto, bool, onnx.NodeProto | None] | None:
+    """``x @ W`` with a constant 2-D fp32 ``W``: (W's initializer, whether it is stored [N, K], the Transpose
+    between them or None). The exporter writes ``nn.Linear`` three ways: MatMul on a pre-transposed
+    initializer, Gemm(transB=1) where the module flattens to 2-D first (OPT's FFN), and MatMul on a
+    Transpose of a tied weight (OPT's lm_head shares the embedding table)."""
+    if node.domain or len(node.input) < 2:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return None
+        transposed = bool(attrs.get("transB", 0))
+    elif node.op_type == "MatMul" and len(node.input) == 2:
+        transposed = False
+    else:
+        return None
+    via = None
+    weight = inits.get(node.input[1])
+    if weight is None and node.op_type == "MatMul":
+        via = producer.get(node.input[1])
+        perm = [a.ints for a in via.attribute if a.name == "perm"] if via is not None else []
+        if via is None or via.op_type != "Transpose" or (perm and list(perm[0]) != [1, 0]):
+            return None
+        weight, transposed = inits.get(via.input[0]), True
+    if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+        return None
+    return weight, transposed, via
+
+
+def weight_only_int8(src: Path, dst: Path, config: Int8WeightConfig, *, external: bool,
+                     exclude: tuple[str, ...] = ()) -> int:
+    """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as 8-bit MatMulNBits; returns
+    how many.
+
+    ``exclude``: node names kept fp32. ``external``: write the weights to ``dst.name + ".data"``.
+    """
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = Counter(name for node in _all_nodes(graph) for name in node.input)
+    uses.update(o.name for o in graph.output)
+    tensors = _Tensors(src, dst, external)
+    try:
+        nodes, new_inits, count = [], [], 0
+        for node in graph.node:
+            found = None if node.name in exclude else linear_weight(node, inits, producer)
+            if found is None:
+                nodes.append(node)
+                continue
+            weight, transposed, via = found
+            w = tensors.read(weight)
+            w = w.T if transposed else w
+            k, n = w.shape
+            packed, scales, zero_points = _quantize(w, config.block_size, config.symmetric)
+            del w
+            base = f"{weight.name}_{node.name or count}"
+            inputs = {f"{base}_Q8": packed, f"{base}_scales": scales}
+            if not config.symmetric:
+                inputs[f"{base}_zero_points"] = zero_points
+            new_inits += [tensors.write(TensorProto(name=name), array) for name, array in inputs.items()]
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            out = f"{node.output[0]}_nobias" if bias else node.output[0]
+            nodes.append(onnx.helper.make_node(
+                "MatMulNBits", [node.input[0], *inputs], [out], name=f"{node.name}_Q8" if node.name else "",
+                domain="com.microsoft", K=k, N=n, bits=8, block_size=config.block_size,
+                accuracy_level=config.accuracy_level))
+            if bias:
+                nodes.append(onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"))
+            count += 1
+            uses[node.input[1]] -= 1
+            if via is not None and uses[node.input[1]] == 0:  # the Transpose fed only quantized MatMuls
+                uses[weight.name] -= 1
+        nodes = [n for n in nodes if not (n.op_type == "Transpose" and all(uses[o] == 0 for o in n.output))]
+        kept = [tensors.write(t) for t in graph.initializer if uses[t.name] > 0]
+    finally:
+        tensors.close()
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept + new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    return count
 
 
 class OnnxInt8WeightPass:
@@ -59,21 +214,20 @@ class OnnxInt8WeightPass:
         check_runtime()
         config = get_precision(ctx.job.precision)
         assert isinstance(config, Int8WeightConfig)
+        if ctx.job.block_size is not None:
+            config = Int8WeightConfig(block_size=ctx.job.block_size)
         counts: dict[str, int] = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
-            model = weight_only_int8(onnx.load(str(src)), config.block_size)
-            counts[dst.stem] = quantized_matmuls(model)
-            weights = sum(len(t.raw_data) for t in model.graph.initializer)
-            external = external and weights >= PROTOBUF_LIMIT // 2  # int8 may bring it well under the limit
-            onnx.save(model, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-                      location=f"{dst.name}.data")
+            # int8 may bring a graph under the protobuf limit; the parent's external data says it was near it
+            counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
 
         derived = _rewrite(ctx, write)
         if not any(counts.values()):
             raise UsageError("int8-weight found no MatMul with a constant weight in this artifact: nothing to "
                              "quantize. Use --precision fp16 or int8-dynamic.")
-        derived.details.update({"block_size": config.block_size, "bits": 8, "matmul_nbits": counts})
+        derived.details.update({"block_size": config.block_size, "bits": 8, "accuracy_level": config.accuracy_level,
+                                "matmul_nbits": counts})
         return derived
 
 

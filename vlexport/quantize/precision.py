@@ -109,6 +109,10 @@ class Int8DynamicConfig(PrecisionConfig):
     # SmoothQuant strength (quantize/smoothing.py), None: off. With it, the FFN output MatMuls stay fp32: on real
     # BERT weights plain int8-dynamic keeps a mean embedding cosine of 0.993, this 0.999 (README, Precisions).
     smooth: float | None = None
+    # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16
+    # (vpmaddubsw), which 8-bit weights overflow; measured on an AVX2 EPYC, tiny BridgeTower ITM logits fell
+    # to cosine 0.974 with 8 bits and kept 0.9996 with 7. The artifact does not know the CPU it will run on.
+    reduce_range: bool = True
     name: ClassVar[str] = "int8-dynamic"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
@@ -128,6 +132,7 @@ class Int8StaticConfig(PrecisionConfig):
     """int8 weights and activations with scales calibrated ahead of time (QDQ graphs, TensorRT int8)."""
 
     method: str = "minmax"
+    reduce_range: bool = True  # 7-bit weights, as Int8DynamicConfig says why
     name: ClassVar[str] = "int8-static"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
@@ -143,19 +148,30 @@ class Int8StaticConfig(PrecisionConfig):
 
 @dataclass(frozen=True)
 class Int8WeightConfig(PrecisionConfig):
-    """Weight-only int8 (activations stay float): the decode-bandwidth lever for language models."""
+    """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
+
+    On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
+    per ``block_size`` block inside the kernel; it is the only fast x86 path (quantize/onnx_weight_only.py).
+    Block 32 keeps real all-MiniLM-L6-v2 embeddings at cosine >= 0.998 (min 0.99847); 128 gives min 0.99390
+    (benchmarks/results/real-minilm-precision.json) for a ~10% smaller, faster file.
+    """
 
     block_size: int = 32  # weights sharing one scale along the input dim (MatMulNBits' block_size)
+    # MatMulNBits' compute type on CPU: 4 = int8 (the only fast 8-bit x86 kernel); 0 = fp32 reference loop
+    accuracy_level: int = 4
+    symmetric: bool = False  # a zero point per block: the full 256 levels for skewed blocks
     name: ClassVar[str] = "int8-weight"
     dtype: ClassVar[str] = "float32"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
     # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/compile.py
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
-    description: ClassVar[str] = "int8 weights only, float activations"
+    description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UsageError(f"block_size must be a power of two >= 16, got {self.block_size}.")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
 
 @dataclass(frozen=True)
