@@ -100,3 +100,26 @@ def test_greedy_divergence_is_a_near_tie_only_within_the_runs_noise() -> None:
     assert tie.kind == "mismatch" and tie.step == 3 and abs(tie.step_margin - 0.01) < 1e-5 and tie.near_tie
     clear = case(gap=2.0)
     assert clear.kind == "mismatch" and clear.step == 3 and not clear.near_tie
+
+
+def test_batched_greedy_rows_are_compared_up_to_their_own_divergence() -> None:
+    """Greedy rows are independent: a row that diverges at step 2 keeps its logits compared up to step 2
+    although another row of the batch diverged at step 0 (BLIP-2 Flan-T5-XL int8 at batch 4 did this)."""
+    from vlexport.validate.generation import mark_greedy_near_ties
+
+    ref = [RNG.normal(size=(2, VOCAB)).astype(np.float32) for _ in range(STEPS)]
+    for r in ref:
+        r[:, :2] = [5.0, 3.0]  # token 0 wins by 2.0 ...
+    ref[2][1, :2] = [5.0, 4.99]  # ... except row 1 at step 2: a near-tie
+    got = [r + RNG.normal(scale=0.01, size=r.shape).astype(np.float32) for r in ref]
+    got[0][0, :2] = [3.0, 5.0]  # row 0 flips a clear choice at step 0
+    got[2][1, :2] = [4.99, 5.0]  # row 1 flips the near-tie at step 2
+    seq = np.array([[9, 0, 0, 0, 0], [9, 0, 0, 0, 0]])
+    out = np.array([[9, 1, 0, 0, 0], [9, 0, 0, 1, 0]])
+    pairs: list = []
+    checks = compare_case("b2 greedy", [0, 1], seq, out, 1, ref, got, 1, pairs)
+    mark_greedy_near_ties(checks, pairs)
+    row0, row1 = checks
+    assert (row0.step, row1.step) == (0, 2)
+    assert abs(row1.step_margin - 0.01) < 1e-4 and row1.near_tie and not row0.near_tie
+    assert [len(a) for a, _ in pairs] == [2, 1, 1]  # step 0: both rows; steps 1-2: row 1 only

@@ -164,9 +164,15 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             first_div = step if first_div is None else min(first_div, step)
         else:
             divergences.append((sample, i, None, None))
-    # Logits are comparable while both runs saw the same tokens: up to and including the first divergence.
+    # Logits are comparable while both runs saw the same tokens: up to and including the divergence. Greedy
+    # rows are independent, so each row's own divergence bounds it; beam rows are reordered across the
+    # batch's hypotheses, so the first divergence bounds them all.
     steps = min(len(ref_logits), len(got_logits))
-    last = steps if first_div is None else min(steps, max(first_div, 0) + 1)
+    if beams == 1:
+        horizon = np.array([steps - 1 if step is None else max(step, 0) for _, _, step, _ in divergences])
+    else:
+        horizon = np.full(len(ref_logits[0]) if steps else 0, steps - 1 if first_div is None else max(first_div, 0))
+    last = min(steps, int(horizon.max(initial=-1)) + 1)
     errs, margins, cosines = [], [], []
     tie_step, score_err = None, 0.0
     for s in range(last):
@@ -174,7 +180,9 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
         if a.shape != b.shape:
             last = s
             break
-        logit_pairs.append((a, b))
+        valid = horizon >= s
+        if valid.any():
+            logit_pairs.append((a[valid], b[valid]))
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         errs.append(np.abs(a64 - b64).max(axis=-1))  # per row
         cosines.append((a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1),
@@ -185,17 +193,18 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
         # logit error and a path score sums one per step, so candidates closer than twice that may rank
         # either way: after such a near-tie the two runs' rows hold other hypotheses and per-row logits stop
         # being comparable (tokens still are). Random weights with huge logits do this at every step.
-        score_err += 2 * float(errs[-1].max())
+        score_err += 2 * float(errs[-1][valid].max(initial=0.0))
         if s < len(beam_margins) and float(beam_margins[s].min()) <= 2 * score_err:
             tie_step = s
             break
     for sample, i, step, pos in divergences:
         row_slice = slice(i * beams, (i + 1) * beams)
-        err = float(max((e[row_slice].max() for e in errs), default=0.0))
-        margin = float(min((m[row_slice].min() for m in margins), default=np.inf))
+        upto = int(horizon[i * beams]) + 1 if len(horizon) else 0  # this row's comparable steps
+        err = float(max((e[row_slice].max() for e in errs[:upto]), default=0.0))
+        margin = float(min((m[row_slice].min() for m in margins[:upto]), default=np.inf))
         margin = margin if np.isfinite(margin) else None
         new = max(0, min(len(ref[i]), len(got[i])) - prompt_len)
-        cos = float(min((c[row_slice].min() for c in cosines), default=np.nan))
+        cos = float(min((c[row_slice].min() for c in cosines[:upto]), default=np.nan))
         check = TokenCheck(shape, "tokens", "ok", True, sample=sample, max_abs=err, margin=margin, tokens=new,
                            near_tie_step=tie_step, logit_cosine=cos if np.isfinite(cos) else None)
         if step is not None:
