@@ -6,11 +6,11 @@ decode ms/token, and greedy tokens / logits vs the fp32 artifact.
 
 The first artifact is the reference (fp32). Each artifact is measured in its own fresh process, one after the
 other, so a 14 GB fp32 decoder and its int8 variant are never in memory together and each peak RSS is its
-own: first `vlexport run DIR --image IMG` exactly as a user runs it (peak RSS from wait4), then a worker that
-times greedy decoding forced to --new-tokens tokens on seeded pixels (step 0 is the prefill: encoders +
+own: a worker that times greedy decoding forced to --new-tokens tokens on seeded pixels (step 0 is the prefill: encoders +
 first decoder step; steps 1.. are decode steps) and keeps the tokens and per-step logits. Agreement is then
 computed against the reference's: the share of sequences whose tokens are equal, the mean first-divergence
-step, and the per-step logit cosine up to the first divergence (after it the two decode different prefixes).
+step, and the per-step logit cosine up to the first divergence (after it the two decode different prefixes);
+then `vlexport run DIR --image IMG [--text PROMPT]` exactly as a user runs it (peak RSS from wait4).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+PROMPT = "what is in the picture?"  # for tasks that need a text prompt (BLIP-2 Flan-T5)
 
 
 def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], iters: int) -> None:
@@ -43,6 +44,12 @@ def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], ite
     artifact = load_artifact(directory, manifest=manifest, device="cpu")
     gen = Generator(artifact)
     load_s = time.perf_counter() - t0
+    ids = None
+    if gen.recipe.needs_prompt:  # BLIP-2 Flan-T5: a question, as `vlexport run --text` sends it
+        from vlexport.runtime.run import _prompt_ids
+        from vlexport.runtime.tokenizer import ArtifactTokenizer
+
+        ids = _prompt_ids(PROMPT, ArtifactTokenizer(directory, manifest), gen.settings, gen.recipe, False)
     size = int(manifest.image_size)
     rows, arrays = [], {}
     for batch in batches:
@@ -51,7 +58,9 @@ def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], ite
         for it in range(iters + 1):  # iteration 0 warms up
             ns: list[int] = []
             start = time.perf_counter_ns()
-            res = gen.generate(pixels, max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
+            prompt = None if ids is None else np.repeat(ids, batch, axis=0)
+            res = gen.generate(pixels, prompt, None if prompt is None else np.ones_like(prompt),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
                                on_step=lambda i, ns=ns: ns.append(time.perf_counter_ns()))
             if it:
                 runs.append((start, ns))
@@ -63,14 +72,15 @@ def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], ite
         arrays[f"logits_b{batch}"] = np.stack([np.asarray(x, dtype=np.float32) for x in res.logits], axis=1)
     np.savez(out.with_suffix(".npz"), **arrays)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.write_text(json.dumps({"load_s": round(load_s, 1), "worker_peak_rss_gb": round(peak / 1e9, 2), "rows": rows}))
+    out.write_text(json.dumps({"prompt": None if ids is None else PROMPT, "load_s": round(load_s, 1), "worker_peak_rss_gb": round(peak / 1e9, 2), "rows": rows}))
 
 
-def _run_peak_rss(directory: Path, image: Path, new_tokens: int) -> tuple[float, int, float]:
+def _run_peak_rss(directory: Path, image: Path, new_tokens: int, prompted: bool) -> tuple[float, int, float]:
     """`vlexport run` in a fresh process: (peak RSS GB, exit code, wall s)."""
+    text = ["--text", PROMPT] if prompted else []
     t0 = time.perf_counter()
     proc = subprocess.Popen([shutil.which("vlexport") or "vlexport", "run", str(directory), "--image", str(image),
-                             "--max-new-tokens", str(new_tokens)], stdout=subprocess.DEVNULL,
+                             "--max-new-tokens", str(new_tokens), *text], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     return round(usage.ru_maxrss * 1024 / 1e9, 2), os.waitstatus_to_exitcode(status), round(time.perf_counter() - t0, 1)
@@ -119,11 +129,11 @@ def main() -> int:
     for name, directory in pairs:
         directory = Path(directory)
         manifest = Manifest.read(directory)
-        rss, code, wall = _run_peak_rss(directory, image, args.new_tokens)
         out = scratch / f"{name}.json"
         subprocess.run([sys.executable, __file__, "--worker", str(directory), str(out), "--new-tokens",
                         str(args.new_tokens), "--batch-sizes", args.batch_sizes, "--iters", str(args.iters)], check=True)
         measured = json.loads(out.read_text())
+        rss, code, wall = _run_peak_rss(directory, image, args.new_tokens, measured["prompt"] is not None)
         arrays = dict(np.load(out.with_suffix(".npz")))
         entry = {"name": name, "source": manifest.source, "task": manifest.task, "precision": manifest.precision, "path": str(directory),
                  "size_gb": round(sum(component_size(directory, c) for c in manifest.components.values()) / 1e9, 3),
