@@ -250,7 +250,7 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
                         "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
-                        "(README, Precision)")
+                        "(README, Precisions)")
     p.add_argument("--accept-degraded", action="store_true",
                    help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)")
 
@@ -262,9 +262,9 @@ def check_quantize_args(args: argparse.Namespace) -> None:
     name = get_precision(args.precision).name
     if args.smooth is not None and name != "int8-dynamic":
         raise UsageError(f"--smooth applies to --precision int8-dynamic, not {name}. Drop the option.")
-    if args.block_size is not None and name != "int8-weight":
-        raise UsageError(f"--block-size applies to --precision int8-weight, not {name}. Drop the option.")
     if args.block_size is not None:
+        if name != "int8-weight":
+            raise UsageError(f"--block-size applies to --precision int8-weight, not {name}. Drop the option.")
         Int8WeightConfig(block_size=args.block_size)  # a bad size is refused before anything loads
     calibrated = name == "int8-static" or args.smooth is not None
     given = [f for f, v in (("--calibration", args.calibration), ("--method", args.method)) if v is not None]

@@ -4,7 +4,7 @@ Each weight is stored as int8 blocks of ``block_size`` values along the input di
 scale per block, quantized by ONNX Runtime's own kernel (``quantize_matmul_8bits``, what its
 ``MatMulNBitsQuantizer`` calls). The kernel runs at ``accuracy_level`` 4: on x86 the 8-bit MatMulNBits has
 a fast kernel only for int8 compute (activations quantized per block inside the kernel, per call); the
-fp32/fp16/bf16 compute levels are reference loops, measured 40-70x slower than the fp32 MatMul they
+fp32/fp16/bf16 compute levels are reference loops, measured 20-40x slower than the fp32 MatMul they
 replace (README, "Precisions"). The CUDA provider ignores the level and computes in fp16.
 
 The graph is rewritten one weight at a time: the source is opened without its external data, each weight is
@@ -30,7 +30,6 @@ from vlexport.quantize.passes import register_pass
 from vlexport.quantize.precision import Int8WeightConfig, get_precision
 
 MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits
-PROTOBUF_LIMIT = 2 * 1024**3
 
 
 def check_runtime() -> None:
@@ -119,7 +118,7 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def linear_weight(node: onnx.NodeProto, inits: dict[str, TensorProto],
-                     producer: dict[str, onnx.NodeProto]) -> tuple[TensorProto, bool, onnx.NodeProto | None] | None:
+                  producer: dict[str, onnx.NodeProto]) -> tuple[TensorProto, bool, onnx.NodeProto | None] | None:
     """``x @ W`` with a constant 2-D fp32 ``W``: (W's initializer, whether it is stored [N, K], the Transpose
     between them or None). The exporter writes ``nn.Linear`` three ways: MatMul on a pre-transposed
     initializer, Gemm(transB=1) where the module flattens to 2-D first (OPT's FFN), and MatMul on a
@@ -219,7 +218,7 @@ class OnnxInt8WeightPass:
         counts: dict[str, int] = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
-            # int8 may bring a graph under the protobuf limit; the parent's external data says it was near it
+            # external data where the parent had it: the writer streams into it, one weight at a time
             counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
 
         derived = _rewrite(ctx, write)
