@@ -14,6 +14,8 @@ from vlexport.bench.backends import BenchContext, Variant, eager_module, torch_v
 from vlexport.cli import main
 
 TINY = ["bridgetower-tiny", "--random-weights", "--task", "itm"]
+# One worker runs this module, so that the module-scoped acceptance bench runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("bench-acceptance")
 
 
 @pytest.fixture(scope="module")

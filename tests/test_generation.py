@@ -22,13 +22,16 @@ from vlexport.validate import raise_on_failure
 from vlexport.validate.generation import validate_generation
 from vlexport.weights import load_model, resolve
 
-CASES = [
+_CASES = [
     ("blip-tiny", "caption", ("vision_encoder", "decoder")),
     ("blip-tiny", "vqa", ("vision_encoder", "question_encoder", "decoder")),
     ("blip2-opt-tiny", "generate", ("image_encoder", "decoder")),
     ("blip2-flan-t5-tiny", "generate", ("image_encoder", "encoder", "decoder")),
 ]
-IDS = [f"{p}-{t}" for p, t, _ in CASES]
+# Both tests of a case on one worker (--dist loadgroup): the second reuses the first's export and eager
+# model instead of waiting, idle, on the other worker's export lock.
+CASES = [pytest.param(p, t, c, id=f"{p}-{t}", marks=pytest.mark.xdist_group(f"generation-{p}-{t}"))
+         for p, t, c in _CASES]
 
 _models: dict[tuple[str, str], torch.nn.Module] = {}
 
@@ -40,7 +43,7 @@ def eager(preset: str, task: str) -> torch.nn.Module:
     return _models[preset, task]
 
 
-@pytest.mark.parametrize(("preset", "task", "components"), CASES, ids=IDS)
+@pytest.mark.parametrize(("preset", "task", "components"), CASES)
 def test_tiny_generative_export_validates_token_exact(exported, preset: str, task: str, components: tuple) -> None:
     out = exported(preset, task)
     manifest = Manifest.read(out)
@@ -73,7 +76,7 @@ def _fresh_inputs(model, task_spec, batch: int, seed: int) -> dict[str, torch.Te
     return task_spec.make_inputs(model.config, InputShape(batch, 7), seed)
 
 
-@pytest.mark.parametrize(("preset", "task", "components"), CASES, ids=IDS)
+@pytest.mark.parametrize(("preset", "task", "components"), CASES)
 def test_runtime_generates_what_hf_generate_does(exported, preset: str, task: str, components: tuple) -> None:
     """Independent of the validator: new seeds, batch 3 with prompts of 3 different lengths, greedy and beam."""
     out = exported(preset, task)

@@ -95,9 +95,8 @@ def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> N
 
 
 def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:
-    out = tmp_path / "bt-int8"
-    assert main(["onnx", "bridgetower-tiny", "--task", "itm", "--random-weights", "--precision", "int8-dynamic",
-                 "-o", str(out)]) == 0
+    out = tmp_path / "int8"  # altclip-tiny: the fastest export; the flag's path is what is checked
+    assert main(["onnx", "altclip-tiny", "--random-weights", "--precision", "int8-dynamic", "-o", str(out)]) == 0
     m = Manifest.read(out)
     assert m.precision == "int8-dynamic" and m.derived_from["path"] is None  # the fp32 parent was scratch
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
