@@ -21,12 +21,16 @@ from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.weights import load_model, resolve
 
+# The tests of one package on one worker (--dist loadgroup): the others would wait, idle, on its compile lock.
+ONE_WORKER = pytest.mark.xdist_group("aoti-bridgetower-itm")
+
 
 @pytest.fixture
 def package(exported) -> Path:
     return exported("bridgetower-tiny", "itm", backend="aoti")  # what `vlexport compile ... --task itm` builds
 
 
+@ONE_WORKER
 def test_compile_manifest_and_validation(package: Path) -> None:
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["backend"] == "aoti" and manifest["precision"] == "fp32" and manifest["opset"] is None
@@ -43,6 +47,7 @@ def test_compile_manifest_and_validation(package: Path) -> None:
     assert manifest["timings"]["export"] > 0
 
 
+@ONE_WORKER
 def test_package_runs_alone_at_new_shapes(package: Path) -> None:
     artifact = load_artifact(package, device="cpu")
     model = load_model(resolve("bridgetower-tiny", random_weights=True), "itm")
@@ -58,6 +63,7 @@ def test_package_runs_alone_at_new_shapes(package: Path) -> None:
     assert main(["validate", str(package)]) == 0  # the loader is registered for `validate` too
 
 
+@ONE_WORKER
 def test_bench_measures_the_package(package: Path) -> None:
     rows = run_bench(BenchPlan((str(package),), batch_sizes=(2,), warmup=1, iters=3))
     assert [(r.backend, r.batch) for r in rows] == [("eager", 2), ("aoti", 2)]

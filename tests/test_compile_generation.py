@@ -46,6 +46,10 @@ def _checked(directory: Path) -> dict:
     return manifest
 
 
+# The tests of one package on one worker (--dist loadgroup): the others would wait, idle, on its compile lock.
+ONE_WORKER = pytest.mark.xdist_group("aoti-blip-caption")
+
+
 @pytest.fixture(scope="module")
 def caption(exported) -> Path:
     return exported("blip-tiny", "caption", **COMPILE)
@@ -60,6 +64,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@ONE_WORKER
 def test_caption_package_validates_and_runs(caption: Path, image: Path, capsys) -> None:
     manifest = _checked(caption)
     assert manifest["backend"] == "aoti" and {c["file"] for c in manifest["components"].values()} == {
@@ -76,6 +81,7 @@ def test_caption_package_validates_and_runs(caption: Path, image: Path, capsys) 
     assert np.asarray(printed).ravel().tolist() == ref[0].tolist()
 
 
+@ONE_WORKER
 def test_bench_times_the_compiled_loop_with_token_parity(caption: Path) -> None:
     from vlexport.bench import BenchPlan, run_bench
 
@@ -94,6 +100,7 @@ def test_blip2_package_validates_token_exact(exported) -> None:
     assert set(manifest["components"]) == {"image_encoder", "encoder", "decoder"}
 
 
+@ONE_WORKER
 def test_requests_beyond_the_compiled_limits_are_usage_errors(caption: Path) -> None:
     generator = Generator(load_artifact(caption))
     size = json.loads((caption / "manifest.json").read_text())["image_size"]
@@ -140,6 +147,7 @@ print(json.dumps(out))
 """
 
 
+@ONE_WORKER
 def test_package_generates_in_a_process_without_transformers(caption: Path, tmp_path: Path) -> None:
     source = resolve("blip-tiny", random_weights=True)
     pixels = source.family.task("caption").make_inputs(source.config, InputShape(2, 0), 3)["pixel_values"].numpy()
