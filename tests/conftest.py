@@ -91,8 +91,7 @@ SLOW_FIRST = ("test_full_size.py", "test_compile_generation.py", "test_compile.p
 
 
 # The default run (CI's) holds one case of every mechanism per family; ``--full`` adds the rest of the
-# matrices (``exhaustive``: preset x task, signal x point). Same assertions, more cases.
-FULL_ONLY = ("exhaustive",)
+# matrices (marked ``exhaustive``: preset x task, signal x point). Same assertions, more cases.
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -103,10 +102,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--full"):
-        full = [any(item.get_closest_marker(m) for m in FULL_ONLY) for item in items]
-        if any(full):
-            config.hook.pytest_deselected(items=[item for item, f in zip(items, full) if f])
-            items[:] = [item for item, f in zip(items, full) if not f]
+        extra = [item for item in items if item.get_closest_marker("exhaustive")]
+        if extra:
+            config.hook.pytest_deselected(items=extra)
+            items[:] = [item for item in items if not item.get_closest_marker("exhaustive")]
     if WORKERS > 1:
         rank = {name: i for i, name in enumerate(SLOW_FIRST)}
         items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
