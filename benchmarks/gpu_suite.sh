@@ -17,9 +17,8 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     || exit 1
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
-# The kernels/ folder is the `vlexport_kernels` package (pyproject maps it); without an install, a link does.
-mkdir -p /tmp/vlexport-src && ln -sfn "$PWD/kernels" /tmp/vlexport-src/vlexport_kernels
-export PYTHONPATH="$PWD:/tmp/vlexport-src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# kernels/ is the source folder that holds the `vlexport_kernels` package (pyproject maps it).
+export PYTHONPATH="$PWD:$PWD/kernels:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 
 python3 - <<'PY' || exit 1
 import sys

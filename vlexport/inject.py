@@ -52,7 +52,7 @@ KERNELS = ("attention", "bridge")  # handle.counts keys, as the CLI's --kernels 
 
 
 def _kernels() -> Any:
-    import vlexport_kernels  # kernels/ (never imported as `kernels`: that is a PyPI package transformers may import)
+    import vlexport_kernels  # kernels/vlexport_kernels/ (`kernels` itself is a PyPI package transformers imports)
 
     return vlexport_kernels
 

@@ -81,11 +81,16 @@ def _release_weights(program: Any) -> None:
         return
     # Values folded away during optimisation are no longer initializers but stay reachable from the
     # graph the matchers hold; dropping that graph frees them too.
-    for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
-            for attr in ("_graph", "_current_node", "_match", "_tracer"):
-                if hasattr(obj, attr):
-                    setattr(obj, attr, None)
+    # The isinstance scan touches every live object, torch's deprecated `torch.distributed.reduce_op` among
+    # them, whose wrapper warns on the check: that FutureWarning is the scan's, not the user's.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+                                category=FutureWarning)
+        for obj in gc.get_objects():
+            if isinstance(obj, PatternMatcher):
+                for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                    if hasattr(obj, attr):
+                        setattr(obj, attr, None)
 
 
 def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path) -> Component:

@@ -102,6 +102,7 @@ def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
 
 def attention_impls() -> dict[str, Callable[..., torch.Tensor]]:
     from torch.nn.attention import SDPBackend
+
     from vlexport_kernels.fused_attention import attention_triton
 
     def ours(q, k, v, bias, scale):  # the launcher, not the op: no dispatcher overhead in the timing

@@ -22,8 +22,8 @@ try:
 except ImportError:  # triton is the optional `kernels` extra: without it only the reference path exists
     triton = tl = None
 
-if not __name__.startswith("vlexport_kernels."):  # see __init__.py: a second copy would register the ops twice
-    raise ImportError(f"{__name__}: import this package as vlexport_kernels, not from the kernels/ folder")
+if not __name__.startswith("vlexport_kernels."):  # a second copy (kernels.vlexport_kernels) would register the ops twice
+    raise ImportError(f"{__name__}: import this package as vlexport_kernels, not through the kernels/ folder")
 
 BACKENDS = ("auto", "triton", "reference")
 
