@@ -1,18 +1,22 @@
 """GPU micro-benchmark of the fused kernels at the shapes of the models vlexport ships.
 
-    python -m vlexport_kernels.bench --json out.json [--only attention|add_layer_norm] [--dtype fp16]
+    python -m vlexport_kernels.bench --json out.json [--only attention|add_layer_norm] [--dtype fp16] [--dry-run]
 
 Attention, ours vs HF eager math (matmul + softmax + matmul, as BridgeTower / BLIP run it) and torch
 SDPA's flash / memory-efficient backends where they accept the case; add + LayerNorm, ours vs eager
 ``layer_norm(x + r)``. Timed with ``triton.testing.do_bench`` (CUDA events, after warm-up and, for our
 kernels, after autotuning). Each row also records the max abs difference from the eager output.
-Needs CUDA and triton: exits 2 with a message otherwise.
+Needs CUDA and triton: exits 2 with a message otherwise. ``--dry-run`` runs every step on the CPU instead
+(TRITON_INTERPRET=1, each case shrunk to a few rows, wall-clock timing): it proves the script and its JSON, not
+the kernels' speed (benchmarks/gpu_suite.sh --dry-run, run in CI).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -113,21 +117,34 @@ def attention_impls() -> dict[str, Callable[..., torch.Tensor]]:
 
 
 def _time(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> list[float]:
+    if not torch.cuda.is_available():  # --dry-run: CUDA events do not exist; a few wall-clock calls will do
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        quantiles = torch.tensor(QUANTILES, dtype=torch.float64)
+        return [float(q) for q in torch.tensor(times, dtype=torch.float64).quantile(quantiles)]
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=QUANTILES)
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def bench_attention(case: AttentionCase, dtype: torch.dtype, common: dict[str, Any], warmup_ms: int,
                     rep_ms: int) -> list[BenchRow]:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = _device()
+    gen = torch.Generator(device=device).manual_seed(0)
     b, h, sq, sk, d = case.batch, case.heads, case.q_len, case.kv_len, case.head_dim
-    q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(b, h, sk, d, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(b, h, sk, d, device="cuda", dtype=dtype, generator=gen)
+    q = torch.randn(b, h, sq, d, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(b, h, sk, d, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(b, h, sk, d, device=device, dtype=dtype, generator=gen)
     bias = None
     if case.padded:
-        bias = torch.zeros(b, 1, 1, sk, device="cuda", dtype=dtype)
+        bias = torch.zeros(b, 1, 1, sk, device=device, dtype=dtype)
         bias[..., sk - max(1, sk // 10):] = torch.finfo(dtype).min
     scale = d ** -0.5
     expected = eager_attention(q, k, v, bias, scale)
@@ -149,10 +166,11 @@ def bench_layer_norm(case: LayerNormCase, dtype: torch.dtype, common: dict[str, 
                      rep_ms: int) -> list[BenchRow]:
     from vlexport_kernels.fused_add_layer_norm import add_layer_norm_triton
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x, r = (torch.randn(case.rows, case.hidden, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
-    weight = torch.randn(case.hidden, device="cuda", dtype=dtype, generator=gen)
-    bias = torch.randn(case.hidden, device="cuda", dtype=dtype, generator=gen)
+    device = _device()
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, r = (torch.randn(case.rows, case.hidden, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    weight = torch.randn(case.hidden, device=device, dtype=dtype, generator=gen)
+    bias = torch.randn(case.hidden, device=device, dtype=dtype, generator=gen)
     eps = 1e-12  # BridgeTower / BERT's layer_norm_eps
 
     impls = {
@@ -169,6 +187,12 @@ def bench_layer_norm(case: LayerNormCase, dtype: torch.dtype, common: dict[str, 
     return rows
 
 
+def _shrunk_attention(case: AttentionCase) -> AttentionCase:
+    """The case at interpreter size: same head_dim (88 stays a non-power of two) and masking, few rows."""
+    return dataclasses.replace(case, batch=1, heads=min(case.heads, 2), q_len=min(case.q_len, 8),
+                               kv_len=min(case.kv_len, 8))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlexport_kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
@@ -176,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every step on the CPU with shrunk cases (TRITON_INTERPRET=1): checks the script, "
+                             "not the speed")
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("vlexport_kernels.bench --dry-run: set TRITON_INTERPRET=1 (before Python starts) so the Triton "
+                  "kernels run on the CPU.", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
         print("vlexport_kernels.bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
               "the kernels' CPU tests are in tests/kernels.", file=sys.stderr)
         return 2
@@ -188,15 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         print("vlexport_kernels.bench: needs triton (pip install 'vlexport[kernels]').", file=sys.stderr)
         return 2
 
-    dtype = DTYPES[args.dtype]
-    common = {"dtype": args.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    # The interpreter runs fp16 on the CPU too, but slowly: a dry run checks the code path in fp32.
+    dtype = torch.float32 if args.dry_run else DTYPES[args.dtype]
+    device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    common = {"dtype": "fp32" if args.dry_run else args.dtype, "device": device, "torch": torch.__version__,
               "triton": triton.__version__}
     rows: list[BenchRow] = []
     if args.only in (None, "attention"):
-        for case in attention_cases():
+        cases = attention_cases()
+        for case in dict.fromkeys(map(_shrunk_attention, cases)) if args.dry_run else cases:
             rows += bench_attention(case, dtype, common, args.warmup_ms, args.rep_ms)
     if args.only in (None, "add_layer_norm"):
-        for case in layer_norm_cases():
+        cases = layer_norm_cases()
+        for case in dict.fromkeys(dataclasses.replace(c, rows=8) for c in cases) if args.dry_run else cases:
             rows += bench_layer_norm(case, dtype, common, args.warmup_ms, args.rep_ms)
 
     for row in rows:
