@@ -330,11 +330,16 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
             SIGNALS.committed = None
         check_output_dir(out, force=force, source_dir=source_dir)
         _check_space(out, display, expected_bytes)
+        tmp: Path | None = None
         try:
-            tmp = _make_staging(out, ".partial")
-        except OSError as e:
-            raise _unwritable(display, Path(os.path.abspath(out)).parent, e) from None
-        try:
+            try:
+                # Held: a signal between mkdtemp and this assignment would leave a partial no handler knows of
+                # (seen under load: SIGINT right as the staging dir appeared). Delivered at the block's end,
+                # with tmp set, so the cleanup below removes it.
+                with signals_held():
+                    tmp = _make_staging(out, ".partial")
+            except OSError as e:
+                raise _unwritable(display, Path(os.path.abspath(out)).parent, e) from None
             try:
                 yield tmp
             except BaseException as e:
@@ -350,8 +355,9 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
                 if display == out:  # a scratch parent is not the user's output
                     SIGNALS.committed = out
         except BaseException:
-            with signals_held():
-                shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                with signals_held():
+                    shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 
@@ -363,14 +369,17 @@ def scratch_dir(out: PathLike, *, expected_bytes: int | None = None) -> Iterator
     with output_scope():
         _check_space(out, out, expected_bytes)
         Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
-        scratch = _make_staging(out, ".parent.partial")
-        _LOCAL.scratch.append((scratch, out))
+        scratch: Path | None = None
         try:
+            with signals_held():  # as in staged_dir: no signal between mkdtemp and the cleanup knowing of it
+                scratch = _make_staging(out, ".parent.partial")
+                _LOCAL.scratch.append((scratch, out))
             yield scratch
         finally:
-            _LOCAL.scratch.remove((scratch, out))
-            with signals_held():
-                shutil.rmtree(scratch, ignore_errors=True)
+            if scratch is not None:
+                _LOCAL.scratch.remove((scratch, out))
+                with signals_held():
+                    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -4,6 +4,7 @@ byte for byte), exit 130 / 143 / 129 with one line and no traceback; what SIGKIL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,36 @@ def test_staged_dir_turns_a_signal_into_cleanup(default_handlers, tmp_path: Path
     assert isinstance(caught.value, KeyboardInterrupt)
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+@pytest.mark.parametrize("make", ["staged_dir", "scratch_dir"])
+def test_a_signal_right_after_the_staging_dir_appears_removes_it(default_handlers, tmp_path: Path, monkeypatch,
+                                                                  make: str) -> None:
+    """The real-process SIGINT test once left a partial under load: the signal landed between mkdtemp and the
+    code that cleans up. Deterministic here: the signal is raised inside mkdtemp, right after the dir exists."""
+    from vlexport import artifact
+
+    real_mkdtemp = artifact.tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs) -> str:
+        made = real_mkdtemp(*args, **kwargs)
+        assert _ours(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(artifact.tempfile, "mkdtemp", mkdtemp_then_signal)
+    context = staged_dir(tmp_path / "o") if make == "staged_dir" else _scratch_in_scope(tmp_path / "o")
+    with pytest.raises(Interrupted), context:
+        pytest.fail("the body must not run: the signal arrived before it")
+    assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def _scratch_in_scope(out: Path) -> Iterator[Path]:
+    from vlexport.artifact import scratch_dir
+
+    with output_scope(), scratch_dir(out) as scratch:
+        yield scratch
 
 
 def test_a_signal_during_the_commit_waits_for_both_renames(default_handlers, tmp_path: Path, monkeypatch) -> None:
