@@ -194,12 +194,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlexport.bench import BenchPlan, run_bench
     from vlexport.bench.report import RichProgress, to_rich, write_reports
-    from vlexport.bench.suite import load_suite
+    from vlexport.bench.suite import dry_run, load_suite
 
     opts.check_bench_args(args)  # whatever would lose the results after minutes of benchmarking, checked first
     if args.suite:
         plans = load_suite(args.suite, args.suite_file, device=args.device, threads=args.threads,
                            work_dir=args.work_dir)
+        if args.dry_run:
+            plans, notes = dry_run(plans)
+            for note in notes:
+                console.print(f"[yellow]note:[/yellow] {escape(note)}")
     else:
         plans = [BenchPlan(tuple(args.models), backends=args.backends, precisions=args.precision,
                            batch_sizes=args.batch_sizes, seq_len=args.seq_len, warmup=args.warmup, iters=args.iters,
@@ -217,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise
                 case_errors += 1  # a suite goes on with its other cases
                 console.print(f"[red]error:[/red] case {', '.join(plan.models)}: {escape(str(e))}")
-    title = f"vlexport bench{f' --suite {args.suite}' if args.suite else ''}"
+    title = f"vlexport bench{f' --suite {args.suite}' if args.suite else ''}{' --dry-run' if args.dry_run else ''}"
     for renderable in to_rich(rows, title=title):
         out.print(renderable)
     write_reports(rows, title=title, json=args.json, markdown=args.markdown, plot=args.plot, suite=args.suite,

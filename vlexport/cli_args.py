@@ -134,6 +134,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
         check_available()
     if args.suite and args.models:
         raise UsageError(f"Give MODEL arguments or --suite, not both: suite {args.suite!r} names its own models.")
+    if args.dry_run and not args.suite:
+        raise UsageError("--dry-run runs a suite at CI size on the CPU; give --suite NAME with it.")
     if args.suite_file and not args.suite:
         raise UsageError("--suite-file names where the suites are; also give --suite NAME to run one of them.")
 
@@ -196,6 +198,9 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, help="keep built artifacts here and reuse them (default: temp dir)")
     p.add_argument("--suite", help="run a named suite from benchmarks/suites.toml instead of MODEL args")
     p.add_argument("--suite-file", type=Path, help="suites file (default: benchmarks/suites.toml)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --suite: every case on the CPU with tiny twins and one iteration (checks a GPU suite "
+                        "and its reports without the GPU; variants whose toolchain is absent are left out)")
     p.add_argument("--json", type=Path, help="write rows as JSON (input of `vlexport regress`)")
     p.add_argument("--markdown", type=Path, help="write a Markdown table")
     p.add_argument("--plot", type=Path, help="write a PNG: latency vs batch and speed-up vs eager")

@@ -27,6 +27,13 @@ class UsageError(VlexportError):
     exit_code = 2
 
 
+class MissingToolchain(UsageError):
+    """This machine lacks a package or device the request needs (TensorRT, CUDA, torchao, bitsandbytes).
+
+    A usage error like any other (exit 2); its own class so that callers that enumerate what a machine can run
+    (`vlexport bench --suite ... --dry-run`) can leave such a variant out, and only such a variant."""
+
+
 class CheckError(VlexportError):
     """A check failed: validation mismatch, corrupt file, missing component."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import tomllib
 
 from vlexport.bench.harness import BenchPlan
-from vlexport.errors import UsageError
+from vlexport.errors import MissingToolchain, UsageError
 from vlexport.userdata import RANGES, ShapeError, check_range, checked_fields, kind_of
 
 SUITES_FILE = Path("benchmarks") / "suites.toml"
@@ -76,6 +76,38 @@ def load_suite(name: str, path: Path | None = None, **overrides: Any) -> list[Be
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
     return plans
+
+
+def dry_run(plans: list[BenchPlan]) -> tuple[list[BenchPlan], list[str]]:
+    """The suite at CI size on this CPU: every step and report of a GPU suite, without the GPU.
+
+    Each preset becomes its tiny twin, the device the CPU, batch 1 (torch.compile
+    recompiles per batch size: minutes on a CPU for nothing the dry run checks), no warm-up and one timed call, a
+    few new tokens, torch.compile's default mode (CUDA graphs need CUDA). A variant whose toolchain this machine
+    lacks (TensorRT, CUDA: :class:`MissingToolchain`) is left out and named in the notes; any other problem still
+    fails, which is the point: the day a GPU is lent, its one call must not be lost to a suite or script bug.
+    """
+    from vlexport.bench.backends import check_backends
+    from vlexport.presets import PRESETS
+
+    out, notes = [], []
+    for plan in plans:
+        kept = []
+        for name in plan.backends:
+            try:
+                check_backends([name], plan.precisions, device="cpu")
+            except MissingToolchain as e:
+                notes.append(f"{', '.join(plan.models)} {name}: left out of the dry run ({e})")
+            else:
+                kept.append(name)
+        if not kept:
+            continue
+        models = tuple((PRESETS[m].tiny or m) if m in PRESETS else m for m in plan.models)
+        out.append(dataclasses.replace(
+            plan, models=models, backends=tuple(kept), device="cpu", compile_mode="default", warmup=0, iters=1,
+            batch_sizes=(1,), seq_len=min(plan.seq_len, 16),
+            new_tokens=min(plan.new_tokens, 4)))
+    return out, notes
 
 
 def _check_ranges(values: dict[str, Any]) -> None:

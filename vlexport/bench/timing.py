@@ -119,8 +119,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from vlexport.errors import UsageError
+        from vlexport.errors import MissingToolchain
 
-        raise UsageError("--device cuda: torch sees no CUDA device on this machine (use --device cpu).")
+        raise MissingToolchain("--device cuda: torch sees no CUDA device on this machine (use --device cpu).")
     return device
 

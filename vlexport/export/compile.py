@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlexport.errors import CheckError, UsageError
+from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
 from vlexport.manifest import Component, TensorSpec
@@ -154,7 +154,7 @@ def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, to
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except ImportError:
-            raise UsageError(TORCHAO_HINT) from None
+            raise MissingToolchain(TORCHAO_HINT) from None
         quantize_(module, Int8WeightOnlyConfig())
         return module, example
     dtype = _DTYPES[precision]
@@ -181,7 +181,7 @@ class AotiBackend(BackendBase):
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
         if job.precision == "int8-weight" and importlib.util.find_spec("torchao") is None:
-            raise UsageError(TORCHAO_HINT)
+            raise MissingToolchain(TORCHAO_HINT)
 
     def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
                          path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:

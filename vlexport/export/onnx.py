@@ -81,16 +81,14 @@ def _release_weights(program: Any) -> None:
         return
     # Values folded away during optimisation are no longer initializers but stay reachable from the
     # graph the matchers hold; dropping that graph frees them too.
-    # The isinstance scan touches every live object, torch's deprecated `torch.distributed.reduce_op` among
-    # them, whose wrapper warns on the check: that FutureWarning is the scan's, not the user's.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
-                                category=FutureWarning)
-        for obj in gc.get_objects():
-            if isinstance(obj, PatternMatcher):
-                for attr in ("_graph", "_current_node", "_match", "_tracer"):
-                    if hasattr(obj, attr):
-                        setattr(obj, attr, None)
+    # type(obj), not isinstance: isinstance reads obj.__class__, which a dead weakref.proxy answers with a
+    # ReferenceError (a bench suite's second export died of it) and torch's deprecated
+    # `torch.distributed.reduce_op` with a FutureWarning on the user's stderr.
+    for obj in gc.get_objects():
+        if issubclass(type(obj), PatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
 
 
 def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path) -> Component:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlexport.errors import CheckError, UsageError
+from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export import TRT_DEFAULT_SHAPES
 from vlexport.export.backend import BackendBase, DeriveContext, Derived, ExportJob, register_backend
 from vlexport.manifest import Component
@@ -157,7 +157,7 @@ class TensorRTBackend(BackendBase):
         job.options["shapes"] = parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes)
         import_tensorrt()  # fail before minutes of ONNX export
         if not torch.cuda.is_available():
-            raise UsageError("TensorRT needs an NVIDIA GPU; torch sees no CUDA device on this machine.")
+            raise MissingToolchain("TensorRT needs an NVIDIA GPU; torch sees no CUDA device on this machine.")
 
     def derive(self, ctx: DeriveContext) -> Derived:
         precision = get_precision(ctx.job.precision)

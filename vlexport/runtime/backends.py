@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlexport.errors import CheckError, UsageError
+from vlexport.errors import CheckError, MissingToolchain, UsageError
 
 TRT_INSTALL_HINT = ("TensorRT 10 is not installed: `pip install 'vlexport[trt]'` (tensorrt>=10) on a machine with "
                     "an NVIDIA GPU and CUDA; it is not installable from the registries this machine reaches.")
@@ -77,9 +77,9 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
-        raise UsageError(f"{TRT_INSTALL_HINT} ({type(e).__name__}: {e})") from None
+        raise MissingToolchain(f"{TRT_INSTALL_HINT} ({type(e).__name__}: {e})") from None
     if not hasattr(trt, "Builder"):
-        raise UsageError(f"{TRT_INSTALL_HINT} (the installed `tensorrt` is a download stub without the builder)")
+        raise MissingToolchain(f"{TRT_INSTALL_HINT} (the installed `tensorrt` is a download stub without the builder)")
     return trt
 
 
@@ -89,7 +89,7 @@ class TensorRTComponent:
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None):
         trt = import_tensorrt()
         if not torch.cuda.is_available():
-            raise UsageError("TensorRT engines run on an NVIDIA GPU; torch sees no CUDA device here.")
+            raise MissingToolchain("TensorRT engines run on an NVIDIA GPU; torch sees no CUDA device here.")
         self.trt = trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
