@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from vlexport.contracts.precision import get_precision
 from vlexport.models.inputs import InputShape, generator, pixel_values
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime import load_artifact
@@ -117,7 +118,8 @@ def main() -> None:
 
     def compiled(precision: str) -> dict:
         directory = args.work_dir / f"aoti-{precision}"
-        job = ExportJob(args.model, directory, task="generate", backend="aoti", precision=precision,
+        job = ExportJob(args.model, directory, task="generate", backend="aoti",
+                        precision=get_precision(precision),
                         random_weights=True, validate=False, force=True,
                         options={"device": "cuda", "mode": "reduce-overhead", "max_length": 128, "max_batch": 4})
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlexport.quantize.precision import get_precision
+from vlexport.contracts.precision import get_precision
 from vlexport.runtime.decode import selection_margin
 from vlexport.validate.generation import compare_case, logits_gate
 

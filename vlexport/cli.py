@@ -85,7 +85,7 @@ def _model_arg(p: argparse.ArgumentParser, *, artifact: bool = False) -> None:
 
 def _onnx_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8-dynamic", "int8-weight"),
+    p.add_argument("--precision", default="fp32", choices=opts.precision_choices("onnx"),
                    help="fp32, or a variant of the fp32 export (as `vlexport quantize` makes it)")
     p.add_argument("--optimize", action="store_true",
                    help="ONNX Runtime graph optimizations and fusions (backend onnx-opt)")
@@ -97,13 +97,11 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     from vlexport.pipeline import ExportJob, run_export
 
     job = ExportJob(args.model, args.output, backend=backend, task=getattr(args, "task", None),
-                    precision=args.precision, random_weights=getattr(args, "random_weights", False),
+                    precision=opts.precision_config(args), random_weights=getattr(args, "random_weights", False),
                     seed=getattr(args, "seed", 0), allow_new_weights=getattr(args, "allow_new_weights", ()),
                     kernels=getattr(args, "kernels", ()),
                     force=args.force, validate=not args.no_validate,
                     options={k: v for k, v in options.items() if v is not None},
-                    calibration=getattr(args, "calibration", None), method=getattr(args, "method", None),
-                    smooth=getattr(args, "smooth", None), block_size=getattr(args, "block_size", None),
                     accept_degraded=getattr(args, "accept_degraded", False))
     with console.status(verb) as status:
         manifest = run_export(job, progress=lambda msg: status.update(msg))
@@ -115,7 +113,7 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
 
-    opts.check_quantize_args(args)
+    opts.precision_config(args)  # the knobs' rules, before the artifact is read
     return _export(args, Manifest.read(args.model).backend, "quantizing")
 
 
@@ -137,7 +135,7 @@ def _tensorrt_args(p: argparse.ArgumentParser) -> None:
     from vlexport.export import TRT_DEFAULT_SHAPES  # not export.tensorrt: it imports torch
 
     _model_arg(p, artifact=True)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8-static", "int8"),
+    p.add_argument("--precision", default="fp32", choices=opts.precision_choices("tensorrt", aliases=True),
                    help="engine precision (int8 = int8-static: calibrated, or the scales of a QDQ graph)")
     p.add_argument("--shapes", default=TRT_DEFAULT_SHAPES,
                    help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {TRT_DEFAULT_SHAPES})")

@@ -4,6 +4,7 @@ paragraph that names the option and its valid range (ranges: vlexport.userdata.R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -11,6 +12,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NoReturn
 
+from vlexport.contracts.precision import (
+    ALIASES,
+    CALIBRATION_METHODS,
+    PRECISIONS,
+    PrecisionConfig,
+    get_precision,
+    precision_names,
+    precisions_for_backend,
+)
 from vlexport.errors import UsageError
 from vlexport.userdata import RANGES, range_text
 
@@ -179,12 +189,13 @@ def _check_parent(option: str, path: Path) -> None:
 def bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL|DIR",
                    help="presets / model directories (variants built per --backends) or artifact directories")
-    from vlexport.export.backend import backend_names
+    from vlexport.contracts.backends import backend_names
 
     p.add_argument("--backends", type=csv, default=("eager", "onnx"),
                    help=f"comma list of eager, compile (torch, no artifact), {', '.join(backend_names())} "
                         "(eager fp32 always runs)")
-    p.add_argument("--precision", type=csv, default=("fp32",), help="comma list of precisions (default fp32)")
+    p.add_argument("--precision", type=csv, default=("fp32",),
+                   help=f"comma list of precisions: {', '.join(precision_names())} (default fp32)")
     add_ranged(p, "--batch-sizes", "comma list of batch sizes", (1, 8, 32))
     add_ranged(p, "--seq-len", "text tokens per sample (padded masks)", 32)
     add_ranged(p, "--new-tokens", "generation: tokens decoded per sample", 16)
@@ -203,7 +214,7 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 
 def compile_args(p: argparse.ArgumentParser) -> None:
     """`vlexport compile` options after the model argument (defaults: export/compile.py)."""
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8-weight"),
+    p.add_argument("--precision", default="fp32", choices=precision_choices("aoti"),
                    help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
                         "linears (needs torchao)")
     p.add_argument("--mode", default="default", choices=COMPILE_MODES,
@@ -231,9 +242,7 @@ def regress_args(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_args(p: argparse.ArgumentParser) -> None:
-    """`vlexport quantize`: the variant and its knobs (quantize/precision.py)."""
-    from vlexport.quantize.precision import CALIBRATION_METHODS
-
+    """`vlexport quantize`: the variant and its knobs (contracts/precision.py)."""
     p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
     p.add_argument("--precision", required=True,
                    help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
@@ -255,22 +264,18 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)")
 
 
-def check_quantize_args(args: argparse.Namespace) -> None:
-    """Knobs that do not apply to the precision are an error, not silently ignored (before anything loads)."""
-    from vlexport.quantize.precision import Int8WeightConfig, get_precision
+def precision_choices(backend: str, *, aliases: bool = False) -> tuple[str, ...]:
+    """What ``--precision`` takes for a backend: the configs that name it (and the aliases of those, for the
+    verbs that always took them: TensorRT's ``int8``)."""
+    names = precisions_for_backend(backend)
+    return (*names, *(alias for alias, name in ALIASES.items() if aliases and name in names))
 
-    name = get_precision(args.precision).name
-    if args.smooth is not None and name != "int8-dynamic":
-        raise UsageError(f"--smooth applies to --precision int8-dynamic, not {name}. Drop the option.")
-    if args.block_size is not None:
-        if name != "int8-weight":
-            raise UsageError(f"--block-size applies to --precision int8-weight, not {name}. Drop the option.")
-        Int8WeightConfig(block_size=args.block_size)  # a bad size is refused before anything loads
-    calibrated = name == "int8-static" or args.smooth is not None
-    given = [f for f, v in (("--calibration", args.calibration), ("--method", args.method)) if v is not None]
-    if given == ["--calibration"] and calibrated:
-        return
-    if given and name != "int8-static":
-        raise UsageError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --precision int8-static "
-                         f"(calibrated activations){' or int8-dynamic --smooth' if given == ['--calibration'] else ''}"
-                         f", not {name}. Drop the option.")
+
+def precision_config(args: argparse.Namespace) -> PrecisionConfig:
+    """The config of ``--precision`` with the knobs the verb's options set (``--block-size`` -> block_size).
+
+    A knob the precision lacks, or a value out of range, is the config's own UsageError (contracts/precision.py):
+    refused before anything loads, never silently ignored."""
+    knobs = {name for config in PRECISIONS.values() for name in (f.name for f in dataclasses.fields(config))}
+    given = {k: v for k, v in vars(args).items() if k in knobs}
+    return get_precision(args.precision).with_knobs(**given)

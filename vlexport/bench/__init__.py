@@ -9,7 +9,7 @@ from vlexport.bench.backends import RUNNERS, BenchContext, Variant, register_run
 from vlexport.bench.harness import BenchPlan, run_bench
 from vlexport.bench.regress import RegressReport, compare
 from vlexport.bench.rows import BenchRow, read_rows, write_rows
-from vlexport.export.backend import register_backend
+from vlexport.contracts.backends import register_backend
 
 BACKENDS = RUNNERS  # the earlier name of the runner table (export backends live in the registry)
 

@@ -14,8 +14,8 @@ import onnx
 import torch
 from torch import nn
 
+from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
 from vlexport.errors import UsageError
-from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vlexport.export.backend import BackendBase, DeriveContext, Derived, register_backend
+from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, register_backend
 
 
 class OnnxOptimizedBackend(BackendBase):

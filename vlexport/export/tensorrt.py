@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, ExportJob, register_backend
+from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, UsageError
 from vlexport.export import TRT_DEFAULT_SHAPES
-from vlexport.export.backend import BackendBase, DeriveContext, Derived, ExportJob, register_backend
 from vlexport.manifest import Component
 from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import InputShape
-from vlexport.quantize.precision import PrecisionConfig, get_precision
 from vlexport.runtime.backends import import_tensorrt
 
 # Axes not listed in --shapes (default TRT_DEFAULT_SHAPES; e.g. past_sequence) fall back to DEFAULT_RANGE.
@@ -160,7 +160,7 @@ class TensorRTBackend(BackendBase):
             raise UsageError("TensorRT needs an NVIDIA GPU; torch sees no CUDA device on this machine.")
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        precision = get_precision(ctx.job.precision)
+        precision = ctx.job.precision
         shapes: Mapping[str, AxisRange] = ctx.job.option("shapes")
         calibration = (calibration_inputs(ctx.task_spec, ctx.config, shapes, ctx.job.seed)
                        if "INT8" in precision.tensorrt_flags else ())

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import onnx
 
-from vlexport.export.backend import DeriveContext, Derived
-from vlexport.quantize.passes import register_pass
-from vlexport.quantize.precision import Fp16Config, Int8DynamicConfig, get_precision
+from vlexport.contracts.backends import DeriveContext, Derived
+from vlexport.contracts.passes import register_pass
+from vlexport.contracts.precision import Fp16Config, Int8DynamicConfig
 
 # Ops whose fp16 results leave the fp32 tolerance band by orders of magnitude (variance and exp overflow).
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax",
@@ -38,7 +38,7 @@ def _rewrite(ctx: DeriveContext, write) -> Derived:
     specs = {s.name: s for s in ctx.task_spec.components(ctx.config)}
     components = {}
     for name, comp in ctx.parent.components.items():
-        ctx.progress(f"{ctx.job.precision}: {name}")
+        ctx.progress(f"{ctx.job.precision.name}: {name}")
         src, dst = ctx.parent_dir / comp.file, ctx.out_dir / comp.file
         write(src, dst, comp.external_data is not None)
         components[name] = describe(dst, name, specs[name].dynamic_axes, root=ctx.out_dir)
@@ -95,8 +95,7 @@ class OnnxInt8DynamicPass:
     def derive(self, ctx: DeriveContext) -> Derived:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        config = Int8DynamicConfig(smooth=ctx.job.smooth) if getattr(ctx.job, "smooth", None) else \
-            get_precision(ctx.job.precision)
+        config = ctx.job.precision
         assert isinstance(config, Int8DynamicConfig)
         details: dict = {}
 
@@ -104,7 +103,7 @@ class OnnxInt8DynamicPass:
             with quantizer_output(ctx.out_dir, dst) as out:
                 exclude: list[str] = []
                 if config.smooth is not None:
-                    src, exclude = _smoothed(ctx, src, out.parent, config.smooth, details)
+                    src, exclude = _smoothed(ctx, src, out.parent, config, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
                                  reduce_range=config.reduce_range,
                                  use_external_data_format=external, nodes_to_exclude=exclude)
@@ -114,17 +113,17 @@ class OnnxInt8DynamicPass:
         return derived
 
 
-def _smoothed(ctx: DeriveContext, src: Path, scratch: Path, alpha: float, details: dict) -> tuple[Path, list[str]]:
-    """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep fp32."""
-    from vlexport.errors import UsageError
+def _smoothed(ctx: DeriveContext, src: Path, scratch: Path, config: Int8DynamicConfig, details: dict
+              ) -> tuple[Path, list[str]]:
+    """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep fp32.
+
+    One component only (``Int8DynamicConfig.check_for`` refused the others before any work)."""
     from vlexport.quantize.calibration import calibration_set
     from vlexport.quantize.smoothing import after_activation_matmuls, smooth
 
-    if len(ctx.parent.components) != 1:
-        raise UsageError("--smooth calibrates encoder artifacts (one component); for generative artifacts use "
-                         "--precision int8-weight.")
+    alpha = config.smooth
     (comp,) = ctx.parent.components.values()
-    cal = calibration_set(ctx.job.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
+    cal = calibration_set(config.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
                           task_spec=ctx.task_spec, config=ctx.config, input_names=tuple(t.name for t in comp.inputs))
     model = onnx.load(str(src))
     keep = after_activation_matmuls(model)  # before smoothing puts a Mul between the GELU and its MatMul

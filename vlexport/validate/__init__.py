@@ -1,7 +1,7 @@
 """Artifact vs eager: per-output errors for encoders, token agreement for generation. A miss is fatal.
 
 * :mod:`vlexport.validate.outputs`: encoder artifacts, per output and shape, tolerances from the precision
-  configs (quantize/precision.py);
+  configs (contracts/precision.py);
 * :mod:`vlexport.validate.generation`: generative artifacts, tokens vs HF ``generate()``.
 
 Both produce a :class:`vlexport.manifest.ValidationReport`. The eager side runs first and the model can be
@@ -41,7 +41,7 @@ def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
     refs = output_references(model, task)
 
     def check(artifact: Any) -> ValidationReport:
-        report = compare_outputs(refs, artifact.run, precision=artifact.manifest.precision)
+        report = compare_outputs(refs, artifact.run, precision=artifact.manifest.precision_config)
         if report.accuracy is not None:  # where int8-static's scales came from (never these inputs)
             report.accuracy.calibration = (artifact.manifest.derived_from or {}).get("calibration")
         return report

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.contracts.precision import Tolerance
 from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
-from vlexport.quantize.precision import Tolerance, get_precision
 from vlexport.validate.outputs import noise_level
 
 SAMPLES = 4
@@ -98,7 +98,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
     from vlexport.runtime.generate import Generator
 
     precision = artifact.manifest.precision
-    tol = get_precision(precision).tolerance
+    tol = artifact.manifest.precision_config.tolerance
     generator = Generator(artifact, config=refs.config)
     checks: list[TokenCheck] = []
     ref_tokens: list[np.ndarray] = []
