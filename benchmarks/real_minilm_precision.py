@@ -126,7 +126,7 @@ def ffn_output_matmuls(path: Path) -> list[str]:
 
 
 def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[str] | None = None) -> None:
-    """What vlexport's int8-dynamic pass does (quantize/onnx_passes.py), with node selection for the study."""
+    """What vlexport's int8-dynamic pass does (quantize/onnx_dynamic.py), with node selection for the study."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from vlexport.contracts.precision import Int8DynamicConfig

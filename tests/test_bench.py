@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vlexport.bench import RUNNERS, BenchPlan, read_rows, register_runner, run_bench
-from vlexport.bench.backends import BenchContext, Variant, eager_module, torch_variant
+from vlexport.bench.variants import BenchContext, Variant, eager_module, torch_variant
 from vlexport.cli import main
 from vlexport.contracts.precision import PrecisionConfig
 

@@ -15,7 +15,7 @@ from vlexport.errors import UsageError
 from vlexport.export.tensorrt import AxisRange, parse_shapes, profile_shapes
 from vlexport.manifest import Component, TensorSpec
 from vlexport.pipeline import ExportJob, run_export
-from vlexport.runtime.backends import import_tensorrt
+from vlexport.runtime.components import import_tensorrt
 
 
 def test_parse_shapes() -> None:

@@ -24,7 +24,7 @@ from vlexport.contracts.precision import (
 from vlexport.errors import UsageError
 from vlexport.userdata import RANGES, range_text
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # export/compile.py MODES, without importing torch
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # export/aoti.py MODES, without importing torch
 NOTHING_COMPARED = ("Nothing was compared (every baseline row missing, skipped, failed or without a speed-up vs "
                     "eager): check that both files come from one suite, or pass --allow-empty to accept that.")
 
@@ -213,7 +213,7 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def compile_args(p: argparse.ArgumentParser) -> None:
-    """`vlexport compile` options after the model argument (defaults: export/compile.py)."""
+    """`vlexport compile` options after the model argument (defaults: export/aoti.py)."""
     p.add_argument("--precision", default="fp32", choices=precision_choices("aoti"),
                    help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
                         "linears (needs torchao)")

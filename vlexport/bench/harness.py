@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from vlexport.bench.backends import (
+from vlexport.bench.measure import Live, Progress, measure_shape, one_line
+from vlexport.bench.peaks import machine_peaks, peak_kind
+from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
+from vlexport.bench.timing import device_name, resolve_device
+from vlexport.bench.variants import (
     BenchContext,
     Variant,
     build_variant,
     check_backends,
     given_artifact_variant,
 )
-from vlexport.bench.measure import Live, Progress, measure_shape, one_line
-from vlexport.bench.peaks import machine_peaks, peak_kind
-from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
-from vlexport.bench.timing import device_name, resolve_device
 from vlexport.bench.work import decode_shape, encoder_work, step_bytes, storage_bytes
 from vlexport.contracts.backends import canonical_name
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision

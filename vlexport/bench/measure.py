@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlexport.bench.backends import BenchContext, Variant
 from vlexport.bench.generation import generation_stats, token_parity
 from vlexport.bench.rows import ERROR, FAILED_PARITY, OK, BenchRow
 from vlexport.bench.timing import Clock, latency_stats
+from vlexport.bench.variants import BenchContext, Variant
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import VlexportError
 from vlexport.models.inputs import InputShape

@@ -107,6 +107,8 @@ class Backend(Protocol):
     # The precisions it builds. None (the built-ins): the precision configs' ``backends`` say
     # (contracts/precision.py); a backend registered from outside declares its own.
     precisions: tuple[str, ...] | None
+    # Triton Inference Server backends that run its files, the default first (``vlexport triton``); () = none
+    triton_backends: tuple[str, ...]
 
     def check(self, job: ExportJob) -> None:
         """Fail (UsageError) before any work: a missing toolchain or device, a bad option value."""
@@ -135,6 +137,7 @@ class BackendBase:
     validation_device = "cpu"
     description = ""
     precisions: tuple[str, ...] | None = None
+    triton_backends: tuple[str, ...] = ()
 
     def check(self, job: ExportJob) -> None:
         return None
@@ -153,7 +156,7 @@ class BackendBase:
 BUILTIN: dict[str, str] = {
     "onnx": "vlexport.export.onnx",
     "onnx-opt": "vlexport.export.onnx_optimized",
-    "aoti": "vlexport.export.compile",
+    "aoti": "vlexport.export.aoti",
     "tensorrt": "vlexport.export.tensorrt",
 }
 # Earlier spellings users may still type; never written anywhere.

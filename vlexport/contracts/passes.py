@@ -30,8 +30,8 @@ class PrecisionPass(Protocol):
 
 # (backend, precision) -> the module whose import registers the pass (named here so lookups stay cheap).
 BUILTIN: dict[tuple[str, str], str] = {
-    ("onnx", "fp16"): "vlexport.quantize.onnx_passes",
-    ("onnx", "int8-dynamic"): "vlexport.quantize.onnx_passes",
+    ("onnx", "fp16"): "vlexport.quantize.onnx_fp16",
+    ("onnx", "int8-dynamic"): "vlexport.quantize.onnx_dynamic",
     ("onnx", "int8-weight"): "vlexport.quantize.onnx_weight_only",
     ("onnx", "int8-static"): "vlexport.quantize.onnx_static",
 }

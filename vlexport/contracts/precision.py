@@ -158,7 +158,7 @@ class Fp16Config(PrecisionConfig):
     weight_bits: ClassVar[int] = 16
     compute: ClassVar[str] = "fp16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.999, min_agreement=0.99)
-    # onnx: quantize/onnx_passes.py; aoti: export/compile.py casts the modules (I/O stays fp32)
+    # onnx: quantize/onnx_fp16.py; aoti: export/aoti.py casts the modules (I/O stays fp32)
     backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "aoti", "tensorrt")
     tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16",)
     description: ClassVar[str] = "half precision weights and activations"
@@ -171,7 +171,7 @@ class Bf16Config(PrecisionConfig):
     weight_bits: ClassVar[int] = 16
     compute: ClassVar[str] = "bf16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/compile.py casts the modules
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/aoti.py casts the modules
     description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
 
 
@@ -194,7 +194,7 @@ class Int8DynamicConfig(PrecisionConfig):
     weight_bits: ClassVar[int] = 8
     compute: ClassVar[str] = "int8"  # activations quantized per call: int8 GEMMs
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
-    backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_passes.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_dynamic.py
     description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
 
     def __post_init__(self) -> None:
@@ -264,7 +264,7 @@ class Int8WeightConfig(PrecisionConfig):
     weight_bits: ClassVar[int] = 8
     compute: ClassVar[str] = "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/compile.py
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
     description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 

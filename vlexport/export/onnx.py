@@ -146,6 +146,7 @@ class _quiet_exporter:
 
 class OnnxBackend(BackendBase):
     name = "onnx"
+    triton_backends = ("onnxruntime", "python-onnxruntime")
     suffix = ".onnx"
     options: ClassVar[dict[str, Any]] = {"opset": DEFAULT_OPSET}
     description = "ONNX graphs (torch.onnx dynamo exporter), run on ONNX Runtime"

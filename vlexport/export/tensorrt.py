@@ -24,7 +24,7 @@ from vlexport.export import TRT_DEFAULT_SHAPES
 from vlexport.manifest import Component
 from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import InputShape
-from vlexport.runtime.backends import import_tensorrt
+from vlexport.runtime.components import import_tensorrt
 
 # Axes not listed in --shapes (default TRT_DEFAULT_SHAPES; e.g. past_sequence) fall back to DEFAULT_RANGE.
 DEFAULT_RANGE = (1, 32, 256)
@@ -146,6 +146,7 @@ def calibration_inputs(task: TaskSpec, config: Any, shapes: Mapping[str, AxisRan
 
 class TensorRTBackend(BackendBase):
     name = "tensorrt"
+    triton_backends = ("tensorrt",)
     suffix = ".plan"
     parent = "onnx"
     options: ClassVar[dict[str, Any]] = {"shapes": TRT_DEFAULT_SHAPES}
@@ -176,7 +177,7 @@ class TensorRTBackend(BackendBase):
 
     def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
              interleaved: bool = False) -> Any:
-        from vlexport.runtime.backends import TensorRTComponent
+        from vlexport.runtime.components import TensorRTComponent
 
         return TensorRTComponent(path, device=device, threads=threads)
 

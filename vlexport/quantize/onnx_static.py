@@ -20,7 +20,7 @@ from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
 from vlexport.contracts.precision import Int8StaticConfig
 from vlexport.quantize.calibration import FeedReader, calibration_set
-from vlexport.quantize.onnx_passes import _rewrite, quantizer_output
+from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components
 
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
@@ -54,7 +54,7 @@ class OnnxInt8StaticPass:
                                                "CalibTensorRangeSymmetric": True},
                                 calibration_providers=["CPUExecutionProvider"])
 
-        derived = _rewrite(ctx, write)
+        derived = rewrite_components(ctx, write)
         derived.details.update(calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8)
         return derived
 

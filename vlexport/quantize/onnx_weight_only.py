@@ -27,7 +27,7 @@ from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
 from vlexport.contracts.precision import Int8WeightConfig
 from vlexport.errors import UsageError
-from vlexport.quantize.onnx_passes import _rewrite
+from vlexport.quantize.onnx_rewrite import rewrite_components
 
 MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits
 
@@ -219,7 +219,7 @@ class OnnxInt8WeightPass:
             # external data where the parent had it: the writer streams into it, one weight at a time
             counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
 
-        derived = _rewrite(ctx, write)
+        derived = rewrite_components(ctx, write)
         if not any(counts.values()):
             raise UsageError("int8-weight found no MatMul with a constant weight in this artifact: nothing to "
                              "quantize. Use --precision fp16 or int8-dynamic.")

@@ -109,8 +109,10 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
                                  output_logits=True)
         if case.mode == "greedy":
             ref_tokens.append(case.sequences[:, got.prompt_length:])
-        case_checks = compare_case(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length,
-                               case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
+        case_checks, case_pairs = compare_case(case.shape, case.rows, case.sequences, got.sequences,
+                                               got.prompt_length, case.logits, got.logits, case.beams,
+                                               got.beam_margins)
+        logit_pairs += case_pairs
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
     mark_greedy_near_ties(checks, logit_pairs)
@@ -148,9 +150,12 @@ def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> d
 
 def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
              ref_logits: list[np.ndarray], got_logits: list[np.ndarray], beams: int,
-             logit_pairs: list[tuple[np.ndarray, np.ndarray]],
-             beam_margins: Sequence[np.ndarray] = ()) -> list[TokenCheck]:
+             beam_margins: Sequence[np.ndarray] = ()
+             ) -> tuple[list[TokenCheck], list[tuple[np.ndarray, np.ndarray]]]:
+    """One case's token checks, and the (reference, artifact) logit rows compared per step (the run's noise
+    level and logits gate read them)."""
     out = []
+    logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
     first_div: int | None = None
     divergences = []
     for i, sample in enumerate(rows):
@@ -220,7 +225,7 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             check.detail = (f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
                             f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}")
         out.append(check)
-    return out
+    return out, logit_pairs
 
 
 def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:

@@ -228,7 +228,7 @@ def run_compile(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
         # generate() runs the vision model and the decoder's own generate(): there is no one module to compile.
         raise UsageError("The compile runner benchmarks encoder tasks; generation tasks take eager and export "
                          f"backends ({', '.join(backend_names())}).")
-    from vlexport.export.compile import jit_compile
+    from vlexport.export.aoti import jit_compile
 
     module, close = eager_module(ctx, precision, ctx.kernels)
     compiled = jit_compile(module, mode=ctx.compile_mode)

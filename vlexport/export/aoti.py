@@ -1,7 +1,7 @@
 """The ``aoti`` backend: torch.export -> AOTInductor package (``<component>.pt2``) per component.
 
 The component's dynamic axes are the ONNX spec's. The package carries its input/output names in its
-metadata, so the runtime loader (runtime/backends.py) needs nothing but the file. JIT ``torch.compile``
+metadata, so the runtime loader (runtime/components.py) needs nothing but the file. JIT ``torch.compile``
 has no artifact: it is a benchmark runner (bench/) built with :func:`jit_compile`.
 """
 
@@ -167,6 +167,7 @@ def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, to
 
 class AotiBackend(BackendBase):
     name = "aoti"
+    triton_backends = ("pytorch",)
     suffix = ".pt2"
     options: ClassVar[dict[str, Any]] = {"mode": "default", "device": "cpu", "max_length": DEFAULT_MAX_LENGTH,
                                          "max_batch": DEFAULT_MAX_BATCH}
@@ -206,7 +207,7 @@ class AotiBackend(BackendBase):
 
     def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
              interleaved: bool = False) -> Any:
-        from vlexport.runtime.backends import AotiComponent
+        from vlexport.runtime.components import AotiComponent
 
         return AotiComponent(path, device=device, threads=threads)
 
