@@ -165,8 +165,3 @@ def test_family_modules_are_the_only_place_that_names_a_family() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
                 offenders.append(f"{name}: {node.value!r}")
     assert not offenders, offenders
-
-
-def test_no_file_over_the_limit() -> None:
-    big = {name: n for name, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
-    assert not big, f"modules over 400 lines: {big}"
