@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,10 @@ from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precis
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest, library_versions
 from vlexport.models.inputs import InputShape, image_size
+
+if TYPE_CHECKING:
+    from vlexport.weights import ModelSource
+
 
 __all__ = ["BenchPlan", "NoProgress", "Progress", "run_bench"]
 
@@ -96,7 +100,7 @@ class Group:
     name: str
     model_arg: str | None  # preset / model dir, when variants are to be built
     task: str
-    source: Any
+    source: ModelSource
     artifacts: list[Path] = field(default_factory=list)
 
 

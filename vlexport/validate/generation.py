@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,10 @@ from vlexport.contracts.precision import Tolerance
 from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
 from vlexport.validate.outputs import noise_level
+
+if TYPE_CHECKING:
+    from vlexport.runtime import Artifact
+
 
 SAMPLES = 4
 BATCH_SIZES = (1, 4)
@@ -93,7 +97,7 @@ def generation_references(model: PreTrainedModel, task: Any, *, samples: int = S
     return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
 
 
-def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationReport:
+def compare_generation(refs: GenerationReferences, artifact: Artifact) -> ValidationReport:
     """Run the artifact's generation loop on the references' samples; return a validation report."""
     from vlexport.runtime.generate import Generator
 
@@ -133,7 +137,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
     return report
 
 
-def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> ValidationReport:
+def validate_generation(model: PreTrainedModel, artifact: Artifact, **kwargs: Any) -> ValidationReport:
     """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
     return compare_generation(generation_references(model, artifact.task_spec, **kwargs), artifact)
 

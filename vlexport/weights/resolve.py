@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -21,6 +21,10 @@ from vlexport.errors import CheckError, UsageError
 from vlexport.models import FamilySpec, family_for_model_type, get_family
 from vlexport.presets import Preset, get_preset
 from vlexport.weights.integrity import check_safetensors, check_unchanged, weights_sha256
+
+if TYPE_CHECKING:
+    from vlexport.manifest import Manifest
+
 
 # BLIP's vision config defaults to initializer_range=1e-10: random weights that small make every
 # activation ~0 and every numerical comparison meaninglessly small. Random weights use this instead.
@@ -180,7 +184,7 @@ def sane_init_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def source_from_manifest(manifest: Any, directory: Path) -> ModelSource:
+def source_from_manifest(manifest: Manifest, directory: Path) -> ModelSource:
     """Rebuild the eager reference's source from an artifact: its config copy plus the recorded weights origin."""
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
