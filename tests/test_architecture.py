@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("serving", ("vlexport.serve",)),
     ("orchestration", ("vlexport.pipeline",)),
     ("benchmarks", ("vlexport.bench",)),
-    ("entry point", ("vlexport.cli", "vlexport.cli_args", "vlexport.cli_serve", "vlexport.display")),
+    ("entry point", ("vlexport.cli", "vlexport.display")),
 )
 
 
