@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from vlexport.contracts.precision import get_precision
 from vlexport.models.inputs import InputShape, generator, pixel_values
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime import load_artifact
@@ -100,7 +101,7 @@ def _needs(*, cuda: bool = False, modules: tuple[str, ...] = ()) -> None:
             raise _Unavailable(f"needs {name} (not installed)")
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="blip2-opt-2.7b")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -109,13 +110,18 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu-generation.json"))
     p.add_argument("--dry-run", action="store_true", help="every row on the CPU, tiny twin, 4 tokens, 1 iteration")
     args = p.parse_args()
-    device = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         from vlexport.presets import get_preset
 
         args.model = get_preset(args.model).tiny or args.model
         args.new_tokens, args.iters = min(args.new_tokens, 4), 1
-    elif not torch.cuda.is_available():
+    return args
+
+
+def main() -> int:
+    args = _args()
+    device = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
         print("gpu_generation: needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2
     source = resolve(args.model, random_weights=True, seed=0)
@@ -160,7 +166,7 @@ def main() -> int:
         options = {"device": device, "max_length": 128, "max_batch": 4}
         if not args.dry_run:
             options["mode"] = "reduce-overhead"
-        job = ExportJob(args.model, directory, task="generate", backend="aoti", precision=precision,
+        job = ExportJob(args.model, directory, task="generate", backend="aoti", precision=get_precision(precision),
                         random_weights=True, validate=False, force=True, options=options)
         t0 = time.perf_counter()
         run_export(job)

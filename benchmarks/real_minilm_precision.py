@@ -126,10 +126,10 @@ def ffn_output_matmuls(path: Path) -> list[str]:
 
 
 def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[str] | None = None) -> None:
-    """What vlexport's int8-dynamic pass does (quantize/onnx_passes.py), with node selection for the study."""
+    """What vlexport's int8-dynamic pass does (quantize/onnx_dynamic.py), with node selection for the study."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from vlexport.quantize.precision import Int8DynamicConfig
+    from vlexport.contracts.precision import Int8DynamicConfig
 
     quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
                      nodes_to_quantize=include, reduce_range=Int8DynamicConfig().reduce_range)
@@ -140,9 +140,9 @@ def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref
     """vlexport's int8-static settings (quantize/onnx_static.py: symmetric QDQ, MatMuls) on 64 other sentences."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from vlexport.contracts.precision import Int8StaticConfig
     from vlexport.quantize.calibration import FeedReader
     from vlexport.quantize.onnx_static import QUANTIZED_OPS
-    from vlexport.quantize.precision import Int8StaticConfig
 
     texts = sentences(64, seed=7)
     x = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="np")
@@ -172,8 +172,8 @@ def sensitivity(fp32: Path, feeds: list[dict[str, np.ndarray]], ref: np.ndarray,
 def main() -> int:
     import logging
 
+    from vlexport.contracts.precision import Int8WeightConfig
     from vlexport.quantize.onnx_weight_only import weight_only_int8
-    from vlexport.quantize.precision import Int8WeightConfig
 
     logging.getLogger().setLevel(logging.ERROR)
     directory = model_dir()

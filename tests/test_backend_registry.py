@@ -18,9 +18,7 @@ import onnxruntime as ort
 import pytest
 
 from vlexport.bench import BenchPlan, run_bench
-from vlexport.display import listing
-from vlexport.errors import UsageError
-from vlexport.export.backend import (
+from vlexport.contracts.backends import (
     BackendBase,
     DeriveContext,
     Derived,
@@ -30,6 +28,8 @@ from vlexport.export.backend import (
     register_backend,
     unregister_backend,
 )
+from vlexport.display import listing
+from vlexport.errors import UsageError
 from vlexport.pipeline import run_export
 from vlexport.runtime import load_artifact
 from vlexport.validate import validate_directory

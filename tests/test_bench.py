@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from vlexport.bench import RUNNERS, BenchPlan, read_rows, register_runner, run_bench
-from vlexport.bench.backends import BenchContext, Variant, eager_module, torch_variant
+from vlexport.bench.variants import BenchContext, Variant, eager_module, torch_variant
 from vlexport.cli import main
+from vlexport.contracts.precision import PrecisionConfig
 
 TINY = ["bridgetower-tiny", "--random-weights", "--task", "itm"]
 # One worker runs this module, so that the module-scoped acceptance bench runs once, not once per worker.
@@ -95,7 +96,7 @@ def fake_backends():
     delay = {"s": 0.0}
 
     @register_runner("sleepy")
-    def sleepy(ctx: BenchContext, precision: str) -> Variant:
+    def sleepy(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
         module, close = eager_module(ctx, precision, ())
         variant = torch_variant("sleepy", module, ctx, precision, device=ctx.device, close=close)
         call = variant.call
@@ -108,7 +109,7 @@ def fake_backends():
         return variant
 
     @register_runner("wrong")
-    def wrong(ctx: BenchContext, precision: str) -> Variant:
+    def wrong(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
         module, close = eager_module(ctx, precision, ())
         variant = torch_variant("wrong", module, ctx, precision, device=ctx.device, close=close)
         outputs = variant.outputs

@@ -8,6 +8,7 @@ import torch
 
 from vlexport.bench import BenchPlan, run_bench
 from vlexport.bench.generation import hf_generate_timed, timing_from_stamps, token_parity
+from vlexport.contracts.precision import Bf16Config, Fp32Config
 from vlexport.errors import UsageError
 from vlexport.models.inputs import InputShape
 from vlexport.weights import load_model, resolve
@@ -50,11 +51,11 @@ def test_stamps_and_token_parity() -> None:
     t = timing_from_stamps(0, [2_000_000, 3_000_000, 5_000_000], 6_000_000, np.zeros((1, 3)))
     assert t.prefill_s == pytest.approx(0.002) and t.decode_s == pytest.approx([0.001, 0.002])
     ref = np.array([[1, 2, 3, 4]])
-    assert token_parity(ref.copy(), ref, "fp32")[0] == "ok"
-    status, report, detail = token_parity(np.array([[1, 2, 3, 5]]), ref, "fp32")
+    assert token_parity(ref.copy(), ref, Fp32Config())[0] == "ok"
+    status, report, detail = token_parity(np.array([[1, 2, 3, 5]]), ref, Fp32Config())
     assert status == "failed-parity" and report["tokens"]["agreement"] == 0.75 and "75.0%" in detail
     # bf16 needs 95% agreement: 3 of 4 tokens is not enough.
-    assert token_parity(np.array([[1, 2, 3, 5]]), ref, "bf16")[0] == "failed-parity"
+    assert token_parity(np.array([[1, 2, 3, 5]]), ref, Bf16Config())[0] == "failed-parity"
 
 
 def test_compile_runner_refuses_generation() -> None:

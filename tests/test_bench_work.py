@@ -15,6 +15,7 @@ from vlexport.bench.peaks import machine_peaks, measure_peaks, peak_kind
 from vlexport.bench.regress import compare
 from vlexport.bench.rows import SCHEMA, BenchRow, fill_peak_fractions, fill_speedups, read_rows, write_rows
 from vlexport.bench.work import count_flops, decode_shape, encoder_work, step_bytes, step_weight_elements
+from vlexport.contracts.precision import get_precision
 from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import InputShape
 from vlexport.weights import load_model, resolve
@@ -153,10 +154,13 @@ def test_machine_peaks_are_cached_and_a_second_look_keeps_the_best(monkeypatch) 
 
 
 def test_peak_kind_per_precision() -> None:
-    assert peak_kind("fp32", False) == "fp32-gemm" and peak_kind("int8-dynamic", False) == "int8-gemm"
-    assert peak_kind("fp16", False) == "fp16-gemm" and peak_kind("bf16", False) == "bf16-gemm"
-    assert peak_kind("int8-weight", False) == "fp32-gemm"  # weight-only: the matmuls run in float
-    assert peak_kind("int8-dynamic", True) == "memory"  # decode steps are bandwidth-bound
+    def kind(name: str, generative: bool = False) -> str:
+        return peak_kind(get_precision(name), generative)
+
+    assert kind("fp32") == "fp32-gemm" and kind("int8-dynamic") == "int8-gemm" and kind("int8-static") == "int8-gemm"
+    assert kind("fp16") == "fp16-gemm" and kind("bf16") == "bf16-gemm"
+    assert kind("int8-weight") == "fp32-gemm"  # weight-only: the matmuls run in float
+    assert kind("int8-dynamic", True) == "memory"  # decode steps are bandwidth-bound
 
 
 def _row(backend: str, precision: str, p50: float, **kw) -> BenchRow:

@@ -32,8 +32,8 @@ def test_list_json(capsys) -> None:
 
 
 def test_list_reads_the_backend_registry_and_precision_configs(capsys) -> None:
-    from vlexport.export.backend import backend_names
-    from vlexport.quantize.precision import PRECISIONS
+    from vlexport.contracts.backends import backend_names
+    from vlexport.contracts.precision import PRECISIONS
 
     code, out, _ = _run(capsys, "list", "--json")
     assert code == 0

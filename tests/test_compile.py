@@ -16,7 +16,7 @@ import torch
 from vlexport.bench import BenchPlan, run_bench
 from vlexport.cli import main
 from vlexport.errors import UsageError
-from vlexport.export.compile import inductor_configs
+from vlexport.export.aoti import inductor_configs
 from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.weights import load_model, resolve
@@ -109,7 +109,7 @@ def test_with_axis_limits_bounds_token_axes_only() -> None:
 
 
 def test_compile_errors_name_the_cause_not_the_compiler(monkeypatch) -> None:
-    from vlexport.export import compile as aoti
+    from vlexport.export import aoti
 
     err = RuntimeError("Constraints violated (sequence)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
                        "  - Not all values of sequence satisfy the generated guard sequence <= 64\n"

@@ -114,7 +114,7 @@ def test_requests_beyond_the_compiled_limits_are_usage_errors(caption: Path) -> 
 
 
 def test_cuda_package_without_a_gpu_is_a_usage_error(tmp_path: Path) -> None:
-    from vlexport.runtime.backends import AotiComponent
+    from vlexport.runtime.components import AotiComponent
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from vlexport.cli import main
+from vlexport.contracts.precision import get_precision
 from vlexport.errors import UsageError
 from vlexport.export.tensorrt import AxisRange, parse_shapes, profile_shapes
 from vlexport.manifest import Component, TensorSpec
 from vlexport.pipeline import ExportJob, run_export
-from vlexport.runtime.backends import import_tensorrt
+from vlexport.runtime.components import import_tensorrt
 
 
 def test_parse_shapes() -> None:
@@ -23,9 +24,9 @@ def test_parse_shapes() -> None:
         with pytest.raises(UsageError, match="--shapes"):
             parse_shapes(bad)
     with pytest.raises(UsageError, match="precision"):
-        run_export(ExportJob("bridgetower-tiny", None, backend="tensorrt", precision="int4"))
+        get_precision("int4")
     with pytest.raises(UsageError, match="tensorrt backend builds fp32, fp16, int8-static, not bf16"):
-        run_export(ExportJob("bridgetower-tiny", None, backend="tensorrt", precision="bf16"))
+        run_export(ExportJob("bridgetower-tiny", None, backend="tensorrt", precision=get_precision("bf16")))
 
 
 def test_profile_shapes_fill_dynamic_axes_by_name() -> None:

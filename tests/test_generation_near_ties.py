@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlexport.quantize.precision import get_precision
+from vlexport.contracts.precision import get_precision
 from vlexport.runtime.decode import selection_margin
 from vlexport.validate.generation import compare_case, logits_gate
 
@@ -33,9 +33,7 @@ def _case(swap_at: int | None, noise: float = 1e-5):
 
 
 def _run(ref, got, seq, margins):
-    pairs: list = []
-    checks = compare_case("b1 beam3", [0], seq, seq.copy(), 1, ref, got, BEAMS, pairs, margins)
-    return checks, pairs
+    return compare_case("b1 beam3", [0], seq, seq.copy(), 1, ref, got, BEAMS, margins)
 
 
 def test_rows_after_a_near_tie_are_not_compared() -> None:
@@ -91,8 +89,7 @@ def test_greedy_divergence_is_a_near_tie_only_within_the_runs_noise() -> None:
         got = [r + RNG.normal(scale=0.01, size=r.shape).astype(np.float32) for r in ref]
         got[3][0, :2] = [5.0 - gap, 5.0]  # the artifact flips the last step, after three at its noise level
         seq, out = np.array([[9, 0, 0, 0, 0]]), np.array([[9, 0, 0, 0, 1]])
-        pairs: list = []
-        checks = compare_case("b1 greedy", [0], seq, out, 1, ref, got, 1, pairs)
+        checks, pairs = compare_case("b1 greedy", [0], seq, out, 1, ref, got, 1)
         mark_greedy_near_ties(checks, pairs)
         return checks[0]
 
@@ -116,8 +113,7 @@ def test_batched_greedy_rows_are_compared_up_to_their_own_divergence() -> None:
     got[2][1, :2] = [4.99, 5.0]  # row 1 flips the near-tie at step 2
     seq = np.array([[9, 0, 0, 0, 0], [9, 0, 0, 0, 0]])
     out = np.array([[9, 1, 0, 0, 0], [9, 0, 0, 1, 0]])
-    pairs: list = []
-    checks = compare_case("b2 greedy", [0, 1], seq, out, 1, ref, got, 1, pairs)
+    checks, pairs = compare_case("b2 greedy", [0, 1], seq, out, 1, ref, got, 1)
     mark_greedy_near_ties(checks, pairs)
     row0, row1 = checks
     assert (row0.step, row1.step) == (0, 2)

@@ -23,11 +23,12 @@ FILES = ("gpu-dry-run-kernels.json", "gpu-dry-run.json", "gpu-dry-run.md", "gpu-
 def test_gpu_suite_dry_run_writes_every_file(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself before Python starts
-    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=1500, check=False)
+    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1500, check=False)
     log = run.stdout[-4000:] + run.stderr[-4000:]
     assert run.returncode == 0, log
-    assert all((tmp_path / name).is_file() for name in FILES), (sorted(p.name for p in tmp_path.iterdir()), log)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert all((tmp_path / name).is_file() for name in FILES), (written, log)
 
     # Kernels: our Triton kernels (interpreted) agree with eager at every shrunk case.
     kernels = json.loads((tmp_path / "gpu-dry-run-kernels.json").read_text())
@@ -38,8 +39,8 @@ def test_gpu_suite_dry_run_writes_every_file(tmp_path: Path) -> None:
     # The suite: every case of [[gpu]] ran on its tiny twin; every row passed parity with eager.
     report = json.loads((tmp_path / "gpu-dry-run.json").read_text())
     rows = report["rows"]
-    assert rows and all(r["status"] == "ok" for r in rows), [(r["model"], r["backend"], r["detail"]) for r in rows
-                                                             if r["status"] != "ok"]
+    failed = [(r["model"], r["backend"], r["detail"]) for r in rows if r["status"] != "ok"]
+    assert rows and not failed, failed
     assert {r["model"] for r in rows} == {"bridgetower-tiny", "blip-tiny", "blip2-opt-tiny"}
     assert {"eager", "compile", "onnx", "onnx-opt", "aoti"} <= {r["backend"] for r in rows}
     assert "tensorrt: left out of the dry run" in run.stdout + run.stderr  # named, not silently dropped

@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 from vlexport.cli import main
+from vlexport.contracts.precision import get_precision
 from vlexport.manifest import Manifest
-from vlexport.quantize.precision import get_precision
 from vlexport.validate import validate_directory
 
 
@@ -106,7 +106,7 @@ def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:
 def test_argmax_agreement_counts_near_tie_flips_only() -> None:
     """A flipped argmax where the reference's top-2 gap is within twice the variant's typical error counts as
     agreeing; a flip over a clear margin fails, though the flip itself makes that row's error large."""
-    from vlexport.quantize.precision import Tolerance
+    from vlexport.contracts.precision import Tolerance
     from vlexport.validate.outputs import compare_output, noise_level
 
     tol = Tolerance(min_cosine=-1.0, min_agreement=0.9)

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from vlexport.cli import main
+from vlexport.contracts.precision import Int8WeightConfig, Tolerance, get_precision
 from vlexport.manifest import Manifest
 from vlexport.quantize.onnx_weight_only import linear_weight
-from vlexport.quantize.precision import Int8WeightConfig, Tolerance, get_precision
 from vlexport.validate import validate_directory
 
 
@@ -136,20 +136,6 @@ def test_below_threshold_exits_1_unless_accepted(exported, tmp_path: Path, capsy
     doc = json.loads((out / "manifest.json").read_text())["validation"]
     assert doc["passed"] is False and doc["accuracy"]["degraded"] is True and doc["accuracy"]["misses"]
     assert main(["validate", str(out)]) == 1  # the re-check still says it is below its thresholds
-
-
-def test_int8_bnb_is_eager_on_cuda_only(monkeypatch) -> None:
-    import torch
-
-    from vlexport.errors import UsageError
-    from vlexport.quantize.bnb import check_available
-    from vlexport.quantize.precision import precisions_for_backend
-
-    assert "int8-bnb" in precisions_for_backend("eager") and "int8-bnb" not in precisions_for_backend("onnx")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UsageError, match="CUDA") as e:
-        check_available()
-    assert e.value.exit_code == 2 and "int8-weight" in str(e.value)
 
 
 def test_int8_dynamic_smoothing_keeps_gelu_fed_matmuls_fp32(exported, tmp_path: Path) -> None:

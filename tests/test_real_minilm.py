@@ -36,8 +36,8 @@ def minilm(tmp_path_factory: pytest.TempPathFactory):
 def test_int8_weight_and_smoothed_int8_dynamic_keep_real_embeddings(minilm) -> None:
     from minilm_sentences import sentences
 
+    from vlexport.contracts.precision import Int8WeightConfig
     from vlexport.quantize.onnx_weight_only import weight_only_int8
-    from vlexport.quantize.precision import Int8WeightConfig
     from vlexport.quantize.smoothing import smooth
 
     _module, tok, fp32, feeds, ref, work = minilm

@@ -4,17 +4,20 @@ precisions, every precision with its tolerance) and the summary of a written art
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from vlexport.manifest import Manifest
 
 
 def listing() -> dict[str, Any]:
     """Presets, backends (from the registry) and precisions (from their configs), as plain data."""
-    from vlexport.export.backend import backend_names, backend_precisions, get_backend
+    from vlexport.contracts.backends import backend_names, backend_precisions, get_backend
+    from vlexport.contracts.precision import PRECISIONS
     from vlexport.models import get_family
     from vlexport.presets import PRESETS
-    from vlexport.quantize.precision import PRECISIONS
 
     presets = []
     for p in PRESETS.values():
@@ -24,7 +27,9 @@ def listing() -> dict[str, Any]:
     backends = [{"name": name, "derived_from": b.parent, "description": b.description,
                  "precisions": list(backend_precisions(b))}
                 for name, b in ((n, get_backend(n)) for n in backend_names())]
-    precisions = {name: {"dtype": c.dtype, "tolerance": c.tolerance.as_dict(), "description": c.description}
+    precisions = {name: {"dtype": c.dtype, "weight_bits": c.weight_bits, "compute": c.compute,
+                         "tolerance": c.tolerance.as_dict(), "backends": list(c.backends), "knobs": c.knobs(),
+                         "description": c.description}
                   for name, c in PRECISIONS.items()}
     return {"presets": presets, "backends": backends, "precisions": precisions}
 
@@ -55,15 +60,15 @@ def render_listing(data: dict[str, Any]) -> list[Table]:
     for b in data["backends"]:
         backends.add_row(b["name"], b["derived_from"] or "torch", ", ".join(b["precisions"]) or "-")
     precisions = Table(title="precisions: how each is validated against eager fp32")
-    for col in ("precision", "dtype", "tolerance"):
+    for col in ("precision", "dtype", "weights", "tolerance"):
         precisions.add_column(col, no_wrap=col != "tolerance")
     short = {"atol": "atol", "rtol": "rtol", "min_cosine": "cosine >=", "min_agreement": "agreement >="}
     for name, p in data["precisions"].items():
-        precisions.add_row(name, p["dtype"], ", ".join(f"{short[k]} {v:g}" for k, v in p["tolerance"].items()))
+        precisions.add_row(name, p["dtype"], f"{p['weight_bits']}-bit", ", ".join(f"{short[k]} {v:g}" for k, v in p["tolerance"].items()))
     return [table, classes, backends, precisions]
 
 
-def artifact_summary(directory: Path, manifest: Any) -> list[str]:
+def artifact_summary(directory: Path, manifest: Manifest) -> list[str]:
     """What an export prints: the artifact, its validation verdict and errors, its stage timings."""
     from vlexport.manifest import component_size
 

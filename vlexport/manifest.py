@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vlexport.contracts.precision import PrecisionConfig, precision_from_record
 from vlexport.errors import CheckError, UsageError
 from vlexport.userdata import ShapeError, checked_fields, kind_of, read_json
 
@@ -163,12 +164,15 @@ class Manifest:
     family: str
     task: str
     hf_class: str
-    backend: str  # a registered backend name (export/backend.py): onnx | onnx-opt | aoti | tensorrt | ...
+    backend: str  # a registered backend name (contracts/backends.py): onnx | onnx-opt | aoti | tensorrt | ...
     precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static | int8-weight
     source: dict[str, Any]  # {"preset": ..., "path": ..., "checkpoint": ...}
     weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
     components: dict[str, Component]
     kernels: list[str] = field(default_factory=list)
+    # the precision config's knobs (PrecisionConfig.knobs: block size, calibration method...); with ``precision``
+    # they rebuild the config (``precision_config``). Absent in manifests written before knobs were recorded.
+    precision_knobs: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
     image_size: int | None = None
     files: list[str] = field(default_factory=list)  # config / processor / tokenizer files copied in
@@ -184,6 +188,11 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str) + "\n"
+
+    @property
+    def precision_config(self) -> PrecisionConfig:
+        """The precision this artifact was built at, with its knobs (a name enters the program here)."""
+        return precision_from_record(self.precision, self.precision_knobs)
 
     def write(self, directory: Path) -> None:
         if not self.versions:

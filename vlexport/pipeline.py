@@ -1,7 +1,7 @@
 """The one orchestrator: resolve -> load eager -> (inject) -> export or derive components -> validate -> commit.
 
 One spec dataclass in (:class:`ExportJob`), one manifest out, for every backend in the registry
-(export/backend.py). A base backend exports each component from the eager model; a derived backend is
+(contracts/backends.py). A base backend exports each component from the eager model; a derived backend is
 built from a parent artifact, which this module exports first (into a scratch directory) when the user
 gave a model rather than an artifact. The output directory appears only when every component was
 written and validation passed; otherwise nothing is left behind (artifact.staged_dir).
@@ -21,8 +21,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from vlexport.artifact import check_output_dir, output_scope, scratch_dir, staged_dir
-from vlexport.errors import UsageError
-from vlexport.export.backend import (
+from vlexport.contracts.backends import (
     KERNEL_NAMES,
     Backend,
     DeriveContext,
@@ -32,11 +31,12 @@ from vlexport.export.backend import (
     backend_precisions,
     get_backend,
 )
+from vlexport.contracts.passes import Derivation, derivation
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig
+from vlexport.errors import UsageError
 from vlexport.manifest import Component, Manifest, ValidationReport
 from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
-from vlexport.quantize.passes import precision_pass
-from vlexport.quantize.precision import get_precision
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
 from vlexport.validate import eager_references, raise_on_failure
@@ -54,13 +54,11 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
     dropped before the artifact loads.
     """
     backend = check_job(job)
-    rewrite = precision_pass(backend.name, job.precision)
+    how = derivation(backend, job.precision)
     with output_scope():  # SIGTERM / SIGHUP clean up like Ctrl-C; check_output_dir's lock is held to the end
-        if rewrite is not None:  # a precision pass: derived from the same backend's fp32 artifact
-            return _derive(job, backend, progress, _Eager(model), deriver=rewrite, parent_backend=backend.name)
-        if backend.parent is None:
+        if how is None:
             return _export(job, backend, progress, _Eager(model))
-        return _derive(job, backend, progress, _Eager(model), deriver=backend, parent_backend=backend.parent)
+        return _derive(job, backend, how, progress, _Eager(model))
 
 
 def check_job(job: ExportJob) -> Backend:
@@ -68,8 +66,7 @@ def check_job(job: ExportJob) -> Backend:
     own toolchain and device). Normalises ``job`` (canonical names, option defaults); returns the backend."""
     backend = get_backend(job.backend)
     job.backend = backend.name
-    precision = get_precision(job.precision)
-    job.precision = precision.name
+    precision = job.precision
     builds = backend_precisions(backend)
     if precision.name not in builds:
         raise UsageError(f"The {backend.name} backend builds {', '.join(builds) or 'no precision'}, "
@@ -81,6 +78,11 @@ def check_job(job: ExportJob) -> Backend:
                          f"(it takes {', '.join(allowed) or 'none'}).")
     job.options = {**allowed, **{k: v for k, v in job.options.items() if v is not None}}
     backend.check(job)
+    given = Path(job.model) if job.model else None
+    if given is not None and (given / "manifest.json").is_file():  # the parent artifact: the config's own rules
+        precision.check_for(backend.name, Manifest.read(given))
+    else:
+        precision.check_for(backend.name, None)
     return backend
 
 
@@ -170,7 +172,8 @@ def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components
         task=task,
         hf_class=type(model).__name__,
         backend=job.backend,
-        precision=job.precision,
+        precision=job.precision.name,
+        precision_knobs=job.precision.knobs(),
         source={"preset": source.preset.name if source.preset else None,
                 "path": str(source.local_dir) if source.local_dir else None,
                 "checkpoint": source.preset.checkpoint if source.preset else None},
@@ -189,41 +192,39 @@ def _opset(components: dict[str, Component]) -> int | None:
 
 
 def _default_output(name: str, task: str, job: ExportJob) -> Path:
-    return Path(f"{name}-{task}-{job.backend}" + ("" if job.precision == "fp32" else f"-{job.precision}"))
+    precision = job.precision.name
+    return Path(f"{name}-{task}-{job.backend}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def _check_precision(source: ModelSource, job: ExportJob) -> None:
     """What the family says this model cannot take (Flan-T5 in fp16), before any work."""
-    reason = source.family.precision_limits(source.config).get(job.precision)
+    reason = source.family.precision_limits(source.config).get(job.precision.name)
     if reason:
-        raise UsageError(f"{source.name} cannot be built in {job.precision}: {reason}.")
+        raise UsageError(f"{source.name} cannot be built in {job.precision.name}: {reason}.")
 
 
-def _expected_bytes(model: PreTrainedModel | None, precision: str) -> int | None:
+def _expected_bytes(model: PreTrainedModel | None, precision: PrecisionConfig) -> int | None:
     """Rough artifact size, for the free-space check and the disk-full message: parameters x bytes each."""
     if model is None:
         return None
-    config = get_precision(precision)
-    per = 1 if config.name.startswith("int8") else {"float16": 2, "bfloat16": 2}.get(config.dtype, 4)
-    return sum(p.numel() for p in model.parameters()) * per
+    return int(sum(p.numel() for p in model.parameters()) * precision.weight_bytes)
 
 
-# ---------------------------------------------------------------- derived backends: built from a parent artifact
-def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager, *, deriver: Any,
-            parent_backend: str) -> Manifest:
-    """``deriver`` (a derived backend, or a precision pass) builds from a ``parent_backend`` fp32 artifact."""
+# ---------------------------------------------------------------- derived builds: from a parent artifact
+def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progress, eager: _Eager) -> Manifest:
+    """Build ``job`` from a parent artifact (contracts/passes.py ``derivation``: a derived backend or a precision
+    pass): the one ``job.model`` names, else one exported here into a scratch directory and removed."""
     given = Path(job.model)
     from_artifact = (given / "manifest.json").is_file()
-    is_pass = deriver is not backend
     if from_artifact:
         parent = Manifest.read(given)
-        _check_parent(parent, parent_backend, backend.name, job, given, exact_fp32=is_pass)
+        _check_parent(parent, how, backend.name, job, given)
         source = source_from_manifest(parent, given)
         task = parent.task
         name = parent.source.get("preset") or given.name
     else:
         source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
-                     allow_new_weights=job.allow_new_weights)
+                         allow_new_weights=job.allow_new_weights)
         task = source.check_task(job.task)
         name = Path(job.model).name
     _check_precision(source, job)
@@ -237,28 +238,30 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager,
         if from_artifact:
             parent_dir = given
         else:  # the parent is built for this export only, next to the output (renames stay on one disk)
-            scratch = stack.enter_context(scratch_dir(job.output, expected_bytes=need + _expected_bytes(model, "fp32")))
+            scratch = stack.enter_context(scratch_dir(job.output,
+                                                      expected_bytes=need + _expected_bytes(model, Fp32Config())))
             parent_dir = scratch / "artifact"
-            progress(f"exporting the {parent_backend} fp32 parent")
-            parent_job = replace(job, backend=parent_backend, output=parent_dir, precision="fp32", validate=False,
-                                 force=True, timings=job.timings,
+            progress(f"exporting the {how.parent_backend} fp32 parent")
+            parent_job = replace(job, backend=how.parent_backend, output=parent_dir, precision=Fp32Config(),
+                                 validate=False, force=True, timings=job.timings,
                                  options={k: v for k, v in job.options.items()
-                                          if k in backend_options(get_backend(parent_backend))})
+                                          if k in backend_options(get_backend(how.parent_backend))})
             parent = run_export(parent_job, progress, model=model)
             parent.weights = source.origin  # loaded here, so it names the fresh tensors (weights.load_model)
+            job.precision.check_for(backend.name, parent)
         model = None  # only `eager` holds it now, so that validation can drop it
         with staged_dir(job.output, force=job.force, expected_bytes=need) as tmp:
             ctx = DeriveContext(parent_dir, parent, tmp, job, task_spec, source.family, config, progress,
                                 parent_is_scratch=not from_artifact)
-            with _timed(job, job.precision if is_pass else backend.name, progress):
-                derived = deriver.derive(ctx)
+            with _timed(job, how.stage, progress):
+                derived = how.build(ctx)
             for rel in parent.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(parent_dir / rel, tmp / rel)
             manifest = replace(
-                parent, backend=backend.name, precision=job.precision, components=derived.components,
-                opset=_opset(derived.components), fused_ops=derived.fused_ops, validation=None, timings={},
-                versions={}, created="",
+                parent, backend=backend.name, precision=job.precision.name, precision_knobs=job.precision.knobs(),
+                components=derived.components, opset=_opset(derived.components), fused_ops=derived.fused_ops,
+                validation=None, timings={}, versions={}, created="",
                 derived_from={"backend": parent.backend, "precision": parent.precision,
                               # None: the parent was built in a scratch dir for this export and removed
                               "path": str(given.resolve()) if from_artifact else None, **derived.details})
@@ -266,16 +269,13 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager,
     return manifest
 
 
-def _check_parent(parent: Manifest, parent_backend: str, name: str, job: ExportJob, directory: Path, *,
-                  exact_fp32: bool) -> None:
-    if exact_fp32 and parent.backend == parent_backend and parent.precision != "fp32":
-        origin = (parent.derived_from or {}).get("path")
-        raise UsageError(f"{directory} is already a {parent.backend} {parent.precision} artifact: {job.precision} "
-                         f"variants are made from fp32 ones" + (f" (its parent: {origin})." if origin else "."))
-    if parent.backend != parent_backend or parent.precision not in ("fp32", job.precision):
-        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {name} "
-                         f"{job.precision} variant is built from fp32 {parent_backend} artifacts"
-                         + (f" (or {job.precision} ones)." if job.precision != "fp32" and not exact_fp32 else "."))
+def _check_parent(parent: Manifest, how: Derivation, name: str, job: ExportJob, directory: Path) -> None:
+    precision = job.precision.name
+    if parent.backend != how.parent_backend or parent.precision not in how.parent_precisions:
+        origin = (parent.derived_from or {}).get("path") if parent.backend == how.parent_backend else None
+        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {name} {precision} "
+                         f"variant is built from {' or '.join(how.parent_precisions)} {how.parent_backend} artifacts"
+                         + (f" (its parent: {origin})." if origin else "."))
     if parent.validation is not None and parent.validation.passed is False:
         raise UsageError(f"{directory} failed its validation; export it again before building from it.")
     if job.kernels:

@@ -242,6 +242,8 @@ def test_a_signal_during_the_commit_waits_for_both_renames(default_handlers, tmp
 def test_a_report_is_written_whole_or_not_at_all(default_handlers, tmp_path: Path, monkeypatch) -> None:
     """bench --json / --markdown / --plot and validate --json go through atomic_write_*: SIGTERM mid-write keeps
     the previous report and leaves no temp file."""
+    import os
+
     from vlexport import artifact
 
     report = tmp_path / "bench.json"
@@ -251,7 +253,7 @@ def test_a_report_is_written_whole_or_not_at_all(default_handlers, tmp_path: Pat
         assert _ours(signal.SIGTERM)
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(artifact.os, "chmod", chmod_then_signal)
+    monkeypatch.setattr(os, "chmod", chmod_then_signal)
     with pytest.raises(Interrupted):
         artifact.atomic_write_text(report, "new rows")
     assert report.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

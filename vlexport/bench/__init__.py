@@ -5,11 +5,11 @@ every export backend of the registry (``register_backend`` here is the registry'
 there is built, loaded and timed by ``vlexport bench`` with no other change).
 """
 
-from vlexport.bench.backends import RUNNERS, BenchContext, Variant, register_runner
 from vlexport.bench.harness import BenchPlan, run_bench
 from vlexport.bench.regress import RegressReport, compare
 from vlexport.bench.rows import BenchRow, read_rows, write_rows
-from vlexport.export.backend import register_backend
+from vlexport.bench.variants import RUNNERS, BenchContext, Variant, register_runner
+from vlexport.contracts.backends import register_backend
 
 BACKENDS = RUNNERS  # the earlier name of the runner table (export backends live in the registry)
 

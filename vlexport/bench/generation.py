@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from vlexport.bench.rows import ERROR, FAILED_PARITY, OK
-from vlexport.quantize.precision import get_precision
+from vlexport.contracts.precision import PrecisionConfig
 
 Call = tuple[Callable[[dict[str, torch.Tensor]], Any], Callable[[Any], "GenerationTiming"],
              Callable[["GenerationTiming"], dict[str, np.ndarray]]]
@@ -108,14 +108,15 @@ def generation_stats(timings: Sequence[GenerationTiming]) -> dict[str, float | N
             "decode_ms_per_token": round(float(np.median(decode)) * 1e3, 4) if decode else None}
 
 
-def token_parity(tokens: np.ndarray, reference: np.ndarray | None, precision: str) -> tuple[str, dict, str]:
+def token_parity(tokens: np.ndarray, reference: np.ndarray | None, precision: PrecisionConfig
+                 ) -> tuple[str, dict, str]:
     """Value-exact precisions must match eager fp32 token for token; reduced ones need their agreement share."""
     if reference is None:
         return ERROR, {}, "the eager fp32 reference failed: no parity baseline"
     if tokens.shape != reference.shape:
         return FAILED_PARITY, {}, f"tokens shape {list(tokens.shape)} != eager {list(reference.shape)}"
     agreement = float((tokens == reference).mean())
-    tol = get_precision(precision).tolerance
+    tol = precision.tolerance
     need = 1.0 if tol.exact_tokens else (tol.min_agreement or 1.0)
     report = {"tokens": {"kind": "agreement", "agreement": round(agreement, 4)}}
     if agreement < need:

@@ -14,27 +14,31 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlexport.bench.backends import (
+from vlexport.bench.measure import Live, Progress, measure_shape, one_line
+from vlexport.bench.peaks import machine_peaks, peak_kind
+from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
+from vlexport.bench.timing import device_name, resolve_device
+from vlexport.bench.variants import (
     BenchContext,
     Variant,
     build_variant,
     check_backends,
     given_artifact_variant,
 )
-from vlexport.bench.measure import Live, Progress, measure_shape, one_line
-from vlexport.bench.peaks import machine_peaks, peak_kind
-from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
-from vlexport.bench.timing import device_name, resolve_device
 from vlexport.bench.work import decode_shape, encoder_work, step_bytes, storage_bytes
+from vlexport.contracts.backends import canonical_name
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
 from vlexport.errors import UsageError
-from vlexport.export.backend import canonical_name
 from vlexport.manifest import Manifest, library_versions
 from vlexport.models.inputs import InputShape, image_size
-from vlexport.quantize.precision import get_precision
+
+if TYPE_CHECKING:
+    from vlexport.weights import ModelSource
+
 
 __all__ = ["BenchPlan", "NoProgress", "Progress", "run_bench"]
 
@@ -55,7 +59,7 @@ class BenchPlan:
 
     models: tuple[str, ...]  # presets, local model dirs, or artifact dirs (with manifest.json)
     backends: tuple[str, ...] = ("eager", "onnx")
-    precisions: tuple[str, ...] = ("fp32",)
+    precisions: tuple[str, ...] = ("fp32",)  # names, as the CLI or a suite file spells them (configs: .configs)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     seq_len: int = 32
     warmup: int = 3
@@ -75,7 +79,10 @@ class BenchPlan:
         self.models = tuple(self.models)
         # One name per backend in rows: earlier spellings (trt) become the registered name.
         self.backends = tuple(dict.fromkeys(canonical_name(b) for b in self.backends))
-        self.precisions = tuple(dict.fromkeys(get_precision(p).name for p in self.precisions))  # UsageError
+        # The names enter the program here (the CLI's --precision, a suite file): resolved once (UsageError).
+        self.configs: tuple[PrecisionConfig, ...] = tuple({c.name: c for c in map(get_precision, self.precisions)}
+                                                          .values())
+        self.precisions = tuple(c.name for c in self.configs)
         self.batch_sizes = tuple(self.batch_sizes)
         if not self.models:
             raise UsageError("Name at least one model, preset or artifact directory to benchmark (or --suite).")
@@ -93,7 +100,7 @@ class Group:
     name: str
     model_arg: str | None  # preset / model dir, when variants are to be built
     task: str
-    source: Any
+    source: ModelSource
     artifacts: list[Path] = field(default_factory=list)
 
 
@@ -101,7 +108,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRo
     """Run every group of the plan; return rows with speed-ups filled in."""
     progress = progress or NoProgress()
     device = resolve_device(plan.device)
-    check_backends(plan.backends, plan.precisions, device)
+    check_backends(plan.backends, plan.configs, device)
     before = torch.get_num_threads()
     threads = plan.threads or before
     rows: list[BenchRow] = []
@@ -144,18 +151,18 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
     failed: list[BenchRow] = []
     try:
         for backend, precision, kernels, build in _variant_builders(plan, group, ctx):
-            progress.message(f"building {backend} {precision}")
+            progress.message(f"building {backend} {precision.name}")
             try:
                 variant = build()
             except UsageError:
                 raise  # asked for something impossible here (no TensorRT, fp16 ONNX...): say so, do not guess
             except Exception as e:  # noqa: BLE001  a backend that fails to build is a failed row, not a crash
-                failed += [BenchRow(**common, backend=backend, precision=precision, kernels=",".join(kernels),
+                failed += [BenchRow(**common, backend=backend, precision=precision.name, kernels=",".join(kernels),
                                     batch=b, status=ERROR, detail=f"build failed: {one_line(e)}")
                            for b in plan.batch_sizes]
                 progress.advance(len(plan.batch_sizes) * (1 + plan.warmup + plan.iters))
                 continue
-            is_reference = not live and backend == "eager" and precision == "fp32" and not kernels
+            is_reference = not live and backend == "eager" and precision.name == "fp32" and not kernels
             if is_reference:  # it owns the loaded weights (an RSS delta of loading depends on the process's past)
                 variant.memory.add_build(sum(t.numel() * t.element_size()
                                              for t in (*model.parameters(), *model.buffers())))
@@ -173,7 +180,7 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
 
 def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, progress: Progress) -> None:
     """The work of one call at ``batch`` (counted once for all variants) and the peak each row is judged by."""
-    rows = [lv.rows[batch] for lv in live if batch in lv.rows and lv.rows[batch].ok]
+    rows = [(lv.variant.precision, lv.rows[batch]) for lv in live if batch in lv.rows and lv.rows[batch].ok]
     if not rows:
         return
     progress.message(f"{ctx.task} b{batch}: counting the work of one call")
@@ -186,15 +193,15 @@ def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, pro
         else:
             work = encoder_work(ctx.model, (ctx.component,), inputs)
     except Exception as e:  # noqa: BLE001  (counting is information: a model the counter cannot run keeps its timings)
-        for row in rows:
+        for _, row in rows:
             row.detail = "; ".join(filter(None, [row.detail, f"work not counted: {one_line(e)}"]))
         return
-    for row in rows:
-        row.peak_kind = peak_kind(row.precision, ctx.generative)
+    for precision, row in rows:
+        row.peak_kind = peak_kind(precision, ctx.generative)
         if not ctx.generative:
             row.work_flops, row.work_flops_by_component = work.flops, dict(work.flops_by_component)
         elif shape is not None:
-            weight, activation = storage_bytes(row.precision)
+            weight, activation = storage_bytes(precision)
             row.work_bytes_per_step = step_bytes(shape, weight_bytes=weight, activation_bytes=activation)
 
 
@@ -214,20 +221,21 @@ def _context(plan: BenchPlan, group: Group, model: Any, device: str, threads: in
 
 
 def _variant_builders(plan: BenchPlan, group: Group, ctx: BenchContext
-                      ) -> Iterator[tuple[str, str, tuple[str, ...], Callable[[], Variant]]]:
+                      ) -> Iterator[tuple[str, PrecisionConfig, tuple[str, ...], Callable[[], Variant]]]:
     """(backend, precision, kernels, build) in run order; the eager fp32 reference always comes first."""
     ref_ctx = replace(ctx, kernels=())
-    yield "eager", "fp32", (), lambda: build_variant(ref_ctx, "eager", "fp32")
+    yield "eager", Fp32Config(), (), lambda: build_variant(ref_ctx, "eager", Fp32Config())
     if group.model_arg is not None:
         for backend in plan.backends:
-            for precision in plan.precisions:
-                if backend == "eager" and precision == "fp32" and not ctx.kernels:
+            for precision in plan.configs:
+                if backend == "eager" and precision.name == "fp32" and not ctx.kernels:
                     continue  # that is the reference
                 yield backend, precision, ctx.kernels, (lambda b=backend, p=precision: build_variant(ctx, b, p))
     for directory in group.artifacts:
         manifest = Manifest.read(directory)
         kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
-        yield manifest.backend, manifest.precision, kernels, lambda d=directory: given_artifact_variant(ctx, d)
+        yield (manifest.backend, manifest.precision_config, kernels,
+               lambda d=directory: given_artifact_variant(ctx, d))
 
 
 def _plan_groups(plan: BenchPlan) -> list[Group]:

@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlexport.bench.backends import BenchContext, Variant
 from vlexport.bench.generation import generation_stats, token_parity
 from vlexport.bench.rows import ERROR, FAILED_PARITY, OK, BenchRow
 from vlexport.bench.timing import Clock, latency_stats
+from vlexport.bench.variants import BenchContext, Variant
+from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import VlexportError
 from vlexport.models.inputs import InputShape
-from vlexport.quantize.precision import get_precision
 from vlexport.validate.outputs import DEGENERATE_STD, compare_output
 
 # A p90 this many times the p50 means the machine interfered (other load, a descheduled vCPU): say so.
@@ -55,7 +55,7 @@ def measure_shape(ctx: BenchContext, batch: int, live: list[Live], common: dict[
     active: list[tuple[Live, Any]] = []
     for lv in live:
         v = lv.variant
-        row = BenchRow(**common, backend=v.backend, precision=v.precision, kernels=",".join(v.kernels), batch=batch,
+        row = BenchRow(**common, backend=v.backend, precision=v.precision.name, kernels=",".join(v.kernels), batch=batch,
                        memory_kind=v.memory.kind, detail=v.note)
         lv.rows[batch] = row
         try:
@@ -113,7 +113,7 @@ def _fill(row: BenchRow, seconds: list[float], stamps: list[Any], per_call: int,
         row.detail = "; ".join(filter(None, [row.detail, f"noisy: p90 > {NOISY_P90:g}x p50 (machine load?)"]))
 
 
-def parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, precision: str,
+def parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, precision: PrecisionConfig,
            ctx: BenchContext) -> tuple[str, dict[str, Any], str]:
     """(status, per-output report, detail) of one variant's first call against eager fp32."""
     if ctx.generative:
@@ -123,10 +123,10 @@ def parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, precis
     return output_parity(got, ref, precision, ctx.task_spec.agreement.get)
 
 
-def output_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: str,
+def output_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: PrecisionConfig,
                   agreement: Callable[[str], str | None]) -> tuple[str, dict[str, Any], str]:
     """Per-output errors with validation's comparison and the precision's tolerance."""
-    tol = get_precision(precision).tolerance
+    tol = precision.tolerance
     report: dict[str, Any] = {}
     misses = []
     for name, r in ref.items():

@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-# Precisions whose matmuls run in int8 (weights and activations); weight-only schemes compute in float.
-INT8_COMPUTE = ("int8-dynamic", "int8-static")
+if TYPE_CHECKING:
+    from vlexport.contracts.precision import PrecisionConfig
+
 MEMORY = "memory"  # the peak kind of bandwidth-bound rows (decode steps)
 
 
@@ -81,16 +82,9 @@ def measured() -> list[dict[str, Any]]:
     return [p.as_dict() for p, _ in _CACHE.values()]
 
 
-def peak_kind(precision: str, generative: bool) -> str:
-    """Which limit a row is judged against: memory bandwidth for decode, else its compute dtype's GEMM."""
-    if generative:
-        return MEMORY
-    if precision in INT8_COMPUTE:
-        return "int8-gemm"
-    from vlexport.quantize.precision import get_precision
-
-    dtype = get_precision(precision).dtype  # int8-weight computes in its activation dtype
-    return {"float32": "fp32-gemm", "float16": "fp16-gemm", "bfloat16": "bf16-gemm"}.get(dtype, "fp32-gemm")
+def peak_kind(precision: PrecisionConfig, generative: bool) -> str:
+    """Which limit a row is judged against: memory bandwidth for decode, else its config's compute GEMM."""
+    return MEMORY if generative else precision.peak_kind
 
 
 def measure_peaks(device: str, threads: int, budget_s: float = BUDGET_S) -> Peaks:

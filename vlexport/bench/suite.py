@@ -87,7 +87,7 @@ def dry_run(plans: list[BenchPlan]) -> tuple[list[BenchPlan], list[str]]:
     lacks (TensorRT, CUDA: :class:`MissingToolchain`) is left out and named in the notes; any other problem still
     fails, which is the point: the day a GPU is lent, its one call must not be lost to a suite or script bug.
     """
-    from vlexport.bench.backends import check_backends
+    from vlexport.bench.variants import check_backends
     from vlexport.presets import PRESETS
 
     out, notes = [], []
@@ -95,7 +95,7 @@ def dry_run(plans: list[BenchPlan]) -> tuple[list[BenchPlan], list[str]]:
         kept = []
         for name in plan.backends:
             try:
-                check_backends([name], plan.precisions, device="cpu")
+                check_backends([name], plan.configs, device="cpu")
             except MissingToolchain as e:
                 notes.append(f"{', '.join(plan.models)} {name}: left out of the dry run ({e})")
             else:

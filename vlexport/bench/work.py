@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlexport.contracts.precision import PrecisionConfig
 from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import InputShape
 
@@ -137,9 +138,7 @@ def step_bytes(shape: DecodeShape, *, weight_bytes: float, activation_bytes: int
     return float(shape.weight_elements * weight_bytes + shape.kv_elements * activation_bytes)
 
 
-def storage_bytes(precision: str) -> tuple[float, int]:
-    """(bytes per weight element, bytes per activation element) of a variant at ``precision``."""
-    from vlexport.quantize.precision import get_precision
-
-    activation = {"float16": 2, "bfloat16": 2}.get(get_precision(precision).dtype, 4)
-    return (1.0 if precision.startswith("int8") else float(activation)), activation
+def storage_bytes(precision: PrecisionConfig) -> tuple[float, int]:
+    """(bytes per weight element, bytes per activation element) of a variant at ``precision`` (its config's
+    weight bits: 1 byte for int8 schemes, half that for 4-bit ones)."""
+    return precision.weight_bytes, precision.activation_bytes

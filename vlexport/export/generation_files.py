@@ -7,13 +7,17 @@ generation config its ``generate()`` really uses), so the artifact directory alo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
 from vlexport.runtime.tokenizer import PLACEHOLDER_NOTE, write_placeholder
+
+if TYPE_CHECKING:
+    from vlexport.weights import ModelSource
+
 
 # GenerationConfig fields whose non-default values would change generate()'s tokens in ways the runtime
 # loop does not implement: an export that meets one fails rather than generating something else.
@@ -44,7 +48,7 @@ def unsupported_options(gen_config: Any) -> dict[str, Any]:
     return out
 
 
-def write_generation_files(model: PreTrainedModel, source: Any, manifest: Manifest, tmp_dir: Path) -> None:
+def write_generation_files(model: PreTrainedModel, source: ModelSource, manifest: Manifest, tmp_dir: Path) -> None:
     """Record generation settings in ``manifest.generation``; write a placeholder tokenizer when needed."""
     task = source.family.task(manifest.task)
     recipe = task.generation(model.config)

@@ -14,8 +14,8 @@ import onnx
 import torch
 from torch import nn
 
+from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
 from vlexport.errors import UsageError
-from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
 
@@ -144,6 +144,7 @@ class _quiet_exporter:
 
 class OnnxBackend(BackendBase):
     name = "onnx"
+    triton_backends = ("onnxruntime", "python-onnxruntime")
     suffix = ".onnx"
     options: ClassVar[dict[str, Any]] = {"opset": DEFAULT_OPSET}
     description = "ONNX graphs (torch.onnx dynamo exporter), run on ONNX Runtime"

@@ -17,14 +17,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, ExportJob, register_backend
+from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export import TRT_DEFAULT_SHAPES
-from vlexport.export.backend import BackendBase, DeriveContext, Derived, ExportJob, register_backend
 from vlexport.manifest import Component
 from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import InputShape
-from vlexport.quantize.precision import PrecisionConfig, get_precision
-from vlexport.runtime.backends import import_tensorrt
+from vlexport.runtime.components import import_tensorrt
 
 # Axes not listed in --shapes (default TRT_DEFAULT_SHAPES; e.g. past_sequence) fall back to DEFAULT_RANGE.
 DEFAULT_RANGE = (1, 32, 256)
@@ -146,6 +146,7 @@ def calibration_inputs(task: TaskSpec, config: Any, shapes: Mapping[str, AxisRan
 
 class TensorRTBackend(BackendBase):
     name = "tensorrt"
+    triton_backends = ("tensorrt",)
     suffix = ".plan"
     parent = "onnx"
     options: ClassVar[dict[str, Any]] = {"shapes": TRT_DEFAULT_SHAPES}
@@ -160,7 +161,7 @@ class TensorRTBackend(BackendBase):
             raise MissingToolchain("TensorRT needs an NVIDIA GPU; torch sees no CUDA device on this machine.")
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        precision = get_precision(ctx.job.precision)
+        precision = ctx.job.precision
         shapes: Mapping[str, AxisRange] = ctx.job.option("shapes")
         calibration = (calibration_inputs(ctx.task_spec, ctx.config, shapes, ctx.job.seed)
                        if "INT8" in precision.tensorrt_flags else ())
@@ -176,7 +177,7 @@ class TensorRTBackend(BackendBase):
 
     def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
              interleaved: bool = False) -> Any:
-        from vlexport.runtime.backends import TensorRTComponent
+        from vlexport.runtime.components import TensorRTComponent
 
         return TensorRTComponent(path, device=device, threads=threads)
 

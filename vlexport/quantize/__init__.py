@@ -1,19 +1,2 @@
-"""Precisions: one frozen config per precision (torchao-style), and (next) the passes that produce them."""
-
-from vlexport.quantize.precision import (
-    PRECISIONS,
-    Bf16Config,
-    Fp16Config,
-    Fp32Config,
-    Int8BnbConfig,
-    Int8DynamicConfig,
-    Int8StaticConfig,
-    Int8WeightConfig,
-    PrecisionConfig,
-    Tolerance,
-    get_precision,
-    precisions_for_backend,
-)
-
-__all__ = ["PRECISIONS", "Bf16Config", "Fp16Config", "Fp32Config", "Int8BnbConfig", "Int8DynamicConfig", "Int8StaticConfig",
-           "Int8WeightConfig", "PrecisionConfig", "Tolerance", "get_precision", "precisions_for_backend"]
+"""Precision passes: the ONNX rewrites (fp16, int8 dynamic / static / weight-only), calibration, SmoothQuant.
+The configs and the pass registry are contracts (vlexport/contracts/)."""

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vlexport.errors import UsageError
 from vlexport.models.inputs import InputShape
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from vlexport.manifest import Manifest
+    from vlexport.models.base import TaskSpec
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SYNTHETIC_SAMPLES = 16  # batches of 2 (the second row padded)
@@ -43,7 +50,7 @@ class CalibrationSet:
                 "texts": self.texts, "method": method, "skipped": self.skipped[:20]}
 
 
-def calibration_set(directory: Path | None, *, artifact_dir: Path, manifest: Any, task_spec: Any, config: Any,
+def calibration_set(directory: Path | None, *, artifact_dir: Path, manifest: Manifest, task_spec: TaskSpec, config: PretrainedConfig,
                     input_names: tuple[str, ...]) -> CalibrationSet:
     """Calibration feeds for a single-component artifact; UsageError when ``directory`` has no usable image."""
     if directory is None:
@@ -51,7 +58,7 @@ def calibration_set(directory: Path | None, *, artifact_dir: Path, manifest: Any
     return _from_directory(Path(directory), artifact_dir, manifest, task_spec, config, input_names)
 
 
-def _synthetic(task_spec: Any, config: Any, input_names: tuple[str, ...]) -> CalibrationSet:
+def _synthetic(task_spec: TaskSpec, config: PretrainedConfig, input_names: tuple[str, ...]) -> CalibrationSet:
     feeds = []
     for i in range(SYNTHETIC_SAMPLES):
         x = task_spec.make_inputs(config, InputShape(2, TEXT_WIDTH), SYNTHETIC_SEED + i)
@@ -59,7 +66,7 @@ def _synthetic(task_spec: Any, config: Any, input_names: tuple[str, ...]) -> Cal
     return CalibrationSet("synthetic", feeds)
 
 
-def _from_directory(directory: Path, artifact_dir: Path, manifest: Any, task_spec: Any, config: Any,
+def _from_directory(directory: Path, artifact_dir: Path, manifest: Manifest, task_spec: TaskSpec, config: PretrainedConfig,
                     input_names: tuple[str, ...]) -> CalibrationSet:
     from vlexport.runtime.preprocess import image_settings, load_image
 
@@ -102,13 +109,13 @@ def _from_directory(directory: Path, artifact_dir: Path, manifest: Any, task_spe
     return CalibrationSet("directory", feeds, str(directory.resolve()), len(pixels), len(texts), skipped)
 
 
-def _pad_id(config: Any) -> int:
+def _pad_id(config: PretrainedConfig) -> int:
     text = getattr(config, "text_config", config)
     pad = getattr(text, "pad_token_id", None)
     return int(pad) if isinstance(pad, int) else 0
 
 
-def _token_rows(texts: list[str], artifact_dir: Path, manifest: Any) -> list[list[int]]:
+def _token_rows(texts: list[str], artifact_dir: Path, manifest: Manifest) -> list[list[int]]:
     from vlexport.runtime.tokenizer import ArtifactTokenizer
 
     if manifest.tokenizer.get("kind", "none") == "none":  # random weights: `vlexport run`'s byte-level placeholder

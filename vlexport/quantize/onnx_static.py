@@ -16,12 +16,11 @@ import contextlib
 import io
 from pathlib import Path
 
-from vlexport.errors import UsageError
-from vlexport.export.backend import DeriveContext, Derived
+from vlexport.contracts.backends import DeriveContext, Derived
+from vlexport.contracts.passes import register_pass
+from vlexport.contracts.precision import Int8StaticConfig
 from vlexport.quantize.calibration import FeedReader, calibration_set
-from vlexport.quantize.onnx_passes import _rewrite, quantizer_output
-from vlexport.quantize.passes import register_pass
-from vlexport.quantize.precision import Int8StaticConfig
+from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components
 
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
@@ -33,13 +32,10 @@ class OnnxInt8StaticPass:
     def derive(self, ctx: DeriveContext) -> Derived:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        config = Int8StaticConfig(method=ctx.job.method or Int8StaticConfig.method)
-        if len(ctx.parent.components) != 1 or ctx.task_spec.generative:
-            raise UsageError(f"int8-static calibrates encoder artifacts (one component); {ctx.parent_dir} holds a "
-                             f"generative {ctx.parent.task} artifact ({', '.join(ctx.parent.components)}). Use "
-                             "--precision int8-weight (weights only, any component) or int8-dynamic.")
-        (comp,) = ctx.parent.components.values()
-        cal = calibration_set(ctx.job.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
+        config = ctx.job.precision
+        assert isinstance(config, Int8StaticConfig)
+        (comp,) = ctx.parent.components.values()  # one: Int8StaticConfig.check_for refused the others
+        cal = calibration_set(config.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
                               task_spec=ctx.task_spec, config=ctx.config,
                               input_names=tuple(t.name for t in comp.inputs))
         ctx.progress(f"int8-static: calibrating on {len(cal.feeds)} {cal.source} sample(s), {config.method}")
@@ -58,7 +54,7 @@ class OnnxInt8StaticPass:
                                                "CalibTensorRangeSymmetric": True},
                                 calibration_providers=["CPUExecutionProvider"])
 
-        derived = _rewrite(ctx, write)
+        derived = rewrite_components(ctx, write)
         derived.details.update(calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8)
         return derived
 

@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from vlexport.contracts.backends import DeriveContext, Derived
+from vlexport.contracts.passes import register_pass
+from vlexport.contracts.precision import Int8WeightConfig
 from vlexport.errors import UsageError
-from vlexport.export.backend import DeriveContext, Derived
-from vlexport.quantize.onnx_passes import _rewrite
-from vlexport.quantize.passes import register_pass
-from vlexport.quantize.precision import Int8WeightConfig, get_precision
+from vlexport.quantize.onnx_rewrite import rewrite_components
 
 MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits
 
@@ -211,17 +211,15 @@ class OnnxInt8WeightPass:
 
     def derive(self, ctx: DeriveContext) -> Derived:
         check_runtime()
-        config = get_precision(ctx.job.precision)
+        config = ctx.job.precision
         assert isinstance(config, Int8WeightConfig)
-        if ctx.job.block_size is not None:
-            config = Int8WeightConfig(block_size=ctx.job.block_size)
         counts: dict[str, int] = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # external data where the parent had it: the writer streams into it, one weight at a time
             counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
 
-        derived = _rewrite(ctx, write)
+        derived = rewrite_components(ctx, write)
         if not any(counts.values()):
             raise UsageError("int8-weight found no MatMul with a constant weight in this artifact: nothing to "
                              "quantize. Use --precision fp16 or int8-dynamic.")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlexport.contracts.backends import get_backend
 from vlexport.errors import CheckError, UsageError
-from vlexport.export.backend import get_backend
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,11 @@ from vlexport.errors import CheckError, UsageError
 from vlexport.models.generative import GenerationRecipe
 from vlexport.runtime.decode import SearchSettings, search
 from vlexport.runtime.decoder_session import DecoderSession, input_dtypes
+
+if TYPE_CHECKING:
+    from vlexport.models.base import ComponentSpec
+    from vlexport.runtime import Artifact
+
 
 
 @dataclass
@@ -84,7 +89,7 @@ class Generator:
     text in / text out lives in runtime/run.py.
     """
 
-    def __init__(self, artifact: Any, config: Any | None = None):
+    def __init__(self, artifact: Artifact, config: Any | None = None):
         task = artifact.task_spec
         if not task.generative or task.generation is None:
             raise UsageError(f"{artifact.directory} holds a {artifact.manifest.task!r} artifact, which does not "
@@ -206,7 +211,7 @@ class Generator:
         return np.dtype(np.float32)
 
 
-def _decoder_session(component: Any, spec: Any) -> Any:
+def _decoder_session(component: Any, spec: ComponentSpec) -> Any:
     """The decoder's DecodeStep source: a static-cache package (runtime/static_step.py) or a past-in/present-out
     graph (runtime/decoder_session.py), told apart by the inputs the package declares."""
     from vlexport.runtime.static_step import StaticDecoderSession, is_static_decoder
@@ -219,7 +224,7 @@ def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
     return array if dtype is None else np.asarray(array).astype(dtype, copy=False)
 
 
-def check_components_match_manifest(artifact: Any) -> None:
+def check_components_match_manifest(artifact: Artifact) -> None:
     """Every loaded graph must declare the inputs/outputs its manifest entry records (swapped files fail here)."""
     for name, comp in artifact.manifest.components.items():
         loaded = artifact.components.get(name)

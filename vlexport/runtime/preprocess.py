@@ -9,13 +9,17 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlexport.errors import CheckError, UsageError
 from vlexport.models import get_family
 from vlexport.userdata import brief, finite, kind_of, read_json
+
+if TYPE_CHECKING:
+    from vlexport.manifest import Manifest
+
 
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what the BLIP / CLIP processors use
 
@@ -30,7 +34,7 @@ class ImageSettings:
     source: str = "defaults"  # or "preprocessor_config.json"
 
 
-def image_settings(directory: Path, manifest: Any) -> ImageSettings:
+def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
     if manifest.image_size is None:
         raise UsageError(f"{directory}: the manifest records no image_size; this artifact takes no images.")
     if not 1 <= manifest.image_size <= 16384:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from vlexport.models import get_family
 from vlexport.runtime import load_artifact
 from vlexport.runtime.preprocess import image_settings, load_image
 from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
+
+if TYPE_CHECKING:
+    from vlexport.runtime import Artifact
+
 
 
 @dataclass
@@ -71,7 +75,7 @@ def _check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int |
                          "whose recipe has none, so --text is already used as is. Drop --raw-prompt.")
 
 
-def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_tokens: int | None,
+def _generate(artifact: Artifact, pixels: np.ndarray, texts: Sequence[str], max_new_tokens: int | None,
               num_beams: int | None, raw_prompt: bool) -> RunResult:
     from vlexport.runtime.generate import Generator
 
@@ -117,7 +121,7 @@ def _prompt_ids(text: str | None, tokenizer: ArtifactTokenizer | None, s: dict[s
 
 
 # ---------------------------------------------------------------- ITM / ITC scores
-def _scores(artifact: Any, pixels: np.ndarray, texts: Sequence[str]) -> RunResult:
+def _scores(artifact: Artifact, pixels: np.ndarray, texts: Sequence[str]) -> RunResult:
     spec, manifest = artifact.task_spec, artifact.manifest
     if spec.scores is None:  # e.g. masked-LM logits or plain features
         raise UsageError(f"`vlexport run` has no image-text scores for {manifest.family} {manifest.task} (its outputs "

@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlexport.errors import CheckError, UsageError
 from vlexport.userdata import brief, kind_of, read_json
+
+if TYPE_CHECKING:
+    from vlexport.manifest import Manifest
+
 
 PLACEHOLDER_NOTE = ("deterministic byte-level placeholder written by vlexport because the weights are random and "
                     "the source has no tokenizer: token ids are stable, generated text is not meaningful")
@@ -100,7 +104,7 @@ TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map
 class ArtifactTokenizer:
     """Text <-> ids with the artifact's tokenizer files (copied or placeholder)."""
 
-    def __init__(self, directory: Path, manifest: Any):
+    def __init__(self, directory: Path, manifest: Manifest):
         self.kind = manifest.tokenizer.get("kind", "none")
         if self.kind == "none":
             raise UsageError(f"{directory} has no tokenizer files (the export source had none). Export from a local "

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from vlexport.artifact import staged_dir
+from vlexport.contracts.backends import backend_names, get_backend
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import MANIFEST, Component, Manifest
 from vlexport.models import get_family
@@ -35,9 +36,6 @@ from vlexport.serve import triton_config as tc
 # Triton model names are directory names that clients put in URLs: keep to a safe alphabet.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SUFFIX = {".onnx": "model.onnx", ".plan": "model.plan", ".engine": "model.plan", ".pt2": "model.pt2"}
-# artifact backend -> serving backends that can run its files (the first is the default)
-_SERVES = {"onnx": ("onnxruntime", "python-onnxruntime"), "onnx-opt": ("onnxruntime", "python-onnxruntime"),
-           "tensorrt": ("tensorrt",), "aoti": ("pytorch",)}
 ARTIFACT_DIR = "artifact"  # inside a python model's version folder: the artifact's manifest and support files
 SERVE_JSON = "serve.json"  # inside a python model's version folder: what the model needs to know
 
@@ -83,10 +81,12 @@ def read_artifact(directory: Path) -> Manifest:
 
 
 def serving_backend(directory: Path, manifest: Manifest, requested: str | None) -> str:
-    allowed = _SERVES.get(manifest.backend)
-    if allowed is None:
+    # Each backend declares the serving backends that run its files (Backend.triton_backends, default first).
+    allowed = get_backend(manifest.backend).triton_backends if manifest.backend in backend_names() else ()
+    if not allowed:
+        served = sorted(n for n in backend_names() if get_backend(n).triton_backends)
         raise UsageError(f"{directory} is a {manifest.backend!r} artifact, which `vlexport triton` cannot serve "
-                         f"(it serves {', '.join(sorted(_SERVES))} artifacts).")
+                         f"(it serves {', '.join(served)} artifacts).")
     if requested is None:
         return allowed[0]
     if requested not in allowed:

@@ -1,7 +1,7 @@
 """Artifact vs eager: per-output errors for encoders, token agreement for generation. A miss is fatal.
 
 * :mod:`vlexport.validate.outputs`: encoder artifacts, per output and shape, tolerances from the precision
-  configs (quantize/precision.py);
+  configs (contracts/precision.py);
 * :mod:`vlexport.validate.generation`: generative artifacts, tokens vs HF ``generate()``.
 
 Both produce a :class:`vlexport.manifest.ValidationReport`. The eager side runs first and the model can be
@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
@@ -22,6 +22,10 @@ from vlexport.errors import ValidationError
 from vlexport.manifest import Manifest, ValidationReport
 from vlexport.models.base import TaskSpec
 from vlexport.validate.outputs import compare_outputs, output_references
+
+if TYPE_CHECKING:
+    from vlexport.runtime import Artifact
+
 
 ArtifactCheck = Callable[[Any], ValidationReport]
 
@@ -40,8 +44,8 @@ def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
         return lambda artifact: compare_generation(gen_refs, artifact)
     refs = output_references(model, task)
 
-    def check(artifact: Any) -> ValidationReport:
-        report = compare_outputs(refs, artifact.run, precision=artifact.manifest.precision)
+    def check(artifact: Artifact) -> ValidationReport:
+        report = compare_outputs(refs, artifact.run, precision=artifact.manifest.precision_config)
         if report.accuracy is not None:  # where int8-static's scales came from (never these inputs)
             report.accuracy.calibration = (artifact.manifest.derived_from or {}).get("calibration")
         return report
@@ -73,7 +77,7 @@ def validate_directory(directory: str | Path, *, device: str = "cpu") -> Validat
     return check(load_artifact(directory, manifest=manifest, device=device))
 
 
-def validate_artifact(model: PreTrainedModel, artifact: Any) -> ValidationReport:
+def validate_artifact(model: PreTrainedModel, artifact: Artifact) -> ValidationReport:
     """Generation agreement for generative tasks, per-output errors otherwise."""
     return eager_references(model, artifact.task_spec)(artifact)
 

@@ -9,7 +9,7 @@ Built from validation's own checks (the seeded validation inputs, never a calibr
 * generation: the share of greedy samples whose tokens equal fp32's, the mean first-divergence step,
   the per-step logit cosine up to the first divergence; beam agreement is reported beside it.
 
-Thresholds are the precision config's :class:`Tolerance` (quantize/precision.py): cosine >= min_cosine
+Thresholds are the precision config's :class:`Tolerance` (contracts/precision.py): cosine >= min_cosine
 on every output (for generation: on every step's logits), agreement >= min_agreement. A sample whose
 tokens diverge where the reference's top-2 logit gap is within twice the artifact's logit error there
 (a near-tie: fp32 itself barely prefers its token) counts as agreeing; the logit cosine still has to pass.
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from vlexport.contracts.precision import Tolerance
 from vlexport.manifest import AccuracyReport, ValidationReport
-from vlexport.quantize.precision import Tolerance
 
 # What an argmax agreement means, per task name (the kinds models/ declare are generic: "argmax").
 TASK_LABELS = {"itm": "ITM argmax", "itc": "ITC retrieval rank@1 over the batch", "mlm": "MLM top-1",

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.contracts.precision import Tolerance
 from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
-from vlexport.quantize.precision import Tolerance, get_precision
 from vlexport.validate.outputs import noise_level
+
+if TYPE_CHECKING:
+    from vlexport.runtime import Artifact
+
 
 SAMPLES = 4
 BATCH_SIZES = (1, 4)
@@ -93,12 +97,12 @@ def generation_references(model: PreTrainedModel, task: Any, *, samples: int = S
     return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
 
 
-def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationReport:
+def compare_generation(refs: GenerationReferences, artifact: Artifact) -> ValidationReport:
     """Run the artifact's generation loop on the references' samples; return a validation report."""
     from vlexport.runtime.generate import Generator
 
     precision = artifact.manifest.precision
-    tol = get_precision(precision).tolerance
+    tol = artifact.manifest.precision_config.tolerance
     generator = Generator(artifact, config=refs.config)
     checks: list[TokenCheck] = []
     ref_tokens: list[np.ndarray] = []
@@ -109,8 +113,10 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
                                  output_logits=True)
         if case.mode == "greedy":
             ref_tokens.append(case.sequences[:, got.prompt_length:])
-        case_checks = compare_case(case.shape, case.rows, case.sequences, got.sequences, got.prompt_length,
-                               case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
+        case_checks, case_pairs = compare_case(case.shape, case.rows, case.sequences, got.sequences,
+                                               got.prompt_length, case.logits, got.logits, case.beams,
+                                               got.beam_margins)
+        logit_pairs += case_pairs
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
     mark_greedy_near_ties(checks, logit_pairs)
@@ -131,7 +137,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
     return report
 
 
-def validate_generation(model: PreTrainedModel, artifact: Any, **kwargs: Any) -> ValidationReport:
+def validate_generation(model: PreTrainedModel, artifact: Artifact, **kwargs: Any) -> ValidationReport:
     """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
     return compare_generation(generation_references(model, artifact.task_spec, **kwargs), artifact)
 
@@ -148,9 +154,12 @@ def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> d
 
 def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
              ref_logits: list[np.ndarray], got_logits: list[np.ndarray], beams: int,
-             logit_pairs: list[tuple[np.ndarray, np.ndarray]],
-             beam_margins: Sequence[np.ndarray] = ()) -> list[TokenCheck]:
+             beam_margins: Sequence[np.ndarray] = ()
+             ) -> tuple[list[TokenCheck], list[tuple[np.ndarray, np.ndarray]]]:
+    """One case's token checks, and the (reference, artifact) logit rows compared per step (the run's noise
+    level and logits gate read them)."""
     out = []
+    logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
     first_div: int | None = None
     divergences = []
     for i, sample in enumerate(rows):
@@ -220,7 +229,7 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             check.detail = (f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
                             f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}")
         out.append(check)
-    return out
+    return out, logit_pairs
 
 
 def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:

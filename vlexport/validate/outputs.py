@@ -2,7 +2,7 @@
 
 The reference is always the eager PyTorch model in fp32 on the same seeded inputs, at several batch
 sizes and sequence lengths other than the export example, with padded attention masks. Tolerances come
-from the precision configs (quantize/precision.py).
+from the precision configs (contracts/precision.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.contracts.precision import PrecisionConfig, Tolerance
 from vlexport.manifest import ValidationReport
 from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import VALIDATION_SHAPES, InputShape
-from vlexport.quantize.precision import Tolerance, get_precision
 
 # Outputs whose values barely vary carry no signal: a comparison against them passes trivially.
 DEGENERATE_STD = 1e-6
@@ -129,9 +129,9 @@ def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequenc
     return OutputReferences(component, dict(task.agreement), tuple(shapes), inputs, outputs, task.name)
 
 
-def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -> ValidationReport:
+def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: PrecisionConfig) -> ValidationReport:
     """Run ``runner`` (the artifact) on the references' inputs; per-output checks at each shape."""
-    tol = get_precision(precision).tolerance
+    tol = precision.tolerance
     checks: list[OutputCheck] = []
     got = [runner(x) for x in refs.inputs]
     noise = {name: noise_level([(ref[name], g[name]) for ref, g in zip(refs.outputs, got) if name in g])
@@ -144,11 +144,11 @@ def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: str) -
         checks.append(OutputCheck("all", name, "degenerate", False,
                                   detail=f"reference output is ~constant (std < {DEGENERATE_STD:g}); the "
                                          "comparison would pass trivially. Check the weights' initialisation."))
-    result = report(checks, precision, tol, refs.shapes)
+    result = report(checks, precision.name, tol, refs.shapes)
     if tol.min_cosine is not None:  # reduced precisions: the accuracy report (validate/accuracy.py)
         from vlexport.validate.accuracy import outputs_accuracy
 
-        result.accuracy = outputs_accuracy(result.checks, refs.agreement, refs.task, precision, tol)
+        result.accuracy = outputs_accuracy(result.checks, refs.agreement, refs.task, precision.name, tol)
     return result
 
 

@@ -1,19 +1,32 @@
-"""One definition per precision: a frozen config carrying its dtype, tolerance row and the backends it applies to.
+"""One definition per precision: a frozen config carrying every fact about it, and its knobs.
 
-The shape is torchao's (``Int8WeightOnlyConfig(group_size=...)``): a precision is a small dataclass whose
-fields are the scheme's knobs, validated in ``__post_init__``; what every instance of a precision shares
-(its name, the dtype of its float tensors, how validation judges it, where it can be built) are class
-attributes. Validation's tolerance table, the benchmark's dtypes and TensorRT's builder flags are all
-read from here (docs/ARCHITECTURE.md, "a new precision"). Imports nothing heavy: the CLI lists these
-without importing torch.
+The shape is torchao's (``quantize_(model, Int8WeightOnlyConfig(group_size=32))``): a precision is a small
+dataclass whose fields are the scheme's knobs, validated in ``__post_init__``; what every instance of a
+precision shares (its name, weight bits, activation dtype, compute kind, how validation judges it, where it
+can be built, TensorRT's builder flags) are class attributes. The instance is the parameter: the CLI builds
+it once with its knobs (:meth:`PrecisionConfig.with_knobs`), and that object travels through ``ExportJob``,
+the passes, validation and the manifest (which records :meth:`~PrecisionConfig.knobs` and reads them back
+with :func:`precision_from_record`). A name is resolved (:func:`get_precision`) only where it enters the
+program: CLI parsing, suite files, manifest reading. Imports nothing heavy: the CLI lists these without
+importing torch (docs/ARCHITECTURE.md, "A new precision").
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlexport.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlexport.manifest import Manifest
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -39,14 +52,17 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Base of the precision configs; subclasses set the class attributes below."""
+    """Base of the precision configs; subclasses set the class attributes below and declare knobs as fields."""
 
     name: ClassVar[str]
     # numpy-style name of the artifact's float activations ("float32", "float16", "bfloat16"); int8 schemes
     # quantize weights (and maybe activations inside the graph) but keep float32 at the graph's boundary.
     dtype: ClassVar[str]
+    weight_bits: ClassVar[int]  # storage width of a weight element (scales add under 1%): sizes and decode bytes
+    # What the matmuls compute in ("fp32", "fp16", "bf16", "int8"): the GEMM peak a bench row is judged against.
+    compute: ClassVar[str]
     tolerance: ClassVar[Tolerance]
-    # Where this precision can be produced today: export-backend names (export/backend.py) and the bench's
+    # Where this precision can be produced today: export-backend names (contracts/backends.py) and the bench's
     # torch runners (eager, compile).
     backends: ClassVar[tuple[str, ...]]
     tensorrt_flags: ClassVar[tuple[str, ...]] = ()  # trt.BuilderFlag names to set
@@ -54,15 +70,67 @@ class PrecisionConfig:
     description: ClassVar[str] = ""
 
     @property
-    def torch_dtype(self) -> Any:
+    def activation_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.weight_bits / 8
+
+    @property
+    def quantizes_weights(self) -> bool:
+        """Weights are stored narrower than the activations: a quantization scheme, not a cast."""
+        return self.weight_bits < 8 * self.activation_bytes
+
+    @property
+    def peak_kind(self) -> str:
+        """The GEMM peak (bench/peaks.py) a compute-bound row of this precision is judged against."""
+        return f"{self.compute}-gemm"
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
         """The torch dtype a torch module is cast to for this precision (None: weights are quantized instead)."""
         import torch
 
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.dtype) \
-            if not self.name.startswith("int8") else None
+        return None if self.quantizes_weights else getattr(torch, self.dtype)
 
     def applies_to(self, backend: str) -> bool:
         return backend in self.backends
+
+    # ---------------------------------------------------------------- knobs
+    def knobs(self) -> dict[str, Any]:
+        """The knob values as plain JSON data (what the manifest records beside the name)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+    def with_knobs(self, **given: Any) -> PrecisionConfig:
+        """A copy with the knobs the user gave (None: not given); a knob this precision lacks is a UsageError
+        naming the precisions that take it (``--block-size`` on fp16 is refused, not ignored)."""
+        given = {k: v for k, v in given.items() if v is not None}
+        own = {f.name for f in dataclasses.fields(self)}
+        for knob in given:
+            if knob not in own:
+                takers = [c.name for c in PRECISIONS.values() if knob in {f.name for f in dataclasses.fields(c)}]
+                raise UsageError(f"--{knob.replace('_', '-')} applies to --precision {' or '.join(takers)}, not "
+                                 f"{self.name}. Drop the option.")
+        return dataclasses.replace(self, **given)
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        """Refuse (UsageError) what this precision cannot build from ``artifact`` (a parent's manifest; None when
+        a model is exported) with ``backend``, before any work."""
+        return
+
+    def describe_knobs(self) -> str:
+        """The knobs that differ from the defaults, for messages ("block_size=128"), or ""."""
+        default = type(self)()
+        return ", ".join(f"{k}={v}" for k, v in self.knobs().items() if v != default.knobs().get(k))
+
+
+def _path_knob(config: PrecisionConfig, name: str) -> None:
+    """A path knob read back from a manifest (a string) becomes a Path again."""
+    value = getattr(config, name)
+    if value is not None and not isinstance(value, Path):
+        object.__setattr__(config, name, Path(value))
 
 
 # Tolerances. fp32: the exporters reorder float ops (fused matmuls, other reduction orders), so relative
@@ -74,6 +142,8 @@ class PrecisionConfig:
 class Fp32Config(PrecisionConfig):
     name: ClassVar[str] = "fp32"
     dtype: ClassVar[str] = "float32"
+    weight_bits: ClassVar[int] = 32
+    compute: ClassVar[str] = "fp32"
     tolerance: ClassVar[Tolerance] = Tolerance(atol=1e-4, rtol=1e-4)
     backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "onnx-opt", "aoti", "tensorrt")
     # TF32 is on by default in TensorRT; its 10-bit mantissa misses fp32 tolerances.
@@ -85,8 +155,10 @@ class Fp32Config(PrecisionConfig):
 class Fp16Config(PrecisionConfig):
     name: ClassVar[str] = "fp16"
     dtype: ClassVar[str] = "float16"
+    weight_bits: ClassVar[int] = 16
+    compute: ClassVar[str] = "fp16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.999, min_agreement=0.99)
-    # onnx: quantize/onnx_passes.py; aoti: export/compile.py casts the modules (I/O stays fp32)
+    # onnx: quantize/onnx_fp16.py; aoti: export/aoti.py casts the modules (I/O stays fp32)
     backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "onnx", "aoti", "tensorrt")
     tensorrt_flags: ClassVar[tuple[str, ...]] = ("FP16",)
     description: ClassVar[str] = "half precision weights and activations"
@@ -96,8 +168,10 @@ class Fp16Config(PrecisionConfig):
 class Bf16Config(PrecisionConfig):
     name: ClassVar[str] = "bf16"
     dtype: ClassVar[str] = "bfloat16"
+    weight_bits: ClassVar[int] = 16
+    compute: ClassVar[str] = "bf16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/compile.py casts the modules
+    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/aoti.py casts the modules
     description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
 
 
@@ -113,15 +187,28 @@ class Int8DynamicConfig(PrecisionConfig):
     # (vpmaddubsw), which 8-bit weights overflow; measured on an AVX2 EPYC, tiny BridgeTower ITM logits fell
     # to cosine 0.974 with 8 bits and kept 0.9996 with 7. The artifact does not know the CPU it will run on.
     reduce_range: bool = True
+    # --smooth's calibration set: a directory of images (and .txt prompts); None: a seeded synthetic set
+    calibration: Path | None = None
     name: ClassVar[str] = "int8-dynamic"
     dtype: ClassVar[str] = "float32"
+    weight_bits: ClassVar[int] = 8
+    compute: ClassVar[str] = "int8"  # activations quantized per call: int8 GEMMs
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
-    backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_passes.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx",)  # quantize/onnx_dynamic.py
     description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
 
     def __post_init__(self) -> None:
+        _path_knob(self, "calibration")
         if self.smooth is not None and not 0 < self.smooth < 1:
             raise UsageError(f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}.")
+        if self.calibration is not None and self.smooth is None:
+            raise UsageError("--calibration applies to --precision int8-static (calibrated activations) or "
+                             "int8-dynamic --smooth, not plain int8-dynamic. Drop the option or add --smooth.")
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        if self.smooth is not None and artifact is not None and len(artifact.components) != 1:
+            raise UsageError("--smooth calibrates encoder artifacts (one component); for generative artifacts use "
+                             "--precision int8-weight.")
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -133,8 +220,11 @@ class Int8StaticConfig(PrecisionConfig):
 
     method: str = "minmax"
     reduce_range: bool = True  # 7-bit weights, as Int8DynamicConfig says why
+    calibration: Path | None = None  # a directory of images (and .txt prompts); None: a seeded synthetic set
     name: ClassVar[str] = "int8-static"
     dtype: ClassVar[str] = "float32"
+    weight_bits: ClassVar[int] = 8
+    compute: ClassVar[str] = "int8"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
     backends: ClassVar[tuple[str, ...]] = ("onnx", "tensorrt")  # onnx: quantize/onnx_static.py (QDQ)
     # int8 layers that TensorRT cannot run in int8 fall back to fp16, not fp32.
@@ -142,8 +232,17 @@ class Int8StaticConfig(PrecisionConfig):
     description: ClassVar[str] = "int8 weights and activations, calibrated scales"
 
     def __post_init__(self) -> None:
+        _path_knob(self, "calibration")
         if self.method not in CALIBRATION_METHODS:
             raise UsageError(f"Unknown calibration method {self.method!r}: choose {', '.join(CALIBRATION_METHODS)}.")
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        # A decoder step's calibration would need the cache of real generations.
+        if artifact is not None and (len(artifact.components) != 1 or artifact.generation) and backend == "onnx":
+            raise UsageError(f"int8-static calibrates encoder artifacts (one component); this is a "
+                             f"{'generative ' if artifact.generation else ''}{artifact.task} artifact "
+                             f"({', '.join(artifact.components)}). Use --precision int8-weight (weights only, any "
+                             "component) or int8-dynamic.")
 
 
 @dataclass(frozen=True)
@@ -162,8 +261,10 @@ class Int8WeightConfig(PrecisionConfig):
     symmetric: bool = False  # a zero point per block: the full 256 levels for skewed blocks
     name: ClassVar[str] = "int8-weight"
     dtype: ClassVar[str] = "float32"
+    weight_bits: ClassVar[int] = 8
+    compute: ClassVar[str] = "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/compile.py
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
     description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
@@ -174,40 +275,44 @@ class Int8WeightConfig(PrecisionConfig):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
 
-@dataclass(frozen=True)
-class Int8BnbConfig(PrecisionConfig):
-    """bitsandbytes LLM.int8 (``load_in_8bit=True``, as BLIP-2's docs load it on one GPU): the baseline users
-    know. Eager only, CUDA only (quantize/bnb.py); int8 matmuls with fp16 outlier columns."""
-
-    threshold: float = 6.0  # LLM.int8's outlier threshold (BitsAndBytesConfig.llm_int8_threshold)
-    name: ClassVar[str] = "int8-bnb"
-    dtype: ClassVar[str] = "float16"  # the non-quantized modules run in fp16
-    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ("eager",)
-    description: ClassVar[str] = "bitsandbytes LLM.int8 (load_in_8bit), eager on CUDA"
-
-    def __post_init__(self) -> None:
-        if not self.threshold > 0:
-            raise UsageError(f"threshold must be positive, got {self.threshold}.")
-
-
 # The registry: every precision by name, with its default knobs.
 PRECISIONS: dict[str, PrecisionConfig] = {
     c.name: c for c in (Fp32Config(), Fp16Config(), Bf16Config(), Int8DynamicConfig(), Int8StaticConfig(),
-                        Int8WeightConfig(), Int8BnbConfig())
+                        Int8WeightConfig())
 }
 # Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).
 ALIASES = {"int8": "int8-static"}
 
 
-def get_precision(name: str | PrecisionConfig) -> PrecisionConfig:
-    if isinstance(name, PrecisionConfig):
-        return name
+def get_precision(name: str) -> PrecisionConfig:
+    """The config of a precision name as a user or a file spells it, with default knobs (names enter here)."""
     config = PRECISIONS.get(ALIASES.get(name, name))
     if config is None:
         raise UsageError(f"Unknown precision {name!r}: choose from {', '.join(PRECISIONS)}.")
     return config
 
 
+def precision_from_record(name: str, knobs: Mapping[str, Any] | None) -> PrecisionConfig:
+    """The config a manifest recorded (name + knobs); knobs it no longer has are dropped (older manifests)."""
+    config = get_precision(name)
+    own = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in (knobs or {}).items() if k in own})
+
+
 def precisions_for_backend(backend: str) -> tuple[str, ...]:
     return tuple(name for name, c in PRECISIONS.items() if c.applies_to(backend))
+
+
+def precision_names(*, aliases: bool = False) -> tuple[str, ...]:
+    """Every registered name (and the aliases users may type), for CLI choices."""
+    return (*PRECISIONS, *ALIASES) if aliases else tuple(PRECISIONS)
+
+
+def register_precision(config: PrecisionConfig) -> PrecisionConfig:
+    """Add ``config`` (default knobs) under its name; tests register throwaway precisions the same way."""
+    PRECISIONS[config.name] = config
+    return config
+
+
+def unregister_precision(name: str) -> None:
+    PRECISIONS.pop(name, None)

@@ -20,9 +20,16 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
 from vlexport.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from vlexport.manifest import Component, Manifest
+    from vlexport.models.base import ComponentSpec, FamilySpec, TaskSpec
 
 ComponentFn = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[[str], None]
@@ -38,7 +45,8 @@ class ExportJob:
     output: Path | None  # None: ./<model>-<task>-<backend>
     backend: str = "onnx"
     task: str | None = None
-    precision: str = "fp32"
+    # the precision config with its knobs (contracts/precision.py), built once where the name entered
+    precision: PrecisionConfig = field(default_factory=Fp32Config)
     random_weights: bool = False
     seed: int = 0
     # glob patterns of checkpoint tensors that may be absent and freshly (seeded) initialised, e.g. a new head
@@ -47,12 +55,7 @@ class ExportJob:
     force: bool = False
     validate: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # backend options (Backend.options names them)
-    # precision passes (quantize/): a calibration directory and method (int8-static), and whether a variant
-    # below its accuracy thresholds is kept, marked degraded in the manifest (--accept-degraded)
-    calibration: Path | None = None
-    method: str | None = None
-    smooth: float | None = None  # int8-dynamic: SmoothQuant alpha (quantize/smoothing.py)
-    block_size: int | None = None  # int8-weight: weights per scale (default Int8WeightConfig.block_size)
+    # reduced precisions: a variant below its accuracy thresholds is kept, marked degraded (--accept-degraded)
     accept_degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by the orchestrator
 
@@ -60,6 +63,9 @@ class ExportJob:
         self.output = Path(self.output) if self.output is not None else None
         self.kernels = tuple(self.kernels)
         self.allow_new_weights = tuple(self.allow_new_weights)
+        if not isinstance(self.precision, PrecisionConfig):
+            raise TypeError(f"ExportJob.precision takes a PrecisionConfig (contracts.precision.get_precision at the "
+                            f"place the name enters), got {self.precision!r}")
         unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
         if unknown:
             raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
@@ -73,19 +79,19 @@ class DeriveContext:
     """What a derived backend gets: the parent artifact, the staging directory, and the task it serves."""
 
     parent_dir: Path
-    parent: Any  # manifest.Manifest of the parent artifact
+    parent: Manifest  # of the parent artifact
     out_dir: Path  # the staging directory: write the new component files here
     job: ExportJob
-    task_spec: Any  # models.TaskSpec
-    family: Any  # models.FamilySpec
-    config: Any  # the HF config (calibration inputs need it)
+    task_spec: TaskSpec
+    family: FamilySpec
+    config: PretrainedConfig  # the HF config (calibration inputs need it)
     progress: Progress = lambda msg: None
     parent_is_scratch: bool = False  # the parent was built for this export only: its files may be moved
 
 
 @dataclass
 class Derived:
-    components: dict[str, Any]  # name -> manifest.Component
+    components: dict[str, Component]
     details: dict[str, Any] = field(default_factory=dict)  # recorded in manifest.derived_from (e.g. TRT shapes)
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
 
@@ -99,14 +105,16 @@ class Backend(Protocol):
     validation_device: str  # where validation runs the artifact: "cpu" | "cuda"
     description: str
     # The precisions it builds. None (the built-ins): the precision configs' ``backends`` say
-    # (quantize/precision.py); a backend registered from outside declares its own.
+    # (contracts/precision.py); a backend registered from outside declares its own.
     precisions: tuple[str, ...] | None
+    # Triton Inference Server backends that run its files, the default first (``vlexport triton``); () = none
+    triton_backends: tuple[str, ...]
 
     def check(self, job: ExportJob) -> None:
         """Fail (UsageError) before any work: a missing toolchain or device, a bad option value."""
 
-    def export_component(self, module: Any, spec: Any, example: Mapping[str, Any], path: Path, job: ExportJob,
-                         translation_table: Mapping[Any, Any]) -> Any:
+    def export_component(self, module: Any, spec: ComponentSpec, example: Mapping[str, Any], path: Path,
+                         job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
         """Base backends: export ``module`` (forward(*inputs) -> tuple) to ``path``; return a manifest.Component."""
 
     def derive(self, ctx: DeriveContext) -> Derived:
@@ -129,12 +137,13 @@ class BackendBase:
     validation_device = "cpu"
     description = ""
     precisions: tuple[str, ...] | None = None
+    triton_backends: tuple[str, ...] = ()
 
     def check(self, job: ExportJob) -> None:
         return None
 
-    def export_component(self, module: Any, spec: Any, example: Mapping[str, Any], path: Path, job: ExportJob,
-                         translation_table: Mapping[Any, Any]) -> Any:
+    def export_component(self, module: Any, spec: ComponentSpec, example: Mapping[str, Any], path: Path,
+                         job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
         raise UsageError(f"Backend {self.name} is built from a {self.parent} artifact, not exported from torch.")
 
     def derive(self, ctx: DeriveContext) -> Derived:
@@ -147,7 +156,7 @@ class BackendBase:
 BUILTIN: dict[str, str] = {
     "onnx": "vlexport.export.onnx",
     "onnx-opt": "vlexport.export.onnx_optimized",
-    "aoti": "vlexport.export.compile",
+    "aoti": "vlexport.export.aoti",
     "tensorrt": "vlexport.export.tensorrt",
 }
 # Earlier spellings users may still type; never written anywhere.
@@ -158,7 +167,7 @@ _REGISTRY: dict[str, Backend] = {}
 def register_backend(backend: Backend) -> Backend:
     """Add ``backend`` under ``backend.name`` (tests register throwaway backends the same way)."""
     if not isinstance(backend, Backend):
-        raise TypeError(f"{backend!r} does not implement the Backend protocol (export/backend.py)")
+        raise TypeError(f"{backend!r} does not implement the Backend protocol (contracts/backends.py)")
     if backend.parent is not None and backend.parent == backend.name:
         raise ValueError(f"backend {backend.name} cannot derive from itself")
     _REGISTRY[backend.name] = backend
@@ -173,8 +182,6 @@ def backend_precisions(backend: Backend) -> tuple[str, ...]:
     """What ``backend`` builds: its own declaration, else every precision config that names it."""
     if getattr(backend, "precisions", None) is not None:
         return tuple(backend.precisions)
-    from vlexport.quantize.precision import precisions_for_backend
-
     return precisions_for_backend(backend.name)
 
 

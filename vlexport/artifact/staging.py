@@ -1,37 +1,35 @@
-"""Atomic artifact directories: build in a sibling temp dir, rename into place only on success.
-
-Every writer goes through here: a failure, Ctrl-C, SIGTERM or SIGHUP leaves nothing behind, two never share a target.
-
-- ``output_scope`` turns signals into :class:`~vlexport.errors.Interrupted` and owns the locks taken inside it.
-- The lock is ``fcntl.flock`` on ``.<name>.lock`` beside the target, held from ``check_output_dir`` to the
-  final rename and then removed. A second writer fails at once, ``--force`` or not: ``--force`` replaces a
-  finished artifact, never one that another process is still writing (waiting could mean tens of minutes
-  behind a TensorRT build; serialise on purpose with ``flock(1)``). flock dies with its process, so SIGKILL
-  leaves no stale lock, only the file, which the next writer reuses and removes.
-- Staging dirs are ``.<name>.<pid>-<host>.<random>.partial`` (``.parent.partial``: a derived backend's scratch):
-  the lock's holder removes those killed writers left; :func:`describe_partial` says what one is.
-"""
+"""Staging: build in a sibling ``.<name>.<pid>-<host>.<random>.partial`` directory, rename into place only on
+success; checks before the work (the output path, free space), the partials killed writers left, scratch
+directories for a derived build's parent, and report files written whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import shutil
-import socket
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlexport.artifact.locks import (
+    LOCAL,
+    PathLike,
+    acquire,
+    human_size,
+    output_scope,
+    unwritable_error,
+    writer_tag,
+)
 from vlexport.errors import SIGNALS, CheckError, UsageError, interrupts_as_exceptions, signals_held
 
-PathLike = str | Path
 Sources = PathLike | Iterable[PathLike | None] | None  # the model directories an output must stay out of
+
+
 _TAG_RE = r"(?P<pid>\d+)-(?P<host>[A-Za-z0-9-]*)"
+
+
 _STAGING_RES = (  # the last one: a release before the locks
     re.compile(rf"^\.(?P<name>.+)\.{_TAG_RE}\.[a-z0-9_]+\.(?P<kind>partial|parent\.partial)$"),
     re.compile(rf"^\.(?P<name>.+)\.{_TAG_RE}\.(?P<kind>old)$"),
@@ -39,118 +37,14 @@ _STAGING_RES = (  # the last one: a release before the locks
 )
 
 
-class _Local(threading.local):
-    """Per thread: the output locks held (by resolved path), the open output scopes, the live scratch dirs."""
-
-    def __init__(self) -> None:
-        self.locks: dict[str, _Lock] = {}
-        self.scopes: list[_Scope] = []
-        self.scratch: list[tuple[Path, Path]] = []  # (scratch dir, the user's output it serves)
-
-
-_LOCAL = _Local()
-
-
-# ---------------------------------------------------------------- output locks
-@dataclass
-class _Lock:
-    path: Path
-    fd: int
-    count: int = 1
-
-
-@dataclass
-class _Scope:
-    locks: list[str] = field(default_factory=list)
-    made: list[Path] = field(default_factory=list)  # parent dirs check_output_dir created (removed on failure)
-
-
-def lock_path(out: PathLike) -> Path:
-    out = Path(out)
-    return Path(os.path.abspath(out)).parent / f".{out.name}.lock"
-
-
-def _tag() -> str:
-    return f"{os.getpid()}-{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:40]}"
-
-
-def _acquire(out: Path, display: Path) -> None:
-    """Take (or, held by this thread already, re-enter) the lock of ``out``; fail at once when another holds it."""
-    key = str(out.resolve())
-    if key in _LOCAL.locks:
-        _LOCAL.locks[key].count += 1
-        return
-    path = lock_path(out)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise _unwritable(display, path.parent, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
-            os.close(fd)
-            who = "export in this process" if owner.startswith(f"pid {os.getpid()} ") else "vlexport process"
-            raise UsageError(f"Another {who} ({owner}) is writing {display}; wait for it or choose another -o "
-                             f"(its lock: {path}).") from None
-        # The previous holder removes the file as it lets go: the lock we got must be on the file still there.
-        with contextlib.suppress(FileNotFoundError):
-            st, now = os.fstat(fd), os.stat(path)
-            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
-                break
-        os.close(fd)
-    with contextlib.suppress(OSError):  # who holds it, for the loser's message; best effort on a full disk
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    _LOCAL.locks[key] = _Lock(path, fd)
-
-
-def _release(key: str) -> None:
-    lock = _LOCAL.locks[key]
-    lock.count -= 1
-    if lock.count == 0:
-        del _LOCAL.locks[key]
-        with contextlib.suppress(OSError):
-            lock.path.unlink()  # still holding it: a waiter that opened this file sees the inode change and retries
-        os.close(lock.fd)
-
-
-@contextlib.contextmanager
-def output_scope() -> Iterator[None]:
-    """Signals raise :class:`Interrupted` inside; locks ``check_output_dir`` takes are held, made parents undone."""
-    with interrupts_as_exceptions():
-        scope = _Scope()
-        _LOCAL.scopes.append(scope)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            _LOCAL.scopes.remove(scope)
-            with signals_held():
-                for key in reversed(scope.locks):
-                    _release(key)
-                for made in reversed(scope.made if not ok else []):
-                    with contextlib.suppress(OSError):
-                        made.rmdir()
-
-
 # ---------------------------------------------------------------- checks before the work
 def _display(out: Path) -> Path:
     """The path to name in messages: the user's output, never a scratch dir of ours."""
     absolute = Path(os.path.abspath(out))
-    for scratch, user_out in reversed(_LOCAL.scratch):
+    for scratch, user_out in reversed(LOCAL.scratch):
         if absolute == scratch or scratch in absolute.parents:
             return user_out
     return out
-
-
-def _unwritable(display: Path, where: Path, e: OSError) -> CheckError | UsageError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckError(f"No space left to write {display}: the filesystem of {where} is full "
-                          f"({_size(shutil.disk_usage(where).free)} free). Free some space or choose another -o.")
-    return UsageError(f"Cannot write to {display}: {where} is not writable ({e.strerror}). Choose another -o.")
 
 
 def _as_paths(source_dir: Sources) -> list[Path]:
@@ -188,8 +82,8 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
         raise UsageError(f"Cannot write to {display}: {parent} is a file, not a directory. Choose another -o.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write to {display}: {parent} is not writable. Choose another -o.")
-    if _LOCAL.scopes:
-        scope = _LOCAL.scopes[-1]
+    if LOCAL.scopes:
+        scope = LOCAL.scopes[-1]
         missing = [p for p in Path(os.path.abspath(out)).parents if not p.exists()]
         for d in reversed(missing):
             try:
@@ -197,9 +91,9 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
             except FileExistsError:
                 continue
             except OSError as e:
-                raise _unwritable(display, d.parent, e) from None
+                raise unwritable_error(display, d.parent, e) from None
             scope.made.append(d)
-        _acquire(out, display)
+        acquire(out, display)
         scope.locks.append(str(out.resolve()))
         clean_stale(out)
     if out.exists() and not force:
@@ -210,17 +104,9 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
 def _check_space(out: Path, display: Path, expected_bytes: int | None) -> None:
     free = shutil.disk_usage(Path(os.path.abspath(out)).parent).free
     if expected_bytes and free < expected_bytes:
-        raise CheckError(f"Not enough space for {display}: the artifact needs at least {_size(expected_bytes)} (its "
-                         f"weights alone) and its filesystem has {_size(free)} free. Free some space or choose "
+        raise CheckError(f"Not enough space for {display}: the artifact needs at least {human_size(expected_bytes)} (its "
+                         f"weights alone) and its filesystem has {human_size(free)} free. Free some space or choose "
                          "another -o; nothing was written.")
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def tree_bytes(path: PathLike) -> int:
@@ -254,7 +140,7 @@ def describe_partial(directory: PathLike) -> str | None:
     if info is None:
         return None
     writer = f"pid {info['pid']} on {info['host']}" if info["pid"] else "an earlier vlexport"
-    if info["pid"] and info["host"] == _tag().split("-", 1)[1]:
+    if info["pid"] and info["host"] == writer_tag().split("-", 1)[1]:
         try:
             os.kill(int(info["pid"]), 0)  # signal 0: only asks whether the process exists
             writer += ", still running"
@@ -276,7 +162,7 @@ def clean_stale(out: PathLike) -> list[Path]:
         info = parse_staging_name(entry.name)
         if info is None or info["name"] != out.name or not entry.is_dir():
             continue
-        if f"{info['pid']}-{info['host']}" == _tag():
+        if f"{info['pid']}-{info['host']}" == writer_tag():
             continue  # ours: a derived backend's scratch parent, still in use
         if info["kind"] == "old" and not out.exists():
             entry.rename(out)  # killed between its two renames: the previous artifact goes back
@@ -294,7 +180,7 @@ def _umask() -> int:
 
 def _make_staging(out: Path, suffix: str) -> Path:
     parent = Path(os.path.abspath(out)).parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_tag()}.", suffix=suffix, dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{writer_tag()}.", suffix=suffix, dir=parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should get the usual permissions
     return tmp
 
@@ -304,7 +190,7 @@ def _commit(tmp: Path, out: Path) -> None:
         tmp.rename(out)
         return
     # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
-    old = out.parent / f".{out.name}.{_tag()}.old"
+    old = out.parent / f".{out.name}.{writer_tag()}.old"
     shutil.rmtree(old, ignore_errors=True)
     out.rename(old)
     try:
@@ -339,14 +225,14 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
                 with signals_held():
                     tmp = _make_staging(out, ".partial")
             except OSError as e:
-                raise _unwritable(display, Path(os.path.abspath(out)).parent, e) from None
+                raise unwritable_error(display, Path(os.path.abspath(out)).parent, e) from None
             try:
                 yield tmp
             except BaseException as e:
                 if not _no_space(e):
                     raise
-                written = _size(tree_bytes(tmp))
-                need = f"at least {_size(expected_bytes)} (its weights alone)" if expected_bytes else "more"
+                written = human_size(tree_bytes(tmp))
+                need = f"at least {human_size(expected_bytes)} (its weights alone)" if expected_bytes else "more"
                 raise CheckError(f"No space left on the filesystem of {display} while writing the artifact: it needs "
                                  f"{need}; {written} had been written when the disk filled. Free some space or choose "
                                  "another -o; nothing was written.") from None
@@ -373,11 +259,11 @@ def scratch_dir(out: PathLike, *, expected_bytes: int | None = None) -> Iterator
         try:
             with signals_held():  # as in staged_dir: no signal between mkdtemp and the cleanup knowing of it
                 scratch = _make_staging(out, ".parent.partial")
-                _LOCAL.scratch.append((scratch, out))
+                LOCAL.scratch.append((scratch, out))
             yield scratch
         finally:
             if scratch is not None:
-                _LOCAL.scratch.remove((scratch, out))
+                LOCAL.scratch.remove((scratch, out))
                 with signals_held():
                     shutil.rmtree(scratch, ignore_errors=True)
 
@@ -387,7 +273,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     with interrupts_as_exceptions():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag()}.", suffix=".partial", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".partial", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -398,7 +284,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             with signals_held(), contextlib.suppress(OSError):
                 os.unlink(tmp)
             if _no_space(e):
-                raise CheckError(f"No space left on the filesystem of {path} to write it ({_size(len(data))}); "
+                raise CheckError(f"No space left on the filesystem of {path} to write it ({human_size(len(data))}); "
                                  "nothing was written. Free some space or choose another path.") from None
             raise
 

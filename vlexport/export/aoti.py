@@ -1,7 +1,7 @@
 """The ``aoti`` backend: torch.export -> AOTInductor package (``<component>.pt2``) per component.
 
 The component's dynamic axes are the ONNX spec's. The package carries its input/output names in its
-metadata, so the runtime loader (runtime/backends.py) needs nothing but the file. JIT ``torch.compile``
+metadata, so the runtime loader (runtime/components.py) needs nothing but the file. JIT ``torch.compile``
 has no artifact: it is a benchmark runner (bench/) built with :func:`jit_compile`.
 """
 
@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
+from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
-from vlexport.export.backend import BackendBase, ExportJob, register_backend
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
@@ -123,7 +124,6 @@ def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
 
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TORCHAO_HINT = ("--precision int8-weight for compiled packages needs torchao (its Int8WeightOnlyConfig): "
                 "`pip install torchao` (0.18 works with torch 2.13), then compile again.")
 DEFAULT_MAX_LENGTH = 64  # static KV-cache slots of generative packages (prompt + new tokens)
@@ -144,26 +144,30 @@ class CastIO(nn.Module):
         return tuple(o.float() if o.is_floating_point() else o for o in self.module(*args))
 
 
-def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, torch.Tensor], precision: str,
-                   device: str = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A copy of ``module`` on ``device`` in ``precision`` (fp16 / bf16: cast; int8-weight: torchao int8
+def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, torch.Tensor],
+                   precision: PrecisionConfig, device: str = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A copy of ``module`` on ``device`` in ``precision`` (a float dtype: cast; int8 weights: torchao int8
     weight-only linears, quantized where they will run)."""
     module = copy.deepcopy(module).to(device)  # the eager model stays fp32 on the CPU: the validation reference
     caches = frozenset(n for n in spec.inputs if n.startswith("cache."))
-    if precision == "int8-weight":
+    if precision.quantizes_weights:
+        if precision.weight_bits != 8:
+            raise UsageError(f"AOTInductor packages quantize weights to 8 bits only (torchao), not "
+                             f"{precision.weight_bits} ({precision.name}).")
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except ImportError:
             raise MissingToolchain(TORCHAO_HINT) from None
         quantize_(module, Int8WeightOnlyConfig())
         return module, example
-    dtype = _DTYPES[precision]
+    dtype = precision.torch_dtype
     example = {k: v.to(dtype) if k in caches else v for k, v in example.items()}
     return CastIO(module.to(dtype), dtype, spec.inputs, caches), example
 
 
 class AotiBackend(BackendBase):
     name = "aoti"
+    triton_backends = ("pytorch",)
     suffix = ".pt2"
     options: ClassVar[dict[str, Any]] = {"mode": "default", "device": "cpu", "max_length": DEFAULT_MAX_LENGTH,
                                          "max_batch": DEFAULT_MAX_BATCH}
@@ -180,7 +184,7 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--max-length {job.option('max_length')}: give 16..32768 static cache slots.")
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
-        if job.precision == "int8-weight" and importlib.util.find_spec("torchao") is None:
+        if job.precision.quantizes_weights and importlib.util.find_spec("torchao") is None:
             raise MissingToolchain(TORCHAO_HINT)
 
     def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
@@ -194,7 +198,7 @@ class AotiBackend(BackendBase):
                                                    max_batch=max_batch)
             metadata[META_STATIC] = json.dumps({"max_length": max_length, "max_batch": max_batch,
                                                 "cuda_graphs": job.option("mode") == "reduce-overhead"})
-        copied = job.precision != "fp32"
+        copied = job.precision.quantizes_weights or job.precision.dtype != "float32"
         if copied:
             module, example = with_precision(module, spec, dict(example), job.precision, job.option("device"))
         return compile_component(module, spec, example, path, device=job.option("device"),
@@ -203,7 +207,7 @@ class AotiBackend(BackendBase):
 
     def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
              interleaved: bool = False) -> Any:
-        from vlexport.runtime.backends import AotiComponent
+        from vlexport.runtime.components import AotiComponent
 
         return AotiComponent(path, device=device, threads=threads)
 

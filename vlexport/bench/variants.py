@@ -9,7 +9,7 @@ Where variants come from:
 
 * the bench's own **runners**, in :data:`RUNNERS`: ``eager`` and ``compile`` run the torch module (no
   artifact). Tests add fakes with :func:`register_runner`;
-* every other name is an **export backend** from the registry (vlexport.export.backend): the artifact is
+* every other name is an **export backend** from the registry (vlexport.contracts.backends): the artifact is
   built with ``run_export`` into the work dir (or reused from there), loaded through the registry and
   called as the task needs: encoders component by component, generation through ``Generator``.
 """
@@ -32,8 +32,7 @@ from transformers import PreTrainedModel
 
 from vlexport.bench.generation import generator_call, hf_generate_call
 from vlexport.bench.timing import MemoryProbe
-from vlexport.errors import UsageError
-from vlexport.export.backend import (
+from vlexport.contracts.backends import (
     Backend,
     ExportJob,
     backend_names,
@@ -41,9 +40,11 @@ from vlexport.export.backend import (
     canonical_name,
     get_backend,
 )
+from vlexport.contracts.passes import derivation
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
+from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
 from vlexport.models.base import ComponentSpec, TaskSpec
-from vlexport.quantize.precision import get_precision, precisions_for_backend
 from vlexport.runtime import load_artifact
 from vlexport.weights import ModelSource
 
@@ -79,7 +80,7 @@ class BenchContext:
 @dataclass
 class Variant:
     backend: str  # the row's backend: a runner name or the artifact's manifest.backend
-    precision: str
+    precision: PrecisionConfig
     prepare: Callable[[dict[str, torch.Tensor]], Any]
     call: Callable[[Any], Any]
     outputs: Callable[[Any], dict[str, np.ndarray]]
@@ -91,7 +92,7 @@ class Variant:
     close: Callable[[], None] = lambda: None
 
 
-Runner = Callable[[BenchContext, str], Variant]
+Runner = Callable[[BenchContext, PrecisionConfig], Variant]
 RUNNERS: dict[str, Runner] = {}
 
 
@@ -104,7 +105,8 @@ def register_runner(name: str) -> Callable[[Runner], Runner]:
     return wrap
 
 
-def check_backends(names: Sequence[str], precisions: Sequence[str] = ("fp32",), device: str = "cpu") -> None:
+def check_backends(names: Sequence[str], precisions: Sequence[PrecisionConfig] = (Fp32Config(),),
+                   device: str = "cpu") -> None:
     """Every backend x precision the plan asks for can be built here: fail before any model loads or exports
     (a missing TensorRT, a precision a backend does not build), not after minutes of other variants."""
     from vlexport.pipeline import check_job
@@ -119,7 +121,7 @@ def check_backends(names: Sequence[str], precisions: Sequence[str] = ("fp32",), 
             check_job(ExportJob("", None, backend=name, precision=precision, options=options))
 
 
-def build_variant(ctx: BenchContext, name: str, precision: str) -> Variant:
+def build_variant(ctx: BenchContext, name: str, precision: PrecisionConfig) -> Variant:
     """The variant of ``name`` at ``precision``: a runner, else an artifact of the registered export backend."""
     runner = RUNNERS.get(name)
     if runner is not None:
@@ -129,17 +131,17 @@ def build_variant(ctx: BenchContext, name: str, precision: str) -> Variant:
 
 
 # ---------------------------------------------------------------- torch runners
-def torch_dtype(name: str, precision: str) -> torch.dtype:
-    dtype = get_precision(precision).torch_dtype
+def torch_dtype(name: str, precision: PrecisionConfig) -> torch.dtype:
+    dtype = precision.torch_dtype
     if dtype is None:  # int8 schemes quantize weights: an export backend's job, not a cast
-        raise UsageError(f"{precision} quantizes weights: export backends build it; the {name} runner casts to "
-                         "fp32, fp16 or bf16 only.")
+        raise UsageError(f"{precision.name} quantizes weights: export backends build it; the {name} runner casts "
+                         "to fp32, fp16 or bf16 only.")
     return dtype
 
 
-def _check_runner(name: str, precision: str) -> None:
-    if not get_precision(precision).applies_to(name):
-        raise UsageError(f"The {name} runner runs {', '.join(precisions_for_backend(name))}, not {precision}.")
+def _check_runner(name: str, precision: PrecisionConfig) -> None:
+    if not precision.applies_to(name):
+        raise UsageError(f"The {name} runner runs {', '.join(precisions_for_backend(name))}, not {precision.name}.")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
@@ -153,7 +155,7 @@ def _tensor_outputs(names: Sequence[str]) -> Callable[[Any], dict[str, np.ndarra
     return outputs
 
 
-def torch_variant(backend: str, module: nn.Module, ctx: BenchContext, precision: str, *, device: str,
+def torch_variant(backend: str, module: nn.Module, ctx: BenchContext, precision: PrecisionConfig, *, device: str,
                   kernels: tuple[str, ...] = (), build_s: float = 0.0, jit: bool = False,
                   memory: MemoryProbe | None = None, close: Callable[[], None] = lambda: None) -> Variant:
     """An encoder component module (forward(*inputs) -> tuple) as a variant."""
@@ -171,7 +173,7 @@ def torch_variant(backend: str, module: nn.Module, ctx: BenchContext, precision:
                    memory or MemoryProbe(device), kernels, build_s, jit, close=close)
 
 
-def eager_model(ctx: BenchContext, precision: str, kernels: tuple[str, ...]
+def eager_model(ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
                 ) -> tuple[PreTrainedModel, Callable[[], None]]:
     """The eager HF model at ``precision`` on the context's device with ``kernels`` injected; returns a closer.
 
@@ -179,7 +181,7 @@ def eager_model(ctx: BenchContext, precision: str, kernels: tuple[str, ...]
     reference stays fp32, on the CPU and unpatched.
     """
     model = ctx.model
-    if precision != "fp32" or ctx.device != "cpu" or kernels:
+    if precision.name != "fp32" or ctx.device != "cpu" or kernels:
         model = copy.deepcopy(ctx.model).to(ctx.device, torch_dtype("eager", precision))
     if not kernels:
         return model, lambda: None
@@ -191,14 +193,15 @@ def eager_model(ctx: BenchContext, precision: str, kernels: tuple[str, ...]
     return model, stack.close
 
 
-def eager_module(ctx: BenchContext, precision: str, kernels: tuple[str, ...]) -> tuple[nn.Module, Callable[[], None]]:
+def eager_module(ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
+                 ) -> tuple[nn.Module, Callable[[], None]]:
     """The task's component wrapper over :func:`eager_model`."""
     model, close = eager_model(ctx, precision, kernels)
     return ctx.component.build(model).eval(), close
 
 
 @register_runner("eager")
-def run_eager(ctx: BenchContext, precision: str) -> Variant:
+def run_eager(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
     _check_runner("eager", precision)
     probe = MemoryProbe(ctx.device)
     before = probe.begin()
@@ -219,13 +222,13 @@ def run_eager(ctx: BenchContext, precision: str) -> Variant:
 
 
 @register_runner("compile")
-def run_compile(ctx: BenchContext, precision: str) -> Variant:
+def run_compile(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
     _check_runner("compile", precision)
     if ctx.generative:
         # generate() runs the vision model and the decoder's own generate(): there is no one module to compile.
         raise UsageError("The compile runner benchmarks encoder tasks; generation tasks take eager and export "
                          f"backends ({', '.join(backend_names())}).")
-    from vlexport.export.compile import jit_compile
+    from vlexport.export.aoti import jit_compile
 
     module, close = eager_module(ctx, precision, ctx.kernels)
     compiled = jit_compile(module, mode=ctx.compile_mode)
@@ -234,14 +237,16 @@ def run_compile(ctx: BenchContext, precision: str) -> Variant:
 
 
 # ---------------------------------------------------------------- export backends: artifacts in the work dir
-def artifact_dir(ctx: BenchContext, backend: str, precision: str) -> Path:
+def artifact_dir(ctx: BenchContext, backend: str, precision: PrecisionConfig) -> Path:
     kernels = f"-k{'-'.join(ctx.kernels)}" if ctx.kernels else ""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ctx.model_name).name)
-    return ctx.work_dir / (f"{stem}-{ctx.task}-{backend}" + ("" if precision == "fp32" else f"-{precision}") + kernels)
+    name = precision.name
+    return ctx.work_dir / (f"{stem}-{ctx.task}-{backend}" + ("" if name == "fp32" else f"-{name}") + kernels)
 
 
-def reusable(directory: Path, ctx: BenchContext, backend: str, precision: str) -> Manifest | None:
-    """An artifact already in the work dir for the same weights, task, backend, kernels and precision, or None."""
+def reusable(directory: Path, ctx: BenchContext, backend: str, precision: PrecisionConfig) -> Manifest | None:
+    """An artifact already in the work dir for the same weights, task, backend, kernels and precision (name and
+    knobs), or None."""
     if not (directory / "manifest.json").is_file():
         return None
     try:
@@ -249,7 +254,7 @@ def reusable(directory: Path, ctx: BenchContext, backend: str, precision: str) -
     except Exception:  # noqa: BLE001  damaged in any way: rebuild
         return None
     same = (manifest.weights == ctx.source.origin and manifest.task == ctx.task and manifest.backend == backend
-            and manifest.precision == precision
+            and manifest.precision == precision.name and _same_knobs(manifest, precision)
             and sorted(k.split(":")[0] for k in manifest.kernels) == sorted(ctx.kernels))
     return manifest if same else None
 
@@ -267,12 +272,20 @@ def export_options(ctx: BenchContext, backend: Backend) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k in declared}
 
 
-def build_artifact(ctx: BenchContext, name: str, precision: str) -> tuple[Path, float, str]:
+def _same_knobs(manifest: Manifest, precision: PrecisionConfig) -> bool:
+    try:
+        return manifest.precision_config == precision
+    except UsageError:  # a precision this build no longer knows
+        return False
+
+
+def build_artifact(ctx: BenchContext, name: str, precision: PrecisionConfig) -> tuple[Path, float, str]:
     """Build (or reuse) the artifact of export backend ``name`` in the work dir; returns (dir, build s, note).
 
-    A derived backend is built from its parent's fp32 artifact in the work dir (built first when absent),
-    so backends sharing a parent (onnx, onnx-opt, tensorrt) export the model once. Build seconds of a
-    fresh derived artifact include its parent's.
+    A derived build (a derived backend, or a precision pass: contracts/passes.py ``derivation``) starts from
+    its parent's fp32 artifact in the work dir (built first when absent), so backends and precisions sharing a
+    parent (onnx, onnx-opt, tensorrt, onnx fp16 / int8) export the model once. Build seconds of a fresh derived
+    artifact include its parent's.
     """
     backend = get_backend(name)
     out = artifact_dir(ctx, backend.name, precision)
@@ -283,16 +296,17 @@ def build_artifact(ctx: BenchContext, name: str, precision: str) -> tuple[Path, 
 
     # The benchmark checks parity on its own inputs; the exporter's validation would repeat that work.
     common = {"backend": backend.name, "task": ctx.task, "precision": precision, "force": True, "validate": False,
-                  "options": export_options(ctx, backend)}
+              "options": export_options(ctx, backend)}
     parent_s = 0.0
-    if backend.parent is not None:
-        parent_dir, parent_s, _ = build_artifact(ctx, backend.parent, "fp32")
+    how = derivation(backend, precision)
+    if how is not None:
+        parent_dir, parent_s, _ = build_artifact(ctx, how.parent_backend, Fp32Config())
         job, model = ExportJob(str(parent_dir), out, **common), None  # its kernels come with the parent
     else:
         job = ExportJob(ctx.model_name, out, random_weights=ctx.random_weights, seed=ctx.seed, kernels=ctx.kernels,
                         allow_new_weights=ctx.allow_new_weights, **common)
         model = ctx.model
-    ctx.progress(f"building {backend.name} {precision}")
+    ctx.progress(f"building {backend.name} {precision.name}")
     start = time.perf_counter()
     run_export(job, model=model)
     return out, round(parent_s + time.perf_counter() - start, 3), ""
@@ -337,7 +351,7 @@ def artifact_variant(ctx: BenchContext, directory: Path, *, build_s: float, note
         prepare, call, outputs, io_note = component_call(component, ctx.device)
     probe.add_build(probe.end(before))
     kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
-    return Variant(manifest.backend, manifest.precision, prepare, call, outputs, probe, kernels, build_s,
+    return Variant(manifest.backend, manifest.precision_config, prepare, call, outputs, probe, kernels, build_s,
                    note=", ".join(filter(None, [note, io_note])))
 
 

@@ -1,6 +1,6 @@
 """Component callables for non-ONNX files: AOTInductor packages and TensorRT engines.
 
-The backends that write these files (export/compile.py, export/tensorrt.py) load them with these classes.
+The backends that write these files (export/aoti.py, export/tensorrt.py) load them with these classes.
 A component takes named numpy arrays and returns named numpy arrays (what validation feeds); it also
 exposes ``call_tensors`` for the benchmark harness, which times it on device tensors without numpy
 round trips.

@@ -1,11 +1,12 @@
-"""``vlexport triton``: the verb's arguments and handler (cli.py registers it in COMMANDS)."""
+"""``vlexport triton``: the verb's arguments and handler."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from vlexport.cli_args import csv
+from vlexport.cli.common import Command
+from vlexport.cli.options import csv
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -50,3 +51,9 @@ def cmd_triton(args: argparse.Namespace) -> int:
     Console(highlight=False, soft_wrap=True).print(f"{args.output}: wrote Triton model(s) {', '.join(names)}; serve with `tritonserver "
               f"--model-repository {args.output}`")
     return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("triton", "a Triton Inference Server model repository from artifact directories", triton_args,
+            cmd_triton),
+)

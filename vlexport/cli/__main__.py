@@ -1,0 +1,7 @@
+"""``python -m vlexport.cli``."""
+
+import sys
+
+from vlexport.cli import main
+
+sys.exit(main())
