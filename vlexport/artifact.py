@@ -3,11 +3,9 @@
 Every writer goes through here: a failure, Ctrl-C, SIGTERM or SIGHUP leaves nothing behind, two never share a target.
 
 - ``output_scope`` turns signals into :class:`~vlexport.errors.Interrupted` and owns the locks taken inside it.
-- The lock is ``fcntl.flock`` on ``.<name>.lock`` beside the target, held from ``check_output_dir`` to the
-  final rename and then removed. A second writer fails at once, ``--force`` or not: ``--force`` replaces a
-  finished artifact, never one that another process is still writing (waiting could mean tens of minutes
-  behind a TensorRT build; serialise on purpose with ``flock(1)``). flock dies with its process, so SIGKILL
-  leaves no stale lock, only the file, which the next writer reuses and removes.
+- The lock is ``fcntl.flock`` on ``.<name>.lock`` beside the target, from ``check_output_dir`` to the final
+  rename. A second writer fails at once, ``--force`` or not (``--force`` replaces only a finished artifact;
+  serialise on purpose with ``flock(1)``). SIGKILL leaves only the lock file, which the next writer reuses.
 - Staging dirs are ``.<name>.<pid>-<host>.<random>.partial`` (``.parent.partial``: a derived backend's scratch):
   the lock's holder removes those killed writers left; :func:`describe_partial` says what one is.
 """
@@ -318,11 +316,8 @@ def _commit(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None = None,
                source_dir: Sources = None) -> Iterator[Path]:
-    """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure it is removed.
-
-    Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
-    naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
-    """
+    """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure (signals as
+    :class:`Interrupted`, a full disk as a CheckError naming ``expected_bytes``) it is removed."""
     out = Path(out)
     display = _display(out)
     with output_scope():
@@ -333,10 +328,7 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
         tmp: Path | None = None
         try:
             try:
-                # Held: a signal between mkdtemp and this assignment would leave a partial no handler knows of
-                # (seen under load: SIGINT right as the staging dir appeared). Delivered at the block's end,
-                # with tmp set, so the cleanup below removes it.
-                with signals_held():
+                with signals_held():  # a signal right after mkdtemp must find tmp set for the cleanup
                     tmp = _make_staging(out, ".partial")
             except OSError as e:
                 raise _unwritable(display, Path(os.path.abspath(out)).parent, e) from None
