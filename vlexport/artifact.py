@@ -65,8 +65,15 @@ class _Scope:
     made: list[Path] = field(default_factory=list)  # parent dirs check_output_dir created (removed on failure)
 
 
-def lock_path(out: PathLike) -> Path:
+def real_target(out: PathLike) -> Path:
+    """``out``, or where it points when it is a symlink: a symlinked output is written through (its target is
+    replaced and the link stays), never replaced by a directory of its own."""
     out = Path(out)
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def lock_path(out: PathLike) -> Path:
+    out = real_target(out)  # two links to one directory share its lock
     return Path(os.path.abspath(out)).parent / f".{out.name}.lock"
 
 
@@ -281,9 +288,19 @@ def clean_stale(out: PathLike) -> list[Path]:
         if info["kind"] == "old" and not out.exists():
             entry.rename(out)  # killed between its two renames: the previous artifact goes back
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
         done.append(entry)
     return done
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory we set aside or staged; a symlink (an older version set links aside) is unlinked,
+    never followed: rmtree refuses links, and ignoring that left ``.old`` entries behind for good."""
+    if path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -305,14 +322,14 @@ def _commit(tmp: Path, out: Path) -> None:
         return
     # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
     old = out.parent / f".{out.name}.{_tag()}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     out.rename(old)
     try:
         tmp.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 @contextlib.contextmanager
@@ -323,10 +340,11 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
     Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
     naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
     """
-    out = Path(out)
-    display = _display(out)
+    given = Path(out)
+    display = _display(given)
+    out = real_target(given)
     with output_scope():
-        if display == out:  # a signal from here on interrupts this write: what was committed before is not news
+        if display == given:  # a signal from here on interrupts this write: what was committed before is not news
             SIGNALS.committed = None
         check_output_dir(out, force=force, source_dir=source_dir)
         _check_space(out, display, expected_bytes)
@@ -347,8 +365,8 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
                                  "another -o; nothing was written.") from None
             with signals_held():
                 _commit(tmp, out)
-                if display == out:  # a scratch parent is not the user's output
-                    SIGNALS.committed = out
+                if display == given:  # a scratch parent is not the user's output
+                    SIGNALS.committed = given
         except BaseException:
             with signals_held():
                 shutil.rmtree(tmp, ignore_errors=True)

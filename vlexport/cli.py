@@ -178,7 +178,8 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlexport.validate import raise_on_failure, validate_directory
 
-    opts.check_report_paths({"--json": args.json})  # before validation runs, so its report is not lost
+    # before validation runs, so its report is not lost, and never over the artifact it reads
+    opts.check_report_paths({"--json": args.json}, inputs=[args.directory])
     with console.status("validating"):
         report = validate_directory(args.directory, device=args.device)
     if args.json:

@@ -7,7 +7,7 @@ import argparse
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -110,11 +110,16 @@ def checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return command
 
 
-def check_report_paths(paths: Mapping[str, Path | None]) -> None:
-    """Each report file (option -> path) can be written, and no two options share one; creates nothing."""
+def check_report_paths(paths: Mapping[str, Path | None], inputs: Iterable[Path] = ()) -> None:
+    """Each report file (option -> path) can be written, no two options share one, and none lies inside a
+    directory the command reads (``inputs``: artifacts, models), whose files it would overwrite; creates nothing."""
     given = {option: path for option, path in paths.items() if path is not None}
     for option, path in given.items():
         _check_file(option, path)
+        for directory in inputs:
+            if directory.is_dir() and directory.resolve() in path.resolve().parents:
+                raise UsageError(f"{option} {path} is inside {directory}, which this command reads: a report there "
+                                 "would overwrite or add to its files. Write the report outside it.")
     seen: dict[Path, str] = {}
     for option, path in given.items():
         key = path.resolve()
@@ -126,7 +131,8 @@ def check_report_paths(paths: Mapping[str, Path | None]) -> None:
 
 def check_bench_args(args: argparse.Namespace) -> None:
     """`vlexport bench`: report paths, --work-dir, matplotlib for --plot, MODEL vs --suite; creates nothing."""
-    check_report_paths({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot})
+    check_report_paths({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot},
+                       inputs=[Path(m) for m in args.models])
     check_dir("--work-dir", args.work_dir)
     if args.plot:
         from vlexport.bench.plot import check_available

@@ -88,6 +88,21 @@ def quantizer_output(out_dir: Path, dst: Path) -> Iterator[Path]:
                 shutil.move(str(f), out_dir / f.name)
 
 
+def source_view(src: Path, scratch: Path) -> Path:
+    """``src`` seen from ``scratch``: symlinks to the graph and its external data, for a quantizer to read.
+
+    ONNX Runtime's quantizers write a shape-inferred copy (``*-inferred.onnx``) beside the path they are given
+    and delete it after: given the source artifact's own path, two quantizes of one artifact race on that file
+    and a read-only source cannot be quantized. A source artifact is read, never written.
+    """
+    view = scratch / "source"
+    view.mkdir(exist_ok=True)
+    for f in src.parent.iterdir():
+        if f.name.startswith(src.name) and not (view / f.name).exists():  # the graph and its ``.data``
+            (view / f.name).symlink_to(f.resolve())
+    return view / src.name
+
+
 class OnnxInt8DynamicPass:
     backend = "onnx"
     precision = Int8DynamicConfig.name
@@ -103,6 +118,7 @@ class OnnxInt8DynamicPass:
         def write(src: Path, dst: Path, external: bool) -> None:
             with quantizer_output(ctx.out_dir, dst) as out:
                 exclude: list[str] = []
+                src = source_view(src, out.parent)
                 if config.smooth is not None:
                     src, exclude = _smoothed(ctx, src, out.parent, config.smooth, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,

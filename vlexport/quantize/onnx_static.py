@@ -19,7 +19,7 @@ from pathlib import Path
 from vlexport.errors import UsageError
 from vlexport.export.backend import DeriveContext, Derived
 from vlexport.quantize.calibration import FeedReader, calibration_set
-from vlexport.quantize.onnx_passes import _rewrite, quantizer_output
+from vlexport.quantize.onnx_passes import _rewrite, quantizer_output, source_view
 from vlexport.quantize.passes import register_pass
 from vlexport.quantize.precision import Int8StaticConfig
 
@@ -49,6 +49,7 @@ class OnnxInt8StaticPass:
         def write(src: Path, dst: Path, external: bool) -> None:
             # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
             with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
+                src = source_view(src, out.parent)
                 quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                                 reduce_range=config.reduce_range,
