@@ -266,13 +266,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.add_argument("--raw-prompt", action="store_true", help="BLIP-2: use --text as is, not 'Question: ... Answer:'")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against the manifest first (native code: always checked)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vlexport.runtime.run import run_artifact
 
     result = run_artifact(args.directory, args.image, args.text, max_new_tokens=args.max_new_tokens,
-                          num_beams=args.num_beams, device=args.device, raw_prompt=args.raw_prompt)
+                          num_beams=args.num_beams, device=args.device, raw_prompt=args.raw_prompt,
+                          verify=args.verify)
     for line in result.lines:
         prefix = f"{line.text}: " if line.text is not None and (result.kind == "scores" or len(result.lines) > 1) else ""
         if result.kind == "scores":

@@ -288,6 +288,7 @@ def _check_parent(parent: Manifest, parent_backend: str, name: str, job: ExportJ
 # ---------------------------------------------------------------- shared tail: validate, write
 def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, eager: _Eager, task_spec: TaskSpec,
               progress: Progress) -> None:
+    manifest.record_hashes(tmp)  # what is validated next is what `validate`, `triton` and the loader check later
     manifest.write(tmp)  # the loader reads a complete directory
     if not job.validate:
         manifest.validation = ValidationReport.skipped_report()

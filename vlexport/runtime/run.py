@@ -40,7 +40,7 @@ class RunResult:
 
 def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] = (), *,
                  max_new_tokens: int | None = None, num_beams: int | None = None, device: str = "auto",
-                 raw_prompt: bool = False) -> RunResult:
+                 raw_prompt: bool = False, verify: bool = False) -> RunResult:
     directory = Path(directory)
     manifest = Manifest.read(directory)  # missing files / size mismatches fail here, before any work
     if max_new_tokens is not None and max_new_tokens <= 0:
@@ -49,7 +49,7 @@ def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] 
         raise UsageError(f"--num-beams must be >= 1, got {num_beams}.")
     _check_options(directory, manifest, max_new_tokens=max_new_tokens, num_beams=num_beams, raw_prompt=raw_prompt)
     pixels = load_image(image, image_settings(directory, manifest))
-    artifact = load_artifact(directory, manifest=manifest, device=device)
+    artifact = load_artifact(directory, manifest=manifest, device=device, verify="full" if verify else "native")
     if artifact.task_spec.generative:
         return _generate(artifact, pixels, texts, max_new_tokens, num_beams, raw_prompt)
     return _scores(artifact, pixels, texts)

@@ -75,6 +75,7 @@ def shim(module: str) -> str:
 # ---------------------------------------------------------------- per artifact
 def read_artifact(directory: Path) -> Manifest:
     manifest = Manifest.read(directory)
+    manifest.verify_hashes(directory)  # what is served must be what was validated
     report = manifest.validation
     if report is None or report.skipped:
         raise UsageError(f"{directory} was exported without validation (--no-validate): `vlexport triton` serves only "

@@ -67,10 +67,11 @@ def validate_directory(directory: str | Path, *, device: str = "cpu") -> Validat
 
     directory = Path(directory)
     manifest = Manifest.read(directory)
+    manifest.verify_hashes(directory)  # every file, before minutes of eager references: is this what was validated?
     source = source_from_manifest(manifest, directory)
     check = eager_references(load_model(source, manifest.task), source.family.task(manifest.task))
     gc.collect()  # the eager model is gone before the artifact's weights load
-    return check(load_artifact(directory, manifest=manifest, device=device))
+    return check(load_artifact(directory, manifest=manifest, device=device, verify="none"))  # hashed above
 
 
 def validate_artifact(model: PreTrainedModel, artifact: Any) -> ValidationReport:
