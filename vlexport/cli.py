@@ -242,7 +242,8 @@ def cmd_regress(args: argparse.Namespace) -> int:
     baseline, _ = read_rows(args.baseline)
     current, _ = read_rows(args.current)
     report = compare(baseline, current, max_slowdown=args.max_slowdown, abs_max_slowdown=args.abs_max_slowdown,
-                     absolute=args.absolute, allow_missing=args.allow_missing, allow_empty=args.allow_empty)
+                     absolute=args.absolute, allow_missing=args.allow_missing, allow_empty=args.allow_empty,
+                     names=(str(args.baseline), str(args.current)))
     table = to_rich(report, show_all=args.all)
     if table.row_count:
         out.print(table)
