@@ -113,7 +113,7 @@ def compare_generation(refs: GenerationReferences, artifact: Any) -> ValidationR
                                case.logits, got.logits, case.beams, logit_pairs, got.beam_margins)
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
-    mark_greedy_near_ties(checks, logit_pairs)
+    mark_greedy_near_ties(checks, logit_pairs, tol)
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
@@ -223,11 +223,13 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
     return out
 
 
-def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                          tol: Tolerance | None = None) -> None:
     """A greedy divergence is a near-tie when the reference's top-2 gap there is within twice the variant's
     typical logit error over the run (validate.outputs.noise_level): fp32 itself barely preferred its token.
-    The error at the divergence cannot decide it: a flip always makes it at least half the gap."""
-    noise = noise_level(logit_pairs)
+    The error at the divergence cannot decide it: a flip always makes it at least half the gap. ``tol`` (the
+    precision's) bounds that typical error, so an artifact wrong everywhere cannot excuse its flips by it."""
+    noise = noise_level(logit_pairs, tol)
     for c in checks:
         if c.kind == "mismatch" and c.step_margin is not None:
             c.near_tie = noise is not None and c.step_margin <= 2 * noise
