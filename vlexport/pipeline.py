@@ -53,13 +53,14 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
     one; loading full-size weights twice costs seconds). A model passed in is the caller's: it is not
     dropped before the artifact loads.
     """
+    given = {k for k, v in job.options.items() if v is not None}  # before check_job fills in the defaults
     backend = check_job(job)
     rewrite = precision_pass(backend.name, job.precision)
     with output_scope():  # SIGTERM / SIGHUP clean up like Ctrl-C; check_output_dir's lock is held to the end
         if rewrite is not None:  # a precision pass: derived from the same backend's fp32 artifact
             return _derive(job, backend, progress, _Eager(model), deriver=rewrite, parent_backend=backend.name)
         if backend.parent is None:
-            return _export(job, backend, progress, _Eager(model))
+            return _export(job, backend, progress, _Eager(model), given=given)
         return _derive(job, backend, progress, _Eager(model), deriver=backend, parent_backend=backend.parent)
 
 
@@ -130,7 +131,8 @@ def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...
 
 
 # ---------------------------------------------------------------- base backends: export from torch
-def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
+def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager, *,
+            given: set[str] | frozenset[str] = frozenset()) -> Manifest:
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
                      allow_new_weights=job.allow_new_weights)
     task = source.check_task(job.task)
@@ -138,6 +140,7 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
     check_output_dir(job.output, force=job.force, source_dir=source.local_dir)  # before minutes of work; locks
     task_spec = source.family.task(task)
+    _check_decoder_limits(job, source, task_spec, given)
     model = eager.load(source, task, job, progress)
     with staged_dir(job.output, force=job.force, expected_bytes=_expected_bytes(model, job.precision)) as tmp:
         components: dict[str, Component] = {}
@@ -160,6 +163,38 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
         model = None  # only `eager` holds it now, so that validation can drop it
         _validate(job, backend, manifest, tmp, eager, task_spec, progress)
     return manifest
+
+
+# backend options that bound a generative package's decoder (aoti: its static KV cache), by what they limit
+DECODER_LIMITS = {"max_batch": "decoder rows (batch x beams)", "max_length": "cache slots (prompt + new tokens)"}
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _check_decoder_limits(job: ExportJob, source: ModelSource, task_spec: TaskSpec, given: set[str]) -> None:
+    """Decoder limits given for a task without a decoder are refused, and limits that validation's own requests
+    exceed are refused before minutes of compiling, naming the smallest values that pass."""
+    limits = [k for k in DECODER_LIMITS if k in job.options]
+    if not task_spec.generative:
+        extra = sorted(_flag(k) for k in limits if k in given)
+        if extra:
+            raise UsageError(f"{' and '.join(extra)} bound{'s' if len(extra) == 1 else ''} the decoder of a "
+                             f"generative task; {task_spec.name} has none. Drop the option.")
+        return
+    if not limits or not job.validate:
+        return
+    from vlexport.validate.generation import decoder_needs
+
+    needs = dict(zip(("max_batch", "max_length"), decoder_needs(task_spec, source.config), strict=True))
+    short = [(k, int(job.option(k)), needs[k]) for k in limits if int(job.option(k)) < needs[k]]
+    if short:
+        what = "; ".join(f"{_flag(k)} {v} < {n} {DECODER_LIMITS[k]}" for k, v, n in short)
+        raise UsageError(f"Validation of {task_spec.name} needs more than this package would hold ({what}: its "
+                         "checks run up to batch 4 with beam 3 and 12 new tokens). Nothing was compiled: give "
+                         f"{' '.join(f'{_flag(k)} {n}' for k, _, n in short)} or more, or "
+                         "--no-validate to build a package that is not checked (`vlexport triton` will not serve it).")
 
 
 def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict[str, Component],

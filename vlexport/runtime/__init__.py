@@ -33,6 +33,17 @@ class Artifact:
         return next(iter(self.components.values()))(inputs)
 
 
+def check_device(device: str) -> None:
+    """``--device cuda`` on a machine without a usable GPU is a usage error up front (exit 2), never a silent run
+    on the CPU nor a failure after minutes of eager references."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was given, but no CUDA GPU is usable here (torch.cuda.is_available() is "
+                             "False). Use --device cpu (or auto), or run on a machine with a GPU.")
+
+
 def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, device: str = "auto",
                   threads: int | None = None, interleaved: bool = False, verify: str = "native") -> Artifact:
     """Every component of an artifact as a callable, loaded by the backend the manifest names.
@@ -43,6 +54,7 @@ def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, de
     checked by ONNX Runtime, which runs only the operators it knows, so hashing GBs of them at every start is
     left to `validate`, `triton` and `run --verify`.
     """
+    check_device(device)
     directory = Path(directory)
     manifest = manifest or Manifest.read(directory)
     if verify != "none":

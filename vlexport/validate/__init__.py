@@ -62,9 +62,10 @@ def raise_on_failure(report: ValidationReport, where: str) -> None:
 
 def validate_directory(directory: str | Path, *, device: str = "cpu") -> ValidationReport:
     """Re-run validation from the artifact directory alone (rebuilding the eager reference)."""
-    from vlexport.runtime import load_artifact
+    from vlexport.runtime import check_device, load_artifact
     from vlexport.weights import load_model, source_from_manifest
 
+    check_device(device)  # before the eager references, not after
     directory = Path(directory)
     manifest = Manifest.read(directory)
     manifest.verify_hashes(directory)  # every file, before minutes of eager references: is this what was validated?

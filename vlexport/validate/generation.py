@@ -296,3 +296,16 @@ def _report(checks: list[TokenCheck], precision: str, tol: Tolerance, modes: lis
                     "logits_max_abs_error": err, "beam_near_ties": near_ties},
         summary=summary,
     )
+
+
+def decoder_needs(task: Any, config: Any) -> tuple[int, int]:
+    """(decoder rows, cache slots) that validating ``task`` asks of a decoder with fixed limits (a compiled static
+    cache): the widest batch times the beams, and the longest decoder prompt plus every new token. The prompt is
+    the text when no other component reads ``input_ids`` (captions, BLIP-2 OPT with its image tokens), else the
+    decoder's start token (VQA, T5). Known from the config alone, so a package that cannot pass is refused before
+    it is compiled."""
+    inputs = task.make_inputs(config, InputShape(SAMPLES, PROMPT_TOKENS), 1234)
+    components = task.components(config)
+    encoded = any("input_ids" in c.inputs for c in components if c.name != "decoder")
+    prompt = 1 if encoded else int(inputs["input_ids"].shape[1])
+    return max(BATCH_SIZES) * NUM_BEAMS, prompt + MAX_NEW_TOKENS

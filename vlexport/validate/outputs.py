@@ -62,15 +62,15 @@ def explained_error(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Toleran
     """The largest typical row error the precision's tolerance allows, as a median over the reference rows:
     ``atol + rtol * max|ref|`` elementwise tolerances (fp32); ``|ref| * sqrt(2 (1 - min_cosine))`` for cosine
     ones (a row at that cosine is at most that far from the reference, in L2 and so in every element)."""
-    refs = [np.asarray(a, dtype=np.float64).reshape(-1, a.shape[-1]) for a, b in pairs
-            if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
+    refs = [np.asarray(a, dtype=np.float64) for a, b in pairs if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
     if not refs:
         return None
-    ref = np.concatenate(refs)
     if tol.atol is not None:
-        return float(np.median(tol.atol + (tol.rtol or 0.0) * np.abs(ref).max(axis=-1)))
+        rows = [tol.atol + (tol.rtol or 0.0) * np.abs(r).max(axis=-1).ravel() for r in refs]
+        return float(np.median(np.concatenate(rows)))
     if tol.min_cosine is not None:
-        return float(np.median(np.linalg.norm(ref, axis=-1) * np.sqrt(2 * (1 - tol.min_cosine))))
+        rows = [np.linalg.norm(r, axis=-1).ravel() * np.sqrt(2 * (1 - tol.min_cosine)) for r in refs]
+        return float(np.median(np.concatenate(rows)))
     return None
 
 
