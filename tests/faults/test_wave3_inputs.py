@@ -58,3 +58,19 @@ def test_non_utf8_text_is_a_usage_error(exported, image: Path, capsys) -> None:
     text = os.fsdecode(b"a caf\xe9 photo")  # what Python makes of a Latin-1 argv on a UTF-8 system
     rc, err = cli(capsys, "run", exported(*ITM), "--image", image, "--text", text)
     assert rc == 2 and "is not valid UTF-8 text" in err and "caf\\xe9" in err, err
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--max-batch", 4, "--max-batch 4 < 12 decoder rows (batch x beams)"),
+    ("--max-length", 16, "--max-length 16 <"),
+])
+def test_compile_limits_validation_cannot_meet_are_refused_before_loading(tmp_path: Path, capsys, monkeypatch,
+                                                                         option: str, value: int,
+                                                                         message: str) -> None:
+    import vlexport.pipeline
+
+    monkeypatch.setattr(vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0)  # no model loads, nothing compiles
+    rc, err = cli(capsys, "compile", "blip-tiny", "--task", "caption", "--random-weights", option, value,
+                  "-o", tmp_path / "pkg")
+    assert rc == 2 and message in err and "Nothing was compiled" in err and "--no-validate" in err, err
+    assert not (tmp_path / "pkg").exists()
