@@ -116,7 +116,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
 
     opts.check_quantize_args(args)
-    return _export(args, Manifest.read(args.model).backend, "quantizing")
+    manifest = Manifest.read(args.model)
+    opts.check_quantize_source(args, manifest)
+    return _export(args, manifest.backend, "quantizing")
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from vlexport.errors import UsageError
 from vlexport.userdata import RANGES, range_text
@@ -259,6 +259,28 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
                         "(README, Precisions)")
     p.add_argument("--accept-degraded", action="store_true",
                    help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)")
+
+
+def check_quantize_source(args: argparse.Namespace, manifest: Any) -> None:
+    """What `quantize` can make from this artifact, said before anything loads: fp32 is the source, not a
+    variant, and only backends with a precision pass (ONNX) are quantized from their files; without one the
+    pipeline would rebuild from weights a compiled package does not carry, and blame missing safetensors."""
+    from vlexport.quantize.passes import BUILTIN, precision_pass
+    from vlexport.quantize.precision import get_precision
+
+    name = get_precision(args.precision).name
+    if name == "fp32":
+        raise UsageError(f"--precision fp32 is what `quantize` starts from, not a variant: {args.model} is "
+                         f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
+                         "int8-weight, int8-static).")
+    from vlexport.export.backend import get_backend
+
+    if precision_pass(manifest.backend, name) is None and get_backend(manifest.backend).parent is None:
+        passes = sorted({f"{b} {p}" for b, p in BUILTIN})
+        verb = {"aoti": "compile", "tensorrt": "tensorrt"}.get(manifest.backend, manifest.backend)
+        raise UsageError(f"`vlexport quantize` has no {name} pass for {manifest.backend} artifacts such as "
+                         f"{args.model} (it has: {', '.join(passes)}). Build the variant from the model instead: "
+                         f"`vlexport {verb} MODEL --precision {name}`.")
 
 
 def check_quantize_args(args: argparse.Namespace) -> None:

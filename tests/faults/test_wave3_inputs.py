@@ -74,3 +74,23 @@ def test_compile_limits_validation_cannot_meet_are_refused_before_loading(tmp_pa
                   "-o", tmp_path / "pkg")
     assert rc == 2 and message in err and "Nothing was compiled" in err and "--no-validate" in err, err
     assert not (tmp_path / "pkg").exists()
+
+
+def test_quantize_fp32_is_not_a_variant(exported, tmp_path: Path, capsys) -> None:
+    rc, err = cli(capsys, "quantize", exported(*FEATURES), "-o", tmp_path / "q", "--precision", "fp32")
+    assert rc == 2 and "--precision fp32 is what `quantize` starts from, not a variant" in err, err
+    assert "safetensors" not in err and not (tmp_path / "q").exists()
+
+
+def test_quantize_of_a_compiled_package_names_the_way_that_works(exported, tmp_path: Path, capsys) -> None:
+    import json
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(exported(*FEATURES), pkg)
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["backend"] = "aoti"  # the manifest is all `quantize` reads before it refuses
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    rc, err = cli(capsys, "quantize", pkg, "-o", tmp_path / "q", "--precision", "fp16")
+    assert rc == 2 and "has no fp16 pass for aoti artifacts" in err and "`vlexport compile MODEL --precision fp16`" \
+        in err and "safetensors" not in err, err
