@@ -11,7 +11,7 @@ import pytest
 
 from tests.faults.cli_helpers import cli
 
-SETTINGS = dict(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+SETTINGS = {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 def _grey16() -> np.ndarray:
