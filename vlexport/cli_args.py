@@ -7,6 +7,7 @@ import argparse
 import functools
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -179,6 +180,13 @@ def _check_parent(option: str, path: Path) -> None:
         raise UsageError(f"Cannot write {option} {path}: {parent} is a file, not a directory. Choose another path.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write {option} {path}: {parent} is not writable. Choose another path.")
+    try:  # access() says yes for root on /proc or a read-only mount; a file made and removed at once tells
+        fd, probe = tempfile.mkstemp(prefix=".vlexport-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"Cannot write {option} {path}: files cannot be created in {parent} ({e.strerror or e}). "
+                         "Choose another path.") from None
 
 
 # ---------------------------------------------------------------- argument definitions of the longer verbs

@@ -94,3 +94,8 @@ def test_quantize_of_a_compiled_package_names_the_way_that_works(exported, tmp_p
     rc, err = cli(capsys, "quantize", pkg, "-o", tmp_path / "q", "--precision", "fp16")
     assert rc == 2 and "has no fp16 pass for aoti artifacts" in err and "`vlexport compile MODEL --precision fp16`" \
         in err and "safetensors" not in err, err
+
+
+def test_a_report_path_where_no_file_can_be_made_is_refused_before_work(exported, capsys) -> None:
+    rc, err = cli(capsys, "validate", exported(*FEATURES), "--json", "/proc/vlexport-report.json")
+    assert rc == 2 and "Cannot write --json /proc/vlexport-report.json: files cannot be created in /proc" in err, err
