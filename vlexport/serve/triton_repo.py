@@ -144,6 +144,10 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
         raise UsageError(f"{directory} is a compiled generative artifact: its decoder updates a static KV cache in "
                          "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
                          "(`vlexport onnx`), or its TensorRT build.")
+    if task.generative and opts.ensemble:
+        raise UsageError(f"{directory} is a generative artifact: its model `{name}` already takes image bytes and "
+                         "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
+                         "post-processing to encoder artifacts, would do nothing. Drop --ensemble.")
     single = len(manifest.components) == 1 and not task.generative and not opts.ensemble
     models: list[PlannedModel] = []
     names: dict[str, str] = {}
