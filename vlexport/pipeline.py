@@ -252,6 +252,7 @@ def _derive(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager,
     is_pass = deriver is not backend
     if from_artifact:
         parent = Manifest.read(given)
+        parent.verify_hashes(given)  # a damaged source is named as such, never blamed on the variant built from it
         _check_parent(parent, parent_backend, backend.name, job, given, exact_fp32=is_pass)
         source = source_from_manifest(parent, given)
         task = parent.task

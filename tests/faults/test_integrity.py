@@ -98,3 +98,16 @@ def test_native_code_failing_its_hash_is_never_loaded(art: Path, monkeypatch, su
     with pytest.raises(CheckError, match=rf"model\{suffix} \(a component file\) changed after export"):
         load_artifact(art)
     assert loaded == [art / native]  # the changed file never reached the backend
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "fp16"])
+def test_quantize_checks_its_source_first(art: Path, tmp_path: Path, capsys, monkeypatch, precision: str) -> None:
+    """A damaged source is named as the cause, before any model loads, not blamed on the variant built from it."""
+    import vlexport.pipeline
+
+    monkeypatch.setattr(vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0)
+    _flip(art / "model.onnx")
+    out = tmp_path / "q"
+    rc, err = cli(capsys, "quantize", art, "-o", out, "--precision", precision)
+    assert rc == 1 and f"{art / 'model.onnx'} (a component file) changed after export" in err, err
+    assert not out.exists()
