@@ -29,3 +29,13 @@ def test_bench_variant_options_given_only_artifacts(exported, capsys, monkeypatc
     monkeypatch.setattr(harness, "given_artifact_variant", lambda *a, **k: 1 / 0)
     rc, err = cli(capsys, "bench", exported("altclip-tiny", "features"), *options, "--iters", 1, "--warmup", 0)
     assert rc == 2 and named in err and "(onnx fp32)" in err, err
+
+
+def test_compile_reduce_overhead_on_cpu(tmp_path: Path, capsys, monkeypatch) -> None:
+    import vlexport.pipeline
+
+    monkeypatch.setattr(vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0)  # refused before loading
+    rc, err = cli(capsys, "compile", "blip-tiny", "--task", "caption", "--random-weights", "-o", tmp_path / "pkg",
+                  "--mode", "reduce-overhead")
+    assert rc == 2 and "--mode reduce-overhead captures the decode step in CUDA graphs" in err, err
+    assert not (tmp_path / "pkg").exists()
