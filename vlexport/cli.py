@@ -186,7 +186,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         report = validate_directory(args.directory, device=args.device)
     if args.json:
         atomic_write_text(args.json, json.dumps(asdict(report), indent=2, default=str) + "\n")
-    raise_on_failure(report, str(args.directory))
+    from vlexport.validate.accuracy import below_thresholds_only
+
+    raise_on_failure(report, str(args.directory),
+                     "It is below its precision's accuracy thresholds (a variant kept with --accept-degraded stays "
+                     "so): build a more accurate one, or use the fp32 artifact." if below_thresholds_only(report) else
+                     "Its files are the ones validated at export (their hashes match), so what differs is where it "
+                     "runs: compare the `versions` in its manifest.json with this environment's (onnxruntime, torch), "
+                     "try the --device it was validated on, or export it again here.")
     errs = ", ".join(f"{k} {e:.2e}" for k, e in report.max_abs_error.items())
     out.print(f"{args.directory}: validation passed vs {report.reference}"
               + (f"; max abs error {errs}" if errs else "") + (f"; {report.summary}" if report.summary else ""))

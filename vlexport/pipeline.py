@@ -341,4 +341,21 @@ def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, e
             manifest.write(tmp)
             return
     manifest.write(tmp)
-    raise_on_failure(manifest.validation, f"{job.model} ({manifest.task}, {manifest.backend} {manifest.precision})")
+    raise_on_failure(manifest.validation, f"the {manifest.backend} {manifest.precision} build of {job.model} "
+                     f"({manifest.task}) for {job.output}", _miss_advice(job, manifest))
+
+
+def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
+    """What to do after a validation miss: keep a variant that is only below thresholds, or drop what broke it."""
+    from vlexport.validate.accuracy import below_thresholds_only
+
+    head = f"Nothing was written to {job.output}."
+    if manifest.validation is not None and below_thresholds_only(manifest.validation):
+        return (f"{head} The {manifest.precision} variant is only below its accuracy thresholds: pass "
+                "--accept-degraded to keep it marked as degraded, or build a more accurate one (`vlexport list` "
+                "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size).")
+    if job.kernels:
+        return f"{head} Export again without --kernels ({','.join(job.kernels)}): the injected kernels changed it."
+    return (f"{head} The artifact does not reproduce the eager model: keep the lines above and report them as a "
+            "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "
+            "serve it).")

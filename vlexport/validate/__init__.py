@@ -49,13 +49,14 @@ def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
     return check
 
 
-def raise_on_failure(report: ValidationReport, where: str) -> None:
-    """A miss is an error (exit 1) that names each failed output or sample, its error and its limit."""
+def raise_on_failure(report: ValidationReport, where: str, advice: str = "") -> None:
+    """A miss is an error (exit 1) that names each failed output or sample, its error and its limit, and then
+    ``advice``: what to do next."""
     if report.passed is not False:
         return
     raise ValidationError(
         f"Validation failed for {where}: {len(report.failures)} check(s) missed against {report.reference}.\n"
-        + "\n".join(report.failure_lines()),
+        + "\n".join(report.failure_lines()) + (f"\n{advice}" if advice else ""),
         report,
     )
 
