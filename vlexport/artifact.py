@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlexport.errors import SIGNALS, CheckError, UsageError, interrupts_as_exceptions, signals_held
+from vlexport.output_paths import real_target, remove_set_aside
 
 PathLike = str | Path
 Sources = PathLike | Iterable[PathLike | None] | None  # the model directories an output must stay out of
@@ -63,13 +64,6 @@ class _Lock:
 class _Scope:
     locks: list[str] = field(default_factory=list)
     made: list[Path] = field(default_factory=list)  # parent dirs check_output_dir created (removed on failure)
-
-
-def real_target(out: PathLike) -> Path:
-    """``out``, or where it points when it is a symlink: a symlinked output is written through (its target is
-    replaced and the link stays), never replaced by a directory of its own."""
-    out = Path(out)
-    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def lock_path(out: PathLike) -> Path:
@@ -288,19 +282,9 @@ def clean_stale(out: PathLike) -> list[Path]:
         if info["kind"] == "old" and not out.exists():
             entry.rename(out)  # killed between its two renames: the previous artifact goes back
         else:
-            _remove(entry)
+            remove_set_aside(entry)
         done.append(entry)
     return done
-
-
-def _remove(path: Path) -> None:
-    """Remove a directory we set aside or staged; a symlink (an older version set links aside) is unlinked,
-    never followed: rmtree refuses links, and ignoring that left ``.old`` entries behind for good."""
-    if path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -322,14 +306,14 @@ def _commit(tmp: Path, out: Path) -> None:
         return
     # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
     old = out.parent / f".{out.name}.{_tag()}.old"
-    _remove(old)
+    remove_set_aside(old)
     out.rename(old)
     try:
         tmp.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    _remove(old)
+    remove_set_aside(old)
 
 
 @contextlib.contextmanager
@@ -340,9 +324,8 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
     Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
     naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
     """
-    given = Path(out)
+    given, out = Path(out), real_target(out)  # a symlinked -o: its target is written, the link stays
     display = _display(given)
-    out = real_target(given)
     with output_scope():
         if display == given:  # a signal from here on interrupts this write: what was committed before is not news
             SIGNALS.committed = None
