@@ -6,6 +6,7 @@ know which stage ran before it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -182,6 +183,8 @@ class Manifest:
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op counts (onnx-opt)
     validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
+    # relative path -> sha256 of every component and support file, recorded before validation: what was validated
+    sha256: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     schema: str = SCHEMA
@@ -260,6 +263,51 @@ class Manifest:
             _check_inside(directory, rel)
             if not (directory / rel).is_file():
                 raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
+
+
+    def hashed_files(self) -> list[str]:
+        """The files the content hashes cover: every component's graph and external data, the support files."""
+        comps = [rel for c in self.components.values() for rel in (c.file, c.external_data) if rel]
+        return [*comps, *self.files]
+
+    def record_hashes(self, directory: Path) -> None:
+        """Hash every file of ``hashed_files`` (streamed: one read of each, whatever its size)."""
+        self.sha256 = {rel: file_sha256(directory / rel) for rel in self.hashed_files()}
+
+    def verify_hashes(self, directory: Path, *, suffixes: tuple[str, ...] | None = None) -> None:
+        """Each recorded file (those ending in ``suffixes`` only, when given) still has its recorded content.
+
+        A mismatch is a CheckError naming the file: what would run is not what was validated. Manifests written
+        before hashes were recorded have none; they pass (their sizes were checked by :meth:`read`).
+        """
+        for rel, digest in self.sha256.items():
+            if suffixes is not None and not rel.endswith(suffixes):
+                continue
+            _check_inside(directory, rel)
+            path = directory / rel
+            if not path.is_file():
+                raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
+            if file_sha256(path) != digest:
+                what = ("the config the graph was exported from" if rel == "config.json" else
+                        "a support file" if rel in self.files else "a component file")
+                raise CheckError(f"{path} ({what}) changed after export: its sha256 is not the one recorded when the "
+                                 "artifact was validated, so it is not the file that was validated (and native code "
+                                 "in it is not loaded). Restore the artifact from a good copy or export it again.")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed in 8 MiB blocks (a 15 GB weights file costs one read, no memory)."""
+    with path.open("rb") as f:
+        return _stream(f)
+
+
+def _stream(f: Any) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        h.update(view[:n])
+    return h.hexdigest()
 
 
 def _check_inside(directory: Path, rel: str) -> None:

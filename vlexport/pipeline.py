@@ -53,11 +53,12 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
     one; loading full-size weights twice costs seconds). A model passed in is the caller's: it is not
     dropped before the artifact loads.
     """
+    given = {k for k, v in job.options.items() if v is not None}  # before check_job fills in the defaults
     backend = check_job(job)
     how = derivation(backend, job.precision)
     with output_scope():  # SIGTERM / SIGHUP clean up like Ctrl-C; check_output_dir's lock is held to the end
         if how is None:
-            return _export(job, backend, progress, _Eager(model))
+            return _export(job, backend, progress, _Eager(model), given=given)
         return _derive(job, backend, how, progress, _Eager(model))
 
 
@@ -132,7 +133,8 @@ def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...
 
 
 # ---------------------------------------------------------------- base backends: export from torch
-def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager) -> Manifest:
+def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager, *,
+            given: set[str] | frozenset[str] = frozenset()) -> Manifest:
     source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
                      allow_new_weights=job.allow_new_weights)
     task = source.check_task(job.task)
@@ -140,6 +142,7 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
     check_output_dir(job.output, force=job.force, source_dir=source.local_dir)  # before minutes of work; locks
     task_spec = source.family.task(task)
+    _check_decoder_limits(job, source, task_spec, given)
     model = eager.load(source, task, job, progress)
     with staged_dir(job.output, force=job.force, expected_bytes=_expected_bytes(model, job.precision)) as tmp:
         components: dict[str, Component] = {}
@@ -162,6 +165,38 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager)
         model = None  # only `eager` holds it now, so that validation can drop it
         _validate(job, backend, manifest, tmp, eager, task_spec, progress)
     return manifest
+
+
+# backend options that bound a generative package's decoder (aoti: its static KV cache), by what they limit
+DECODER_LIMITS = {"max_batch": "decoder rows (batch x beams)", "max_length": "cache slots (prompt + new tokens)"}
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _check_decoder_limits(job: ExportJob, source: ModelSource, task_spec: TaskSpec, given: set[str]) -> None:
+    """Decoder limits given for a task without a decoder are refused, and limits that validation's own requests
+    exceed are refused before minutes of compiling, naming the smallest values that pass."""
+    limits = [k for k in DECODER_LIMITS if k in job.options]
+    if not task_spec.generative:
+        extra = sorted(_flag(k) for k in limits if k in given)
+        if extra:
+            raise UsageError(f"{' and '.join(extra)} bound{'s' if len(extra) == 1 else ''} the decoder of a "
+                             f"generative task; {task_spec.name} has none. Drop the option.")
+        return
+    if not limits or not job.validate:
+        return
+    from vlexport.validate.generation import decoder_needs
+
+    needs = dict(zip(("max_batch", "max_length"), decoder_needs(task_spec, source.config), strict=True))
+    short = [(k, int(job.option(k)), needs[k]) for k in limits if int(job.option(k)) < needs[k]]
+    if short:
+        what = "; ".join(f"{_flag(k)} {v} < {n} {DECODER_LIMITS[k]}" for k, v, n in short)
+        raise UsageError(f"Validation of {task_spec.name} needs more than this package would hold ({what}: its "
+                         "checks run up to batch 4 with beam 3 and 12 new tokens). Nothing was compiled: give "
+                         f"{' '.join(f'{_flag(k)} {n}' for k, _, n in short)} or more, or "
+                         "--no-validate to build a package that is not checked (`vlexport triton` will not serve it).")
 
 
 def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict[str, Component],
@@ -218,6 +253,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
     from_artifact = (given / "manifest.json").is_file()
     if from_artifact:
         parent = Manifest.read(given)
+        parent.verify_hashes(given)  # a damaged source is named as such, never blamed on the variant built from it
         _check_parent(parent, how, backend.name, job, given)
         source = source_from_manifest(parent, given)
         task = parent.task
@@ -288,6 +324,7 @@ def _check_parent(parent: Manifest, how: Derivation, name: str, job: ExportJob, 
 # ---------------------------------------------------------------- shared tail: validate, write
 def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, eager: _Eager, task_spec: TaskSpec,
               progress: Progress) -> None:
+    manifest.record_hashes(tmp)  # what is validated next is what `validate`, `triton` and the loader check later
     manifest.write(tmp)  # the loader reads a complete directory
     if not job.validate:
         manifest.validation = ValidationReport.skipped_report()
@@ -304,4 +341,21 @@ def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, e
             manifest.write(tmp)
             return
     manifest.write(tmp)
-    raise_on_failure(manifest.validation, f"{job.model} ({manifest.task}, {manifest.backend} {manifest.precision})")
+    raise_on_failure(manifest.validation, f"the {manifest.backend} {manifest.precision} build of {job.model} "
+                     f"({manifest.task}) for {job.output}", _miss_advice(job, manifest))
+
+
+def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
+    """What to do after a validation miss: keep a variant that is only below thresholds, or drop what broke it."""
+    from vlexport.validate.accuracy import below_thresholds_only
+
+    head = f"Nothing was written to {job.output}."
+    if manifest.validation is not None and below_thresholds_only(manifest.validation):
+        return (f"{head} The {manifest.precision} variant is only below its accuracy thresholds: pass "
+                "--accept-degraded to keep it marked as degraded, or build a more accurate one (`vlexport list` "
+                "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size).")
+    if job.kernels:
+        return f"{head} Export again without --kernels ({','.join(job.kernels)}): the injected kernels changed it."
+    return (f"{head} The artifact does not reproduce the eager model: keep the lines above and report them as a "
+            "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "
+            "serve it).")

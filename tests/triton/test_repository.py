@@ -85,7 +85,8 @@ def test_tensorrt_and_pytorch_configs_and_the_profile_bound_max_batch(exported, 
     art = exported("bridgetower-tiny", "itm")
     trt = tmp_path / "trt"
     _copy(art, trt, backend="tensorrt", derived_from={"backend": "onnx", "shapes": {"batch": [1, 2, 4]}},
-          components=lambda c: {"model": {**c["model"], "file": "model.plan"}})
+          components=lambda c: {"model": {**c["model"], "file": "model.plan"}},
+          sha256=lambda h: {("model.plan" if k == "model.onnx" else k): v for k, v in h.items()})
     (trt / "model.onnx").rename(trt / "model.plan")  # same bytes: only the config is under test here
     with pytest.raises(UsageError, match="profile allows batches up to 4"):
         write_repository([trt], tmp_path / "r1", tc.ServeOptions(backend="tensorrt", max_batch_size=8))
@@ -95,7 +96,8 @@ def test_tensorrt_and_pytorch_configs_and_the_profile_bound_max_batch(exported, 
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 4 and cfg.optimization.cuda.graphs
     assert (tmp_path / "r1/trt/1/model.plan").is_file()
     pt2 = tmp_path / "pt2"
-    _copy(art, pt2, backend="aoti", components=lambda c: {"model": {**c["model"], "file": "model.pt2"}})
+    _copy(art, pt2, backend="aoti", components=lambda c: {"model": {**c["model"], "file": "model.pt2"}},
+          sha256=lambda h: {("model.pt2" if k == "model.onnx" else k): v for k, v in h.items()})
     (pt2 / "model.onnx").rename(pt2 / "model.pt2")
     write_repository([pt2], tmp_path / "r2", tc.ServeOptions())
     cfg = _configs(tmp_path / "r2")["pt2"]

@@ -13,6 +13,7 @@ Every writer goes through here: a failure, Ctrl-C, SIGTERM or SIGHUP leaves noth
 """
 
 from vlexport.artifact.locks import lock_path, output_scope
+from vlexport.artifact.output_paths import real_target, remove_set_aside
 from vlexport.artifact.staging import (
     atomic_write_bytes,
     atomic_write_text,
@@ -26,4 +27,4 @@ from vlexport.artifact.staging import (
 )
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "check_output_dir", "clean_stale", "describe_partial",
-           "lock_path", "output_scope", "parse_staging_name", "scratch_dir", "staged_dir", "tree_bytes"]
+           "lock_path", "output_scope", "parse_staging_name", "real_target", "remove_set_aside", "scratch_dir", "staged_dir", "tree_bytes"]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlexport.artifact.output_paths import real_target
 from vlexport.errors import CheckError, UsageError, interrupts_as_exceptions, signals_held
 
 PathLike = str | Path
@@ -48,7 +49,7 @@ class _Scope:
 
 
 def lock_path(out: PathLike) -> Path:
-    out = Path(out)
+    out = real_target(out)  # two links to one directory share its lock
     return Path(os.path.abspath(out)).parent / f".{out.name}.lock"
 
 

@@ -22,6 +22,7 @@ from vlexport.artifact.locks import (
     unwritable_error,
     writer_tag,
 )
+from vlexport.artifact.output_paths import real_target, remove_set_aside
 from vlexport.errors import SIGNALS, CheckError, UsageError, interrupts_as_exceptions, signals_held
 
 Sources = PathLike | Iterable[PathLike | None] | None  # the model directories an output must stay out of
@@ -167,7 +168,7 @@ def clean_stale(out: PathLike) -> list[Path]:
         if info["kind"] == "old" and not out.exists():
             entry.rename(out)  # killed between its two renames: the previous artifact goes back
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_set_aside(entry)
         done.append(entry)
     return done
 
@@ -191,14 +192,14 @@ def _commit(tmp: Path, out: Path) -> None:
         return
     # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
     old = out.parent / f".{out.name}.{writer_tag()}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    remove_set_aside(old)
     out.rename(old)
     try:
         tmp.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_set_aside(old)
 
 
 @contextlib.contextmanager
@@ -209,10 +210,10 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
     Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
     naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
     """
-    out = Path(out)
-    display = _display(out)
+    given, out = Path(out), real_target(out)  # a symlinked -o: its target is written, the link stays
+    display = _display(given)
     with output_scope():
-        if display == out:  # a signal from here on interrupts this write: what was committed before is not news
+        if display == given:  # a signal from here on interrupts this write: what was committed before is not news
             SIGNALS.committed = None
         check_output_dir(out, force=force, source_dir=source_dir)
         _check_space(out, display, expected_bytes)
@@ -238,8 +239,8 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
                                  "another -o; nothing was written.") from None
             with signals_held():
                 _commit(tmp, out)
-                if display == out:  # a scratch parent is not the user's output
-                    SIGNALS.committed = out
+                if display == given:  # a scratch parent is not the user's output
+                    SIGNALS.committed = given
         except BaseException:
             if tmp is not None:
                 with signals_held():

@@ -263,7 +263,24 @@ def _plan_groups(plan: BenchPlan) -> list[Group]:
             by_key[key] = Group(name, None, manifest.task, source_from_manifest(manifest, path))
             groups.append(by_key[key])
         by_key[key].artifacts.append(path)
+    _check_variant_options(plan, groups, artifacts)
     return groups
+
+
+def _check_variant_options(plan: BenchPlan, groups: list[Group], artifacts: list[Path]) -> None:
+    """--backends / --precisions build variants of presets and model directories; given only artifacts (each
+    benchmarked as it is, beside eager), a non-default value would be ignored: a usage error instead."""
+    if any(g.model_arg is not None for g in groups):
+        return
+    fields = BenchPlan.__dataclass_fields__
+    ignored = [f"{flag} {','.join(getattr(plan, name))}" for name, flag in (("backends", "--backends"),
+                                                                             ("precisions", "--precision"))
+               if tuple(getattr(plan, name)) != fields[name].default]
+    if ignored:
+        have = ", ".join(sorted({f"{Manifest.read(a).backend} {Manifest.read(a).precision}" for a in artifacts}))
+        raise UsageError(f"{' and '.join(ignored)} would be ignored: every MODEL given is an artifact directory "
+                         f"({have}), benchmarked as it is beside eager. Drop the option, or pass the preset or model "
+                         "directory to build those variants (or artifact directories of those backends).")
 
 
 def _key(origin: dict[str, Any], task: str) -> str:

@@ -9,6 +9,7 @@ regressions as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from rich import box
 from rich.table import Table
 
 from vlexport.bench.rows import BenchRow, is_reference
+from vlexport.errors import CheckError
 
 # Finding kinds that fail the gate; the others are information.
 FAILING = ("slower", "slower-absolute", "missing", "parity", "error", "nothing-compared")
@@ -68,9 +70,36 @@ def file_device(rows: Sequence[BenchRow]) -> str:
     return " / ".join(sorted({r.device for r in rows}))
 
 
+# The figures the gate judges: a NaN compares False both ways (it would pass), a negative speed-up reads faster.
+_JUDGED = ("speedup_vs_eager", "latency_p50_ms")
+
+
+def check_inputs(rows: Sequence[BenchRow], name: str) -> None:
+    """A file the gate can trust: judged figures finite and positive, each row identity once (CheckError naming
+    the rows otherwise). A duplicate would silently keep its last value: a file listing every row twice, slow
+    first, would pass."""
+    bad = [f"{r.label()} ({k} {getattr(r, k)!r})" for r in rows for k in _JUDGED
+           if getattr(r, k) is not None and not (isinstance(getattr(r, k), (int, float))
+                                                 and math.isfinite(getattr(r, k)) and getattr(r, k) > 0)]
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        seen[r.identity] = seen.get(r.identity, 0) + 1
+    dups = [f"{r.label()} (x{seen[r.identity]})" for r in {r.identity: r for r in rows}.values()
+            if seen[r.identity] > 1]
+    problems = ([f"non-finite or non-positive figures in {len(bad)} row(s): {'; '.join(bad[:6])}"
+                 + (" ..." if len(bad) > 6 else "")] if bad else []) + (
+        [f"{len(dups)} row(s) listed more than once: {'; '.join(dups[:6])}" + (" ..." if len(dups) > 6 else "")]
+        if dups else [])
+    if problems:
+        raise CheckError(f"{name} cannot be judged: {' and '.join(problems)}. The gate compares nothing from it; "
+                         "write the file again with `vlexport bench --json` (one row per identity, measured "
+                         "figures only).")
+
+
 def compare(baseline: Sequence[BenchRow], current: Sequence[BenchRow], *, max_slowdown: float = 0.10,
             absolute: bool = False, abs_max_slowdown: float | None = None, same_device: bool | None = None,
-            allow_missing: bool = False, allow_empty: bool = False) -> RegressReport:
+            allow_missing: bool = False, allow_empty: bool = False,
+            names: tuple[str, str] = ("baseline", "current")) -> RegressReport:
     """Judge ``current`` against ``baseline``.
 
     ``absolute``: judge absolute p50 latencies too, with ``abs_max_slowdown`` (default ``max_slowdown``)
@@ -79,6 +108,8 @@ def compare(baseline: Sequence[BenchRow], current: Sequence[BenchRow], *, max_sl
     are skipped, not regressions (and not comparisons). ``allow_empty``: a gate that compared no row
     passes; by default it fails with a ``nothing-compared`` finding.
     """
+    check_inputs(baseline, names[0])
+    check_inputs(current, names[1])
     abs_limit = max_slowdown if abs_max_slowdown is None else abs_max_slowdown
     report = RegressReport(baseline_device=file_device(baseline), current_device=file_device(current),
                            absolute=absolute)

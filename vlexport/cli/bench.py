@@ -48,7 +48,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 
 def check_bench_args(args: argparse.Namespace) -> None:
     """`vlexport bench`: report paths, --work-dir, matplotlib for --plot, MODEL vs --suite; creates nothing."""
-    opts.check_report_paths({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot})
+    opts.check_report_paths({"--json": args.json, "--markdown": args.markdown, "--plot": args.plot},
+                            inputs=[Path(m) for m in args.models])
     opts.check_dir("--work-dir", args.work_dir)
     if args.plot:
         from vlexport.bench.plot import check_available
@@ -131,7 +132,8 @@ def cmd_regress(args: argparse.Namespace) -> int:
     baseline, _ = read_rows(args.baseline)
     current, _ = read_rows(args.current)
     report = compare(baseline, current, max_slowdown=args.max_slowdown, abs_max_slowdown=args.abs_max_slowdown,
-                     absolute=args.absolute, allow_missing=args.allow_missing, allow_empty=args.allow_empty)
+                     absolute=args.absolute, allow_missing=args.allow_missing, allow_empty=args.allow_empty,
+                     names=(str(args.baseline), str(args.current)))
     table = to_rich(report, show_all=args.all)
     if table.row_count:
         out.print(table)

@@ -39,12 +39,20 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from vlexport.validate import raise_on_failure, validate_directory
 
-    opts.check_report_paths({"--json": args.json})  # before validation runs, so its report is not lost
+    # before validation runs, so its report is not lost, and never over the artifact it reads
+    opts.check_report_paths({"--json": args.json}, inputs=[args.directory])
     with console.status("validating"):
         report = validate_directory(args.directory, device=args.device)
     if args.json:
         atomic_write_text(args.json, json.dumps(asdict(report), indent=2, default=str) + "\n")
-    raise_on_failure(report, str(args.directory))
+    from vlexport.validate.accuracy import below_thresholds_only
+
+    raise_on_failure(report, str(args.directory),
+                     "It is below its precision's accuracy thresholds (a variant kept with --accept-degraded stays "
+                     "so): build a more accurate one, or use the fp32 artifact." if below_thresholds_only(report) else
+                     "Its files are the ones validated at export (their hashes match), so what differs is where it "
+                     "runs: compare the `versions` in its manifest.json with this environment's (onnxruntime, torch), "
+                     "try the --device it was validated on, or export it again here.")
     errs = ", ".join(f"{k} {e:.2e}" for k, e in report.max_abs_error.items())
     out.print(f"{args.directory}: validation passed vs {report.reference}"
               + (f"; max abs error {errs}" if errs else "") + (f"; {report.summary}" if report.summary else ""))
@@ -61,13 +69,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", action="store_true", help="also print the token ids")
     p.add_argument("--raw-prompt", action="store_true", help="BLIP-2: use --text as is, not 'Question: ... Answer:'")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against the manifest first (native code: always checked)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vlexport.runtime.run import run_artifact
 
     result = run_artifact(args.directory, args.image, args.text, max_new_tokens=args.max_new_tokens,
-                          num_beams=args.num_beams, device=args.device, raw_prompt=args.raw_prompt)
+                          num_beams=args.num_beams, device=args.device, raw_prompt=args.raw_prompt,
+                          verify=args.verify)
     for line in result.lines:
         prefix = f"{line.text}: " if line.text is not None and (result.kind == "scores" or len(result.lines) > 1) else ""
         if result.kind == "scores":

@@ -7,7 +7,8 @@ import argparse
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -110,11 +111,16 @@ def checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return command
 
 
-def check_report_paths(paths: Mapping[str, Path | None]) -> None:
-    """Each report file (option -> path) can be written, and no two options share one; creates nothing."""
+def check_report_paths(paths: Mapping[str, Path | None], inputs: Iterable[Path] = ()) -> None:
+    """Each report file (option -> path) can be written, no two options share one, and none lies inside a
+    directory the command reads (``inputs``: artifacts, models), whose files it would overwrite; creates nothing."""
     given = {option: path for option, path in paths.items() if path is not None}
     for option, path in given.items():
         _check_file(option, path)
+        for directory in inputs:
+            if directory.is_dir() and directory.resolve() in path.resolve().parents:
+                raise UsageError(f"{option} {path} is inside {directory}, which this command reads: a report there "
+                                 "would overwrite or add to its files. Write the report outside it.")
     seen: dict[Path, str] = {}
     for option, path in given.items():
         key = path.resolve()
@@ -159,3 +165,10 @@ def _check_parent(option: str, path: Path) -> None:
         raise UsageError(f"Cannot write {option} {path}: {parent} is a file, not a directory. Choose another path.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write {option} {path}: {parent} is not writable. Choose another path.")
+    try:  # access() says yes for root on /proc or a read-only mount; a file made and removed at once tells
+        fd, probe = tempfile.mkstemp(prefix=".vlexport-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"Cannot write {option} {path}: files cannot be created in {parent} ({e.strerror or e}). "
+                         "Choose another path.") from None

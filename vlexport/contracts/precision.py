@@ -269,8 +269,10 @@ class Int8WeightConfig(PrecisionConfig):
     description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
     def __post_init__(self) -> None:
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UsageError(f"block_size must be a power of two >= 16, got {self.block_size}.")
+        if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
+            # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own error
+            raise UsageError(f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
+                             f"runs), got {self.block_size}.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 

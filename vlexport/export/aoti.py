@@ -180,6 +180,10 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--device {job.option('device')!r}: AOTInductor packages are built for cpu or cuda.")
         if job.option("device") == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
+        if job.option("mode") == "reduce-overhead" and job.option("device") != "cuda":
+            raise UsageError("--mode reduce-overhead captures the decode step in CUDA graphs, which exist only on "
+                             "a GPU: with --device cpu it would build a default package. Drop the option, or "
+                             "compile with --device cuda.")
         if not 16 <= int(job.option("max_length")) <= 1 << 15:
             raise UsageError(f"--max-length {job.option('max_length')}: give 16..32768 static cache slots.")
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:

@@ -74,18 +74,23 @@ def _from_directory(directory: Path, artifact_dir: Path, manifest: Manifest, tas
         raise UsageError(f"--calibration {directory} is not a directory. Pass a directory of images (JPEG, PNG, "
                          "...), optionally with a .txt file of prompts or captions, one per line.")
     settings = image_settings(artifact_dir, manifest)
-    pixels, skipped = [], []
+    pixels, skipped, why = [], [], []
     for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             pixels.append(load_image(path, settings))
-        except UsageError:
+        except UsageError as e:
             skipped.append(path.name)
+            why.append(str(e))
         if len(pixels) >= MAX_SAMPLES:
             break
     if not pixels:
         raise UsageError(f"--calibration {directory} holds no usable image ({len(skipped)} file(s) with an image "
                          f"suffix could not be decoded; suffixes read: {', '.join(IMAGE_SUFFIXES)}). Add images, "
                          "or leave --calibration out to calibrate on a seeded synthetic set.")
+    if skipped:  # calibrating on part of the folder, unsaid, would change the variant's ranges without a word
+        raise UsageError(f"--calibration {directory}: {len(skipped)} of its images cannot be used ({why[0]}"
+                         f"{f' And {len(skipped) - 1} more: ' + ', '.join(skipped[1:6]) if len(skipped) > 1 else ''})."
+                         " Nothing was written: repair or remove them, or move them out of the folder.")
     texts = [line.strip() for t in sorted(directory.glob("*.txt")) for line in t.read_text(errors="replace").splitlines()
              if line.strip()]
     ids = _token_rows(texts, artifact_dir, manifest) if texts else []

@@ -14,7 +14,7 @@ import onnx
 from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
 from vlexport.contracts.precision import Int8DynamicConfig
-from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components
+from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components, source_view
 
 
 class OnnxInt8DynamicPass:
@@ -31,6 +31,7 @@ class OnnxInt8DynamicPass:
         def write(src: Path, dst: Path, external: bool) -> None:
             with quantizer_output(ctx.out_dir, dst) as out:
                 exclude: list[str] = []
+                src = source_view(src, out.parent)
                 if config.smooth is not None:
                     src, exclude = _smoothed(ctx, src, out.parent, config, details)
                 quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,

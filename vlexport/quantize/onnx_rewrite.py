@@ -51,3 +51,18 @@ def quantizer_output(out_dir: Path, dst: Path) -> Iterator[Path]:
         for f in Path(scratch).iterdir():
             if f.name.startswith(dst.name):
                 shutil.move(str(f), out_dir / f.name)
+
+
+def source_view(src: Path, scratch: Path) -> Path:
+    """``src`` seen from ``scratch``: symlinks to the graph and its external data, for a quantizer to read.
+
+    ONNX Runtime's quantizers write a shape-inferred copy (``*-inferred.onnx``) beside the path they are given
+    and delete it after: given the source artifact's own path, two quantizes of one artifact race on that file
+    and a read-only source cannot be quantized. A source artifact is read, never written.
+    """
+    view = scratch / "source"
+    view.mkdir(exist_ok=True)
+    for f in src.parent.iterdir():
+        if f.name.startswith(src.name) and not (view / f.name).exists():  # the graph and its ``.data``
+            (view / f.name).symlink_to(f.resolve())
+    return view / src.name

@@ -20,7 +20,7 @@ from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
 from vlexport.contracts.precision import Int8StaticConfig
 from vlexport.quantize.calibration import FeedReader, calibration_set
-from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components
+from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components, source_view
 
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
@@ -45,6 +45,8 @@ class OnnxInt8StaticPass:
         def write(src: Path, dst: Path, external: bool) -> None:
             # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
             with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
+                src = source_view(src, out.parent)
+                src = source_view(src, out.parent)
                 quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                                 reduce_range=config.reduce_range,

@@ -13,6 +13,9 @@ from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 
+# Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only after
+# their content hash matched the manifest's, always: a changed byte there is a crash or silent wrong code.
+NATIVE_SUFFIXES = (".pt2", ".plan", ".engine")
 ComponentFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -30,14 +33,32 @@ class Artifact:
         return next(iter(self.components.values()))(inputs)
 
 
+def check_device(device: str) -> None:
+    """``--device cuda`` on a machine without a usable GPU is a usage error up front (exit 2), never a silent run
+    on the CPU nor a failure after minutes of eager references."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was given, but no CUDA GPU is usable here (torch.cuda.is_available() is "
+                             "False). Use --device cpu (or auto), or run on a machine with a GPU.")
+
+
 def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, device: str = "auto",
-                  threads: int | None = None, interleaved: bool = False) -> Artifact:
+                  threads: int | None = None, interleaved: bool = False, verify: str = "native") -> Artifact:
     """Every component of an artifact as a callable, loaded by the backend the manifest names.
 
     ``interleaved``: the caller alternates the artifact with other work on the same cores (the benchmark).
+    ``verify``: ``native`` (default) checks the content hash of native-code files (.pt2, .plan) before loading
+    them, ``full`` of every file, ``none`` nothing (the caller has just checked them). ONNX files are parsed and
+    checked by ONNX Runtime, which runs only the operators it knows, so hashing GBs of them at every start is
+    left to `validate`, `triton` and `run --verify`.
     """
+    check_device(device)
     directory = Path(directory)
     manifest = manifest or Manifest.read(directory)
+    if verify != "none":
+        manifest.verify_hashes(directory, suffixes=None if verify == "full" else NATIVE_SUFFIXES)
     task_spec = get_family(manifest.family).task(manifest.task)
     try:
         backend = get_backend(manifest.backend)

@@ -18,6 +18,8 @@ from vlexport.models import get_family
 from vlexport.userdata import brief, finite, kind_of, read_json
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from vlexport.manifest import Manifest
 
 
@@ -65,6 +67,28 @@ def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
                          "preprocessor_config.json")
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _as_rgb(img: PILImage, path: Path) -> PILImage:
+    """``img`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16- and 32-bit grey (PNG ``I;16``, TIFF ``I``) at
+    255, so nearly every pixel turns white: those are scaled by their real range instead (0..65535 to 0..255;
+    Pillow opens 16-bit data as ``I`` too), floats ``F`` from 0..1. Values outside those ranges have no one
+    meaning as a colour: refused, saying what to do."""
+    from PIL import Image
+
+    if img.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == "F" else 65535.0
+    if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= top):
+        raise UsageError(f"Image {path} is a {img.mode} image with values from {arr.min():g} to {arr.max():g}, "
+                         f"outside 0..{top:g}, which have no one meaning as a colour. Convert it to an 8- or 16-bit "
+                         "image (or floats in 0..1) first.")
+    grey = np.rint(arr * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
 def load_image(path: str | Path, settings: ImageSettings) -> np.ndarray:
     """``[1, 3, size, size]`` float32 pixel values, or a UsageError when the file is not a decodable image."""
     from PIL import Image, UnidentifiedImageError
@@ -85,7 +109,7 @@ def load_image(path: str | Path, settings: ImageSettings) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                rgb = img.convert("RGB")
+                rgb = _as_rgb(img, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UsageError(f"Image {path} is refused as a possible decompression bomb ({e}). Pass an image of at "
                          f"most {Image.MAX_IMAGE_PIXELS} pixels (resize it first); it is resized to the "

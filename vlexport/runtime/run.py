@@ -17,7 +17,7 @@ import numpy as np
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import get_family
-from vlexport.runtime import load_artifact
+from vlexport.runtime import check_device, load_artifact
 from vlexport.runtime.preprocess import image_settings, load_image
 from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
 
@@ -44,7 +44,14 @@ class RunResult:
 
 def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] = (), *,
                  max_new_tokens: int | None = None, num_beams: int | None = None, device: str = "auto",
-                 raw_prompt: bool = False) -> RunResult:
+                 raw_prompt: bool = False, verify: bool = False) -> RunResult:
+    check_device(device)
+    for text in texts:  # a non-UTF-8 argument arrives as lone surrogates: the tokenizer would raise deep inside
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"--text {text.encode('utf-8', 'surrogateescape')!r:.60} is not valid UTF-8 text; "
+                             "pass it in UTF-8 (check the terminal's or the script's encoding).") from None
     directory = Path(directory)
     manifest = Manifest.read(directory)  # missing files / size mismatches fail here, before any work
     if max_new_tokens is not None and max_new_tokens <= 0:
@@ -53,7 +60,7 @@ def run_artifact(directory: str | Path, image: str | Path, texts: Sequence[str] 
         raise UsageError(f"--num-beams must be >= 1, got {num_beams}.")
     _check_options(directory, manifest, max_new_tokens=max_new_tokens, num_beams=num_beams, raw_prompt=raw_prompt)
     pixels = load_image(image, image_settings(directory, manifest))
-    artifact = load_artifact(directory, manifest=manifest, device=device)
+    artifact = load_artifact(directory, manifest=manifest, device=device, verify="full" if verify else "native")
     if artifact.task_spec.generative:
         return _generate(artifact, pixels, texts, max_new_tokens, num_beams, raw_prompt)
     return _scores(artifact, pixels, texts)

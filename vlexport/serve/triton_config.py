@@ -46,6 +46,9 @@ def triton_dtype(name: str) -> str:
                          "is damaged or from a newer vlexport. Export it again.") from None
 
 
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """What `vlexport triton` takes besides the artifacts; checked in ``check`` before anything is written."""
@@ -77,6 +80,15 @@ class ServeOptions:
             raise UsageError(f"--instances must be >= 1, got {self.instances}.")
         if self.version < 1:
             raise UsageError(f"--version must be >= 1 (Triton's version folders are 1, 2, ...), got {self.version}.")
+        # What Triton's config fields and version folders hold (int32, uint64, int64): larger values made
+        # protobuf raise a raw ValueError, or a version folder Triton cannot parse.
+        for flag, value, limit in (("--max-batch-size", self.max_batch_size, INT32_MAX),
+                                   ("--instances", self.instances, INT32_MAX),
+                                   ("--max-queue-delay-us", self.max_queue_delay_us, INT64_MAX),
+                                   ("--version", self.version, INT64_MAX)):
+            if value > limit:
+                raise UsageError(f"{flag} {value} is beyond what Triton reads there (at most {limit}); give a "
+                                 "smaller value.")
 
     @property
     def instance_kind(self) -> str:

@@ -9,13 +9,15 @@ model (the scores `vlexport run` prints) and an ensemble ``<name>`` wiring them.
 
 Everything is planned (configs built and parsed back, names checked against each other and against the
 repository) before a byte is written; the repository is then staged beside the target and renamed into
-place (artifact.staged_dir). Without ``--force`` an existing repository is extended: its models are
-hard-linked into the staged copy, and a new model whose name it already holds is refused.
+place (artifact.staged_dir). Without ``--force`` an existing repository is extended in place: the new models
+are staged beside it and renamed into it, what it held is never touched, and a new model whose name it already
+holds is refused. Model files are reflinked or copied from the artifact, never hard-linked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -26,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from vlexport.artifact import staged_dir
+from vlexport.artifact import check_output_dir, output_scope, real_target, scratch_dir, staged_dir
 from vlexport.contracts.backends import backend_names, get_backend
-from vlexport.errors import CheckError, UsageError
+from vlexport.errors import CheckError, UsageError, signals_held
 from vlexport.manifest import MANIFEST, Component, Manifest
 from vlexport.models import get_family
 from vlexport.serve import triton_config as tc
@@ -36,6 +38,7 @@ from vlexport.serve import triton_config as tc
 # Triton model names are directory names that clients put in URLs: keep to a safe alphabet.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SUFFIX = {".onnx": "model.onnx", ".plan": "model.plan", ".engine": "model.plan", ".pt2": "model.pt2"}
+_FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS), a copy-on-write clone
 ARTIFACT_DIR = "artifact"  # inside a python model's version folder: the artifact's manifest and support files
 SERVE_JSON = "serve.json"  # inside a python model's version folder: what the model needs to know
 
@@ -70,6 +73,7 @@ def shim(module: str) -> str:
 # ---------------------------------------------------------------- per artifact
 def read_artifact(directory: Path) -> Manifest:
     manifest = Manifest.read(directory)
+    manifest.verify_hashes(directory)  # what is served must be what was validated
     report = manifest.validation
     if report is None or report.skipped:
         raise UsageError(f"{directory} was exported without validation (--no-validate): `vlexport triton` serves only "
@@ -140,6 +144,10 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
         raise UsageError(f"{directory} is a compiled generative artifact: its decoder updates a static KV cache in "
                          "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
                          "(`vlexport onnx`), or its TensorRT build.")
+    if task.generative and opts.ensemble:
+        raise UsageError(f"{directory} is a generative artifact: its model `{name}` already takes image bytes and "
+                         "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
+                         "post-processing to encoder artifacts, would do nothing. Drop --ensemble.")
     single = len(manifest.components) == 1 and not task.generative and not opts.ensemble
     models: list[PlannedModel] = []
     names: dict[str, str] = {}
@@ -253,41 +261,86 @@ def plan_repository(directories: list[Path], opts: tc.ServeOptions, *, name: str
     return planned
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # a hard link: no second copy of multi-GB weights when on the same filesystem
-    except OSError:
-        shutil.copy2(src, dst)
+def _clone_or_copy(src: Path, dst: Path) -> None:
+    """A reflink where the filesystem has them (no second copy of multi-GB weights), else a copy; never a hard
+    link: replacing a served model's file in place would then rewrite the artifact it came from."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            cloned = True
+        except OSError:
+            cloned = False
+    if not cloned:
+        shutil.copyfile(src, dst)  # sendfile: in the kernel, no Python buffer
+    shutil.copymode(src, dst)
+
+
+def check_repository(repo: Path, display: Path, *, force: bool) -> None:
+    """``repo`` (an existing directory) must be a Triton model repository: model folders (a config.pbtxt each),
+    and, without --force, whatever else the user keeps there (hidden entries, notes), which stays untouched.
+    ``--force`` replaces the whole directory, so it takes only a repository holding nothing but models."""
+    entries = sorted(repo.iterdir())
+    models = [p for p in entries if not p.name.startswith(".") and p.is_dir() and (p / "config.pbtxt").is_file()]
+    others = [p.name for p in entries if p not in models]
+    if any(not p.name.startswith(".") for p in entries) and not models:
+        raise UsageError(f"-o {display} is a folder that is not a Triton model repository (no model folder with a "
+                         f"config.pbtxt; it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}). "
+                         "Nothing was written: choose a new or empty folder, or an existing model repository.")
+    if force and others:
+        raise UsageError(f"-o {display} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which "
+                         "are not Triton models, and --force replaces the whole repository. Nothing was written: "
+                         "drop --force to add the models beside them, or move those entries out first.")
+
+
+def _write_models(root: Path, planned: list[PlannedModel], opts: tc.ServeOptions) -> None:
+    for m in planned:
+        version = root / m.name / str(opts.version)
+        version.mkdir(parents=True)
+        (root / m.name / "config.pbtxt").write_text(tc.to_text(m.config))
+        for rel, src in m.files.items():
+            (version / rel).parent.mkdir(parents=True, exist_ok=True)
+            _clone_or_copy(src, version / rel)
+        for rel, text in m.texts.items():
+            (version / rel).write_text(text)
 
 
 def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, *, name: str | None = None,
                      backend: str | None = None, force: bool = False) -> list[str]:
-    """Write (or extend) the repository ``out``; return the names of the models written."""
+    """Write (or extend) the repository ``out``; return the names of the models written.
+
+    A new repository, or ``--force``, is staged whole and renamed into place (artifact.staged_dir). An existing
+    one is extended in place: the new models are staged beside it and each renamed into it; nothing already
+    there is read, copied, re-linked or removed. A symlinked ``out`` is written through to its target.
+    """
     planned = plan_repository(directories, opts, name=name, backend=backend)
     out = Path(out)
-    if out.is_dir() and (out / MANIFEST).is_file():
+    real = real_target(out)
+    if real.is_dir() and (real / MANIFEST).is_file():
         raise UsageError(f"-o {out} is a vlexport artifact directory, not a Triton model repository. Choose another -o.")
+    if real.is_dir():
+        check_repository(real, out, force=force)
     expected = sum(p.stat().st_size for m in planned for p in m.files.values())
-    with staged_dir(out, force=True, expected_bytes=expected, source_dir=directories) as tmp:
-        existing = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() and not force \
-            else []
-        taken = sorted(set(existing) & {m.name for m in planned})
+    if force or not real.is_dir():
+        with staged_dir(out, force=True, expected_bytes=expected, source_dir=directories) as tmp:
+            _write_models(tmp, planned, opts)
+        return [m.name for m in planned]
+    with output_scope():
+        check_output_dir(real, force=True, source_dir=directories)  # the lock, before anything is looked at again
+        check_repository(real, out, force=False)
+        taken = sorted({p.name for p in real.iterdir()} & {m.name for m in planned})
         if taken:
             raise UsageError(f"Repository {out} already holds model(s) {taken}. Pass --force to replace the "
                              "repository, or --name to add these under another name.")
-        for entry in existing:  # extend: what was there stays, hard-linked into the new copy
-            src = out / entry
-            if src.is_dir():
-                shutil.copytree(src, tmp / entry, copy_function=_link_or_copy, symlinks=True)
-            else:
-                _link_or_copy(src, tmp / entry)
-        for m in planned:
-            version = tmp / m.name / str(opts.version)
-            version.mkdir(parents=True)
-            (tmp / m.name / "config.pbtxt").write_text(tc.to_text(m.config))
-            for rel, src in m.files.items():
-                (version / rel).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(src, version / rel)
-            for rel, text in m.texts.items():
-                (version / rel).write_text(text)
+        with scratch_dir(real, expected_bytes=expected) as scratch:
+            _write_models(scratch, planned, opts)
+            moved: list[Path] = []
+            with signals_held():
+                try:
+                    for m in planned:
+                        (scratch / m.name).rename(real / m.name)
+                        moved.append(real / m.name)
+                except BaseException:
+                    for path in moved:  # all or none of this run's models
+                        shutil.rmtree(path, ignore_errors=True)
+                    raise
     return [m.name for m in planned]

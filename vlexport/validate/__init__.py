@@ -53,28 +53,32 @@ def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
     return check
 
 
-def raise_on_failure(report: ValidationReport, where: str) -> None:
-    """A miss is an error (exit 1) that names each failed output or sample, its error and its limit."""
+def raise_on_failure(report: ValidationReport, where: str, advice: str = "") -> None:
+    """A miss is an error (exit 1) that names each failed output or sample, its error and its limit, and then
+    ``advice``: what to do next."""
     if report.passed is not False:
         return
     raise ValidationError(
         f"Validation failed for {where}: {len(report.failures)} check(s) missed against {report.reference}.\n"
-        + "\n".join(report.failure_lines()),
+        + "\n".join(report.failure_lines()) + (f"\n{advice}" if advice else ""),
         report,
     )
 
 
 def validate_directory(directory: str | Path, *, device: str = "cpu") -> ValidationReport:
     """Re-run validation from the artifact directory alone (rebuilding the eager reference)."""
-    from vlexport.runtime import load_artifact
+    from vlexport.runtime import check_device, load_artifact
     from vlexport.weights import load_model, source_from_manifest
 
+    check_device(device)  # before the eager references, not after
     directory = Path(directory)
     manifest = Manifest.read(directory)
+    # every file, before minutes of eager references: is this what was validated?
+    manifest.verify_hashes(directory)
     source = source_from_manifest(manifest, directory)
     check = eager_references(load_model(source, manifest.task), source.family.task(manifest.task))
     gc.collect()  # the eager model is gone before the artifact's weights load
-    return check(load_artifact(directory, manifest=manifest, device=device))
+    return check(load_artifact(directory, manifest=manifest, device=device, verify="none"))  # hashed above
 
 
 def validate_artifact(model: PreTrainedModel, artifact: Artifact) -> ValidationReport:

@@ -88,16 +88,21 @@ def generation_accuracy(checks: Sequence[Any], precision: str, tol: Tolerance, m
                           misses=misses)
 
 
+def below_thresholds_only(report: ValidationReport) -> bool:
+    """A miss of a reduced precision's accuracy thresholds only (what ``--accept-degraded`` may keep), not a broken
+    artifact (missing output, wrong shape, NaN, constant reference)."""
+    if report.passed is not False or report.accuracy is None:
+        return False
+    return not [f for f in report.failures if f.get("kind") not in ACCURACY_KINDS or "NaN" in str(f.get("detail"))]
+
+
 def accept_degraded(report: ValidationReport) -> bool:
     """``--accept-degraded``: keep a variant that only missed accuracy thresholds, marked as degraded.
 
     A broken artifact (missing output, wrong shape, NaN, constant reference) is never kept. Returns whether
     the report was accepted (its accuracy record is then marked ``degraded``).
     """
-    if report.passed is not False or report.accuracy is None:
-        return False
-    broken = [f for f in report.failures if f.get("kind") not in ACCURACY_KINDS or "NaN" in str(f.get("detail"))]
-    if broken:
+    if not below_thresholds_only(report):
         return False
     report.accuracy.degraded = True
     report.summary = (report.summary + "; " if report.summary else "") + \

@@ -119,7 +119,7 @@ def compare_generation(refs: GenerationReferences, artifact: Artifact) -> Valida
         logit_pairs += case_pairs
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
-    mark_greedy_near_ties(checks, logit_pairs)
+    mark_greedy_near_ties(checks, logit_pairs, tol)
     tokens = np.concatenate([t.ravel() for t in ref_tokens]) if ref_tokens else np.zeros(0)
     distinct = int(np.unique(tokens).size)
     degenerate = distinct <= 1
@@ -232,11 +232,13 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
     return out, logit_pairs
 
 
-def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+                          tol: Tolerance | None = None) -> None:
     """A greedy divergence is a near-tie when the reference's top-2 gap there is within twice the variant's
     typical logit error over the run (validate.outputs.noise_level): fp32 itself barely preferred its token.
-    The error at the divergence cannot decide it: a flip always makes it at least half the gap."""
-    noise = noise_level(logit_pairs)
+    The error at the divergence cannot decide it: a flip always makes it at least half the gap. ``tol`` (the
+    precision's) bounds that typical error, so an artifact wrong everywhere cannot excuse its flips by it."""
+    noise = noise_level(logit_pairs, tol)
     for c in checks:
         if c.kind == "mismatch" and c.step_margin is not None:
             c.near_tie = noise is not None and c.step_margin <= 2 * noise
@@ -303,3 +305,16 @@ def _report(checks: list[TokenCheck], precision: str, tol: Tolerance, modes: lis
                     "logits_max_abs_error": err, "beam_near_ties": near_ties},
         summary=summary,
     )
+
+
+def decoder_needs(task: Any, config: Any) -> tuple[int, int]:
+    """(decoder rows, cache slots) that validating ``task`` asks of a decoder with fixed limits (a compiled static
+    cache): the widest batch times the beams, and the longest decoder prompt plus every new token. The prompt is
+    the text when no other component reads ``input_ids`` (captions, BLIP-2 OPT with its image tokens), else the
+    decoder's start token (VQA, T5). Known from the config alone, so a package that cannot pass is refused before
+    it is compiled."""
+    inputs = task.make_inputs(config, InputShape(SAMPLES, PROMPT_TOKENS), 1234)
+    components = task.components(config)
+    encoded = any("input_ids" in c.inputs for c in components if c.name != "decoder")
+    prompt = 1 if encoded else int(inputs["input_ids"].shape[1])
+    return max(BATCH_SIZES) * NUM_BEAMS, prompt + MAX_NEW_TOKENS

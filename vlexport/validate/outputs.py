@@ -41,14 +41,37 @@ class OutputCheck:
     detail: str = ""
 
 
-def noise_level(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> float | None:
+def noise_level(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Tolerance | None = None) -> float | None:
     """The variant's typical error: the median over every row of every (reference, artifact) pair of the
     row's largest absolute difference. A flipped argmax always has an error of at least half the reference's
     top-2 gap at that row, so the row's own error cannot tell a near-tie from a broken answer; the error
-    level the variant shows elsewhere can."""
+    level the variant shows elsewhere can.
+
+    ``tol``: the precision's tolerance bounds it (:func:`explained_error`): an artifact wrong everywhere has a
+    large typical error of its own, and must not call every flip a near-tie by it."""
     rows = [np.abs(a.astype(np.float64) - b).max(axis=-1).ravel() for a, b in pairs
             if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
-    return float(np.median(np.concatenate(rows))) if rows else None
+    if not rows:
+        return None
+    noise = float(np.median(np.concatenate(rows)))
+    bound = explained_error(pairs, tol) if tol is not None else None
+    return noise if bound is None else min(noise, bound)
+
+
+def explained_error(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> float | None:
+    """The largest typical row error the precision's tolerance allows, as a median over the reference rows:
+    ``atol + rtol * max|ref|`` elementwise tolerances (fp32); ``|ref| * sqrt(2 (1 - min_cosine))`` for cosine
+    ones (a row at that cosine is at most that far from the reference, in L2 and so in every element)."""
+    refs = [np.asarray(a, dtype=np.float64) for a, b in pairs if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
+    if not refs:
+        return None
+    if tol.atol is not None:
+        rows = [tol.atol + (tol.rtol or 0.0) * np.abs(r).max(axis=-1).ravel() for r in refs]
+        return float(np.median(np.concatenate(rows)))
+    if tol.min_cosine is not None:
+        rows = [np.linalg.norm(r, axis=-1).ravel() * np.sqrt(2 * (1 - tol.min_cosine)) for r in refs]
+        return float(np.median(np.concatenate(rows)))
+    return None
 
 
 def compare_output(name: str, shape: str, got: np.ndarray | None, ref: np.ndarray, tol: Tolerance,
@@ -134,7 +157,7 @@ def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: Precis
     tol = precision.tolerance
     checks: list[OutputCheck] = []
     got = [runner(x) for x in refs.inputs]
-    noise = {name: noise_level([(ref[name], g[name]) for ref, g in zip(refs.outputs, got) if name in g])
+    noise = {name: noise_level([(ref[name], g[name]) for ref, g in zip(refs.outputs, got) if name in g], tol)
              for name in refs.agreement}
     for shape, g, ref in zip(refs.shapes, got, refs.outputs):
         for name in refs.component.outputs:
