@@ -28,7 +28,7 @@ from vlexport.manifest import Manifest
 from vlexport.runtime import Artifact, load_artifact
 from vlexport.runtime.inputs import ImageInput, TextInput, broadcast, image_pixels, is_single_image, text_list
 from vlexport.runtime.preprocess import image_settings
-from vlexport.runtime.texts import check_options, encode_batch, prompt_ids
+from vlexport.runtime.texts import PlaceholderTexts, check_options, encode_batch, prompt_ids, token_limit
 from vlexport.runtime.tokenizer import ArtifactTokenizer
 
 DEFAULT_BATCH = 8
@@ -195,6 +195,8 @@ class EncoderTask(Task):
         self.matrix = next((t.name for t in outputs if len(t.shape) == 2 and t.shape[0] == t.shape[1] == "batch"),
                            None)
         self.output_names = [t.name for t in outputs]
+        self._limit = token_limit(self.directory, self.manifest)
+        self._encoder: ArtifactTokenizer | PlaceholderTexts = self._tokenizer or PlaceholderTexts(self.directory)
         if self._tokenizer is None:
             self.notes.append("no tokenizer in the artifact (random weights): texts encoded with a byte-level "
                               "placeholder")
@@ -202,7 +204,7 @@ class EncoderTask(Task):
     def texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids and mask of texts padded to one width (as `vlexport run` encodes them)."""
         with self._text_lock:
-            return encode_batch(self.directory, self.manifest, self._tokenizer, texts)
+            return encode_batch(self._encoder, texts, self._limit)
 
     def call(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """One graph call on row-aligned images and texts (the family adds its extra inputs)."""

@@ -62,29 +62,38 @@ def token_limit(directory: Path, manifest: Manifest) -> int | None:
     return min((n for n in limits if n), default=None)
 
 
+class PlaceholderTexts:
+    """The byte-level placeholder encoding of encoder texts, for artifacts without a tokenizer (built once)."""
+
+    def __init__(self, directory: Path):
+        from vlexport.runtime.generate import artifact_config
+
+        text = artifact_config(directory).text_config
+        settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
+                    "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
+        keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
+                tuple(k for k in ("eos_token_id",) if settings[k]))
+        self.tok = build_placeholder(text.vocab_size, settings, keys)
+        self.pad = text.pad_token_id or 0
+
+    def batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self.tok.encode(t).ids for t in texts]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        return ids, mask
+
+
 def placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    from vlexport.runtime.generate import artifact_config
-
-    text = artifact_config(directory).text_config
-    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
-                "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
-    keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
-            tuple(k for k in ("eos_token_id",) if settings[k]))
-    tok = build_placeholder(text.vocab_size, settings, keys)
-    rows = [tok.encode(t).ids for t in texts]
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), text.pad_token_id or 0, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    return ids, mask
+    return PlaceholderTexts(directory).batch(texts)
 
 
-def encode_batch(directory: Path, manifest: Manifest, tokenizer: ArtifactTokenizer | None,
-                 texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode_batch(tokenizer: ArtifactTokenizer | PlaceholderTexts, texts: Sequence[str],
+                 limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids and mask of encoder texts (one width for all), refused past the position table."""
-    ids, mask = tokenizer.batch(texts) if tokenizer is not None else placeholder_batch(directory, texts)
-    limit = token_limit(directory, manifest)
+    ids, mask = tokenizer.batch(texts)
     if limit is not None and ids.shape[1] > limit:
         longest = int(np.argmax(mask.sum(axis=1)))
         raise UsageError(f"--text {texts[longest][:40]!r} is {ids.shape[1]} tokens, more than the {limit} this model's "
