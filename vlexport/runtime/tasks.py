@@ -299,8 +299,9 @@ class SimilarityTask(EncoderTask):
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Image embeddings ``[images, dim]`` as the model returns them (two-tower graphs only)."""
         pixels = self.pixels(images)
-        ids, mask = self.texts([""] * len(pixels))
-        out = self._embeddings("image_embeds", pixels, ids, mask)
+        # the graph runs both towers: a one-token text (an empty one is 0 tokens wide with no special tokens)
+        ids = np.ones((len(pixels), 1), dtype=np.int64)
+        out = self._embeddings("image_embeds", pixels, ids, np.ones_like(ids))
         return out[0] if is_single_image(images) else out
 
     def embed_texts(self, texts: TextInput) -> np.ndarray:
