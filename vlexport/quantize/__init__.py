@@ -17,3 +17,7 @@ from vlexport.quantize.precision import (
 
 __all__ = ["PRECISIONS", "Bf16Config", "Fp16Config", "Fp32Config", "Int8BnbConfig", "Int8DynamicConfig", "Int8StaticConfig",
            "Int8WeightConfig", "PrecisionConfig", "Tolerance", "get_precision", "precisions_for_backend"]
+
+from vlexport.callables import make_callable  # vlexport.quantize(...) is vlexport.api.quantize
+
+make_callable(__name__, "vlexport.api:quantize")
