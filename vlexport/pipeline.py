@@ -31,7 +31,7 @@ from vlexport.contracts.backends import (
     backend_precisions,
     get_backend,
 )
-from vlexport.contracts.passes import Derivation, derivation
+from vlexport.contracts.passes import BUILTIN, Derivation, derivation
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig
 from vlexport.errors import UsageError
 from vlexport.manifest import Component, Manifest, ValidationReport
@@ -60,6 +60,22 @@ def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
         if how is None:
             return _export(job, backend, progress, _Eager(model), given=given)
         return _derive(job, backend, how, progress, _Eager(model))
+
+
+def check_variant_source(model: str | Path, manifest: Manifest, config: PrecisionConfig) -> None:
+    """What `quantize` (CLI and API) can make from the artifact ``model``, said before anything loads: fp32 is the source, not a
+    variant, and only backends that derive a precision from their own files (a pass, or a parent) can; without
+    one the pipeline would rebuild from weights a compiled package does not carry, and blame missing safetensors."""
+    if config.name == "fp32":
+        raise UsageError(f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
+                         f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
+                         "int8-weight, int8-static).")
+    if derivation(get_backend(manifest.backend), config) is None:
+        passes = sorted({f"{b} {p}" for b, p in BUILTIN})
+        verb = {"aoti": "compile", "tensorrt": "tensorrt"}.get(manifest.backend, manifest.backend)
+        raise UsageError(f"`vlexport quantize` has no {config.name} pass for {manifest.backend} artifacts such as "
+                         f"{model} (it has: {', '.join(passes)}). Build the variant from the model instead: "
+                         f"`vlexport {verb} MODEL --precision {config.name}`.")
 
 
 def check_job(job: ExportJob) -> Backend:

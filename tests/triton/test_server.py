@@ -32,7 +32,7 @@ def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -
     from vlexport.manifest import Manifest
     from vlexport.models import get_family
     from vlexport.runtime.preprocess import image_settings, load_image
-    from vlexport.runtime.run import _placeholder_batch
+    from vlexport.runtime.texts import placeholder_batch as _placeholder_batch
     from vlexport.weights import load_model, source_from_manifest
 
     manifest = Manifest.read(artifact)

@@ -15,3 +15,7 @@ BACKENDS = RUNNERS  # the earlier name of the runner table (export backends live
 
 __all__ = ["BACKENDS", "RUNNERS", "BenchContext", "BenchPlan", "BenchRow", "RegressReport", "Variant", "compare",
            "read_rows", "register_backend", "register_runner", "run_bench", "write_rows"]
+
+from vlexport.callables import make_callable  # vlexport.bench(...) is vlexport.api.bench
+
+make_callable(__name__, "vlexport.api:bench")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vlexport.artifact import check_output_dir
 from vlexport.cli import options as opts
@@ -21,10 +20,6 @@ from vlexport.contracts.precision import (
     get_precision,
     precisions_for_backend,
 )
-from vlexport.errors import UsageError
-
-if TYPE_CHECKING:
-    from vlexport.manifest import Manifest
 
 
 def precision_choices(backend: str, *, aliases: bool = False) -> tuple[str, ...]:
@@ -73,30 +68,13 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
+    from vlexport.pipeline import check_variant_source
 
     config = precision_config(args)  # the knobs' rules, before the artifact is read
     manifest = Manifest.read(args.model)
-    check_quantize_source(args.model, manifest, config)
+    check_variant_source(args.model, manifest, config)
     return _export(args, manifest.backend, "quantizing")
 
-
-def check_quantize_source(model: str | Path, manifest: Manifest, config: PrecisionConfig) -> None:
-    """What `quantize` can make from this artifact, said before anything loads: fp32 is the source, not a
-    variant, and only backends that derive a precision from their own files (a pass, or a parent) can; without
-    one the pipeline would rebuild from weights a compiled package does not carry, and blame missing safetensors."""
-    from vlexport.contracts.backends import get_backend
-    from vlexport.contracts.passes import BUILTIN, derivation
-
-    if config.name == "fp32":
-        raise UsageError(f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
-                         f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
-                         "int8-weight, int8-static).")
-    if derivation(get_backend(manifest.backend), config) is None:
-        passes = sorted({f"{b} {p}" for b, p in BUILTIN})
-        verb = {"aoti": "compile", "tensorrt": "tensorrt"}.get(manifest.backend, manifest.backend)
-        raise UsageError(f"`vlexport quantize` has no {config.name} pass for {manifest.backend} artifacts such as "
-                         f"{model} (it has: {', '.join(passes)}). Build the variant from the model instead: "
-                         f"`vlexport {verb} MODEL --precision {config.name}`.")
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:

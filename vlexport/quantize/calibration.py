@@ -124,9 +124,9 @@ def _token_rows(texts: list[str], artifact_dir: Path, manifest: Manifest) -> lis
     from vlexport.runtime.tokenizer import ArtifactTokenizer
 
     if manifest.tokenizer.get("kind", "none") == "none":  # random weights: `vlexport run`'s byte-level placeholder
-        from vlexport.runtime.run import _placeholder_batch
+        from vlexport.runtime.texts import placeholder_batch
 
-        ids, mask = _placeholder_batch(artifact_dir, texts)
+        ids, mask = placeholder_batch(artifact_dir, texts)
         return [row[m == 1].tolist() for row, m in zip(ids, mask)]
     tok = ArtifactTokenizer(artifact_dir, manifest)
     return [tok.encode(t) for t in texts]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _as_rgb(img: PILImage, path: Path) -> PILImage:
+def _as_rgb(img: PILImage, label: str) -> PILImage:
     """``img`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16- and 32-bit grey (PNG ``I;16``, TIFF ``I``) at
     255, so nearly every pixel turns white: those are scaled by their real range instead (0..65535 to 0..255;
     Pillow opens 16-bit data as ``I`` too), floats ``F`` from 0..1. Values outside those ranges have no one
@@ -82,7 +82,7 @@ def _as_rgb(img: PILImage, path: Path) -> PILImage:
     arr = np.asarray(img, dtype=np.float64)
     top = 1.0 if img.mode == "F" else 65535.0
     if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= top):
-        raise UsageError(f"Image {path} is a {img.mode} image with values from {arr.min():g} to {arr.max():g}, "
+        raise UsageError(f"{label} is a {img.mode} image with values from {arr.min():g} to {arr.max():g}, "
                          f"outside 0..{top:g}, which have no one meaning as a colour. Convert it to an 8- or 16-bit "
                          "image (or floats in 0..1) first.")
     grey = np.rint(arr * (255.0 / top)).astype(np.uint8)
@@ -91,8 +91,6 @@ def _as_rgb(img: PILImage, path: Path) -> PILImage:
 
 def load_image(path: str | Path, settings: ImageSettings) -> np.ndarray:
     """``[1, 3, size, size]`` float32 pixel values, or a UsageError when the file is not a decodable image."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     other = "Pass a JPEG, PNG or another format Pillow reads."
     if path.is_dir():
@@ -102,23 +100,36 @@ def load_image(path: str | Path, settings: ImageSettings) -> np.ndarray:
                          f"Image {path} is not a regular file. {other}")
     if path.stat().st_size == 0:
         raise UsageError(f"Image {path} is empty (0 bytes). {other}")
+    return pixels_from_rgb(decode_image(path, f"Image {path}"), settings)
+
+
+def decode_image(source: Path | BinaryIO, label: str) -> PILImage:
+    """An RGB ``PIL.Image`` from a file or a binary stream; ``label`` names it in errors ("Image x.jpg")."""
+    from PIL import Image, UnidentifiedImageError
+
+    other = "Pass a JPEG, PNG or another format Pillow reads."
     try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both are refusals here, because
             # decoding a "bomb" (a small file claiming a huge canvas) takes all the memory before it is resized.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
-                rgb = _as_rgb(img, path)
+                return _as_rgb(img, label)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UsageError(f"Image {path} is refused as a possible decompression bomb ({e}). Pass an image of at "
+        raise UsageError(f"{label} is refused as a possible decompression bomb ({e}). Pass an image of at "
                          f"most {Image.MAX_IMAGE_PIXELS} pixels (resize it first); it is resized to the "
                          "artifact's input size anyway.") from None
     except UnidentifiedImageError:
-        raise UsageError(f"Cannot decode image {path}: not an image format Pillow recognises. {other}") from None
+        raise UsageError(f"Cannot decode {label[0].lower()}{label[1:]}: not an image format Pillow recognises. "
+                         f"{other}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying truncated / corrupt
-        raise UsageError(f"Cannot decode image {path}: it is truncated or damaged ({brief(e)}); re-save or "
-                         f"re-download it. {other}") from None
+        raise UsageError(f"Cannot decode {label[0].lower()}{label[1:]}: it is truncated or damaged ({brief(e)}); "
+                         f"re-save or re-download it. {other}") from None
+
+
+def pixels_from_rgb(rgb: PILImage, settings: ImageSettings) -> np.ndarray:
+    """An RGB ``PIL.Image`` -> ``[1, 3, size, size]`` float32: resize, rescale, normalise (the processor's steps)."""
     rgb = rgb.resize((settings.size, settings.size), resample=settings.resample)
     arr = np.asarray(rgb, dtype=np.float32) * np.float32(settings.rescale)
     arr = (arr - np.asarray(settings.mean, np.float32)) / np.asarray(settings.std, np.float32)

@@ -60,7 +60,7 @@ class TritonPythonModel:
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
         # `vlexport run`'s own prompt rules (template, BLIP-2's image tokens)
-        from vlexport.runtime.run import _prompt_ids
+        from vlexport.runtime.texts import prompt_ids
 
         gen, s = self.generator, self.generator.settings
         pixels = common.decode_image(common.image_bytes(request), self.image)
@@ -81,7 +81,7 @@ class TritonPythonModel:
         raw = bool(_scalar(request, "RAW_PROMPT", 0, 0, 1))
         if raw and "{}" not in (gen.recipe.prompt_template or ""):
             raise common.RequestError("RAW_PROMPT turns off the prompt template, and this model has none: drop it.")
-        ids = _prompt_ids(text, self.tokenizer, s, gen.recipe, raw)
+        ids = prompt_ids(text, self.tokenizer, s, gen.recipe, raw)
         out = gen.generate(pixels, ids, None if ids is None else np.ones_like(ids), max_new_tokens=max_new,
                            num_beams=beams)
         seq = out.sequences[0]

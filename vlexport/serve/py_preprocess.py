@@ -19,7 +19,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from vlexport.models import get_family
         from vlexport.runtime.preprocess import image_settings
-        from vlexport.runtime.run import token_limit
+        from vlexport.runtime.texts import token_limit
         from vlexport.runtime.tokenizer import ArtifactTokenizer
 
         meta = common.serve_json(args)
@@ -38,7 +38,7 @@ class TritonPythonModel:
         return common.answer(requests, self._one)
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
-        from vlexport.runtime.run import _placeholder_batch  # `vlexport run`'s own encoding of texts
+        from vlexport.runtime.texts import placeholder_batch  # `vlexport run`'s own encoding of texts
 
         pixels = common.decode_image(common.image_bytes(request), self.image)
         texts = common.strings(request, "TEXT", "text") or []
@@ -50,7 +50,7 @@ class TritonPythonModel:
         if self.max_texts and len(texts) > self.max_texts:
             raise common.RequestError(f"TEXT holds {len(texts)} texts; this model scores at most {self.max_texts} per "
                                       "request (--max-batch-size). Split the request.")
-        ids, mask = self.tokenizer.batch(texts) if self.tokenizer else _placeholder_batch(self.directory, texts)
+        ids, mask = self.tokenizer.batch(texts) if self.tokenizer else placeholder_batch(self.directory, texts)
         if self.limit is not None and ids.shape[1] > self.limit:
             longest = int(mask.sum(1).argmax())
             raise common.RequestError(f"TEXT element {longest} is {ids.shape[1]} tokens, more than the model's "
