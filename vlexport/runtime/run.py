@@ -19,7 +19,7 @@ from vlexport.manifest import Manifest
 from vlexport.models import get_family
 from vlexport.runtime import load_artifact
 from vlexport.runtime.preprocess import image_settings, load_image
-from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
+from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder, pad_batch
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int |
 
 def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_tokens: int | None,
               num_beams: int | None, raw_prompt: bool) -> RunResult:
-    from vlexport.runtime.generate import Generator
+    from vlexport.runtime.generate import Generator, prompt_ids
 
     gen = Generator(artifact)
     s, recipe = gen.settings, gen.recipe
@@ -89,7 +89,7 @@ def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_t
     prompts: list[str | None] = list(texts) or [None]
     lines = []
     for text in prompts:
-        ids = _prompt_ids(text, tokenizer, s, recipe, raw_prompt)
+        ids = prompt_ids(text, tokenizer, s, recipe, raw_prompt)
         out = gen.generate(pixels, ids, None if ids is None else np.ones_like(ids),
                            max_new_tokens=max_new_tokens or int(s.get("default_max_new_tokens", 20)),
                            num_beams=num_beams or int(s.get("default_num_beams", 1)))
@@ -99,21 +99,6 @@ def _generate(artifact: Any, pixels: np.ndarray, texts: Sequence[str], max_new_t
     if tokenizer is None:
         notes.append("the artifact has no tokenizer: showing token ids only")
     return RunResult("generate", artifact.manifest.task, lines, notes)
-
-
-def _prompt_ids(text: str | None, tokenizer: ArtifactTokenizer | None, s: dict[str, Any], recipe: Any,
-                raw_prompt: bool) -> np.ndarray | None:
-    queries = s.get("num_query_tokens")
-    if text is None and not (recipe.needs_prompt and queries):
-        return None  # the model's own default prompt (BLIP caption: [bos]; BLIP-2 OPT: image tokens + bos)
-    if tokenizer is None:
-        raise UsageError("This task needs a text prompt, and the artifact has no tokenizer to encode it with.")
-    if text is not None and recipe.prompt_template and not raw_prompt and "{}" in recipe.prompt_template:
-        text = recipe.prompt_template.format(text)
-    ids = tokenizer.encode(text or "")
-    if queries:  # BLIP-2: the image is used only where the prompt holds its query tokens
-        ids = [s["image_token_id"]] * int(queries) + ids
-    return np.array([ids], dtype=np.int64)
 
 
 # ---------------------------------------------------------------- ITM / ITC scores
@@ -160,7 +145,9 @@ def token_limit(directory: Path, manifest: Manifest) -> int | None:
     return min((n for n in limits if n), default=None)
 
 
-def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def placeholder_text_tokenizer(directory: Path) -> tuple[Any, int]:
+    """The byte-level placeholder (a ``tokenizers.Tokenizer``) and pad id that encode ITM/ITC texts when the
+    artifact has no tokenizer (random weights); `vlexport triton` writes it as the served tokenizer.json."""
     from vlexport.runtime.generate import artifact_config
 
     text = artifact_config(directory).text_config
@@ -168,11 +155,9 @@ def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarra
                 "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
     keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
             tuple(k for k in ("eos_token_id",) if settings[k]))
-    tok = build_placeholder(text.vocab_size, settings, keys)
-    rows = [tok.encode(t).ids for t in texts]
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), text.pad_token_id or 0, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    return ids, mask
+    return build_placeholder(text.vocab_size, settings, keys), text.pad_token_id or 0
+
+
+def _placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    tok, pad = placeholder_text_tokenizer(directory)
+    return pad_batch([tok.encode(t).ids for t in texts], pad)
