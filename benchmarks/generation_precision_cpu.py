@@ -46,10 +46,10 @@ def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], ite
     load_s = time.perf_counter() - t0
     ids = None
     if gen.recipe.needs_prompt:  # BLIP-2 Flan-T5: a question, as `vlexport run --text` sends it
-        from vlexport.runtime.run import _prompt_ids
+        from vlexport.runtime.generate import prompt_ids
         from vlexport.runtime.tokenizer import ArtifactTokenizer
 
-        ids = _prompt_ids(PROMPT, ArtifactTokenizer(directory, manifest), gen.settings, gen.recipe, False)
+        ids = prompt_ids(PROMPT, ArtifactTokenizer(directory, manifest), gen.settings, gen.recipe, False)
     size = int(manifest.image_size)
     rows, arrays = [], {}
     for batch in batches:

@@ -94,12 +94,158 @@ def _worker(server: Server, i: int, cases: list, stop: float, log: list) -> None
         client.close()
 
 
+def _in_process_itm(artifact: Path):
+    """The same ITM artifact called in this process, as `vlexport run` computes it (decode, tokenize, ONNX Runtime,
+    scores), one shared session: what the ensemble is compared with at the same concurrency."""
+    from vlexport.manifest import Manifest
+    from vlexport.models import get_family
+    from vlexport.runtime.onnx_session import OnnxComponent
+    from vlexport.runtime.preprocess import image_settings
+    from vlexport.runtime.texts import placeholder_text_tokenizer
+    from vlexport.runtime.tokenizer import ArtifactTokenizer, pad_batch
+    from vlexport.serve.py_common import decode_image
+
+    manifest = Manifest.read(artifact)
+    task = get_family(manifest.family).task(manifest.task)
+    settings = image_settings(artifact, manifest)
+    (comp,) = manifest.components.values()
+    session = OnnxComponent(artifact / comp.file, providers=["CPUExecutionProvider"])
+    if manifest.tokenizer.get("kind", "none") != "none":
+        batch = ArtifactTokenizer(artifact, manifest).batch
+    else:
+        tok, pad = placeholder_text_tokenizer(artifact)
+        batch = lambda texts: pad_batch([tok.encode(t).ids for t in texts], pad)
+
+    def call(image: bytes, texts: list[str]) -> np.ndarray:
+        pixels = decode_image(image, settings)
+        ids, mask = batch(texts)
+        feeds = task.run_inputs({"input_ids": ids, "attention_mask": mask,
+                                 "pixel_values": np.repeat(pixels, len(texts), axis=0)})
+        out = session({k: feeds[k] for k in session.input_names})
+        return task.scores(out, len(texts))["match_logit"]
+
+    return call
+
+
+def _encoder(args: argparse.Namespace) -> int:
+    """ITM ensemble at --clients vs the same artifact in process with as many threads; every answer checked."""
+    from vlexport.runtime.run import run_artifact
+    from vlexport.serve.triton_config import ServeOptions
+    from vlexport.serve.triton_repo import write_repository
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="triton-encoder-"))
+    work.mkdir(parents=True, exist_ok=True)
+    repo = work / "repo-encoder"
+    opts = ServeOptions(kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8,
+                        max_queue_delay_us=2000)
+    write_repository([args.encoder], repo, opts, name="itm", backend="python-onnxruntime", force=True)
+    cases = []
+    for i in range(4):
+        image = image_bytes(100 + i, (224, 224))
+        (work / f"enc{i}.png").write_bytes(image)
+        texts = TEXTS[: 1 + i % 3]
+        run = run_artifact(args.encoder, work / f"enc{i}.png", texts, device="cpu")
+        cases.append((image, texts, [line.score["match_logit"] for line in run.lines]))
+
+    def drive(call_for_thread, n: int) -> dict:
+        log: list[dict] = []
+        stop = time.monotonic() + args.seconds
+
+        def worker(i: int) -> None:
+            call, close = call_for_thread(i)
+            try:
+                k = i
+                while time.monotonic() < stop:
+                    image, texts, expected = cases[k % len(cases)]
+                    k += 1
+                    t0 = time.perf_counter()
+                    try:
+                        got = np.asarray(call(image, texts))
+                        ok, err = got.shape == (len(expected),) and bool(np.allclose(got, expected, rtol=0, atol=1e-5)), None
+                    except Exception as e:  # noqa: BLE001  counted, not raised
+                        ok, err = False, f"{type(e).__name__}: {e}"[:200]
+                    log.append({"ok": ok, "error": err, "latency_s": time.perf_counter() - t0})
+            finally:
+                close()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.seconds + 300)
+        wall = time.monotonic() - t0
+        lat = np.array([e["latency_s"] for e in log if e["ok"]]) * 1e3
+        return {"requests": len(log), "req_per_s": round(len(log) / wall, 2),
+                "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+                "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+                "wrong": sum(1 for e in log if not e["ok"] and e["error"] is None),
+                "errors": sum(1 for e in log if e["error"] is not None),
+                "error_examples": sorted({e["error"] for e in log if e["error"]})[:3],
+                "lost": sum(t.is_alive() for t in threads)}
+
+    local = _in_process_itm(args.encoder)
+    in_process = drive(lambda i: (local, lambda: None), args.clients)
+    server = Server(repo, sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()),
+                    work / "tritonserver-encoder.log")
+    try:
+        startup = server.wait_ready()
+
+        def remote(i: int):
+            client = _client(server, i)
+            return (lambda image, texts: scores(client, "itm", image, texts)["match_logit"]), client.close
+
+        served = drive(remote, args.clients)
+        where = _server_time(server)
+    finally:
+        server.stop()
+    result = {"artifact": str(args.encoder), "clients": args.clients, "seconds": args.seconds,
+              "server_startup_s": round(startup, 1), "ensemble": served, "in_process": in_process,
+              "ratio_ensemble_to_in_process": round(served["req_per_s"] / in_process["req_per_s"], 3)
+              if in_process["req_per_s"] else None,
+              "server_time_per_request": where,
+              "setup": "ITM ensemble (preprocess + python-onnxruntime model + postprocess python models), --kind cpu, "
+                       "max_batch_size 8, queue delay 2 ms, 1 instance each; in process: one ORT session shared "
+                       "by the threads, same preprocessing code",
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_average_1m_at_end": round(os.getloadavg()[0], 1)},
+              "versions": library_versions()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ensemble", "in_process", "ratio_ensemble_to_in_process",
+                                             "server_time_per_request")}, indent=1))
+    return 1 if served["wrong"] or served["errors"] or served["lost"] else 0
+
+
+def _server_time(server: Server) -> dict[str, dict[str, float]]:
+    """Where the server's time went, per model (Triton's own statistics): mean ms per request in the queue and
+    in compute (input, execute, output), and the mean of the whole request inside the server ("success")."""
+    from tritonclient import http
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics()
+    finally:
+        client.close()
+    out = {}
+    for m in stats.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        n = int(s.get("success", {}).get("count", 0))
+        if n:
+            out[m["name"]] = {"requests": n, **{f"{k}_ms": round(int(s.get(k, {}).get("ns", 0)) / n / 1e6, 3)
+                                                for k in ("success", "queue", "compute_input", "compute_infer",
+                                                          "compute_output")}}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--work", type=Path, default=None, help="where the artifacts and the repository go (kept)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_load.json")
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="an ITM artifact: measure its ensemble against in-process calls instead (e.g. bridgetower-base)")
     args = p.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
         p.error("--clients must be 1..64 and --seconds 0..600 (the test is bounded)")
@@ -107,6 +253,8 @@ def main() -> int:
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
+    if args.encoder is not None:
+        return _encoder(args)
     from vlexport.serve.triton_config import ServeOptions
     from vlexport.serve.triton_repo import write_repository
 
@@ -119,7 +267,7 @@ def main() -> int:
     for name, path in artifacts.items():
         write_repository([path], repo, opts, name=name, backend="python-onnxruntime", force=name == "itm")
     cases = _cases(artifacts, work)
-    models = sorted(p.name for p in repo.iterdir())
+    models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())  # not requirements.txt
     server = Server(repo, models, work / "tritonserver.log")
     try:
         startup = server.wait_ready()
@@ -133,6 +281,7 @@ def main() -> int:
             t.join(args.seconds + 300)
         wall = time.monotonic() - t0
         hung = sum(t.is_alive() for t in threads)
+        where = _server_time(server)
     finally:
         server.stop()
     rows = {}
@@ -148,6 +297,7 @@ def main() -> int:
     result = {"clients": args.clients, "seconds": args.seconds, "wall_s": round(wall, 2),
               "server_startup_s": round(startup, 1), "hung_clients": hung, "lost": hung, "models": rows,
               "total_req_per_s": round(len(log) / wall, 2),
+              "server_time_per_request": where,
               "setup": "tiny BridgeTower ITM ensemble (3 python models + ensemble) and tiny BLIP caption BLS, "
                        "--kind cpu --backend python-onnxruntime, max_batch_size 8, queue delay 2 ms, 1 instance each",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

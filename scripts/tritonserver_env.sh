@@ -9,19 +9,20 @@
 # Layout inside $ENV (what the issue found working): tritonserver/ is a copy of the wheel's
 # pytriton/tritonserver, with python_backend_stubs/3.11/triton_python_backend_stub put into
 # backends/python/; LD_LIBRARY_PATH holds the interpreter's sysconfig LIBDIR (libpython for the stub) and
-# the wheel's nvidia_pytriton.libs (the bundled libcudart). The python models import vlexport from this
-# venv (installed --no-deps, its runtime needs are pinned below), so the BLS generation model runs
-# vlexport's own decode loop. Idempotent: a finished env (stamp matches this script) is kept.
+# the wheel's nvidia_pytriton.libs (the bundled libcudart). Besides nvidia-pytriton the venv holds exactly
+# what a repository's python models import (vlexport/serve/requirements.txt, which `vlexport triton` writes
+# into REPO/requirements.txt): no torch, no transformers, no vlexport; the repositories carry their own
+# copy of vlexport's serving runtime. Idempotent: a finished env (stamp matches this script and the
+# requirements) is kept.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 env_dir="${VLEXPORT_TRITON_ENV:-$HOME/.cache/vlexport/tritonserver-env}"
 python="${PYTHON:-python3.11}"
 stamp="$env_dir/.vlexport-stamp"
-want="$(sha256sum "$0" | cut -c1-16)-$(cd "$here" && git rev-parse HEAD 2>/dev/null || echo nogit)"
+requirements="$here/vlexport/serve/requirements.txt"
+want="$(cat "$0" "$requirements" | sha256sum | cut -c1-16)"
 
-# vlexport itself is re-copied every time (cheap), the rest only when the script changed.
-if [ -f "$stamp" ] && [ "$(cut -d- -f1 "$stamp")" = "${want%%-*}" ]; then
-  "$env_dir/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$here" >/dev/null 2>&1
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "tritonserver env up to date: $env_dir"
   exit 0
 fi
@@ -30,11 +31,7 @@ rm -rf "$env_dir"
 "$python" -m venv "$env_dir"
 pip=("$env_dir/bin/python" -m pip install -q)
 "${pip[@]}" --upgrade "pip>=24" setuptools wheel
-# torch first, the CPU wheel on local disk (a bare requirement would pull a CUDA build); numpy < 2 for the stub.
-"${pip[@]}" "torch==2.13.0" "numpy<2"
-"${pip[@]}" "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.20" "transformers>=5.23,<6" "tokenizers>=0.20" \
-  "pillow>=10" "safetensors>=0.4" "rich>=13" "onnx>=1.17"
-"${pip[@]}" --no-deps --no-build-isolation "$here" 2>/dev/null  # setuptools' deprecation notes are noise here
+"${pip[@]}" "nvidia-pytriton==0.7.0" -r "$requirements"
 
 site="$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 libdir="$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')"
@@ -51,7 +48,7 @@ cat > "$env_dir/bin/tritonserver" <<WRAP
 # tritonserver from nvidia-pytriton with the libraries it needs; python models run this venv's packages.
 export LD_LIBRARY_PATH="$libdir:$site/nvidia_pytriton.libs:$env_dir/tritonserver/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export PATH="$env_dir/bin:\$PATH"
-export PYTHONPATH="\${PYTHONPATH:+\$PYTHONPATH:}$site"  # a caller's own vlexport checkout first
+export PYTHONPATH="$site"  # this venv's packages only: repositories bring their own vlexport
 exec "$env_dir/tritonserver/bin/tritonserver" --backend-directory="$env_dir/tritonserver/backends" "\$@"
 WRAP
 chmod +x "$env_dir/bin/tritonserver"

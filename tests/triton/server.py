@@ -1,7 +1,8 @@
 """A real tritonserver for the integration tests: the env scripts/tritonserver_env.sh makes, loopback only.
 
-Started once per test session (tests/triton/conftest.py), with this checkout's vlexport first on the python
-models' path; stopped by its PID after the clients are closed.
+Started once per test session (tests/triton/conftest.py); its Python has only nvidia-pytriton and the
+repositories' requirements.txt (no torch, transformers or vlexport: the repositories carry their own serving
+runtime), and no PYTHONPATH from the caller. Stopped by its PID after the clients are closed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV_DIR = Path(os.environ.get("VLEXPORT_TRITON_ENV", Path.home() / ".cache" / "vlexport" / "tritonserver-env"))
 BINARY = ENV_DIR / "bin" / "tritonserver"
 HOST = "127.0.0.1"
+
+
+def env_python_lacks(module: str) -> bool:
+    """True when the server environment's Python cannot import ``module`` (its venv, no PYTHONPATH)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(ENV_DIR / "bin" / "python"), "-c", f"import {module}"], check=False, env=env,
+                          capture_output=True, cwd="/")
+    return done.returncode != 0
 
 
 def missing_reason() -> str | None:
@@ -44,7 +53,7 @@ class Server:
     def __init__(self, repository: Path, models: list[str], log: Path):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = log
-        env = dict(os.environ, PYTHONPATH=str(ROOT))  # the python models import this checkout's vlexport
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of this checkout on the path
         args = [str(BINARY), f"--model-repository={repository}", "--model-control-mode=explicit",
                 *(f"--load-model={m}" for m in models), f"--http-address={HOST}", f"--grpc-address={HOST}",
                 f"--metrics-address={HOST}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
@@ -158,7 +159,8 @@ def test_repository_is_extended_not_clobbered_unless_force(exported, tmp_path: P
     write_repository([bt], repo, tc.ServeOptions(), name="bt")
     before = (repo / "bt/config.pbtxt").read_text()
     write_repository([cap], repo, tc.ServeOptions(), name="cap")
-    assert sorted(p.name for p in repo.iterdir()) == ["bt", "cap", "cap_decoder", "cap_vision_encoder"]
+    assert sorted(p.name for p in repo.iterdir()) == ["bt", "cap", "cap_decoder", "cap_vision_encoder",
+                                                      "requirements.txt"]  # the BLS model is a python model
     assert (repo / "bt/config.pbtxt").read_text() == before and (repo / "bt/1/model.onnx").is_file()
     with pytest.raises(UsageError, match=r"already holds model\(s\) \['bt'\]"):
         write_repository([bt], repo, tc.ServeOptions(max_batch_size=2), name="bt")
@@ -207,3 +209,117 @@ def test_vqa_and_t5_artifacts_get_a_bls_model_over_every_component(exported, tmp
     assert sorted(cfg) == ["g", *(f"g_{c}" for c in components)]
     meta = json.loads((tmp_path / "repo/g/1/serve.json").read_text())
     assert sorted(meta["components"]) == components and cfg["g"].backend == "python"
+
+
+# Run in a fresh interpreter, from a folder outside the checkout: what tritonserver's python stub does with a
+# model.py, with a stand-in for triton_python_backend_utils. torch, transformers (and what only export needs)
+# cannot be imported; every vlexport module must come from the repository's own copy.
+_SERVED_PYTHON = r'''
+import importlib.abc, importlib.util, json, sys, types
+import numpy as np
+BLOCKED = {"torch", "transformers", "onnx", "tritonclient", "safetensors", "rich", "vlexport_kernels"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+sys.meta_path.insert(0, Block())
+sys.path = [p for p in sys.path if "wt-" not in p and "/work/main" not in p]  # no checkout on the path
+class T:
+    def __init__(self, name, value): self.name, self.value = name, np.asarray(value)
+    def as_numpy(self): return self.value
+pb = types.ModuleType("triton_python_backend_utils")
+pb.Tensor = T
+pb.get_input_tensor_by_name = lambda request, name: request.get(name)
+pb.InferenceResponse = lambda output_tensors=(), error=None: {"out": {t.name: t.value for t in output_tensors},
+                                                             "error": error}
+pb.TritonError = str
+sys.modules["triton_python_backend_utils"] = pb
+job = json.loads(sys.stdin.read())
+results = {}
+for model, args in job["models"].items():
+    spec = importlib.util.spec_from_file_location(f"m_{model}", args["model_repository"] + "/1/model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    instance = module.TritonPythonModel()
+    instance.initialize(args)
+    request = job["requests"].get(model)
+    if request is not None:
+        feeds = {k: T(k, np.array([bytes.fromhex(v) if k == "IMAGE" else v.encode() for v in vs], dtype=object))
+                 for k, vs in request.items()}
+        (response,) = instance.execute([feeds])
+        results[model] = {"error": response["error"], "out": {k: v.tolist() for k, v in response["out"].items()}}
+    stray = [m.__name__ for m in list(sys.modules.values()) if m.__name__.split(".")[0] == "vlexport"
+             and not (getattr(m, "__file__", None) or "").startswith(args["model_repository"])]
+    results.setdefault(model, {})["stray"] = stray
+for top in BLOCKED:
+    assert top not in sys.modules, top
+print(json.dumps(results))
+'''
+
+
+def _served(repo: Path, requests: dict[str, dict[str, list[str]]], cwd: Path) -> dict:
+    import subprocess
+    import sys
+
+    from google.protobuf import json_format
+
+    models = {}
+    for d in sorted(repo.iterdir()):
+        if (d / "1" / "model.py").is_file():
+            config = json_format.MessageToDict(_configs(repo)[d.name], preserving_proto_field_name=True)
+            models[d.name] = {"model_repository": str(d), "model_version": "1", "model_config": json.dumps(config)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # no PYTHONPATH: the stub does not see the caller's
+    results = {}
+    for name, args in models.items():  # one process per model, as in the server
+        job = json.dumps({"models": {name: args}, "requests": requests})
+        done = subprocess.run([sys.executable, "-c", _SERVED_PYTHON], check=False, input=job, capture_output=True,
+                              text=True, cwd=cwd, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.update(json.loads(done.stdout))
+    return results
+
+
+def test_python_models_run_without_torch_transformers_or_installed_vlexport(exported, tmp_path: Path) -> None:
+    from tests.triton.client import image_bytes
+    from vlexport.manifest import Manifest
+    from vlexport.runtime.preprocess import image_settings, load_image
+    from vlexport.runtime.texts import placeholder_batch as _placeholder_batch
+
+    bt, cap, opt = exported("bridgetower-tiny", "itm"), exported("blip-tiny", "caption"), exported("blip2-opt-tiny",
+                                                                                                   "generate")
+    repo = tmp_path / "repo"
+    for name, art in (("itm", bt), ("cap", cap), ("opt", opt)):
+        write_repository([art], repo, CPU_PY, name=name, backend="python-onnxruntime")
+    assert (repo / "requirements.txt").read_text().splitlines()[1:] == [
+        "numpy>=1.24,<2", "onnxruntime>=1.20,<2", "pillow>=10,<14", "tokenizers>=0.20,<1"]
+    for model in ("itm_preprocess", "cap", "opt", "itm_model"):
+        assert (repo / model / "1/vlexport/runtime/decode.py").read_text() == \
+            (Path(__file__).parents[2] / "vlexport/runtime/decode.py").read_text()  # the same file, copied
+    image = image_bytes(4)
+    texts = ["a cat on a mat", "two dogs"]
+    got = _served(repo, {"itm_preprocess": {"IMAGE": [image.hex()], "TEXT": texts}}, tmp_path)
+    assert sorted(got) == ["cap", "cap_decoder", "cap_vision_encoder", "itm_model", "itm_postprocess",
+                           "itm_preprocess", "opt", "opt_decoder", "opt_image_encoder"]
+    assert all(r["stray"] == [] for r in got.values()), got  # every vlexport module came from the copy
+    out = got["itm_preprocess"]
+    assert out["error"] is None, out["error"]
+    ids, mask = _placeholder_batch(bt, texts)  # what `vlexport run` feeds, for the same image and texts
+    (tmp_path / "img.png").write_bytes(image)
+    pixels = load_image(tmp_path / "img.png", image_settings(bt, Manifest.read(bt)))
+    assert out["out"]["input_ids"] == ids.tolist() and out["out"]["attention_mask"] == mask.tolist()
+    np.testing.assert_array_equal(np.array(out["out"]["pixel_values"], np.float32), np.repeat(pixels, 2, axis=0))
+    assert np.array(out["out"]["pixel_mask"]).shape == (2, 64, 64)
+
+
+def test_a_missing_package_is_named_as_a_missing_package(exported, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_repository([exported("blip-tiny", "caption")], repo, CPU_PY, name="cap", backend="python-onnxruntime")
+    shim = (repo / "cap/1/model.py").read_text()
+    (repo / "cap/1/model.py").write_text(shim.replace("sys.path.insert", "sys.modules['tokenizers'] = None\nsys.path.insert"))
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(repo / "cap/1/model.py")], check=False, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert "needs the Python package that provides 'tokenizers'" in done.stderr, done.stderr[-2000:]
+    assert "pip install -r requirements.txt" in done.stderr and "damaged" not in done.stderr

@@ -17,6 +17,14 @@ pytestmark = pytest.mark.xdist_group("triton-server")  # one server per session:
 TEXTS = ["a cat on a mat", "two dogs", "a red bus in the rain at night"]
 
 
+def test_the_server_python_has_only_the_repository_requirements(triton_server, triton_repo) -> None:
+    from tests.triton.server import env_python_lacks
+
+    assert all(env_python_lacks(m) for m in ("torch", "transformers", "vlexport", "onnx")), "the env is not bare"
+    assert not any(env_python_lacks(m) for m in ("numpy", "PIL", "tokenizers", "onnxruntime"))
+    assert "tokenizers>=" in (triton_repo / "requirements.txt").read_text()
+
+
 def _run(artifact: Path, image: bytes, tmp_path: Path, texts: list[str] = (), **kwargs):
     from vlexport.runtime.run import run_artifact
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from vlexport.errors import UsageError
 from vlexport.inject import Rule, additive_bias, kernel_attention, post_norm, use_original
 from vlexport.models import dual_encoder_tasks, scores
 from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec, single_component
@@ -29,6 +27,7 @@ from vlexport.models.generative import (
     encoder_component,
     generation_settings,
 )
+from vlexport.models.host import blip as host_blip
 from vlexport.models.inputs import InputShape, generator, image_size, pixel_values, text_inputs
 
 if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
@@ -130,28 +129,6 @@ def _settings(model: PreTrainedModel) -> dict[str, Any]:
     )
 
 
-def _caption_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    """BlipForConditionalGeneration.generate: default prompt [bos, eos]; the first token becomes bos and the
-    last one (the tokenizer's [SEP]) is dropped, from the ids and the mask alike."""
-    batch = env["pixel_values"].shape[0]
-    ids = env.get("input_ids")
-    if ids is None:
-        ids = np.tile(np.array([[s["bos_token_id"], s["text_eos_token_id"]]], dtype=np.int64), (batch, 1))
-    if ids.shape[1] < 2:
-        raise UsageError("A BLIP caption prompt needs at least 2 tokens ([CLS] text [SEP] as the tokenizer writes "
-                         "it): generate() drops the last one.")
-    ids = ids.copy()
-    ids[:, 0] = s["bos_token_id"]
-    mask = env.get("attention_mask")
-    return {"decoder_input_ids": ids[:, :-1], "decoder_attention_mask": None if mask is None else mask[:, :-1]}
-
-
-def _answer_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    """BlipForQuestionAnswering.generate: the answer decoder starts from [bos] alone, without a mask."""
-    batch = env["pixel_values"].shape[0]
-    return {"decoder_input_ids": np.full((batch, 1), s["bos_token_id"], dtype=np.int64)}
-
-
 # ---------------------------------------------------------------- generative: generate() inputs
 def _prompts(config: PretrainedConfig, shape: InputShape, seed: int, *, left: bool) -> dict[str, torch.Tensor]:
     """pixel_values + "[CLS] text [SEP]"-like prompts of different lengths (generate()'s inputs)."""
@@ -240,14 +217,14 @@ TASKS: dict[str, TaskSpec] = {
         "caption", "BlipForConditionalGeneration", _caption_components,
         lambda config, shape, seed: _prompts(config, shape, seed, left=True), generative=True,
         description="image captioning (optionally from a text prompt): vision encoder + decoder with KV cache",
-        generation=lambda config: GenerationRecipe(("vision_encoder", _caption_prompt), _settings,
+        generation=lambda config: GenerationRecipe(("vision_encoder", host_blip.caption_prompt), _settings,
                                                    tokenizer_template=_BLIP_TEMPLATE, continues_prompt=True),
     ),
     "vqa": TaskSpec(
         "vqa", "BlipForQuestionAnswering", _vqa_components,
         lambda config, shape, seed: _prompts(config, shape, seed, left=False), generative=True,
         description="visual question answering: vision encoder + question encoder + answer decoder with KV cache",
-        generation=lambda config: GenerationRecipe(("vision_encoder", "question_encoder", _answer_prompt), _settings,
+        generation=lambda config: GenerationRecipe(("vision_encoder", "question_encoder", host_blip.answer_prompt), _settings,
                                                    tokenizer_template=_BLIP_TEMPLATE, needs_prompt=True),
     ),
 }

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from vlexport.errors import UsageError
 from vlexport.inject import interface, post_norm
 from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec
 from vlexport.models.generative import (
@@ -33,6 +31,7 @@ from vlexport.models.generative import (
     encoder_component,
     generation_settings,
 )
+from vlexport.models.host import blip2 as host_blip2
 from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
 
 if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
@@ -131,51 +130,13 @@ def _settings(model: PreTrainedModel) -> dict[str, Any]:
     )
 
 
-def _place_queries(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Blip2ForConditionalGeneration.generate up to the LM: default prompt [image]*Q + [bos], mask of ones,
-    query embeddings scattered into the image-token positions (row-major, as masked_scatter)."""
-    query = env["query_embeds"]
-    batch, q, width = query.shape
-    ids = env.get("input_ids")
-    if ids is None:
-        if s.get("bos_token_id") is None:
-            raise UsageError("This BLIP-2 model (T5 language model) has no default prompt: give a prompt (--text), "
-                             "e.g. 'Question: what is in the picture? Answer:'.")
-        ids = np.tile(np.array([[s["image_token_id"]] * q + [s["bos_token_id"]]], dtype=np.int64), (batch, 1))
-    mask = env.get("attention_mask")
-    mask = np.ones_like(ids) if mask is None else mask
-    image_mask = ids == s["image_token_id"]
-    counts = image_mask.sum(1)
-    if (counts != q).any():
-        raise UsageError(
-            f"Each BLIP-2 prompt must contain exactly num_query_tokens={q} image tokens (id {s['image_token_id']}); "
-            f"got {sorted(set(counts.tolist()))}. Without them generate() silently ignores the image. Prepend "
-            f"{q} image tokens to the tokenized prompt (the BLIP-2 processor does that).")
-    embeds = np.zeros((*ids.shape, width), dtype=query.dtype)
-    embeds[image_mask] = query.reshape(-1, width)
-    return {"input_ids": ids, "attention_mask": mask, "image_mask": image_mask, "image_embeds": embeds}
-
-
-def _opt_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {"decoder_input_ids": env["input_ids"], "decoder_attention_mask": env["attention_mask"]}
-
-
-def _t5_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
-    # T5 generate(): the decoder starts from decoder_start_token_id and attends to the encoder's mask. Its own
-    # mask is all ones (the start token is the pad id: inferring a mask from pads would hide it).
-    batch = env["input_ids"].shape[0]
-    return {"decoder_input_ids": np.full((batch, 1), s["decoder_start_token_id"], dtype=np.int64),
-            "decoder_attention_mask": np.ones((batch, 1), dtype=np.int64),
-            "encoder_attention_mask": env["attention_mask"]}
-
-
 def _recipe(config: PretrainedConfig) -> GenerationRecipe:
     if _is_opt(config):
-        return GenerationRecipe(("image_encoder", _place_queries, _opt_prompt), _settings,
+        return GenerationRecipe(("image_encoder", host_blip2.place_queries, host_blip2.opt_prompt), _settings,
                                 first_step=("image_embeds", "image_mask"),
                                 tokenizer_template=(("bos_token_id",), ()),  # OPT's tokenizer prepends </s>
                                 prompt_template="Question: {} Answer:")
-    return GenerationRecipe(("image_encoder", _place_queries, "encoder", _t5_prompt), _settings,
+    return GenerationRecipe(("image_encoder", host_blip2.place_queries, "encoder", host_blip2.t5_prompt), _settings,
                             tokenizer_template=((), ("eos_token_id",)),  # T5's tokenizer appends </s>
                             prompt_template="Question: {} Answer:", needs_prompt=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -28,6 +27,7 @@ from vlexport.models.base import (
     roberta_position_offset,
     single_component,
 )
+from vlexport.models.host import bridgetower as host_bridgetower
 from vlexport.models.inputs import InputShape, generator, image_size, pixel_values, text_inputs
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values", "pixel_mask")
@@ -49,16 +49,10 @@ def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[
     return out
 
 
-def run_inputs(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`vlexport run`: a whole (unpadded) image per row, as the processor's pixel_mask says for one image."""
-    batch, *_, height, width = feeds["pixel_values"].shape
-    return {**feeds, "pixel_mask": np.ones((batch, height, width), dtype=np.int64)}
-
-
 def _task(name: str, cls: str, outputs: tuple[str, ...], axes: dict, agreement: dict, description: str,
           score: ScoreReader | None = None) -> TaskSpec:
     return TaskSpec(name, cls, single_component(INPUTS, outputs, {**AXES, **axes}), make_inputs,
-                    agreement=agreement, description=description, run_inputs=run_inputs, scores=score)
+                    agreement=agreement, description=description, run_inputs=host_bridgetower.run_inputs, scores=score)
 
 
 # ---------------------------------------------------------------- --kernels: vision blocks and link towers

@@ -21,11 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vlexport.models.base import ComponentSpec
+from vlexport.models.host import GenerationRecipe, HostStage, past_name  # noqa: F401  (re-exported)
 from vlexport.models.inputs import InputShape, generator
 
 if TYPE_CHECKING:  # the runtime reads recipes without transformers (compiled artifacts); export imports it
@@ -66,11 +66,6 @@ class CacheLayout:
     def cross_present(self) -> tuple[str, ...]:
         """Outputs of the encoder-side component that become the decoder's cross-attention inputs."""
         return tuple(f"present.{i}.encoder.{kv}" for i in range(self.num_layers) for kv in ("key", "value"))
-
-
-def past_name(present: str) -> str:
-    """``present.3.encoder.key`` -> ``past_key_values.3.encoder.key``: an output feeds the next call's input."""
-    return "past_key_values." + present.removeprefix("present.")
 
 
 # ---------------------------------------------------------------- axes, by tensor name
@@ -282,33 +277,6 @@ def decoder_component(inputs: Sequence[str], layout: CacheLayout, module: Callab
         lambda model: CachedDecoder(module(model), step, all_inputs, layout, static_step),
         lambda model, shape, seed: example_inputs(all_inputs, dims(model), shape, seed, decoder=True),
     )
-
-
-# ---------------------------------------------------------------- how the runtime generates for a task
-HostStage = Callable[[dict[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class GenerationRecipe:
-    """What HF ``generate()`` does for a task before its decode loop, as data the runtime follows.
-
-    ``stages`` run once per request, in order, over a dict of named arrays that starts as the request
-    (``pixel_values``, ``input_ids``, ``attention_mask``): a string runs that component (inputs and outputs
-    wired by name), a function is host-side glue (prompt rules, placing image queries). The stages must
-    leave ``decoder_input_ids`` (and optionally ``decoder_attention_mask``); every other entry whose name
-    the decoder declares is fed to each step (``present.*`` outputs arrive as ``past_key_values.*``).
-    ``first_step`` names decoder inputs that only the first step sees (zeros afterwards).
-    The output is always the decoder prompt followed by the new tokens, as HF returns it.
-    """
-
-    stages: tuple[str | HostStage, ...]
-    settings: Callable[[PreTrainedModel], dict[str, Any]]  # eos/pad/bos/... read off the eager model
-    first_step: tuple[str, ...] = ()
-    # placeholder tokenizer for random weights: special tokens around the text, by settings key
-    tokenizer_template: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-    prompt_template: str | None = None  # e.g. BLIP-2 "Question: {} Answer:"
-    needs_prompt: bool = False  # the T5 variant has no default prompt; VQA needs a question
-    continues_prompt: bool = False  # the text prompt is the start of the output (BLIP captions: "a picture of")
 
 
 def generation_settings(config: PretrainedConfig, gen_config: Any, *, eos: Any = None, pad: Any = None,

@@ -1,16 +1,20 @@
 """Per-text image-text scores read from a task's outputs, for `vlexport run` (``TaskSpec.scores``).
 
-`run` repeats the image once per text, so row i of every output belongs to text i. Numpy only: the
-runtime side never needs torch.
+`run` repeats the image once per text, so row i of every output belongs to text i. Numpy only (copied into
+Triton repositories, see models/host): each reader is a ``functools.partial`` of a module-level function, so
+a repository records it as data.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlexport.models.base import ScoreReader
+if TYPE_CHECKING:
+    from vlexport.models.base import ScoreReader
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -20,27 +24,30 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def itm(name: str) -> ScoreReader:
     """A two-class matching head ``name`` of shape (texts, 2): (no match, match)."""
-    def read(out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        x = out[name]
-        return {"match_probability": _softmax(x)[:, 1], "match_logit": x[:, 1] - x[:, 0]}
+    return functools.partial(read_itm, name)
 
-    return read
+
+def read_itm(name: str, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    x = out[name]
+    return {"match_probability": _softmax(x)[:, 1], "match_logit": x[:, 1] - x[:, 0]}
 
 
 def similarity_row(name: str) -> ScoreReader:
     """A similarity matrix ``name`` of every image copy to every text (texts, texts): its first row."""
-    def read(out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        row = out[name][0]
-        return {"similarity": row, "probability_over_texts": _softmax(row)}
+    return functools.partial(read_similarity_row, name)
 
-    return read
+
+def read_similarity_row(name: str, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    row = out[name][0]
+    return {"similarity": row, "probability_over_texts": _softmax(row)}
 
 
 def cosine(text: str, image: str) -> ScoreReader:
     """Cosine similarity of each text embedding with its image embedding (row by row)."""
-    def read(out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        t, i = out[text], out[image]
-        cos = (t * i).sum(-1) / np.maximum(np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1), 1e-12)
-        return {"cosine": cos}
+    return functools.partial(read_cosine, text, image)
 
-    return read
+
+def read_cosine(text: str, image: str, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    t, i = out[text], out[image]
+    cos = (t * i).sum(-1) / np.maximum(np.linalg.norm(t, axis=-1) * np.linalg.norm(i, axis=-1), 1e-12)
+    return {"cosine": cos}

@@ -18,7 +18,7 @@ import numpy as np
 
 from vlexport.errors import CheckError
 from vlexport.manifest import Component
-from vlexport.models.generative import past_name
+from vlexport.models.host import past_name
 
 
 def numpy_dtype(name: str) -> np.dtype:

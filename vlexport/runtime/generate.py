@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlexport.errors import CheckError, UsageError
-from vlexport.models.generative import GenerationRecipe
+from vlexport.models.host import GenerationRecipe
 from vlexport.runtime.decode import SearchSettings, search
 from vlexport.runtime.decoder_session import DecoderSession, input_dtypes
 
@@ -214,6 +214,9 @@ class Generator:
 def _decoder_session(component: Any, spec: ComponentSpec) -> Any:
     """The decoder's DecodeStep source: a static-cache package (runtime/static_step.py) or a past-in/present-out
     graph (runtime/decoder_session.py), told apart by the inputs the package declares."""
+    # static_step imports torch: only a static-cache package (it declares cache_position) loads it
+    if "cache_position" not in getattr(component, "input_names", ()):
+        return DecoderSession(component, spec)
     from vlexport.runtime.static_step import StaticDecoderSession, is_static_decoder
 
     return StaticDecoderSession(component, spec) if is_static_decoder(component) else DecoderSession(component, spec)
@@ -238,3 +241,19 @@ def check_components_match_manifest(artifact: Artifact) -> None:
                 f"{artifact.directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} and outputs "
                 f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest does not "
                 "match its files. Export the artifact again.")
+
+
+def prompt_ids(text: str | None, tokenizer: Any, s: dict[str, Any], recipe: Any,
+               raw_prompt: bool) -> np.ndarray | None:
+    """`vlexport run`'s decoder-side prompt (template, BLIP-2's image tokens); None: the model's default."""
+    queries = s.get("num_query_tokens")
+    if text is None and not (recipe.needs_prompt and queries):
+        return None  # the model's own default prompt (BLIP caption: [bos]; BLIP-2 OPT: image tokens + bos)
+    if tokenizer is None:
+        raise UsageError("This task needs a text prompt, and the artifact has no tokenizer to encode it with.")
+    if text is not None and recipe.prompt_template and not raw_prompt and "{}" in recipe.prompt_template:
+        text = recipe.prompt_template.format(text)
+    ids = tokenizer.encode(text or "")
+    if queries:  # BLIP-2: the image is used only where the prompt holds its query tokens
+        ids = [s["image_token_id"]] * int(queries) + ids
+    return np.array([ids], dtype=np.int64)

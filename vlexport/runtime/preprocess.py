@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from vlexport.errors import CheckError, UsageError
-from vlexport.models import get_family
 from vlexport.userdata import brief, finite, kind_of, read_json
 
 if TYPE_CHECKING:
@@ -42,6 +41,9 @@ def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
     if not 1 <= manifest.image_size <= 16384:
         raise CheckError(f"{directory}/manifest.json records image_size {manifest.image_size}, not a size in "
                          "1..16384; the manifest is damaged, export the artifact again.")
+    # imported here, not at the top: served models import load_image without torch
+    from vlexport.models import get_family
+
     mean, std = get_family(manifest.family).image_stats
     path = Path(directory) / "preprocessor_config.json"
     if not path.is_file():

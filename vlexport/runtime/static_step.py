@@ -23,7 +23,7 @@ import torch
 
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Component
-from vlexport.models.generative import past_name
+from vlexport.models.host import past_name
 
 CACHE_POSITION = "cache_position"
 META_STATIC = "vlexport.static_cache"  # package metadata: {"max_length", "max_batch", "cuda_graphs"} as JSON

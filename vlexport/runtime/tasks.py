@@ -28,7 +28,8 @@ from vlexport.manifest import Manifest
 from vlexport.runtime import Artifact, load_artifact
 from vlexport.runtime.inputs import ImageInput, TextInput, broadcast, image_pixels, is_single_image, text_list
 from vlexport.runtime.preprocess import image_settings
-from vlexport.runtime.texts import PlaceholderTexts, check_options, encode_batch, prompt_ids, token_limit
+from vlexport.runtime.generate import prompt_ids
+from vlexport.runtime.texts import PlaceholderTexts, check_options, encode_batch, token_limit
 from vlexport.runtime.tokenizer import ArtifactTokenizer
 
 DEFAULT_BATCH = 8

@@ -1,4 +1,4 @@
-"""Texts for an artifact's graphs: prompts for generation, padded batches for encoders, the token limit.
+"""Texts for an artifact's graphs: options that apply to its task, padded batches for encoders, the token limit.
 
 Shared by the task objects (runtime/tasks.py), `vlexport run`, calibration and the Triton preprocessors, so that
 every caller encodes a text the same way.
@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import get_family
-from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder
+from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder, pad_batch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int | None, num_beams: int | None,
@@ -34,22 +37,6 @@ def check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int | 
                          "whose recipe has none, so --text is already used as is. Drop --raw-prompt.")
 
 
-def prompt_ids(text: str | None, tokenizer: ArtifactTokenizer | None, s: dict[str, Any], recipe: Any,
-               raw_prompt: bool) -> np.ndarray | None:
-    """``[1, length]`` prompt ids as the model's processor writes them, or None for the model's default prompt."""
-    queries = s.get("num_query_tokens")
-    if text is None and not (recipe.needs_prompt and queries):
-        return None  # the model's own default prompt (BLIP caption: [bos]; BLIP-2 OPT: image tokens + bos)
-    if tokenizer is None:
-        raise UsageError("This task needs a text prompt, and the artifact has no tokenizer to encode it with.")
-    if text is not None and recipe.prompt_template and not raw_prompt and "{}" in recipe.prompt_template:
-        text = recipe.prompt_template.format(text)
-    ids = tokenizer.encode(text or "")
-    if queries:  # BLIP-2: the image is used only where the prompt holds its query tokens
-        ids = [s["image_token_id"]] * int(queries) + ids
-    return np.array([ids], dtype=np.int64)
-
-
 def token_limit(directory: Path, manifest: Manifest) -> int | None:
     """The longest token sequence the artifact's graphs take (its position table), None when unbounded."""
     from vlexport.models.base import with_axis_limits
@@ -62,28 +49,27 @@ def token_limit(directory: Path, manifest: Manifest) -> int | None:
     return min((n for n in limits if n), default=None)
 
 
+def placeholder_text_tokenizer(directory: Path) -> tuple[Tokenizer, int]:
+    """The byte-level placeholder and pad id that encode encoder texts when the artifact has no tokenizer (random
+    weights); `vlexport triton` writes it as the served tokenizer.json."""
+    from vlexport.runtime.generate import artifact_config
+
+    text = artifact_config(directory).text_config
+    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
+                "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
+    keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
+            tuple(k for k in ("eos_token_id",) if settings[k]))
+    return build_placeholder(text.vocab_size, settings, keys), text.pad_token_id or 0
+
+
 class PlaceholderTexts:
     """The byte-level placeholder encoding of encoder texts, for artifacts without a tokenizer (built once)."""
 
     def __init__(self, directory: Path):
-        from vlexport.runtime.generate import artifact_config
-
-        text = artifact_config(directory).text_config
-        settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
-                    "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
-        keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
-                tuple(k for k in ("eos_token_id",) if settings[k]))
-        self.tok = build_placeholder(text.vocab_size, settings, keys)
-        self.pad = text.pad_token_id or 0
+        self.tok, self.pad = placeholder_text_tokenizer(directory)
 
     def batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        rows = [self.tok.encode(t).ids for t in texts]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), self.pad, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = r, 1
-        return ids, mask
+        return pad_batch([self.tok.encode(t).ids for t in texts], self.pad)
 
 
 def placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

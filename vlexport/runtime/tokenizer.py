@@ -101,8 +101,84 @@ def write_placeholder(directory: Path, vocab_size: int, settings: Mapping[str, A
 TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 
 
+def missing_package(e: ImportError, needed_for: str) -> UsageError:
+    """An ImportError as what it is: a package this Python lacks (never "the artifact is damaged")."""
+    name = getattr(e, "name", None) or str(e)
+    return UsageError(f"{needed_for} needs the Python package {name!r}, which is not installed in this Python "
+                      f"({brief(e)}). Install it (a Triton repository lists what its models need in "
+                      "requirements.txt: pip install -r REPO/requirements.txt).")
+
+
+# transformers' clean_up_tokenization, applied where tokenizer_config.json asks and the model is not BPE
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class JsonTokenizer:
+    """An artifact's ``tokenizer.json`` run by the ``tokenizers`` library alone (no transformers).
+
+    What transformers' fast tokenizer does with the same files: encode with the file's post-processor
+    (special tokens), without its stored padding / truncation; decode skipping special tokens, with
+    ``clean_up_tokenization_spaces`` as tokenizer_config.json says (never for BPE, as transformers 5).
+    """
+
+    def __init__(self, directory: Path, pad_token_id: int | None = None):
+        again = "The artifact's tokenizer is damaged: export the artifact again."
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise missing_package(e, "Reading the artifact's tokenizer") from None
+        path = Path(directory) / "tokenizer.json"
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001  tokenizers raises bare Exception for a file it cannot read
+            raise CheckError(f"{path} is not a tokenizer the tokenizers library can load ({brief(e)}). {again}") from None
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second one wins, as in transformers
+            if (Path(directory) / name).is_file() and isinstance(doc := read_json(Path(directory) / name,
+                                                                                 advice=again), dict):
+                config.update(doc)
+        bpe = type(self.tok.model).__name__ == "BPE"
+        self.cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and not bpe
+        pad = config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (
+            self.tok.token_to_id(pad) if isinstance(pad, str) else None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        if self.cleanup:
+            for old, new in _CLEANUP:
+                text = text.replace(old, new)
+        return text.strip()
+
+    def batch(self, texts: Sequence[str]) -> tuple[Any, Any]:
+        """Right-padded ids and mask (encoder inputs: ITM/ITC text)."""
+        return pad_batch([self.encode(t) for t in texts], self.pad_token_id or 0)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """``[texts, longest]`` int64 ids right-padded with ``pad``, and the mask of the real tokens."""
+    import numpy as np
+
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 class ArtifactTokenizer:
-    """Text <-> ids with the artifact's tokenizer files (copied or placeholder)."""
+    """Text <-> ids with the artifact's tokenizer files (copied or placeholder): ``tokenizer.json`` by the
+    ``tokenizers`` library (JsonTokenizer, what served models run too); only an artifact without one (a slow
+    tokenizer's vocab files) goes through transformers' AutoTokenizer."""
 
     def __init__(self, directory: Path, manifest: Manifest):
         self.kind = manifest.tokenizer.get("kind", "none")
@@ -115,38 +191,30 @@ class ArtifactTokenizer:
             path = Path(directory) / name
             if path.exists() and not isinstance(doc := read_json(path, advice=again), dict):
                 raise CheckError(f"{path} holds {kind_of(doc)}, not a tokenizer object. {again}")
-        fast = Path(directory) / "tokenizer.json"
-        if fast.exists():  # JSON of the wrong structure: named here, not as a bare error of the loader below
-            from tokenizers import Tokenizer
-
-            try:
-                Tokenizer.from_file(str(fast))
-            except Exception as e:  # noqa: BLE001  tokenizers raises bare Exception for a file it cannot read
-                raise CheckError(f"{fast} is not a tokenizer the tokenizers library can load ({brief(e)}). "
-                                 f"{again}") from None
+        if (Path(directory) / "tokenizer.json").exists():
+            self.tok: Any = JsonTokenizer(directory)
+            self.pad_token_id = self.tok.pad_token_id
+            return
         try:
             from transformers import AutoTokenizer
-
+        except ImportError as e:
+            raise missing_package(e, f"The tokenizer of {directory} (no tokenizer.json)") from None
+        try:
             self.tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except Exception as e:  # noqa: BLE001  as above; transformers adds its own exception types
+        except Exception as e:  # noqa: BLE001  transformers raises its own exception types
             raise CheckError(f"Cannot load the tokenizer of {directory} ({brief(e)}). {again}") from None
+        self.pad_token_id = self.tok.pad_token_id
 
     def encode(self, text: str) -> list[int]:
+        if isinstance(self.tok, JsonTokenizer):
+            return self.tok.encode(text)
         return list(self.tok(text)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
+        if isinstance(self.tok, JsonTokenizer):
+            return self.tok.decode(ids)
         return self.tok.decode(list(ids), skip_special_tokens=True).strip()
 
     def batch(self, texts: Sequence[str]) -> tuple[Any, Any]:
         """Right-padded ids and mask (encoder inputs: ITM/ITC text)."""
-        import numpy as np
-
-        rows = [self.encode(t) for t in texts]
-        width = max(map(len, rows))
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = np.full((len(rows), width), pad, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return pad_batch([self.encode(t) for t in texts], self.pad_token_id if self.pad_token_id is not None else 0)

@@ -1,6 +1,8 @@
 """What every python-backend model of a vlexport repository shares: its folder, its settings, error replies.
 
 Runs inside tritonserver's python stub; ``triton_python_backend_utils`` exists only there (imported lazily).
+Like every module a python model imports, it is copied into the repository (triton_repo ``SERVING_SOURCES``)
+and imports only numpy, pillow, tokenizers, onnxruntime and the other copied modules.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def parameters(args: Mapping[str, str]) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in model_config(args).get("parameters", {}).items()}
 
 
-def serve_json(args: Mapping[str, str]) -> dict[str, Any]:
-    from vlexport.serve.triton_repo import SERVE_JSON
+ARTIFACT_DIR = "artifact"  # inside a python model's version folder: the artifact's manifest and support files
+SERVE_JSON = "serve.json"  # inside a python model's version folder: what the model needs to know
 
+
+def serve_json(args: Mapping[str, str]) -> dict[str, Any]:
     return json.loads((version_dir(args) / SERVE_JSON).read_text())
 
 
@@ -48,8 +52,6 @@ class _CopiedManifest(Manifest):
 
 
 def artifact_dir(args: Mapping[str, str]) -> Path:
-    from vlexport.serve.triton_repo import ARTIFACT_DIR
-
     return version_dir(args) / ARTIFACT_DIR
 
 
@@ -104,6 +106,15 @@ def answer(requests: list[Any], handle: Callable[[Any], Mapping[str, np.ndarray]
         except Exception as e:  # noqa: BLE001  a bug must fail this request, not the model instance
             responses.append(utils.InferenceResponse(error=utils.TritonError(f"{type(e).__name__}: {e}")))
     return responses
+
+
+def image_settings(meta: Mapping[str, Any]) -> Any:
+    """The artifact's image settings as `vlexport triton` resolved them (preprocessor_config.json or the family's)."""
+    from vlexport.runtime.preprocess import ImageSettings
+
+    d = meta["image"]
+    return ImageSettings(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), float(d["rescale"]), int(d["resample"]),
+                         d["source"])
 
 
 def decode_image(data: bytes, settings: Any) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The BLS generation model of a generative artifact: IMAGE bytes (+ TEXT prompt) -> the caption / answer.
 
-It runs vlexport's own generation (runtime.generate.Generator: the family's recipe, then runtime/decode.py's
-greedy or beam search over a KV cache) with every component a Triton model called through BLS, and builds
-and decodes prompts as `vlexport run` does (runtime.run): the answer is token for token what `vlexport run`
-prints for the same image and prompt.
+It runs vlexport's own generation (runtime.generate.Generator: the family's recipe, recorded in serve.json by
+`vlexport triton`, then runtime/decode.py's greedy or beam search over a KV cache) with every component a
+Triton model called through BLS, and builds and decodes prompts as `vlexport run` does (generate.prompt_ids,
+the artifact's tokenizer.json): the answer is token for token what `vlexport run` prints for the same image
+and prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlexport.errors import CheckError
+from vlexport.runtime.generate import prompt_ids  # `vlexport run`'s prompt rules (template, image tokens)
 from vlexport.serve import py_common as common
 
 MAX_BEAMS = 16  # a bound on the work one request may ask for
@@ -38,30 +40,28 @@ class Served:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from vlexport.models import get_family
-        from vlexport.runtime import Artifact
-        from vlexport.runtime.generate import Generator
-        from vlexport.runtime.preprocess import image_settings
-        from vlexport.runtime.tokenizer import ArtifactTokenizer
+        from types import SimpleNamespace
+
+        from vlexport.models.host import recipe_from_json
+        from vlexport.runtime.generate import ConfigView, Generator
+        from vlexport.runtime.tokenizer import JsonTokenizer
 
         meta = common.serve_json(args)
         directory = common.artifact_dir(args)
         manifest = common.read_manifest(directory)
         components = {name: Served(model, meta["served_inputs"][model], [t.name for t in manifest.components[name].outputs])
                       for name, model in meta["components"].items()}
-        artifact = Artifact(directory, manifest, get_family(manifest.family).task(manifest.task), components)
-        self.generator = Generator(artifact)
-        self.image = image_settings(directory, manifest)
-        self.tokenizer = (ArtifactTokenizer(directory, manifest)
-                          if manifest.tokenizer.get("kind", "none") != "none" else None)
+        recipe = recipe_from_json(meta["recipe"])
+        task = SimpleNamespace(generative=True, generation=lambda config: recipe)
+        artifact = SimpleNamespace(directory=directory, manifest=manifest, task_spec=task, components=components)
+        self.generator = Generator(artifact, ConfigView({}))  # the recipe is resolved: no model config needed
+        self.image = common.image_settings(meta)
+        self.tokenizer = JsonTokenizer(directory) if manifest.tokenizer.get("kind", "none") != "none" else None
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return common.answer(requests, self._one)
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
-        # `vlexport run`'s own prompt rules (template, BLIP-2's image tokens)
-        from vlexport.runtime.texts import prompt_ids
-
         gen, s = self.generator, self.generator.settings
         pixels = common.decode_image(common.image_bytes(request), self.image)
         texts = common.strings(request, "TEXT", "prompt")

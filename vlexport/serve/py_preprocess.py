@@ -2,8 +2,8 @@
 
 What `vlexport run` does before it calls the graph, with the artifact's own files: the image decoded,
 resized and normalised (preprocessor_config.json, else the family's statistics), the texts tokenised
-(the artifact's tokenizer, else the random-weights placeholder) and right-padded, the image repeated once
-per text, the family's extra inputs added (``TaskSpec.run_inputs``).
+(the artifact's tokenizer.json, else the random-weights placeholder `vlexport triton` wrote) and right-padded, the image repeated once
+per text, the family's extra inputs added (``TaskSpec.run_inputs``, named in serve.json).
 """
 
 from __future__ import annotations
@@ -17,29 +17,23 @@ from vlexport.serve import py_common as common
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from vlexport.models import get_family
-        from vlexport.runtime.preprocess import image_settings
-        from vlexport.runtime.texts import token_limit
-        from vlexport.runtime.tokenizer import ArtifactTokenizer
+        from vlexport.models.host import load_ref
+        from vlexport.runtime.tokenizer import JsonTokenizer
 
         meta = common.serve_json(args)
         self.directory = common.artifact_dir(args)
-        manifest = common.read_manifest(self.directory)
-        self.task = get_family(manifest.family).task(manifest.task)
-        self.image = image_settings(self.directory, manifest)
-        self.tokenizer = (ArtifactTokenizer(self.directory, manifest)
-                          if manifest.tokenizer.get("kind", "none") != "none" else None)
+        self.image = common.image_settings(meta)
+        # the artifact's tokenizer.json, or the placeholder `vlexport triton` wrote in its place (random weights)
+        self.tokenizer = JsonTokenizer(self.directory, meta.get("pad_token_id"))
+        self.run_inputs = load_ref(meta["run_inputs"]) if meta.get("run_inputs") else (lambda feeds: feeds)
         self.max_texts = int(meta["max_batch_size"])
-        self.limit = token_limit(self.directory, manifest)
-        comp = manifest.components[next(iter(manifest.components))]
-        self.dtypes = {t.name: np.dtype(t.dtype) for t in comp.inputs if t.name in meta["inputs"]}
+        self.limit = meta.get("token_limit")
+        self.dtypes = {name: np.dtype(dtype) for name, dtype in meta["input_dtypes"].items()}
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return common.answer(requests, self._one)
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
-        from vlexport.runtime.texts import placeholder_batch  # `vlexport run`'s own encoding of texts
-
         pixels = common.decode_image(common.image_bytes(request), self.image)
         texts = common.strings(request, "TEXT", "text") or []
         if not texts:
@@ -50,11 +44,11 @@ class TritonPythonModel:
         if self.max_texts and len(texts) > self.max_texts:
             raise common.RequestError(f"TEXT holds {len(texts)} texts; this model scores at most {self.max_texts} per "
                                       "request (--max-batch-size). Split the request.")
-        ids, mask = self.tokenizer.batch(texts) if self.tokenizer else placeholder_batch(self.directory, texts)
+        ids, mask = self.tokenizer.batch(texts)
         if self.limit is not None and ids.shape[1] > self.limit:
             longest = int(mask.sum(1).argmax())
             raise common.RequestError(f"TEXT element {longest} is {ids.shape[1]} tokens, more than the model's "
                                       f"{self.limit} positions (max_position_embeddings). Shorten it.")
-        feeds = self.task.run_inputs({"input_ids": ids, "attention_mask": mask,
-                                      "pixel_values": np.repeat(pixels, len(texts), axis=0)})
+        feeds = self.run_inputs({"input_ids": ids, "attention_mask": mask,
+                                 "pixel_values": np.repeat(pixels, len(texts), axis=0)})
         return {n: np.ascontiguousarray(feeds[n], dtype=dtype) for n, dtype in self.dtypes.items()}

@@ -28,19 +28,29 @@ from typing import Any
 
 import numpy as np
 
-from vlexport.artifact import check_output_dir, output_scope, real_target, scratch_dir, staged_dir
+from vlexport.artifact import (
+    atomic_write_text,
+    check_output_dir,
+    output_scope,
+    real_target,
+    scratch_dir,
+    staged_dir,
+)
 from vlexport.contracts.backends import backend_names, get_backend
 from vlexport.errors import CheckError, UsageError, signals_held
 from vlexport.manifest import MANIFEST, Component, Manifest
 from vlexport.models import get_family
+from vlexport.models.base import TaskSpec
+from vlexport.models.host import code_ref
+from vlexport.serve import embedded
 from vlexport.serve import triton_config as tc
+from vlexport.serve.py_common import ARTIFACT_DIR, SERVE_JSON
 
 # Triton model names are directory names that clients put in URLs: keep to a safe alphabet.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SUFFIX = {".onnx": "model.onnx", ".plan": "model.plan", ".engine": "model.plan", ".pt2": "model.pt2"}
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS), a copy-on-write clone
-ARTIFACT_DIR = "artifact"  # inside a python model's version folder: the artifact's manifest and support files
-SERVE_JSON = "serve.json"  # inside a python model's version folder: what the model needs to know
+REQUIREMENTS_TXT = "requirements.txt"  # at the repository's root: what its python models import
 
 
 @dataclass
@@ -49,6 +59,16 @@ class PlannedModel:
     config: Any  # tritonclient ModelConfig
     files: dict[str, Path] = field(default_factory=dict)  # path inside the version folder -> source file
     texts: dict[str, str] = field(default_factory=dict)  # path inside the version folder -> contents
+    packages: tuple[str, ...] = ()  # what a python model imports (REPO/requirements.txt)
+
+
+def python_model(name: str, config: Any, module: str, kind: str, files: dict[str, Path] | None = None,
+                 texts: dict[str, str] | None = None) -> PlannedModel:
+    """A python model: its model.py, the serving runtime's copy beside it, what it imports."""
+    needs = embedded.packages(module, kind)
+    return PlannedModel(name, config, files or {},
+                        {**embedded.runtime_texts(), **(texts or {}), "model.py": embedded.shim(module, needs)},
+                        needs)
 
 
 def sanitize(name: str) -> str:
@@ -64,10 +84,7 @@ def check_name(name: str, what: str = "--name") -> str:
     return name
 
 
-def shim(module: str) -> str:
-    return (f'"""Written by `vlexport triton`; the code is vlexport\'s ({module}), installed in the server\'s Python '
-            '(scripts/tritonserver_env.sh)."""\n\n'
-            f"from {module} import TritonPythonModel  # noqa: F401\n")
+_IDENTITY = TaskSpec.__dataclass_fields__["run_inputs"].default  # a task without extra run-time inputs
 
 
 # ---------------------------------------------------------------- per artifact
@@ -174,10 +191,9 @@ def _component_model(directory: Path, model_name: str, comp: Component, opts: tc
     files = {target: src}
     if comp.external_data:  # the graph names its data file: it keeps its name, beside the renamed graph
         files[Path(comp.external_data).name] = directory / comp.external_data
-    planned = PlannedModel(model_name, cfg, files)
     if backend == "python-onnxruntime":
-        planned.texts["model.py"] = shim("vlexport.serve.py_component")
-    return planned
+        return python_model(model_name, cfg, "vlexport.serve.py_component", opts.kind, files)
+    return PlannedModel(model_name, cfg, files)
 
 
 def _io(config: Any, which: str) -> list[tuple[str, str, list[int]]]:
@@ -201,20 +217,30 @@ def _ensemble_models(directory: Path, manifest: Manifest, task: Any, name: str, 
         raise UsageError(f"{directory} takes no images: --ensemble builds image-and-text pipelines.")
     comp_in, comp_out = _io(component.config, "input"), _io(component.config, "output")
     raw = [("IMAGE", "bytes", [1]), ("TEXT", "bytes", [-1])]
+    from vlexport.runtime.texts import placeholder_text_tokenizer, token_limit
+
+    texts: dict[str, str] = {}
     meta = {"task": manifest.task, "family": manifest.family, "component": component.name,
-            "max_batch_size": component.config.max_batch_size, "inputs": [n for n, _, _ in comp_in]}
+            "max_batch_size": component.config.max_batch_size, "image": _image_json(directory, manifest),
+            "input_dtypes": {n: d for n, d, _ in comp_in}, "token_limit": token_limit(directory, manifest),
+            "run_inputs": None if task.run_inputs is _IDENTITY else _code(task.run_inputs, directory)}
+    if _tokenizer_json(directory, manifest) is None:  # random weights: `vlexport run`'s placeholder, written out
+        tok, meta["pad_token_id"] = placeholder_text_tokenizer(directory)
+        texts[f"{ARTIFACT_DIR}/tokenizer.json"] = tok.to_str()
+    texts[SERVE_JSON] = json.dumps(meta, indent=1)
     pre_name, post_name = f"{name}_preprocess", f"{name}_postprocess"
-    pre = PlannedModel(pre_name, tc.python_config(pre_name, raw, comp_in, opts), _support_files(directory, manifest),
-                       {"model.py": shim("vlexport.serve.py_preprocess"), SERVE_JSON: json.dumps(meta, indent=1)})
+    pre = python_model(pre_name, tc.python_config(pre_name, raw, comp_in, opts), "vlexport.serve.py_preprocess",
+                       opts.kind, _support_files(directory, manifest), texts)
     steps = [(pre_name, {"IMAGE": "IMAGE", "TEXT": "TEXT"}, {n: n for n, _, _ in comp_in}),
              (component.name, {n: n for n, _, _ in comp_in}, {n: n for n, _, _ in comp_out})]
     models = [pre]
     outputs = comp_out
     if task.scores is not None:
         scores = [(s, "float32", [-1]) for s in score_names(task, comp_out)]
-        post = PlannedModel(post_name, tc.python_config(post_name, comp_out, scores, opts),
-                            _support_files(directory, manifest),
-                            {"model.py": shim("vlexport.serve.py_postprocess"), SERVE_JSON: json.dumps(meta, indent=1)})
+        post_meta = {"task": manifest.task, "family": manifest.family, "scores": _code(task.scores, directory)}
+        post = python_model(post_name, tc.python_config(post_name, comp_out, scores, opts),
+                            "vlexport.serve.py_postprocess", opts.kind, {f"{ARTIFACT_DIR}/{MANIFEST}": directory / MANIFEST},
+                            {SERVE_JSON: json.dumps(post_meta, indent=1)})
         models.append(post)
         steps.append((post_name, {n: n for n, _, _ in comp_out}, {s: s for s, _, _ in scores}))
         outputs = scores
@@ -230,10 +256,48 @@ def _generation_model(directory: Path, manifest: Manifest, name: str, names: dic
               ("NUM_BEAMS", "int32", [1]), ("RAW_PROMPT", "bool", [1])]
     outputs = [("TEXT", "bytes", [1]), ("TOKEN_IDS", "int64", [-1])]
     served = {m.name: [t.name for t in m.config.input] for m in components}
-    meta = {"task": manifest.task, "family": manifest.family, "components": names, "served_inputs": served}
+    from vlexport.models.host import recipe_to_json
+    from vlexport.runtime.generate import artifact_config
+
+    if manifest.tokenizer.get("kind", "none") != "none":
+        _tokenizer_json(directory, manifest)
+    recipe = get_family(manifest.family).task(manifest.task).generation(artifact_config(directory))
+    try:
+        recipe_json = recipe_to_json(recipe, embedded.serving_modules())
+    except ValueError as e:
+        raise CheckError(f"{directory}: the {manifest.family} {manifest.task} recipe runs code a repository cannot "
+                         f"carry ({e}); its host stages belong in vlexport/models/host/.") from None
+    meta = {"task": manifest.task, "family": manifest.family, "components": names, "served_inputs": served,
+            "image": _image_json(directory, manifest), "recipe": recipe_json}
     cfg = tc.python_config(name, inputs, outputs, opts, optional=("TEXT", "MAX_NEW_TOKENS", "NUM_BEAMS", "RAW_PROMPT"))
-    return PlannedModel(name, cfg, _support_files(directory, manifest),
-                        {"model.py": shim("vlexport.serve.py_generate"), SERVE_JSON: json.dumps(meta, indent=1)})
+    return python_model(name, cfg, "vlexport.serve.py_generate", opts.kind, _support_files(directory, manifest),
+                        {SERVE_JSON: json.dumps(meta, indent=1)})
+
+
+def _image_json(directory: Path, manifest: Manifest) -> dict[str, Any]:
+    from vlexport.runtime.preprocess import image_settings
+
+    return dataclasses.asdict(image_settings(directory, manifest))
+
+
+def _code(fn: Any, directory: Path) -> dict[str, Any]:
+    try:
+        return code_ref(fn, embedded.serving_modules())
+    except ValueError as e:
+        raise CheckError(f"{directory}: its task runs code a repository cannot carry ({e}); such host code belongs "
+                         "in vlexport/models/host/ or models/scores.py.") from None
+
+
+def _tokenizer_json(directory: Path, manifest: Manifest) -> Path | None:
+    """The artifact's tokenizer.json (what served models read with `tokenizers`); None without a tokenizer."""
+    if manifest.tokenizer.get("kind", "none") == "none":
+        return None
+    path = directory / "tokenizer.json"
+    if "tokenizer.json" not in manifest.files or not path.is_file():
+        raise UsageError(f"{directory} has a tokenizer without tokenizer.json (only a slow tokenizer's files), which "
+                         "served models cannot read without transformers. Save the fast tokenizer into the export "
+                         "source (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and export again.")
+    return path
 
 
 # ---------------------------------------------------------------- the repository
@@ -281,7 +345,8 @@ def check_repository(repo: Path, display: Path, *, force: bool) -> None:
     ``--force`` replaces the whole directory, so it takes only a repository holding nothing but models."""
     entries = sorted(repo.iterdir())
     models = [p for p in entries if not p.name.startswith(".") and p.is_dir() and (p / "config.pbtxt").is_file()]
-    others = [p.name for p in entries if p not in models]
+    # the root requirements.txt is the repository's own (what its python models import), not a user's entry
+    others = [p.name for p in entries if p not in models and p.name != REQUIREMENTS_TXT]
     if any(not p.name.startswith(".") for p in entries) and not models:
         raise UsageError(f"-o {display} is a folder that is not a Triton model repository (no model folder with a "
                          f"config.pbtxt; it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}). "
@@ -301,6 +366,7 @@ def _write_models(root: Path, planned: list[PlannedModel], opts: tc.ServeOptions
             (version / rel).parent.mkdir(parents=True, exist_ok=True)
             _clone_or_copy(src, version / rel)
         for rel, text in m.texts.items():
+            (version / rel).parent.mkdir(parents=True, exist_ok=True)
             (version / rel).write_text(text)
 
 
@@ -323,6 +389,9 @@ def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, 
     if force or not real.is_dir():
         with staged_dir(out, force=True, expected_bytes=expected, source_dir=directories) as tmp:
             _write_models(tmp, planned, opts)
+            needed = [p for m in planned for p in m.packages]
+            if needed:
+                (tmp / REQUIREMENTS_TXT).write_text(embedded.requirements_text(needed))
         return [m.name for m in planned]
     with output_scope():
         check_output_dir(real, force=True, source_dir=directories)  # the lock, before anything is looked at again
@@ -331,10 +400,14 @@ def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, 
         if taken:
             raise UsageError(f"Repository {out} already holds model(s) {taken}. Pass --force to replace the "
                              "repository, or --name to add these under another name.")
+        needed = [p for m in planned for p in m.packages]
+        req = real / REQUIREMENTS_TXT
         with scratch_dir(real, expected_bytes=expected) as scratch:
             _write_models(scratch, planned, opts)
             moved: list[Path] = []
             with signals_held():
+                if needed:  # first: a superset of what the models import is harmless should a rename fail
+                    atomic_write_text(req, embedded.requirements_text(needed, req.read_text() if req.is_file() else ""))
                 try:
                     for m in planned:
                         (scratch / m.name).rename(real / m.name)
