@@ -21,6 +21,8 @@ SOURCE = Path(vlexport.__file__).resolve().parent
 # modules of every family (models/host/*.py) are added by ``serving_modules``.
 _MODULES = (
     "vlexport", "vlexport.errors", "vlexport.userdata", "vlexport.manifest", "vlexport.artifact",
+    "vlexport.artifact.locks", "vlexport.artifact.staging", "vlexport.artifact.output_paths",
+    "vlexport.contracts", "vlexport.contracts.precision",
     "vlexport.models.scores", "vlexport.runtime.decode", "vlexport.runtime.decoder_session",
     "vlexport.runtime.generate", "vlexport.runtime.preprocess", "vlexport.runtime.tokenizer",
     "vlexport.runtime.onnx_session", "vlexport.serve", "vlexport.serve.py_common", "vlexport.serve.py_component",
