@@ -194,7 +194,7 @@ def test_a_signal_right_after_the_staging_dir_appears_removes_it(default_handler
                                                                   make: str) -> None:
     """The real-process SIGINT test once left a partial under load: the signal landed between mkdtemp and the
     code that cleans up. Deterministic here: the signal is raised inside mkdtemp, right after the dir exists."""
-    from vlexport import artifact
+    from vlexport.artifact import staging as artifact
 
     real_mkdtemp = artifact.tempfile.mkdtemp
 
@@ -244,7 +244,7 @@ def test_a_report_is_written_whole_or_not_at_all(default_handlers, tmp_path: Pat
     the previous report and leaves no temp file."""
     import os
 
-    from vlexport import artifact
+    from vlexport.artifact import staging as artifact
 
     report = tmp_path / "bench.json"
     report.write_text("previous")
