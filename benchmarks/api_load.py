@@ -59,23 +59,36 @@ def caption_case(directory: Path, paths: list[Path], parity: int, iters: int, ba
     if parity:
         got = []
         for start in range(0, parity, batch):
-            got += task.caption([str(p) for p in paths[start:start + batch]], return_ids=True)
+            got += task.caption([str(p) for p in paths[start : start + batch]], return_ids=True)
         ref = [run_artifact(directory, p, device="cpu").lines[0] for p in paths[:parity]]
         same = [g.ids == r.ids and g.text == r.output for g, r in zip(got, ref)]
-        out["parity"] = {"images": parity, "equal_to_run": int(sum(same)),
-                         "first_mismatch": next((i for i, s in enumerate(same) if not s), None)}
+        out["parity"] = {
+            "images": parity,
+            "equal_to_run": int(sum(same)),
+            "first_mismatch": next((i for i, s in enumerate(same) if not s), None),
+        }
     pixels = task.pixels([str(p) for p in paths[:batch]])
     gen = Generator(task.artifact)
     new = int(task.settings.get("default_max_new_tokens", 20))
     api_ids = task.generate(pixels, return_ids=True, max_new_tokens=new)
     direct = gen.generate(pixels, max_new_tokens=new, num_beams=1)
-    out["same_tokens_as_direct"] = all(r.ids == [int(t) for t in direct.sequences[i][: len(r.ids)]]
-                                       for i, r in enumerate(api_ids))
-    t = timed({"api": lambda: task.generate(pixels, max_new_tokens=new),
-               "direct": lambda: gen.generate(pixels, max_new_tokens=new, num_beams=1),
-               "preprocess": lambda: task.pixels([str(p) for p in paths[:batch]])}, iters)
-    out.update(max_new_tokens=new, seconds=t, images_per_s={k: batch / v for k, v in t.items()},
-               ratio_api_vs_direct=t["direct"] / t["api"])
+    out["same_tokens_as_direct"] = all(
+        r.ids == [int(t) for t in direct.sequences[i][: len(r.ids)]] for i, r in enumerate(api_ids)
+    )
+    t = timed(
+        {
+            "api": lambda: task.generate(pixels, max_new_tokens=new),
+            "direct": lambda: gen.generate(pixels, max_new_tokens=new, num_beams=1),
+            "preprocess": lambda: task.pixels([str(p) for p in paths[:batch]]),
+        },
+        iters,
+    )
+    out.update(
+        max_new_tokens=new,
+        seconds=t,
+        images_per_s={k: batch / v for k, v in t.items()},
+        ratio_api_vs_direct=t["direct"] / t["api"],
+    )
     return out
 
 
@@ -91,23 +104,40 @@ def itm_case(directory: Path, paths: list[Path], parity: int, iters: int, batch:
         diffs = []
         for i, p in enumerate(paths[:parity]):
             lines = run_artifact(directory, p, texts, device="cpu").lines
-            diffs += [abs(got.probability[i, j] - line.score["match_probability"]) for j, line in enumerate(lines)]
+            diffs += [
+                abs(got.probability[i, j] - line.score["match_probability"]) for j, line in enumerate(lines)
+            ]
             diffs += [abs(got.logit[i, j] - line.score["match_logit"]) for j, line in enumerate(lines)]
         out["parity"] = {"images": parity, "texts": len(texts), "max_abs_diff_vs_run": float(max(diffs))}
     pixels = task.pixels([str(p) for p in paths[:batch]])
     text = texts[:1]
     ids, mask = task.texts(text)
-    feed = task.spec.run_inputs({"input_ids": np.repeat(ids, batch, 0), "attention_mask": np.repeat(mask, batch, 0),
-                                 "pixel_values": pixels})
+    feed = task.spec.run_inputs(
+        {
+            "input_ids": np.repeat(ids, batch, 0),
+            "attention_mask": np.repeat(mask, batch, 0),
+            "pixel_values": pixels,
+        }
+    )
     session = task.component.session
     feed = {i.name: feed[i.name] for i in session.get_inputs()}
     api = task.match(pixels, text[0])
     direct = session.run(None, feed)[0]
     out["max_abs_logit_diff_vs_direct"] = float(np.abs(api.logit - (direct[:, 1] - direct[:, 0])).max())
-    t = timed({"api": lambda: task.match(pixels, text[0]), "direct": lambda: session.run(None, feed),
-               "preprocess_images": lambda: task.pixels([str(p) for p in paths[:batch]]),
-               "tokenize": lambda: task.texts(text)}, iters)
-    out.update(seconds=t, pairs_per_s={k: batch / v for k, v in t.items()}, ratio_api_vs_direct=t["direct"] / t["api"])
+    t = timed(
+        {
+            "api": lambda: task.match(pixels, text[0]),
+            "direct": lambda: session.run(None, feed),
+            "preprocess_images": lambda: task.pixels([str(p) for p in paths[:batch]]),
+            "tokenize": lambda: task.texts(text),
+        },
+        iters,
+    )
+    out.update(
+        seconds=t,
+        pairs_per_s={k: batch / v for k, v in t.items()},
+        ratio_api_vs_direct=t["direct"] / t["api"],
+    )
     return out
 
 

@@ -38,8 +38,16 @@ from vlexport.weights import load_model, resolve
 def _build(model, name: str, directory: Path, backend: str, options: dict) -> dict:
     if (directory / "manifest.json").is_file():
         return {"reused": True}
-    job = ExportJob(name, directory, task="caption", backend=backend, random_weights=True, validate=False,
-                    force=True, options=options)
+    job = ExportJob(
+        name,
+        directory,
+        task="caption",
+        backend=backend,
+        random_weights=True,
+        validate=False,
+        force=True,
+        options=options,
+    )
     t0 = time.perf_counter()
     run_export(job, model=model)
     return {"build_s": round(time.perf_counter() - t0, 1), "timings": job.timings}
@@ -56,7 +64,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--note", default="", help="recorded as is, e.g. the machine's load")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generation_compiled_cpu.json")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "generation_compiled_cpu.json"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,14 +74,22 @@ def main() -> None:
     model = load_model(source, "caption")
     tmp = Path(tempfile.mkdtemp(prefix="vlexport-bench-"))
     dirs = {"onnx": args.onnx or tmp / "onnx", "aoti": args.aoti or tmp / "aoti"}
-    builds = {"onnx": _build(model, args.model, dirs["onnx"], "onnx", {}),
-              "aoti": _build(model, args.model, dirs["aoti"], "aoti",
-                             {"max_length": args.max_length, "max_batch": max(map(int, args.batch_sizes.split(",")))})}
+    builds = {
+        "onnx": _build(model, args.model, dirs["onnx"], "onnx", {}),
+        "aoti": _build(
+            model,
+            args.model,
+            dirs["aoti"],
+            "aoti",
+            {"max_length": args.max_length, "max_batch": max(map(int, args.batch_sizes.split(",")))},
+        ),
+    }
     gens = {}
     for backend, directory in dirs.items():
         artifact = load_artifact(directory, device="cpu", threads=args.threads)
-        builds[backend]["size_mb"] = round(sum(component_size(directory, c)
-                                               for c in artifact.manifest.components.values()) / 2**20, 1)
+        builds[backend]["size_mb"] = round(
+            sum(component_size(directory, c) for c in artifact.manifest.components.values()) / 2**20, 1
+        )
         gens[backend] = Generator(artifact, config=model.config)
 
     rows, n, names = [], args.new_tokens, ("eager", "onnx", "aoti")
@@ -80,7 +98,7 @@ def main() -> None:
         timed: dict[str, list] = {b: [] for b in names}
         tokens: dict[str, np.ndarray] = {}
         for it in range(args.iters + 1):  # iteration 0 warms every runner up
-            for backend in names[it % 3:] + names[:it % 3]:
+            for backend in names[it % 3 :] + names[: it % 3]:
                 if backend == "eager":
                     ns, start, toks = _eager(model, pixels, n)
                 else:
@@ -92,27 +110,52 @@ def main() -> None:
                 print(f"batch {batch} iter {it} {backend}: {(end - start) / 1e9:.2f} s", flush=True)
         stats = {b: _row(timed[b]) for b in names}
         for backend in names:
-            row = {"model": args.model, "task": "caption", "backend": backend, "precision": "fp32", "batch": batch,
-                   "new_tokens": n, "threads": args.threads, "iters": args.iters, "warmup": 1,
-                   "tokens_equal_eager": bool(np.array_equal(tokens["eager"], tokens[backend])), **stats[backend]}
+            row = {
+                "model": args.model,
+                "task": "caption",
+                "backend": backend,
+                "precision": "fp32",
+                "batch": batch,
+                "new_tokens": n,
+                "threads": args.threads,
+                "iters": args.iters,
+                "warmup": 1,
+                "tokens_equal_eager": bool(np.array_equal(tokens["eager"], tokens[backend])),
+                **stats[backend],
+            }
             for ref in ("eager", "onnx"):
                 if backend != ref and not (backend == "onnx" and ref == "onnx"):
-                    row[f"e2e_speedup_vs_{ref}"] = round(stats[ref]["e2e_s_median"] / stats[backend]["e2e_s_median"], 3)
-                    row[f"per_token_speedup_vs_{ref}"] = round(stats[ref]["decode_ms_per_token_median"]
-                                                               / stats[backend]["decode_ms_per_token_median"], 3)
+                    row[f"e2e_speedup_vs_{ref}"] = round(
+                        stats[ref]["e2e_s_median"] / stats[backend]["e2e_s_median"], 3
+                    )
+                    row[f"per_token_speedup_vs_{ref}"] = round(
+                        stats[ref]["decode_ms_per_token_median"]
+                        / stats[backend]["decode_ms_per_token_median"],
+                        3,
+                    )
             rows.append(row)
 
-    result = {"suite": "generation_compiled_cpu", "weights": "random (seed 0)", "note": args.note,
-              "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-              "load_average_1m_at_end": round(os.getloadavg()[0], 2), "max_length": args.max_length,
-              "artifacts": builds, "versions": library_versions(),
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    result = {
+        "suite": "generation_compiled_cpu",
+        "weights": "random (seed 0)",
+        "note": args.note,
+        "device": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "max_length": args.max_length,
+        "artifacts": builds,
+        "versions": library_versions(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
         extra = "".join(f", {k} {r[k]}x" for k in r if "speedup" in k)
-        print(f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
-              f"{r['decode_ms_per_token_median']:.1f} ms/token{extra}, tokens equal: {r['tokens_equal_eager']}")
+        print(
+            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
+            f"{r['decode_ms_per_token_median']:.1f} ms/token{extra}, tokens equal: {r['tokens_equal_eager']}"
+        )
     print(f"wrote {args.out}")
 
 

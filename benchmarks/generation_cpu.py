@@ -47,15 +47,23 @@ def _eager(model, pixels: torch.Tensor, n: int) -> tuple[list[int], int, np.ndar
     stamps = _Stamps()
     start = time.perf_counter_ns()
     with torch.no_grad():
-        out = model.generate(pixel_values=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                             logits_processor=LogitsProcessorList([stamps]))
+        out = model.generate(
+            pixel_values=pixels,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            logits_processor=LogitsProcessorList([stamps]),
+        )
     return stamps.ns, start, out[:, -n:].numpy()
 
 
 def _onnx(gen: Generator, pixels: np.ndarray, n: int) -> tuple[list[int], int, np.ndarray]:
     ns: list[int] = []
     start = time.perf_counter_ns()
-    out = gen.generate(pixels, max_new_tokens=n, min_new_tokens=n, on_step=lambda i: ns.append(time.perf_counter_ns()))
+    out = gen.generate(
+        pixels, max_new_tokens=n, min_new_tokens=n, on_step=lambda i: ns.append(time.perf_counter_ns())
+    )
     return ns, start, out.sequences[:, -n:]
 
 
@@ -67,7 +75,8 @@ def _row(runs: list[tuple[list[int], int, int]]) -> dict:
     per_step = np.median(steps, axis=0)
     k = max(1, len(per_step) // 4)
     return {
-        "e2e_s_median": round(float(np.median(e2e)), 4), "e2e_s_all": [round(x, 4) for x in e2e],
+        "e2e_s_median": round(float(np.median(e2e)), 4),
+        "e2e_s_all": [round(x, 4) for x in e2e],
         "prefill_s_median": round(float(np.median(prefill)), 4),
         "decode_ms_per_token_median": round(float(np.median(steps)), 3),
         "decode_ms_per_step": [round(float(x), 3) for x in per_step],
@@ -95,15 +104,18 @@ def main() -> None:
     directory = args.artifact or Path(tempfile.mkdtemp(prefix="vlexport-bench-")) / "caption"
     export = {}
     if not (directory / "manifest.json").is_file():
-        job = ExportJob(args.model, directory, task="caption", random_weights=True, validate=False, force=True)
+        job = ExportJob(
+            args.model, directory, task="caption", random_weights=True, validate=False, force=True
+        )
         t0 = time.perf_counter()
         run_export(job, model=model)
         export = {"export_s": round(time.perf_counter() - t0, 1), "timings": job.timings}
     artifact = load_artifact(directory, device="cpu", threads=args.threads)
     export.setdefault("timings", artifact.manifest.timings)  # a reused artifact: the stages its export took
     export["validation"] = artifact.manifest.validation.get("summary")
-    export["size_mb"] = round(sum(component_size(directory, c) for c in artifact.manifest.components.values())
-                              / 2**20, 1)
+    export["size_mb"] = round(
+        sum(component_size(directory, c) for c in artifact.manifest.components.values()) / 2**20, 1
+    )
     gen = Generator(artifact, config=model.config)
 
     rows = []
@@ -127,26 +139,52 @@ def main() -> None:
         eager_row, onnx_row = _row(timed["eager"]), _row(timed["onnx"])
         same = bool(np.array_equal(tokens["eager"], tokens["onnx"]))
         for backend, row in (("eager", eager_row), ("onnx", onnx_row)):
-            rows.append({"model": args.model, "task": "caption", "backend": backend, "precision": "fp32", "batch": batch,
-                         "new_tokens": n, "image_size": int(artifact.manifest.image_size), "threads": args.threads,
-                         "iters": args.iters, "warmup": 1, "tokens_equal_eager": same, **row})
+            rows.append(
+                {
+                    "model": args.model,
+                    "task": "caption",
+                    "backend": backend,
+                    "precision": "fp32",
+                    "batch": batch,
+                    "new_tokens": n,
+                    "image_size": int(artifact.manifest.image_size),
+                    "threads": args.threads,
+                    "iters": args.iters,
+                    "warmup": 1,
+                    "tokens_equal_eager": same,
+                    **row,
+                }
+            )
         rows[-1]["speedup_e2e_vs_eager"] = round(eager_row["e2e_s_median"] / onnx_row["e2e_s_median"], 3)
         rows[-1]["speedup_per_token_vs_eager"] = round(
-            eager_row["decode_ms_per_token_median"] / onnx_row["decode_ms_per_token_median"], 3)
-        rows[-1]["speedup_prefill_vs_eager"] = round(eager_row["prefill_s_median"] / onnx_row["prefill_s_median"], 3)
+            eager_row["decode_ms_per_token_median"] / onnx_row["decode_ms_per_token_median"], 3
+        )
+        rows[-1]["speedup_prefill_vs_eager"] = round(
+            eager_row["prefill_s_median"] / onnx_row["prefill_s_median"], 3
+        )
 
     result = {
-        "suite": "generation_cpu", "weights": "random (seed 0)", "device": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "load_s": round(load_s, 1), "artifact": {"path": str(directory), **export},
-        "versions": library_versions(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+        "suite": "generation_cpu",
+        "weights": "random (seed 0)",
+        "device": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_s": round(load_s, 1),
+        "artifact": {"path": str(directory), **export},
+        "versions": library_versions(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
-        extra = "".join(f", {k} {r[k]}x" for k in ("speedup_e2e_vs_eager", "speedup_per_token_vs_eager") if k in r)
-        print(f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
-              f"{r['decode_ms_per_token_median']:.1f} ms/token (last/first quarter "
-              f"{r['decode_last_over_first_quarter']}){extra}, tokens equal: {r['tokens_equal_eager']}")
+        extra = "".join(
+            f", {k} {r[k]}x" for k in ("speedup_e2e_vs_eager", "speedup_per_token_vs_eager") if k in r
+        )
+        print(
+            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
+            f"{r['decode_ms_per_token_median']:.1f} ms/token (last/first quarter "
+            f"{r['decode_last_over_first_quarter']}){extra}, tokens equal: {r['tokens_equal_eager']}"
+        )
     print(f"wrote {args.out}")
 
 

@@ -53,52 +53,96 @@ def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], ite
     size = int(manifest.image_size)
     rows, arrays = [], {}
     for batch in batches:
-        pixels = np.random.default_rng(1000 + batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        pixels = (
+            np.random.default_rng(1000 + batch).standard_normal((batch, 3, size, size)).astype(np.float32)
+        )
         runs = []
         for it in range(iters + 1):  # iteration 0 warms up
             ns: list[int] = []
             start = time.perf_counter_ns()
             prompt = None if ids is None else np.repeat(ids, batch, axis=0)
-            res = gen.generate(pixels, prompt, None if prompt is None else np.ones_like(prompt),
-                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
-                               on_step=lambda i, ns=ns: ns.append(time.perf_counter_ns()))
+            res = gen.generate(
+                pixels,
+                prompt,
+                None if prompt is None else np.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                output_logits=True,
+                on_step=lambda i, ns=ns: ns.append(time.perf_counter_ns()),
+            )
             if it:
                 runs.append((start, ns))
         steps = np.array([np.diff(ns) / 1e6 for _, ns in runs])
-        rows.append({"batch": batch, "prefill_s_median": round(float(np.median([(ns[0] - s) / 1e9 for s, ns in runs])), 3),
-                     "decode_ms_per_token_median": round(float(np.median(steps)), 2),
-                     "e2e_s_median": round(float(np.median([(ns[-1] - s) / 1e9 for s, ns in runs])), 3)})
-        arrays[f"tokens_b{batch}"] = res.sequences[:, res.prompt_length:]
+        rows.append(
+            {
+                "batch": batch,
+                "prefill_s_median": round(float(np.median([(ns[0] - s) / 1e9 for s, ns in runs])), 3),
+                "decode_ms_per_token_median": round(float(np.median(steps)), 2),
+                "e2e_s_median": round(float(np.median([(ns[-1] - s) / 1e9 for s, ns in runs])), 3),
+            }
+        )
+        arrays[f"tokens_b{batch}"] = res.sequences[:, res.prompt_length :]
         arrays[f"logits_b{batch}"] = np.stack([np.asarray(x, dtype=np.float32) for x in res.logits], axis=1)
     np.savez(out.with_suffix(".npz"), **arrays)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out.write_text(json.dumps({"prompt": None if ids is None else PROMPT, "load_s": round(load_s, 1), "worker_peak_rss_gb": round(peak / 1e9, 2), "rows": rows}))
+    out.write_text(
+        json.dumps(
+            {
+                "prompt": None if ids is None else PROMPT,
+                "load_s": round(load_s, 1),
+                "worker_peak_rss_gb": round(peak / 1e9, 2),
+                "rows": rows,
+            }
+        )
+    )
 
 
 def _run_peak_rss(directory: Path, image: Path, new_tokens: int, prompted: bool) -> tuple[float, int, float]:
     """`vlexport run` in a fresh process: (peak RSS GB, exit code, wall s)."""
     text = ["--text", PROMPT] if prompted else []
     t0 = time.perf_counter()
-    proc = subprocess.Popen([shutil.which("vlexport") or "vlexport", "run", str(directory), "--image", str(image),
-                             "--max-new-tokens", str(new_tokens), *text], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            shutil.which("vlexport") or "vlexport",
+            "run",
+            str(directory),
+            "--image",
+            str(image),
+            "--max-new-tokens",
+            str(new_tokens),
+            *text,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
-    return round(usage.ru_maxrss * 1024 / 1e9, 2), os.waitstatus_to_exitcode(status), round(time.perf_counter() - t0, 1)
+    return (
+        round(usage.ru_maxrss * 1024 / 1e9, 2),
+        os.waitstatus_to_exitcode(status),
+        round(time.perf_counter() - t0, 1),
+    )
 
 
-def _agreement(ref_tokens: np.ndarray, ref_logits: np.ndarray, tokens: np.ndarray, logits: np.ndarray) -> dict:
+def _agreement(
+    ref_tokens: np.ndarray, ref_logits: np.ndarray, tokens: np.ndarray, logits: np.ndarray
+) -> dict:
     same, firsts, cosines = [], [], []
     for r in range(ref_tokens.shape[0]):
         diff = np.flatnonzero(ref_tokens[r] != tokens[r])
-        upto = int(diff[0]) + 1 if diff.size else ref_tokens.shape[1]  # the divergence step's logits still compare
+        upto = (
+            int(diff[0]) + 1 if diff.size else ref_tokens.shape[1]
+        )  # the divergence step's logits still compare
         same.append(not diff.size)
         if diff.size:
             firsts.append(int(diff[0]))
         a, b = ref_logits[r, :upto].astype(np.float64), logits[r, :upto].astype(np.float64)
         cosines += list((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)))
-    return {"greedy_token_agreement": round(float(np.mean(same)), 3),
-            "mean_first_divergence_step": float(np.mean(firsts)) if firsts else None,
-            "min_logit_cosine": round(float(min(cosines)), 6), "mean_logit_cosine": round(float(np.mean(cosines)), 6)}
+    return {
+        "greedy_token_agreement": round(float(np.mean(same)), 3),
+        "mean_first_divergence_step": float(np.mean(firsts)) if firsts else None,
+        "min_logit_cosine": round(float(min(cosines)), 6),
+        "mean_logit_cosine": round(float(np.mean(cosines)), 6),
+    }
 
 
 def main() -> int:
@@ -130,16 +174,43 @@ def main() -> int:
         directory = Path(directory)
         manifest = Manifest.read(directory)
         out = scratch / f"{name}.json"
-        subprocess.run([sys.executable, __file__, "--worker", str(directory), str(out), "--new-tokens",
-                        str(args.new_tokens), "--batch-sizes", args.batch_sizes, "--iters", str(args.iters)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(directory),
+                str(out),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--batch-sizes",
+                args.batch_sizes,
+                "--iters",
+                str(args.iters),
+            ],
+            check=True,
+        )
         measured = json.loads(out.read_text())
         rss, code, wall = _run_peak_rss(directory, image, args.new_tokens, measured["prompt"] is not None)
         arrays = dict(np.load(out.with_suffix(".npz")))
-        entry = {"name": name, "source": manifest.source, "task": manifest.task, "precision": manifest.precision, "path": str(directory),
-                 "size_gb": round(sum(component_size(directory, c) for c in manifest.components.values()) / 1e9, 3),
-                 "run_peak_rss_gb": rss, "run_exit_code": code, "run_wall_s": wall, **measured,
-                 "accuracy_vs_eager_fp32": manifest.validation.accuracy.generation if manifest.validation.accuracy else None,
-                 "derived_from": manifest.derived_from}
+        entry = {
+            "name": name,
+            "source": manifest.source,
+            "task": manifest.task,
+            "precision": manifest.precision,
+            "path": str(directory),
+            "size_gb": round(
+                sum(component_size(directory, c) for c in manifest.components.values()) / 1e9, 3
+            ),
+            "run_peak_rss_gb": rss,
+            "run_exit_code": code,
+            "run_wall_s": wall,
+            **measured,
+            "accuracy_vs_eager_fp32": manifest.validation.accuracy.generation
+            if manifest.validation.accuracy
+            else None,
+            "derived_from": manifest.derived_from,
+        }
         if ref is None:
             ref = (entry, arrays)
         else:
@@ -149,17 +220,39 @@ def main() -> int:
             for row, base_row in zip(entry["rows"], base["rows"], strict=True):
                 b = row["batch"]
                 row["ms_per_token_vs_reference"] = round(
-                    row["decode_ms_per_token_median"] / base_row["decode_ms_per_token_median"], 3)
-                row["vs_reference"] = _agreement(ref_arrays[f"tokens_b{b}"], ref_arrays[f"logits_b{b}"],
-                                                 arrays[f"tokens_b{b}"], arrays[f"logits_b{b}"])
+                    row["decode_ms_per_token_median"] / base_row["decode_ms_per_token_median"], 3
+                )
+                row["vs_reference"] = _agreement(
+                    ref_arrays[f"tokens_b{b}"],
+                    ref_arrays[f"logits_b{b}"],
+                    arrays[f"tokens_b{b}"],
+                    arrays[f"logits_b{b}"],
+                )
         results.append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k not in ("derived_from", "accuracy_vs_eager_fp32")}),
-              flush=True)
+        print(
+            json.dumps(
+                {k: v for k, v in entry.items() if k not in ("derived_from", "accuracy_vs_eager_fp32")}
+            ),
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "suite": "generation_precision_cpu", "weights": "random (seed 0)", "new_tokens": args.new_tokens,
-        "iters": args.iters, "warmup": 1, "device": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "versions": library_versions(), "artifacts": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "suite": "generation_precision_cpu",
+                "weights": "random (seed 0)",
+                "new_tokens": args.new_tokens,
+                "iters": args.iters,
+                "warmup": 1,
+                "device": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "versions": library_versions(),
+                "artifacts": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -64,17 +64,26 @@ def _measure(call, iters: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rates = [_rate(call()) for _ in range(iters)]
     peak = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
-    return {"tokens_per_s": round(float(np.median(rates)), 1), "tokens_per_s_all": [round(r, 1) for r in rates],
-            "peak_memory_gb": peak}
+    return {
+        "tokens_per_s": round(float(np.median(rates)), 1),
+        "tokens_per_s_all": [round(r, 1) for r in rates],
+        "peak_memory_gb": peak,
+    }
 
 
 def _hf(model, inputs: dict, n: int):
     def call() -> list[int]:
         stamps = _Stamps()
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           logits_processor=LogitsProcessorList([stamps]))
+            model.generate(
+                **inputs,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([stamps]),
+            )
         return stamps.ns
+
     return call
 
 
@@ -84,8 +93,11 @@ def _compiled(directory: Path, inputs: dict, n: int, device: str):
 
     def call() -> list[int]:
         ns: list[int] = []
-        gen.generate(**x, max_new_tokens=n, min_new_tokens=n, on_step=lambda i: ns.append(time.perf_counter_ns()))
+        gen.generate(
+            **x, max_new_tokens=n, min_new_tokens=n, on_step=lambda i: ns.append(time.perf_counter_ns())
+        )
         return ns
+
     return call
 
 
@@ -108,7 +120,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "vlexport-gpu-generation")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu-generation.json"))
-    p.add_argument("--dry-run", action="store_true", help="every row on the CPU, tiny twin, 4 tokens, 1 iteration")
+    p.add_argument(
+        "--dry-run", action="store_true", help="every row on the CPU, tiny twin, 4 tokens, 1 iteration"
+    )
     args = p.parse_args()
     if args.dry_run:
         from vlexport.presets import get_preset
@@ -136,7 +150,13 @@ def main() -> int:
         except _Unavailable as e:
             rows.append({"row": name, "skipped": str(e)})
         except Exception as e:  # noqa: BLE001  one row failing must not lose the others
-            rows.append({"row": name, "error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()[-1500:]})
+            rows.append(
+                {
+                    "row": name,
+                    "error": f"{type(e).__name__}: {e}"[:500],
+                    "trace": traceback.format_exc()[-1500:],
+                }
+            )
         print(json.dumps(rows[-1])[:400], flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -153,8 +173,12 @@ def main() -> int:
         model = load_model(source, "generate").half()
         directory = args.work_dir / "fp16-checkpoint"
         model.save_pretrained(directory)
-        model = type(model).from_pretrained(directory, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                            torch_dtype=torch.float16, device_map="cuda")
+        model = type(model).from_pretrained(
+            directory,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            torch_dtype=torch.float16,
+            device_map="cuda",
+        )
         inputs = {k: (v.half() if v.is_floating_point() else v).cuda() for k, v in cpu_inputs.items()}
         return _measure(_hf(model, inputs, n), args.iters)
 
@@ -166,8 +190,17 @@ def main() -> int:
         options = {"device": device, "max_length": 128, "max_batch": 4}
         if not args.dry_run:
             options["mode"] = "reduce-overhead"
-        job = ExportJob(args.model, directory, task="generate", backend="aoti", precision=get_precision(precision),
-                        random_weights=True, validate=False, force=True, options=options)
+        job = ExportJob(
+            args.model,
+            directory,
+            task="generate",
+            backend="aoti",
+            precision=get_precision(precision),
+            random_weights=True,
+            validate=False,
+            force=True,
+            options=options,
+        )
         t0 = time.perf_counter()
         run_export(job)
         build_s = round(time.perf_counter() - t0, 1)
@@ -178,10 +211,17 @@ def main() -> int:
     row("aoti-fp16", lambda: compiled("fp16"))
     row("aoti-int8-weight", lambda: compiled("int8-weight"))
     name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    result = {"suite": "gpu_generation", "model": args.model, "device": name, "batch": 1,
-              "new_tokens": n, "weights": "random (seed 0)", "rows": rows,
-              "goals": {"aoti-fp16": ">= 250 tokens/s", "aoti-int8-weight": ">= 500 tokens/s at <= 4.5 GB peak"},
-              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        "suite": "gpu_generation",
+        "model": args.model,
+        "device": name,
+        "batch": 1,
+        "new_tokens": n,
+        "weights": "random (seed 0)",
+        "rows": rows,
+        "goals": {"aoti-fp16": ">= 250 tokens/s", "aoti-int8-weight": ">= 500 tokens/s at <= 4.5 GB peak"},
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -51,8 +51,14 @@ def main() -> None:
     for d in args.dirs:
         manifest = Manifest.read(d)
         paths = [d / rel for rel in manifest.hashed_files()]
-        rows.append({"what": str(d), "backend": manifest.backend, "cold": _time(paths, cold=True),
-                     "warm": _time(paths, cold=False)})
+        rows.append(
+            {
+                "what": str(d),
+                "backend": manifest.backend,
+                "cold": _time(paths, cold=True),
+                "warm": _time(paths, cold=False),
+            }
+        )
     if args.synthetic_gb > 0:
         path = args.out.parent / ".hash_cost.bin"
         block = os.urandom(64 << 20)
@@ -61,17 +67,30 @@ def main() -> None:
                 f.write(block)
         try:
             os.sync()
-            rows.append({"what": f"synthetic {args.synthetic_gb:g} GB", "cold": _time([path], cold=True),
-                         "warm": _time([path], cold=False)})
+            rows.append(
+                {
+                    "what": f"synthetic {args.synthetic_gb:g} GB",
+                    "cold": _time([path], cold=True),
+                    "warm": _time([path], cold=False),
+                }
+            )
         finally:
             path.unlink()
-    result = {"rows": rows, "machine": {"cpu": platform.processor() or platform.machine(),
-                                        "cores": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
-              "command": "python benchmarks/hash_cost.py " + " ".join(map(str, args.dirs))}
+    result = {
+        "rows": rows,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "command": "python benchmarks/hash_cost.py " + " ".join(map(str, args.dirs)),
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
-        print(f"{r['what']}: {r['cold']['gb']:.2f} GB, cold {r['cold']['s_per_gb']:.2f} s/GB, "
-              f"warm {r['warm']['s_per_gb']:.2f} s/GB")
+        print(
+            f"{r['what']}: {r['cold']['gb']:.2f} GB, cold {r['cold']['s_per_gb']:.2f} s/GB, "
+            f"warm {r['warm']['s_per_gb']:.2f} s/GB"
+        )
 
 
 if __name__ == "__main__":

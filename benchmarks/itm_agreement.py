@@ -48,16 +48,32 @@ def artifact_logits(directory: Path, batches: list[dict[str, torch.Tensor]], thr
 def report(name: str, manifest: Manifest, ref: np.ndarray, got: np.ndarray, seconds: float) -> dict:
     agree = ref.argmax(-1) == got.argmax(-1)
     err = np.abs(got - ref)
-    margin = np.abs(ref[:, 1] - ref[:, 0]) if ref.shape[-1] == 2 else np.sort(ref, -1)[:, -1] - np.sort(ref, -1)[:, -2]
-    close = margin < 2 * err.max(-1)  # pairs whose eager margin is within twice this artifact's error: could flip
+    margin = (
+        np.abs(ref[:, 1] - ref[:, 0])
+        if ref.shape[-1] == 2
+        else np.sort(ref, -1)[:, -1] - np.sort(ref, -1)[:, -2]
+    )
+    close = margin < 2 * err.max(
+        -1
+    )  # pairs whose eager margin is within twice this artifact's error: could flip
     cos = float(np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got)))
-    return {"artifact": name, "backend": manifest.backend, "precision": manifest.precision,
-            "kernels": sorted(k.split(":")[0] for k in manifest.kernels), "samples": len(ref),
-            "agreement": float(agree.mean()), "disagreeing": int(np.count_nonzero(~agree)), "cosine": cos,
-            "max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()),
-            "eager_match_share": float((ref.argmax(-1) == 1).mean()),
-            "eager_margin_min": float(margin.min()), "eager_margin_median": float(np.median(margin)),
-            "close_calls": int(np.count_nonzero(close)), "seconds": round(seconds, 1)}
+    return {
+        "artifact": name,
+        "backend": manifest.backend,
+        "precision": manifest.precision,
+        "kernels": sorted(k.split(":")[0] for k in manifest.kernels),
+        "samples": len(ref),
+        "agreement": float(agree.mean()),
+        "disagreeing": int(np.count_nonzero(~agree)),
+        "cosine": cos,
+        "max_abs_err": float(err.max()),
+        "mean_abs_err": float(err.mean()),
+        "eager_match_share": float((ref.argmax(-1) == 1).mean()),
+        "eager_margin_min": float(margin.min()),
+        "eager_margin_median": float(np.median(margin)),
+        "close_calls": int(np.count_nonzero(close)),
+        "seconds": round(seconds, 1),
+    }
 
 
 def main() -> None:
@@ -81,30 +97,51 @@ def main() -> None:
     task = source.family.task(first.task)
     spec = task.components(model.config)[0]
     n_batches = -(-args.samples // args.batch)
-    batches = [task.make_inputs(model.config, InputShape(args.batch, args.seq_len), args.seed + 7919 * i)
-               for i in range(n_batches)]
+    batches = [
+        task.make_inputs(model.config, InputShape(args.batch, args.seq_len), args.seed + 7919 * i)
+        for i in range(n_batches)
+    ]
     t0 = time.perf_counter()
     ref = eager_logits(model, spec, batches)[: args.samples]
     del model  # one copy of the weights at a time
-    rows = [{"artifact": "eager", "precision": "fp32", "samples": len(ref),
-             "seconds": round(time.perf_counter() - t0, 1)}]
+    rows = [
+        {
+            "artifact": "eager",
+            "precision": "fp32",
+            "samples": len(ref),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    ]
     for d in args.artifacts:
         t0 = time.perf_counter()
         got = artifact_logits(d, batches, args.threads)[: args.samples]
         rows.append(report(d.name, Manifest.read(d), ref, got, time.perf_counter() - t0))
-    head = (f"ITM argmax agreement with eager fp32: {args.samples} seeded pairs ({n_batches} batches of "
-            f"{args.batch}, seq {args.seq_len}, seed {args.seed}), weights {first.weights}.")
-    columns = ("| artifact | precision | kernels | agreement | disagreeing | logits cosine | max abs err | eager "
-               "'match' share | eager margin min / median | close calls |")
+    head = (
+        f"ITM argmax agreement with eager fp32: {args.samples} seeded pairs ({n_batches} batches of "
+        f"{args.batch}, seq {args.seq_len}, seed {args.seed}), weights {first.weights}."
+    )
+    columns = (
+        "| artifact | precision | kernels | agreement | disagreeing | logits cosine | max abs err | eager "
+        "'match' share | eager margin min / median | close calls |"
+    )
     lines = [head, "", columns, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows[1:]:
-        lines.append(f"| {r['artifact']} | {r['precision']} | {','.join(r['kernels']) or '-'} | {r['agreement']:.2%} "
-                     f"| {r['disagreeing']} | {r['cosine']:.5f} | {r['max_abs_err']:.3g} | {r['eager_match_share']:.1%} "
-                     f"| {r['eager_margin_min']:.3g} / {r['eager_margin_median']:.3g} | {r['close_calls']} |")
+        lines.append(
+            f"| {r['artifact']} | {r['precision']} | {','.join(r['kernels']) or '-'} | {r['agreement']:.2%} "
+            f"| {r['disagreeing']} | {r['cosine']:.5f} | {r['max_abs_err']:.3g} | {r['eager_match_share']:.1%} "
+            f"| {r['eager_margin_min']:.3g} / {r['eager_margin_median']:.3g} | {r['close_calls']} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
-    doc = {"samples": args.samples, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed,
-           "threads": args.threads, "weights": first.weights, "rows": rows}
+    doc = {
+        "samples": args.samples,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "threads": args.threads,
+        "weights": first.weights,
+        "rows": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:

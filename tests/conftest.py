@@ -29,7 +29,9 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _saved_interpret
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
-_LOCK = Path(tempfile.gettempdir()) / f"vlexport-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'solo')}.lock"
+_LOCK = (
+    Path(tempfile.gettempdir()) / f"vlexport-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'solo')}.lock"
+)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -86,8 +88,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
 
 
 # The longest tests (seconds on 2 cores) start first, so that no worker is left running one alone at the end.
-SLOW_FIRST = ("test_full_size.py", "test_compile_generation.py", "test_compile.py", "test_backend_registry.py",
-              "test_kernels_export.py")
+SLOW_FIRST = (
+    "test_full_size.py",
+    "test_compile_generation.py",
+    "test_compile.py",
+    "test_backend_registry.py",
+    "test_kernels_export.py",
+)
 
 
 # The default run (CI's) holds one case of every mechanism per family; ``--full`` adds the rest of the
@@ -95,9 +102,12 @@ SLOW_FIRST = ("test_full_size.py", "test_compile_generation.py", "test_compile.p
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--full", action="store_true", default=os.environ.get("VLEXPORT_FULL_TESTS") == "1",
-                     help="also run the rest of the exhaustive test matrices "
-                          "(VLEXPORT_FULL_TESTS=1 does the same)")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=os.environ.get("VLEXPORT_FULL_TESTS") == "1",
+        help="also run the rest of the exhaustive test matrices (VLEXPORT_FULL_TESTS=1 does the same)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -39,8 +39,17 @@ def _forms(paths: list[Path]) -> list[object]:
     out: list[object] = []
     for i, p in enumerate(paths):
         kind = i % 5
-        out.append(p if kind == 0 else p.read_bytes() if kind == 1 else Image.open(p) if kind == 2
-                   else np.asarray(Image.open(p).convert("RGB")) if kind == 3 else str(p))
+        out.append(
+            p
+            if kind == 0
+            else p.read_bytes()
+            if kind == 1
+            else Image.open(p)
+            if kind == 2
+            else np.asarray(Image.open(p).convert("RGB"))
+            if kind == 3
+            else str(p)
+        )
     return out
 
 
@@ -56,19 +65,27 @@ def _cli_ids(capsys, directory: Path, image: Path, *extra: str) -> list[list[int
     return [json.loads(line.split("ids: ", 1)[1]) for line in lines if "ids: " in line]
 
 
-@pytest.mark.parametrize(("preset", "task", "prompt"), [
-    ("blip-tiny", "caption", None),
-    ("blip-tiny", "vqa", "what is in the picture?"),
-    ("blip2-opt-tiny", "generate", "what is it?"),
-], ids=["caption", "vqa", "blip2-opt"])
-def test_generate_batched_equals_run_image_by_image(exported, capsys, images: list[Path], preset: str, task: str,
-                                                    prompt: str | None) -> None:
+@pytest.mark.parametrize(
+    ("preset", "task", "prompt"),
+    [
+        ("blip-tiny", "caption", None),
+        ("blip-tiny", "vqa", "what is in the picture?"),
+        ("blip2-opt-tiny", "generate", "what is it?"),
+    ],
+    ids=["caption", "vqa", "blip2-opt"],
+)
+def test_generate_batched_equals_run_image_by_image(
+    exported, capsys, images: list[Path], preset: str, task: str, prompt: str | None
+) -> None:
     art = exported(preset, task)
     model = vlexport.load(art, batch_size=2)  # 5 images: batches of 2, 2, 1
     assert isinstance(model, GenerateTask)
     method = model.answer if prompt else model.caption
-    records = method(_forms(images), prompt, max_new_tokens=5, return_ids=True) if prompt else \
-        method(_forms(images), max_new_tokens=5, return_ids=True)
+    records = (
+        method(_forms(images), prompt, max_new_tokens=5, return_ids=True)
+        if prompt
+        else method(_forms(images), max_new_tokens=5, return_ids=True)
+    )
     assert len(records) == len(images)
     extra = ("--text", prompt) if prompt else ()
     for rec, path in zip(records, images, strict=True):
@@ -91,8 +108,10 @@ def test_concurrent_calls_equal_sequential(exported, images: list[Path]) -> None
 
 def _scores(lines: list[str]) -> list[dict[str, float]]:
     """`vlexport run`'s score lines ("text: name value, name value") as dicts."""
-    return [{k: float(v) for k, v in (kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))}
-            for line in lines]
+    return [
+        {k: float(v) for k, v in (kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))}
+        for line in lines
+    ]
 
 
 def test_match_equals_run_per_image(exported, capsys, images: list[Path]) -> None:
@@ -104,15 +123,21 @@ def test_match_equals_run_per_image(exported, capsys, images: list[Path]) -> Non
     assert result.probability.shape == result.logit.shape == (5, 3)
     for i, path in enumerate(images):
         printed = _scores(_cli(capsys, art, "--image", path, *(a for t in texts for a in ("--text", t))))
-        assert [f"{p['match_probability']:.4f}" for p in printed] == [f"{x:.4f}" for x in result.probability[i]]
+        assert [f"{p['match_probability']:.4f}" for p in printed] == [
+            f"{x:.4f}" for x in result.probability[i]
+        ]
         assert [f"{p['match_logit']:.4f}" for p in printed] == [f"{x:.4f}" for x in result.logit[i]]
     assert np.allclose(result.probability, 1 / (1 + np.exp(-result.logit)), atol=1e-6)
     one = model.match(images[1], texts[0])
     assert one.probability.shape == () and abs(float(one.probability) - result.probability[1, 0]) < 1e-6
 
 
-@pytest.mark.parametrize(("preset", "task"), [("vision-text-dual-encoder-tiny", "features"), ("blip-tiny", "itc")])
-def test_similarity_equals_run_per_image(exported, capsys, images: list[Path], preset: str, task: str) -> None:
+@pytest.mark.parametrize(
+    ("preset", "task"), [("vision-text-dual-encoder-tiny", "features"), ("blip-tiny", "itc")]
+)
+def test_similarity_equals_run_per_image(
+    exported, capsys, images: list[Path], preset: str, task: str
+) -> None:
     art = exported(preset, task)
     texts = ["a cat", "two dogs on a sofa", "a red car", "x", "the sea"]
     model = vlexport.load(art, batch_size=2)  # tiles of 2 x 2, the short side padded
@@ -131,11 +156,15 @@ def test_embeddings_are_the_graphs_outputs(exported, images: list[Path]) -> None
     img, txt = model.embed_images(images[:3]), model.embed_texts(texts)
     # the graph's own outputs for the same pairs, called directly
     ids, mask = model.texts(texts)
-    direct = model.component({"pixel_values": model.pixels(images[:3]), "input_ids": ids, "attention_mask": mask})
+    direct = model.component(
+        {"pixel_values": model.pixels(images[:3]), "input_ids": ids, "attention_mask": mask}
+    )
     np.testing.assert_allclose(img, direct["image_embeds"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(txt, direct["text_embeds"], rtol=1e-5, atol=1e-6)
     # similarity is the scaled cosine of the two
-    cos = (img / np.linalg.norm(img, axis=-1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=-1, keepdims=True)).T
+    cos = (img / np.linalg.norm(img, axis=-1, keepdims=True)) @ (
+        txt / np.linalg.norm(txt, axis=-1, keepdims=True)
+    ).T
     sim = model.similarity(images[:3], texts)
     np.testing.assert_allclose(sim / sim.flat[0] * cos.flat[0], cos, rtol=1e-4, atol=1e-5)
     assert model.embed_texts("a cat").shape == txt[0].shape
@@ -166,7 +195,11 @@ def test_bad_input_raises_vlexport_errors(exported, images: list[Path], tmp_path
         (lambda: caption.caption(np.zeros((2, 3, 8, 8), np.float32)), UsageError, "must be [N, 3,"),
         (lambda: caption.caption(images[0], max_new_tokens=70), UsageError, "more than the model's 64"),
         (lambda: caption.caption(images[0], max_new_tokens=0), UsageError, "max_new_tokens"),
-        (lambda: caption.caption(images[0], "word " * 80), UsageError, "longer than the model's 64 positions"),
+        (
+            lambda: caption.caption(images[0], "word " * 80),
+            UsageError,
+            "longer than the model's 64 positions",
+        ),
         (lambda: caption.answer(images[0], "what?"), UsageError, "captions images"),
         (lambda: match.match(images[:2], [1, 2]), UsageError, "texts must be a str or a list of str"),
         (lambda: match.match(images[0], "x" * 63), UsageError, "is 65 tokens, more than the 64"),
@@ -198,8 +231,10 @@ def test_load_refuses_an_incomplete_artifact(exported, tmp_path: Path) -> None:
 
 
 def test_import_vlexport_stays_light() -> None:
-    code = ("import sys, vlexport; assert callable(vlexport.__getattr__); "
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, vlexport; assert callable(vlexport.__getattr__); "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert vlexport.load.__module__ == "vlexport.runtime.tasks"

@@ -16,13 +16,22 @@ def test_export_returns_the_manifest_it_wrote_and_quantize_its_variant(tmp_path:
     out = tmp_path / "bt"
     manifest = vlexport.export("bridgetower-tiny", task="itm", out=out, random_weights=True)
     on_disk = Manifest.read(out)
-    assert (manifest.family, manifest.task, manifest.backend, manifest.precision) == ("bridgetower", "itm", "onnx",
-                                                                                      "fp32")
+    assert (manifest.family, manifest.task, manifest.backend, manifest.precision) == (
+        "bridgetower",
+        "itm",
+        "onnx",
+        "fp32",
+    )
     assert manifest.files == on_disk.files and manifest.validation is not None and manifest.validation.passed
     variant = vlexport.quantize(out, "int8-dynamic", out=tmp_path / "bt-int8")
-    assert variant.precision == "int8-dynamic" and Manifest.read(tmp_path / "bt-int8").precision == "int8-dynamic"
+    assert (
+        variant.precision == "int8-dynamic"
+        and Manifest.read(tmp_path / "bt-int8").precision == "int8-dynamic"
+    )
     assert Manifest.read(out).files == on_disk.files  # the parent is untouched
-    rows = vlexport.bench([out], backends=("onnx",), batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu")
+    rows = vlexport.bench(
+        [out], backends=("onnx",), batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu"
+    )
     assert rows and all(r.ok for r in rows) and {r.batch for r in rows} == {2}
 
 

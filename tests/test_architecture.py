@@ -22,8 +22,18 @@ PACKAGE = ROOT / "vlexport"
 
 # Top to bottom: a module imports modules of its own layer or of layers above it, never below.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("contracts", ("vlexport", "vlexport.errors", "vlexport.userdata", "vlexport.artifact", "vlexport.manifest",
-                   "vlexport.support_files", "vlexport.contracts")),
+    (
+        "contracts",
+        (
+            "vlexport",
+            "vlexport.errors",
+            "vlexport.userdata",
+            "vlexport.artifact",
+            "vlexport.manifest",
+            "vlexport.support_files",
+            "vlexport.contracts",
+        ),
+    ),
     ("injection", ("vlexport.inject",)),  # the mechanism; the families declare its rules
     ("families", ("vlexport.models", "vlexport.presets")),
     ("model plumbing", ("vlexport.weights", "vlexport.compose")),
@@ -114,8 +124,12 @@ def test_no_import_cycle() -> None:
 
 
 def test_every_module_has_a_layer_and_no_import_runs_up() -> None:
-    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
-              for a, imported in GRAPH.items() for b in imported if layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+        for a, imported in GRAPH.items()
+        for b in imported
+        if layer_of(b) > layer_of(a)
+    ]
     assert not upward, "imports from a layer to one below it:\n" + "\n".join(sorted(upward))
 
 
@@ -126,7 +140,9 @@ def test_the_layer_check_sees_function_level_imports(tmp_path: Path) -> None:
     probe.write_text("def f():\n    from vlexport.pipeline import run_export\n")
     assert "vlexport.pipeline" in _imports("vlexport.contracts.probe", probe)
     guarded = tmp_path / "guarded.py"
-    guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vlexport.pipeline import x\n")
+    guarded.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from vlexport.pipeline import x\n"
+    )
     assert _imports("vlexport.contracts.guarded", guarded) == set()
 
 
@@ -147,8 +163,11 @@ def test_registered_modules_are_backends_below_the_contracts(module: str) -> Non
 def test_runtime_never_imports_validation_or_export_backends() -> None:
     for name, imported in GRAPH.items():
         if name.startswith("vlexport.runtime"):
-            assert not {m for m in imported if m.startswith(("vlexport.validate", "vlexport.export",
-                                                              "vlexport.quantize"))}, name
+            assert not {
+                m
+                for m in imported
+                if m.startswith(("vlexport.validate", "vlexport.export", "vlexport.quantize"))
+            }, name
 
 
 def test_family_modules_are_the_only_place_that_names_a_family() -> None:

@@ -74,8 +74,9 @@ class OnnxNoOptBackend(BackendBase):
                 shutil.copy2(ctx.parent_dir / rel, ctx.out_dir / rel)
         return Derived(dict(ctx.parent.components))
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> Any:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> Any:
         return NoOptSession(path, threads=threads, interleaved=interleaved)
 
 
@@ -94,11 +95,16 @@ def test_registered_backend_runs_everywhere(noopt: OnnxNoOptBackend, exported, t
     listed = {b["name"]: b for b in listing()["backends"]}  # `vlexport list` reads the registry
     assert listed[NAME]["precisions"] == ["fp32"] and listed[NAME]["derived_from"] == "onnx"
     out = tmp_path / "noopt"
-    parent = exported("bridgetower-tiny", "itm")  # derived from an ONNX artifact (from a model: the bench below)
+    parent = exported(
+        "bridgetower-tiny", "itm"
+    )  # derived from an ONNX artifact (from a model: the bench below)
     manifest = run_export(ExportJob(str(parent), out, backend=NAME))
     assert noopt.derived == 1
-    assert manifest.backend == NAME and manifest.derived_from == {"backend": "onnx", "precision": "fp32",
-                                                                  "path": str(parent.resolve())}
+    assert manifest.backend == NAME and manifest.derived_from == {
+        "backend": "onnx",
+        "precision": "fp32",
+        "path": str(parent.resolve()),
+    }
     assert manifest.validation.passed is True
     assert 0 < manifest.validation.max_abs_error["logits"] < 1e-4
 
@@ -113,16 +119,29 @@ def test_registered_backend_runs_everywhere(noopt: OnnxNoOptBackend, exported, t
     # The bench builds what the plan names from the model; its ONNX parent is already in the work dir
     # (same weights, task, precision: reused), so the derive step runs through the registry there too.
     shutil.copytree(parent, tmp_path / "work" / "bridgetower-tiny-itm-onnx")
-    rows = run_bench(BenchPlan(("bridgetower-tiny",), backends=("eager", NAME), task="itm", random_weights=True,
-                               batch_sizes=(2,), warmup=0, iters=2, device="cpu", threads=1,
-                               work_dir=tmp_path / "work"))
+    rows = run_bench(
+        BenchPlan(
+            ("bridgetower-tiny",),
+            backends=("eager", NAME),
+            task="itm",
+            random_weights=True,
+            batch_sizes=(2,),
+            warmup=0,
+            iters=2,
+            device="cpu",
+            threads=1,
+            work_dir=tmp_path / "work",
+        )
+    )
     assert noopt.derived == 2
     assert [(r.backend, r.batch) for r in rows] == [("eager", 2), (NAME, 2)]
     row = rows[1]
     assert row.ok and row.precision == "fp32" and row.latency_p50_ms > 0 and row.build_s > 0
     assert 0 < row.parity["logits"]["max_abs"] < 1e-4
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [
-        "bridgetower-tiny-itm-onnx", f"bridgetower-tiny-itm-{NAME}"]
+        "bridgetower-tiny-itm-onnx",
+        f"bridgetower-tiny-itm-{NAME}",
+    ]
 
 
 def test_an_unregistered_backend_is_gone() -> None:

@@ -23,9 +23,25 @@ pytestmark = pytest.mark.xdist_group("bench-acceptance")
 def acceptance(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The issue's acceptance command (fewer iterations): eager vs ONNX at batch 1 and 4."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "bridgetower-tiny", "--random-weights", "--backends", "eager,onnx", "--batch-sizes", "1,4",
-            "--warmup", "1", "--iters", "5", "--json", str(out / "a.json"), "--plot", str(out / "a.png"),
-            "--markdown", str(out / "a.md")]
+    argv = [
+        "bench",
+        "bridgetower-tiny",
+        "--random-weights",
+        "--backends",
+        "eager,onnx",
+        "--batch-sizes",
+        "1,4",
+        "--warmup",
+        "1",
+        "--iters",
+        "5",
+        "--json",
+        str(out / "a.json"),
+        "--plot",
+        str(out / "a.png"),
+        "--markdown",
+        str(out / "a.md"),
+    ]
     code = main(argv)
     rows, meta = read_rows(out / "a.json")
     return {"code": code, "rows": rows, "meta": meta, "dir": out}
@@ -122,12 +138,38 @@ def fake_backends():
 
 def test_injected_slowdown_makes_regress_exit_1(fake_backends, tmp_path: Path, capsys) -> None:
     # One thread: two-thread eager calls stall when other jobs share the 2 cores, which would drown the sleep.
-    plan = {"backends": ("eager", "sleepy"), "batch_sizes": (1,), "warmup": 1, "iters": 5, "random_weights": True, "task": "itm",
-                "threads": 1}
+    plan = {
+        "backends": ("eager", "sleepy"),
+        "batch_sizes": (1,),
+        "warmup": 1,
+        "iters": 5,
+        "random_weights": True,
+        "task": "itm",
+        "threads": 1,
+    }
     base, cur = tmp_path / "base.json", tmp_path / "cur.json"
     fake_backends["s"] = 0.0
-    assert main(["bench", *TINY, "--backends", "eager,sleepy", "--batch-sizes", "1", "--warmup", "1", "--iters", "5",
-                 "--threads", "1", "--json", str(base)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                *TINY,
+                "--backends",
+                "eager,sleepy",
+                "--batch-sizes",
+                "1",
+                "--warmup",
+                "1",
+                "--iters",
+                "5",
+                "--threads",
+                "1",
+                "--json",
+                str(base),
+            ]
+        )
+        == 0
+    )
     fake_backends["s"] = 0.1  # 100 ms per call: ~20x the tiny model's own latency
     rows = run_bench(BenchPlan(("bridgetower-tiny",), **plan))
     from vlexport.bench import write_rows
@@ -144,8 +186,24 @@ def test_injected_slowdown_makes_regress_exit_1(fake_backends, tmp_path: Path, c
 
 def test_parity_failure_is_reported_not_timed(fake_backends, tmp_path: Path, capsys) -> None:
     out = tmp_path / "p.json"
-    code = main(["bench", *TINY, "--backends", "eager,wrong", "--batch-sizes", "2", "--warmup", "0", "--iters", "2",
-                 "--json", str(out), "--markdown", str(tmp_path / "p.md")])
+    code = main(
+        [
+            "bench",
+            *TINY,
+            "--backends",
+            "eager,wrong",
+            "--batch-sizes",
+            "2",
+            "--warmup",
+            "0",
+            "--iters",
+            "2",
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "p.md"),
+        ]
+    )
     assert code == 1
     rows, _ = read_rows(out)
     wrong = next(r for r in rows if r.backend == "wrong")
@@ -162,8 +220,13 @@ def test_bench_usage_errors(capsys) -> None:
     assert main(["bench", *TINY, "--backends", "onnx-opt", "--precision", "fp16", "--batch-sizes", "1"]) == 2
     # The registry knows what each backend builds: refused before any timing, with what it does build.
     assert "onnx-opt backend builds fp32, not fp16" in " ".join(capsys.readouterr().err.split())
-    assert main(["bench", *TINY, "--backends", "compile", "--precision", "int8-static", "--batch-sizes", "1"]) == 2
-    assert "compile runner runs fp32, fp16, bf16, not int8-static" in " ".join(capsys.readouterr().err.split())
+    assert (
+        main(["bench", *TINY, "--backends", "compile", "--precision", "int8-static", "--batch-sizes", "1"])
+        == 2
+    )
+    assert "compile runner runs fp32, fp16, bf16, not int8-static" in " ".join(
+        capsys.readouterr().err.split()
+    )
     assert main(["bench", *TINY, "--precision", "fp8"]) == 2
     assert main(["bench"]) == 2
 
@@ -181,22 +244,41 @@ def test_bench_reuses_an_artifact_directory(exported, tmp_path: Path) -> None:
 
 def test_work_dir_artifacts_are_derived_once_and_reused(tmp_path: Path) -> None:
     """Export backends come from the registry: onnx-opt is derived from the work dir's ONNX export, then reused."""
-    plan = BenchPlan(("bridgetower-tiny",), backends=("onnx-opt", "onnx"), task="itm", random_weights=True,
-                     batch_sizes=(1,), warmup=0, iters=1, threads=1, work_dir=tmp_path)
+    plan = BenchPlan(
+        ("bridgetower-tiny",),
+        backends=("onnx-opt", "onnx"),
+        task="itm",
+        random_weights=True,
+        batch_sizes=(1,),
+        warmup=0,
+        iters=1,
+        threads=1,
+        work_dir=tmp_path,
+    )
     first = run_bench(plan)
     assert [r.backend for r in first] == ["eager", "onnx-opt", "onnx"] and all(r.ok for r in first)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridgetower-tiny-itm-onnx", "bridgetower-tiny-itm-onnx-opt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bridgetower-tiny-itm-onnx",
+        "bridgetower-tiny-itm-onnx-opt",
+    ]
     assert first[1].build_s > first[2].build_s > 0  # onnx-opt's build includes the export it was derived from
     second = run_bench(plan)
-    assert [r.detail.split(",")[0] for r in second[1:]] == ["reused bridgetower-tiny-itm-onnx-opt",
-                                                            "reused bridgetower-tiny-itm-onnx"]
+    assert [r.detail.split(",")[0] for r in second[1:]] == [
+        "reused bridgetower-tiny-itm-onnx-opt",
+        "reused bridgetower-tiny-itm-onnx",
+    ]
     # An artifact directory the user names: the row's backend is the manifest's.
-    rows = run_bench(BenchPlan((str(tmp_path / "bridgetower-tiny-itm-onnx-opt"),), batch_sizes=(1,), warmup=0,
-                               iters=1, threads=1))
+    rows = run_bench(
+        BenchPlan(
+            (str(tmp_path / "bridgetower-tiny-itm-onnx-opt"),), batch_sizes=(1,), warmup=0, iters=1, threads=1
+        )
+    )
     assert [(r.backend, r.ok) for r in rows] == [("eager", True), ("onnx-opt", True)]
     assert 0 < rows[1].parity["logits"]["max_abs"] <= 1e-4
 
 
 def test_plan_names_one_spelling_per_backend_and_precision() -> None:
-    plan = BenchPlan(("bridgetower-tiny",), backends=("eager", "trt", "tensorrt"), precisions=("fp32", "int8"))
+    plan = BenchPlan(
+        ("bridgetower-tiny",), backends=("eager", "trt", "tensorrt"), precisions=("fp32", "int8")
+    )
     assert plan.backends == ("eager", "tensorrt") and plan.precisions == ("fp32", "int8-static")

@@ -15,8 +15,18 @@ from vlexport.weights import load_model, resolve
 
 
 def test_caption_rows_eager_vs_onnx() -> None:
-    plan = BenchPlan(("blip-tiny",), task="caption", backends=("eager", "onnx"), batch_sizes=(2,), seq_len=5,
-                     warmup=1, iters=3, new_tokens=6, random_weights=True, device="cpu")
+    plan = BenchPlan(
+        ("blip-tiny",),
+        task="caption",
+        backends=("eager", "onnx"),
+        batch_sizes=(2,),
+        seq_len=5,
+        warmup=1,
+        iters=3,
+        new_tokens=6,
+        random_weights=True,
+        device="cpu",
+    )
     rows = run_bench(plan)
     assert [(r.backend, r.batch) for r in rows] == [("eager", 2), ("onnx", 2)]
     for r in rows:
@@ -26,12 +36,15 @@ def test_caption_rows_eager_vs_onnx() -> None:
         assert 0 < r.prefill_ms < r.latency_p50_ms and 0 < r.decode_ms_per_token < r.latency_p50_ms
         assert r.throughput == pytest.approx(r.batch * 6 / (r.latency_p50_ms / 1e3), rel=1e-3)
     assert rows[1].build_s > 0 and rows[1].speedup_vs_eager == pytest.approx(
-        rows[0].latency_p50_ms / rows[1].latency_p50_ms, rel=1e-3)
+        rows[0].latency_p50_ms / rows[1].latency_p50_ms, rel=1e-3
+    )
     # Decode is bandwidth-bound: bytes per step (weights + KV cache, the same for both at fp32) over ms/token.
     assert rows[0].work_bytes_per_step == rows[1].work_bytes_per_step > 0
     for r in rows:
         assert r.peak_kind == "memory" and r.peak_value > 0 and r.work_flops is None
-        assert r.achieved_gbps == pytest.approx(r.work_bytes_per_step / (r.decode_ms_per_token / 1e3) / 1e9, rel=1e-3)
+        assert r.achieved_gbps == pytest.approx(
+            r.work_bytes_per_step / (r.decode_ms_per_token / 1e3) / 1e9, rel=1e-3
+        )
         assert r.peak_fraction == pytest.approx(r.achieved_gbps / r.peak_value, rel=1e-3)
 
 
@@ -59,7 +72,17 @@ def test_stamps_and_token_parity() -> None:
 
 
 def test_compile_runner_refuses_generation() -> None:
-    plan = BenchPlan(("blip-tiny",), task="caption", backends=("compile",), batch_sizes=(1,), seq_len=5, warmup=0,
-                     iters=1, new_tokens=2, random_weights=True, device="cpu")
+    plan = BenchPlan(
+        ("blip-tiny",),
+        task="caption",
+        backends=("compile",),
+        batch_sizes=(1,),
+        seq_len=5,
+        warmup=0,
+        iters=1,
+        new_tokens=2,
+        random_weights=True,
+        device="cpu",
+    )
     with pytest.raises(UsageError, match="compile runner benchmarks encoder tasks"):
         run_bench(plan)

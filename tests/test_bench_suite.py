@@ -47,13 +47,18 @@ def test_suite_loading(tmp_path: Path) -> None:
     (plan,) = load_suite("ci-cpu", SUITES, threads=None, device="cpu")
     assert plan.models == ("bridgetower-tiny",) and plan.backends == ("eager", "onnx") and plan.threads == 1
     assert {p.models[0] for p in load_suite("gpu", SUITES)} == {
-        "bridgetower-base-itm-mlm", "blip-image-captioning-base", "blip2-opt-2.7b"}
+        "bridgetower-base-itm-mlm",
+        "blip-image-captioning-base",
+        "blip2-opt-2.7b",
+    }
     bad = tmp_path / "s.toml"
     bad.write_text('[[x]]\nmodels = ["bridgetower-tiny"]\nbatch = 3\n')
     with pytest.raises(UsageError, match="unknown key"):
         load_suite("x", bad)
     with pytest.raises(UsageError, match="No suite 'y'"):
         load_suite("y", bad)
-    bad.write_text('[[x]]\nmodels = "bridgetower-tiny"\n')  # a string, not a list: would be read letter by letter
+    bad.write_text(
+        '[[x]]\nmodels = "bridgetower-tiny"\n'
+    )  # a string, not a list: would be read letter by letter
     with pytest.raises(UsageError, match="case 1: models must be a list of strings"):
         load_suite("x", bad)

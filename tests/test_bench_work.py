@@ -58,8 +58,13 @@ def tiny_itm():
 
 def test_model_flops_are_linear_in_batch_and_match_a_real_forward(tiny_itm) -> None:
     model, task, components = tiny_itm
-    work = {b: encoder_work(model, components, task.make_inputs(model.config, InputShape(b, 16), 0)) for b in (1, 4)}
-    assert work[1].flops > 0 and work[4].flops == 4 * work[1].flops  # every matmul of the model scales with batch
+    work = {
+        b: encoder_work(model, components, task.make_inputs(model.config, InputShape(b, 16), 0))
+        for b in (1, 4)
+    }
+    assert (
+        work[1].flops > 0 and work[4].flops == 4 * work[1].flops
+    )  # every matmul of the model scales with batch
     assert set(work[1].flops_by_component) == {c.name for c in components}
     inputs = task.make_inputs(model.config, InputShape(2, 16), 0)
     spec = components[0]
@@ -86,8 +91,9 @@ def _toy_decoder(tied: bool) -> tuple[nn.Module, ComponentSpec]:
             return (self.head(self.mid(self.emb(ids))), k)
 
     toy = Toy()
-    spec = ComponentSpec("decoder", ("input_ids", "past_key_values.0.key"), ("logits", "present.0.key"), {},
-                         build=lambda m: m)
+    spec = ComponentSpec(
+        "decoder", ("input_ids", "past_key_values.0.key"), ("logits", "present.0.key"), {}, build=lambda m: m
+    )
     return toy, spec
 
 
@@ -114,8 +120,11 @@ def test_decode_bytes_of_a_real_decoder_follow_its_cache_layout() -> None:
     cross = text.num_hidden_layers * 2 * batch * text.hidden_size * image_tokens
     assert shape.kv_elements == pytest.approx(per_position * (prompt + new / 2) + cross)
     decoder_params = sum(p.numel() for p in model.text_decoder.parameters())
-    assert 0.5 * decoder_params < shape.weight_elements <= decoder_params + sum(
-        b.numel() for b in model.text_decoder.buffers() if b.is_floating_point())
+    assert (
+        0.5 * decoder_params
+        < shape.weight_elements
+        <= decoder_params + sum(b.numel() for b in model.text_decoder.buffers() if b.is_floating_point())
+    )
     fp32 = step_bytes(shape, weight_bytes=4, activation_bytes=4)
     assert fp32 == 4 * (shape.weight_elements + shape.kv_elements)
     assert step_bytes(shape, weight_bytes=1, activation_bytes=4) < fp32 / 2  # int8 weights
@@ -141,8 +150,14 @@ def test_machine_peaks_are_cached_and_a_second_look_keeps_the_best(monkeypatch) 
     def fake(device: str, threads: int, budget_s: float) -> peaks_mod.Peaks:
         calls.append(device)
         value = 10.0 if len(calls) == 1 else 5.0
-        return peaks_mod.Peaks(device, threads, {"fp32-gemm": peaks_mod.Peak("fp32-gemm", value, "GFLOP/s", "x"),
-                                                 "memory": peaks_mod.Peak("memory", value * len(calls), "GB/s", "y")})
+        return peaks_mod.Peaks(
+            device,
+            threads,
+            {
+                "fp32-gemm": peaks_mod.Peak("fp32-gemm", value, "GFLOP/s", "x"),
+                "memory": peaks_mod.Peak("memory", value * len(calls), "GB/s", "y"),
+            },
+        )
 
     monkeypatch.setattr(peaks_mod, "_CACHE", {})
     monkeypatch.setattr(peaks_mod, "measure_peaks", fake)
@@ -157,24 +172,48 @@ def test_peak_kind_per_precision() -> None:
     def kind(name: str, generative: bool = False) -> str:
         return peak_kind(get_precision(name), generative)
 
-    assert kind("fp32") == "fp32-gemm" and kind("int8-dynamic") == "int8-gemm" and kind("int8-static") == "int8-gemm"
+    assert (
+        kind("fp32") == "fp32-gemm"
+        and kind("int8-dynamic") == "int8-gemm"
+        and kind("int8-static") == "int8-gemm"
+    )
     assert kind("fp16") == "fp16-gemm" and kind("bf16") == "bf16-gemm"
     assert kind("int8-weight") == "fp32-gemm"  # weight-only: the matmuls run in float
     assert kind("int8-dynamic", True) == "memory"  # decode steps are bandwidth-bound
 
 
 def _row(backend: str, precision: str, p50: float, **kw) -> BenchRow:
-    return BenchRow(model="m", task="itm", backend=backend, precision=precision, batch=2, seq_len=16, image_size=64,
-                    device="cpu-a", latency_p50_ms=p50, **kw)
+    return BenchRow(
+        model="m",
+        task="itm",
+        backend=backend,
+        precision=precision,
+        batch=2,
+        seq_len=16,
+        image_size=64,
+        device="cpu-a",
+        latency_p50_ms=p50,
+        **kw,
+    )
 
 
 def test_fractions_are_achieved_over_peak() -> None:
-    rows = [_row("eager", "fp32", 100.0, work_flops=20e9, peak_kind="fp32-gemm", peak_value=400.0),
-            _row("onnx", "int8-dynamic", 25.0, work_flops=20e9, peak_kind="int8-gemm", peak_value=1600.0),
-            _row("onnx", "fp16", 50.0, work_flops=20e9, peak_kind="fp16-gemm", peak_value=None),
-            _row("eager", "fp32", 80.0, new_tokens=8, decode_ms_per_token=10.0, work_bytes_per_step=2e9,
-                 peak_kind="memory", peak_value=40.0),
-            _row("onnx", "fp32", 10.0, work_flops=20e9, peak_kind="fp32-gemm", peak_value=400.0, status="error")]
+    rows = [
+        _row("eager", "fp32", 100.0, work_flops=20e9, peak_kind="fp32-gemm", peak_value=400.0),
+        _row("onnx", "int8-dynamic", 25.0, work_flops=20e9, peak_kind="int8-gemm", peak_value=1600.0),
+        _row("onnx", "fp16", 50.0, work_flops=20e9, peak_kind="fp16-gemm", peak_value=None),
+        _row(
+            "eager",
+            "fp32",
+            80.0,
+            new_tokens=8,
+            decode_ms_per_token=10.0,
+            work_bytes_per_step=2e9,
+            peak_kind="memory",
+            peak_value=40.0,
+        ),
+        _row("onnx", "fp32", 10.0, work_flops=20e9, peak_kind="fp32-gemm", peak_value=400.0, status="error"),
+    ]
     fill_peak_fractions(rows)
     assert rows[0].achieved_gflops == 200.0 and rows[0].peak_fraction == 0.5
     assert rows[1].achieved_gflops == 800.0 and rows[1].peak_fraction == 0.5
@@ -184,8 +223,11 @@ def test_fractions_are_achieved_over_peak() -> None:
 
 
 def test_committed_results_still_load_and_gate(tmp_path: Path) -> None:
-    files = sorted(p for p in RESULTS.glob("*.json") if json.loads(p.read_text()).get("schema", "").startswith(
-        "vlexport-bench/"))
+    files = sorted(
+        p
+        for p in RESULTS.glob("*.json")
+        if json.loads(p.read_text()).get("schema", "").startswith("vlexport-bench/")
+    )
     assert files, RESULTS
     for path in files:
         rows, meta = read_rows(path)
@@ -193,8 +235,10 @@ def test_committed_results_still_load_and_gate(tmp_path: Path) -> None:
         assert not compare(rows, rows).failed, path
     # A schema-1 baseline against a current file that carries the new fields: the gate judges ratios as before.
     base, _ = read_rows(RESULTS / "cpu-ci.json")
-    current = [BenchRow(**{**r.__dict__, "work_flops": 1e9, "peak_kind": "fp32-gemm", "peak_value": 100.0})
-               for r in base]
+    current = [
+        BenchRow(**{**r.__dict__, "work_flops": 1e9, "peak_kind": "fp32-gemm", "peak_value": 100.0})
+        for r in base
+    ]
     fill_speedups(current)
     fill_peak_fractions(current)
     write_rows(tmp_path / "now.json", current, peaks=[{"device": "cpu"}])

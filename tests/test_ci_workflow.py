@@ -40,9 +40,15 @@ def _steps() -> tuple[dict, list[dict]]:
 
 def _run_step(step: dict, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     # GitHub's `shell: bash` default: bash --noprofile --norc -eo pipefail {0}
-    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], check=False,
-                          cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_workflow_declares_the_bench_gate_and_uploads_reports() -> None:
@@ -64,13 +70,19 @@ def test_workflow_run_steps_in_a_scratch_repository(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     bin_dir = tmp_path / "bin"  # `vlexport` on PATH as the install step would put it, from this checkout
     bin_dir.mkdir()
-    (bin_dir / "vlexport").write_text(f"#!/bin/sh\nexec {sys.executable} -m vlexport.cli \"$@\"\n")
+    (bin_dir / "vlexport").write_text(f'#!/bin/sh\nexec {sys.executable} -m vlexport.cli "$@"\n')
     (bin_dir / "vlexport").chmod(0o755)
     summary = tmp_path / "summary.md"
-    env = {**os.environ, **{k: str(v) for k, v in env_block.items()}, "GITHUB_STEP_SUMMARY": str(summary),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])}
-    run_steps = [s for s in steps if "run" in s and s.get("id") != "install"]  # installing: this checkout is used
+    env = {
+        **os.environ,
+        **{k: str(v) for k, v in env_block.items()},
+        "GITHUB_STEP_SUMMARY": str(summary),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]),
+    }
+    run_steps = [
+        s for s in steps if "run" in s and s.get("id") != "install"
+    ]  # installing: this checkout is used
     names = [s["name"] for s in run_steps]
     assert names == ["Benchmark", "Gate against the committed baseline (ratios only)", "Job summary"]
     bench, gate, summary_step = run_steps
@@ -87,8 +99,10 @@ def test_workflow_run_steps_in_a_scratch_repository(tmp_path: Path) -> None:
     baseline = repo / env_block["VLEXPORT_BASELINE"]
     baseline.write_text((out / "current.json").read_text())
     subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"],
-                   check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"],
+        check=True,
+    )
     done = _run_step(gate, repo, env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no regressions" in (out / "regress.txt").read_text()

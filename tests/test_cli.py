@@ -128,8 +128,21 @@ def test_export_then_validate(capsys, tmp_path: Path) -> None:
 
 def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "vlexport.cli", "onnx", "bridgetower-tiny", "--random-weights",
-                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlexport.cli",
+            "onnx",
+            "bridgetower-tiny",
+            "--random-weights",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".o.*.partial")):
         time.sleep(0.05)

@@ -27,7 +27,9 @@ ONE_WORKER = pytest.mark.xdist_group("aoti-bridgetower-itm")
 
 @pytest.fixture
 def package(exported) -> Path:
-    return exported("bridgetower-tiny", "itm", backend="aoti")  # what `vlexport compile ... --task itm` builds
+    return exported(
+        "bridgetower-tiny", "itm", backend="aoti"
+    )  # what `vlexport compile ... --task itm` builds
 
 
 @ONE_WORKER
@@ -41,8 +43,12 @@ def test_compile_manifest_and_validation(package: Path) -> None:
     assert comp["file"] == "model.pt2" and (package / "model.pt2").stat().st_size == comp["size_bytes"]
     shapes = {t["name"]: t["shape"] for t in comp["inputs"]}
     # The ONNX spec's dynamic axes, under the same names.
-    assert shapes == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"],
-                      "pixel_values": ["batch", 3, 64, 64], "pixel_mask": ["batch", 64, 64]}
+    assert shapes == {
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+        "pixel_values": ["batch", 3, 64, 64],
+        "pixel_mask": ["batch", 64, 64],
+    }
     assert comp["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}]
     assert manifest["timings"]["export"] > 0
 
@@ -80,7 +86,9 @@ def test_compile_usage_errors(tmp_path: Path, capsys) -> None:
     # CPU GEMM templates need the weights as constants: without freezing max-autotune changes no matmul
     assert inductor_configs("max-autotune", "cpu")["freezing"] is True
     if not torch.cuda.is_available():
-        code = main(["compile", "bridgetower-tiny", "--random-weights", "--device", "cuda", "-o", str(tmp_path / "x")])
+        code = main(
+            ["compile", "bridgetower-tiny", "--random-weights", "--device", "cuda", "-o", str(tmp_path / "x")]
+        )
         assert code == 2 and "CUDA" in capsys.readouterr().err
         assert not (tmp_path / "x").exists()  # nothing half-written
 
@@ -111,9 +119,11 @@ def test_with_axis_limits_bounds_token_axes_only() -> None:
 def test_compile_errors_name_the_cause_not_the_compiler(monkeypatch) -> None:
     from vlexport.export import aoti
 
-    err = RuntimeError("Constraints violated (sequence)! For more information, run with TORCH_LOGS=\"+dynamic\".\n"
-                       "  - Not all values of sequence satisfy the generated guard sequence <= 64\n"
-                       "Suggested fixes:\n  sequence = Dim('sequence', max=64)\n")
+    err = RuntimeError(
+        'Constraints violated (sequence)! For more information, run with TORCH_LOGS="+dynamic".\n'
+        "  - Not all values of sequence satisfy the generated guard sequence <= 64\n"
+        "Suggested fixes:\n  sequence = Dim('sequence', max=64)\n"
+    )
     text = aoti.explain_compile_error(err)
     assert "guard sequence <= 64" in text and "Dim('sequence', max=64)" in text and "compiler" not in text
     monkeypatch.setenv("CXX", "no-such-compiler-here")

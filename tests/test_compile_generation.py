@@ -39,7 +39,9 @@ def _checked(directory: Path) -> dict:
     assert decoder["attention_mask"]["shape"] == ["batch", MAX_LENGTH]  # a mask over the static slots
     cache = [t for n, t in decoder.items() if n.startswith("cache.")]
     assert cache and all(t["shape"][0] == "batch" and t["shape"][2] == MAX_LENGTH for t in cache)
-    assert [t["name"] for t in manifest["components"]["decoder"]["outputs"]] == ["logits"]  # caches updated in place
+    assert [t["name"] for t in manifest["components"]["decoder"]["outputs"]] == [
+        "logits"
+    ]  # caches updated in place
     gen = manifest["validation"]["generation"]
     assert manifest["validation"]["passed"] and gen["tokens_equal"] and gen["new_tokens_compared"] >= 150
     assert gen["distinct_reference_tokens"] > 1  # the tokens check something
@@ -68,7 +70,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_caption_package_validates_and_runs(caption: Path, image: Path, capsys) -> None:
     manifest = _checked(caption)
     assert manifest["backend"] == "aoti" and {c["file"] for c in manifest["components"].values()} == {
-        "vision_encoder.pt2", "decoder.pt2"}
+        "vision_encoder.pt2",
+        "decoder.pt2",
+    }
     assert main(["validate", str(caption)]) == 0  # tokens vs HF generate() again, from the directory alone
     capsys.readouterr()
     assert main(["run", str(caption), "--image", str(image), "--ids", "--max-new-tokens", "5"]) == 0
@@ -85,8 +89,9 @@ def test_caption_package_validates_and_runs(caption: Path, image: Path, capsys) 
 def test_bench_times_the_compiled_loop_with_token_parity(caption: Path) -> None:
     from vlexport.bench import BenchPlan, run_bench
 
-    rows = run_bench(BenchPlan((str(caption),), batch_sizes=(2,), seq_len=5, warmup=1, iters=2, new_tokens=6,
-                               device="cpu"))
+    rows = run_bench(
+        BenchPlan((str(caption),), batch_sizes=(2,), seq_len=5, warmup=1, iters=2, new_tokens=6, device="cpu")
+    )
     assert [(r.backend, r.batch) for r in rows] == [("eager", 2), ("aoti", 2)]
     aoti = rows[1]
     assert aoti.ok and aoti.parity["tokens"]["agreement"] == 1.0 and aoti.new_tokens == 6
@@ -120,7 +125,9 @@ def test_cuda_package_without_a_gpu_is_a_usage_error(tmp_path: Path) -> None:
         pytest.skip("a GPU is present")
     fake = tmp_path / "decoder.pt2"
     with zipfile.ZipFile(fake, "w") as z:
-        z.writestr("decoder/data/aotinductor/model/x.wrapper_metadata.json", json.dumps({"AOTI_DEVICE_KEY": "cuda"}))
+        z.writestr(
+            "decoder/data/aotinductor/model/x.wrapper_metadata.json", json.dumps({"AOTI_DEVICE_KEY": "cuda"})
+        )
     with pytest.raises(UsageError, match="compiled for CUDA"):
         AotiComponent(fake)
 
@@ -150,13 +157,21 @@ print(json.dumps(out))
 @ONE_WORKER
 def test_package_generates_in_a_process_without_transformers(caption: Path, tmp_path: Path) -> None:
     source = resolve("blip-tiny", random_weights=True)
-    pixels = source.family.task("caption").make_inputs(source.config, InputShape(2, 0), 3)["pixel_values"].numpy()
+    pixels = (
+        source.family.task("caption").make_inputs(source.config, InputShape(2, 0), 3)["pixel_values"].numpy()
+    )
     np.savez(tmp_path / "x.npz", pixel_values=pixels)  # two images, no text prompt
     generator = Generator(load_artifact(caption))
     here = [generator.generate(pixels, max_new_tokens=6, num_beams=k).sequences.tolist() for k in (1, 2)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", _FRESH, str(caption), str(tmp_path / "x.npz")],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(caption), str(tmp_path / "x.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == here  # greedy and beam, token for token
 
@@ -168,5 +183,8 @@ def test_compile_options_are_checked_before_any_work(tmp_path: Path, capsys) -> 
     assert main([*base, "--max-length", "8"]) == 2 and "--max-length must be" in capsys.readouterr().err
     assert main([*base, "--max-batch", "0"]) == 2 and "--max-batch must be" in capsys.readouterr().err
     if importlib.util.find_spec("torchao") is None:
-        assert main([*base, "--precision", "int8-weight"]) == 2 and "pip install torchao" in capsys.readouterr().err
+        assert (
+            main([*base, "--precision", "int8-weight"]) == 2
+            and "pip install torchao" in capsys.readouterr().err
+        )
     assert not (tmp_path / "x").exists()

@@ -37,7 +37,9 @@ class _Eager:
             return self.module(*tensors)
 
     def __call__(self, feeds):
-        outs = self.call_tensors(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names))
+        outs = self.call_tensors(
+            *(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names)
+        )
         return {n: o.numpy() for n, o in zip(self.output_names, outs)}
 
 
@@ -50,19 +52,43 @@ def _generator(model, task, static: bool) -> Generator:
         if static and isinstance(module, CachedDecoder):
             module, spec, example = static_decoder(module, spec, example, max_length=MAX_LENGTH, max_batch=8)
         components[spec.name] = _Eager(module, spec.inputs, spec.outputs)
-        specs[spec.name] = Component(spec.name, spec.name, [
-            TensorSpec(n, str(example[n].dtype).removeprefix("torch."),
-                       [spec.dynamic_axes.get(n, {}).get(i, d) for i, d in enumerate(example[n].shape)])
-            for n in spec.inputs], [TensorSpec(n, "float32", []) for n in spec.outputs])
-    manifest = types.SimpleNamespace(components=specs, precision="fp32", task=task.name, family="", image_size=None,
-                                     generation=task.generation(model.config).settings(model))
-    return Generator(types.SimpleNamespace(task_spec=task, manifest=manifest, components=components, directory="-"),
-                     config=model.config)
+        specs[spec.name] = Component(
+            spec.name,
+            spec.name,
+            [
+                TensorSpec(
+                    n,
+                    str(example[n].dtype).removeprefix("torch."),
+                    [spec.dynamic_axes.get(n, {}).get(i, d) for i, d in enumerate(example[n].shape)],
+                )
+                for n in spec.inputs
+            ],
+            [TensorSpec(n, "float32", []) for n in spec.outputs],
+        )
+    manifest = types.SimpleNamespace(
+        components=specs,
+        precision="fp32",
+        task=task.name,
+        family="",
+        image_size=None,
+        generation=task.generation(model.config).settings(model),
+    )
+    return Generator(
+        types.SimpleNamespace(task_spec=task, manifest=manifest, components=components, directory="-"),
+        config=model.config,
+    )
 
 
-@pytest.mark.parametrize(("preset", "task"), [("blip-tiny", "caption"), ("blip-tiny", "vqa"),
-                                              ("blip2-opt-tiny", "generate"), ("blip2-flan-t5-tiny", "generate")],
-                         ids=["caption", "vqa", "blip2-opt", "blip2-t5"])
+@pytest.mark.parametrize(
+    ("preset", "task"),
+    [
+        ("blip-tiny", "caption"),
+        ("blip-tiny", "vqa"),
+        ("blip2-opt-tiny", "generate"),
+        ("blip2-flan-t5-tiny", "generate"),
+    ],
+    ids=["caption", "vqa", "blip2-opt", "blip2-t5"],
+)
 def test_static_cache_decoder_matches_the_dynamic_one(preset: str, task: str) -> None:
     source = resolve(preset, random_weights=True)
     model = load_model(source, task)

@@ -19,7 +19,10 @@ from vlexport.runtime.components import import_tensorrt
 
 
 def test_parse_shapes() -> None:
-    assert parse_shapes("batch=1:8:32, sequence=4") == {"batch": AxisRange(1, 8, 32), "sequence": AxisRange(4, 4, 4)}
+    assert parse_shapes("batch=1:8:32, sequence=4") == {
+        "batch": AxisRange(1, 8, 32),
+        "sequence": AxisRange(4, 4, 4),
+    }
     for bad in ("batch=8:1:32", "batch=1:x:3", "=1:2:3", "batch=0:1:2"):
         with pytest.raises(UsageError, match="--shapes"):
             parse_shapes(bad)
@@ -30,11 +33,16 @@ def test_parse_shapes() -> None:
 
 
 def test_profile_shapes_fill_dynamic_axes_by_name() -> None:
-    comp = Component("model", "model.onnx",
-                     inputs=[TensorSpec("input_ids", "int64", ["batch", "sequence"]),
-                             TensorSpec("pixel_values", "float32", ["batch", 3, 64, 64]),
-                             TensorSpec("past", "float32", ["batch", 4, "past_sequence", 8])],
-                     outputs=[])
+    comp = Component(
+        "model",
+        "model.onnx",
+        inputs=[
+            TensorSpec("input_ids", "int64", ["batch", "sequence"]),
+            TensorSpec("pixel_values", "float32", ["batch", 3, 64, 64]),
+            TensorSpec("past", "float32", ["batch", 4, "past_sequence", 8]),
+        ],
+        outputs=[],
+    )
     shapes = profile_shapes(comp, parse_shapes("batch=1:8:32,sequence=1:16:64"))
     assert shapes["input_ids"] == ((1, 1), (8, 16), (32, 64))
     assert shapes["pixel_values"] == ((1, 3, 64, 64), (8, 3, 64, 64), (32, 3, 64, 64))
@@ -81,8 +89,22 @@ needs_trt = pytest.mark.skipif(not _have_tensorrt(), reason="needs TensorRT 10 a
 @needs_trt
 def test_trt_engine_validates(tmp_path: Path) -> None:
     out = tmp_path / "trt"
-    assert main(["tensorrt", "bridgetower-tiny", "--random-weights", "--task", "itm", "-o", str(out),
-                 "--shapes", "batch=1:4:8,sequence=1:16:32"]) == 0
+    assert (
+        main(
+            [
+                "tensorrt",
+                "bridgetower-tiny",
+                "--random-weights",
+                "--task",
+                "itm",
+                "-o",
+                str(out),
+                "--shapes",
+                "batch=1:4:8,sequence=1:16:32",
+            ]
+        )
+        == 0
+    )
     import json
 
     manifest = json.loads((out / "manifest.json").read_text())

@@ -65,13 +65,22 @@ def test_greedy_pads_finished_rows_and_stops_when_all_are_done() -> None:
     out = greedy_search(step, np.array([[1], [2]]), GREEDY, max_new_tokens=10)
     # Row 1 reaches eos a step earlier and continues with pad, as HF does; then every row is done.
     np.testing.assert_array_equal(out.sequences, [[1, 2, 3, 4], [2, 3, 4, 0]])
-    assert step.fed == [[2, 3], [3, 4]]  # the finished row's eos is fed like any token; no step after the last
+    assert step.fed == [
+        [2, 3],
+        [3, 4],
+    ]  # the finished row's eos is fed like any token; no step after the last
     assert out.logits == [] and out.beam_margins == []
 
 
 def test_greedy_min_new_tokens_suppresses_eos_and_max_new_tokens_stops() -> None:
-    out = greedy_search(ScriptedStep(_count_up), np.array([[1], [2]]), GREEDY, max_new_tokens=5, min_new_tokens=4,
-                        output_logits=True)
+    out = greedy_search(
+        ScriptedStep(_count_up),
+        np.array([[1], [2]]),
+        GREEDY,
+        max_new_tokens=5,
+        min_new_tokens=4,
+        output_logits=True,
+    )
     # eos (4) is -inf for the first 4 new tokens: argmax falls to token 0 (the first of the tied zeros).
     np.testing.assert_array_equal(out.sequences, [[1, 2, 3, 0, 1, 2], [2, 3, 0, 1, 2, 3]])
     assert len(out.logits) == 5 and all(x.dtype == np.float32 and x.shape == (2, 5) for x in out.logits)
@@ -89,36 +98,44 @@ BEAM = SearchSettings(eos_token_id=(3,), pad_token_id=0)
 
 def test_beam_search_finds_the_better_hypothesis_greedy_misses() -> None:
     prompt = np.array([[0]])
-    np.testing.assert_array_equal(greedy_search(ScriptedStep(_detour), prompt, BEAM, max_new_tokens=2).sequences,
-                                  [[0, 1, 0]])
+    np.testing.assert_array_equal(
+        greedy_search(ScriptedStep(_detour), prompt, BEAM, max_new_tokens=2).sequences, [[0, 1, 0]]
+    )
     step = ScriptedStep(_detour)
     out = beam_search(step, prompt, BEAM, num_beams=2, max_new_tokens=2, output_logits=True)
     np.testing.assert_array_equal(out.sequences, [[0, 2, 3]])
     assert step.fed == [[1, 2]]  # both rows continue from beam 0 (reorder), with the two best first tokens
     assert [x.shape for x in out.logits] == [(2, 4), (2, 4)] and len(out.beam_margins) == 2
     # search() picks the strategy as generate(do_sample=False) does.
-    np.testing.assert_array_equal(search(ScriptedStep(_detour), prompt, BEAM, num_beams=2, max_new_tokens=2).sequences,
-                                  out.sequences)
+    np.testing.assert_array_equal(
+        search(ScriptedStep(_detour), prompt, BEAM, num_beams=2, max_new_tokens=2).sequences, out.sequences
+    )
 
 
 def test_beam_margins_report_a_near_tie_of_the_ranked_candidates() -> None:
     def tied(row: tuple[int, ...]) -> np.ndarray:
         return np.log(np.array([0.1, 0.35, 0.35 * (1 + 1e-7), 0.2], np.float32))
 
-    out = beam_search(ScriptedStep(tied), np.array([[0]]), BEAM, num_beams=2, max_new_tokens=1, output_logits=True)
+    out = beam_search(
+        ScriptedStep(tied), np.array([[0]]), BEAM, num_beams=2, max_new_tokens=1, output_logits=True
+    )
     assert out.beam_margins[0].shape == (1,) and out.beam_margins[0][0] < 1e-6
+
     def apart(row: tuple[int, ...]) -> np.ndarray:
         return np.log(np.array([0.05, 0.5, 0.3, 0.15], np.float32))
 
-    out = beam_search(ScriptedStep(apart), np.array([[0]]), BEAM, num_beams=2, max_new_tokens=1, output_logits=True)
+    out = beam_search(
+        ScriptedStep(apart), np.array([[0]]), BEAM, num_beams=2, max_new_tokens=1, output_logits=True
+    )
     assert abs(out.beam_margins[0][0] - np.log(0.5 / 0.3)) < 1e-5  # the closest pair: .5 vs .3
 
 
 def test_fp16_logits_are_upcast_before_ranking() -> None:
     prompt = np.array([[0]])
     ref = beam_search(ScriptedStep(_detour), prompt, BEAM, num_beams=2, max_new_tokens=2, output_logits=True)
-    half = beam_search(ScriptedStep(_detour, np.float16), prompt, BEAM, num_beams=2, max_new_tokens=2,
-                       output_logits=True)
+    half = beam_search(
+        ScriptedStep(_detour, np.float16), prompt, BEAM, num_beams=2, max_new_tokens=2, output_logits=True
+    )
     np.testing.assert_array_equal(half.sequences, ref.sequences)
     assert all(x.dtype == np.float32 for x in half.logits)
 
@@ -134,8 +151,13 @@ class TorchStep:
 
     def _run(self, ids: np.ndarray, pos: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            out = self.model(input_ids=torch.from_numpy(ids), attention_mask=self.mask, position_ids=pos,
-                             cache=self.cache, use_cache=True)
+            out = self.model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=self.mask,
+                position_ids=pos,
+                cache=self.cache,
+                use_cache=True,
+            )
         self.cache, self.pos = out.cache, pos[:, -1:]
         return out.logits[:, -1].float().numpy()
 
@@ -157,17 +179,38 @@ def test_strategies_generate_what_hf_generate_does_on_a_tiny_lm(num_beams: int) 
 
     torch.manual_seed(0)
     # A wide init: peaked distributions, so the comparison is about the search, not about float ties.
-    config = GPT2Config(vocab_size=48, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=48,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = np.array([[0, 0, 1, 7, 9], [1, 5, 11, 3, 8]], dtype=np.int64)  # row 0 left-padded
     mask = (ids != 0).astype(np.int64)
     settings = SearchSettings(eos_token_id=(2,), pad_token_id=0)
     with torch.no_grad():
-        ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=12, num_beams=num_beams, do_sample=False, min_new_tokens=3).numpy()
-    got = search(TorchStep(model, mask, num_beams), ids, settings, num_beams=num_beams, max_new_tokens=12,
-                 min_new_tokens=3)
+        ref = model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=12,
+            num_beams=num_beams,
+            do_sample=False,
+            min_new_tokens=3,
+        ).numpy()
+    got = search(
+        TorchStep(model, mask, num_beams),
+        ids,
+        settings,
+        num_beams=num_beams,
+        max_new_tokens=12,
+        min_new_tokens=3,
+    )
     np.testing.assert_array_equal(got.sequences, ref)
 
 
@@ -200,42 +243,83 @@ def _decoder(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     logits = np.zeros((*ids.shape, VOCAB), np.float16)
     np.put_along_axis(logits, ((pos + 2) % VOCAB)[..., None], 4.0, axis=-1)
     new = np.zeros((ids.shape[0], HEADS, ids.shape[1], HEAD_DIM), np.float16)
-    return {"logits": logits, **{f"present.0.{k}": np.concatenate([x[f"past_key_values.0.{k}"], new], axis=2)
-                                 for k in ("key", "value")}}
+    return {
+        "logits": logits,
+        **{
+            f"present.0.{k}": np.concatenate([x[f"past_key_values.0.{k}"], new], axis=2)
+            for k in ("key", "value")
+        },
+    }
 
 
 def _fake_fp16_artifact(dtype: str = "float16") -> SimpleNamespace:
-    past = [TensorSpec(f"past_key_values.0.{k}", dtype, ["batch", HEADS, "past_sequence", HEAD_DIM])
-            for k in ("key", "value")]
-    vision = Component("vision", "vision.bin", [TensorSpec("pixel_values", dtype, ["batch", 3, 4, 4])],
-                       [TensorSpec("encoder_hidden_states", dtype, ["batch", 3, WIDTH])])
-    decoder = Component("decoder", "decoder.bin",
-                        [TensorSpec("input_ids", "int64", ["batch", "sequence"]),
-                         TensorSpec("attention_mask", "int64", ["batch", "total_sequence"]),
-                         TensorSpec("position_ids", "int64", ["batch", "sequence"]),
-                         TensorSpec("encoder_hidden_states", dtype, ["batch", 3, WIDTH]), *past],
-                        [TensorSpec("logits", dtype, ["batch", "sequence", VOCAB]),
-                         *(TensorSpec(t.name.replace("past_key_values.", "present."), dtype, t.shape) for t in past)])
-    prompt = GenerationRecipe(("vision", lambda env, s: {"decoder_input_ids": np.full(
-        (env["pixel_values"].shape[0], 1), s["bos_token_id"], np.int64)}), settings=lambda model: {})
-    manifest = Manifest(family="fake", task="caption", hf_class="-", backend="aoti", precision="fp16", source={},
-                        weights={}, components={"vision": vision, "decoder": decoder}, image_size=4,
-                        generation={"eos_token_id": [5], "pad_token_id": 0, "bos_token_id": 1})
+    past = [
+        TensorSpec(f"past_key_values.0.{k}", dtype, ["batch", HEADS, "past_sequence", HEAD_DIM])
+        for k in ("key", "value")
+    ]
+    vision = Component(
+        "vision",
+        "vision.bin",
+        [TensorSpec("pixel_values", dtype, ["batch", 3, 4, 4])],
+        [TensorSpec("encoder_hidden_states", dtype, ["batch", 3, WIDTH])],
+    )
+    decoder = Component(
+        "decoder",
+        "decoder.bin",
+        [
+            TensorSpec("input_ids", "int64", ["batch", "sequence"]),
+            TensorSpec("attention_mask", "int64", ["batch", "total_sequence"]),
+            TensorSpec("position_ids", "int64", ["batch", "sequence"]),
+            TensorSpec("encoder_hidden_states", dtype, ["batch", 3, WIDTH]),
+            *past,
+        ],
+        [
+            TensorSpec("logits", dtype, ["batch", "sequence", VOCAB]),
+            *(TensorSpec(t.name.replace("past_key_values.", "present."), dtype, t.shape) for t in past),
+        ],
+    )
+    prompt = GenerationRecipe(
+        (
+            "vision",
+            lambda env, s: {
+                "decoder_input_ids": np.full((env["pixel_values"].shape[0], 1), s["bos_token_id"], np.int64)
+            },
+        ),
+        settings=lambda model: {},
+    )
+    manifest = Manifest(
+        family="fake",
+        task="caption",
+        hf_class="-",
+        backend="aoti",
+        precision="fp16",
+        source={},
+        weights={},
+        components={"vision": vision, "decoder": decoder},
+        image_size=4,
+        generation={"eos_token_id": [5], "pad_token_id": 0, "bos_token_id": 1},
+    )
     components = {"vision": FakeComponent(vision, _vision), "decoder": FakeComponent(decoder, _decoder)}
     task = SimpleNamespace(generative=True, generation=lambda config: prompt)
-    return SimpleNamespace(directory="fake-artifact", manifest=manifest, task_spec=task, components=components)
+    return SimpleNamespace(
+        directory="fake-artifact", manifest=manifest, task_spec=task, components=components
+    )
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_fp16_declared_graphs_get_fp16_feeds(num_beams: int) -> None:
     artifact = _fake_fp16_artifact()
     gen = Generator(artifact, config=object())
-    out = gen.generate(np.zeros((2, 3, 4, 4), np.float32), max_new_tokens=6, num_beams=num_beams, output_logits=True)
+    out = gen.generate(
+        np.zeros((2, 3, 4, 4), np.float32), max_new_tokens=6, num_beams=num_beams, output_logits=True
+    )
     # Positions 0, 1, 2, 3 -> tokens 2, 3, 4, 5 (eos); the bos prompt at position 0.
     np.testing.assert_array_equal(out.sequences, [[1, 2, 3, 4, 5]] * 2)
     assert artifact.components["vision"].fed[0]["pixel_values"] == np.float16
     fed = artifact.components["decoder"].fed
-    assert len(fed) >= 4 and all(f["encoder_hidden_states"] == np.float16 for f in fed)  # beams go on past eos
+    assert len(fed) >= 4 and all(
+        f["encoder_hidden_states"] == np.float16 for f in fed
+    )  # beams go on past eos
     assert all(f["past_key_values.0.key"] == np.float16 and f["input_ids"] == np.int64 for f in fed)
     assert all(x.dtype == np.float32 for x in out.logits)  # upcast before argmax / log-softmax
 
@@ -245,7 +329,8 @@ def test_empty_past_takes_the_declared_dtype_and_shape_from_the_manifest() -> No
     session = DecoderSession(artifact.components["decoder"], artifact.manifest.components["decoder"])
     past = session.empty_past(3)
     assert {k: (v.dtype, v.shape) for k, v in past.items()} == {
-        f"past_key_values.0.{k}": (np.float16, (3, HEADS, 0, HEAD_DIM)) for k in ("key", "value")}
+        f"past_key_values.0.{k}": (np.float16, (3, HEADS, 0, HEAD_DIM)) for k in ("key", "value")
+    }
 
 
 def test_bfloat16_needs_ml_dtypes(monkeypatch) -> None:

@@ -61,7 +61,12 @@ def test_manifest_records_contract(exported) -> None:
     assert d["backend"] == "onnx" and d["precision"] == "fp32" and d["opset"] == 18
     assert d["image_size"] == 64
     comp = d["components"]["model"]
-    assert [i["name"] for i in comp["inputs"]] == ["input_ids", "attention_mask", "pixel_values", "pixel_mask"]
+    assert [i["name"] for i in comp["inputs"]] == [
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "pixel_mask",
+    ]
     assert comp["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}
     assert comp["inputs"][2]["shape"] == ["batch", 3, 64, 64]
     assert comp["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}]
@@ -117,7 +122,10 @@ def test_optimize_keeps_validation(tmp_path) -> None:
     from vlexport.cli import main
 
     out = tmp_path / "opt"
-    assert main(["onnx", "bridgetower-tiny", "--task", "itm", "--random-weights", "--optimize", "-o", str(out)]) == 0
+    assert (
+        main(["onnx", "bridgetower-tiny", "--task", "itm", "--random-weights", "--optimize", "-o", str(out)])
+        == 0
+    )
     manifest = Manifest.read(out)
     assert manifest.backend == "onnx-opt" and manifest.derived_from["backend"] == "onnx"
     assert manifest.validation.passed is True and manifest.validation.max_abs_error["logits"] <= 1e-4

@@ -30,8 +30,10 @@ _CASES = [
 ]
 # Both tests of a case on one worker (--dist loadgroup): the second reuses the first's export and eager
 # model instead of waiting, idle, on the other worker's export lock.
-CASES = [pytest.param(p, t, c, id=f"{p}-{t}", marks=pytest.mark.xdist_group(f"generation-{p}-{t}"))
-         for p, t, c in _CASES]
+CASES = [
+    pytest.param(p, t, c, id=f"{p}-{t}", marks=pytest.mark.xdist_group(f"generation-{p}-{t}"))
+    for p, t, c in _CASES
+]
 
 _models: dict[tuple[str, str], torch.nn.Module] = {}
 
@@ -44,7 +46,9 @@ def eager(preset: str, task: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(("preset", "task", "components"), CASES)
-def test_tiny_generative_export_validates_token_exact(exported, preset: str, task: str, components: tuple) -> None:
+def test_tiny_generative_export_validates_token_exact(
+    exported, preset: str, task: str, components: tuple
+) -> None:
     out = exported(preset, task)
     manifest = Manifest.read(out)
     v = manifest.validation
@@ -61,8 +65,9 @@ def test_tiny_generative_export_validates_token_exact(exported, preset: str, tas
     decoder = manifest.components["decoder"]
     past = [t for t in decoder.inputs if t.name.startswith("past_key_values.") and ".encoder." not in t.name]
     assert past and all(t.shape[2] == "past_sequence" for t in past)
-    assert {t.name for t in decoder.outputs} == {"logits"} | {p.name.replace("past_key_values.", "present.")
-                                                            for p in past}
+    assert {t.name for t in decoder.outputs} == {"logits"} | {
+        p.name.replace("past_key_values.", "present.") for p in past
+    }
     mask = next((t for t in decoder.inputs if t.name == "attention_mask"), None)
     assert mask is None or mask.shape == ["batch", "total_sequence"]  # its own dim, not past + sequence
     # Settings and a placeholder tokenizer (random weights, no source tokenizer) let the directory run alone.
@@ -124,11 +129,17 @@ def test_validation_names_sample_step_and_tokens_on_a_broken_cache(exported, mon
         return self._run(tokens.reshape(-1, 1).astype(np.int64), {}, np.zeros((n, 1), dtype=np.int64))
 
     monkeypatch.setattr(KVCacheStep, "next", forgetful_next)
-    report = validate_generation(eager("blip-tiny", "caption"), load_artifact(exported("blip-tiny", "caption"),
-                                                                              device="cpu"))
+    report = validate_generation(
+        eager("blip-tiny", "caption"), load_artifact(exported("blip-tiny", "caption"), device="cpu")
+    )
     assert not report.passed
     f = report.failures[0]
-    assert f["sample"] is not None and f["step"] >= 1 and "artifact" in f["detail"] and "HF generate()" in f["detail"]
+    assert (
+        f["sample"] is not None
+        and f["step"] >= 1
+        and "artifact" in f["detail"]
+        and "HF generate()" in f["detail"]
+    )
     with pytest.raises(ValidationError, match=r"sample \d+: b\d \w+: tokens diverge at step \d+"):
         raise_on_failure(report, "blip-tiny caption")
 
@@ -177,13 +188,16 @@ def test_external_data_path_of_large_models_on_the_tiny_preset(tmp_path, monkeyp
     assert manifest.validation.passed and manifest.validation.generation["tokens_equal"]
     for comp in manifest.components.values():
         data = (out / comp.external_data).stat().st_size if comp.external_data else 0
-        assert data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes  # tiny tensors stay inline
+        assert (
+            data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes
+        )  # tiny tensors stay inline
     model = eager("blip2-opt-tiny", "generate")
     inputs = _fresh_inputs(model, load_artifact(out).task_spec, 2, seed=3)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=5, num_beams=2).numpy()
-    got = Generator(load_artifact(out, device="cpu")).generate(**{k: v.numpy() for k, v in inputs.items()},
-                                                                max_new_tokens=5, num_beams=2)
+    got = Generator(load_artifact(out, device="cpu")).generate(
+        **{k: v.numpy() for k, v in inputs.items()}, max_new_tokens=5, num_beams=2
+    )
     np.testing.assert_array_equal(got.sequences, ref)
 
 
@@ -202,14 +216,24 @@ def test_local_checkpoint_copies_tokenizer_and_processor_files(tmp_path, capsys)
     src = tmp_path / "blip-local"
     model.save_pretrained(src)
     text = model.config.text_config
-    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id, "sep_token_id": text.sep_token_id,
-                "eos_token_id": [text.sep_token_id]}
-    fast = PreTrainedTokenizerFast(tokenizer_object=build_placeholder(text.vocab_size, settings,
-                                                                      (("bos_token_id",), ("sep_token_id",))),
-                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    settings = {
+        "pad_token_id": text.pad_token_id,
+        "bos_token_id": text.bos_token_id,
+        "sep_token_id": text.sep_token_id,
+        "eos_token_id": [text.sep_token_id],
+    }
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=build_placeholder(text.vocab_size, settings, (("bos_token_id",), ("sep_token_id",))),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     fast.save_pretrained(src)
-    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3,
-                                                              "rescale_factor": 1 / 255, "resample": 3}))
+    (src / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "rescale_factor": 1 / 255, "resample": 3}
+        )
+    )
     out = tmp_path / "artifact"
     manifest = run_export(ExportJob(str(src), out))
     assert manifest.task == "caption" and manifest.weights["kind"] == "local"

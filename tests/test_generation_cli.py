@@ -35,14 +35,19 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize(("preset", "task", "text"), [
-    ("blip-tiny", "caption", "a picture of"),
-    ("blip-tiny", "vqa", "what is in the picture?"),
-    ("blip2-opt-tiny", "generate", "what is in the picture?"),
-    ("blip2-flan-t5-tiny", "generate", "what is in the picture?"),
-], ids=["caption", "vqa", "blip2-opt", "blip2-t5"])
-def test_run_prints_what_hf_generate_produces_for_the_image_and_prompt(exported, capsys, image: Path, preset: str,
-                                                                       task: str, text: str) -> None:
+@pytest.mark.parametrize(
+    ("preset", "task", "text"),
+    [
+        ("blip-tiny", "caption", "a picture of"),
+        ("blip-tiny", "vqa", "what is in the picture?"),
+        ("blip2-opt-tiny", "generate", "what is in the picture?"),
+        ("blip2-flan-t5-tiny", "generate", "what is in the picture?"),
+    ],
+    ids=["caption", "vqa", "blip2-opt", "blip2-t5"],
+)
+def test_run_prints_what_hf_generate_produces_for_the_image_and_prompt(
+    exported, capsys, image: Path, preset: str, task: str, text: str
+) -> None:
     out_dir = exported(preset, task)
     code, out, err = run(capsys, out_dir, "--image", image, "--text", text, "--ids", "--max-new-tokens", "5")
     assert code == 0, err
@@ -60,20 +65,31 @@ def test_run_prints_what_hf_generate_produces_for_the_image_and_prompt(exported,
     ids_t = torch.tensor([ids])
     model = load_model(resolve(preset, random_weights=True), task)
     with torch.no_grad():
-        ref = model.generate(pixel_values=pixels, input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
-                             max_new_tokens=5)
+        ref = model.generate(
+            pixel_values=pixels, input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=5
+        )
     assert printed_ids == ref[0].tolist()
 
 
 def test_run_caption_default_prompt_and_beams(exported, capsys, image: Path) -> None:
-    code, out, err = run(capsys, exported("blip-tiny", "caption"), "--image", image, "--num-beams", "3", "--ids")
+    code, out, err = run(
+        capsys, exported("blip-tiny", "caption"), "--image", image, "--num-beams", "3", "--ids"
+    )
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith("ids: [1000,")  # the caption starts from BLIP's bos
 
 
 def test_run_scores_non_generative_artifact(exported, capsys, image: Path) -> None:
-    code, out, err = run(capsys, exported("bridgetower-tiny", "itm"), "--image", image, "--text", "a cat",
-                         "--text", "two dogs on a sofa")
+    code, out, err = run(
+        capsys,
+        exported("bridgetower-tiny", "itm"),
+        "--image",
+        image,
+        "--text",
+        "a cat",
+        "--text",
+        "two dogs on a sofa",
+    )
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("a cat: match_probability ")
@@ -92,8 +108,16 @@ def _assert_clean_error(code: int, err: str, expected_code: int, *phrases: str) 
 def test_prompt_longer_than_max_positions(exported, capsys, image: Path) -> None:
     code, _, err = run(capsys, exported("blip-tiny", "caption"), "--image", image, "--text", "word " * 80)
     _assert_clean_error(code, err, 2, "longer than the model's 64 positions")
-    code, _, err = run(capsys, exported("blip-tiny", "caption"), "--image", image, "--text", "a photo of",
-                       "--max-new-tokens", "60")
+    code, _, err = run(
+        capsys,
+        exported("blip-tiny", "caption"),
+        "--image",
+        image,
+        "--text",
+        "a photo of",
+        "--max-new-tokens",
+        "60",
+    )
     _assert_clean_error(code, err, 2, "more than the model's 64", "--max-new-tokens")
 
 
@@ -160,8 +184,11 @@ def test_generator_rejects_bad_arguments(exported) -> None:
 
     gen = Generator(load_artifact(exported("blip-tiny", "caption"), device="cpu"))
     pixels = np.zeros((1, 3, 64, 64), np.float32)
-    for kwargs, phrase in (({"max_new_tokens": 0}, "positive"), ({"num_beams": 0}, "num_beams"),
-                           ({"max_new_tokens": 2.5}, "positive")):
+    for kwargs, phrase in (
+        ({"max_new_tokens": 0}, "positive"),
+        ({"num_beams": 0}, "num_beams"),
+        ({"max_new_tokens": 2.5}, "positive"),
+    ):
         with pytest.raises(UsageError, match=phrase):
             gen.generate(pixels, **kwargs)
     with pytest.raises(UsageError, match="64x64"):

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("gpu-dry-run-kernels.json", "gpu-dry-run.json", "gpu-dry-run.md", "gpu-dry-run.png",
-         "gpu-dry-run-generation.json")
+FILES = (
+    "gpu-dry-run-kernels.json",
+    "gpu-dry-run.json",
+    "gpu-dry-run.md",
+    "gpu-dry-run.png",
+    "gpu-dry-run-generation.json",
+)
 
 
 @pytest.mark.slow
@@ -23,8 +28,15 @@ FILES = ("gpu-dry-run-kernels.json", "gpu-dry-run.json", "gpu-dry-run.md", "gpu-
 def test_gpu_suite_dry_run_writes_every_file(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path)}
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself before Python starts
-    run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1500, check=False)
+    run = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     log = run.stdout[-4000:] + run.stderr[-4000:]
     assert run.returncode == 0, log
     written = sorted(p.name for p in tmp_path.iterdir())

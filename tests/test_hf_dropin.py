@@ -60,10 +60,16 @@ def _pixels(manifest: Manifest, images: list[np.ndarray]) -> dict[str, torch.Ten
     size = manifest.image_size
     if manifest.family in ("blip", "blip2"):
         proc = cls("BlipImageProcessor")(size={"height": size, "width": size})
-    elif manifest.family == "bridgetower":  # its center crop fails on transformers 5.25's SizeDict; square images
-        proc = cls("BridgeTowerImageProcessor")(size={"shortest_edge": size}, size_divisor=1, do_center_crop=False)
+    elif (
+        manifest.family == "bridgetower"
+    ):  # its center crop fails on transformers 5.25's SizeDict; square images
+        proc = cls("BridgeTowerImageProcessor")(
+            size={"shortest_edge": size}, size_divisor=1, do_center_crop=False
+        )
     else:
-        proc = cls("CLIPImageProcessor")(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        proc = cls("CLIPImageProcessor")(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
     return dict(proc(images=images, return_tensors="pt"))
 
 
@@ -74,7 +80,7 @@ def _texts(model: torch.nn.Module, n: int, width: int = 7) -> dict[str, torch.Te
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(5, min(config.vocab_size, 1000), (n, width), generator=g)
     mask = torch.ones_like(ids)
-    ids[-1, width - 3:], mask[-1, width - 3:] = pad, 0
+    ids[-1, width - 3 :], mask[-1, width - 3 :] = pad, 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -94,7 +100,11 @@ def test_call_equals_hf_forward(exported, tmp_path: Path, preset: str, task: str
         assert isinstance(ours[name], torch.Tensor) and ours[name].shape == ref[name].shape, name
         torch.testing.assert_close(ours[name], ref[name].float(), atol=tol.atol, rtol=tol.rtol, msg=name)
     if "logits_per_image" in ours:  # two towers: HF takes any number of texts per image batch
-        fewer = {**inputs, "input_ids": inputs["input_ids"][:2], "attention_mask": inputs["attention_mask"][:2]}
+        fewer = {
+            **inputs,
+            "input_ids": inputs["input_ids"][:2],
+            "attention_mask": inputs["attention_mask"][:2],
+        }
         with torch.no_grad():
             ref2 = hf(**fewer)
         got2 = vlexport.hf.from_artifact(art)(**fewer)
@@ -118,8 +128,10 @@ def test_generate_equals_hf_generate_tokens(exported, tmp_path: Path, preset: st
         text["attention_mask"][:] = 1  # HF BLIP-2 generate pads on the left; keep one prompt length
         if s.get("num_query_tokens"):
             queries = torch.full((2, int(s["num_query_tokens"])), int(s["image_token_id"]))
-            text = {"input_ids": torch.cat([queries, text["input_ids"]], 1),
-                    "attention_mask": torch.ones(2, queries.shape[1] + 5, dtype=torch.long)}
+            text = {
+                "input_ids": torch.cat([queries, text["input_ids"]], 1),
+                "attention_mask": torch.ones(2, queries.shape[1] + 5, dtype=torch.long),
+            }
         inputs.update(text)
     model = vlexport.hf.from_artifact(art)
     for beams in (1, 3):

@@ -37,7 +37,9 @@ TOL = 1e-5
 def assert_close_fp32(got: torch.Tensor, ref: torch.Tensor, name: str = "output") -> float:
     scale = max(1.0, ref.abs().max().item())
     err = (got - ref).abs().max().item()
-    assert got.shape == ref.shape and err <= TOL * scale, f"{name}: max abs error {err:.3g} > {TOL:g} x {scale:.3g}"
+    assert got.shape == ref.shape and err <= TOL * scale, (
+        f"{name}: max abs error {err:.3g} > {TOL:g} x {scale:.3g}"
+    )
     return err
 
 
@@ -73,22 +75,37 @@ def expected_modules(config: PretrainedConfig, hf_class: str) -> dict[str, int]:
         cross_layers = 2 * config.num_hidden_layers  # text-side and image-side cross-modal layers
         vision_layers = vision.num_hidden_layers - (1 if vision.remove_last_layer else 0)
         links = 2 * (1 if config.share_link_tower_layers else config.num_hidden_layers - 1)
-        return {"attention": text.num_hidden_layers + 2 * cross_layers + vision_layers,  # cross layers: self + cross
-                # SelfOutput per attention block, Output per layer, plus the link towers
-                "bridge": 2 * text.num_hidden_layers + 3 * cross_layers + links}
+        return {
+            "attention": text.num_hidden_layers
+            + 2 * cross_layers
+            + vision_layers,  # cross layers: self + cross
+            # SelfOutput per attention block, Output per layer, plus the link towers
+            "bridge": 2 * text.num_hidden_layers + 3 * cross_layers + links,
+        }
     if mt == "blip":
-        text_blocks = text.num_hidden_layers * (2 if text.is_decoder else 1)  # decoder layers add cross-attention
+        text_blocks = text.num_hidden_layers * (
+            2 if text.is_decoder else 1
+        )  # decoder layers add cross-attention
         towers = 2 if hf_class == "BlipForQuestionAnswering" else 1  # question encoder + answer decoder
-        return {"attention": vision.num_hidden_layers + towers * text_blocks,
-                "bridge": towers * (text_blocks + text.num_hidden_layers)}
+        return {
+            "attention": vision.num_hidden_layers + towers * text_blocks,
+            "bridge": towers * (text_blocks + text.num_hidden_layers),
+        }
     if mt == "blip-2":
         q = config.qformer_config
         q_blocks = q.num_hidden_layers + _ceil_div(q.num_hidden_layers, q.cross_attention_frequency)
         q_outputs = q.num_hidden_layers * (2 if q.use_qformer_text_input else 1)
-        lm = text.num_hidden_layers if text.model_type == "opt" else text.num_layers + 2 * text.num_decoder_layers
+        lm = (
+            text.num_hidden_layers
+            if text.model_type == "opt"
+            else text.num_layers + 2 * text.num_decoder_layers
+        )
         return {"attention": vision.num_hidden_layers + q_blocks + lm, "bridge": q_blocks + q_outputs}
     # altclip, vision-text-dual-encoder: pre-norm vision tower, post-norm (BERT/RoBERTa) text tower
-    return {"attention": text.num_hidden_layers + vision.num_hidden_layers, "bridge": 2 * text.num_hidden_layers}
+    return {
+        "attention": text.num_hidden_layers + vision.num_hidden_layers,
+        "bridge": 2 * text.num_hidden_layers,
+    }
 
 
 def expected_calls(config: PretrainedConfig, task: str) -> dict[str, int]:
@@ -149,7 +166,7 @@ def _generation_inputs(model: PreTrainedModel, batch: int = 3, text_len: int = 6
     pixel_values = torch.randn(batch, 3, size, size, generator=gen)
     ids = torch.randint(3, 900, (batch, text_len), generator=gen)
     mask = torch.ones(batch, text_len, dtype=torch.long)
-    mask[1, text_len - 2:] = 0
+    mask[1, text_len - 2 :] = 0
     if config.model_type == "blip":
         ids[:, 0] = config.text_config.bos_token_id
         return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
@@ -163,11 +180,18 @@ def _snapshot(model: nn.Module) -> dict:
     """Everything injection may touch: instance attributes, hooks, attention implementations."""
     return {
         "attrs": {name: sorted(vars(m)) for name, m in model.named_modules()},
-        "methods": {name: {k: v for k, v in vars(m).items() if callable(v) and not isinstance(v, nn.Module)}
-                    for name, m in model.named_modules()},
-        "hooks": {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()},
-        "attn": {name: m.config._attn_implementation for name, m in model.named_modules()
-                 if isinstance(getattr(m, "config", None), PretrainedConfig)},
+        "methods": {
+            name: {k: v for k, v in vars(m).items() if callable(v) and not isinstance(v, nn.Module)}
+            for name, m in model.named_modules()
+        },
+        "hooks": {
+            name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in model.named_modules()
+        },
+        "attn": {
+            name: m.config._attn_implementation
+            for name, m in model.named_modules()
+            if isinstance(getattr(m, "config", None), PretrainedConfig)
+        },
     }
 
 
@@ -178,7 +202,10 @@ def _snapshot(model: nn.Module) -> dict:
 def test_expected_counts_for_the_tiny_configs() -> None:
     # The formulas above, evaluated: layers x attention blocks per tower, written out once for the reader.
     cases = {
-        ("bridgetower-tiny", "itm"): {"attention": 12, "bridge": 18},  # text 2 + cross 4x(self+cross) + vision 2
+        ("bridgetower-tiny", "itm"): {
+            "attention": 12,
+            "bridge": 18,
+        },  # text 2 + cross 4x(self+cross) + vision 2
         ("blip-tiny", "itm"): {"attention": 6, "bridge": 6},  # vision 2 + text decoder 2x(self+cross)
         ("altclip-tiny", "features"): {"attention": 4, "bridge": 4},
         ("vision-text-dual-encoder-tiny", "features"): {"attention": 4, "bridge": 4},
@@ -189,9 +216,14 @@ def test_expected_counts_for_the_tiny_configs() -> None:
     vqa, vqa_class = _hf_model("blip-tiny", "vqa")
     assert expected_modules(vqa.config, vqa_class) == {"attention": 10, "bridge": 12}
     # vision 2 + Q-Former 2 self + 1 cross + OPT 2 / T5 2 encoder + 2x2 decoder
-    assert expected_modules(_hf_model("blip2-opt-tiny", "generate")[0].config, "") == {"attention": 7, "bridge": 5}
-    assert expected_modules(_hf_model("blip2-flan-t5-tiny", "generate")[0].config, "") == \
-        {"attention": 11, "bridge": 5}
+    assert expected_modules(_hf_model("blip2-opt-tiny", "generate")[0].config, "") == {
+        "attention": 7,
+        "bridge": 5,
+    }
+    assert expected_modules(_hf_model("blip2-flan-t5-tiny", "generate")[0].config, "") == {
+        "attention": 11,
+        "bridge": 5,
+    }
 
 
 @pytest.mark.parametrize(("preset", "task"), ENCODER_CASES, ids=[f"{p}-{t}" for p, t in ENCODER_CASES])
@@ -330,7 +362,9 @@ def test_restores_even_when_the_body_raises() -> None:
 
 def test_unknown_layout_is_refused_before_anything_changes() -> None:
     model, _, _ = _encoder_model("bridgetower-tiny", "itm")
-    model.bridgetower.cross_modal_image_link_tower[0].link_tower_type = "concat"  # a type the rule does not know
+    model.bridgetower.cross_modal_image_link_tower[
+        0
+    ].link_tower_type = "concat"  # a type the rule does not know
     before = _snapshot(model)
     with pytest.raises(UsageError, match="cross_modal_image_link_tower.0.*concat"):
         inject(model, rules(model))
@@ -344,14 +378,20 @@ def test_no_rules_is_a_usage_error() -> None:
     from transformers import BertConfig, BertModel
 
     with pytest.raises(UsageError, match="no injection rules for model_type 'bert'"):
-        inject(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=37)), ())
+        inject(
+            BertModel(
+                BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+            ),
+            (),
+        )
 
 
 def test_every_family_declares_rules_and_inject_knows_no_family() -> None:
     # Family knowledge lives in the family modules: inject.py must not import them (models -> inject only).
     script = "import sys, vlexport.inject; print(sorted(m for m in sys.modules if m.startswith('vlexport.models')))"
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     assert run.stdout.strip() == "[]"
     for name in {p.family for p in PRESETS.values()}:
         assert get_family(name).injection, name
@@ -424,7 +464,7 @@ def test_triton_interpreter_path_matches_eager() -> None:
         print("max abs", (got - ref).abs().max().item())
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-

@@ -41,9 +41,12 @@ def _tiny_cases() -> list:
     for name, preset in PRESETS.items():
         if preset.is_tiny:
             default = _default_task(preset, get_family(preset.family))
-            cases += [pytest.param(name, task, id=f"{name}-{task}",
-                                   marks=() if task == default else pytest.mark.exhaustive)
-                      for task in preset.tasks]
+            cases += [
+                pytest.param(
+                    name, task, id=f"{name}-{task}", marks=() if task == default else pytest.mark.exhaustive
+                )
+                for task in preset.tasks
+            ]
     return cases
 
 
@@ -80,8 +83,11 @@ def traced_calls(preset: str, task: str) -> dict[str, dict[str, int]]:
     calls = {}
     with torch.no_grad(), inject(model, source.family.injection):
         for component in spec.components(model.config):
-            example = (component.example_inputs(model, EXPORT_SHAPE, 0) if component.example_inputs
-                       else spec.make_inputs(model.config, EXPORT_SHAPE, 0))
+            example = (
+                component.example_inputs(model, EXPORT_SHAPE, 0)
+                if component.example_inputs
+                else spec.make_inputs(model.config, EXPORT_SHAPE, 0)
+            )
             with OpCalls() as ops:
                 component.build(model)(*(example[name] for name in component.inputs))
             calls[component.name] = ops.kernel_calls()

@@ -33,16 +33,21 @@ def _root_entries() -> dict[str, Path]:
 
 def _regular_imports(entries: dict[str, Path]) -> dict[str, Path]:
     """The entries that are regular packages or modules: these win over anything later on sys.path."""
-    return {name: path for name, path in entries.items()
-            if path.suffix == ".py" or (path / "__init__.py").is_file()}
+    return {
+        name: path
+        for name, path in entries.items()
+        if path.suffix == ".py" or (path / "__init__.py").is_file()
+    }
 
 
 def test_no_root_package_or_module_has_an_installed_distributions_name() -> None:
     installed = importlib.metadata.packages_distributions()  # {top-level import: [distribution, ...]}
     ours = set(_regular_imports(_root_entries())) - {"vlexport"}  # our own package is the one installed
     clashes = {name: installed[name] for name in ours if name in installed}
-    assert not clashes, (f"root packages/modules shadow installed distributions when run from the root: {clashes}; "
-                         "move them into a source folder without __init__.py (see kernels/vlexport_kernels)")
+    assert not clashes, (
+        f"root packages/modules shadow installed distributions when run from the root: {clashes}; "
+        "move them into a source folder without __init__.py (see kernels/vlexport_kernels)"
+    )
 
 
 def test_clashing_names_resolve_outside_the_repository() -> None:
@@ -50,17 +55,28 @@ def test_clashing_names_resolve_outside_the_repository() -> None:
     root is first on sys.path (as with `python -m pytest` from the root)."""
     installed = importlib.metadata.packages_distributions()
     names = sorted(n for n in _root_entries() if n in installed and n != "vlexport")
-    script = ("import importlib.util, json, sys\n"
-              "found = {}\n"
-              "for name in sys.argv[1:]:\n"
-              "    spec = importlib.util.find_spec(name)\n"
-              "    found[name] = [spec.origin] + list(spec.submodule_search_locations or [])\n"
-              "print(json.dumps(found))\n")
-    run = subprocess.run([sys.executable, "-c", script, *names], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, check=True)
+    script = (
+        "import importlib.util, json, sys\n"
+        "found = {}\n"
+        "for name in sys.argv[1:]:\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    found[name] = [spec.origin] + list(spec.submodule_search_locations or [])\n"
+        "print(json.dumps(found))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     found = json.loads(run.stdout)
-    inside = {name: places for name, places in found.items()
-              if any(p and Path(p).resolve().is_relative_to(ROOT) for p in places)}
+    inside = {
+        name: places
+        for name, places in found.items()
+        if any(p and Path(p).resolve().is_relative_to(ROOT) for p in places)
+    }
     assert not inside, f"these imports resolve into the repository, not the installed distribution: {inside}"
 
 

@@ -77,8 +77,11 @@ class RoundPass:
             model = onnx.load(str(ctx.parent_dir / comp.file))
             for init in model.graph.initializer:
                 if init.data_type == onnx.TensorProto.FLOAT:
-                    init.CopyFrom(numpy_helper.from_array(rounded(numpy_helper.to_array(init), config.mantissa_bits),
-                                                          init.name))
+                    init.CopyFrom(
+                        numpy_helper.from_array(
+                            rounded(numpy_helper.to_array(init), config.mantissa_bits), init.name
+                        )
+                    )
             onnx.save(model, str(ctx.out_dir / comp.file))
             components[name] = replace(comp, size_bytes=(ctx.out_dir / comp.file).stat().st_size)
         return Derived(components, details={"mantissa_bits": config.mantissa_bits})
@@ -100,12 +103,18 @@ def _float_weights(directory: Path) -> np.ndarray:
     manifest = Manifest.read(directory)
     (comp,) = manifest.components.values()
     model = onnx.load(str(directory / comp.file))
-    return np.concatenate([numpy_helper.to_array(i).ravel() for i in model.graph.initializer
-                           if i.data_type == onnx.TensorProto.FLOAT])
+    return np.concatenate(
+        [
+            numpy_helper.to_array(i).ravel()
+            for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT
+        ]
+    )
 
 
-def test_registered_precision_runs_through_every_verb(round_pass: RoundPass, exported, tmp_path: Path,
-                                                      capsys) -> None:
+def test_registered_precision_runs_through_every_verb(
+    round_pass: RoundPass, exported, tmp_path: Path, capsys
+) -> None:
     parent = exported("bridgetower-tiny", "itm")
 
     # vlexport quantize: the name enters at the CLI, the config travels to the pass
@@ -115,8 +124,12 @@ def test_registered_precision_runs_through_every_verb(round_pass: RoundPass, exp
     manifest = Manifest.read(out)
     assert manifest.precision == NAME and manifest.precision_knobs == {"mantissa_bits": 10}
     assert manifest.precision_config == RoundedConfig()
-    assert manifest.derived_from == {"backend": "onnx", "precision": "fp32", "path": str(parent.resolve()),
-                                     "mantissa_bits": 10}
+    assert manifest.derived_from == {
+        "backend": "onnx",
+        "precision": "fp32",
+        "path": str(parent.resolve()),
+        "mantissa_bits": 10,
+    }
     acc = manifest.validation.accuracy
     cosine = acc.outputs["logits"]["cosine"]
     assert manifest.validation.passed and acc.precision == NAME and 0.999 <= cosine < 1.0 and not acc.misses
@@ -131,10 +144,15 @@ def test_registered_precision_runs_through_every_verb(round_pass: RoundPass, exp
     # vlexport list: the config's facts, and the backend it names
     assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["precisions"][NAME] == {"dtype": "float32", "weight_bits": 32, "compute": "fp32",
-                                        "tolerance": {"min_cosine": 0.999, "min_agreement": 0.9},
-                                        "backends": ["onnx"], "knobs": {"mantissa_bits": 10},
-                                        "description": RoundedConfig.description}
+    assert data["precisions"][NAME] == {
+        "dtype": "float32",
+        "weight_bits": 32,
+        "compute": "fp32",
+        "tolerance": {"min_cosine": 0.999, "min_agreement": 0.9},
+        "backends": ["onnx"],
+        "knobs": {"mantissa_bits": 10},
+        "description": RoundedConfig.description,
+    }
     assert NAME in {b["name"]: b for b in data["backends"]}["onnx"]["precisions"]
 
     # the manifest round trip with a knob the CLI does not expose: the library builds the config
@@ -151,16 +169,53 @@ def test_registered_precision_runs_through_every_verb(round_pass: RoundPass, exp
     work = tmp_path / "work"
     shutil.copytree(parent, work / "bridgetower-tiny-itm-onnx")
     report = tmp_path / "rows.json"
-    assert main(["bench", "bridgetower-tiny", str(out), "--random-weights", "--task", "itm", "--backends", "onnx",
-                 "--precision", f"fp32,{NAME}", "--batch-sizes", "2", "--warmup", "0", "--iters", "2",
-                 "--threads", "1", "--device", "cpu", "--work-dir", str(work), "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "bridgetower-tiny",
+                str(out),
+                "--random-weights",
+                "--task",
+                "itm",
+                "--backends",
+                "onnx",
+                "--precision",
+                f"fp32,{NAME}",
+                "--batch-sizes",
+                "2",
+                "--warmup",
+                "0",
+                "--iters",
+                "2",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--work-dir",
+                str(work),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(report.read_text())["rows"]
     assert [(r["backend"], r["precision"], r["status"]) for r in rows] == [
-        ("eager", "fp32", "ok"), ("onnx", "fp32", "ok"), ("onnx", NAME, "ok"), ("onnx", NAME, "ok")]
+        ("eager", "fp32", "ok"),
+        ("onnx", "fp32", "ok"),
+        ("onnx", NAME, "ok"),
+        ("onnx", NAME, "ok"),
+    ]
     assert all(r["peak_kind"] == "fp32-gemm" for r in rows)
     built = Manifest.read(work / f"bridgetower-tiny-itm-onnx-{NAME}")
-    assert built.derived_from["path"] == str((work / "bridgetower-tiny-itm-onnx").resolve())  # the reused parent
-    assert sorted(p.name for p in work.iterdir()) == ["bridgetower-tiny-itm-onnx", f"bridgetower-tiny-itm-onnx-{NAME}"]
+    assert built.derived_from["path"] == str(
+        (work / "bridgetower-tiny-itm-onnx").resolve()
+    )  # the reused parent
+    assert sorted(p.name for p in work.iterdir()) == [
+        "bridgetower-tiny-itm-onnx",
+        f"bridgetower-tiny-itm-onnx-{NAME}",
+    ]
 
 
 def test_an_unregistered_precision_is_gone() -> None:

@@ -41,23 +41,36 @@ EXPORT_TESTS = {
 
 
 def tiny_tasks(generative: bool) -> set[tuple[str, str]]:
-    return {(name, task) for name, p in PRESETS.items() if p.is_tiny for task in p.tasks
-            if get_family(p.family).task(task).generative == generative}
+    return {
+        (name, task)
+        for name, p in PRESETS.items()
+        if p.is_tiny
+        for task in p.tasks
+        if get_family(p.family).task(task).generative == generative
+    }
 
 
-def collected_export_cases(request: pytest.FixtureRequest, module: str, function: str) -> set[tuple[str, str]]:
+def collected_export_cases(
+    request: pytest.FixtureRequest, module: str, function: str
+) -> set[tuple[str, str]]:
     """(preset, task) of every test item pytest itself collects for ``function`` in ``module``.
 
     pytest's collection, not the source text or a list beside the test: a case counts only when a test item
     with those parameters exists and exports (requests the ``exported`` fixture).
     """
-    stack: list[pytest.Item | pytest.Collector] = [pytest.Module.from_parent(request.session, path=TESTS / module)]
+    stack: list[pytest.Item | pytest.Collector] = [
+        pytest.Module.from_parent(request.session, path=TESTS / module)
+    ]
     cases: set[tuple[str, str]] = set()
     while stack:
         node = stack.pop()
         if isinstance(node, pytest.Collector):
             stack.extend(node.collect())
-        elif isinstance(node, pytest.Function) and node.originalname == function and "exported" in node.fixturenames:
+        elif (
+            isinstance(node, pytest.Function)
+            and node.originalname == function
+            and "exported" in node.fixturenames
+        ):
             params = node.callspec.params if hasattr(node, "callspec") else {}
             cases.add((params.get("preset"), params.get("task")))
     return cases

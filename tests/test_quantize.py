@@ -36,8 +36,11 @@ def test_quantize_an_onnx_artifact(exported, tmp_path: Path, capsys, precision: 
     tol = get_precision(precision).tolerance
     cosines = [c["cosine"] for c in v.checks]
     assert v.passed and cosines and min(cosines) >= tol.min_cosine
-    assert all(c["agreement_with_near_ties"] >= tol.min_agreement and c["agreement_with_near_ties"] >= c["agreement"]
-               for c in v.checks if c["agreement"] is not None)
+    assert all(
+        c["agreement_with_near_ties"] >= tol.min_agreement and c["agreement_with_near_ties"] >= c["agreement"]
+        for c in v.checks
+        if c["agreement"] is not None
+    )
     # Not a copy of the parent: the graph really changed, and shrank.
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
@@ -66,22 +69,40 @@ def test_quantized_artifacts_are_not_quantized_again(exported, tmp_path: Path, c
 
 def test_unknown_precision_for_a_backend_writes_nothing(exported, tmp_path: Path, capsys) -> None:
     out = tmp_path / "x"
-    assert main(["quantize", str(exported("bridgetower-tiny", "itm")), "-o", str(out), "--precision", "bf16"]) == 2
+    assert (
+        main(["quantize", str(exported("bridgetower-tiny", "itm")), "-o", str(out), "--precision", "bf16"])
+        == 2
+    )
     assert "onnx backend builds" in " ".join(capsys.readouterr().err.split()) and not out.exists()
 
 
 def test_flan_t5_refuses_fp16_and_names_bf16(exported, tmp_path: Path, capsys) -> None:
     out = tmp_path / "t5-fp16"
-    assert main(["quantize", str(exported("blip2-flan-t5-tiny", "generate")), "-o", str(out),
-                 "--precision", "fp16"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(exported("blip2-flan-t5-tiny", "generate")),
+                "-o",
+                str(out),
+                "--precision",
+                "fp16",
+            ]
+        )
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "bf16" in err and "Flan-T5" in err and not out.exists()
 
 
 def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> None:
     out = tmp_path / "cap-int8"
-    assert main(["quantize", str(exported("blip-tiny", "caption")), "-o", str(out), "--precision",
-                 "int8-dynamic"]) == 0
+    assert (
+        main(
+            ["quantize", str(exported("blip-tiny", "caption")), "-o", str(out), "--precision", "int8-dynamic"]
+        )
+        == 0
+    )
     g = Manifest.read(out).validation.generation
     tol = get_precision("int8-dynamic").tolerance
     assert g["new_tokens_compared"] > 0
@@ -96,7 +117,9 @@ def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> N
 
 def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:
     out = tmp_path / "int8"  # altclip-tiny: the fastest export; the flag's path is what is checked
-    assert main(["onnx", "altclip-tiny", "--random-weights", "--precision", "int8-dynamic", "-o", str(out)]) == 0
+    assert (
+        main(["onnx", "altclip-tiny", "--random-weights", "--precision", "int8-dynamic", "-o", str(out)]) == 0
+    )
     m = Manifest.read(out)
     assert m.precision == "int8-dynamic" and m.derived_from["path"] is None  # the fp32 parent was scratch
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -119,6 +142,8 @@ def test_argmax_agreement_counts_near_tie_flips_only() -> None:
     clear_flip = tie_flip.copy()
     clear_flip[1] = [-1.0, 2.0]  # a 3.0 gap swapped: not noise
     c = compare_output("logits", "b4", clear_flip, ref, tol, "argmax", noise_level([(ref, clear_flip)]))
-    assert not c.passed and c.kind == "agreement" and c.agreement == 0.5 and c.agreement_with_near_ties == 0.75
+    assert (
+        not c.passed and c.kind == "agreement" and c.agreement == 0.5 and c.agreement_with_near_ties == 0.75
+    )
     c = compare_output("logits", "b4", tie_flip, ref, tol, "argmax")  # no noise level given: strict
     assert not c.passed and c.agreement_with_near_ties == 0.75

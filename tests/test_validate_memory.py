@@ -39,14 +39,22 @@ def _watch(monkeypatch: pytest.MonkeyPatch, models, artifacts) -> dict:
 
 
 # altclip-tiny: the fastest export (the pipeline's order is what is checked, not a family).
-@pytest.mark.parametrize(("preset", "task", "backend"), [("altclip-tiny", "features", "onnx"),
-                                                         ("blip-tiny", "caption", "onnx"),
-                                                         ("altclip-tiny", "features", "onnx-opt")])
-def test_export_drops_the_eager_model_before_loading_the_artifact(monkeypatch, tmp_path: Path, preset: str,
-                                                                   task: str, backend: str) -> None:
+@pytest.mark.parametrize(
+    ("preset", "task", "backend"),
+    [
+        ("altclip-tiny", "features", "onnx"),
+        ("blip-tiny", "caption", "onnx"),
+        ("altclip-tiny", "features", "onnx-opt"),
+    ],
+)
+def test_export_drops_the_eager_model_before_loading_the_artifact(
+    monkeypatch, tmp_path: Path, preset: str, task: str, backend: str
+) -> None:
     # onnx-opt is derived: its parent ONNX export reuses the loaded model, and the same drop applies.
     seen = _watch(monkeypatch, pipeline, pipeline)
-    manifest = run_export(ExportJob(preset, tmp_path / "out", backend=backend, task=task, random_weights=True))
+    manifest = run_export(
+        ExportJob(preset, tmp_path / "out", backend=backend, task=task, random_weights=True)
+    )
     assert manifest.validation.passed is True and manifest.backend == backend
     assert seen["alive_at_load"] == [[False, False]]
 
@@ -60,4 +68,3 @@ def test_validate_directory_drops_the_eager_model_first(monkeypatch, exported) -
     assert result.passed is True
     assert result.max_abs_error == pytest.approx(Manifest.read(out).validation.max_abs_error)
     assert seen["alive_at_load"] == [[False, False]]
-

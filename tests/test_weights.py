@@ -18,9 +18,17 @@ from vlexport.weights import check_safetensors, load_model, resolve
 def _save_tiny(path: Path, **overrides) -> BridgeTowerForImageAndTextRetrieval:
     config = BridgeTowerConfig(
         # BridgeTower's vision tower has hidden_size // 64 heads, so 64 is its smallest width.
-        hidden_size=64, num_attention_heads=2, num_hidden_layers=1,
-        text_config={"vocab_size": 300, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 96,
-                         "num_hidden_layers": 1, "max_position_embeddings": 40},
+        hidden_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        text_config={
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "intermediate_size": 96,
+            "num_hidden_layers": 1,
+            "max_position_embeddings": 40,
+        },
         vision_config={"hidden_size": 64, "num_hidden_layers": 1, "image_size": 48, "patch_size": 16},
         **overrides,
     )
@@ -68,7 +76,9 @@ def test_random_weights_replace_a_degenerate_initializer_range() -> None:
     source.config.vision_config.initializer_range = 1e-10
     model = load_model(source, "itm")
     assert model.config.vision_config.initializer_range == 0.02
-    assert source.config.vision_config.initializer_range == 1e-10  # the model gets a copy; the source is as given
+    assert (
+        source.config.vision_config.initializer_range == 1e-10
+    )  # the model gets a copy; the source is as given
     assert 0.005 < model.vision_model.embeddings.patch_embedding.weight.std().item() < 0.1
     inputs = source.family.task("itm").make_inputs(model.config, InputShape(2, 5), 0)
     with torch.no_grad():
@@ -80,9 +90,11 @@ def test_random_weights_untie_flan_t5_head() -> None:
     # The family's random_init (BLIP-2): T5 v1.1 gets its own LM head at std d_model**-0.5, as checkpoints have it.
     lm = load_model(resolve("blip2-flan-t5-tiny", random_weights=True), "generate").language_model
     assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr() and not lm.config.tie_word_embeddings
-    assert lm.lm_head.weight.std().item() == pytest.approx(lm.config.d_model ** -0.5, rel=0.1)
+    assert lm.lm_head.weight.std().item() == pytest.approx(lm.config.d_model**-0.5, rel=0.1)
     opt = load_model(resolve("blip2-opt-tiny", random_weights=True), "generate").language_model
-    assert opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()  # OPT: tied, untouched
+    assert (
+        opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()
+    )  # OPT: tied, untouched
 
 
 def test_no_weights_names_three_ways_out(monkeypatch) -> None:
@@ -170,8 +182,11 @@ def test_complete_save_of_every_tiny_class_loads_cleanly(tmp_path: Path, preset:
 def test_an_unused_head_of_another_task_is_fine_a_missing_one_is_not(tmp_path: Path) -> None:
     _save_tiny(tmp_path / "m")  # BridgeTowerForImageAndTextRetrieval: no MLM head
     assert load_model(resolve(str(tmp_path / "m")), "features") is not None  # its ITM head is only unused
-    with pytest.raises(CheckError, match=r"lacks 6 .* mlm_score\.bias.*export itm \(--task\).*--allow-new-weights "
-                                         r"mlm_score\.\*"):
+    with pytest.raises(
+        CheckError,
+        match=r"lacks 6 .* mlm_score\.bias.*export itm \(--task\).*--allow-new-weights "
+        r"mlm_score\.\*",
+    ):
         load_model(resolve(str(tmp_path / "m")), "mlm")
 
 
@@ -201,7 +216,9 @@ def test_content_hash_sees_a_changed_value_under_the_same_header(tmp_path: Path)
     tensors["itm_score.fc.bias"] += 1
     save_file(tensors, f, metadata={"format": "pt"})
     assert check_safetensors(f) == header
-    assert weights_sha256(tmp_path / "m") != before  # in the same process too: the memo keys on mtime and inode
+    assert (
+        weights_sha256(tmp_path / "m") != before
+    )  # in the same process too: the memo keys on mtime and inode
 
 
 def test_composed_preset_advice_names_dual_encoder(monkeypatch) -> None:

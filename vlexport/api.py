@@ -29,11 +29,22 @@ def _config(precision: str | PrecisionConfig) -> PrecisionConfig:
     return precision if isinstance(precision, PrecisionConfig) else get_precision(precision)
 
 
-def export(model: str | Path, backend: str = "onnx", task: str | None = None,
-           precision: str | PrecisionConfig | None = None,
-           out: str | Path | None = None, *, random_weights: bool = False, seed: int = 0,
-           kernels: Sequence[str] = (), allow_new_weights: Sequence[str] = (), force: bool = False,
-           validate: bool = True, progress: Progress | None = None, **options: Any) -> Manifest:
+def export(
+    model: str | Path,
+    backend: str = "onnx",
+    task: str | None = None,
+    precision: str | PrecisionConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    seed: int = 0,
+    kernels: Sequence[str] = (),
+    allow_new_weights: Sequence[str] = (),
+    force: bool = False,
+    validate: bool = True,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Manifest:
     """Export ``model`` (a preset name or a save_pretrained directory) with ``backend`` ("onnx", "onnx-opt",
     "aoti", "tensorrt"), validate it against eager PyTorch and return its manifest. ``out`` defaults to
     ``./<model>-<task>-<backend>``; backend ``options`` are the CLI's (``opset=``, ``mode=``, ``max_batch=``, ...).
@@ -41,34 +52,68 @@ def export(model: str | Path, backend: str = "onnx", task: str | None = None,
     name or a config with its knobs (``Int8WeightConfig(block_size=64)``, contracts/precision.py)."""
     from vlexport.pipeline import ExportJob, run_export
 
-    job = ExportJob(str(model), None if out is None else Path(out), backend=backend, task=task,
-                    precision=_config(precision or "fp32"), random_weights=random_weights, seed=seed, kernels=tuple(kernels),
-                    allow_new_weights=tuple(allow_new_weights), force=force, validate=validate,
-                    options={k: v for k, v in options.items() if v is not None})
+    job = ExportJob(
+        str(model),
+        None if out is None else Path(out),
+        backend=backend,
+        task=task,
+        precision=_config(precision or "fp32"),
+        random_weights=random_weights,
+        seed=seed,
+        kernels=tuple(kernels),
+        allow_new_weights=tuple(allow_new_weights),
+        force=force,
+        validate=validate,
+        options={k: v for k, v in options.items() if v is not None},
+    )
     return run_export(job, progress=progress or (lambda msg: None))
 
 
-def quantize(artifact: str | Path, precision: str | PrecisionConfig, out: str | Path | None = None, *,
-             calibration: str | Path | None = None, method: str | None = None, smooth: float | None = None,
-             block_size: int | None = None, accept_degraded: bool = False, force: bool = False,
-             progress: Progress | None = None) -> Manifest:
+def quantize(
+    artifact: str | Path,
+    precision: str | PrecisionConfig,
+    out: str | Path | None = None,
+    *,
+    calibration: str | Path | None = None,
+    method: str | None = None,
+    smooth: float | None = None,
+    block_size: int | None = None,
+    accept_degraded: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
     """A reduced-precision variant (fp16, int8-dynamic, int8-weight, int8-static, ...) of an fp32 artifact,
     checked against eager fp32 as `vlexport quantize` does; returns the variant's manifest. The knobs are the
     config's own (a knob the precision lacks is refused, as on the CLI)."""
     from vlexport.manifest import Manifest
     from vlexport.pipeline import ExportJob, check_variant_source, run_export
 
-    config = _config(precision).with_knobs(calibration=None if calibration is None else Path(calibration),
-                                           method=method, smooth=smooth, block_size=block_size)
+    config = _config(precision).with_knobs(
+        calibration=None if calibration is None else Path(calibration),
+        method=method,
+        smooth=smooth,
+        block_size=block_size,
+    )
     manifest = Manifest.read(Path(artifact))
     check_variant_source(artifact, manifest, config)
-    job = ExportJob(str(artifact), None if out is None else Path(out), backend=manifest.backend, precision=config,
-                    force=force, accept_degraded=accept_degraded)
+    job = ExportJob(
+        str(artifact),
+        None if out is None else Path(out),
+        backend=manifest.backend,
+        precision=config,
+        force=force,
+        accept_degraded=accept_degraded,
+    )
     return run_export(job, progress=progress or (lambda msg: None))
 
 
-def bench(models: str | Path | Sequence[str | Path] = (), *, suite: str | None = None,
-          suite_file: str | Path | None = None, **plan: Any) -> list[BenchRow]:
+def bench(
+    models: str | Path | Sequence[str | Path] = (),
+    *,
+    suite: str | None = None,
+    suite_file: str | Path | None = None,
+    **plan: Any,
+) -> list[BenchRow]:
     """Benchmark presets, model directories or artifact directories as `vlexport bench` does (``plan`` takes
     :class:`~vlexport.bench.harness.BenchPlan`'s fields: ``backends``, ``batch_sizes``, ``iters``, ...), or a suite
     (``suite="cpu-smoke"``, optionally from ``suite_file``). Returns the rows; ``bench.report.write_reports``
@@ -79,8 +124,10 @@ def bench(models: str | Path | Sequence[str | Path] = (), *, suite: str | None =
     if suite is not None:
         unknown = set(plan) - {"device", "threads", "work_dir"}
         if models or unknown:
-            raise UsageError("A suite names its own models and settings: pass suite= alone (device, threads and "
-                             "work_dir may override it).")
+            raise UsageError(
+                "A suite names its own models and settings: pass suite= alone (device, threads and "
+                "work_dir may override it)."
+            )
         plans = load_suite(suite, None if suite_file is None else Path(suite_file), **plan)
     else:
         names = [models] if isinstance(models, (str, Path)) else list(models)

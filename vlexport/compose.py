@@ -21,25 +21,71 @@ from vlexport.weights import check_safetensors
 # model_type values each tower may have. from_vision_text_pretrained (transformers 5.24) loads a side with
 # AutoModel (full CLIP: its vision part) and projects its pooler_output from config.hidden_size; each of these
 # was composed with a BERT / ViT partner and exported and validated with `vlexport onnx`.
-VISION_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "swin", "swinv2", "clip_vision_model",
-                "siglip_vision_model", "chinese_clip_vision_model", "clip")
-TEXT_TYPES = ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "albert", "mpnet", "ernie",
-              "roberta-prelayernorm", "megatron-bert", "mobilebert", "luke", "data2vec-text", "clip_text_model")
+VISION_TYPES = (
+    "vit",
+    "deit",
+    "beit",
+    "dinov2",
+    "dinov2_with_registers",
+    "swin",
+    "swinv2",
+    "clip_vision_model",
+    "siglip_vision_model",
+    "chinese_clip_vision_model",
+    "clip",
+)
+TEXT_TYPES = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "albert",
+    "mpnet",
+    "ernie",
+    "roberta-prelayernorm",
+    "megatron-bert",
+    "mobilebert",
+    "luke",
+    "data2vec-text",
+    "clip_text_model",
+)
 _NO_POOLER = "has no pooled output (VisionTextDualEncoder projects pooler_output)"
-_TOWERS = {("vision", "siglip"): "SiglipVisionModel", ("text", "clip"): "CLIPTextModel"}  # full two-tower models
+_TOWERS = {
+    ("vision", "siglip"): "SiglipVisionModel",
+    ("text", "clip"): "CLIPTextModel",
+}  # full two-tower models
 WHY_NOT = {  # encoders that fail inside VisionTextDualEncoder, and why
-    **dict.fromkeys(("distilbert", "electra", "deberta", "deberta-v2", "nystromformer", "data2vec-vision", "vit_msn",
-                     "vit_mae", "ijepa"), _NO_POOLER),
-    **dict.fromkeys(("convnext", "convnextv2", "resnet", "regnet"), "has no single hidden_size for the projection"),
+    **dict.fromkeys(
+        (
+            "distilbert",
+            "electra",
+            "deberta",
+            "deberta-v2",
+            "nystromformer",
+            "data2vec-vision",
+            "vit_msn",
+            "vit_mae",
+            "ijepa",
+        ),
+        _NO_POOLER,
+    ),
+    **dict.fromkeys(
+        ("convnext", "convnextv2", "resnet", "regnet"), "has no single hidden_size for the projection"
+    ),
 }
 
 
 def _encoder_dir(path: Path, role: str) -> Path:
     if not (path / "config.json").is_file():
-        raise UsageError(f"The {role} encoder {path} has no config.json; pass a directory written by save_pretrained.")
+        raise UsageError(
+            f"The {role} encoder {path} has no config.json; pass a directory written by save_pretrained."
+        )
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
-        raise UsageError(f"The {role} encoder {path} has no *.safetensors weights; re-save it with save_pretrained.")
+        raise UsageError(
+            f"The {role} encoder {path} has no *.safetensors weights; re-save it with save_pretrained."
+        )
     for shard in shards:
         check_safetensors(shard)
     return path
@@ -50,7 +96,9 @@ def check_role(path: Path, role: str) -> str:
     try:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path / 'config.json'} is not valid JSON ({e}); re-save the {role} encoder.") from None
+        raise UsageError(
+            f"{path / 'config.json'} is not valid JSON ({e}); re-save the {role} encoder."
+        ) from None
     mt = config.get("model_type") if isinstance(config, dict) else None
     wanted, other = (VISION_TYPES, TEXT_TYPES) if role == "vision" else (TEXT_TYPES, VISION_TYPES)
     if mt in wanted:
@@ -65,12 +113,21 @@ def check_role(path: Path, role: str) -> str:
         why = f"holds a {mt!r} model, which is multimodal (it has both towers), not a {role} encoder"
     else:
         why = f"holds a {mt!r} model, which {WHY_NOT.get(mt, 'is not an encoder known to compose')}"
-    raise UsageError(f"The {role} encoder {path} {why}. The {role} side takes a save_pretrained directory whose "
-                     f"model_type is one of: {', '.join(wanted)}.")
+    raise UsageError(
+        f"The {role} encoder {path} {why}. The {role} side takes a save_pretrained directory whose "
+        f"model_type is one of: {', '.join(wanted)}."
+    )
 
 
-def compose_dual_encoder(vision_dir: str | Path, text_dir: str | Path, output: str | Path, *,
-                         projection_dim: int = 512, seed: int = 0, force: bool = False) -> Path:
+def compose_dual_encoder(
+    vision_dir: str | Path,
+    text_dir: str | Path,
+    output: str | Path,
+    *,
+    projection_dim: int = 512,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
     """Write a VisionTextDualEncoder save_pretrained directory at ``output``; UsageError for a pair that cannot work."""
     from transformers import VisionTextDualEncoderModel
 
@@ -82,11 +139,14 @@ def compose_dual_encoder(vision_dir: str | Path, text_dir: str | Path, output: s
     torch.manual_seed(seed)
     try:
         model = VisionTextDualEncoderModel.from_vision_text_pretrained(
-            str(vision_dir), str(text_dir), projection_dim=projection_dim, use_safetensors=True)
+            str(vision_dir), str(text_dir), projection_dim=projection_dim, use_safetensors=True
+        )
     except (ValueError, KeyError, OSError) as e:
-        raise UsageError(f"Cannot combine {vision_dir} (vision) and {text_dir} (text): {e}. The vision directory "
-                         "must hold a vision model (ViT, CLIP vision, ...) and the text one a text encoder "
-                         "(BERT, RoBERTa, ...).") from None
+        raise UsageError(
+            f"Cannot combine {vision_dir} (vision) and {text_dir} (text): {e}. The vision directory "
+            "must hold a vision model (ViT, CLIP vision, ...) and the text one a text encoder "
+            "(BERT, RoBERTa, ...)."
+        ) from None
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # the disk-space estimate
     with staged_dir(output, force=force, expected_bytes=weights, source_dir=(vision_dir, text_dir)) as tmp:
         model.save_pretrained(tmp)
@@ -94,8 +154,20 @@ def compose_dual_encoder(vision_dir: str | Path, text_dir: str | Path, output: s
             if (text_dir / name).is_file():
                 (tmp / name).write_bytes((text_dir / name).read_bytes())
         if (vision_dir / "preprocessor_config.json").is_file():
-            (tmp / "preprocessor_config.json").write_bytes((vision_dir / "preprocessor_config.json").read_bytes())
-        (tmp / "vlexport_compose.json").write_text(json.dumps(
-            {"vision": str(vision_dir.resolve()), "text": str(text_dir.resolve()), "projection_dim": projection_dim,
-             "seed": seed, "note": "projections are newly initialised"}, indent=2) + "\n")
+            (tmp / "preprocessor_config.json").write_bytes(
+                (vision_dir / "preprocessor_config.json").read_bytes()
+            )
+        (tmp / "vlexport_compose.json").write_text(
+            json.dumps(
+                {
+                    "vision": str(vision_dir.resolve()),
+                    "text": str(text_dir.resolve()),
+                    "projection_dim": projection_dim,
+                    "seed": seed,
+                    "note": "projections are newly initialised",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return Path(output)

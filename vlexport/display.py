@@ -22,15 +22,37 @@ def listing() -> dict[str, Any]:
     presets = []
     for p in PRESETS.values():
         fam = get_family(p.family)
-        presets.append({"preset": p.name, "family": p.family, "checkpoint": p.checkpoint, "tiny": p.tiny,
-                        "tasks": {t: fam.task(t).hf_class_name for t in p.tasks}, "default_task": p.default_task})
-    backends = [{"name": name, "derived_from": b.parent, "description": b.description,
-                 "precisions": list(backend_precisions(b))}
-                for name, b in ((n, get_backend(n)) for n in backend_names())]
-    precisions = {name: {"dtype": c.dtype, "weight_bits": c.weight_bits, "compute": c.compute,
-                         "tolerance": c.tolerance.as_dict(), "backends": list(c.backends), "knobs": c.knobs(),
-                         "description": c.description}
-                  for name, c in PRECISIONS.items()}
+        presets.append(
+            {
+                "preset": p.name,
+                "family": p.family,
+                "checkpoint": p.checkpoint,
+                "tiny": p.tiny,
+                "tasks": {t: fam.task(t).hf_class_name for t in p.tasks},
+                "default_task": p.default_task,
+            }
+        )
+    backends = [
+        {
+            "name": name,
+            "derived_from": b.parent,
+            "description": b.description,
+            "precisions": list(backend_precisions(b)),
+        }
+        for name, b in ((n, get_backend(n)) for n in backend_names())
+    ]
+    precisions = {
+        name: {
+            "dtype": c.dtype,
+            "weight_bits": c.weight_bits,
+            "compute": c.compute,
+            "tolerance": c.tolerance.as_dict(),
+            "backends": list(c.backends),
+            "knobs": c.knobs(),
+            "description": c.description,
+        }
+        for name, c in PRECISIONS.items()
+    }
     return {"presets": presets, "backends": backends, "precisions": precisions}
 
 
@@ -46,8 +68,11 @@ def render_listing(data: dict[str, Any]) -> list[Table]:
         members = sorted((r for r in rows if r["family"] == family), key=lambda r: r["checkpoint"] is None)
         for r in members:
             tasks = ", ".join(f"{t}{'*' if t == r['default_task'] else ''}" for t in r["tasks"])
-            table.add_row(r["preset"], tasks, r["checkpoint"] or ("(composed, see `dual-encoder`)" if r["tiny"]
-                                                                  else "(tiny twin, tests)"))
+            table.add_row(
+                r["preset"],
+                tasks,
+                r["checkpoint"] or ("(composed, see `dual-encoder`)" if r["tiny"] else "(tiny twin, tests)"),
+            )
         table.add_section()
     classes = Table(title="tasks")
     for col in ("family", "task", "HF class"):
@@ -64,7 +89,12 @@ def render_listing(data: dict[str, Any]) -> list[Table]:
         precisions.add_column(col, no_wrap=col != "tolerance")
     short = {"atol": "atol", "rtol": "rtol", "min_cosine": "cosine >=", "min_agreement": "agreement >="}
     for name, p in data["precisions"].items():
-        precisions.add_row(name, p["dtype"], f"{p['weight_bits']}-bit", ", ".join(f"{short[k]} {v:g}" for k, v in p["tolerance"].items()))
+        precisions.add_row(
+            name,
+            p["dtype"],
+            f"{p['weight_bits']}-bit",
+            ", ".join(f"{short[k]} {v:g}" for k, v in p["tolerance"].items()),
+        )
     return [table, classes, backends, precisions]
 
 
@@ -74,17 +104,25 @@ def artifact_summary(directory: Path, manifest: Manifest) -> list[str]:
 
     size = sum(component_size(directory, c) for c in manifest.components.values())
     v = manifest.validation
-    lines = [(f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
-              f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
-              f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}")]
+    lines = [
+        (
+            f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
+            f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
+            f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}"
+        )
+    ]
     cosines = [c["cosine"] for c in v.checks if c.get("cosine") is not None]
     agreements = [c["agreement"] for c in v.checks if c.get("agreement") is not None]
     if cosines and not v.generation:  # reduced precisions are judged by direction and task results
-        lines.append(f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: min cosine {min(cosines):.5f}"
-                     + (f", min argmax agreement {min(agreements):.3f}" if agreements else ""))
+        lines.append(
+            f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: min cosine {min(cosines):.5f}"
+            + (f", min argmax agreement {min(agreements):.3f}" if agreements else "")
+        )
     elif v.max_abs_error and not v.generation:
         errs = ", ".join(f"{k} {e:.2e}" for k, e in v.max_abs_error.items())
-        lines.append(f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: max abs error {errs}")
+        lines.append(
+            f"validation {v.verdict} vs {v.reference} at {', '.join(v.shapes)}: max abs error {errs}"
+        )
     else:
         lines.append(f"validation {v.verdict}" + (f": {v.summary}" if v.summary else ""))
     if v.accuracy is not None:

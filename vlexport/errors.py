@@ -48,7 +48,6 @@ class ValidationError(CheckError):
         self.report = report  # manifest.ValidationReport
 
 
-
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP arrived while vlexport was writing (:func:`interrupts_as_exceptions`).
 

@@ -42,7 +42,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-if TYPE_CHECKING:  # transformers is imported when injecting: family modules load without it (compiled artifacts)
+if (
+    TYPE_CHECKING
+):  # transformers is imported when injecting: family modules load without it (compiled artifacts)
     from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
@@ -116,8 +118,9 @@ def _note_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
     Models that return the probabilities from their layers (BridgeTower, BLIP) never pass the flag down,
     so it is read where the caller gives it.
     """
-    _CALLS_WANT_ATTENTIONS.append(bool(kwargs.get("output_attentions",
-                                                  getattr(module.config, "output_attentions", False))))
+    _CALLS_WANT_ATTENTIONS.append(
+        bool(kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)))
+    )
 
 
 def _end_call(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -154,9 +157,16 @@ def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return mask.to(dtype)
 
 
-def kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, bias: torch.Tensor | None,
-                     scale: float, causal: bool = False, key_padding_mask: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+def kernel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B,H,Sq,D) x (B,H,Sk,D) -> (B,H,Sq,D) through ``torch.ops.vlexport.attention``.
 
     Broadcasts what HF attention broadcasts implicitly through matmul: a batch of 1 against a larger one
@@ -169,15 +179,31 @@ def kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if statically_known_true(query.shape[0] != key.shape[0]):
         batch = max(query.shape[0], key.shape[0])
         query, key, value = (t.expand(batch, *t.shape[1:]) for t in (query, key, value))
-    return _kernels().attention(query, key, value, key_padding_mask=key_padding_mask, attn_bias=bias, causal=causal,
-                                scale=float(scale))
+    return _kernels().attention(
+        query,
+        key,
+        value,
+        key_padding_mask=key_padding_mask,
+        attn_bias=bias,
+        causal=causal,
+        scale=float(scale),
+    )
 
 
-def _eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
-                     position_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    dropout: float,
+    position_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention (T5's position bias included): the fallback that materialises probabilities."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (
+        query.shape[-1] ** -0.5 if scaling is None else scaling
+    )
     if position_bias is not None:
         scores = scores + position_bias
     bias = additive_bias(attention_mask, scores.dtype)
@@ -188,10 +214,18 @@ def _eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def vlexport_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attention_mask: torch.Tensor | None, scaling: float | None = None,
-                               dropout: float = 0.0, position_bias: torch.Tensor | None = None,
-                               is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def vlexport_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The ``vlexport`` entry of transformers' AttentionInterface: returns (B, Sq, H, D) like every HF backend.
 
     Causality comes from the mask (HF's eager masks are always materialised for decoders). ``is_causal``
@@ -201,7 +235,9 @@ def vlexport_attention_forward(module: nn.Module, query: torch.Tensor, key: torc
     if use_original(module) or kwargs.get("output_attentions"):
         return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, position_bias)
     bias = additive_bias(attention_mask, query.dtype)
-    if position_bias is not None:  # T5: relative position bias (1, H, Sq, Sk), added before the mask as in eager
+    if (
+        position_bias is not None
+    ):  # T5: relative position bias (1, H, Sq, Sk), added before the mask as in eager
         bias = position_bias if bias is None else position_bias + bias
     causal = bool(is_causal) and bias is None and query.shape[-2] > 1
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -248,13 +284,19 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm) ->
 
 
 def check_layer_norm(ln: nn.Module) -> str | None:
-    if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1 or ln.weight is None or ln.bias is None:
+    if (
+        not isinstance(ln, nn.LayerNorm)
+        or len(ln.normalized_shape) != 1
+        or ln.weight is None
+        or ln.bias is None
+    ):
         return "expected a LayerNorm over the last dim with weight and bias"
     return None
 
 
-def _dense_add_norm(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                    input_tensor: torch.Tensor) -> torch.Tensor:
+def _dense_add_norm(
+    self: nn.Module, original: Callable, hidden_states: torch.Tensor, input_tensor: torch.Tensor
+) -> torch.Tensor:
     """BERT-style SelfOutput/Output: LayerNorm(dropout(dense(h)) + input) -> add_layer_norm."""
     if self.training:
         return original(hidden_states, input_tensor)
@@ -262,8 +304,10 @@ def _dense_add_norm(self: nn.Module, original: Callable, hidden_states: torch.Te
 
 
 def _check_post_norm(module: nn.Module) -> str | None:
-    if not (isinstance(getattr(module, "dense", None), nn.Linear)
-            and isinstance(getattr(module, "dropout", None), nn.Dropout)):
+    if not (
+        isinstance(getattr(module, "dense", None), nn.Linear)
+        and isinstance(getattr(module, "dropout", None), nn.Dropout)
+    ):
         return "expected dense (Linear), dropout and LayerNorm submodules"
     return check_layer_norm(getattr(module, "LayerNorm", None))
 
@@ -280,16 +324,26 @@ def post_norm(*classes: str) -> Rule:
 
 # Encoders a VisionTextDualEncoder is usually built from (and that other families reuse).
 BERT_LIKE = (
-    interface("bert.modeling_bert.BertSelfAttention", "bert.modeling_bert.BertCrossAttention",
-              "roberta.modeling_roberta.RobertaSelfAttention", "roberta.modeling_roberta.RobertaCrossAttention",
-              "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfAttention",
-              "xlm_roberta.modeling_xlm_roberta.XLMRobertaCrossAttention"),
-    post_norm("bert.modeling_bert.BertSelfOutput", "bert.modeling_bert.BertOutput",
-              "roberta.modeling_roberta.RobertaSelfOutput", "roberta.modeling_roberta.RobertaOutput",
-              "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfOutput",
-              "xlm_roberta.modeling_xlm_roberta.XLMRobertaOutput"),
+    interface(
+        "bert.modeling_bert.BertSelfAttention",
+        "bert.modeling_bert.BertCrossAttention",
+        "roberta.modeling_roberta.RobertaSelfAttention",
+        "roberta.modeling_roberta.RobertaCrossAttention",
+        "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfAttention",
+        "xlm_roberta.modeling_xlm_roberta.XLMRobertaCrossAttention",
+    ),
+    post_norm(
+        "bert.modeling_bert.BertSelfOutput",
+        "bert.modeling_bert.BertOutput",
+        "roberta.modeling_roberta.RobertaSelfOutput",
+        "roberta.modeling_roberta.RobertaOutput",
+        "xlm_roberta.modeling_xlm_roberta.XLMRobertaSelfOutput",
+        "xlm_roberta.modeling_xlm_roberta.XLMRobertaOutput",
+    ),
 )
-VIT_LIKE = (interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),)  # pre-norm: no bridge
+VIT_LIKE = (
+    interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),
+)  # pre-norm: no bridge
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,28 +361,35 @@ def _configs(model: nn.Module) -> Iterator[PretrainedConfig]:
     from transformers import PretrainedConfig
 
     seen: set[int] = set()
-    todo = [model.config] + [m.config for m in model.modules() if isinstance(getattr(m, "config", None),
-                                                                              PretrainedConfig)]
+    todo = [model.config] + [
+        m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)
+    ]
     while todo:
         config = todo.pop()
         if id(config) in seen:
             continue
         seen.add(id(config))
         yield config
-        todo.extend(getattr(config, key) for key in getattr(config, "sub_configs", {})
-                    if isinstance(getattr(config, key, None), PretrainedConfig))
+        todo.extend(
+            getattr(config, key)
+            for key in getattr(config, "sub_configs", {})
+            if isinstance(getattr(config, key, None), PretrainedConfig)
+        )
 
 
-def inject(model: PreTrainedModel, rules: Sequence[Rule], *, attention: bool = True,
-           bridge_norm: bool = True) -> Injection:
+def inject(
+    model: PreTrainedModel, rules: Sequence[Rule], *, attention: bool = True, bridge_norm: bool = True
+) -> Injection:
     """Route ``model``'s attention and bridge layers through vlexport_kernels as ``rules`` (its family's
     ``FamilySpec.injection``) say; returns a handle that restores.
 
     Checks every module before changing any, so a layout it does not know leaves the model untouched.
     """
     if not rules:
-        raise UsageError(f"--kernels: no injection rules for model_type {model.config.model_type!r}: its family "
-                         "declares none. Export without --kernels.")
+        raise UsageError(
+            f"--kernels: no injection rules for model_type {model.config.model_type!r}: its family "
+            "declares none. Export without --kernels."
+        )
     wanted = {"attention": attention, "bridge": bridge_norm}
     by_class = {cls: rule for rule in rules if wanted[rule.kernel] for cls in rule.classes}
     plan: list[tuple[str, nn.Module, Rule]] = []
@@ -338,8 +399,10 @@ def inject(model: PreTrainedModel, rules: Sequence[Rule], *, attention: bool = T
             continue
         problem = rule.check(module)
         if problem:
-            raise UsageError(f"Cannot inject the {rule.kernel} kernel into {name} ({type(module).__name__}): "
-                             f"{problem}. Export without --kernels {rule.kernel}.")
+            raise UsageError(
+                f"Cannot inject the {rule.kernel} kernel into {name} ({type(module).__name__}): "
+                f"{problem}. Export without --kernels {rule.kernel}."
+            )
         plan.append((name, module, rule))
 
     _kernels()  # fail here, before patching, when the kernels package is missing

@@ -46,8 +46,10 @@ class Component:
         """Raises ShapeError naming ``where`` and the field when ``d`` is not a component record."""
         values = checked_fields(cls, d, where)
         for key in ("inputs", "outputs"):
-            values[key] = [TensorSpec(**checked_fields(TensorSpec, t, f"{where}.{key}[{i}]"))
-                           for i, t in enumerate(values[key])]
+            values[key] = [
+                TensorSpec(**checked_fields(TensorSpec, t, f"{where}.{key}[{i}]"))
+                for i, t in enumerate(values[key])
+            ]
         return cls(**values)
 
     def input(self, name: str) -> TensorSpec | None:
@@ -80,24 +82,32 @@ class AccuracyReport:
 
     def lines(self) -> list[str]:
         """The report as the CLI prints it."""
-        out = [f"accuracy vs eager fp32 ({self.precision}): {'passed' if self.passed else 'BELOW THRESHOLD'}"
-               + (" - kept with --accept-degraded" if self.degraded else "")]
+        out = [
+            f"accuracy vs eager fp32 ({self.precision}): {'passed' if self.passed else 'BELOW THRESHOLD'}"
+            + (" - kept with --accept-degraded" if self.degraded else "")
+        ]
         for name, o in self.outputs.items():
             out.append(f"  {name}: cosine {_g6(o.get('cosine'))}, max abs err {_g(o.get('max_abs'))}")
         for name, t in self.tasks.items():
-            out.append(f"  {name}: {t.get('kind')} agreement {_pct(t.get('agreement'))} (near-ties included: "
-                       f"{_pct(t.get('agreement_with_near_ties'))})")
+            out.append(
+                f"  {name}: {t.get('kind')} agreement {_pct(t.get('agreement'))} (near-ties included: "
+                f"{_pct(t.get('agreement_with_near_ties'))})"
+            )
         g = self.generation or {}
         if g:
-            out.append(f"  generation: greedy tokens equal for {_pct(g.get('greedy_token_agreement'))} of samples "
-                       f"(near-ties included: {_pct(g.get('agreement_with_near_ties'))}), mean first divergence "
-                       f"step {_g(g.get('mean_first_divergence_step'))}, logit cosine min "
-                       f"{_g6(g.get('min_logit_cosine'))} / mean {_g6(g.get('mean_logit_cosine'))}; beam tokens "
-                       f"equal for {_pct(g.get('beam_token_agreement'))} (near-ties included: "
-                       f"{_pct(g.get('beam_agreement_with_near_ties'))})")
+            out.append(
+                f"  generation: greedy tokens equal for {_pct(g.get('greedy_token_agreement'))} of samples "
+                f"(near-ties included: {_pct(g.get('agreement_with_near_ties'))}), mean first divergence "
+                f"step {_g(g.get('mean_first_divergence_step'))}, logit cosine min "
+                f"{_g6(g.get('min_logit_cosine'))} / mean {_g6(g.get('mean_logit_cosine'))}; beam tokens "
+                f"equal for {_pct(g.get('beam_token_agreement'))} (near-ties included: "
+                f"{_pct(g.get('beam_agreement_with_near_ties'))})"
+            )
         if self.calibration:
-            out.append(f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} samples, "
-                       f"{self.calibration.get('method')})")
+            out.append(
+                f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} samples, "
+                f"{self.calibration.get('method')})"
+            )
         out += [f"  missed: {m}" for m in self.misses]
         return out
 
@@ -151,10 +161,15 @@ class ValidationReport:
             if f.get("step") is not None or f.get("output") == "tokens":  # generation mismatch
                 lines.append(f"  sample {f.get('sample')}: {f.get('detail')}")
                 continue
-            err = ", ".join(f"{k}={_g(f[k])}" for k in ("max_abs", "max_rel", "cosine", "agreement")
-                            if f.get(k) is not None)
-            lines.append(f"  {f.get('output')} @ {f.get('shape')}: {f.get('kind')} ({err}) limit "
-                         f"{f.get('limit') or '-'} {f.get('detail', '')}")
+            err = ", ".join(
+                f"{k}={_g(f[k])}"
+                for k in ("max_abs", "max_rel", "cosine", "agreement")
+                if f.get(k) is not None
+            )
+            lines.append(
+                f"  {f.get('output')} @ {f.get('shape')}: {f.get('kind')} ({err}) limit "
+                f"{f.get('limit') or '-'} {f.get('detail', '')}"
+            )
         if len(self.failures) > limit:
             lines.append(f"  ... and {len(self.failures) - limit} more")
         return lines
@@ -180,7 +195,9 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)  # {"kind": "copied"|"placeholder", ...}
     generation: dict[str, Any] = field(default_factory=dict)  # generation settings for generative tasks
     derived_from: dict[str, Any] | None = None  # for quantized / converted artifacts: the parent's identity
-    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op counts (onnx-opt)
+    fused_ops: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # component -> fused op counts (onnx-opt)
     validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
     # relative path -> sha256 of every component and support file, recorded before validation: what was validated
@@ -210,11 +227,15 @@ class Manifest:
 
         directory = Path(directory)
         path = directory / MANIFEST
-        note = describe_partial(directory)  # a staging dir (a killed run's, or one in progress) is no artifact
+        note = describe_partial(
+            directory
+        )  # a staging dir (a killed run's, or one in progress) is no artifact
         if note:
             raise UsageError(note)
         if not directory.is_dir():
-            raise UsageError(f"{directory} is not a directory. Pass an artifact directory written by vlexport.")
+            raise UsageError(
+                f"{directory} is not a directory. Pass an artifact directory written by vlexport."
+            )
         if not path.is_file():
             raise UsageError(
                 f"{directory} has no {MANIFEST}: it is not a vlexport artifact directory. Export one first, e.g. "
@@ -222,24 +243,31 @@ class Manifest:
             )
         d = read_json(path, advice="The artifact is damaged: export it again.")
         if not isinstance(d, dict):
-            raise CheckError(f"{path} holds {kind_of(d)}, not a manifest object (schema {SCHEMA}); the artifact is "
-                             "damaged, export it again.")
+            raise CheckError(
+                f"{path} holds {kind_of(d)}, not a manifest object (schema {SCHEMA}); the artifact is "
+                "damaged, export it again."
+            )
         if d.get("schema") != SCHEMA:
             raise CheckError(f"{path} has schema {d.get('schema')!r}, expected {SCHEMA!r}; export it again.")
         try:
             values = checked_fields(cls, d, "manifest")
-            values["components"] = {k: Component.from_dict(v, f"components[{k!r}]")
-                                    for k, v in values["components"].items()}
+            values["components"] = {
+                k: Component.from_dict(v, f"components[{k!r}]") for k, v in values["components"].items()
+            }
             validation = values.get("validation") or None
             if validation is not None and "fused_ops" in validation:  # written before the fused_ops field
                 values.setdefault("fused_ops", validation["fused_ops"])
                 if not isinstance(values["fused_ops"], dict):
-                    raise ShapeError(f"validation.fused_ops must be an object, got {kind_of(values['fused_ops'])}")
+                    raise ShapeError(
+                        f"validation.fused_ops must be an object, got {kind_of(values['fused_ops'])}"
+                    )
             values["validation"] = ValidationReport.from_dict(validation) if validation is not None else None
             manifest = cls(**values)
         except ShapeError as e:
-            raise CheckError(f"{path} does not match schema {SCHEMA}: {e}. The artifact is damaged or was not "
-                             "written by vlexport: export it again.") from None
+            raise CheckError(
+                f"{path} does not match schema {SCHEMA}: {e}. The artifact is damaged or was not "
+                "written by vlexport: export it again."
+            ) from None
         manifest.check_files(directory)
         return manifest
 
@@ -264,7 +292,6 @@ class Manifest:
             if not (directory / rel).is_file():
                 raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
 
-
     def hashed_files(self) -> list[str]:
         """The files the content hashes cover: every component's graph and external data, the support files."""
         comps = [rel for c in self.components.values() for rel in (c.file, c.external_data) if rel]
@@ -288,11 +315,18 @@ class Manifest:
             if not path.is_file():
                 raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
             if file_sha256(path) != digest:
-                what = ("the config the graph was exported from" if rel == "config.json" else
-                        "a support file" if rel in self.files else "a component file")
-                raise CheckError(f"{path} ({what}) changed after export: its sha256 is not the one recorded when the "
-                                 "artifact was validated, so it is not the file that was validated (and native code "
-                                 "in it is not loaded). Restore the artifact from a good copy or export it again.")
+                what = (
+                    "the config the graph was exported from"
+                    if rel == "config.json"
+                    else "a support file"
+                    if rel in self.files
+                    else "a component file"
+                )
+                raise CheckError(
+                    f"{path} ({what}) changed after export: its sha256 is not the one recorded when the "
+                    "artifact was validated, so it is not the file that was validated (and native code "
+                    "in it is not loaded). Restore the artifact from a good copy or export it again."
+                )
 
 
 def file_sha256(path: Path) -> str:
@@ -313,8 +347,10 @@ def _stream(f: Any) -> str:
 def _check_inside(directory: Path, rel: str) -> None:
     """A manifest names files inside its directory only: an artifact from elsewhere must not point us at others."""
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise CheckError(f"{directory / MANIFEST} names {rel!r}, a path outside the artifact directory; the "
-                         "manifest is damaged or not from vlexport. Export the artifact again.")
+        raise CheckError(
+            f"{directory / MANIFEST} names {rel!r}, a path outside the artifact directory; the "
+            "manifest is damaged or not from vlexport. Export the artifact again."
+        )
 
 
 def _pct(share: float | None) -> str:

@@ -45,8 +45,9 @@ from vlexport.weights import ModelSource, load_model, resolve, source_from_manif
 __all__ = ["KERNEL_NAMES", "ExportJob", "Progress", "check_job", "injected", "run_export"]
 
 
-def run_export(job: ExportJob, progress: Progress = lambda msg: None, *,
-               model: PreTrainedModel | None = None) -> Manifest:
+def run_export(
+    job: ExportJob, progress: Progress = lambda msg: None, *, model: PreTrainedModel | None = None
+) -> Manifest:
     """Build ``job`` with its backend and validate it against eager.
 
     ``model``: the already-loaded eager model of ``job.model`` / ``job.task`` (the benchmark harness holds
@@ -67,15 +68,19 @@ def check_variant_source(model: str | Path, manifest: Manifest, config: Precisio
     variant, and only backends that derive a precision from their own files (a pass, or a parent) can; without
     one the pipeline would rebuild from weights a compiled package does not carry, and blame missing safetensors."""
     if config.name == "fp32":
-        raise UsageError(f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
-                         f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
-                         "int8-weight, int8-static).")
+        raise UsageError(
+            f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
+            f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
+            "int8-weight, int8-static)."
+        )
     if derivation(get_backend(manifest.backend), config) is None:
         passes = sorted({f"{b} {p}" for b, p in BUILTIN})
         verb = {"aoti": "compile", "tensorrt": "tensorrt"}.get(manifest.backend, manifest.backend)
-        raise UsageError(f"`vlexport quantize` has no {config.name} pass for {manifest.backend} artifacts such as "
-                         f"{model} (it has: {', '.join(passes)}). Build the variant from the model instead: "
-                         f"`vlexport {verb} MODEL --precision {config.name}`.")
+        raise UsageError(
+            f"`vlexport quantize` has no {config.name} pass for {manifest.backend} artifacts such as "
+            f"{model} (it has: {', '.join(passes)}). Build the variant from the model instead: "
+            f"`vlexport {verb} MODEL --precision {config.name}`."
+        )
 
 
 def check_job(job: ExportJob) -> Backend:
@@ -86,17 +91,22 @@ def check_job(job: ExportJob) -> Backend:
     precision = job.precision
     builds = backend_precisions(backend)
     if precision.name not in builds:
-        raise UsageError(f"The {backend.name} backend builds {', '.join(builds) or 'no precision'}, "
-                         f"not {precision.name}.")
+        raise UsageError(
+            f"The {backend.name} backend builds {', '.join(builds) or 'no precision'}, not {precision.name}."
+        )
     allowed = backend_options(backend)
     unknown = sorted(set(job.options) - set(allowed))
     if unknown:
-        raise UsageError(f"Option(s) {unknown} do not apply to the {backend.name} backend "
-                         f"(it takes {', '.join(allowed) or 'none'}).")
+        raise UsageError(
+            f"Option(s) {unknown} do not apply to the {backend.name} backend "
+            f"(it takes {', '.join(allowed) or 'none'})."
+        )
     job.options = {**allowed, **{k: v for k, v in job.options.items() if v is not None}}
     backend.check(job)
     given = Path(job.model) if job.model else None
-    if given is not None and (given / "manifest.json").is_file():  # the parent artifact: the config's own rules
+    if (
+        given is not None and (given / "manifest.json").is_file()
+    ):  # the parent artifact: the config's own rules
         precision.check_for(backend.name, Manifest.read(given))
     else:
         precision.check_for(backend.name, None)
@@ -135,7 +145,9 @@ def _timed(job: ExportJob, stage: str, progress: Progress) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+def injected(
+    model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...]
+) -> Iterator[dict[str, Any]]:
     """Swap in our kernels for the duration of the export; yields the exporter's translation table."""
     if not kernels:
         yield {"translation_table": {}, "replaced": {}}
@@ -144,19 +156,30 @@ def injected(model: PreTrainedModel, family: FamilySpec, kernels: tuple[str, ...
 
     from vlexport.inject import inject
 
-    with inject(model, family.injection, attention="attention" in kernels, bridge_norm="bridge" in kernels) as h:
+    with inject(
+        model, family.injection, attention="attention" in kernels, bridge_norm="bridge" in kernels
+    ) as h:
         yield {"translation_table": onnx_translation_table(), "replaced": h.counts}
 
 
 # ---------------------------------------------------------------- base backends: export from torch
-def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager, *,
-            given: set[str] | frozenset[str] = frozenset()) -> Manifest:
-    source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
-                     allow_new_weights=job.allow_new_weights)
+def _export(
+    job: ExportJob,
+    backend: Backend,
+    progress: Progress,
+    eager: _Eager,
+    *,
+    given: set[str] | frozenset[str] = frozenset(),
+) -> Manifest:
+    source = resolve(
+        job.model, random_weights=job.random_weights, seed=job.seed, allow_new_weights=job.allow_new_weights
+    )
     task = source.check_task(job.task)
     _check_precision(source, job)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
-    check_output_dir(job.output, force=job.force, source_dir=source.local_dir)  # before minutes of work; locks
+    check_output_dir(
+        job.output, force=job.force, source_dir=source.local_dir
+    )  # before minutes of work; locks
     task_spec = source.family.task(task)
     _check_decoder_limits(job, source, task_spec, given)
     model = eager.load(source, task, job, progress)
@@ -166,11 +189,15 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager,
             for spec in task_spec.components(model.config):
                 spec = with_axis_limits(spec, model.config, source.family.position_offset(model.config))
                 progress(f"exporting {spec.name}")
-                example = (spec.example_inputs(model, EXPORT_SHAPE, job.seed) if spec.example_inputs
-                           else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed))
+                example = (
+                    spec.example_inputs(model, EXPORT_SHAPE, job.seed)
+                    if spec.example_inputs
+                    else task_spec.make_inputs(model.config, EXPORT_SHAPE, job.seed)
+                )
                 path = tmp / f"{spec.name}{backend.suffix}"
-                components[spec.name] = backend.export_component(spec.build(model), spec, example, path, job,
-                                                                 inj["translation_table"])
+                components[spec.name] = backend.export_component(
+                    spec.build(model), spec, example, path, job, inj["translation_table"]
+                )
         manifest = _manifest(source, task, model, components, job, inj["replaced"])
         manifest.files = [write_config(model.config, tmp), *copy_support_files(source.local_dir, tmp)]
         manifest.tokenizer = tokenizer_record(manifest.files)
@@ -184,7 +211,10 @@ def _export(job: ExportJob, backend: Backend, progress: Progress, eager: _Eager,
 
 
 # backend options that bound a generative package's decoder (aoti: its static KV cache), by what they limit
-DECODER_LIMITS = {"max_batch": "decoder rows (batch x beams)", "max_length": "cache slots (prompt + new tokens)"}
+DECODER_LIMITS = {
+    "max_batch": "decoder rows (batch x beams)",
+    "max_length": "cache slots (prompt + new tokens)",
+}
 
 
 def _flag(option: str) -> str:
@@ -198,8 +228,10 @@ def _check_decoder_limits(job: ExportJob, source: ModelSource, task_spec: TaskSp
     if not task_spec.generative:
         extra = sorted(_flag(k) for k in limits if k in given)
         if extra:
-            raise UsageError(f"{' and '.join(extra)} bound{'s' if len(extra) == 1 else ''} the decoder of a "
-                             f"generative task; {task_spec.name} has none. Drop the option.")
+            raise UsageError(
+                f"{' and '.join(extra)} bound{'s' if len(extra) == 1 else ''} the decoder of a "
+                f"generative task; {task_spec.name} has none. Drop the option."
+            )
         return
     if not limits or not job.validate:
         return
@@ -209,14 +241,22 @@ def _check_decoder_limits(job: ExportJob, source: ModelSource, task_spec: TaskSp
     short = [(k, int(job.option(k)), needs[k]) for k in limits if int(job.option(k)) < needs[k]]
     if short:
         what = "; ".join(f"{_flag(k)} {v} < {n} {DECODER_LIMITS[k]}" for k, v, n in short)
-        raise UsageError(f"Validation of {task_spec.name} needs more than this package would hold ({what}: its "
-                         "checks run up to batch 4 with beam 3 and 12 new tokens). Nothing was compiled: give "
-                         f"{' '.join(f'{_flag(k)} {n}' for k, _, n in short)} or more, or "
-                         "--no-validate to build a package that is not checked (`vlexport triton` will not serve it).")
+        raise UsageError(
+            f"Validation of {task_spec.name} needs more than this package would hold ({what}: its "
+            "checks run up to batch 4 with beam 3 and 12 new tokens). Nothing was compiled: give "
+            f"{' '.join(f'{_flag(k)} {n}' for k, _, n in short)} or more, or "
+            "--no-validate to build a package that is not checked (`vlexport triton` will not serve it)."
+        )
 
 
-def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components: dict[str, Component],
-              job: ExportJob, replaced: dict[str, int]) -> Manifest:
+def _manifest(
+    source: ModelSource,
+    task: str,
+    model: PreTrainedModel,
+    components: dict[str, Component],
+    job: ExportJob,
+    replaced: dict[str, int],
+) -> Manifest:
     vision = getattr(model.config, "vision_config", None)
     return Manifest(
         family=source.family.name,
@@ -225,9 +265,11 @@ def _manifest(source: ModelSource, task: str, model: PreTrainedModel, components
         backend=job.backend,
         precision=job.precision.name,
         precision_knobs=job.precision.knobs(),
-        source={"preset": source.preset.name if source.preset else None,
-                "path": str(source.local_dir) if source.local_dir else None,
-                "checkpoint": source.preset.checkpoint if source.preset else None},
+        source={
+            "preset": source.preset.name if source.preset else None,
+            "path": str(source.local_dir) if source.local_dir else None,
+            "checkpoint": source.preset.checkpoint if source.preset else None,
+        },
         weights=source.origin,
         components=components,
         kernels=[f"{k}:{n}" for k, n in replaced.items()],
@@ -269,14 +311,20 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
     from_artifact = (given / "manifest.json").is_file()
     if from_artifact:
         parent = Manifest.read(given)
-        parent.verify_hashes(given)  # a damaged source is named as such, never blamed on the variant built from it
+        parent.verify_hashes(
+            given
+        )  # a damaged source is named as such, never blamed on the variant built from it
         _check_parent(parent, how, backend.name, job, given)
         source = source_from_manifest(parent, given)
         task = parent.task
         name = parent.source.get("preset") or given.name
     else:
-        source = resolve(job.model, random_weights=job.random_weights, seed=job.seed,
-                         allow_new_weights=job.allow_new_weights)
+        source = resolve(
+            job.model,
+            random_weights=job.random_weights,
+            seed=job.seed,
+            allow_new_weights=job.allow_new_weights,
+        )
         task = source.check_task(job.task)
         name = Path(job.model).name
     _check_precision(source, job)
@@ -285,38 +333,73 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
     task_spec = source.family.task(task)
     model = eager.load(source, task, job, progress) if job.validate or not from_artifact else None
     config = model.config if model is not None else source.config
-    need = _expected_bytes(model, job.precision)  # None: only the parent artifact is at hand, nothing to check
+    need = _expected_bytes(
+        model, job.precision
+    )  # None: only the parent artifact is at hand, nothing to check
     with contextlib.ExitStack() as stack:
         if from_artifact:
             parent_dir = given
         else:  # the parent is built for this export only, next to the output (renames stay on one disk)
-            scratch = stack.enter_context(scratch_dir(job.output,
-                                                      expected_bytes=need + _expected_bytes(model, Fp32Config())))
+            scratch = stack.enter_context(
+                scratch_dir(job.output, expected_bytes=need + _expected_bytes(model, Fp32Config()))
+            )
             parent_dir = scratch / "artifact"
             progress(f"exporting the {how.parent_backend} fp32 parent")
-            parent_job = replace(job, backend=how.parent_backend, output=parent_dir, precision=Fp32Config(),
-                                 validate=False, force=True, timings=job.timings,
-                                 options={k: v for k, v in job.options.items()
-                                          if k in backend_options(get_backend(how.parent_backend))})
+            parent_job = replace(
+                job,
+                backend=how.parent_backend,
+                output=parent_dir,
+                precision=Fp32Config(),
+                validate=False,
+                force=True,
+                timings=job.timings,
+                options={
+                    k: v
+                    for k, v in job.options.items()
+                    if k in backend_options(get_backend(how.parent_backend))
+                },
+            )
             parent = run_export(parent_job, progress, model=model)
             parent.weights = source.origin  # loaded here, so it names the fresh tensors (weights.load_model)
             job.precision.check_for(backend.name, parent)
         model = None  # only `eager` holds it now, so that validation can drop it
         with staged_dir(job.output, force=job.force, expected_bytes=need) as tmp:
-            ctx = DeriveContext(parent_dir, parent, tmp, job, task_spec, source.family, config, progress,
-                                parent_is_scratch=not from_artifact)
+            ctx = DeriveContext(
+                parent_dir,
+                parent,
+                tmp,
+                job,
+                task_spec,
+                source.family,
+                config,
+                progress,
+                parent_is_scratch=not from_artifact,
+            )
             with _timed(job, how.stage, progress):
                 derived = how.build(ctx)
             for rel in parent.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(parent_dir / rel, tmp / rel)
             manifest = replace(
-                parent, backend=backend.name, precision=job.precision.name, precision_knobs=job.precision.knobs(),
-                components=derived.components, opset=_opset(derived.components), fused_ops=derived.fused_ops,
-                validation=None, timings={}, versions={}, created="",
-                derived_from={"backend": parent.backend, "precision": parent.precision,
-                              # None: the parent was built in a scratch dir for this export and removed
-                              "path": str(given.resolve()) if from_artifact else None, **derived.details})
+                parent,
+                backend=backend.name,
+                precision=job.precision.name,
+                precision_knobs=job.precision.knobs(),
+                components=derived.components,
+                opset=_opset(derived.components),
+                fused_ops=derived.fused_ops,
+                validation=None,
+                timings={},
+                versions={},
+                created="",
+                derived_from={
+                    "backend": parent.backend,
+                    "precision": parent.precision,
+                    # None: the parent was built in a scratch dir for this export and removed
+                    "path": str(given.resolve()) if from_artifact else None,
+                    **derived.details,
+                },
+            )
             _validate(job, backend, manifest, tmp, eager, task_spec, progress)
     return manifest
 
@@ -325,22 +408,35 @@ def _check_parent(parent: Manifest, how: Derivation, name: str, job: ExportJob, 
     precision = job.precision.name
     if parent.backend != how.parent_backend or parent.precision not in how.parent_precisions:
         origin = (parent.derived_from or {}).get("path") if parent.backend == how.parent_backend else None
-        raise UsageError(f"{directory} is a {parent.backend} {parent.precision} artifact; the {name} {precision} "
-                         f"variant is built from {' or '.join(how.parent_precisions)} {how.parent_backend} artifacts"
-                         + (f" (its parent: {origin})." if origin else "."))
+        raise UsageError(
+            f"{directory} is a {parent.backend} {parent.precision} artifact; the {name} {precision} "
+            f"variant is built from {' or '.join(how.parent_precisions)} {how.parent_backend} artifacts"
+            + (f" (its parent: {origin})." if origin else ".")
+        )
     if parent.validation is not None and parent.validation.passed is False:
         raise UsageError(f"{directory} failed its validation; export it again before building from it.")
     if job.kernels:
-        raise UsageError(f"--kernels applies when exporting from a model; {directory} already has its kernels "
-                         f"({', '.join(parent.kernels) or 'none'}).")
+        raise UsageError(
+            f"--kernels applies when exporting from a model; {directory} already has its kernels "
+            f"({', '.join(parent.kernels) or 'none'})."
+        )
     if job.task not in (None, parent.task):
         raise UsageError(f"{directory} holds a {parent.task!r} artifact; --task {job.task} does not apply.")
 
 
 # ---------------------------------------------------------------- shared tail: validate, write
-def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, eager: _Eager, task_spec: TaskSpec,
-              progress: Progress) -> None:
-    manifest.record_hashes(tmp)  # what is validated next is what `validate`, `triton` and the loader check later
+def _validate(
+    job: ExportJob,
+    backend: Backend,
+    manifest: Manifest,
+    tmp: Path,
+    eager: _Eager,
+    task_spec: TaskSpec,
+    progress: Progress,
+) -> None:
+    manifest.record_hashes(
+        tmp
+    )  # what is validated next is what `validate`, `triton` and the loader check later
     manifest.write(tmp)  # the loader reads a complete directory
     if not job.validate:
         manifest.validation = ValidationReport.skipped_report()
@@ -348,7 +444,9 @@ def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, e
         with _timed(job, "validate", progress):
             check = eager_references(eager.model, task_spec)
             eager.release()
-            manifest.validation = check(load_artifact(tmp, manifest=manifest, device=backend.validation_device))
+            manifest.validation = check(
+                load_artifact(tmp, manifest=manifest, device=backend.validation_device)
+            )
     manifest.timings = dict(job.timings)
     if job.accept_degraded and manifest.validation.passed is False:
         from vlexport.validate.accuracy import accept_degraded
@@ -357,8 +455,12 @@ def _validate(job: ExportJob, backend: Backend, manifest: Manifest, tmp: Path, e
             manifest.write(tmp)
             return
     manifest.write(tmp)
-    raise_on_failure(manifest.validation, f"the {manifest.backend} {manifest.precision} build of {job.model} "
-                     f"({manifest.task}) for {job.output}", _miss_advice(job, manifest))
+    raise_on_failure(
+        manifest.validation,
+        f"the {manifest.backend} {manifest.precision} build of {job.model} "
+        f"({manifest.task}) for {job.output}",
+        _miss_advice(job, manifest),
+    )
 
 
 def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
@@ -367,11 +469,15 @@ def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
 
     head = f"Nothing was written to {job.output}."
     if manifest.validation is not None and below_thresholds_only(manifest.validation):
-        return (f"{head} The {manifest.precision} variant is only below its accuracy thresholds: pass "
-                "--accept-degraded to keep it marked as degraded, or build a more accurate one (`vlexport list` "
-                "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size).")
+        return (
+            f"{head} The {manifest.precision} variant is only below its accuracy thresholds: pass "
+            "--accept-degraded to keep it marked as degraded, or build a more accurate one (`vlexport list` "
+            "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size)."
+        )
     if job.kernels:
         return f"{head} Export again without --kernels ({','.join(job.kernels)}): the injected kernels changed it."
-    return (f"{head} The artifact does not reproduce the eager model: keep the lines above and report them as a "
-            "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "
-            "serve it).")
+    return (
+        f"{head} The artifact does not reproduce the eager model: keep the lines above and report them as a "
+        "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "
+        "serve it)."
+    )

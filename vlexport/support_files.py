@@ -11,15 +11,27 @@ from transformers import PretrainedConfig
 
 # What save_pretrained writes for tokenizers and processors of these families.
 SUPPORT_PATTERNS = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json", "preprocessor_config.json",
-    "processor_config.json", "generation_config.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
 )
 
 
 def write_config(config: PretrainedConfig, directory: Path) -> str:
     """The HF config copy: validation rebuilds the eager reference from it."""
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "config.json").write_text(
+        json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+    )
     return "config.json"
 
 

@@ -63,7 +63,14 @@ def kind_of(value: Any) -> str:
     return type(value).__name__
 
 
-_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans", dict: "objects", Path: "paths"}
+_PLURAL = {
+    int: "integers",
+    float: "numbers",
+    str: "strings",
+    bool: "booleans",
+    dict: "objects",
+    Path: "paths",
+}
 
 
 def _describe(tp: Any) -> str:
@@ -77,8 +84,15 @@ def _describe(tp: Any) -> str:
         item = (typing.get_origin(args[0]) or args[0]) if args else None
         plural = "objects" if dataclasses.is_dataclass(item) else _PLURAL.get(item)
         return "a list" + (f" of {plural}" if plural else "")
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            dict: "an object", Path: "a path"}.get(origin, "an object")
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "an object",
+        Path: "a path",
+    }.get(origin, "an object")
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -119,7 +133,9 @@ def _check(value: Any, tp: Any, where: str) -> None:
     if origin in (typing.Union, types.UnionType):
         # One container alternative that holds a wrong element (list[int] | None): point at the element.
         inner = [a for a in args if a is not type(None) and typing.get_origin(a) in (list, tuple, dict)]
-        if len(inner) == 1 and isinstance(value, dict if typing.get_origin(inner[0]) is dict else (list, tuple)):
+        if len(inner) == 1 and isinstance(
+            value, dict if typing.get_origin(inner[0]) is dict else (list, tuple)
+        ):
             _check(value, inner[0], where)
     elif origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
         for i, v in enumerate(value):

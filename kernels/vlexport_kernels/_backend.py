@@ -22,7 +22,9 @@ try:
 except ImportError:  # triton is the optional `kernels` extra: without it only the reference path exists
     triton = tl = None
 
-if not __name__.startswith("vlexport_kernels."):  # a second copy (kernels.vlexport_kernels) would register the ops twice
+if not __name__.startswith(
+    "vlexport_kernels."
+):  # a second copy (kernels.vlexport_kernels) would register the ops twice
     raise ImportError(f"{__name__}: import this package as vlexport_kernels, not through the kernels/ folder")
 
 BACKENDS = ("auto", "triton", "reference")
@@ -76,7 +78,11 @@ def _why_not_runnable(device: torch.device, kernel: Any) -> str:
     if device.type not in ("cpu", "cuda"):
         return f"use_backend('triton'): no Triton path for {device.type} tensors (CUDA, or CPU in the interpreter)."
     if device.type == "cuda":
-        return ("use_backend('triton'): the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 was "
-                "set when vlexport_kernels was imported) and cannot run on CUDA tensors.")
-    return (f"use_backend('triton'): {device.type} tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before vlexport_kernels is imported (triton reads it when the kernels are decorated).")
+        return (
+            "use_backend('triton'): the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 was "
+            "set when vlexport_kernels was imported) and cannot run on CUDA tensors."
+        )
+    return (
+        f"use_backend('triton'): {device.type} tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
+        "before vlexport_kernels is imported (triton reads it when the kernels are decorated)."
+    )

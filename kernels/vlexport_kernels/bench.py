@@ -84,8 +84,9 @@ def layer_norm_cases() -> Iterator[LayerNormCase]:
         yield LayerNormCase("opt-2.7b", rows, 2560)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """HF eager attention (BridgeTower / BLIP): scores, additive mask, fp32 softmax, probs @ v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bias is not None:
@@ -97,7 +98,9 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
     from torch.nn.attention import sdpa_kernel
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def run(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
         with sdpa_kernel([backend]):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
@@ -112,8 +115,12 @@ def attention_impls() -> dict[str, Callable[..., torch.Tensor]]:
     def ours(q, k, v, bias, scale):  # the launcher, not the op: no dispatcher overhead in the timing
         return attention_triton(q, k, v, attn_bias=bias, scale=scale)
 
-    return {"vlexport": ours, "eager": eager_attention,
-            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+    return {
+        "vlexport": ours,
+        "eager": eager_attention,
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    }
 
 
 def _time(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> list[float]:
@@ -134,8 +141,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def bench_attention(case: AttentionCase, dtype: torch.dtype, common: dict[str, Any], warmup_ms: int,
-                    rep_ms: int) -> list[BenchRow]:
+def bench_attention(
+    case: AttentionCase, dtype: torch.dtype, common: dict[str, Any], warmup_ms: int, rep_ms: int
+) -> list[BenchRow]:
     device = _device()
     gen = torch.Generator(device=device).manual_seed(0)
     b, h, sq, sk, d = case.batch, case.heads, case.q_len, case.kv_len, case.head_dim
@@ -145,8 +153,8 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, common: dict[str, A
     bias = None
     if case.padded:
         bias = torch.zeros(b, 1, 1, sk, device=device, dtype=dtype)
-        bias[..., sk - max(1, sk // 10):] = torch.finfo(dtype).min
-    scale = d ** -0.5
+        bias[..., sk - max(1, sk // 10) :] = torch.finfo(dtype).min
+    scale = d**-0.5
     expected = eager_attention(q, k, v, bias, scale)
     shape = {"batch": b, "heads": h, "q_len": sq, "kv_len": sk, "head_dim": d, "padded": int(case.padded)}
     rows = []
@@ -162,8 +170,9 @@ def bench_attention(case: AttentionCase, dtype: torch.dtype, common: dict[str, A
     return rows
 
 
-def bench_layer_norm(case: LayerNormCase, dtype: torch.dtype, common: dict[str, Any], warmup_ms: int,
-                     rep_ms: int) -> list[BenchRow]:
+def bench_layer_norm(
+    case: LayerNormCase, dtype: torch.dtype, common: dict[str, Any], warmup_ms: int, rep_ms: int
+) -> list[BenchRow]:
     from vlexport_kernels.fused_add_layer_norm import add_layer_norm_triton
 
     device = _device()
@@ -189,30 +198,41 @@ def bench_layer_norm(case: LayerNormCase, dtype: torch.dtype, common: dict[str, 
 
 def _shrunk_attention(case: AttentionCase) -> AttentionCase:
     """The case at interpreter size: same head_dim (88 stays a non-power of two) and masking, few rows."""
-    return dataclasses.replace(case, batch=1, heads=min(case.heads, 2), q_len=min(case.q_len, 8),
-                               kv_len=min(case.kv_len, 8))
+    return dataclasses.replace(
+        case, batch=1, heads=min(case.heads, 2), q_len=min(case.q_len, 8), kv_len=min(case.kv_len, 8)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlexport_kernels.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vlexport_kernels.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--only", choices=("attention", "add_layer_norm"), help="one kernel only")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="every step on the CPU with shrunk cases (TRITON_INTERPRET=1): checks the script, "
-                             "not the speed")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every step on the CPU with shrunk cases (TRITON_INTERPRET=1): checks the script, not the speed",
+    )
     args = parser.parse_args(argv)
 
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
-            print("vlexport_kernels.bench --dry-run: set TRITON_INTERPRET=1 (before Python starts) so the Triton "
-                  "kernels run on the CPU.", file=sys.stderr)
+            print(
+                "vlexport_kernels.bench --dry-run: set TRITON_INTERPRET=1 (before Python starts) so the Triton "
+                "kernels run on the CPU.",
+                file=sys.stderr,
+            )
             return 2
     elif not torch.cuda.is_available():
-        print("vlexport_kernels.bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "the kernels' CPU tests are in tests/kernels.", file=sys.stderr)
+        print(
+            "vlexport_kernels.bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "the kernels' CPU tests are in tests/kernels.",
+            file=sys.stderr,
+        )
         return 2
     try:
         import triton
@@ -223,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     # The interpreter runs fp16 on the CPU too, but slowly: a dry run checks the code path in fp32.
     dtype = torch.float32 if args.dry_run else DTYPES[args.dtype]
     device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    common = {"dtype": "fp32" if args.dry_run else args.dtype, "device": device, "torch": torch.__version__,
-              "triton": triton.__version__}
+    common = {
+        "dtype": "fp32" if args.dry_run else args.dtype,
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
     rows: list[BenchRow] = []
     if args.only in (None, "attention"):
         cases = attention_cases()
@@ -237,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for row in rows:
         dims = " ".join(f"{k}={v}" for k, v in row.shape.items())
-        print(f"{row.name:18} {dims:58} {row.impl:15} p50 {row.ms_p50:8.4f} ms  "
-              f"[p20 {row.ms_p20:.4f}, p80 {row.ms_p80:.4f}]  err {row.max_abs_err:.2e}")
+        print(
+            f"{row.name:18} {dims:58} {row.impl:15} p50 {row.ms_p50:8.4f} ms  "
+            f"[p20 {row.ms_p20:.4f}, p80 {row.ms_p80:.4f}]  err {row.max_abs_err:.2e}"
+        )
     if args.json:
         meta = {"python": platform.python_version()}
         with open(args.json, "w") as f:

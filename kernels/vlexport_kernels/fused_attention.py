@@ -38,18 +38,42 @@ if triton is not None:
         bias_ptr,  # (B, H, Sq, Sk) additive float, stride 0 on broadcast dims; read only if HAS_BIAS
         mask_ptr,  # (B, Sk) uint8, 1 = keep, stride 0 on a broadcast batch; read only if HAS_MASK
         out_ptr,  # (B, H, Sq, D), written once
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_bb, stride_bh, stride_bm, stride_bn,
-        stride_mb, stride_mn,
-        stride_ob, stride_oh, stride_om, stride_od,
-        H, Sq, Sk, D,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_bb,
+        stride_bh,
+        stride_bm,
+        stride_bn,
+        stride_mb,
+        stride_mn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        H,
+        Sq,
+        Sk,
+        D,
         scale,  # softmax scale, applied to q k^T before the bias (as HF eager does)
-        SQ_BUCKET, SK_BUCKET,  # next powers of two of Sq, Sk: autotuning key only (a config per bucket, not per length)
-        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+        SQ_BUCKET,
+        SK_BUCKET,  # next powers of two of Sq, Sk: autotuning key only (a config per bucket, not per length)
+        HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        CAUSAL: tl.constexpr,
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would miss fp32 tolerances), else None
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -60,7 +84,9 @@ if triton is not None:
         row_ok = offs_m < Sq
         d_ok = offs_d < D  # head dims 80 / 88 are padded to BLOCK_D = 128 with zeros
 
-        q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = (
+            q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        )
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -76,12 +102,22 @@ if triton is not None:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Sk
-            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N): k^T
+            k = tl.load(
+                k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=d_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )  # (BLOCK_D, BLOCK_N): k^T
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm
-                               + offs_n[None, :] * stride_bn, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                bias = tl.load(
+                    bias_ptr
+                    + b * stride_bb
+                    + h * stride_bh
+                    + offs_m[:, None] * stride_bm
+                    + offs_n[None, :] * stride_bn,
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
                 # Natural-log domain (exp, not exp2): finfo.min * log2(e) would overflow to -inf and
                 # turn HF's finite "masked" value into a hard mask.
                 s += bias.to(tl.float32)
@@ -99,14 +135,23 @@ if triton is not None:
             correction = tl.exp(m_i - m_shift)
             p = tl.exp(s - m_shift[:, None])
             l_i = l_i * correction + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         # Fully masked rows: l = 0 and acc = 0 -> output 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        out_ptrs = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        out_ptrs = (
+            out_ptr
+            + b * stride_ob
+            + h * stride_oh
+            + offs_m[:, None] * stride_om
+            + offs_d[None, :] * stride_od
+        )
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     # CUDA: tuned per (length buckets, head dim, masking, dtype). Shared memory holds a q block and a
@@ -146,12 +191,15 @@ MAX_HEAD_DIM = 256  # q, k and v blocks of BLOCK_D columns live in registers / s
 # Checks shared by every path
 
 
-def _check_attention_args(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
-                          attn_bias: Tensor | None) -> None:
+def _check_attention_args(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_bias: Tensor | None
+) -> None:
     """ValueError naming the shapes when the arguments cannot describe one attention (never guards symbolic dims)."""
-    shapes = (f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-              + (f", key_padding_mask {tuple(key_padding_mask.shape)}" if key_padding_mask is not None else "")
-              + (f", attn_bias {tuple(attn_bias.shape)}" if attn_bias is not None else ""))
+    shapes = (
+        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        + (f", key_padding_mask {tuple(key_padding_mask.shape)}" if key_padding_mask is not None else "")
+        + (f", attn_bias {tuple(attn_bias.shape)}" if attn_bias is not None else "")
+    )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D (B, H, S, D); got {shapes}")
     if k.shape != v.shape and any(known_ne(a, b) for a, b in zip(k.shape, v.shape)):
@@ -159,30 +207,44 @@ def _check_attention_args(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Ten
     if any(known_ne(q.shape[i], k.shape[i]) for i in (0, 1, 3)):
         raise ValueError(f"attention: q and k must agree on batch, heads and head dim; got {shapes}")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
-                         f"{shapes}")
+        raise ValueError(
+            f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}; {shapes}"
+        )
     if any(t is not None and t.device != q.device for t in (k, v, key_padding_mask, attn_bias)):
         raise ValueError(f"attention: every tensor must be on q's device {q.device}; got {shapes}")
     if key_padding_mask is not None and (
-            key_padding_mask.dim() != 2 or broadcast_mismatch(tuple(key_padding_mask.shape[:1]), (q.shape[0],))
-            or known_ne(key_padding_mask.shape[1], k.shape[2])):
+        key_padding_mask.dim() != 2
+        or broadcast_mismatch(tuple(key_padding_mask.shape[:1]), (q.shape[0],))
+        or known_ne(key_padding_mask.shape[1], k.shape[2])
+    ):
         raise ValueError(f"attention: key_padding_mask must be (B, Sk) or (1, Sk); got {shapes}")
     if attn_bias is not None:
         if not attn_bias.is_floating_point():
-            raise ValueError(f"attention: attn_bias is additive and must be floating, got {attn_bias.dtype} "
-                             f"(pass boolean keep-masks as key_padding_mask); {shapes}")
+            raise ValueError(
+                f"attention: attn_bias is additive and must be floating, got {attn_bias.dtype} "
+                f"(pass boolean keep-masks as key_padding_mask); {shapes}"
+            )
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         if attn_bias.dim() < 2 or broadcast_mismatch(tuple(attn_bias.shape), target):
-            raise ValueError(f"attention: attn_bias must broadcast to (B, H, Sq, Sk) = {tuple(target)}; got {shapes}")
+            raise ValueError(
+                f"attention: attn_bias must broadcast to (B, H, Sq, Sk) = {tuple(target)}; got {shapes}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-                        attn_bias: Tensor | None = None, causal: bool = False,
-                        scale: float | None = None) -> Tensor:
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
     """Plain PyTorch, the same math as the kernel (fp32 throughout, 0 for fully masked rows)."""
     _check_attention_args(q, k, v, key_padding_mask, attn_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -201,7 +263,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Te
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)  # no NaN on empty rows
+    row_max = torch.where(
+        row_max == float("-inf"), torch.zeros_like(row_max), row_max
+    )  # no NaN on empty rows
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     out = torch.matmul(p, v.float()) / torch.where(denom == 0, torch.ones_like(denom), denom)
@@ -212,9 +276,16 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Te
 # Launcher
 
 
-def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-                     attn_bias: Tensor | None = None, causal: bool = False,
-                     scale: float | None = None) -> Tensor:
+def attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
     """Launch the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1). No copies of q, k, v: strides go in."""
     if _attention_fwd_kernel is None:
         raise RuntimeError("attention_triton: triton is not installed")
@@ -222,9 +293,11 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tenso
     batch, heads, sq, head_dim = q.shape
     sk = k.shape[2]
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"attention_triton: head dim {head_dim} > {MAX_HEAD_DIM} (q {tuple(q.shape)}); "
-                         "use the reference backend")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+        raise ValueError(
+            f"attention_triton: head dim {head_dim} > {MAX_HEAD_DIM} (q {tuple(q.shape)}); "
+            "use the reference backend"
+        )
+    scale = head_dim**-0.5 if scale is None else float(scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -232,7 +305,9 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tenso
     # Broadcast dims become stride-0 views: nothing is materialised at (B, H, Sq, Sk).
     bias = mask = None
     if attn_bias is not None:
-        bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape)).expand(batch, heads, sq, sk)
+        bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape)).expand(
+            batch, heads, sq, sk
+        )
     if key_padding_mask is not None:
         keep = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
         mask = keep.view(torch.uint8).expand(batch, sk)
@@ -240,11 +315,34 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tenso
     mask_strides = mask.stride() if mask is not None else (0, 0)
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    args = (q, k, v, bias if bias is not None else q, mask if mask is not None else q, out,
-            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *mask_strides, *out.stride(),
-            heads, sq, sk, head_dim, scale, triton.next_power_of_2(sq), triton.next_power_of_2(sk))
-    flags = {"HAS_BIAS": bias is not None, "HAS_MASK": mask is not None, "CAUSAL": bool(causal),
-             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else None, "BLOCK_D": block_d}
+    args = (
+        q,
+        k,
+        v,
+        bias if bias is not None else q,
+        mask if mask is not None else q,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        *mask_strides,
+        *out.stride(),
+        heads,
+        sq,
+        sk,
+        head_dim,
+        scale,
+        triton.next_power_of_2(sq),
+        triton.next_power_of_2(sk),
+    )
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_MASK": mask is not None,
+        "CAUSAL": bool(causal),
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else None,
+        "BLOCK_D": block_d,
+    }
 
     if q.device.type == "cpu":  # the interpreter
         block_m = min(INTERPRETER_BLOCK_M, max(16, triton.next_power_of_2(sq)))
@@ -267,24 +365,48 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tenso
 
 
 @torch.library.custom_op("vlexport::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
-                  attn_bias: Tensor | None = None, causal: bool = False, scale: float | None = None) -> Tensor:
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
     impl = attention_triton if use_triton(q.device, _attention_fwd_kernel) else reference_attention
     return impl(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, causal=causal, scale=scale)
 
 
 @_attention_op.register_fake
-def _attention_fake(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
-                    attn_bias: Tensor | None = None, causal: bool = False, scale: float | None = None) -> Tensor:
+def _attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
     _check_attention_args(q, k, v, key_padding_mask, attn_bias)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
-              attn_bias: Tensor | None = None, causal: bool = False, scale: float | None = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
     """softmax(q k^T * scale + attn_bias, masked) v: (B,H,Sq,D) x (B,H,Sk,D) -> (B,H,Sq,D).
 
     ``scale`` defaults to D ** -0.5. See the module docstring for masks, causality and fully masked rows.
     Runs as ``torch.ops.vlexport.attention``; ``use_backend`` picks the implementation.
     """
-    return _attention_op(q, k, v, key_padding_mask, attn_bias, bool(causal), None if scale is None else float(scale))
+    return _attention_op(
+        q, k, v, key_padding_mask, attn_bias, bool(causal), None if scale is None else float(scale)
+    )

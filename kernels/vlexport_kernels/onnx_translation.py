@@ -29,17 +29,28 @@ _In = OpSchema.FormalParameter
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 
 _MHA_SCHEMA = OpSchema(
-    "MultiHeadAttention", "com.microsoft", 1,
-    inputs=[_In("query", "T"), _In("key", "T", param_option=_OPTIONAL), _In("value", "T", param_option=_OPTIONAL),
-            _In("bias", "T", param_option=_OPTIONAL), _In("key_padding_mask", "M", param_option=_OPTIONAL),
-            _In("attention_bias", "T", param_option=_OPTIONAL)],
+    "MultiHeadAttention",
+    "com.microsoft",
+    1,
+    inputs=[
+        _In("query", "T"),
+        _In("key", "T", param_option=_OPTIONAL),
+        _In("value", "T", param_option=_OPTIONAL),
+        _In("bias", "T", param_option=_OPTIONAL),
+        _In("key_padding_mask", "M", param_option=_OPTIONAL),
+        _In("attention_bias", "T", param_option=_OPTIONAL),
+    ],
     outputs=[_In("output", "T")],
     type_constraints=[("T", _FLOAT_TYPES, ""), ("M", ["tensor(int32)"], "")],
-    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
-                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False)],
+    attributes=[
+        OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
+        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
+    ],
 )
 _SKIP_LN_SCHEMA = OpSchema(
-    "SkipLayerNormalization", "com.microsoft", 1,
+    "SkipLayerNormalization",
+    "com.microsoft",
+    1,
     inputs=[_In("input", "T"), _In("skip", "T"), _In("gamma", "T"), _In("beta", "T", param_option=_OPTIONAL)],
     outputs=[_In("output", "T")],
     type_constraints=[("T", _FLOAT_TYPES, "")],
@@ -62,14 +73,22 @@ def _combine(bias: Any, extra: Any, lowest: Any) -> Any:
     return extra if bias is None else op.Max(op.Add(bias, extra), lowest)
 
 
-def attention_onnx(q: Any, k: Any, v: Any, key_padding_mask: Any = None, attn_bias: Any = None,
-                   causal: bool = False, scale: float | None = None) -> Any:
+def attention_onnx(
+    q: Any,
+    k: Any,
+    v: Any,
+    key_padding_mask: Any = None,
+    attn_bias: Any = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Any:
     """``vlexport::attention`` -> com.microsoft::MultiHeadAttention, same semantics (see fused_attention.py)."""
     num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(num_heads, int) or not isinstance(head_dim, int):  # symbolic: attributes need numbers
         raise ValueError(  # noqa: TRY004
-            f"vlexport::attention to ONNX: heads and head dim must be static, got q shape {q.shape}")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
+            f"vlexport::attention to ONNX: heads and head dim must be static, got q shape {q.shape}"
+        )
+    scale = head_dim**-0.5 if scale is None else float(scale)
     # Typed constants: a bare Python float next to a value made inside this function becomes fp32.
     lowest = op.CastLike(_lowest(q), q)
     zero = op.CastLike(0.0, q)
@@ -100,13 +119,16 @@ def attention_onnx(q: Any, k: Any, v: Any, key_padding_mask: Any = None, attn_bi
         spans_queries = spans_keys = True
     if bias is not None and not (spans_queries and spans_keys):
         # ORT wants attention_bias as (B or 1, H or 1, Sq, Sk): materialise broadcast query / key dims only.
-        target = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3),
-                           axis=0)
+        target = op.Concat(
+            op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3), axis=0
+        )
         bias = op.Expand(bias, target)
 
     query = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))  # (B, Sq, H*D)
     out = MultiHeadAttention(query, k, v, None, None, bias, num_heads=num_heads, scale=scale)
-    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, head_dim])), perm=[0, 2, 1, 3])
+    out = op.Transpose(
+        op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, head_dim])), perm=[0, 2, 1, 3]
+    )
 
     # Rows with no key to attend to are 0 (as in the kernel); ORT, given finite masked scores, would
     # return the mean of v there.
@@ -124,12 +146,21 @@ def _spans(bias_dim: Any, data_dim: Any) -> bool:
     return not (bias_dim == 1 and data_dim != 1)
 
 
-def add_layer_norm_onnx(x: Any, residual: Any, weight: Any, bias: Any = None, eps: float = 1e-5,
-                        alpha: float = 1.0, residual_scale: float = 1.0) -> Any:
+def add_layer_norm_onnx(
+    x: Any,
+    residual: Any,
+    weight: Any,
+    bias: Any = None,
+    eps: float = 1e-5,
+    alpha: float = 1.0,
+    residual_scale: float = 1.0,
+) -> Any:
     """``vlexport::add_layer_norm`` -> com.microsoft::SkipLayerNormalization(alpha * x, residual_scale * residual)."""
     shape = x.shape  # read off the inputs: values made by ops below need not carry shapes or dtypes
-    residual, weight, bias = (t if t is None or t.dtype == x.dtype else op.CastLike(t, x)  # ORT: one dtype T
-                              for t in (residual, weight, bias))
+    residual, weight, bias = (
+        t if t is None or t.dtype == x.dtype else op.CastLike(t, x)  # ORT: one dtype T
+        for t in (residual, weight, bias)
+    )
     if alpha != 1.0:
         x = op.Mul(x, float(alpha))
     if residual_scale != 1.0:
@@ -138,9 +169,12 @@ def add_layer_norm_onnx(x: Any, residual: Any, weight: Any, bias: Any = None, ep
         return SkipLayerNormalization(x, residual, weight, bias, epsilon=float(eps))
     if not isinstance(shape[-1], int):
         raise ValueError(  # noqa: TRY004
-            f"vlexport::add_layer_norm to ONNX: the hidden size must be static, got x shape {shape}")
+            f"vlexport::add_layer_norm to ONNX: the hidden size must be static, got x shape {shape}"
+        )
     flat = op.Constant(value_ints=[-1, shape[-1]])
-    out = SkipLayerNormalization(op.Reshape(x, flat), op.Reshape(residual, flat), weight, bias, epsilon=float(eps))
+    out = SkipLayerNormalization(
+        op.Reshape(x, flat), op.Reshape(residual, flat), weight, bias, epsilon=float(eps)
+    )
     return op.Reshape(out, op.Shape(x))
 
 

@@ -21,15 +21,21 @@ PRESET = "altclip-tiny"
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "vlexport.cli", "onnx", PRESET, "--random-weights", "-o", str(out),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlexport.cli", "onnx", PRESET, "--random-weights", "-o", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_staging(proc: subprocess.Popen[str], parent: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not list(parent.glob(".o.*.partial")):
         if proc.poll() is not None:
-            pytest.fail(f"the first export ended (rc {proc.returncode}) before staging: {proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"the first export ended (rc {proc.returncode}) before staging: {proc.stderr.read()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("timed out waiting for the first export to stage")

@@ -14,8 +14,19 @@ from vlexport.bench.rows import BenchRow, fill_speedups, write_rows
 
 
 def _rows(onnx_p50: float = 5.0) -> list[BenchRow]:
-    rows = [BenchRow(model="m", task="itm", backend=b, precision="fp32", batch=1, seq_len=16, device="cpu",
-                     latency_p50_ms=p) for b, p in (("eager", 10.0), ("onnx", onnx_p50))]
+    rows = [
+        BenchRow(
+            model="m",
+            task="itm",
+            backend=b,
+            precision="fp32",
+            batch=1,
+            seq_len=16,
+            device="cpu",
+            latency_p50_ms=p,
+        )
+        for b, p in (("eager", 10.0), ("onnx", onnx_p50))
+    ]
     fill_speedups(rows)
     return rows
 
@@ -28,16 +39,27 @@ def _write(path: Path, rows: list[BenchRow], **changes: object) -> Path:
 
 
 @pytest.mark.parametrize("which", ["baseline", "current"])
-@pytest.mark.parametrize(("field", "value"), [
-    ("speedup_vs_eager", float("nan")), ("speedup_vs_eager", float("inf")), ("speedup_vs_eager", -2.0),
-    ("speedup_vs_eager", 0.0), ("latency_p50_ms", float("nan")), ("latency_p50_ms", -1.0),
-])
-def test_bad_figures_are_errors_naming_the_row(tmp_path: Path, capsys, which: str, field: str, value: float) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("speedup_vs_eager", float("nan")),
+        ("speedup_vs_eager", float("inf")),
+        ("speedup_vs_eager", -2.0),
+        ("speedup_vs_eager", 0.0),
+        ("latency_p50_ms", float("nan")),
+        ("latency_p50_ms", -1.0),
+    ],
+)
+def test_bad_figures_are_errors_naming_the_row(
+    tmp_path: Path, capsys, which: str, field: str, value: float
+) -> None:
     good = _write(tmp_path / "good.json", _rows())
     bad = _write(tmp_path / "bad.json", _rows(), **{field: value})
     files = (bad, good) if which == "baseline" else (good, bad)
     rc, err = cli(capsys, "regress", *files, "--absolute")
-    assert rc == 1 and f"{bad} cannot be judged" in err and "m itm onnx fp32 b1 s16" in err and field in err, err
+    assert (
+        rc == 1 and f"{bad} cannot be judged" in err and "m itm onnx fp32 b1 s16" in err and field in err
+    ), err
 
 
 def test_a_file_listing_every_row_twice_slow_first_fails(tmp_path: Path, capsys) -> None:

@@ -32,10 +32,13 @@ def _reference(grey8: np.ndarray) -> np.ndarray:
         return load_image(path, ImageSettings(**SETTINGS))
 
 
-@pytest.mark.parametrize(("name", "make"), [
-    ("grey16.png", lambda a: a),  # PNG I;16
-    ("grey32.tif", lambda a: a.astype(np.int32)),  # TIFF I
-])
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("grey16.png", lambda a: a),  # PNG I;16
+        ("grey32.tif", lambda a: a.astype(np.int32)),  # TIFF I
+    ],
+)
 def test_wide_grey_images_are_scaled_by_their_range(tmp_path: Path, name: str, make) -> None:
     from PIL import Image
 
@@ -56,16 +59,19 @@ def test_float_images_in_0_1_are_scaled(tmp_path: Path) -> None:
 
     ramp = np.arange(256, dtype=np.float32).reshape(16, 16) / 255
     Image.fromarray(ramp, mode="F").save(tmp_path / "f.tif")
-    np.testing.assert_array_equal(load_image(tmp_path / "f.tif", ImageSettings(**SETTINGS)),
-                                  _reference(np.arange(256, dtype=np.uint8).reshape(16, 16)))
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "f.tif", ImageSettings(**SETTINGS)),
+        _reference(np.arange(256, dtype=np.uint8).reshape(16, 16)),
+    )
 
 
 def test_values_without_a_colour_meaning_are_refused(exported, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
     Image.fromarray(np.full((16, 16), -5, dtype=np.int32)).save(tmp_path / "neg.tif")
-    rc, err = cli(capsys, "run", exported("bridgetower-tiny", "itm"), "--image", tmp_path / "neg.tif",
-                  "--text", "a cat")
+    rc, err = cli(
+        capsys, "run", exported("bridgetower-tiny", "itm"), "--image", tmp_path / "neg.tif", "--text", "a cat"
+    )
     assert rc == 2 and "is a I image with values from -5 to -5, outside 0..65535" in err, err
 
 
@@ -79,7 +85,16 @@ def test_a_damaged_image_in_a_calibration_folder_is_refused(exported, tmp_path: 
     good = (cal / "ok0.png").read_bytes()
     (cal / "cut.png").write_bytes(good[: len(good) // 2])  # truncated
     out = tmp_path / "q"
-    rc, err = cli(capsys, "quantize", exported("bridgetower-tiny", "itm"), "-o", out, "--precision", "int8-static",
-                  "--calibration", cal)
+    rc, err = cli(
+        capsys,
+        "quantize",
+        exported("bridgetower-tiny", "itm"),
+        "-o",
+        out,
+        "--precision",
+        "int8-static",
+        "--calibration",
+        cal,
+    )
     assert rc == 2 and f"--calibration {cal}: 1 of its images cannot be used" in err and "cut.png" in err, err
     assert "Nothing was written" in err and not out.exists()

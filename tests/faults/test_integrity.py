@@ -21,7 +21,7 @@ def _flip(path: Path, offset: int | None = None) -> None:
     """Zero 64 bytes in the middle of ``path``: same size, so the size check cannot see it."""
     data = bytearray(path.read_bytes())
     at = len(data) // 2 if offset is None else offset
-    data[at:at + 64] = bytes(64) if any(data[at:at + 64]) else b"\x01" * 64
+    data[at : at + 64] = bytes(64) if any(data[at : at + 64]) else b"\x01" * 64
     path.write_bytes(bytes(data))
 
 
@@ -71,7 +71,9 @@ def test_run_verify_checks_onnx_files_too(art: Path, tmp_path: Path, capsys) -> 
 
 
 @pytest.mark.parametrize("suffix,backend", [(".pt2", "aoti"), (".plan", "tensorrt")])
-def test_native_code_failing_its_hash_is_never_loaded(art: Path, monkeypatch, suffix: str, backend: str) -> None:
+def test_native_code_failing_its_hash_is_never_loaded(
+    art: Path, monkeypatch, suffix: str, backend: str
+) -> None:
     """A compiled package / engine whose bytes changed: the loader refuses before the backend sees the file."""
     from vlexport.contracts import backends as registry
     from vlexport.runtime import load_artifact
@@ -101,7 +103,9 @@ def test_native_code_failing_its_hash_is_never_loaded(art: Path, monkeypatch, su
 
 
 @pytest.mark.parametrize("precision", ["int8-dynamic", "fp16"])
-def test_quantize_checks_its_source_first(art: Path, tmp_path: Path, capsys, monkeypatch, precision: str) -> None:
+def test_quantize_checks_its_source_first(
+    art: Path, tmp_path: Path, capsys, monkeypatch, precision: str
+) -> None:
     """A damaged source is named as the cause, before any model loads, not blamed on the variant built from it."""
     import vlexport.pipeline
 

@@ -27,6 +27,7 @@ EXPORT_AGAIN = re.compile(r"export (it|the artifact) again", re.IGNORECASE)
 
 def no_model_loads(monkeypatch) -> None:
     """From here on, loading a model fails the test: every check must come before any minutes of work."""
+
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("a model was loaded before the bad input was refused")
 
@@ -52,16 +53,21 @@ def image(path: Path, size: int = 64, fmt: str = "PNG") -> Path:
 
 def png_header(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width x height`` pixels (no pixel data: a decompression bomb's shape)."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ---------------------------------------------------------------- manifest.json
 def _set(path: str, value: Any) -> Callable[[dict], Any]:
     """A damage: set ``path`` (dot-separated keys / list indices) of the manifest to ``value``."""
+
     def damage(m: dict) -> dict:
         *parents, last = path.split(".")
         node = m
@@ -91,14 +97,26 @@ MANIFEST_CASES = {
     "components-a-list": (_set("components", [1, 2]), "manifest.components must be an object, got a list"),
     "component-a-string": (_set("components.model", "model.onnx"), "components['model'] must be an object"),
     "component-missing-inputs": (_drop("components.model.inputs"), "components['model'] has no 'inputs'"),
-    "inputs-not-a-list": (_set("components.model.inputs", {"a": 1}), "components['model'].inputs must be a list"),
-    "tensor-spec-missing-dtype": (_drop("components.model.inputs.0.dtype"),
-                                  "components['model'].inputs[0] has no 'dtype'"),
-    "shape-holds-a-float": (_set("components.model.inputs.0.shape.0", 1.5),
-                            "components['model'].inputs[0].shape[0] must be an integer or a string"),
-    "validation-a-number": (_set("validation", 5), "manifest.validation must be an object or null, got a number"),
-    "validation-failures-not-objects": (_set("validation.failures", [5]),
-                                        "validation.failures[0] must be an object"),
+    "inputs-not-a-list": (
+        _set("components.model.inputs", {"a": 1}),
+        "components['model'].inputs must be a list",
+    ),
+    "tensor-spec-missing-dtype": (
+        _drop("components.model.inputs.0.dtype"),
+        "components['model'].inputs[0] has no 'dtype'",
+    ),
+    "shape-holds-a-float": (
+        _set("components.model.inputs.0.shape.0", 1.5),
+        "components['model'].inputs[0].shape[0] must be an integer or a string",
+    ),
+    "validation-a-number": (
+        _set("validation", 5),
+        "manifest.validation must be an object or null, got a number",
+    ),
+    "validation-failures-not-objects": (
+        _set("validation.failures", [5]),
+        "validation.failures[0] must be an object",
+    ),
     "missing-family": (_drop("family"), "manifest has no 'family'"),
     "size-a-string": (_set("components.model.size_bytes", "3 MB"), "size_bytes must be an integer"),
     "files-a-string": (_set("files", "config.json"), "manifest.files must be a list of strings"),
@@ -128,7 +146,9 @@ def test_manifest_naming_a_file_outside_the_artifact(exported, tmp_path: Path, c
     art = copy_artifact(exported, tmp_path, "bridgetower-tiny", "itm")
     shutil.copy(art / "model.onnx", tmp_path / "elsewhere.onnx")  # a real file of the right size, elsewhere
     path = art / "manifest.json"
-    path.write_text(json.dumps(_set("components.model.file", "../elsewhere.onnx")(json.loads(path.read_text()))))
+    path.write_text(
+        json.dumps(_set("components.model.file", "../elsewhere.onnx")(json.loads(path.read_text())))
+    )
     no_model_loads(monkeypatch)
     code, err = cli(capsys, "validate", art)
     assert code == 1 and "outside the artifact directory" in err and "../elsewhere.onnx" in err
@@ -136,8 +156,20 @@ def test_manifest_naming_a_file_outside_the_artifact(exported, tmp_path: Path, c
 
 # ---------------------------------------------------------------- bench JSON (vlexport regress)
 def _rows() -> list[dict]:
-    rows = [BenchRow(model="m", task="itm", backend=b, precision="fp32", batch=1, seq_len=16, image_size=64,
-                     device="cpu", latency_p50_ms=p) for b, p in (("eager", 10.0), ("onnx", 5.0))]
+    rows = [
+        BenchRow(
+            model="m",
+            task="itm",
+            backend=b,
+            precision="fp32",
+            batch=1,
+            seq_len=16,
+            image_size=64,
+            device="cpu",
+            latency_p50_ms=p,
+        )
+        for b, p in (("eager", 10.0), ("onnx", 5.0))
+    ]
     fill_speedups(rows)
     return [r.__dict__.copy() for r in rows]
 
@@ -152,13 +184,20 @@ BENCH_CASES = {
     "rows-not-a-list": (_doc(5), "rows must be a list of row objects, got a number (5)"),
     "rows-an-object": (_doc({"0": _rows()[0]}), "rows must be a list of row objects, got an object"),
     "row-a-string": (_doc(["eager"]), "rows[0] must be an object, got a string"),
-    "row-missing-model": (_doc([{k: v for k, v in _rows()[0].items() if k != "model"}]), "rows[0] has no 'model'"),
-    "row-string-latency": (_doc([_rows()[0], {**_rows()[1], "latency_p50_ms": "5.0"}]),
-                           "rows[1].latency_p50_ms must be a number or null, got a string ('5.0')"),
+    "row-missing-model": (
+        _doc([{k: v for k, v in _rows()[0].items() if k != "model"}]),
+        "rows[0] has no 'model'",
+    ),
+    "row-string-latency": (
+        _doc([_rows()[0], {**_rows()[1], "latency_p50_ms": "5.0"}]),
+        "rows[1].latency_p50_ms must be a number or null, got a string ('5.0')",
+    ),
     "row-float-batch": (_doc([{**_rows()[0], "batch": 1.5}]), "rows[0].batch must be an integer"),
     "row-parity-a-list": (_doc([{**_rows()[0], "parity": []}]), "rows[0].parity must be an object"),
-    "row-speedup-a-bool": (_doc([_rows()[0], {**_rows()[1], "speedup_vs_eager": True}]),
-                           "rows[1].speedup_vs_eager must be a number or null, got a boolean"),
+    "row-speedup-a-bool": (
+        _doc([_rows()[0], {**_rows()[1], "speedup_vs_eager": True}]),
+        "rows[1].speedup_vs_eager must be a number or null, got a boolean",
+    ),
 }
 
 
@@ -172,8 +211,13 @@ def test_malformed_bench_file(case: str, tmp_path: Path, capsys) -> None:
     assert code == 1 and str(cur) in err and message in err, err
 
 
-@pytest.mark.parametrize(("case", "code", "message"), [("directory", 2, "is a directory, not a bench JSON file"),
-                                                        ("not-utf8", 1, "is not a text file (not UTF-8)")])
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("directory", 2, "is a directory, not a bench JSON file"),
+        ("not-utf8", 1, "is not a text file (not UTF-8)"),
+    ],
+)
 def test_unreadable_bench_file(case: str, code: int, message: str, tmp_path: Path, capsys) -> None:
     base, cur = tmp_path / "base.json", tmp_path / "cur.json"
     base.write_text(json.dumps(_doc(_rows())))
@@ -203,15 +247,20 @@ def test_write_rows_is_whole_or_nothing(tmp_path: Path, monkeypatch) -> None:
 CASE = '[[x]]\nmodels = ["bridgetower-tiny"]\nrandom_weights = true\nbatch_sizes = [1]\n'  # valid so far
 SUITE_CASES = {
     "suite-a-table": ('[x]\nmodels = ["bridgetower-tiny"]\n', "must be a non-empty array of tables"),
-    "suite-a-number": ("x = 5\n", "must be a non-empty array of tables, one [[x]] header per case; got a number"),
+    "suite-a-number": (
+        "x = 5\n",
+        "must be a non-empty array of tables, one [[x]] header per case; got a number",
+    ),
     "suite-empty": ("x = []\n", "got an empty list"),
     "case-a-string": ('x = ["bridgetower-tiny"]\n', "case 1 is a string ('bridgetower-tiny'), not a table"),
     "models-a-string": ('[[x]]\nmodels = "bridgetower-tiny"\n', "case 1: models must be a list of strings"),
     "missing-models": ("[[x]]\niters = 2\n", "case 1 has no 'models'"),
     "iters-a-string": (CASE + 'iters = "20"\n', "case 1: iters must be an integer, got a string"),
     "iters-a-float": (CASE + "iters = 2.5\n", "case 1: iters must be an integer, got a number"),
-    "random-weights-a-string": ('[[x]]\nmodels = ["bridgetower-tiny"]\nrandom_weights = "yes"\n',
-                                "case 1: random_weights must be a boolean"),
+    "random-weights-a-string": (
+        '[[x]]\nmodels = ["bridgetower-tiny"]\nrandom_weights = "yes"\n',
+        "case 1: random_weights must be a boolean",
+    ),
     "batch-size-zero": (CASE.replace("[1]", "[1, 0]"), "case 1: batch_sizes[1] is 0, out of range: 1..4096"),
     "seed-out-of-range": (CASE + "seed = 99999999999\n", "case 1: seed is 99999999999, out of range"),
     "backends-a-number": (CASE + "backends = 3\n", "x' case 1: backends must be a list of strings"),
@@ -276,7 +325,9 @@ def test_bad_image(case: str, scoring: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("pixels", [1000, 3000])  # 64x64 = 4096 pixels: over twice the limit, and over it
-def test_image_over_a_lowered_pixel_limit(pixels: int, scoring: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_image_over_a_lowered_pixel_limit(
+    pixels: int, scoring: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     from PIL import Image
 
     path = image(tmp_path / "real.png")
@@ -290,21 +341,46 @@ ARTIFACT_FILE_CASES = {
     # (preset, task, file, content, message)
     "tokenizer-json-garbage": ("blip-tiny", "caption", "tokenizer.json", "garbage{", "is not valid JSON"),
     "tokenizer-json-truncated": ("blip-tiny", "caption", "tokenizer.json", None, "is not valid JSON"),
-    "tokenizer-json-wrong-object": ("blip-tiny", "caption", "tokenizer.json", '{"model": 5}',
-                                    "is not a tokenizer the tokenizers library can load"),
+    "tokenizer-json-wrong-object": (
+        "blip-tiny",
+        "caption",
+        "tokenizer.json",
+        '{"model": 5}',
+        "is not a tokenizer the tokenizers library can load",
+    ),
     "tokenizer-config-a-list": ("blip-tiny", "caption", "tokenizer_config.json", "[1, 2]", "holds a list"),
     "config-a-list": ("blip-tiny", "caption", "config.json", "[1]", "holds a list, not a model config"),
     "config-invalid-json": ("blip-tiny", "caption", "config.json", '{"model_type": ', "is not valid JSON"),
-    "config-unknown-model-type": ("blip-tiny", "caption", "config.json", '{"model_type": "nope"}',
-                                  "model_type 'nope' is not a model type"),
-    "config-wrong-value-type": ("blip-tiny", "caption", "config.json",
-                                '{"model_type": "blip", "text_config": 5}', "is not a valid blip config"),
+    "config-unknown-model-type": (
+        "blip-tiny",
+        "caption",
+        "config.json",
+        '{"model_type": "nope"}',
+        "model_type 'nope' is not a model type",
+    ),
+    "config-wrong-value-type": (
+        "blip-tiny",
+        "caption",
+        "config.json",
+        '{"model_type": "blip", "text_config": 5}',
+        "is not a valid blip config",
+    ),
     "scoring-config-a-list": ("bridgetower-tiny", "itm", "config.json", "[1]", "holds a list"),
     "preprocessor-a-list": ("bridgetower-tiny", "itm", "preprocessor_config.json", "[]", "holds a list"),
-    "preprocessor-short-mean": ("bridgetower-tiny", "itm", "preprocessor_config.json", '{"image_mean": [0.5]}',
-                                "image_mean must be 3 numbers"),
-    "preprocessor-zero-std": ("bridgetower-tiny", "itm", "preprocessor_config.json", '{"image_std": [1, 0, 1]}',
-                              "image_std holds a 0"),
+    "preprocessor-short-mean": (
+        "bridgetower-tiny",
+        "itm",
+        "preprocessor_config.json",
+        '{"image_mean": [0.5]}',
+        "image_mean must be 3 numbers",
+    ),
+    "preprocessor-zero-std": (
+        "bridgetower-tiny",
+        "itm",
+        "preprocessor_config.json",
+        '{"image_std": [1, 0, 1]}',
+        "image_std holds a 0",
+    ),
 }
 
 

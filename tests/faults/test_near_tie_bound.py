@@ -39,8 +39,9 @@ def test_a_genuine_fp32_near_tie_is_still_one() -> None:
     assert flip.kind == "mismatch" and flip.near_tie
 
 
-@pytest.mark.parametrize(("precision", "noise", "expect"), [("fp32", 1.0, 1e-4 + 1e-4 * 5.0),
-                                                            ("int8-dynamic", 3.0, None)])
+@pytest.mark.parametrize(
+    ("precision", "noise", "expect"), [("fp32", 1.0, 1e-4 + 1e-4 * 5.0), ("int8-dynamic", 3.0, None)]
+)
 def test_noise_level_is_bounded_by_the_tolerance(precision: str, noise: float, expect: float | None) -> None:
     ref = RNG.normal(size=(64, VOCAB))
     ref[:, 0] = 5.0  # every row's largest |value|

@@ -21,6 +21,7 @@ HUGE = "99999999999999999999"
 @pytest.fixture
 def no_model_loads(monkeypatch) -> None:
     """Loading a model fails the test: these checks must come before any minutes of work."""
+
     def boom(*a: Any, **k: Any) -> None:
         raise AssertionError("a model was loaded before the bad option was refused")
 
@@ -57,7 +58,11 @@ BAD_VALUES = [
     ([*RUN, "--max-new-tokens", "0"], "--max-new-tokens", "1..65536"),
     ([*RUN, "--num-beams", "0"], "--num-beams", "1..256"),
     ([*RUN, "--num-beams", "100000"], "--num-beams", "1..256"),
-    ([*REGRESS, "--max-slowdown", "nan"], "--max-slowdown", "finite fraction >= 0"),  # nan: every check passes
+    (
+        [*REGRESS, "--max-slowdown", "nan"],
+        "--max-slowdown",
+        "finite fraction >= 0",
+    ),  # nan: every check passes
     ([*REGRESS, "--max-slowdown", "inf"], "--max-slowdown", "finite fraction >= 0"),
     ([*REGRESS, "--max-slowdown", "-0.1"], "--max-slowdown", "finite fraction >= 0"),
     ([*REGRESS, "--max-slowdown", "ten"], "--max-slowdown", "finite fraction >= 0"),
@@ -65,8 +70,11 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "option", "valid"), BAD_VALUES,
-                         ids=[f"{argv[0]} {option} {argv[-1]}" for argv, option, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    ("argv", "option", "valid"),
+    BAD_VALUES,
+    ids=[f"{argv[0]} {option} {argv[-1]}" for argv, option, _ in BAD_VALUES],
+)
 def test_bad_option_value(argv: list[str], option: str, valid: str, capsys, no_model_loads) -> None:
     start = time.perf_counter()
     code, err = cli(capsys, *argv)
@@ -99,13 +107,16 @@ REPORT_CASES = [
 
 
 @pytest.mark.parametrize(("option", "kind", "message"), REPORT_CASES)
-def test_bench_report_path_refused_before_any_work(option: str, kind: str, message: str, tmp_path: Path, capsys,
-                                                   monkeypatch, no_model_loads) -> None:
+def test_bench_report_path_refused_before_any_work(
+    option: str, kind: str, message: str, tmp_path: Path, capsys, monkeypatch, no_model_loads
+) -> None:
     path = _impossible(tmp_path, kind)
     if kind == "an unwritable directory" and os.geteuid() == 0:
         # root may write anywhere: os.access says so; make it answer as for an ordinary user
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != path.parent and real(p, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: Path(p) != path.parent and real(p, mode, **kw)
+        )
     before = sorted(tmp_path.rglob("*"))
     start = time.perf_counter()
     code, err = cli(capsys, *BENCH, option, path)
@@ -126,8 +137,9 @@ def test_two_reports_on_one_file(tmp_path: Path, capsys, no_model_loads) -> None
     assert code == 2 and "--json and --markdown both name" in err and not (tmp_path / "r").exists()
 
 
-def test_plot_without_matplotlib_refused_before_any_work(tmp_path: Path, capsys, monkeypatch,
-                                                         no_model_loads) -> None:
+def test_plot_without_matplotlib_refused_before_any_work(
+    tmp_path: Path, capsys, monkeypatch, no_model_loads
+) -> None:
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -141,10 +153,19 @@ def test_work_dir_that_is_a_file(tmp_path: Path, capsys, no_model_loads) -> None
     assert code == 2 and "--work-dir" in err and "is not a directory" in err
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["bridgetower-tiny", "--suite", "ci-cpu"], "MODEL arguments or --suite, not both"),  # MODEL was ignored
-    (["bridgetower-tiny", "--suite-file", "benchmarks/suites.toml"], "also give --suite NAME"),  # so was this
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["bridgetower-tiny", "--suite", "ci-cpu"],
+            "MODEL arguments or --suite, not both",
+        ),  # MODEL was ignored
+        (
+            ["bridgetower-tiny", "--suite-file", "benchmarks/suites.toml"],
+            "also give --suite NAME",
+        ),  # so was this
+    ],
+)
 def test_suite_options_that_would_be_ignored(argv: list[str], message: str, capsys, no_model_loads) -> None:
     code, err = cli(capsys, "bench", *argv)
     assert code == 2 and message in err
@@ -157,11 +178,18 @@ def test_dual_encoder_output_refused_before_the_encoders_load(tmp_path: Path, ca
     torch.manual_seed(0)
     common = {"hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32, "num_hidden_layers": 1}
     ViTModel(ViTConfig(image_size=16, patch_size=8, **common)).save_pretrained(tmp_path / "vit")
-    BertModel(BertConfig(vocab_size=100, max_position_embeddings=16, **common)).save_pretrained(tmp_path / "bert")
-    monkeypatch.setattr(VisionTextDualEncoderModel, "from_vision_text_pretrained",
-                        classmethod(lambda *a, **k: pytest.fail("the encoders were loaded first")))
+    BertModel(BertConfig(vocab_size=100, max_position_embeddings=16, **common)).save_pretrained(
+        tmp_path / "bert"
+    )
+    monkeypatch.setattr(
+        VisionTextDualEncoderModel,
+        "from_vision_text_pretrained",
+        classmethod(lambda *a, **k: pytest.fail("the encoders were loaded first")),
+    )
     (tmp_path / "afile").write_text("x")
-    code, err = cli(capsys, "dual-encoder", tmp_path / "vit", tmp_path / "bert", "-o", tmp_path / "afile" / "o")
+    code, err = cli(
+        capsys, "dual-encoder", tmp_path / "vit", tmp_path / "bert", "-o", tmp_path / "afile" / "o"
+    )
     assert code == 2 and "is a file, not a directory" in err
 
 
@@ -178,8 +206,25 @@ def test_regress_that_compared_nothing_says_how_to_pass(tmp_path: Path, capsys) 
 def test_valid_report_paths_are_written_whole(tmp_path: Path, capsys) -> None:
     """The control: paths that do not exist yet pass the checks, and every report is written, nothing else."""
     out = tmp_path / "new" / "dir"
-    argv = [*BENCH, "--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--seq-len", "8",
-            "--json", out / "r.json", "--markdown", out / "r.md", "--plot", out / "r.png"]
+    argv = [
+        *BENCH,
+        "--batch-sizes",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--seq-len",
+        "8",
+        "--json",
+        out / "r.json",
+        "--markdown",
+        out / "r.md",
+        "--plot",
+        out / "r.png",
+    ]
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["r.json", "r.md", "r.png"]  # no partial files left
-    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| eager |" in (out / "r.md").read_text()
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| eager |" in (
+        out / "r.md"
+    ).read_text()

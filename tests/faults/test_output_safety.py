@@ -60,7 +60,9 @@ def test_extending_a_repository_touches_nothing_it_held(repo: Path, exported, ca
 
     assert main(["triton", str(exported(*FEATURES)), "-o", str(repo), "--name", "alt"]) == 0
     after = _tree(repo)
-    assert {k: v for k, v in after.items() if not k.startswith("alt")} == before  # .git, links, modes as they were
+    assert {
+        k: v for k, v in after.items() if not k.startswith("alt")
+    } == before  # .git, links, modes as they were
     assert (repo / "alt" / "config.pbtxt").is_file() and _leftovers(repo.parent) == []
 
 
@@ -91,8 +93,20 @@ def test_a_symlinked_repository_is_written_through(exported, tmp_path: Path, cap
     assert main(["triton", str(exported(*ITM)), "-o", str(real), "--name", "bt"]) == 0
     link = tmp_path / "repo-link"
     link.symlink_to(real)
-    assert main(["triton", str(exported(*FEATURES)), "-o", str(link), "--name", "alt",
-                 *(["--force"] if force else [])]) == 0
+    assert (
+        main(
+            [
+                "triton",
+                str(exported(*FEATURES)),
+                "-o",
+                str(link),
+                "--name",
+                "alt",
+                *(["--force"] if force else []),
+            ]
+        )
+        == 0
+    )
     assert link.is_symlink() and os.readlink(link) == str(real)  # the link stays a link
     assert sorted(p.name for p in real.iterdir()) == (["alt"] if force else ["alt", "bt"])
     assert _leftovers(tmp_path) == [] and _leftovers(real.parent) == []  # no .old set aside for good
@@ -151,7 +165,9 @@ def test_validate_report_never_overwrites_the_artifact(exported, tmp_path: Path,
 
 
 @pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
-def test_bench_reports_never_land_inside_an_artifact_read(exported, tmp_path: Path, capsys, option: str) -> None:
+def test_bench_reports_never_land_inside_an_artifact_read(
+    exported, tmp_path: Path, capsys, option: str
+) -> None:
     art = tmp_path / "art"
     shutil.copytree(exported(*FEATURES), art)
     before = _tree(art)
@@ -178,5 +194,7 @@ def test_quantize_writes_no_scratch_beside_the_source(exported, tmp_path: Path, 
 
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path", spy)
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--precision", "int8-dynamic"]) == 0
-    assert written and not [p for p in written if Path(os.path.abspath(p)).parent == src]  # ORT's -inferred file
+    assert written and not [
+        p for p in written if Path(os.path.abspath(p)).parent == src
+    ]  # ORT's -inferred file
     assert _tree(src) == before

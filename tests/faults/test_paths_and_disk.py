@@ -27,14 +27,19 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 
 
 def _tree(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ---------------------------------------------------------------- the current directory
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("target", [".", "..", "CWD"])
-def test_current_directory_or_above_is_refused(tmp_path: Path, monkeypatch, capsys, target: str, force: bool) -> None:
+def test_current_directory_or_above_is_refused(
+    tmp_path: Path, monkeypatch, capsys, target: str, force: bool
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / "notes.txt").write_text("mine")
@@ -42,7 +47,10 @@ def test_current_directory_or_above_is_refused(tmp_path: Path, monkeypatch, caps
     out = str(work) if target == "CWD" else target
     rc, err = _run(capsys, "onnx", PRESET, "--random-weights", "-o", out, *(["--force"] if force else []))
     assert rc == 2 and f"-o {out} is the current directory" in err, err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["notes.txt", "work"]  # no lock file, nothing staged
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "notes.txt",
+        "work",
+    ]  # no lock file, nothing staged
 
 
 # ---------------------------------------------------------------- the source model directory
@@ -56,11 +64,18 @@ def source(tmp_path: Path) -> Path:
     return tmp_path / "model"
 
 
-@pytest.mark.parametrize(("where", "force", "how"), [
-    ("model", False, "is"), ("model", True, "is"),  # today --force deleted the weights being exported
-    ("model/sub", False, "is inside"), (".", True, "contains"),
-])
-def test_source_directory_is_never_the_output(source: Path, capsys, where: str, force: bool, how: str) -> None:
+@pytest.mark.parametrize(
+    ("where", "force", "how"),
+    [
+        ("model", False, "is"),
+        ("model", True, "is"),  # today --force deleted the weights being exported
+        ("model/sub", False, "is inside"),
+        (".", True, "contains"),
+    ],
+)
+def test_source_directory_is_never_the_output(
+    source: Path, capsys, where: str, force: bool, how: str
+) -> None:
     before = _tree(source)
     out = source.parent / where
     rc, err = _run(capsys, "onnx", str(source), "-o", str(out), *(["--force"] if force else []))
@@ -82,10 +97,19 @@ def test_dual_encoder_output_is_never_an_input(tmp_path: Path, capsys) -> None:
 
     common = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}
     ViTModel(ViTConfig(image_size=32, patch_size=8, **common)).save_pretrained(tmp_path / "vit")
-    BertModel(BertConfig(vocab_size=200, max_position_embeddings=32, **common)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=200, max_position_embeddings=32, **common)).save_pretrained(
+        tmp_path / "bert"
+    )
     before = _tree(tmp_path)
-    rc, err = _run(capsys, "dual-encoder", str(tmp_path / "vit"), str(tmp_path / "bert"), "-o", str(tmp_path / "bert"),
-                   "--force")
+    rc, err = _run(
+        capsys,
+        "dual-encoder",
+        str(tmp_path / "vit"),
+        str(tmp_path / "bert"),
+        "-o",
+        str(tmp_path / "bert"),
+        "--force",
+    )
     assert rc == 2 and f"is the source model directory {tmp_path / 'bert'}" in err, err
     assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bert", "vit"]
 
@@ -94,9 +118,18 @@ def test_dual_encoder_output_is_never_an_input(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("force", [False, True])
 def test_output_that_is_a_file(tmp_path: Path, capsys, force: bool) -> None:
     (tmp_path / "afile").write_text("x")
-    rc, err = _run(capsys, "onnx", PRESET, "--random-weights", "-o", str(tmp_path / "afile"),
-                   *(["--force"] if force else []))
-    assert rc == 2 and "is a file, not a directory" in err and "--force" not in err, err  # --force cannot help
+    rc, err = _run(
+        capsys,
+        "onnx",
+        PRESET,
+        "--random-weights",
+        "-o",
+        str(tmp_path / "afile"),
+        *(["--force"] if force else []),
+    )
+    assert rc == 2 and "is a file, not a directory" in err and "--force" not in err, (
+        err
+    )  # --force cannot help
     assert (tmp_path / "afile").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
@@ -115,8 +148,12 @@ def mount(tmp_path: Path):
     def make(options: str) -> Path:
         where = tmp_path / f"fs{len(mounted)}"
         where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True,
-                              text=True, check=False)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
         mounted.append(where)
@@ -138,7 +175,9 @@ def test_not_enough_space_is_found_before_exporting(mount, capsys) -> None:
     fs = mount("size=512k")  # the weights alone are 870 KiB
     out = fs / "nested" / "o"
     rc, err = _run(capsys, "onnx", PRESET, "--random-weights", "-o", str(out))
-    assert rc == 1 and f"Not enough space for {out}: the artifact needs at least {WEIGHTS} (its weights" in err, err
+    assert (
+        rc == 1 and f"Not enough space for {out}: the artifact needs at least {WEIGHTS} (its weights" in err
+    ), err
     assert re.search(r"its filesystem has 50\d\.\d KiB free", err), err  # 512 KiB less the lock file's page
     assert list(fs.iterdir()) == []  # neither the parent it created, nor a lock file, nor a partial
 
@@ -149,12 +188,16 @@ def test_disk_filling_up_during_the_export(mount, monkeypatch, capsys, verb: lis
     onnx-opt builds its onnx parent in a scratch dir first: the message still names the user's -o."""
     fs = mount("size=1m")  # more than the weights (870 KiB), less than the ONNX file (1.5 MiB)
     real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(*real(p)[:2], 10**9) if str(p).startswith(str(fs))
-                        else real(p))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: Usage(*real(p)[:2], 10**9) if str(p).startswith(str(fs)) else real(p)
+    )
     out = fs / "o"
     rc, err = _run(capsys, *verb, PRESET, "--random-weights", "-o", str(out))
     assert rc == 1 and f"No space left on the filesystem of {out} while writing the artifact" in err, err
-    assert f"it needs at least {WEIGHTS} (its weights alone)" in err and "had been written when the disk filled" in err
+    assert (
+        f"it needs at least {WEIGHTS} (its weights alone)" in err
+        and "had been written when the disk filled" in err
+    )
     assert "partial" not in err and "Traceback" not in err
     assert list(fs.iterdir()) == []
 
@@ -167,7 +210,10 @@ def test_free_space_check_names_both_numbers(tmp_path: Path, monkeypatch, capsys
         return Usage(10**9, 10**9 - 1000, 1000)
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
-    for verb in (["onnx"], ["onnx", "--optimize"]):  # base backend, and derived one (parent + derived estimate)
+    for verb in (
+        ["onnx"],
+        ["onnx", "--optimize"],
+    ):  # base backend, and derived one (parent + derived estimate)
         rc, err = _run(capsys, *verb, PRESET, "--random-weights", "-o", str(tmp_path / "o"))
         assert rc == 1 and f"Not enough space for {tmp_path / 'o'}: the artifact needs at least" in err, err
         assert "1000 bytes free" in err and ".partial" not in err

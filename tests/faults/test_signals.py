@@ -27,20 +27,29 @@ CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def _start(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "vlexport.cli", "onnx", PRESET, "--random-weights", "-o", str(out),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlexport.cli", "onnx", PRESET, "--random-weights", "-o", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _partials(parent: Path, name: str = "o") -> list[Path]:
     return list(parent.glob(f".{name}.*.partial"))
 
 
-def _wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
+def _wait_for(
+    proc: subprocess.Popen[str], ready: Callable[[], bool], what: str, timeout: float = 300
+) -> None:
     """Poll the filesystem (no fixed sleeps: the time to each point depends on the load)."""
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"the export ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+            pytest.fail(
+                f"the export ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"timed out waiting for {what}")
@@ -57,7 +66,9 @@ POINTS: dict[str, Callable[[Path], bool]] = {
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 def _assert_interrupted(proc: subprocess.Popen[str], sig: int) -> None:
@@ -73,12 +84,18 @@ def _id(value: object) -> str:
     return value.name if isinstance(value, signal.Signals) else str(value)
 
 
-@pytest.mark.parametrize(("sig", "point"), [
-    # every signal at staging in a real process with --full; each signal's handler in-process below, always
-    (signal.SIGINT, "staging"), pytest.param(signal.SIGTERM, "staging", marks=pytest.mark.exhaustive),
-    pytest.param(signal.SIGHUP, "staging", marks=pytest.mark.exhaustive),
-    (signal.SIGTERM, "component"), (signal.SIGTERM, "validation"),
-], ids=_id)
+@pytest.mark.parametrize(
+    ("sig", "point"),
+    [
+        # every signal at staging in a real process with --full; each signal's handler in-process below, always
+        (signal.SIGINT, "staging"),
+        pytest.param(signal.SIGTERM, "staging", marks=pytest.mark.exhaustive),
+        pytest.param(signal.SIGHUP, "staging", marks=pytest.mark.exhaustive),
+        (signal.SIGTERM, "component"),
+        (signal.SIGTERM, "validation"),
+    ],
+    ids=_id,
+)
 def test_signal_leaves_nothing(tmp_path: Path, sig: int, point: str) -> None:
     out = tmp_path / "o"
     proc = _start(out)
@@ -111,7 +128,10 @@ def test_exit_code_survives_cpythons_sigint_at_exit(tmp_path: Path, sig: int) ->
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SET_CPYTHON_SIGINT_FLAG)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     proc = _start(tmp_path / "o", env=env)
     _wait_for(proc, lambda: POINTS["staging"](tmp_path), "staging")
     proc.send_signal(sig)
@@ -119,8 +139,12 @@ def test_exit_code_survives_cpythons_sigint_at_exit(tmp_path: Path, sig: int) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
 
 
-@pytest.mark.parametrize(("sig", "point"), [(signal.SIGTERM, "validation"), (signal.SIGHUP, "component")], ids=_id)
-def test_signal_under_force_keeps_the_previous_artifact(exported, tmp_path: Path, sig: int, point: str) -> None:
+@pytest.mark.parametrize(
+    ("sig", "point"), [(signal.SIGTERM, "validation"), (signal.SIGHUP, "component")], ids=_id
+)
+def test_signal_under_force_keeps_the_previous_artifact(
+    exported, tmp_path: Path, sig: int, point: str
+) -> None:
     out = tmp_path / "o"
     shutil.copytree(exported(PRESET, "features"), out)
     before = _snapshot(out)
@@ -141,7 +165,13 @@ def test_sigkill_leftovers_are_named_and_cleaned_by_the_next_run(tmp_path: Path,
     [partial] = _partials(tmp_path)
     assert lock_path(out).exists()  # the file stays; its flock died with the process
     note = describe_partial(partial)
-    assert note and "not an artifact" in note and str(out) in note and f"pid {proc.pid}" in note and "gone" in note
+    assert (
+        note
+        and "not an artifact" in note
+        and str(out) in note
+        and f"pid {proc.pid}" in note
+        and "gone" in note
+    )
 
     assert main(["onnx", PRESET, "--random-weights", "-o", str(out)]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # stale partial and lock file gone
@@ -183,15 +213,18 @@ def test_staged_dir_turns_a_signal_into_cleanup(default_handlers, tmp_path: Path
         (tmp / "model.onnx").write_bytes(b"half")
         assert _ours(sig)  # else raise_signal would kill this test process
         signal.raise_signal(sig)
-    assert caught.value.signum == sig and caught.value.exit_code == CODES[sig] and caught.value.committed is None
+    assert (
+        caught.value.signum == sig and caught.value.exit_code == CODES[sig] and caught.value.committed is None
+    )
     assert isinstance(caught.value, KeyboardInterrupt)
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
 @pytest.mark.parametrize("make", ["staged_dir", "scratch_dir"])
-def test_a_signal_right_after_the_staging_dir_appears_removes_it(default_handlers, tmp_path: Path, monkeypatch,
-                                                                  make: str) -> None:
+def test_a_signal_right_after_the_staging_dir_appears_removes_it(
+    default_handlers, tmp_path: Path, monkeypatch, make: str
+) -> None:
     """The real-process SIGINT test once left a partial under load: the signal landed between mkdtemp and the
     code that cleans up. Deterministic here: the signal is raised inside mkdtemp, right after the dir exists."""
     from vlexport.artifact import staging as artifact
@@ -219,7 +252,9 @@ def _scratch_in_scope(out: Path) -> Iterator[Path]:
         yield scratch
 
 
-def test_a_signal_during_the_commit_waits_for_both_renames(default_handlers, tmp_path: Path, monkeypatch) -> None:
+def test_a_signal_during_the_commit_waits_for_both_renames(
+    default_handlers, tmp_path: Path, monkeypatch
+) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "v").write_text("old")
@@ -264,7 +299,9 @@ def test_dual_encoder_sigterm_mid_save(default_handlers, tmp_path: Path, monkeyp
 
     common = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37}
     ViTModel(ViTConfig(image_size=32, patch_size=8, **common)).save_pretrained(tmp_path / "vit")
-    BertModel(BertConfig(vocab_size=200, max_position_embeddings=32, **common)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=200, max_position_embeddings=32, **common)).save_pretrained(
+        tmp_path / "bert"
+    )
     real_save = VisionTextDualEncoderModel.save_pretrained
 
     def save_then_signal(self: VisionTextDualEncoderModel, directory: Path, **kwargs: object) -> None:
@@ -273,7 +310,10 @@ def test_dual_encoder_sigterm_mid_save(default_handlers, tmp_path: Path, monkeyp
         signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(VisionTextDualEncoderModel, "save_pretrained", save_then_signal)
-    assert main(["dual-encoder", str(tmp_path / "vit"), str(tmp_path / "bert"), "-o", str(tmp_path / "o")]) == 143
+    assert (
+        main(["dual-encoder", str(tmp_path / "vit"), str(tmp_path / "bert"), "-o", str(tmp_path / "o")])
+        == 143
+    )
     assert "interrupted (SIGTERM): nothing was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "vit"]
 
@@ -303,7 +343,9 @@ def _in_thread(errors: list[BaseException]) -> None:
         errors.append(e)
 
 
-def test_cli_message_for_a_signal_after_the_commit(default_handlers, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_message_for_a_signal_after_the_commit(
+    default_handlers, tmp_path: Path, monkeypatch, capsys
+) -> None:
     def export_then_signal(args: argparse.Namespace) -> int:
         with staged_dir(tmp_path / "o") as tmp:
             (tmp / "f").write_text("x")

@@ -40,8 +40,16 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("bert") / "bert"
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=200, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                         num_hidden_layers=1, max_position_embeddings=32)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=200,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -82,8 +90,15 @@ def test_missing_tensors_are_an_error_that_names_them(saved: Path, tmp_path: Pat
     out = tmp_path / "out"
     out.mkdir()
     code, _, err = _cli(capsys, "onnx", bad, "-o", out / "artifact")
-    flat = _one_paragraph(code, err, 1, f"lacks {len(dropped)} of the {len(keys)} tensors", dropped[0],
-                          f"and {len(dropped) - 8} more", "Re-save the complete model")
+    flat = _one_paragraph(
+        code,
+        err,
+        1,
+        f"lacks {len(dropped)} of the {len(keys)} tensors",
+        dropped[0],
+        f"and {len(dropped) - 8} more",
+        "Re-save the complete model",
+    )
     assert sum(k in flat for k in dropped) == 8  # the first eight by name, then a count
     _nothing_written(out)
 
@@ -93,8 +108,13 @@ def test_unexpected_tensors_are_an_error(saved: Path, tmp_path: Path, capsys) ->
     out = tmp_path / "out"
     out.mkdir()
     code, _, err = _cli(capsys, "onnx", bad, "-o", out / "artifact")
-    _one_paragraph(code, err, 1, "holds 1 tensor(s) that no BridgeTower class has: extra_head.weight",
-                   "--allow-new-weights extra_head.*")
+    _one_paragraph(
+        code,
+        err,
+        1,
+        "holds 1 tensor(s) that no BridgeTower class has: extra_head.weight",
+        "--allow-new-weights extra_head.*",
+    )
     _nothing_written(out)
 
 
@@ -106,14 +126,18 @@ def test_shape_mismatch_is_an_error(saved: Path, tmp_path: Path, capsys) -> None
     out = tmp_path / "out"
     out.mkdir()
     code, _, err = _cli(capsys, "onnx", bad, "-o", out / "artifact")
-    _one_paragraph(code, err, 1, "1 tensor(s) of another shape", f"{HEAD[1]} (checkpoint [3, 128], model [2, 128])")
+    _one_paragraph(
+        code, err, 1, "1 tensor(s) of another shape", f"{HEAD[1]} (checkpoint [3, 128], model [2, 128])"
+    )
     _nothing_written(out)
 
 
 def test_allowed_new_head_is_seeded_recorded_and_validates_again(saved: Path, tmp_path: Path, capsys) -> None:
     headless = _variant(saved, tmp_path / "headless", lambda t: {k: v for k, v in t.items() if k not in HEAD})
     art = tmp_path / "artifact"
-    code, _, err = _cli(capsys, "onnx", headless, "-o", art, "--allow-new-weights", "itm_score.*", "--seed", "3")
+    code, _, err = _cli(
+        capsys, "onnx", headless, "-o", art, "--allow-new-weights", "itm_score.*", "--seed", "3"
+    )
     assert code == 0, err
     weights = Manifest.read(art).weights
     assert weights["new_weights"] == sorted(HEAD) and weights["new_weights_seed"] == 3
@@ -136,27 +160,42 @@ def test_allow_pattern_does_not_cover_other_unexpected_tensors(saved: Path, tmp_
     _nothing_written(out)
 
 
-def test_weights_changed_after_export_fail_validation_naming_the_dir(saved: Path, tmp_path: Path, capsys) -> None:
+def test_weights_changed_after_export_fail_validation_naming_the_dir(
+    saved: Path, tmp_path: Path, capsys
+) -> None:
     model_dir = _variant(saved, tmp_path / "model", lambda t: t)
     art = tmp_path / "artifact"
     code, _, err = _cli(capsys, "onnx", model_dir, "-o", art)
     assert code == 0, err
     header = (model_dir / "model.safetensors").read_bytes()[:4096]
     tensors = load_file(model_dir / "model.safetensors")  # same names, shapes and header; other values
-    save_file({**tensors, HEAD[0]: tensors[HEAD[0]] + 1.0}, model_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {**tensors, HEAD[0]: tensors[HEAD[0]] + 1.0},
+        model_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     assert (model_dir / "model.safetensors").read_bytes()[:4096] == header
     code, _, err = _cli(capsys, "validate", art)
-    _one_paragraph(code, err, 1, f"The weights in {model_dir.resolve()} changed since {art} was exported",
-                   "Re-export, or restore the weights")
+    _one_paragraph(
+        code,
+        err,
+        1,
+        f"The weights in {model_dir.resolve()} changed since {art} was exported",
+        "Re-export, or restore the weights",
+    )
 
 
 # ---------------------------------------------------------------- dual-encoder: composition that cannot work
-@pytest.mark.parametrize(("which", "found"), [
-    ("two-bridgetower", "'bridgetower' model, which is multimodal"),
-    ("text-as-vision", "'bert' model, which is a text encoder"),
-])
-def test_dual_encoder_refuses_encoders_that_cannot_compose(saved: Path, bert_dir: Path, tmp_path: Path, capsys,
-                                                           which: str, found: str) -> None:
+@pytest.mark.parametrize(
+    ("which", "found"),
+    [
+        ("two-bridgetower", "'bridgetower' model, which is multimodal"),
+        ("text-as-vision", "'bert' model, which is a text encoder"),
+    ],
+)
+def test_dual_encoder_refuses_encoders_that_cannot_compose(
+    saved: Path, bert_dir: Path, tmp_path: Path, capsys, which: str, found: str
+) -> None:
     vision, text = (saved, saved) if which == "two-bridgetower" else (bert_dir, bert_dir)
     out = tmp_path / "out"
     out.mkdir()
@@ -179,7 +218,9 @@ def test_full_preset_advice_names_a_command_that_exists(monkeypatch, tmp_path: P
     code, _, err = _cli(capsys, "onnx", "bridgetower-base", "-o", tmp_path / "o")
     flat = _one_paragraph(code, err, 2, "`hf download BridgeTower/bridgetower-base`", "--random-weights")
     assert "huggingface-cli" not in flat
-    scripts = {e.name for e in metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    scripts = {
+        e.name for e in metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"
+    }
     assert "hf" in scripts  # the advised CLI is the one the installed huggingface_hub ships
     assert not (tmp_path / "o").exists()
 
@@ -194,11 +235,17 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("option", [("--num-beams", "3"), ("--max-new-tokens", "5"), ("--raw-prompt",)],
-                         ids=["num-beams", "max-new-tokens", "raw-prompt"])
-def test_generation_options_on_a_scoring_artifact(exported, image: Path, capsys, option: tuple[str, ...]) -> None:
-    code, out, err = _cli(capsys, "run", exported("bridgetower-tiny", "itm"), "--image", image, "--text", "a cat",
-                          *option)
+@pytest.mark.parametrize(
+    "option",
+    [("--num-beams", "3"), ("--max-new-tokens", "5"), ("--raw-prompt",)],
+    ids=["num-beams", "max-new-tokens", "raw-prompt"],
+)
+def test_generation_options_on_a_scoring_artifact(
+    exported, image: Path, capsys, option: tuple[str, ...]
+) -> None:
+    code, out, err = _cli(
+        capsys, "run", exported("bridgetower-tiny", "itm"), "--image", image, "--text", "a cat", *option
+    )
     _one_paragraph(code, err, 2, f"{option[0]} applies to generative artifacts", "bridgetower itm artifact")
     assert out == ""
 

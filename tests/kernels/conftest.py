@@ -32,5 +32,7 @@ def interpreter() -> None:
     """The Triton kernels, runnable on CPU tensors (skip without triton; fail if built for the compiler)."""
     pytest.importorskip("triton")
     if not is_interpreted(_attention_module._attention_fwd_kernel):
-        pytest.fail("vlexport_kernels was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1: "
-                    "its kernels were built for the GPU compiler. Run tests/kernels in a fresh process.")
+        pytest.fail(
+            "vlexport_kernels was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1: "
+            "its kernels were built for the GPU compiler. Run tests/kernels in a fresh process."
+        )

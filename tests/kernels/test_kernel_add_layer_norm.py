@@ -11,7 +11,11 @@ from vlexport_kernels.fused_add_layer_norm import MAX_HIDDEN, add_layer_norm_tri
 
 # BridgeTower / BERT 768, BLIP-2 ViT-g 1408, OPT-2.7b 2560; powers of two and awkward sizes around them.
 HIDDEN = [32, 88, 100, 768, 1408, 2560, 4096]
-SCALINGS = {"add": (1.0, 1.0), "scaled_add": (0.7, 1.0), "interpolate": (0.25, 0.75)}  # (alpha, residual_scale)
+SCALINGS = {
+    "add": (1.0, 1.0),
+    "scaled_add": (0.7, 1.0),
+    "interpolate": (0.25, 0.75),
+}  # (alpha, residual_scale)
 
 # (dtype, atol, rtol) of the kernel against the reference (fp32 math, then one cast) on the same inputs.
 TOLERANCES = [
@@ -50,7 +54,9 @@ def test_kernel_scaled(interpreter, hidden, scaling) -> None:
     alpha, residual_scale = SCALINGS[scaling]
     x, residual, weight, bias = make_inputs((3, 7, hidden))
     got = add_layer_norm_triton(x, residual, weight, bias, 1e-5, alpha=alpha, residual_scale=residual_scale)
-    ref = reference_add_layer_norm(x, residual, weight, bias, 1e-5, alpha=alpha, residual_scale=residual_scale)
+    ref = reference_add_layer_norm(
+        x, residual, weight, bias, 1e-5, alpha=alpha, residual_scale=residual_scale
+    )
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -58,7 +64,9 @@ def test_kernel_scaled(interpreter, hidden, scaling) -> None:
 def test_ranks_and_no_bias(interpreter, shape) -> None:
     x, residual, weight, _ = make_inputs(shape)
     got = add_layer_norm_triton(x, residual, weight, None, 1e-5)
-    torch.testing.assert_close(got, reference_add_layer_norm(x, residual, weight, None, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got, reference_add_layer_norm(x, residual, weight, None, 1e-5), atol=1e-5, rtol=1e-5
+    )
     assert got.shape == shape
 
 
@@ -66,8 +74,12 @@ def test_non_contiguous_inputs(interpreter) -> None:
     x = torch.randn(64, 6).t()  # (6, 64), column stride 6: the launcher copies it to unit stride
     residual = torch.randn(3, 6, 64)[1]  # a row-strided view: used as it is
     weight, bias = torch.randn(64), torch.randn(64)
-    torch.testing.assert_close(add_layer_norm_triton(x, residual, weight, bias, 1e-5),
-                               reference_add_layer_norm(x, residual, weight, bias, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        add_layer_norm_triton(x, residual, weight, bias, 1e-5),
+        reference_add_layer_norm(x, residual, weight, bias, 1e-5),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_empty(interpreter) -> None:
@@ -86,8 +98,9 @@ def test_reference_is_layer_norm_of_the_sum() -> None:
         ln.weight.copy_(weight)
         ln.bias.copy_(bias)
         expected = ln(x + residual)
-    torch.testing.assert_close(reference_add_layer_norm(x, residual, weight, bias, 1e-12), expected,
-                               atol=0, rtol=0)  # the same ops on the same values: bit-identical
+    torch.testing.assert_close(
+        reference_add_layer_norm(x, residual, weight, bias, 1e-12), expected, atol=0, rtol=0
+    )  # the same ops on the same values: bit-identical
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -116,7 +129,9 @@ def test_bridgetower_link_tower(request, backend, link_tower_type) -> None:
         alpha, residual_scale = 1 - tower.beta.item(), tower.beta.item()
     ln = tower.LayerNorm
     with torch.no_grad(), use_backend(backend):
-        got = add_layer_norm(hidden, cross, ln.weight, ln.bias, ln.eps, alpha=alpha, residual_scale=residual_scale)
+        got = add_layer_norm(
+            hidden, cross, ln.weight, ln.bias, ln.eps, alpha=alpha, residual_scale=residual_scale
+        )
         expected = tower(hidden, cross, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -126,11 +141,19 @@ def test_bridgetower_link_tower(request, backend, link_tower_type) -> None:
 
 
 BAD_ARGS = {
-    "residual shape": ((torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.ones(32), torch.zeros(32)), "same shape"),
-    "weight size": ((torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.ones(30), torch.zeros(32)), "weight"),
+    "residual shape": (
+        (torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.ones(32), torch.zeros(32)),
+        "same shape",
+    ),
+    "weight size": (
+        (torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.ones(30), torch.zeros(32)),
+        "weight",
+    ),
     "bias size": ((torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.ones(32), torch.zeros(31)), "bias"),
-    "int input": ((torch.ones(2, 32, dtype=torch.int64), torch.ones(2, 32, dtype=torch.int64), torch.ones(32),
-                   None), "floating"),
+    "int input": (
+        (torch.ones(2, 32, dtype=torch.int64), torch.ones(2, 32, dtype=torch.int64), torch.ones(32), None),
+        "floating",
+    ),
 }
 
 

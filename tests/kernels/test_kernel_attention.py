@@ -48,7 +48,11 @@ def make_masking(kind: str, b: int, h: int, sq: int, sk: int) -> dict:
         "bias_b11k": {"attn_bias": torch.randn(b, 1, 1, sk)},  # HF padding mask layout
         "bias_1hqk": {"attn_bias": torch.randn(1, h, sq, sk)},  # T5 relative position bias
         "causal": {"causal": True},
-        "all": {"key_padding_mask": keep.to(torch.int64), "attn_bias": torch.randn(1, h, sq, sk), "causal": True},
+        "all": {
+            "key_padding_mask": keep.to(torch.int64),
+            "attn_bias": torch.randn(1, h, sq, sk),
+            "causal": True,
+        },
     }
     return kwargs[kind]
 
@@ -68,8 +72,9 @@ def test_kernel_matches_reference_fp32(interpreter, shape, masking) -> None:
 
 @pytest.mark.parametrize(("dtype", "atol", "rtol"), TOLERANCES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("masking", ["none", "all"])
-@pytest.mark.parametrize("shape", [(2, 3, 37, 37, 64), (1, 2, 1, 77, 80), (1, 2, 37, 77, 88)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 37, 37, 64), (1, 2, 1, 77, 80), (1, 2, 37, 77, 88)], ids=lambda s: "x".join(map(str, s))
+)
 def test_kernel_dtypes(interpreter, shape, masking, dtype, atol, rtol) -> None:
     q, k, v = make_qkv(*shape, dtype=dtype)
     kwargs = make_masking(masking, shape[0], shape[1], shape[2], shape[3])
@@ -96,7 +101,9 @@ def test_reference_matches_sdpa(masking) -> None:
     if kwargs.get("causal"):  # end-aligned: query i sees keys j <= i + Sk - Sq
         mask = mask.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), float("-inf"))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
-    torch.testing.assert_close(reference_attention(q, k, v, scale=0.3, **kwargs), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        reference_attention(q, k, v, scale=0.3, **kwargs), expected, atol=1e-6, rtol=1e-5
+    )
 
 
 def test_causal_decode_step_sees_the_whole_cache() -> None:
@@ -107,8 +114,8 @@ def test_causal_decode_step_sees_the_whole_cache() -> None:
     q3 = torch.randn(1, 2, 3, 16)
     full = reference_attention(q3, k, v, causal=True)
     for i in range(3):
-        row = reference_attention(q3[:, :, i:i + 1], k[:, :, :7 + i], v[:, :, :7 + i])
-        torch.testing.assert_close(full[:, :, i:i + 1], row, atol=1e-6, rtol=1e-5)
+        row = reference_attention(q3[:, :, i : i + 1], k[:, :, : 7 + i], v[:, :, : 7 + i])
+        torch.testing.assert_close(full[:, :, i : i + 1], row, atol=1e-6, rtol=1e-5)
 
 
 def hf_eager(q, k, v, additive_mask):
@@ -157,8 +164,9 @@ def test_broadcast_and_strided_inputs(interpreter) -> None:
     q = torch.randn(1, h, sq, d).expand(b, h, sq, d)
     k, v = (torch.randn(b, h, d, sk).transpose(2, 3) for _ in range(2))  # D-major keys
     kwargs = {"key_padding_mask": torch.tensor([[True] * 8 + [False] * 3]), "attn_bias": torch.randn(sq, sk)}
-    torch.testing.assert_close(attention_triton(q, k, v, **kwargs), reference_attention(q, k, v, **kwargs),
-                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        attention_triton(q, k, v, **kwargs), reference_attention(q, k, v, **kwargs), atol=2e-6, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -167,7 +175,11 @@ def test_scale_defaults_to_inverse_sqrt_head_dim(request, backend) -> None:
         request.getfixturevalue("interpreter")
     q, k, v = make_qkv(1, 2, 5, 5, 64)
     with use_backend(backend):
-        default, explicit, other = attention(q, k, v), attention(q, k, v, scale=0.125), attention(q, k, v, scale=0.5)
+        default, explicit, other = (
+            attention(q, k, v),
+            attention(q, k, v, scale=0.125),
+            attention(q, k, v, scale=0.5),
+        )
     torch.testing.assert_close(default, explicit)
     assert (default - other).abs().max() > 1e-2
 
@@ -184,18 +196,36 @@ def test_empty_query(interpreter) -> None:
 
 BAD_ARGS = {
     "3-D q": ((torch.randn(2, 5, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)), {}, "must be 4-D"),
-    "head dims differ": ((torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 80), torch.randn(2, 2, 5, 80)), {},
-                         "head dim"),
-    "k and v differ": ((torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 6, 64)), {},
-                       "same shape"),
-    "batch differs": ((torch.randn(2, 2, 5, 64), torch.randn(3, 2, 5, 64), torch.randn(3, 2, 5, 64)), {},
-                      "batch"),
-    "mask length": ((torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
-                    {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)}, "key_padding_mask"),
-    "bias shape": ((torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
-                   {"attn_bias": torch.zeros(2, 1, 5, 5)}, "attn_bias"),
-    "bool bias": ((torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
-                  {"attn_bias": torch.ones(2, 1, 5, 7, dtype=torch.bool)}, "floating"),
+    "head dims differ": (
+        (torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 80), torch.randn(2, 2, 5, 80)),
+        {},
+        "head dim",
+    ),
+    "k and v differ": (
+        (torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64), torch.randn(2, 2, 6, 64)),
+        {},
+        "same shape",
+    ),
+    "batch differs": (
+        (torch.randn(2, 2, 5, 64), torch.randn(3, 2, 5, 64), torch.randn(3, 2, 5, 64)),
+        {},
+        "batch",
+    ),
+    "mask length": (
+        (torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
+        {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)},
+        "key_padding_mask",
+    ),
+    "bias shape": (
+        (torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
+        {"attn_bias": torch.zeros(2, 1, 5, 5)},
+        "attn_bias",
+    ),
+    "bool bias": (
+        (torch.randn(2, 2, 5, 64), torch.randn(2, 2, 7, 64), torch.randn(2, 2, 7, 64)),
+        {"attn_bias": torch.ones(2, 1, 5, 7, dtype=torch.bool)},
+        "floating",
+    ),
 }
 
 

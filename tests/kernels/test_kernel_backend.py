@@ -18,8 +18,12 @@ from vlexport_kernels import _backend, fused_add_layer_norm, fused_attention, us
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts which implementation the ops run (the ops look their implementations up by module global)."""
-    counts = {"attention_triton": 0, "reference_attention": 0, "add_layer_norm_triton": 0,
-              "reference_add_layer_norm": 0}
+    counts = {
+        "attention_triton": 0,
+        "reference_attention": 0,
+        "add_layer_norm_triton": 0,
+        "reference_add_layer_norm": 0,
+    }
     for module in (fused_attention, fused_add_layer_norm):
         for name in counts:
             if hasattr(module, name):
@@ -35,8 +39,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 def ran(triton: int = 0, reference: int = 0) -> dict[str, int]:
     """What ``calls`` must read after ``triton`` Triton and ``reference`` reference runs of both ops."""
-    return {"attention_triton": triton, "reference_attention": reference, "add_layer_norm_triton": triton,
-            "reference_add_layer_norm": reference}
+    return {
+        "attention_triton": triton,
+        "reference_attention": reference,
+        "add_layer_norm_triton": triton,
+        "reference_add_layer_norm": reference,
+    }
 
 
 def run_both_ops() -> None:
@@ -78,7 +86,10 @@ def test_triton_refused_where_it_cannot_run(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert _backend.use_triton(cpu, compiled) is False  # auto falls back to the reference
-    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before vlexport_kernels"):
+    with (
+        use_backend("triton"),
+        pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before vlexport_kernels"),
+    ):
         _backend.use_triton(cpu, compiled)
     interpreted = fused_attention._attention_fwd_kernel
     if _backend.is_interpreted(interpreted):
@@ -133,7 +144,7 @@ class TinyBlock(nn.Module):
 
 def block_inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.ones(batch, seq, dtype=torch.bool)
-    mask[0, seq // 2:] = False
+    mask[0, seq // 2 :] = False
     return torch.randn(batch, seq, 32), mask
 
 
@@ -155,7 +166,9 @@ def test_torch_compile_fullgraph(interpreter, calls) -> None:
 def test_torch_export_dynamic_shapes() -> None:
     block = TinyBlock().eval()
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=512)
-    program = torch.export.export(block, block_inputs(2, 7), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    program = torch.export.export(
+        block, block_inputs(2, 7), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq})
+    )
     targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
     assert torch.ops.vlexport.attention.default in targets
     assert torch.ops.vlexport.add_layer_norm.default in targets
@@ -189,6 +202,7 @@ def test_import_and_run_without_triton() -> None:
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # even asked for, the reference runs
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

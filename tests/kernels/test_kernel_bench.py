@@ -29,5 +29,9 @@ def test_eager_baseline_is_hf_eager_math() -> None:
     q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
     bias = torch.zeros(2, 1, 1, 5)
     bias[0, ..., 3:] = torch.finfo(torch.float32).min
-    torch.testing.assert_close(bench.eager_attention(q, k, v, bias, 0.25),
-                               reference_attention(q, k, v, attn_bias=bias, scale=0.25), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        bench.eager_attention(q, k, v, bias, 0.25),
+        reference_attention(q, k, v, attn_bias=bias, scale=0.25),
+        atol=1e-6,
+        rtol=1e-5,
+    )

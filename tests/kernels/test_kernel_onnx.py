@@ -54,21 +54,36 @@ class TinyEncoderDecoderBlock(nn.Module):
 
     def forward(self, x, mask, encoder, encoder_mask):
         q, k, v = (self.heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        hf_mask = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # HF's extended mask
-        h = vlexport_kernels.add_layer_norm(self.merge(vlexport_kernels.attention(q, k, v, attn_bias=hf_mask)),
-                                            x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        hf_mask = (1.0 - mask[:, None, None, :].float()) * torch.finfo(
+            torch.float32
+        ).min  # HF's extended mask
+        h = vlexport_kernels.add_layer_norm(
+            self.merge(vlexport_kernels.attention(q, k, v, attn_bias=hf_mask)),
+            x,
+            self.norm1.weight,
+            self.norm1.bias,
+            self.norm1.eps,
+        )
         ck, cv = (self.heads(t) for t in self.cross_kv(encoder).chunk(2, dim=-1))
-        cross = vlexport_kernels.attention(self.heads(self.cross_q(h)), ck, cv, key_padding_mask=encoder_mask,
-                                           scale=0.2)
-        h = vlexport_kernels.add_layer_norm(self.merge(cross), h, self.norm2.weight, self.norm2.bias,
-                                            self.norm2.eps, alpha=0.7, residual_scale=0.3)
+        cross = vlexport_kernels.attention(
+            self.heads(self.cross_q(h)), ck, cv, key_padding_mask=encoder_mask, scale=0.2
+        )
+        h = vlexport_kernels.add_layer_norm(
+            self.merge(cross),
+            h,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.norm2.eps,
+            alpha=0.7,
+            residual_scale=0.3,
+        )
         causal = vlexport_kernels.attention(q, k, v, causal=True)
         return h, causal
 
 
 def block_inputs(batch: int, seq: int, enc_seq: int) -> tuple[torch.Tensor, ...]:
     mask = torch.ones(batch, seq, dtype=torch.int64)
-    mask[-1, seq // 2 + 1:] = 0  # right padding in the last sample
+    mask[-1, seq // 2 + 1 :] = 0  # right padding in the last sample
     encoder_mask = torch.rand(batch, enc_seq) > 0.3
     encoder_mask[:, 0] = True
     if batch > 1:
@@ -80,9 +95,16 @@ def export(module: nn.Module, args: tuple, dynamic_shapes, path: Path) -> onnx.M
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    custom_translation_table=vlexport_kernels.onnx_translation_table(),
-                                    opset_version=18, optimize=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=vlexport_kernels.onnx_translation_table(),
+            opset_version=18,
+            optimize=True,
+            verbose=False,
+        )
     program.save(str(path))
     return onnx.load(str(path))
 
@@ -115,7 +137,9 @@ def test_graph_holds_one_fused_node_per_op_call(exported_block) -> None:
     assert not any(node.domain == "vlexport" for node in model.graph.node)  # nothing left untranslated
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 5), (3, 11, 4), (1, 1, 9), (4, 6, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(2, 7, 5), (3, 11, 4), (1, 1, 9), (4, 6, 1)], ids=lambda s: "x".join(map(str, s))
+)
 def test_ort_matches_reference_on_other_shapes(exported_block, shape) -> None:
     block, path, _ = exported_block
     args = block_inputs(*shape)
@@ -148,17 +172,33 @@ def test_fp16_and_broadcast_paths(tmp_path) -> None:
         f16 = torch.float16
         bias = torch.randn(1, HEADS, sq, sk)
         bias[..., -1] = torch.finfo(torch.float32).min  # -inf once cast to fp16 unless clamped
-        return (torch.randn(batch, HEADS, sq, 16).to(f16), torch.randn(batch, HEADS, sk, 16).to(f16),
-                torch.randn(batch, HEADS, sk, 16).to(f16), bias, torch.randn(sq, sk).to(f16),
-                torch.randn(batch, 2, sq, HIDDEN).to(f16), torch.randn(batch, 2, sq, HIDDEN).to(f16))
+        return (
+            torch.randn(batch, HEADS, sq, 16).to(f16),
+            torch.randn(batch, HEADS, sk, 16).to(f16),
+            torch.randn(batch, HEADS, sk, 16).to(f16),
+            bias,
+            torch.randn(sq, sk).to(f16),
+            torch.randn(batch, 2, sq, HIDDEN).to(f16),
+            torch.randn(batch, 2, sq, HIDDEN).to(f16),
+        )
 
     module = Fp16Ops().half().eval()
     batch, sq, sk = (torch.export.Dim(n, min=1, max=1024) for n in ("batch", "sq", "sk"))
-    dynamic = ({0: batch, 2: sq}, {0: batch, 2: sk}, {0: batch, 2: sk}, {2: sq, 3: sk}, {0: sq, 1: sk},
-               {0: batch, 2: sq}, {0: batch, 2: sq})
+    dynamic = (
+        {0: batch, 2: sq},
+        {0: batch, 2: sk},
+        {0: batch, 2: sk},
+        {2: sq, 3: sk},
+        {0: sq, 1: sk},
+        {0: batch, 2: sq},
+        {0: batch, 2: sq},
+    )
     model = export(module, inputs(2, 5, 7), dynamic, tmp_path / "fp16.onnx")
     ops = op_counts(model)
-    assert ops[("com.microsoft", "MultiHeadAttention")] == 2 and ops[("com.microsoft", "SkipLayerNormalization")] == 1
+    assert (
+        ops[("com.microsoft", "MultiHeadAttention")] == 2
+        and ops[("com.microsoft", "SkipLayerNormalization")] == 1
+    )
     for shape in [(2, 5, 7), (3, 4, 9)]:
         args = inputs(*shape)
         with torch.no_grad(), use_backend("reference"):

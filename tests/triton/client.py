@@ -18,7 +18,6 @@ def image_bytes(seed: int, size: tuple[int, int] = (40, 52)) -> bytes:
     return buf.getvalue()
 
 
-
 def _module(client: Any) -> Any:
     from tritonclient import grpc, http
 
@@ -37,16 +36,26 @@ def strings(*items: bytes | str) -> np.ndarray:
 
 def scores(client: Any, model: str, image: bytes, texts: list[str]) -> dict[str, np.ndarray]:
     """The ensemble's per-text scores for one image and its texts."""
-    result = client.infer(model, [tensor(client, "IMAGE", strings(image), "BYTES"),
-                                  tensor(client, "TEXT", strings(*texts), "BYTES")])
+    result = client.infer(
+        model,
+        [tensor(client, "IMAGE", strings(image), "BYTES"), tensor(client, "TEXT", strings(*texts), "BYTES")],
+    )
     config = client.get_model_config(model)
     outputs = config.config.output if hasattr(config, "config") else config["output"]
     names = [o.name if hasattr(o, "name") else o["name"] for o in outputs]
     return {n: result.as_numpy(n) for n in names}
 
 
-def generate(client: Any, model: str, image: bytes, text: str | None = None, *, num_beams: int | None = None,
-             max_new_tokens: int | None = None, raw_prompt: bool = False) -> tuple[str, list[int]]:
+def generate(
+    client: Any,
+    model: str,
+    image: bytes,
+    text: str | None = None,
+    *,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    raw_prompt: bool = False,
+) -> tuple[str, list[int]]:
     """(answer text, token ids) from a generation model."""
     inputs = [tensor(client, "IMAGE", strings(image), "BYTES")]
     if text is not None:

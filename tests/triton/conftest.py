@@ -15,9 +15,16 @@ import pytest
 from tests.triton.server import Server, missing_reason
 
 # Sizes no preset has (nothing in the serving path may be keyed to preset names or sizes).
-_ODD_SIZES = {"vision_config": {"hidden_size": 40, "intermediate_size": 72, "image_size": 48, "num_attention_heads": 5},
-              "text_config": {"hidden_size": 48, "intermediate_size": 80, "encoder_hidden_size": 40,
-                              "max_position_embeddings": 40, "num_attention_heads": 6}}
+_ODD_SIZES = {
+    "vision_config": {"hidden_size": 40, "intermediate_size": 72, "image_size": 48, "num_attention_heads": 5},
+    "text_config": {
+        "hidden_size": 48,
+        "intermediate_size": 80,
+        "encoder_hidden_size": 40,
+        "max_position_embeddings": 40,
+        "num_attention_heads": 6,
+    },
+}
 
 
 def odd_blip_checkpoint(root: Path) -> Path:
@@ -37,14 +44,26 @@ def odd_blip_checkpoint(root: Path) -> Path:
     src = root / "odd-blip-caption"
     model.save_pretrained(src)
     text = config.text_config
-    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": text.bos_token_id,
-                "sep_token_id": text.sep_token_id, "eos_token_id": [text.sep_token_id]}
+    settings = {
+        "pad_token_id": text.pad_token_id,
+        "bos_token_id": text.bos_token_id,
+        "sep_token_id": text.sep_token_id,
+        "eos_token_id": [text.sep_token_id],
+    }
     tok = build_placeholder(text.vocab_size, settings, (("bos_token_id",), ("sep_token_id",)))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(src)
-    (src / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
-                                                              "image_std": [0.25, 0.2, 0.3],
-                                                              "rescale_factor": 1 / 255, "resample": 2}))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(src)
+    (src / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.5, 0.4, 0.3],
+                "image_std": [0.25, 0.2, 0.3],
+                "rescale_factor": 1 / 255,
+                "resample": 2,
+            }
+        )
+    )
     return src
 
 
@@ -59,8 +78,12 @@ def triton_artifacts(exported, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("triton-artifacts")
     odd = root / "odd"
     run_export(ExportJob(str(odd_blip_checkpoint(root)), odd))
-    return {"itm": exported("bridgetower-tiny", "itm"), "caption": exported("blip-tiny", "caption"),
-            "opt": exported("blip2-opt-tiny", "generate"), "odd": odd}
+    return {
+        "itm": exported("bridgetower-tiny", "itm"),
+        "caption": exported("blip-tiny", "caption"),
+        "opt": exported("blip2-opt-tiny", "generate"),
+        "odd": odd,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +92,9 @@ def triton_repo(triton_artifacts: dict[str, Path], tmp_path_factory: pytest.Temp
     from vlexport.serve.triton_repo import write_repository
 
     repo = tmp_path_factory.mktemp("triton") / "repo"
-    opts = ServeOptions(max_batch_size=8, kind="cpu", backend="python-onnxruntime", ensemble=True,
-                        max_queue_delay_us=2000)
+    opts = ServeOptions(
+        max_batch_size=8, kind="cpu", backend="python-onnxruntime", ensemble=True, max_queue_delay_us=2000
+    )
     for name, directory in triton_artifacts.items():  # one run per artifact: each extends the repository
         write_repository([directory], repo, opts, name=name, backend="python-onnxruntime")
     return repo
@@ -95,8 +119,10 @@ def clients(triton_server: Server):
     from tritonclient import grpc, http
 
     # used from the test thread only: tritonclient's http client (gevent) must stay on the thread that made it
-    made = {"http": http.InferenceServerClient(triton_server.http_url, network_timeout=120.0),
-            "grpc": grpc.InferenceServerClient(triton_server.grpc_url)}
+    made = {
+        "http": http.InferenceServerClient(triton_server.http_url, network_timeout=120.0),
+        "grpc": grpc.InferenceServerClient(triton_server.grpc_url),
+    }
     yield made
     for client in made.values():  # clients first, then the server (the server fixture stops it afterwards)
         client.close()

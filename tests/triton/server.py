@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV_DIR = Path(os.environ.get("VLEXPORT_TRITON_ENV", Path.home() / ".cache" / "vlexport" / "tritonserver-env"))
+ENV_DIR = Path(
+    os.environ.get("VLEXPORT_TRITON_ENV", Path.home() / ".cache" / "vlexport" / "tritonserver-env")
+)
 BINARY = ENV_DIR / "bin" / "tritonserver"
 HOST = "127.0.0.1"
 
@@ -24,15 +26,22 @@ HOST = "127.0.0.1"
 def env_python_lacks(module: str) -> bool:
     """True when the server environment's Python cannot import ``module`` (its venv, no PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(ENV_DIR / "bin" / "python"), "-c", f"import {module}"], check=False, env=env,
-                          capture_output=True, cwd="/")
+    done = subprocess.run(
+        [str(ENV_DIR / "bin" / "python"), "-c", f"import {module}"],
+        check=False,
+        env=env,
+        capture_output=True,
+        cwd="/",
+    )
     return done.returncode != 0
 
 
 def missing_reason() -> str | None:
     if not BINARY.is_file():
-        return (f"no tritonserver environment at {ENV_DIR}: run scripts/tritonserver_env.sh (CI's .ci/run does) "
-                "to make it")
+        return (
+            f"no tritonserver environment at {ENV_DIR}: run scripts/tritonserver_env.sh (CI's .ci/run does) "
+            "to make it"
+        )
     return None
 
 
@@ -53,14 +62,27 @@ class Server:
     def __init__(self, repository: Path, models: list[str], log: Path):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = log
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of this checkout on the path
-        args = [str(BINARY), f"--model-repository={repository}", "--model-control-mode=explicit",
-                *(f"--load-model={m}" for m in models), f"--http-address={HOST}", f"--grpc-address={HOST}",
-                f"--metrics-address={HOST}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}", "--exit-timeout-secs=5", "--log-verbose=0"]
+        env = {
+            k: v for k, v in os.environ.items() if k != "PYTHONPATH"
+        }  # nothing of this checkout on the path
+        args = [
+            str(BINARY),
+            f"--model-repository={repository}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in models),
+            f"--http-address={HOST}",
+            f"--grpc-address={HOST}",
+            f"--metrics-address={HOST}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+        ]
         self._log = log.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self.models = models
         self.started = time.monotonic()
 
@@ -98,6 +120,8 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own process group: the server and its python stubs
+                os.killpg(
+                    self.proc.pid, signal.SIGKILL
+                )  # its own process group: the server and its python stubs
                 self.proc.wait(10)
         self._log.close()

@@ -20,7 +20,9 @@ TEXTS = ["a cat on a mat", "two dogs", "a red bus in the rain at night"]
 def test_the_server_python_has_only_the_repository_requirements(triton_server, triton_repo) -> None:
     from tests.triton.server import env_python_lacks
 
-    assert all(env_python_lacks(m) for m in ("torch", "transformers", "vlexport", "onnx")), "the env is not bare"
+    assert all(env_python_lacks(m) for m in ("torch", "transformers", "vlexport", "onnx")), (
+        "the env is not bare"
+    )
     assert not any(env_python_lacks(m) for m in ("numpy", "PIL", "tokenizers", "onnxruntime"))
     assert "tokenizers>=" in (triton_repo / "requirements.txt").read_text()
 
@@ -28,7 +30,7 @@ def test_the_server_python_has_only_the_repository_requirements(triton_server, t
 def _run(artifact: Path, image: bytes, tmp_path: Path, texts: list[str] = (), **kwargs):
     from vlexport.runtime.run import run_artifact
 
-    path = tmp_path / f"img-{hash(image) & 0xffff}.png"
+    path = tmp_path / f"img-{hash(image) & 0xFFFF}.png"
     path.write_bytes(image)
     return run_artifact(artifact, path, list(texts), device="cpu", **kwargs)
 
@@ -49,8 +51,9 @@ def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -
     path.write_bytes(image)
     pixels = load_image(path, image_settings(artifact, manifest))
     ids, mask = _placeholder_batch(artifact, texts)
-    feeds = task.run_inputs({"input_ids": ids, "attention_mask": mask,
-                             "pixel_values": np.repeat(pixels, len(texts), axis=0)})
+    feeds = task.run_inputs(
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, len(texts), axis=0)}
+    )
     model = load_model(source_from_manifest(manifest, artifact), manifest.task)
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
@@ -58,8 +61,9 @@ def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_itm_ensemble_answers_image_and_texts_with_eager_scores(triton_server, clients, triton_artifacts,
-                                                                tmp_path: Path, protocol: str) -> None:
+def test_itm_ensemble_answers_image_and_texts_with_eager_scores(
+    triton_server, clients, triton_artifacts, tmp_path: Path, protocol: str
+) -> None:
     from vlexport.manifest import Manifest
 
     artifact = triton_artifacts["itm"]
@@ -69,20 +73,31 @@ def test_itm_ensemble_answers_image_and_texts_with_eager_scores(triton_server, c
     tol = Manifest.read(artifact).validation.tolerance
     assert set(served) == set(eager) == {"match_probability", "match_logit"}
     for name in eager:
-        np.testing.assert_allclose(served[name], eager[name], atol=tol["atol"], rtol=tol["rtol"], err_msg=name)
+        np.testing.assert_allclose(
+            served[name], eager[name], atol=tol["atol"], rtol=tol["rtol"], err_msg=name
+        )
     run = _run(artifact, image, tmp_path, TEXTS)  # and what `vlexport run` computes, line by line
-    np.testing.assert_allclose(served["match_logit"], [line.score["match_logit"] for line in run.lines], atol=1e-5)
+    np.testing.assert_allclose(
+        served["match_logit"], [line.score["match_logit"] for line in run.lines], atol=1e-5
+    )
 
 
 GENERATION = [  # (artifact, prompt, num_beams): BLIP caption, BLIP-2 OPT, the non-preset checkpoint
-    ("caption", None, None), ("caption", "a photo of", 3), ("opt", "what is in the picture?", None),
-    ("opt", None, 2), ("odd", None, None), ("odd", "a picture of", 2),
+    ("caption", None, None),
+    ("caption", "a photo of", 3),
+    ("opt", "what is in the picture?", None),
+    ("opt", None, 2),
+    ("odd", None, None),
+    ("odd", "a picture of", 2),
 ]
 
 
-@pytest.mark.parametrize(("name", "prompt", "beams"), GENERATION, ids=[f"{a}-{p is not None}-{b}" for a, p, b in GENERATION])
-def test_generation_is_token_for_token_vlexport_run(triton_server, clients, triton_artifacts, tmp_path: Path,
-                                                    name: str, prompt: str | None, beams: int | None) -> None:
+@pytest.mark.parametrize(
+    ("name", "prompt", "beams"), GENERATION, ids=[f"{a}-{p is not None}-{b}" for a, p, b in GENERATION]
+)
+def test_generation_is_token_for_token_vlexport_run(
+    triton_server, clients, triton_artifacts, tmp_path: Path, name: str, prompt: str | None, beams: int | None
+) -> None:
     image = image_bytes(2)
     text, ids = generate(clients["grpc" if beams else "http"], name, image, prompt, num_beams=beams)
     run = _run(triton_artifacts[name], image, tmp_path, [prompt] if prompt else [], num_beams=beams)
@@ -91,15 +106,17 @@ def test_generation_is_token_for_token_vlexport_run(triton_server, clients, trit
     assert text == line.output
 
 
-def test_concurrent_requests_each_get_their_own_answer(triton_server, clients, triton_artifacts,
-                                                       tmp_path: Path) -> None:
+def test_concurrent_requests_each_get_their_own_answer(
+    triton_server, clients, triton_artifacts, tmp_path: Path
+) -> None:
     cases = [("itm", image_bytes(10 + i), TEXTS[: 1 + i % 3]) for i in range(6)]
     cases += [("caption", image_bytes(20 + i), f"photo number {i}") for i in range(6)]
     expected = []
     for name, image, texts in cases:
         run = _run(triton_artifacts[name], image, tmp_path, [texts] if isinstance(texts, str) else texts)
-        expected.append(run.lines[0].ids if isinstance(texts, str) else [line.score["match_logit"]
-                                                                         for line in run.lines])
+        expected.append(
+            run.lines[0].ids if isinstance(texts, str) else [line.score["match_logit"] for line in run.lines]
+        )
     # every answer differs (by far more than 1e-5): a swapped or mixed-up one would be caught
     assert len({str(np.round(e, 3).tolist()) for e in expected}) == len(cases)
 
@@ -108,8 +125,11 @@ def test_concurrent_requests_each_get_their_own_answer(triton_server, clients, t
 
         name, image, texts = cases[i]
         # One client per thread: tritonclient's http client (gevent) must stay on the thread that made it.
-        client = http.InferenceServerClient(triton_server.http_url) if i % 2 else \
-            grpc.InferenceServerClient(triton_server.grpc_url)
+        client = (
+            http.InferenceServerClient(triton_server.http_url)
+            if i % 2
+            else grpc.InferenceServerClient(triton_server.grpc_url)
+        )
         try:
             if isinstance(texts, str):
                 return generate(client, name, image, texts)[1]
@@ -137,16 +157,24 @@ def _bad_cases(good: bytes):
         ("itm", [("IMAGE", strings(good), B), ("TEXT", strings("word " * 40), B)], "positions"),
         ("itm_model", [("input_ids", np.zeros([1, 4], np.int32), "INT32")], "missing required input"),
         ("caption", [("IMAGE", strings(good), B), ("TEXT", strings(""), B)], "empty string"),
-        ("caption", [("IMAGE", strings(good), B), ("TEXT", strings("word " * 30), B)],
-         "longer than the model's 64 positions"),
-        ("caption", [("IMAGE", strings(good), B), ("NUM_BEAMS", np.array([0], np.int32), "INT32")],
-         "NUM_BEAMS must be in 1..16"),
+        (
+            "caption",
+            [("IMAGE", strings(good), B), ("TEXT", strings("word " * 30), B)],
+            "longer than the model's 64 positions",
+        ),
+        (
+            "caption",
+            [("IMAGE", strings(good), B), ("NUM_BEAMS", np.array([0], np.int32), "INT32")],
+            "NUM_BEAMS must be in 1..16",
+        ),
         ("opt", [("IMAGE", strings(b"\x89PNG\r\n\x1a\n" + b"x" * 40), B)], "Cannot decode IMAGE"),
     ]
 
 
 @pytest.mark.parametrize("case", range(11))
-def test_malformed_request_gets_a_clear_error_and_the_server_keeps_serving(triton_server, clients, case: int) -> None:
+def test_malformed_request_gets_a_clear_error_and_the_server_keeps_serving(
+    triton_server, clients, case: int
+) -> None:
     good = image_bytes(3)
     model, inputs, message = _bad_cases(good)[case]
     client = clients["grpc" if case % 2 else "http"]

@@ -26,5 +26,18 @@ from vlexport.artifact.staging import (
     tree_bytes,
 )
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "check_output_dir", "clean_stale", "describe_partial",
-           "lock_path", "output_scope", "parse_staging_name", "real_target", "remove_set_aside", "scratch_dir", "staged_dir", "tree_bytes"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_output_dir",
+    "clean_stale",
+    "describe_partial",
+    "lock_path",
+    "output_scope",
+    "parse_staging_name",
+    "real_target",
+    "remove_set_aside",
+    "scratch_dir",
+    "staged_dir",
+    "tree_bytes",
+]

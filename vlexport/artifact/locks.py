@@ -45,7 +45,9 @@ class _Lock:
 @dataclass
 class _Scope:
     locks: list[str] = field(default_factory=list)
-    made: list[Path] = field(default_factory=list)  # parent dirs check_output_dir created (removed on failure)
+    made: list[Path] = field(
+        default_factory=list
+    )  # parent dirs check_output_dir created (removed on failure)
 
 
 def lock_path(out: PathLike) -> Path:
@@ -75,8 +77,10 @@ def acquire(out: Path, display: Path) -> None:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
             who = "export in this process" if owner.startswith(f"pid {os.getpid()} ") else "vlexport process"
-            raise UsageError(f"Another {who} ({owner}) is writing {display}; wait for it or choose another -o "
-                             f"(its lock: {path}).") from None
+            raise UsageError(
+                f"Another {who} ({owner}) is writing {display}; wait for it or choose another -o "
+                f"(its lock: {path})."
+            ) from None
         # The previous holder removes the file as it lets go: the lock we got must be on the file still there.
         with contextlib.suppress(FileNotFoundError):
             st, now = os.fstat(fd), os.stat(path)
@@ -129,6 +133,10 @@ def human_size(n: float) -> str:
 
 def unwritable_error(display: Path, where: Path, e: OSError) -> CheckError | UsageError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckError(f"No space left to write {display}: the filesystem of {where} is full "
-                          f"({human_size(shutil.disk_usage(where).free)} free). Free some space or choose another -o.")
-    return UsageError(f"Cannot write to {display}: {where} is not writable ({e.strerror}). Choose another -o.")
+        return CheckError(
+            f"No space left to write {display}: the filesystem of {where} is full "
+            f"({human_size(shutil.disk_usage(where).free)} free). Free some space or choose another -o."
+        )
+    return UsageError(
+        f"Cannot write to {display}: {where} is not writable ({e.strerror}). Choose another -o."
+    )

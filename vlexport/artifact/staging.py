@@ -67,20 +67,33 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
     target = out.resolve()
     cwd = Path.cwd().resolve()
     if out.name in ("", ".", "..") or target == cwd or target in cwd.parents:
-        raise UsageError(f"-o {display} is the current directory{' or above it' if target != cwd else ''}: the "
-                         "output directory is replaced as a whole. Name a new directory, e.g. -o ./artifact.")
+        raise UsageError(
+            f"-o {display} is the current directory{' or above it' if target != cwd else ''}: the "
+            "output directory is replaced as a whole. Name a new directory, e.g. -o ./artifact."
+        )
     for src in _as_paths(source_dir):
         source = src.resolve()
-        how = ("is" if target == source else "is inside" if source in target.parents
-               else "contains" if target in source.parents else None)
+        how = (
+            "is"
+            if target == source
+            else "is inside"
+            if source in target.parents
+            else "contains"
+            if target in source.parents
+            else None
+        )
         if how:
-            raise UsageError(f"-o {display} {how} the source model directory {src}: exporting there would replace "
-                             "the model being exported. Choose an -o outside it.")
+            raise UsageError(
+                f"-o {display} {how} the source model directory {src}: exporting there would replace "
+                "the model being exported. Choose an -o outside it."
+            )
     if out.exists() and not out.is_dir():
         raise UsageError(f"Output path {display} exists and is a file, not a directory. Choose another -o.")
     parent = next(p for p in Path(os.path.abspath(out)).parents if p.exists())
     if not parent.is_dir():
-        raise UsageError(f"Cannot write to {display}: {parent} is a file, not a directory. Choose another -o.")
+        raise UsageError(
+            f"Cannot write to {display}: {parent} is a file, not a directory. Choose another -o."
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write to {display}: {parent} is not writable. Choose another -o.")
     if LOCAL.scopes:
@@ -98,16 +111,19 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
         scope.locks.append(str(out.resolve()))
         clean_stale(out)
     if out.exists() and not force:
-        raise UsageError(f"Output directory {display} already exists. Pass --force to replace it, or choose "
-                         "another -o.")
+        raise UsageError(
+            f"Output directory {display} already exists. Pass --force to replace it, or choose another -o."
+        )
 
 
 def _check_space(out: Path, display: Path, expected_bytes: int | None) -> None:
     free = shutil.disk_usage(Path(os.path.abspath(out)).parent).free
     if expected_bytes and free < expected_bytes:
-        raise CheckError(f"Not enough space for {display}: the artifact needs at least {human_size(expected_bytes)} (its "
-                         f"weights alone) and its filesystem has {human_size(free)} free. Free some space or choose "
-                         "another -o; nothing was written.")
+        raise CheckError(
+            f"Not enough space for {display}: the artifact needs at least {human_size(expected_bytes)} (its "
+            f"weights alone) and its filesystem has {human_size(free)} free. Free some space or choose "
+            "another -o; nothing was written."
+        )
 
 
 def tree_bytes(path: PathLike) -> int:
@@ -150,8 +166,10 @@ def describe_partial(directory: PathLike) -> str | None:
         except PermissionError:
             writer += ", still running"
     what = "set-aside copy of" if info["kind"] == "old" else "unfinished staging directory for"
-    return (f"{path} is the {what} {path.parent / info['name']}, not an artifact (its writer: {writer}). "
-            f"The next export to {path.parent / info['name']} removes it; or delete it.")
+    return (
+        f"{path} is the {what} {path.parent / info['name']}, not an artifact (its writer: {writer}). "
+        f"The next export to {path.parent / info['name']} removes it; or delete it."
+    )
 
 
 def clean_stale(out: PathLike) -> list[Path]:
@@ -203,8 +221,9 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None = None,
-               source_dir: Sources = None) -> Iterator[Path]:
+def staged_dir(
+    out: PathLike, *, force: bool = False, expected_bytes: int | None = None, source_dir: Sources = None
+) -> Iterator[Path]:
     """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure it is removed.
 
     Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
@@ -213,7 +232,9 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
     given, out = Path(out), real_target(out)  # a symlinked -o: its target is written, the link stays
     display = _display(given)
     with output_scope():
-        if display == given:  # a signal from here on interrupts this write: what was committed before is not news
+        if (
+            display == given
+        ):  # a signal from here on interrupts this write: what was committed before is not news
             SIGNALS.committed = None
         check_output_dir(out, force=force, source_dir=source_dir)
         _check_space(out, display, expected_bytes)
@@ -233,10 +254,14 @@ def staged_dir(out: PathLike, *, force: bool = False, expected_bytes: int | None
                 if not _no_space(e):
                     raise
                 written = human_size(tree_bytes(tmp))
-                need = f"at least {human_size(expected_bytes)} (its weights alone)" if expected_bytes else "more"
-                raise CheckError(f"No space left on the filesystem of {display} while writing the artifact: it needs "
-                                 f"{need}; {written} had been written when the disk filled. Free some space or choose "
-                                 "another -o; nothing was written.") from None
+                need = (
+                    f"at least {human_size(expected_bytes)} (its weights alone)" if expected_bytes else "more"
+                )
+                raise CheckError(
+                    f"No space left on the filesystem of {display} while writing the artifact: it needs "
+                    f"{need}; {written} had been written when the disk filled. Free some space or choose "
+                    "another -o; nothing was written."
+                ) from None
             with signals_held():
                 _commit(tmp, out)
                 if display == given:  # a scratch parent is not the user's output
@@ -285,8 +310,10 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             with signals_held(), contextlib.suppress(OSError):
                 os.unlink(tmp)
             if _no_space(e):
-                raise CheckError(f"No space left on the filesystem of {path} to write it ({human_size(len(data))}); "
-                                 "nothing was written. Free some space or choose another path.") from None
+                raise CheckError(
+                    f"No space left on the filesystem of {path} to write it ({human_size(len(data))}); "
+                    "nothing was written. Free some space or choose another path."
+                ) from None
             raise
 
 

@@ -13,8 +13,21 @@ from vlexport.contracts.backends import register_backend
 
 BACKENDS = RUNNERS  # the earlier name of the runner table (export backends live in the registry)
 
-__all__ = ["BACKENDS", "RUNNERS", "BenchContext", "BenchPlan", "BenchRow", "RegressReport", "Variant", "compare",
-           "read_rows", "register_backend", "register_runner", "run_bench", "write_rows"]
+__all__ = [
+    "BACKENDS",
+    "RUNNERS",
+    "BenchContext",
+    "BenchPlan",
+    "BenchRow",
+    "RegressReport",
+    "Variant",
+    "compare",
+    "read_rows",
+    "register_backend",
+    "register_runner",
+    "run_bench",
+    "write_rows",
+]
 
 from vlexport.callables import make_callable  # vlexport.bench(...) is vlexport.api.bench
 

@@ -23,8 +23,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from vlexport.bench.rows import ERROR, FAILED_PARITY, OK
 from vlexport.contracts.precision import PrecisionConfig
 
-Call = tuple[Callable[[dict[str, torch.Tensor]], Any], Callable[[Any], "GenerationTiming"],
-             Callable[["GenerationTiming"], dict[str, np.ndarray]]]
+Call = tuple[
+    Callable[[dict[str, torch.Tensor]], Any],
+    Callable[[Any], "GenerationTiming"],
+    Callable[["GenerationTiming"], dict[str, np.ndarray]],
+]
 
 
 @dataclass
@@ -56,16 +59,23 @@ def timing_from_stamps(start_ns: int, stamps: list[int], end_ns: int, tokens: np
     return GenerationTiming((end_ns - start_ns) / 1e9, (stamps[0] - start_ns) / 1e9, decode, tokens)
 
 
-def hf_generate_timed(model: PreTrainedModel, inputs: dict[str, torch.Tensor], new_tokens: int, device: str
-                      ) -> GenerationTiming:
+def hf_generate_timed(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], new_tokens: int, device: str
+) -> GenerationTiming:
     """HF ``generate()``, greedy, exactly ``new_tokens`` new tokens, with per-token stamps."""
     clock = TokenClock(device)
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter_ns()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             num_beams=1, logits_processor=LogitsProcessorList([clock]))
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            logits_processor=LogitsProcessorList([clock]),
+        )
     if device == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter_ns()
@@ -77,9 +87,11 @@ def _tokens(timing: GenerationTiming) -> dict[str, np.ndarray]:
     return {"tokens": timing.tokens}
 
 
-def hf_generate_call(model: PreTrainedModel, cast: Callable[[torch.Tensor], torch.Tensor], new_tokens: int,
-                     device: str) -> Call:
+def hf_generate_call(
+    model: PreTrainedModel, cast: Callable[[torch.Tensor], torch.Tensor], new_tokens: int, device: str
+) -> Call:
     """(prepare, call, outputs) of the eager model's ``generate()``; ``cast`` moves an input to dtype and device."""
+
     def prepare(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: cast(v) for k, v in inputs.items()}
 
@@ -88,14 +100,19 @@ def hf_generate_call(model: PreTrainedModel, cast: Callable[[torch.Tensor], torc
 
 def generator_call(generator: Any, new_tokens: int) -> Call:
     """(prepare, call, outputs) of a loaded artifact's ``runtime.generate.Generator``."""
+
     def prepare(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in inputs.items()}
 
     def call(x: dict[str, np.ndarray]) -> GenerationTiming:
         stamps: list[int] = []
         start = time.perf_counter_ns()
-        out = generator.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 on_step=lambda step: stamps.append(time.perf_counter_ns()))
+        out = generator.generate(
+            **x,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            on_step=lambda step: stamps.append(time.perf_counter_ns()),
+        )
         return timing_from_stamps(start, stamps, time.perf_counter_ns(), out.sequences[:, -new_tokens:])
 
     return prepare, call, _tokens
@@ -104,12 +121,15 @@ def generator_call(generator: Any, new_tokens: int) -> Call:
 def generation_stats(timings: Sequence[GenerationTiming]) -> dict[str, float | None]:
     """Median prefill ms and median decode ms per token over a variant's timed calls."""
     decode = [d for t in timings for d in t.decode_s]
-    return {"prefill_ms": round(float(np.median([t.prefill_s for t in timings])) * 1e3, 4),
-            "decode_ms_per_token": round(float(np.median(decode)) * 1e3, 4) if decode else None}
+    return {
+        "prefill_ms": round(float(np.median([t.prefill_s for t in timings])) * 1e3, 4),
+        "decode_ms_per_token": round(float(np.median(decode)) * 1e3, 4) if decode else None,
+    }
 
 
-def token_parity(tokens: np.ndarray, reference: np.ndarray | None, precision: PrecisionConfig
-                 ) -> tuple[str, dict, str]:
+def token_parity(
+    tokens: np.ndarray, reference: np.ndarray | None, precision: PrecisionConfig
+) -> tuple[str, dict, str]:
     """Value-exact precisions must match eager fp32 token for token; reduced ones need their agreement share."""
     if reference is None:
         return ERROR, {}, "the eager fp32 reference failed: no parity baseline"

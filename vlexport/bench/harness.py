@@ -59,7 +59,9 @@ class BenchPlan:
 
     models: tuple[str, ...]  # presets, local model dirs, or artifact dirs (with manifest.json)
     backends: tuple[str, ...] = ("eager", "onnx")
-    precisions: tuple[str, ...] = ("fp32",)  # names, as the CLI or a suite file spells them (configs: .configs)
+    precisions: tuple[str, ...] = (
+        "fp32",
+    )  # names, as the CLI or a suite file spells them (configs: .configs)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     seq_len: int = 32
     warmup: int = 3
@@ -80,12 +82,15 @@ class BenchPlan:
         # One name per backend in rows: earlier spellings (trt) become the registered name.
         self.backends = tuple(dict.fromkeys(canonical_name(b) for b in self.backends))
         # The names enter the program here (the CLI's --precision, a suite file): resolved once (UsageError).
-        self.configs: tuple[PrecisionConfig, ...] = tuple({c.name: c for c in map(get_precision, self.precisions)}
-                                                          .values())
+        self.configs: tuple[PrecisionConfig, ...] = tuple(
+            {c.name: c for c in map(get_precision, self.precisions)}.values()
+        )
         self.precisions = tuple(c.name for c in self.configs)
         self.batch_sizes = tuple(self.batch_sizes)
         if not self.models:
-            raise UsageError("Name at least one model, preset or artifact directory to benchmark (or --suite).")
+            raise UsageError(
+                "Name at least one model, preset or artifact directory to benchmark (or --suite)."
+            )
         if not self.batch_sizes or min(self.batch_sizes) < 1 or self.seq_len < 1:
             raise UsageError("--batch-sizes and --seq-len take positive integers.")
         if self.iters < 1 or self.warmup < 0 or self.new_tokens < 1:
@@ -132,18 +137,28 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRo
     return rows
 
 
-def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: Path,
-               progress: Progress) -> list[BenchRow]:
+def _run_group(
+    plan: BenchPlan, group: Group, device: str, threads: int, work: Path, progress: Progress
+) -> list[BenchRow]:
     from vlexport.weights import load_model
 
     progress.message(f"loading {group.name} ({group.task})")
     model = load_model(group.source, group.task)
     ctx = _context(plan, group, model, device, threads, work, progress)
     vision = getattr(model.config, "vision_config", None)
-    common = {"model": group.name, "task": group.task, "seq_len": plan.seq_len,
-                  "image_size": image_size(vision) if vision is not None else None, "device": device_name(device),
-                  "device_kind": device, "threads": threads, "warmup": plan.warmup, "iters": plan.iters,
-                  "versions": library_versions(), "timestamp": now()}
+    common = {
+        "model": group.name,
+        "task": group.task,
+        "seq_len": plan.seq_len,
+        "image_size": image_size(vision) if vision is not None else None,
+        "device": device_name(device),
+        "device_kind": device,
+        "threads": threads,
+        "warmup": plan.warmup,
+        "iters": plan.iters,
+        "versions": library_versions(),
+        "timestamp": now(),
+    }
     if ctx.generative:
         common.update(new_tokens=plan.new_tokens, throughput_unit="tokens/s")
 
@@ -157,24 +172,46 @@ def _run_group(plan: BenchPlan, group: Group, device: str, threads: int, work: P
             except UsageError:
                 raise  # asked for something impossible here (no TensorRT, fp16 ONNX...): say so, do not guess
             except Exception as e:  # noqa: BLE001  a backend that fails to build is a failed row, not a crash
-                failed += [BenchRow(**common, backend=backend, precision=precision.name, kernels=",".join(kernels),
-                                    batch=b, status=ERROR, detail=f"build failed: {one_line(e)}")
-                           for b in plan.batch_sizes]
+                failed += [
+                    BenchRow(
+                        **common,
+                        backend=backend,
+                        precision=precision.name,
+                        kernels=",".join(kernels),
+                        batch=b,
+                        status=ERROR,
+                        detail=f"build failed: {one_line(e)}",
+                    )
+                    for b in plan.batch_sizes
+                ]
                 progress.advance(len(plan.batch_sizes) * (1 + plan.warmup + plan.iters))
                 continue
             is_reference = not live and backend == "eager" and precision.name == "fp32" and not kernels
-            if is_reference:  # it owns the loaded weights (an RSS delta of loading depends on the process's past)
-                variant.memory.add_build(sum(t.numel() * t.element_size()
-                                             for t in (*model.parameters(), *model.buffers())))
+            if (
+                is_reference
+            ):  # it owns the loaded weights (an RSS delta of loading depends on the process's past)
+                variant.memory.add_build(
+                    sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                )
             live.append(Live(variant, reference=is_reference))
         for batch in plan.batch_sizes:
-            measure_shape(ctx, batch, live, common, warmup=plan.warmup, iters=plan.iters, seed=plan.seed,
-                          progress=progress)
+            measure_shape(
+                ctx,
+                batch,
+                live,
+                common,
+                warmup=plan.warmup,
+                iters=plan.iters,
+                seed=plan.seed,
+                progress=progress,
+            )
             _record_work(ctx, batch, live, plan.seed, progress)
     finally:  # also when a later variant is refused: injected kernels come out of the shared model
         for lv in live:
             lv.variant.close()
-    ordered = [lv.rows[b] for b in plan.batch_sizes for lv in live if b in lv.rows]  # shape-major, like a table
+    ordered = [
+        lv.rows[b] for b in plan.batch_sizes for lv in live if b in lv.rows
+    ]  # shape-major, like a table
     return ordered + failed
 
 
@@ -188,8 +225,9 @@ def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, pro
     try:
         if ctx.generative:
             prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
-            shape = decode_shape(ctx.model, ctx.task_spec.components(ctx.model.config), batch, prompt,
-                                 ctx.new_tokens, seed)
+            shape = decode_shape(
+                ctx.model, ctx.task_spec.components(ctx.model.config), batch, prompt, ctx.new_tokens, seed
+            )
         else:
             work = encoder_work(ctx.model, (ctx.component,), inputs)
     except Exception as e:  # noqa: BLE001  (counting is information: a model the counter cannot run keeps its timings)
@@ -205,23 +243,37 @@ def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, pro
             row.work_bytes_per_step = step_bytes(shape, weight_bytes=weight, activation_bytes=activation)
 
 
-def _context(plan: BenchPlan, group: Group, model: Any, device: str, threads: int, work: Path,
-             progress: Progress) -> BenchContext:
+def _context(
+    plan: BenchPlan, group: Group, model: Any, device: str, threads: int, work: Path, progress: Progress
+) -> BenchContext:
     """The one context of a group, for every variant (encoder or generation, runner or export backend)."""
     task_spec = group.source.family.task(group.task)
     components = task_spec.components(model.config)
-    return BenchContext(model_name=group.model_arg or group.name, source=group.source, task=group.task,
-                        task_spec=task_spec, model=model,
-                        component=None if task_spec.generative else components[0], device=device,
-                        threads=threads, work_dir=work, random_weights=group.source.origin.get("kind") == "random",
-                        allow_new_weights=tuple(plan.allow_new_weights),
-                        seed=plan.seed, kernels=tuple(plan.kernels), compile_mode=plan.compile_mode,
-                        batch_sizes=plan.batch_sizes, seq_len=plan.seq_len, new_tokens=plan.new_tokens,
-                        progress=progress.message)
+    return BenchContext(
+        model_name=group.model_arg or group.name,
+        source=group.source,
+        task=group.task,
+        task_spec=task_spec,
+        model=model,
+        component=None if task_spec.generative else components[0],
+        device=device,
+        threads=threads,
+        work_dir=work,
+        random_weights=group.source.origin.get("kind") == "random",
+        allow_new_weights=tuple(plan.allow_new_weights),
+        seed=plan.seed,
+        kernels=tuple(plan.kernels),
+        compile_mode=plan.compile_mode,
+        batch_sizes=plan.batch_sizes,
+        seq_len=plan.seq_len,
+        new_tokens=plan.new_tokens,
+        progress=progress.message,
+    )
 
 
-def _variant_builders(plan: BenchPlan, group: Group, ctx: BenchContext
-                      ) -> Iterator[tuple[str, PrecisionConfig, tuple[str, ...], Callable[[], Variant]]]:
+def _variant_builders(
+    plan: BenchPlan, group: Group, ctx: BenchContext
+) -> Iterator[tuple[str, PrecisionConfig, tuple[str, ...], Callable[[], Variant]]]:
     """(backend, precision, kernels, build) in run order; the eager fp32 reference always comes first."""
     ref_ctx = replace(ctx, kernels=())
     yield "eager", Fp32Config(), (), lambda: build_variant(ref_ctx, "eager", Fp32Config())
@@ -230,12 +282,21 @@ def _variant_builders(plan: BenchPlan, group: Group, ctx: BenchContext
             for precision in plan.configs:
                 if backend == "eager" and precision.name == "fp32" and not ctx.kernels:
                     continue  # that is the reference
-                yield backend, precision, ctx.kernels, (lambda b=backend, p=precision: build_variant(ctx, b, p))
+                yield (
+                    backend,
+                    precision,
+                    ctx.kernels,
+                    (lambda b=backend, p=precision: build_variant(ctx, b, p)),
+                )
     for directory in group.artifacts:
         manifest = Manifest.read(directory)
         kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
-        yield (manifest.backend, manifest.precision_config, kernels,
-               lambda d=directory: given_artifact_variant(ctx, d))
+        yield (
+            manifest.backend,
+            manifest.precision_config,
+            kernels,
+            lambda d=directory: given_artifact_variant(ctx, d),
+        )
 
 
 def _plan_groups(plan: BenchPlan) -> list[Group]:
@@ -249,8 +310,12 @@ def _plan_groups(plan: BenchPlan) -> list[Group]:
         if (path / "manifest.json").is_file():
             artifacts.append(path)
             continue
-        source = resolve(arg, random_weights=plan.random_weights, seed=plan.seed,
-                         allow_new_weights=tuple(plan.allow_new_weights))
+        source = resolve(
+            arg,
+            random_weights=plan.random_weights,
+            seed=plan.seed,
+            allow_new_weights=tuple(plan.allow_new_weights),
+        )
         task = source.check_task(plan.task)
         group = Group(arg, arg, task, source)
         groups.append(group)
@@ -273,14 +338,20 @@ def _check_variant_options(plan: BenchPlan, groups: list[Group], artifacts: list
     if any(g.model_arg is not None for g in groups):
         return
     fields = BenchPlan.__dataclass_fields__
-    ignored = [f"{flag} {','.join(getattr(plan, name))}" for name, flag in (("backends", "--backends"),
-                                                                             ("precisions", "--precision"))
-               if tuple(getattr(plan, name)) != fields[name].default]
+    ignored = [
+        f"{flag} {','.join(getattr(plan, name))}"
+        for name, flag in (("backends", "--backends"), ("precisions", "--precision"))
+        if tuple(getattr(plan, name)) != fields[name].default
+    ]
     if ignored:
-        have = ", ".join(sorted({f"{Manifest.read(a).backend} {Manifest.read(a).precision}" for a in artifacts}))
-        raise UsageError(f"{' and '.join(ignored)} would be ignored: every MODEL given is an artifact directory "
-                         f"({have}), benchmarked as it is beside eager. Drop the option, or pass the preset or model "
-                         "directory to build those variants (or artifact directories of those backends).")
+        have = ", ".join(
+            sorted({f"{Manifest.read(a).backend} {Manifest.read(a).precision}" for a in artifacts})
+        )
+        raise UsageError(
+            f"{' and '.join(ignored)} would be ignored: every MODEL given is an artifact directory "
+            f"({have}), benchmarked as it is beside eager. Drop the option, or pass the preset or model "
+            "directory to build those variants (or artifact directories of those backends)."
+        )
 
 
 def _key(origin: dict[str, Any], task: str) -> str:
@@ -288,7 +359,9 @@ def _key(origin: dict[str, Any], task: str) -> str:
 
 
 def _steps(plan: BenchPlan, group: Group) -> int:
-    n_variants = 1 + len(group.artifacts) + (len(plan.backends) * len(plan.precisions) if group.model_arg else 0)
+    n_variants = (
+        1 + len(group.artifacts) + (len(plan.backends) * len(plan.precisions) if group.model_arg else 0)
+    )
     if group.model_arg and "eager" in plan.backends and "fp32" in plan.precisions and not plan.kernels:
         n_variants -= 1
     return n_variants * len(plan.batch_sizes) * (1 + plan.warmup + plan.iters)

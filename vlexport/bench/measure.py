@@ -43,8 +43,17 @@ class Live:
     first_calls: float = 0.0
 
 
-def measure_shape(ctx: BenchContext, batch: int, live: list[Live], common: dict[str, Any], *, warmup: int,
-                  iters: int, seed: int, progress: Progress) -> None:
+def measure_shape(
+    ctx: BenchContext,
+    batch: int,
+    live: list[Live],
+    common: dict[str, Any],
+    *,
+    warmup: int,
+    iters: int,
+    seed: int,
+    progress: Progress,
+) -> None:
     """Fill ``live[i].rows[batch]`` for every variant at ``batch`` x ``ctx.seq_len``."""
     shape = InputShape(batch, ctx.seq_len)
     progress.message(f"{ctx.task} {shape}: first calls and parity")
@@ -55,8 +64,15 @@ def measure_shape(ctx: BenchContext, batch: int, live: list[Live], common: dict[
     active: list[tuple[Live, Any]] = []
     for lv in live:
         v = lv.variant
-        row = BenchRow(**common, backend=v.backend, precision=v.precision.name, kernels=",".join(v.kernels), batch=batch,
-                       memory_kind=v.memory.kind, detail=v.note)
+        row = BenchRow(
+            **common,
+            backend=v.backend,
+            precision=v.precision.name,
+            kernels=",".join(v.kernels),
+            batch=batch,
+            memory_kind=v.memory.kind,
+            detail=v.note,
+        )
         lv.rows[batch] = row
         try:
             prepared = v.prepare(inputs)
@@ -113,8 +129,12 @@ def _fill(row: BenchRow, seconds: list[float], stamps: list[Any], per_call: int,
         row.detail = "; ".join(filter(None, [row.detail, f"noisy: p90 > {NOISY_P90:g}x p50 (machine load?)"]))
 
 
-def parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, precision: PrecisionConfig,
-           ctx: BenchContext) -> tuple[str, dict[str, Any], str]:
+def parity(
+    got: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray] | None,
+    precision: PrecisionConfig,
+    ctx: BenchContext,
+) -> tuple[str, dict[str, Any], str]:
     """(status, per-output report, detail) of one variant's first call against eager fp32."""
     if ctx.generative:
         return token_parity(got["tokens"], None if ref is None else ref["tokens"], precision)
@@ -123,22 +143,36 @@ def parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, precis
     return output_parity(got, ref, precision, ctx.task_spec.agreement.get)
 
 
-def output_parity(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], precision: PrecisionConfig,
-                  agreement: Callable[[str], str | None]) -> tuple[str, dict[str, Any], str]:
+def output_parity(
+    got: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    precision: PrecisionConfig,
+    agreement: Callable[[str], str | None],
+) -> tuple[str, dict[str, Any], str]:
     """Per-output errors with validation's comparison and the precision's tolerance."""
     tol = precision.tolerance
     report: dict[str, Any] = {}
     misses = []
     for name, r in ref.items():
         check = compare_output(name, "bench", got.get(name), r, tol, agreement(name))
-        report[name] = {k: v for k, v in (("kind", check.kind), ("max_abs", check.max_abs),
-                                           ("max_rel", check.max_rel), ("cosine", check.cosine),
-                                           ("agreement", check.agreement)) if v is not None}
+        report[name] = {
+            k: v
+            for k, v in (
+                ("kind", check.kind),
+                ("max_abs", check.max_abs),
+                ("max_rel", check.max_rel),
+                ("cosine", check.cosine),
+                ("agreement", check.agreement),
+            )
+            if v is not None
+        }
         if not check.passed:
             misses.append(f"{name}: {check.kind} {check.detail} (limit {check.limit or '-'})".strip())
     flat = np.concatenate([r.astype(np.float64).ravel() for r in ref.values()]) if ref else np.zeros(0)
     if flat.size > 1 and flat.std() < DEGENERATE_STD:
-        misses.append(f"reference outputs are ~constant (std < {DEGENERATE_STD:g}): parity would pass trivially")
+        misses.append(
+            f"reference outputs are ~constant (std < {DEGENERATE_STD:g}): parity would pass trivially"
+        )
     return (FAILED_PARITY if misses else OK), report, "; ".join(misses)
 
 

@@ -47,16 +47,23 @@ class Peaks:
         return self.peaks.get(kind)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "threads": self.threads, "seconds": round(self.seconds, 2), "samples": self.samples,
-                "peaks": {k: asdict(p) for k, p in self.peaks.items()}, "notes": list(self.notes)}
+        return {
+            "device": self.device,
+            "threads": self.threads,
+            "seconds": round(self.seconds, 2),
+            "samples": self.samples,
+            "peaks": {k: asdict(p) for k, p in self.peaks.items()},
+            "notes": list(self.notes),
+        }
 
 
 _CACHE: dict[tuple[str, int], tuple[Peaks, float]] = {}  # (device, threads) -> (peaks, when measured)
 BUDGET_S = 2.5
 
 
-def machine_peaks(device: str, threads: int, budget_s: float = BUDGET_S, again_after_s: float | None = None
-                  ) -> Peaks:
+def machine_peaks(
+    device: str, threads: int, budget_s: float = BUDGET_S, again_after_s: float | None = None
+) -> Peaks:
     """The peaks of ``device`` at ``threads`` intra-op threads, measured once per process.
 
     ``again_after_s``: measure again when the cached measurement is older than that, keeping the better
@@ -97,8 +104,11 @@ def measure_peaks(device: str, threads: int, budget_s: float = BUDGET_S) -> Peak
     timer = _cuda_time if cuda else _cpu_time
     slice_s = budget_s / 6  # fp32, fp16, bf16, int8 (two ways on CPU), memory
     try:
-        for kind, dtype in (("fp32-gemm", torch.float32), ("bf16-gemm", torch.bfloat16),
-                            ("fp16-gemm", torch.float16)):
+        for kind, dtype in (
+            ("fp32-gemm", torch.float32),
+            ("bf16-gemm", torch.bfloat16),
+            ("fp16-gemm", torch.float16),
+        ):
             _try(out, kind, lambda d=dtype, k=kind: _gemm(d, device, timer, slice_s, k))
         _try(out, "int8-gemm", lambda: _int8(device, threads, timer, slice_s))
         _try(out, MEMORY, lambda: _bandwidth(device, timer, slice_s))
@@ -134,8 +144,9 @@ def _cuda_time(fn: Callable[[], Any]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def _best(fn: Callable[[], Any], timer: Callable[[Callable[[], Any]], float], slice_s: float,
-          reps: int = 5) -> tuple[float, int]:
+def _best(
+    fn: Callable[[], Any], timer: Callable[[Callable[[], Any]], float], slice_s: float, reps: int = 5
+) -> tuple[float, int]:
     """Best time of up to ``reps`` calls after one warm-up, stopping when the slice is used."""
     timer(fn)  # warm-up: kernel selection, first-touch of pages
     best, n, t0 = float("inf"), 0, time.perf_counter()
@@ -145,8 +156,13 @@ def _best(fn: Callable[[], Any], timer: Callable[[Callable[[], Any]], float], sl
     return best, n
 
 
-def _sized(make: Callable[[int], Callable[[], Any]], timer: Callable[[Callable[[], Any]], float], slice_s: float,
-           sizes: tuple[int, ...], ops: Callable[[int], float]) -> tuple[int, float, int]:
+def _sized(
+    make: Callable[[int], Callable[[], Any]],
+    timer: Callable[[Callable[[], Any]], float],
+    slice_s: float,
+    sizes: tuple[int, ...],
+    ops: Callable[[int], float],
+) -> tuple[int, float, int]:
     """(size, best rate in ops/s, calls at that size) over growing sizes, until one call takes >= 1/8 slice.
 
     The best rate over sizes, not the largest size's: on a quiet machine large sizes win; on a loaded one
@@ -198,8 +214,9 @@ def _int8(device: str, threads: int, timer: Callable, slice_s: float) -> Peak:
 
     try:
         n, rate, reps = _sized(make, timer, slice_s, _GEMM_SIZES, _gemm_ops)
-        found.append(Peak("int8-gemm", round(rate / 1e9, 2), "GOP/s",
-                          f"torch._int_mm {n}x{n}, best of {reps}"))
+        found.append(
+            Peak("int8-gemm", round(rate / 1e9, 2), "GOP/s", f"torch._int_mm {n}x{n}, best of {reps}")
+        )
     except Exception as e:  # noqa: BLE001  (older builds: no CPU kernel)
         errors.append(f"torch._int_mm: {type(e).__name__}")
     if device == "cpu":
@@ -223,23 +240,31 @@ def _ort_int8(threads: int, slice_s: float) -> Peak:
 
     def make(n: int) -> Callable[[], Any]:
         node = helper.make_node("MatMulInteger", ["A", "B"], ["Y"])
-        graph = helper.make_graph([node], "int8_gemm", [
-            helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n]),
-            helper.make_tensor_value_info("B", TensorProto.INT8, [n, n])],
-            [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])])
+        graph = helper.make_graph(
+            [node],
+            "int8_gemm",
+            [
+                helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n]),
+                helper.make_tensor_value_info("B", TensorProto.INT8, [n, n]),
+            ],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = min(model.ir_version, 10)  # what this ONNX Runtime reads, whatever onnx writes
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
-        feeds = {"A": rng.integers(0, 256, (n, n), dtype=np.uint8), "B": rng.integers(-128, 128, (n, n),
-                                                                                   dtype=np.int8)}
+        feeds = {
+            "A": rng.integers(0, 256, (n, n), dtype=np.uint8),
+            "B": rng.integers(-128, 128, (n, n), dtype=np.int8),
+        }
         return lambda: sess.run(None, feeds)
 
     n, rate, reps = _sized(make, _cpu_time, slice_s, _GEMM_SIZES[:-1], _gemm_ops)
-    return Peak("int8-gemm", round(rate / 1e9, 2), "GOP/s",
-                f"onnxruntime MatMulInteger {n}x{n} u8s8, best of {reps}")
+    return Peak(
+        "int8-gemm", round(rate / 1e9, 2), "GOP/s", f"onnxruntime MatMulInteger {n}x{n} u8s8, best of {reps}"
+    )
 
 
 def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
@@ -256,8 +281,9 @@ def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
     copy_s, _ = _best(lambda: dst.copy_(src), timer, slice_s / 2)
     read, copy = src.nbytes / read_s / 1e9, 2 * src.nbytes / copy_s / 1e9
     mb = src.nbytes >> 20
-    method = (f"sum of {mb} MiB fp32 (read {read:.1f} GB/s) and copy (read+write {copy:.1f} GB/s), "
-              f"best of {reps}")
+    method = (
+        f"sum of {mb} MiB fp32 (read {read:.1f} GB/s) and copy (read+write {copy:.1f} GB/s), best of {reps}"
+    )
     return Peak(MEMORY, round(max(read, copy), 2), "GB/s", method)
 
 

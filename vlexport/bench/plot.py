@@ -19,7 +19,11 @@ from vlexport.errors import UsageError
 
 
 def variant_name(r: BenchRow) -> str:
-    return r.backend + (f"+{r.kernels}" if r.kernels else "") + ("" if r.precision == "fp32" else f" {r.precision}")
+    return (
+        r.backend
+        + (f"+{r.kernels}" if r.kernels else "")
+        + ("" if r.precision == "fp32" else f" {r.precision}")
+    )
 
 
 def check_available() -> None:
@@ -48,8 +52,11 @@ def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> None:
         _peak_panel(groups[(model, task)], model, task, ax_peak)
     r0 = rows[0] if rows else None
     if r0 is not None:
-        fig.suptitle(f"vlexport bench — {r0.device} ({r0.device_kind}, {r0.threads} threads), "
-                     f"{r0.iters} iters interleaved, p50 with p90 whiskers", fontsize=10)
+        fig.suptitle(
+            f"vlexport bench — {r0.device} ({r0.device_kind}, {r0.threads} threads), "
+            f"{r0.iters} iters interleaved, p50 with p90 whiskers",
+            fontsize=10,
+        )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +112,9 @@ def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> No
     others = [name for name, rs in ok.items() if rs and not all(is_reference(r) for r in rs)]
     width = 0.8 / max(1, len(others))
     for i, name in enumerate(others):
-        pts = [(batches.index(r.batch), r.speedup_vs_eager) for r in ok[name] if r.speedup_vs_eager is not None]
+        pts = [
+            (batches.index(r.batch), r.speedup_vs_eager) for r in ok[name] if r.speedup_vs_eager is not None
+        ]
         if not pts:
             continue
         xs = [x + (i - (len(others) - 1) / 2) * width for x, _ in pts]
@@ -120,8 +129,16 @@ def _panels(rows: list[BenchRow], model: str, task: str, ax_lat, ax_speed) -> No
     ax_speed.legend(fontsize=8)
     ax_speed.set_ylim(bottom=0)
     if failed:
-        ax_speed.text(0.01, 0.98, "not plotted, failed: " + ", ".join(failed), transform=ax_speed.transAxes,
-                      va="top", fontsize=8, color="red", wrap=True)
+        ax_speed.text(
+            0.01,
+            0.98,
+            "not plotted, failed: " + ", ".join(failed),
+            transform=ax_speed.transAxes,
+            va="top",
+            fontsize=8,
+            color="red",
+            wrap=True,
+        )
 
 
 def _peak_panel(rows: list[BenchRow], model: str, task: str, ax) -> None:
@@ -137,21 +154,35 @@ def _peak_panel(rows: list[BenchRow], model: str, task: str, ax) -> None:
         xs = [batches.index(r.batch) + (i - (len(by_variant) - 1) / 2) * width for r in rs]
         color = "black" if all(is_reference(r) for r in rs) else f"C{next(others)}"  # as in the other panels
         bars = ax.bar(xs, [100 * r.peak_fraction for r in rs], width=width, label=name, color=color)
-        rate = [f"{r.achieved_gbps:.3g} GB/s" if r.peak_kind == "memory" else f"{r.achieved_gflops:.3g}"
-                for r in rs]
-        ax.bar_label(bars, labels=[f"{100 * r.peak_fraction:.0f}%\n{t}" for r, t in zip(rs, rate)], fontsize=6,
-                     padding=2)
+        rate = [
+            f"{r.achieved_gbps:.3g} GB/s" if r.peak_kind == "memory" else f"{r.achieved_gflops:.3g}"
+            for r in rs
+        ]
+        ax.bar_label(
+            bars,
+            labels=[f"{100 * r.peak_fraction:.0f}%\n{t}" for r, t in zip(rs, rate)],
+            fontsize=6,
+            padding=2,
+        )
     kinds = sorted({f"{r.peak_kind} {r.peak_value:.4g}" for rs in by_variant.values() for r in rs})
     ax.axhline(100, color="black", linewidth=1, linestyle="--")
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("% of this machine's peak (same run)")
     gen = any(r.new_tokens for r in rows)
-    ax.set_title(f"{model} {task}: " + ("decode GB/s" if gen else "achieved GFLOP/s") + " as % of peak\n("
-                 + "; ".join(kinds) + ")", fontsize=9)
+    ax.set_title(
+        f"{model} {task}: "
+        + ("decode GB/s" if gen else "achieved GFLOP/s")
+        + " as % of peak\n("
+        + "; ".join(kinds)
+        + ")",
+        fontsize=9,
+    )
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_ylim(bottom=0)
     if by_variant:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no work counted / no peak measured", transform=ax.transAxes, ha="center", fontsize=9)
+        ax.text(
+            0.5, 0.5, "no work counted / no peak measured", transform=ax.transAxes, ha="center", fontsize=9
+        )

@@ -18,11 +18,30 @@ from vlexport.bench.peaks import measured
 from vlexport.bench.plot import plot_rows
 from vlexport.bench.rows import BenchRow, write_rows
 
-COLUMNS = ("model", "task", "backend", "precision", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "throughput",
-           "speed-up vs eager", "work", "achieved", "of peak", "peak MB", "build s", "parity")
-WORK_NOTE = ("Work: FLOPs of one call of the eager fp32 forward (torch FlopCounterMode), the same for every backend "
-             "of a shape; generation: bytes one decode step reads (weights + KV cache). Of peak: achieved / the "
-             "peak of the row's compute dtype (memory bandwidth for decode).")
+COLUMNS = (
+    "model",
+    "task",
+    "backend",
+    "precision",
+    "batch",
+    "seq",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "throughput",
+    "speed-up vs eager",
+    "work",
+    "achieved",
+    "of peak",
+    "peak MB",
+    "build s",
+    "parity",
+)
+WORK_NOTE = (
+    "Work: FLOPs of one call of the eager fp32 forward (torch FlopCounterMode), the same for every backend "
+    "of a shape; generation: bytes one decode step reads (weights + KV cache). Of peak: achieved / the "
+    "peak of the row's compute dtype (memory bandwidth for decode)."
+)
 
 
 def cells(r: BenchRow) -> list[str]:
@@ -30,14 +49,45 @@ def cells(r: BenchRow) -> list[str]:
     seq = str(r.seq_len) + (f" +{r.new_tokens} new" if r.new_tokens else "")
     if not r.ok:
         verdict = "FAILED parity" if r.status == "failed-parity" else "ERROR"
-        return [r.model, r.task, backend, r.precision, str(r.batch), seq, "-", "-", "-", "-", verdict,
-                "-", "-", "-", "-", _num(r.build_s, 1), f"{verdict}: {r.detail}"]
+        return [
+            r.model,
+            r.task,
+            backend,
+            r.precision,
+            str(r.batch),
+            seq,
+            "-",
+            "-",
+            "-",
+            "-",
+            verdict,
+            "-",
+            "-",
+            "-",
+            "-",
+            _num(r.build_s, 1),
+            f"{verdict}: {r.detail}",
+        ]
     unit = "tok/s" if r.throughput_unit == "tokens/s" else "/s"
-    return [r.model, r.task, backend, r.precision, str(r.batch), seq, _num(r.latency_p50_ms, 2),
-            _num(r.latency_p90_ms, 2), _num(r.latency_p99_ms, 2), f"{_num(r.throughput, 1)} {unit}",
-            f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-", work_text(r),
-            achieved_text(r), fraction_text(r, long=True), _num(r.peak_memory_mb, 0),
-            _num(r.build_s, 1), parity_text(r) + (f"; {r.detail}" if r.detail else "")]
+    return [
+        r.model,
+        r.task,
+        backend,
+        r.precision,
+        str(r.batch),
+        seq,
+        _num(r.latency_p50_ms, 2),
+        _num(r.latency_p90_ms, 2),
+        _num(r.latency_p99_ms, 2),
+        f"{_num(r.throughput, 1)} {unit}",
+        f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-",
+        work_text(r),
+        achieved_text(r),
+        fraction_text(r, long=True),
+        _num(r.peak_memory_mb, 0),
+        _num(r.build_s, 1),
+        parity_text(r) + (f"; {r.detail}" if r.detail else ""),
+    ]
 
 
 def work_text(r: BenchRow) -> str:
@@ -67,8 +117,10 @@ def peaks_text(peaks: Sequence[dict[str, Any]]) -> str:
     for m in peaks:
         found = "; ".join(f"{k} {p['value']:.4g} {p['unit']} ({p['method']})" for k, p in m["peaks"].items())
         missing = f"; not measured: {', '.join(m['notes'])}" if m.get("notes") else ""
-        lines.append(f"Peaks of this machine, measured in this run ({m['device']}, {m['threads']} thread(s), "
-                     f"{m['seconds']:.1f} s, best of {m.get('samples', 1)} measurement(s)): {found}{missing}.")
+        lines.append(
+            f"Peaks of this machine, measured in this run ({m['device']}, {m['threads']} thread(s), "
+            f"{m['seconds']:.1f} s, best of {m.get('samples', 1)} measurement(s)): {found}{missing}."
+        )
     return "\n\n".join(lines)
 
 
@@ -96,28 +148,51 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "", peaks: Sequence[di
     lines = [f"### {title}", ""] if title else []
     if rows:
         r0 = rows[0]
-        lines += [(f"Device: {r0.device} ({r0.device_kind}, {r0.threads} thread{'' if r0.threads == 1 else 's'}); "
-                   f"warm-up {r0.warmup}, "
-                   f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
-                   f"onnxruntime {r0.versions.get('onnxruntime', '?')}."), ""]
+        lines += [
+            (
+                f"Device: {r0.device} ({r0.device_kind}, {r0.threads} thread{'' if r0.threads == 1 else 's'}); "
+                f"warm-up {r0.warmup}, "
+                f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
+                f"onnxruntime {r0.versions.get('onnxruntime', '?')}."
+            ),
+            "",
+        ]
     if peaks:
         lines += [peaks_text(peaks), "", WORK_NOTE, ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join("---" if c in ("model", "task", "backend", "precision", "parity") else "--:"
-                                for c in COLUMNS) + "|")
+    lines.append(
+        "|"
+        + "|".join(
+            "---" if c in ("model", "task", "backend", "precision", "parity") else "--:" for c in COLUMNS
+        )
+        + "|"
+    )
     for r in rows:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |")
     gen = [r for r in rows if r.new_tokens and r.ok]
     if gen:
-        lines += ["", "| model | backend | precision | batch | new tokens | prefill ms | decode ms/token | tokens/s |",
-                  "|---|---|---|--:|--:|--:|--:|--:|"]
-        lines += [f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.new_tokens} | {_num(r.prefill_ms, 2)} "
-                  f"| {_num(r.decode_ms_per_token, 2)} | {_num(r.throughput, 1)} |" for r in gen]
+        lines += [
+            "",
+            "| model | backend | precision | batch | new tokens | prefill ms | decode ms/token | tokens/s |",
+            "|---|---|---|--:|--:|--:|--:|--:|",
+        ]
+        lines += [
+            f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.new_tokens} | {_num(r.prefill_ms, 2)} "
+            f"| {_num(r.decode_ms_per_token, 2)} | {_num(r.throughput, 1)} |"
+            for r in gen
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_reports(rows: Sequence[BenchRow], *, title: str, json: Path | None = None, markdown: Path | None = None,
-                  plot: Path | None = None, **meta: Any) -> None:
+def write_reports(
+    rows: Sequence[BenchRow],
+    *,
+    title: str,
+    json: Path | None = None,
+    markdown: Path | None = None,
+    plot: Path | None = None,
+    **meta: Any,
+) -> None:
     """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the JSON,
     with the machine peaks this process measured (bench/peaks.py) unless ``meta`` names its own."""
     meta.setdefault("peaks", measured())
@@ -138,8 +213,10 @@ def to_rich(rows: Sequence[BenchRow], *, title: str = "vlexport bench") -> list[
     for (model, task), rs in groups.items():
         r0 = rs[0]
         shape = f"seq {r0.seq_len}" + (f", {r0.new_tokens} new tokens" if r0.new_tokens else "")
-        table = Table(title=f"{title}: {model} {task} ({shape}) on {r0.device}, {r0.threads} thread"
-                            f"{'' if r0.threads == 1 else 's'}, {r0.iters} iters")
+        table = Table(
+            title=f"{title}: {model} {task} ({shape}) on {r0.device}, {r0.threads} thread"
+            f"{'' if r0.threads == 1 else 's'}, {r0.iters} iters"
+        )
         # No vertical rules and collapsed padding: the table fits an 80-column terminal (CI logs).
         table.box, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, True
         unit = "tok/s" if r0.throughput_unit == "tokens/s" else "per s"
@@ -147,27 +224,58 @@ def to_rich(rows: Sequence[BenchRow], *, title: str = "vlexport bench") -> list[
         # p90, build s and the peak kinds are in the Markdown / JSON: 80 columns hold the rest, and a long
         # variant name (onnx+attention,bridge int8-dynamic) folds onto a second line while numbers never do.
         for c in ("variant", "batch", "p50 ms", unit, "vs eager", rate, "%peak", "MB", "parity"):
-            table.add_column(c, justify="left" if c in ("variant", "parity") else "right", no_wrap=c != "variant",
-                             overflow="fold" if c == "variant" else "ellipsis",
-                             min_width=18 if c == "variant" else None)
+            table.add_column(
+                c,
+                justify="left" if c in ("variant", "parity") else "right",
+                no_wrap=c != "variant",
+                overflow="fold" if c == "variant" else "ellipsis",
+                min_width=18 if c == "variant" else None,
+            )
         for r in rs:
-            name = r.backend + (f"+{r.kernels}" if r.kernels else "") + ("" if r.precision == "fp32" else
-                                                                         f" {r.precision}")
+            name = (
+                r.backend
+                + (f"+{r.kernels}" if r.kernels else "")
+                + ("" if r.precision == "fp32" else f" {r.precision}")
+            )
             if not r.ok:
-                table.add_row(name, str(r.batch), "-", "-", "-", "-", "-", "-",
-                              "FAILED" if r.status == "failed-parity" else "ERROR", style="red")
+                table.add_row(
+                    name,
+                    str(r.batch),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "FAILED" if r.status == "failed-parity" else "ERROR",
+                    style="red",
+                )
                 continue
-            table.add_row(name, str(r.batch), _sig(r.latency_p50_ms), _sig(r.throughput),
-                          f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-",
-                          achieved_text(r, short=True), fraction_text(r), _num(r.peak_memory_mb, 0), "ok")
+            table.add_row(
+                name,
+                str(r.batch),
+                _sig(r.latency_p50_ms),
+                _sig(r.throughput),
+                f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager is not None else "-",
+                achieved_text(r, short=True),
+                fraction_text(r),
+                _num(r.peak_memory_mb, 0),
+                "ok",
+            )
         out.append(table)
         out += [f"[red]{escape(r.label())}: {r.status}[/red] {escape(r.detail)}" for r in rs if not r.ok]
     kinds = sorted({r.peak_kind for r in rows if r.peak_value})
     if kinds:  # what "of peak" was measured against
         first = {k: next(r for r in rows if r.peak_kind == k and r.peak_value) for k in kinds}
-        out.append("of peak: achieved / this machine's " + ", ".join(
-            f"{k} {r.peak_value:.4g}" + (" GB/s" if k == "memory" else (" GOP/s" if k == "int8-gemm" else " GFLOP/s"))
-            for k, r in first.items()) + " (measured in this run; vlexport/bench/peaks.py)")
+        out.append(
+            "of peak: achieved / this machine's "
+            + ", ".join(
+                f"{k} {r.peak_value:.4g}"
+                + (" GB/s" if k == "memory" else (" GOP/s" if k == "int8-gemm" else " GFLOP/s"))
+                for k, r in first.items()
+            )
+            + " (measured in this run; vlexport/bench/peaks.py)"
+        )
     return out
 
 
@@ -181,8 +289,15 @@ class RichProgress:
     REFRESH_S = 0.25
 
     def __init__(self, console: Console):
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True, auto_refresh=False)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            auto_refresh=False,
+        )
         self.task = self.bar.add_task("bench", total=None)
         self.last = 0.0
 

@@ -19,7 +19,17 @@ from vlexport.userdata import ShapeError, checked_fields, kind_of, read_json
 
 SCHEMA = "vlexport-bench/2"
 READABLE = ("vlexport-bench/1", SCHEMA)  # 1: before the work / peak fields (they read as None)
-IDENTITY = ("model", "task", "backend", "precision", "kernels", "batch", "seq_len", "image_size", "new_tokens")
+IDENTITY = (
+    "model",
+    "task",
+    "backend",
+    "precision",
+    "kernels",
+    "batch",
+    "seq_len",
+    "image_size",
+    "new_tokens",
+)
 REFERENCE_BACKEND = "eager"  # eager fp32 without kernels: the parity reference and the speed-up baseline
 
 # A row faster than the peak its kind was measured at: the peak measurement met machine load.
@@ -36,7 +46,9 @@ class BenchRow:
     # identity
     model: str
     task: str
-    backend: str  # a bench runner (eager | compile) or an export backend (onnx | onnx-opt | aoti | tensorrt | ...)
+    backend: (
+        str  # a bench runner (eager | compile) or an export backend (onnx | onnx-opt | aoti | tensorrt | ...)
+    )
     precision: str
     kernels: str = ""  # comma list of injected kernels, "" for none
     batch: int = 1
@@ -49,7 +61,9 @@ class BenchRow:
     threads: int | None = None  # intra-op threads (torch and ONNX Runtime alike)
     # verdict
     status: str = OK  # ok | failed-parity | error
-    parity: dict[str, Any] = field(default_factory=dict)  # per output: max_abs, max_rel, cosine, agreement, kind
+    parity: dict[str, Any] = field(
+        default_factory=dict
+    )  # per output: max_abs, max_rel, cosine, agreement, kind
     detail: str = ""  # why a row failed, or a note
     # measurement (ms; None when the row failed before timing)
     latency_p50_ms: float | None = None
@@ -68,7 +82,9 @@ class BenchRow:
     first_call_s: float | None = None  # first call at this shape: JIT compile, lazy init
     # how close to the limit: work counted once per model and shape (bench/work.py), the machine's peak
     # measured in the same run with the same threads (bench/peaks.py)
-    work_flops: float | None = None  # FLOPs of one timed call (eager fp32 forward, FlopCounterMode), whole batch
+    work_flops: float | None = (
+        None  # FLOPs of one timed call (eager fp32 forward, FlopCounterMode), whole batch
+    )
     work_flops_by_component: dict[str, float] = field(default_factory=dict)
     work_bytes_per_step: float | None = None  # generation: bytes one decode step reads (weights + KV cache)
     achieved_gflops: float | None = None  # work_flops / p50 (GOP/s for int8 rows)
@@ -92,8 +108,11 @@ class BenchRow:
     def label(self) -> str:
         """Short human name of the row for tables and regress reports."""
         extra = f"+{self.kernels}" if self.kernels else ""
-        shape = f"b{self.batch}" + (f" s{self.seq_len}" if self.seq_len else "") + (
-            f" t{self.new_tokens}" if self.new_tokens else "")
+        shape = (
+            f"b{self.batch}"
+            + (f" s{self.seq_len}" if self.seq_len else "")
+            + (f" t{self.new_tokens}" if self.new_tokens else "")
+        )
         return f"{self.model} {self.task} {self.backend}{extra} {self.precision} {shape}"
 
     @classmethod
@@ -121,18 +140,24 @@ def read_rows(path: str | Path) -> tuple[list[BenchRow], dict[str, Any]]:
         raise UsageError(f"{path} does not exist; {write_one}.")
     doc = read_json(path, advice=f"It is not a vlexport bench file: {write_one}.")
     if not isinstance(doc, dict):
-        raise CheckError(f"{path} holds {kind_of(doc)}, not a vlexport bench file (an object with \"schema\": "
-                         f"{SCHEMA!r} and \"rows\"); {write_one}.")
+        raise CheckError(
+            f'{path} holds {kind_of(doc)}, not a vlexport bench file (an object with "schema": '
+            f'{SCHEMA!r} and "rows"); {write_one}.'
+        )
     if doc.get("schema") not in READABLE:
-        raise CheckError(f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}: not a vlexport bench file.")
+        raise CheckError(
+            f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}: not a vlexport bench file."
+        )
     try:
         items = doc.get("rows", [])
         if not isinstance(items, list):
             raise ShapeError(f"rows must be a list of row objects, got {kind_of(items)}")
         rows = [BenchRow.from_dict(r, f"rows[{i}]") for i, r in enumerate(items)]
     except ShapeError as e:
-        raise CheckError(f"{path} does not match schema {SCHEMA}: {e}. The file is damaged or was not written by "
-                         f"vlexport; {write_one}.") from None
+        raise CheckError(
+            f"{path} does not match schema {SCHEMA}: {e}. The file is damaged or was not written by "
+            f"vlexport; {write_one}."
+        ) from None
     return rows, {k: v for k, v in doc.items() if k != "rows"}
 
 
@@ -141,8 +166,11 @@ def fill_speedups(rows: list[BenchRow]) -> None:
     ref = {_shape_key(r): r for r in rows if is_reference(r) and r.ok}
     for r in rows:
         base = ref.get(_shape_key(r))
-        r.speedup_vs_eager = (round(base.latency_p50_ms / r.latency_p50_ms, 4)
-                              if r.ok and base is not None and r.latency_p50_ms else None)
+        r.speedup_vs_eager = (
+            round(base.latency_p50_ms / r.latency_p50_ms, 4)
+            if r.ok and base is not None and r.latency_p50_ms
+            else None
+        )
 
 
 def fill_peak_fractions(rows: list[BenchRow]) -> None:

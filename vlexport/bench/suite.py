@@ -32,8 +32,9 @@ def read_suites(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a UTF-8 text file, so not TOML; pass a suites file "
-                         "(see benchmarks/suites.toml).") from None
+        raise UsageError(
+            f"{path} is not a UTF-8 text file, so not TOML; pass a suites file (see benchmarks/suites.toml)."
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from None
     except OSError as e:
@@ -49,16 +50,24 @@ def load_suite(name: str, path: Path | None = None, **overrides: Any) -> list[Be
     cases = suites[name]
     # [[NAME]] is an array of tables; [NAME], NAME = 5 or NAME = ["a"] are not suites.
     if not isinstance(cases, list) or not cases:
-        got = "an empty list" if cases == [] else ("a single table" if isinstance(cases, dict) else kind_of(cases))
-        raise UsageError(f"{path}: suite {name!r} must be a non-empty array of tables, one [[{name}]] header per "
-                         f"case; got {got}.")
+        got = (
+            "an empty list"
+            if cases == []
+            else ("a single table" if isinstance(cases, dict) else kind_of(cases))
+        )
+        raise UsageError(
+            f"{path}: suite {name!r} must be a non-empty array of tables, one [[{name}]] header per "
+            f"case; got {got}."
+        )
     fields = {f.name for f in dataclasses.fields(BenchPlan)}
     plans = []
     for i, case in enumerate(cases):
         where = f"{path}: suite {name!r} case {i + 1}"
         if not isinstance(case, dict):
-            raise UsageError(f"{where} is {kind_of(case)}, not a table of BenchPlan keys (write each case under "
-                             f"its own [[{name}]] header).")
+            raise UsageError(
+                f"{where} is {kind_of(case)}, not a table of BenchPlan keys (write each case under "
+                f"its own [[{name}]] header)."
+            )
         case = {k: v for k, v in case.items() if k != "description"}
         unknown = sorted(set(case) - fields)
         if unknown:
@@ -69,8 +78,10 @@ def load_suite(name: str, path: Path | None = None, **overrides: Any) -> list[Be
             _check_ranges(values)
         except ShapeError as e:
             what = str(e).removeprefix("case")  # " has no 'models'" or ".iters must be an integer, got ..."
-            raise UsageError(f"{where}{what if what.startswith(' ') else ': ' + what[1:]}. Fix the suite file "
-                             "(keys as in vlexport.bench.BenchPlan).") from None
+            raise UsageError(
+                f"{where}{what if what.startswith(' ') else ': ' + what[1:]}. Fix the suite file "
+                "(keys as in vlexport.bench.BenchPlan)."
+            ) from None
         try:
             plans.append(BenchPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
         except UsageError as e:
@@ -103,10 +114,20 @@ def dry_run(plans: list[BenchPlan]) -> tuple[list[BenchPlan], list[str]]:
         if not kept:
             continue
         models = tuple((PRESETS[m].tiny or m) if m in PRESETS else m for m in plan.models)
-        out.append(dataclasses.replace(
-            plan, models=models, backends=tuple(kept), device="cpu", compile_mode="default", warmup=0, iters=1,
-            batch_sizes=(1,), seq_len=min(plan.seq_len, 16),
-            new_tokens=min(plan.new_tokens, 4)))
+        out.append(
+            dataclasses.replace(
+                plan,
+                models=models,
+                backends=tuple(kept),
+                device="cpu",
+                compile_mode="default",
+                warmup=0,
+                iters=1,
+                batch_sizes=(1,),
+                seq_len=min(plan.seq_len, 16),
+                new_tokens=min(plan.new_tokens, 4),
+            )
+        )
     return out, notes
 
 

@@ -42,9 +42,13 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     """p50/p90/p99/mean/min in milliseconds."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"latency_p50_ms": round(float(p50), 4), "latency_p90_ms": round(float(p90), 4),
-            "latency_p99_ms": round(float(p99), 4), "latency_mean_ms": round(float(ms.mean()), 4),
-            "latency_min_ms": round(float(ms.min()), 4)}
+    return {
+        "latency_p50_ms": round(float(p50), 4),
+        "latency_p90_ms": round(float(p90), 4),
+        "latency_p99_ms": round(float(p99), 4),
+        "latency_mean_ms": round(float(ms.mean()), 4),
+        "latency_min_ms": round(float(ms.min()), 4),
+    }
 
 
 def rss_bytes() -> int:
@@ -68,7 +72,9 @@ class MemoryProbe:
     def __init__(self, device: str, torch_allocator: bool = True):
         self.cuda = device == "cuda"
         self.torch_allocator = torch_allocator
-        self.kind = ("cuda-allocated" if torch_allocator else "cuda-device-delta") if self.cuda else "rss-delta"
+        self.kind = (
+            ("cuda-allocated" if torch_allocator else "cuda-device-delta") if self.cuda else "rss-delta"
+        )
         self.base = 0
         self.peak = 0
 
@@ -123,4 +129,3 @@ def resolve_device(device: str) -> str:
 
         raise MissingToolchain("--device cuda: torch sees no CUDA device on this machine (use --device cpu).")
     return device
-

@@ -98,6 +98,7 @@ RUNNERS: dict[str, Runner] = {}
 
 def register_runner(name: str) -> Callable[[Runner], Runner]:
     """A bench-only runner ``(ctx, precision) -> Variant`` (no artifact); export backends go in the registry."""
+
     def wrap(fn: Runner) -> Runner:
         RUNNERS[name] = fn
         return fn
@@ -105,8 +106,9 @@ def register_runner(name: str) -> Callable[[Runner], Runner]:
     return wrap
 
 
-def check_backends(names: Sequence[str], precisions: Sequence[PrecisionConfig] = (Fp32Config(),),
-                   device: str = "cpu") -> None:
+def check_backends(
+    names: Sequence[str], precisions: Sequence[PrecisionConfig] = (Fp32Config(),), device: str = "cpu"
+) -> None:
     """Every backend x precision the plan asks for can be built here: fail before any model loads or exports
     (a missing TensorRT, a precision a backend does not build), not after minutes of other variants."""
     from vlexport.pipeline import check_job
@@ -114,7 +116,9 @@ def check_backends(names: Sequence[str], precisions: Sequence[PrecisionConfig] =
     known = (*RUNNERS, *backend_names())
     unknown = [n for n in names if n not in RUNNERS and canonical_name(n) not in backend_names()]
     if unknown:
-        raise UsageError(f"Unknown backend(s) {unknown}: --backends takes a comma list of {', '.join(known)}.")
+        raise UsageError(
+            f"Unknown backend(s) {unknown}: --backends takes a comma list of {', '.join(known)}."
+        )
     for name in (n for n in names if n not in RUNNERS):  # runners check their precision when built
         for precision in precisions:
             options = {"device": device} if "device" in backend_options(get_backend(name)) else {}
@@ -134,18 +138,24 @@ def build_variant(ctx: BenchContext, name: str, precision: PrecisionConfig) -> V
 def torch_dtype(name: str, precision: PrecisionConfig) -> torch.dtype:
     dtype = precision.torch_dtype
     if dtype is None:  # int8 schemes quantize weights: an export backend's job, not a cast
-        raise UsageError(f"{precision.name} quantizes weights: export backends build it; the {name} runner casts "
-                         "to fp32, fp16 or bf16 only.")
+        raise UsageError(
+            f"{precision.name} quantizes weights: export backends build it; the {name} runner casts "
+            "to fp32, fp16 or bf16 only."
+        )
     return dtype
 
 
 def _check_runner(name: str, precision: PrecisionConfig) -> None:
     if not precision.applies_to(name):
-        raise UsageError(f"The {name} runner runs {', '.join(precisions_for_backend(name))}, not {precision.name}.")
+        raise UsageError(
+            f"The {name} runner runs {', '.join(precisions_for_backend(name))}, not {precision.name}."
+        )
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    return t.to(device, dtype) if t.is_floating_point() else t.to(device)  # ids and masks keep their integer type
+    return (
+        t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    )  # ids and masks keep their integer type
 
 
 def _tensor_outputs(names: Sequence[str]) -> Callable[[Any], dict[str, np.ndarray]]:
@@ -155,9 +165,19 @@ def _tensor_outputs(names: Sequence[str]) -> Callable[[Any], dict[str, np.ndarra
     return outputs
 
 
-def torch_variant(backend: str, module: nn.Module, ctx: BenchContext, precision: PrecisionConfig, *, device: str,
-                  kernels: tuple[str, ...] = (), build_s: float = 0.0, jit: bool = False,
-                  memory: MemoryProbe | None = None, close: Callable[[], None] = lambda: None) -> Variant:
+def torch_variant(
+    backend: str,
+    module: nn.Module,
+    ctx: BenchContext,
+    precision: PrecisionConfig,
+    *,
+    device: str,
+    kernels: tuple[str, ...] = (),
+    build_s: float = 0.0,
+    jit: bool = False,
+    memory: MemoryProbe | None = None,
+    close: Callable[[], None] = lambda: None,
+) -> Variant:
     """An encoder component module (forward(*inputs) -> tuple) as a variant."""
     dtype = torch_dtype(backend, precision)
     names = ctx.component.inputs
@@ -169,12 +189,23 @@ def torch_variant(backend: str, module: nn.Module, ctx: BenchContext, precision:
         with torch.no_grad():
             return module(*args)
 
-    return Variant(backend, precision, prepare, call, _tensor_outputs(ctx.component.outputs),
-                   memory or MemoryProbe(device), kernels, build_s, jit, close=close)
+    return Variant(
+        backend,
+        precision,
+        prepare,
+        call,
+        _tensor_outputs(ctx.component.outputs),
+        memory or MemoryProbe(device),
+        kernels,
+        build_s,
+        jit,
+        close=close,
+    )
 
 
-def eager_model(ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
-                ) -> tuple[PreTrainedModel, Callable[[], None]]:
+def eager_model(
+    ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
+) -> tuple[PreTrainedModel, Callable[[], None]]:
     """The eager HF model at ``precision`` on the context's device with ``kernels`` injected; returns a closer.
 
     fp32 on the CPU without kernels shares the reference weights; anything else works on a copy so the
@@ -188,13 +219,20 @@ def eager_model(ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[st
     from vlexport.inject import inject
 
     stack = contextlib.ExitStack()
-    stack.enter_context(inject(model, ctx.source.family.injection, attention="attention" in kernels,
-                               bridge_norm="bridge" in kernels))
+    stack.enter_context(
+        inject(
+            model,
+            ctx.source.family.injection,
+            attention="attention" in kernels,
+            bridge_norm="bridge" in kernels,
+        )
+    )
     return model, stack.close
 
 
-def eager_module(ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
-                 ) -> tuple[nn.Module, Callable[[], None]]:
+def eager_module(
+    ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
+) -> tuple[nn.Module, Callable[[], None]]:
     """The task's component wrapper over :func:`eager_model`."""
     model, close = eager_model(ctx, precision, kernels)
     return ctx.component.build(model).eval(), close
@@ -209,14 +247,33 @@ def run_eager(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
     if ctx.generative:  # HF generate() on the eager model, with per-token stamps
         model, close = eager_model(ctx, precision, ctx.kernels)
         dtype = torch_dtype("eager", precision)
-        prepare, call, outputs = hf_generate_call(model, lambda x: _cast(x, dtype, ctx.device), ctx.new_tokens,
-                                                  ctx.device)
-        variant = Variant("eager", precision, prepare, call, outputs, probe, ctx.kernels,
-                          round(time.perf_counter() - start, 3), close=close)
+        prepare, call, outputs = hf_generate_call(
+            model, lambda x: _cast(x, dtype, ctx.device), ctx.new_tokens, ctx.device
+        )
+        variant = Variant(
+            "eager",
+            precision,
+            prepare,
+            call,
+            outputs,
+            probe,
+            ctx.kernels,
+            round(time.perf_counter() - start, 3),
+            close=close,
+        )
     else:
         module, close = eager_module(ctx, precision, ctx.kernels)
-        variant = torch_variant("eager", module, ctx, precision, device=ctx.device, kernels=ctx.kernels,
-                                build_s=time.perf_counter() - start, memory=probe, close=close)
+        variant = torch_variant(
+            "eager",
+            module,
+            ctx,
+            precision,
+            device=ctx.device,
+            kernels=ctx.kernels,
+            build_s=time.perf_counter() - start,
+            memory=probe,
+            close=close,
+        )
     probe.add_build(probe.end(before))
     return variant
 
@@ -226,14 +283,17 @@ def run_compile(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
     _check_runner("compile", precision)
     if ctx.generative:
         # generate() runs the vision model and the decoder's own generate(): there is no one module to compile.
-        raise UsageError("The compile runner benchmarks encoder tasks; generation tasks take eager and export "
-                         f"backends ({', '.join(backend_names())}).")
+        raise UsageError(
+            "The compile runner benchmarks encoder tasks; generation tasks take eager and export "
+            f"backends ({', '.join(backend_names())})."
+        )
     from vlexport.export.aoti import jit_compile
 
     module, close = eager_module(ctx, precision, ctx.kernels)
     compiled = jit_compile(module, mode=ctx.compile_mode)
-    return torch_variant("compile", compiled, ctx, precision, device=ctx.device, kernels=ctx.kernels, jit=True,
-                         close=close)
+    return torch_variant(
+        "compile", compiled, ctx, precision, device=ctx.device, kernels=ctx.kernels, jit=True, close=close
+    )
 
 
 # ---------------------------------------------------------------- export backends: artifacts in the work dir
@@ -253,9 +313,14 @@ def reusable(directory: Path, ctx: BenchContext, backend: str, precision: Precis
         manifest = Manifest.read(directory)
     except Exception:  # noqa: BLE001  damaged in any way: rebuild
         return None
-    same = (manifest.weights == ctx.source.origin and manifest.task == ctx.task and manifest.backend == backend
-            and manifest.precision == precision.name and _same_knobs(manifest, precision)
-            and sorted(k.split(":")[0] for k in manifest.kernels) == sorted(ctx.kernels))
+    same = (
+        manifest.weights == ctx.source.origin
+        and manifest.task == ctx.task
+        and manifest.backend == backend
+        and manifest.precision == precision.name
+        and _same_knobs(manifest, precision)
+        and sorted(k.split(":")[0] for k in manifest.kernels) == sorted(ctx.kernels)
+    )
     return manifest if same else None
 
 
@@ -266,8 +331,11 @@ def export_options(ctx: BenchContext, backend: Backend) -> dict[str, Any]:
     tensorrt import); AOTInductor compiles with --compile-mode for the bench's device.
     """
     top, seq = max(ctx.batch_sizes), ctx.seq_len
-    settings = {"mode": ctx.compile_mode, "device": ctx.device,
-                "shapes": f"batch=1:{top}:{top},sequence=1:{seq}:{max(seq, 128)}"}
+    settings = {
+        "mode": ctx.compile_mode,
+        "device": ctx.device,
+        "shapes": f"batch=1:{top}:{top},sequence=1:{seq}:{max(seq, 128)}",
+    }
     declared = backend_options(backend)
     return {k: v for k, v in settings.items() if k in declared}
 
@@ -295,16 +363,29 @@ def build_artifact(ctx: BenchContext, name: str, precision: PrecisionConfig) -> 
     from vlexport.pipeline import run_export
 
     # The benchmark checks parity on its own inputs; the exporter's validation would repeat that work.
-    common = {"backend": backend.name, "task": ctx.task, "precision": precision, "force": True, "validate": False,
-              "options": export_options(ctx, backend)}
+    common = {
+        "backend": backend.name,
+        "task": ctx.task,
+        "precision": precision,
+        "force": True,
+        "validate": False,
+        "options": export_options(ctx, backend),
+    }
     parent_s = 0.0
     how = derivation(backend, precision)
     if how is not None:
         parent_dir, parent_s, _ = build_artifact(ctx, how.parent_backend, Fp32Config())
         job, model = ExportJob(str(parent_dir), out, **common), None  # its kernels come with the parent
     else:
-        job = ExportJob(ctx.model_name, out, random_weights=ctx.random_weights, seed=ctx.seed, kernels=ctx.kernels,
-                        allow_new_weights=ctx.allow_new_weights, **common)
+        job = ExportJob(
+            ctx.model_name,
+            out,
+            random_weights=ctx.random_weights,
+            seed=ctx.seed,
+            kernels=ctx.kernels,
+            allow_new_weights=ctx.allow_new_weights,
+            **common,
+        )
         model = ctx.model
     ctx.progress(f"building {backend.name} {precision.name}")
     start = time.perf_counter()
@@ -327,11 +408,19 @@ def component_call(component: Any, device: str) -> tuple[Callable, Callable, Cal
             with torch.no_grad():
                 return component.call_tensors(*args)
 
-        return (lambda inputs: tuple(inputs[n].to(on) for n in names), call,
-                _tensor_outputs(component.output_names), "")
+        return (
+            lambda inputs: tuple(inputs[n].to(on) for n in names),
+            call,
+            _tensor_outputs(component.output_names),
+            "",
+        )
     note = "numpy I/O: host<->device copies included" if device == "cuda" else ""
-    return (lambda inputs: {n: np.ascontiguousarray(inputs[n].numpy()) for n in names}, component,
-            lambda raw: dict(raw), note)
+    return (
+        lambda inputs: {n: np.ascontiguousarray(inputs[n].numpy()) for n in names},
+        component,
+        lambda raw: dict(raw),
+        note,
+    )
 
 
 def artifact_variant(ctx: BenchContext, directory: Path, *, build_s: float, note: str = "") -> Variant:
@@ -340,7 +429,9 @@ def artifact_variant(ctx: BenchContext, directory: Path, *, build_s: float, note
     # ONNX Runtime and TensorRT allocate outside torch: the device's used memory sees every backend alike.
     probe = MemoryProbe(ctx.device, torch_allocator=False)
     before = probe.begin()
-    artifact = load_artifact(directory, manifest=manifest, device=ctx.device, threads=ctx.threads, interleaved=True)
+    artifact = load_artifact(
+        directory, manifest=manifest, device=ctx.device, threads=ctx.threads, interleaved=True
+    )
     if ctx.generative:
         from vlexport.runtime.generate import Generator
 
@@ -351,17 +442,39 @@ def artifact_variant(ctx: BenchContext, directory: Path, *, build_s: float, note
         prepare, call, outputs, io_note = component_call(component, ctx.device)
     probe.add_build(probe.end(before))
     kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
-    return Variant(manifest.backend, manifest.precision_config, prepare, call, outputs, probe, kernels, build_s,
-                   note=", ".join(filter(None, [note, io_note])))
+    return Variant(
+        manifest.backend,
+        manifest.precision_config,
+        prepare,
+        call,
+        outputs,
+        probe,
+        kernels,
+        build_s,
+        note=", ".join(filter(None, [note, io_note])),
+    )
 
 
 def given_artifact_variant(ctx: BenchContext, directory: Path) -> Variant:
     """An artifact directory the user named: measured as built, with its recorded build time."""
     manifest = Manifest.read(directory)
-    return artifact_variant(ctx, directory, build_s=round(sum(manifest.timings.values()), 3),
-                            note=f"artifact {directory.name}")
+    return artifact_variant(
+        ctx, directory, build_s=round(sum(manifest.timings.values()), 3), note=f"artifact {directory.name}"
+    )
 
 
-__all__ = ["RUNNERS", "BenchContext", "Runner", "Variant", "artifact_variant", "build_artifact", "build_variant",
-           "check_backends", "eager_model", "eager_module", "given_artifact_variant", "register_runner",
-           "torch_variant"]
+__all__ = [
+    "RUNNERS",
+    "BenchContext",
+    "Runner",
+    "Variant",
+    "artifact_variant",
+    "build_artifact",
+    "build_variant",
+    "check_backends",
+    "eager_model",
+    "eager_module",
+    "given_artifact_variant",
+    "register_runner",
+    "torch_variant",
+]

@@ -57,7 +57,9 @@ def count_flops(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[int,
         return counter.get_total_flops(), "real"
 
 
-def encoder_work(model: Any, components: tuple[ComponentSpec, ...], inputs: Mapping[str, torch.Tensor]) -> Work:
+def encoder_work(
+    model: Any, components: tuple[ComponentSpec, ...], inputs: Mapping[str, torch.Tensor]
+) -> Work:
     """FLOPs of each component's eager fp32 forward on ``inputs`` (the row's shape), and their sum."""
     by: dict[str, float] = {}
     methods = set()
@@ -74,7 +76,9 @@ def decoder_spec(components: tuple[ComponentSpec, ...]) -> ComponentSpec | None:
     return next((c for c in components if any(n.startswith("past_key_values.") for n in c.inputs)), None)
 
 
-def step_weight_elements(model: Any, spec: ComponentSpec, example: Mapping[str, torch.Tensor], batch: int) -> int:
+def step_weight_elements(
+    model: Any, spec: ComponentSpec, example: Mapping[str, torch.Tensor], batch: int
+) -> int:
     """Weight elements one decoder step reads: every parameter and buffer of the modules the step runs.
 
     Counted on the running module, so what the decoder holds but a step does not use (a T5's encoder) is
@@ -94,7 +98,9 @@ def step_weight_elements(model: Any, spec: ComponentSpec, example: Mapping[str, 
 
     hooks = [m.register_forward_pre_hook(hook) for m in module.modules()]
     try:
-        count_flops(module, tuple(example[n] for n in spec.inputs))  # runs the step (on fake tensors if it can)
+        count_flops(
+            module, tuple(example[n] for n in spec.inputs)
+        )  # runs the step (on fake tensors if it can)
     finally:
         for h in hooks:
             h.remove()
@@ -109,8 +115,14 @@ class DecodeShape:
     kv_elements: float  # KV cache read per step at the average decode length, the whole batch
 
 
-def decode_shape(model: Any, components: tuple[ComponentSpec, ...], batch: int, prompt_tokens: int,
-                 new_tokens: int, seed: int = 0) -> DecodeShape | None:
+def decode_shape(
+    model: Any,
+    components: tuple[ComponentSpec, ...],
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    seed: int = 0,
+) -> DecodeShape | None:
     """Weights and KV cache per decode step at ``batch``; None when the task has no decoder component.
 
     The self-attention cache is read at ``prompt_tokens + new_tokens / 2`` positions (the mean over the
@@ -128,8 +140,10 @@ def decode_shape(model: Any, components: tuple[ComponentSpec, ...], batch: int, 
     cross = sum(t.numel() for n, t in past.items() if ".encoder." in n)
     past_len = self_past[0].shape[2] if self_past else 0
     per_position = sum(t.numel() for t in self_past) / past_len if past_len else 0.0
-    return DecodeShape(step_weight_elements(model, spec, example, batch),
-                       per_position * (prompt_tokens + new_tokens / 2) + cross)
+    return DecodeShape(
+        step_weight_elements(model, spec, example, batch),
+        per_position * (prompt_tokens + new_tokens / 2) + cross,
+    )
 
 
 def step_bytes(shape: DecodeShape, *, weight_bytes: float, activation_bytes: int) -> float:

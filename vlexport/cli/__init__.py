@@ -22,22 +22,42 @@ from vlexport.errors import VlexportError
 
 _ALL = {c.name: c for group in (inspect, export, triton, bench) for c in group.COMMANDS}
 # The order `--help` lists them in.
-COMMANDS: tuple[Command, ...] = tuple(_ALL[n] for n in ("list", "onnx", "compile", "tensorrt", "quantize",
-                                                         "dual-encoder", "validate", "run", "triton", "bench",
-                                                         "regress"))
+COMMANDS: tuple[Command, ...] = tuple(
+    _ALL[n]
+    for n in (
+        "list",
+        "onnx",
+        "compile",
+        "tensorrt",
+        "quantize",
+        "dual-encoder",
+        "validate",
+        "run",
+        "triton",
+        "bench",
+        "regress",
+    )
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = opts.Parser(
-        prog="vlexport", description="Export, validate and benchmark Hugging Face vision-language models. "
-        "Exit codes: 0 ok, 1 failed check, 2 usage error.")
+        prog="vlexport",
+        description="Export, validate and benchmark Hugging Face vision-language models. "
+        "Exit codes: 0 ok, 1 failed check, 2 usage error.",
+    )
     from vlexport import __version__
 
     parser.add_argument("--version", action="version", version=f"vlexport {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS:
-        p = sub.add_parser(c.name, help=c.help, description=c.help, aliases=list(c.aliases),
-                           parents=[make() for make in c.parents])
+        p = sub.add_parser(
+            c.name,
+            help=c.help,
+            description=c.help,
+            aliases=list(c.aliases),
+            parents=[make() for make in c.parents],
+        )
         c.add_args(p)
         p.set_defaults(func=opts.checked(c.run))  # option ranges checked before the command starts
     return parser
@@ -52,15 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the CLI's own output
     try:
-        with interrupts_as_exceptions():  # SIGTERM / SIGHUP unwind (and clean up) like Ctrl-C, in every command
+        with (
+            interrupts_as_exceptions()
+        ):  # SIGTERM / SIGHUP unwind (and clean up) like Ctrl-C, in every command
             return args.func(args)
     except VlexportError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # messages hold [extras]
         return e.exit_code
     except KeyboardInterrupt as e:  # exit 130 / 143 / 129 for SIGINT / SIGTERM / SIGHUP
         stop = e if isinstance(e, Interrupted) else Interrupted(2)  # a bare KeyboardInterrupt is SIGINT's
-        done = f"{stop.committed} had been written" if stop.committed else "nothing was written (partial output " \
-            "removed)"
+        done = (
+            f"{stop.committed} had been written"
+            if stop.committed
+            else "nothing was written (partial output removed)"
+        )
         console.print(f"[red]interrupted ({stop.signal_name}):[/red] {escape(done)}.", soft_wrap=True)
         if argv is None:  # the process's own entry point (console script, python -m vlexport.cli)
             # CPython re-raises SIGINT on itself at exit (exit code -2, not ours) when a KeyboardInterrupt crossed a
@@ -79,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Library errors we did not anticipate still get one readable paragraph, not a traceback.
         if os.environ.get("VLEXPORT_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] {type(e).__name__}: {e}. Re-run with VLEXPORT_DEBUG=1 for a traceback.",
-                      soft_wrap=True)
+        console.print(
+            f"[red]error:[/red] {type(e).__name__}: {e}. Re-run with VLEXPORT_DEBUG=1 for a traceback.",
+            soft_wrap=True,
+        )
         return 1

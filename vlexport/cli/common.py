@@ -30,17 +30,26 @@ class Command:
 def model_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--task", help="task / head to export (default: the preset's first task)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)")
+    p.add_argument(
+        "--random-weights", action="store_true", help="seeded random weights (no checkpoint needed)"
+    )
     opts.add_ranged(p, "--seed", "seed for --random-weights and example inputs", 0)
-    p.add_argument("--allow-new-weights", type=opts.csv, default=(), metavar="GLOB,...",
-                   help="checkpoint tensors that may be missing and get fresh seeded values (e.g. a new head); "
-                        "recorded in the manifest. Without it a checkpoint that lacks tensors is refused")
+    p.add_argument(
+        "--allow-new-weights",
+        type=opts.csv,
+        default=(),
+        metavar="GLOB,...",
+        help="checkpoint tensors that may be missing and get fresh seeded values (e.g. a new head); "
+        "recorded in the manifest. Without it a checkpoint that lacks tensors is refused",
+    )
     return p
 
 
 def artifact_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-o", "--output", type=Path, help="artifact directory (default: ./<model>-<task>-<backend>)")
+    p.add_argument(
+        "-o", "--output", type=Path, help="artifact directory (default: ./<model>-<task>-<backend>)"
+    )
     p.add_argument("--no-validate", action="store_true", help="skip validation (the manifest says so)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     return p

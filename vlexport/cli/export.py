@@ -41,10 +41,17 @@ def precision_config(args: argparse.Namespace) -> PrecisionConfig:
 
 def _onnx_args(p: argparse.ArgumentParser) -> None:
     model_arg(p)
-    p.add_argument("--precision", default="fp32", choices=precision_choices("onnx"),
-                   help="fp32, or a variant of the fp32 export (as `vlexport quantize` makes it)")
-    p.add_argument("--optimize", action="store_true",
-                   help="ONNX Runtime graph optimizations and fusions (backend onnx-opt)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=precision_choices("onnx"),
+        help="fp32, or a variant of the fp32 export (as `vlexport quantize` makes it)",
+    )
+    p.add_argument(
+        "--optimize",
+        action="store_true",
+        help="ONNX Runtime graph optimizations and fusions (backend onnx-opt)",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
 
 
@@ -52,13 +59,21 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
     from vlexport.display import artifact_summary
     from vlexport.pipeline import ExportJob, run_export
 
-    job = ExportJob(args.model, args.output, backend=backend, task=getattr(args, "task", None),
-                    precision=precision_config(args), random_weights=getattr(args, "random_weights", False),
-                    seed=getattr(args, "seed", 0), allow_new_weights=getattr(args, "allow_new_weights", ()),
-                    kernels=getattr(args, "kernels", ()),
-                    force=args.force, validate=not args.no_validate,
-                    options={k: v for k, v in options.items() if v is not None},
-                    accept_degraded=getattr(args, "accept_degraded", False))
+    job = ExportJob(
+        args.model,
+        args.output,
+        backend=backend,
+        task=getattr(args, "task", None),
+        precision=precision_config(args),
+        random_weights=getattr(args, "random_weights", False),
+        seed=getattr(args, "seed", 0),
+        allow_new_weights=getattr(args, "allow_new_weights", ()),
+        kernels=getattr(args, "kernels", ()),
+        force=args.force,
+        validate=not args.no_validate,
+        options={k: v for k, v in options.items() if v is not None},
+        accept_degraded=getattr(args, "accept_degraded", False),
+    )
     with console.status(verb) as status:
         manifest = run_export(job, progress=lambda msg: status.update(msg))
     for line in artifact_summary(job.output, manifest):
@@ -76,7 +91,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return _export(args, manifest.backend, "quantizing")
 
 
-
 def cmd_onnx(args: argparse.Namespace) -> int:
     return _export(args, "onnx-opt" if args.optimize else "onnx", "exporting", opset=args.opset)
 
@@ -88,30 +102,58 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 def compile_args(p: argparse.ArgumentParser) -> None:
     """`vlexport compile` options after the model argument (defaults: export/aoti.py)."""
-    p.add_argument("--precision", default="fp32", choices=precision_choices("aoti"),
-                   help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
-                        "linears (needs torchao)")
-    p.add_argument("--mode", default="default", choices=opts.COMPILE_MODES,
-                   help="torch.compile mode applied to the AOT compile; reduce-overhead: the runtime captures the "
-                        "static-cache decode step in a CUDA graph per batch size (CUDA packages)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device the package is compiled for")
-    opts.add_ranged(p, "--max-length", "generative tasks: static KV-cache slots (prompt + new tokens); default 64")
-    opts.add_ranged(p, "--max-batch", "generative tasks: decoder rows (batch x beams) the package takes; default 16")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=precision_choices("aoti"),
+        help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
+        "linears (needs torchao)",
+    )
+    p.add_argument(
+        "--mode",
+        default="default",
+        choices=opts.COMPILE_MODES,
+        help="torch.compile mode applied to the AOT compile; reduce-overhead: the runtime captures the "
+        "static-cache decode step in a CUDA graph per batch size (CUDA packages)",
+    )
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="device the package is compiled for"
+    )
+    opts.add_ranged(
+        p, "--max-length", "generative tasks: static KV-cache slots (prompt + new tokens); default 64"
+    )
+    opts.add_ranged(
+        p, "--max-batch", "generative tasks: decoder rows (batch x beams) the package takes; default 16"
+    )
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    return _export(args, "aoti", "compiling", mode=args.mode, device=args.device, max_length=args.max_length,
-                   max_batch=args.max_batch)
+    return _export(
+        args,
+        "aoti",
+        "compiling",
+        mode=args.mode,
+        device=args.device,
+        max_length=args.max_length,
+        max_batch=args.max_batch,
+    )
 
 
 def _tensorrt_args(p: argparse.ArgumentParser) -> None:
     from vlexport.export import TRT_DEFAULT_SHAPES  # not export.tensorrt: it imports torch
 
     model_arg(p, artifact=True)
-    p.add_argument("--precision", default="fp32", choices=precision_choices("tensorrt", aliases=True),
-                   help="engine precision (int8 = int8-static: calibrated, or the scales of a QDQ graph)")
-    p.add_argument("--shapes", default=TRT_DEFAULT_SHAPES,
-                   help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {TRT_DEFAULT_SHAPES})")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=precision_choices("tensorrt", aliases=True),
+        help="engine precision (int8 = int8-static: calibrated, or the scales of a QDQ graph)",
+    )
+    p.add_argument(
+        "--shapes",
+        default=TRT_DEFAULT_SHAPES,
+        help=f"optimization profile per dynamic axis, AXIS=MIN:OPT:MAX (default {TRT_DEFAULT_SHAPES})",
+    )
 
 
 def cmd_tensorrt(args: argparse.Namespace) -> int:
@@ -121,28 +163,51 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
 def quantize_args(p: argparse.ArgumentParser) -> None:
     """`vlexport quantize`: the variant and its knobs (contracts/precision.py)."""
     p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
-    p.add_argument("--precision", required=True,
-                   help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
-                        "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
-                        "`vlexport list` shows what each backend builds")
-    p.add_argument("--calibration", type=Path, metavar="DIR",
-                   help="int8-static: a directory of images (and .txt files of prompts/captions, one per line); "
-                        "default: a seeded synthetic set (the manifest says which)")
-    p.add_argument("--method", choices=CALIBRATION_METHODS, help="int8-static: how activation ranges are "
-                   "calibrated (default minmax)")
-    p.add_argument("--smooth", type=float, metavar="ALPHA",
-                   help="int8-dynamic: SmoothQuant activation outliers into the weights (alpha in (0, 1), e.g. 0.7; "
-                        "calibrated on --calibration or a synthetic set) and keep the FFN output MatMuls fp32")
-    p.add_argument("--block-size", type=int, metavar="N",
-                   help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
-                        "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
-                        "(README, Precisions)")
-    p.add_argument("--accept-degraded", action="store_true",
-                   help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)")
+    p.add_argument(
+        "--precision",
+        required=True,
+        help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
+        "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
+        "`vlexport list` shows what each backend builds",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="int8-static: a directory of images (and .txt files of prompts/captions, one per line); "
+        "default: a seeded synthetic set (the manifest says which)",
+    )
+    p.add_argument(
+        "--method",
+        choices=CALIBRATION_METHODS,
+        help="int8-static: how activation ranges are calibrated (default minmax)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        metavar="ALPHA",
+        help="int8-dynamic: SmoothQuant activation outliers into the weights (alpha in (0, 1), e.g. 0.7; "
+        "calibrated on --calibration or a synthetic set) and keep the FFN output MatMuls fp32",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
+        "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
+        "(README, Precisions)",
+    )
+    p.add_argument(
+        "--accept-degraded",
+        action="store_true",
+        help="keep a variant below its accuracy thresholds (exit 0, the manifest marks it degraded)",
+    )
 
 
 def _dual_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("vision", type=Path, help="vision encoder directory (save_pretrained: ViT, CLIP vision, ...)")
+    p.add_argument(
+        "vision", type=Path, help="vision encoder directory (save_pretrained: ViT, CLIP vision, ...)"
+    )
     p.add_argument("text", type=Path, help="text encoder directory (save_pretrained: BERT, RoBERTa, ...)")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to save the combined model")
     opts.add_ranged(p, "--projection-dim", "size of the shared embedding", 512)
@@ -154,23 +219,56 @@ def cmd_dual_encoder(args: argparse.Namespace) -> int:
     from vlexport.compose import compose_dual_encoder
 
     check_output_dir(args.output, force=args.force)  # before both encoders load, not after
-    path = compose_dual_encoder(args.vision, args.text, args.output, projection_dim=args.projection_dim,
-                                seed=args.seed, force=args.force)
-    out.print(f"{path}: VisionTextDualEncoder (new projections, seed {args.seed}); export it with "
-              f"`vlexport onnx {path}`")
+    path = compose_dual_encoder(
+        args.vision,
+        args.text,
+        args.output,
+        projection_dim=args.projection_dim,
+        seed=args.seed,
+        force=args.force,
+    )
+    out.print(
+        f"{path}: VisionTextDualEncoder (new projections, seed {args.seed}); export it with "
+        f"`vlexport onnx {path}`"
+    )
     return 0
 
 
 _EXPORT = (model_flags, artifact_flags)
 COMMANDS: tuple[Command, ...] = (
-    Command("onnx", "export to ONNX and validate against eager PyTorch", _onnx_args, cmd_onnx,
-            (*_EXPORT, kernel_flags)),
-    Command("compile", "AOTInductor package (torch.export + aoti_compile_and_package), validated against eager",
-            _compile_args, cmd_compile, (*_EXPORT, kernel_flags)),
-    Command("tensorrt", "TensorRT engine(s) from a model or an ONNX artifact, validated against eager",
-            _tensorrt_args, cmd_tensorrt, _EXPORT, aliases=("trt",)),
-    Command("quantize", "an fp16 / int8 variant of an fp32 artifact, validated against eager fp32", quantize_args,
-            cmd_quantize, (artifact_flags,)),
-    Command("dual-encoder", "combine two local encoders into a VisionTextDualEncoder directory",
-            _dual_encoder_args, cmd_dual_encoder),
+    Command(
+        "onnx",
+        "export to ONNX and validate against eager PyTorch",
+        _onnx_args,
+        cmd_onnx,
+        (*_EXPORT, kernel_flags),
+    ),
+    Command(
+        "compile",
+        "AOTInductor package (torch.export + aoti_compile_and_package), validated against eager",
+        _compile_args,
+        cmd_compile,
+        (*_EXPORT, kernel_flags),
+    ),
+    Command(
+        "tensorrt",
+        "TensorRT engine(s) from a model or an ONNX artifact, validated against eager",
+        _tensorrt_args,
+        cmd_tensorrt,
+        _EXPORT,
+        aliases=("trt",),
+    ),
+    Command(
+        "quantize",
+        "an fp16 / int8 variant of an fp32 artifact, validated against eager fp32",
+        quantize_args,
+        cmd_quantize,
+        (artifact_flags,),
+    ),
+    Command(
+        "dual-encoder",
+        "combine two local encoders into a VisionTextDualEncoder directory",
+        _dual_encoder_args,
+        cmd_dual_encoder,
+    ),
 )

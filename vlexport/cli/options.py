@@ -15,7 +15,11 @@ from typing import NoReturn
 from vlexport.errors import UsageError
 from vlexport.userdata import RANGES, range_text
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # export/aoti.py MODES, without importing torch
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+)  # export/aoti.py MODES, without importing torch
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,11 +37,14 @@ def _int(text: str, name: str) -> int:
     try:
         return int(text.strip())
     except ValueError:  # also a number with more digits than int() takes
-        raise argparse.ArgumentTypeError(f"expected an integer in {range_text(name)}, got {text!r:.40}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in {range_text(name)}, got {text!r:.40}"
+        ) from None
 
 
 def ranged(name: str) -> Callable[[str], int]:
     """argparse type: an integer; its range (``RANGES[name]``) is checked by ``check_options``."""
+
     def parse(text: str) -> int:
         return _int(text, name)
 
@@ -47,11 +54,13 @@ def ranged(name: str) -> Callable[[str], int]:
 
 def ranged_list(name: str) -> Callable[[str], tuple[int, ...]]:
     """argparse type: a non-empty comma list of integers (each in ``RANGES[name]``, see ``check_options``)."""
+
     def parse(text: str) -> tuple[int, ...]:
         items = csv(text)
         if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma list of integers in {range_text(name)}, got "
-                                             f"{text!r:.40}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of integers in {range_text(name)}, got {text!r:.40}"
+            )
         try:
             return tuple(_int(v, name) for v in items)
         except argparse.ArgumentTypeError as e:
@@ -103,6 +112,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A command that first checks its options' ranges (``check_options``)."""
+
     @functools.wraps(run)
     def command(args: argparse.Namespace) -> int:
         check_options(args)
@@ -119,14 +129,18 @@ def check_report_paths(paths: Mapping[str, Path | None], inputs: Iterable[Path] 
         _check_file(option, path)
         for directory in inputs:
             if directory.is_dir() and directory.resolve() in path.resolve().parents:
-                raise UsageError(f"{option} {path} is inside {directory}, which this command reads: a report there "
-                                 "would overwrite or add to its files. Write the report outside it.")
+                raise UsageError(
+                    f"{option} {path} is inside {directory}, which this command reads: a report there "
+                    "would overwrite or add to its files. Write the report outside it."
+                )
     seen: dict[Path, str] = {}
     for option, path in given.items():
         key = path.resolve()
         if key in seen:
-            raise UsageError(f"{seen[key]} and {option} both name {path}: one would overwrite the other. Give each "
-                             "report its own file.")
+            raise UsageError(
+                f"{seen[key]} and {option} both name {path}: one would overwrite the other. Give each "
+                "report its own file."
+            )
         seen[key] = option
 
 
@@ -139,7 +153,9 @@ def _check_file(option: str, path: Path) -> None:
             raise UsageError(f"{option} {path} exists and is not a regular file; choose another path.")
         _check_parent(option, path)
     except OSError as e:  # e.g. a parent we may not even look into
-        raise UsageError(f"{option} {path} cannot be checked ({e.strerror or e}); choose another path.") from None
+        raise UsageError(
+            f"{option} {path} cannot be checked ({e.strerror or e}); choose another path."
+        ) from None
 
 
 def check_dir(option: str, path: Path | None) -> None:
@@ -155,14 +171,18 @@ def check_dir(option: str, path: Path | None) -> None:
             return
         _check_parent(option, path)
     except OSError as e:
-        raise UsageError(f"{option} {path} cannot be checked ({e.strerror or e}); choose another path.") from None
+        raise UsageError(
+            f"{option} {path} cannot be checked ({e.strerror or e}); choose another path."
+        ) from None
 
 
 def _check_parent(option: str, path: Path) -> None:
     """The nearest existing ancestor must be a writable directory (the rest is created at write time)."""
     parent = next(p for p in path.absolute().parents if p.exists())
     if not parent.is_dir():
-        raise UsageError(f"Cannot write {option} {path}: {parent} is a file, not a directory. Choose another path.")
+        raise UsageError(
+            f"Cannot write {option} {path}: {parent} is a file, not a directory. Choose another path."
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"Cannot write {option} {path}: {parent} is not writable. Choose another path.")
     try:  # access() says yes for root on /proc or a read-only mount; a file made and removed at once tells
@@ -170,5 +190,7 @@ def _check_parent(option: str, path: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"Cannot write {option} {path}: files cannot be created in {parent} ({e.strerror or e}). "
-                         "Choose another path.") from None
+        raise UsageError(
+            f"Cannot write {option} {path}: files cannot be created in {parent} ({e.strerror or e}). "
+            "Choose another path."
+        ) from None

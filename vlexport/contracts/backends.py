@@ -64,11 +64,15 @@ class ExportJob:
         self.kernels = tuple(self.kernels)
         self.allow_new_weights = tuple(self.allow_new_weights)
         if not isinstance(self.precision, PrecisionConfig):
-            raise TypeError(f"ExportJob.precision takes a PrecisionConfig (contracts.precision.get_precision at the "
-                            f"place the name enters), got {self.precision!r}")
+            raise TypeError(
+                f"ExportJob.precision takes a PrecisionConfig (contracts.precision.get_precision at the "
+                f"place the name enters), got {self.precision!r}"
+            )
         unknown = [k for k in self.kernels if k not in KERNEL_NAMES]
         if unknown:
-            raise UsageError(f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}.")
+            raise UsageError(
+                f"Unknown kernel(s) {unknown}: --kernels takes a comma list of {', '.join(KERNEL_NAMES)}."
+            )
 
     def option(self, name: str) -> Any:
         return self.options[name]
@@ -92,7 +96,9 @@ class DeriveContext:
 @dataclass
 class Derived:
     components: dict[str, Component]
-    details: dict[str, Any] = field(default_factory=dict)  # recorded in manifest.derived_from (e.g. TRT shapes)
+    details: dict[str, Any] = field(
+        default_factory=dict
+    )  # recorded in manifest.derived_from (e.g. TRT shapes)
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
 
 
@@ -113,15 +119,23 @@ class Backend(Protocol):
     def check(self, job: ExportJob) -> None:
         """Fail (UsageError) before any work: a missing toolchain or device, a bad option value."""
 
-    def export_component(self, module: Any, spec: ComponentSpec, example: Mapping[str, Any], path: Path,
-                         job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
+    def export_component(
+        self,
+        module: Any,
+        spec: ComponentSpec,
+        example: Mapping[str, Any],
+        path: Path,
+        job: ExportJob,
+        translation_table: Mapping[Any, Any],
+    ) -> Component:
         """Base backends: export ``module`` (forward(*inputs) -> tuple) to ``path``; return a manifest.Component."""
 
     def derive(self, ctx: DeriveContext) -> Derived:
         """Derived backends: build every component of the parent artifact into ``ctx.out_dir``."""
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> ComponentFn:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> ComponentFn:
         """A component file as a callable with ``input_names`` / ``output_names``.
 
         ``interleaved``: the caller alternates this component with other work on the same cores (the
@@ -142,9 +156,18 @@ class BackendBase:
     def check(self, job: ExportJob) -> None:
         return None
 
-    def export_component(self, module: Any, spec: ComponentSpec, example: Mapping[str, Any], path: Path,
-                         job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
-        raise UsageError(f"Backend {self.name} is built from a {self.parent} artifact, not exported from torch.")
+    def export_component(
+        self,
+        module: Any,
+        spec: ComponentSpec,
+        example: Mapping[str, Any],
+        path: Path,
+        job: ExportJob,
+        translation_table: Mapping[Any, Any],
+    ) -> Component:
+        raise UsageError(
+            f"Backend {self.name} is built from a {self.parent} artifact, not exported from torch."
+        )
 
     def derive(self, ctx: DeriveContext) -> Derived:
         raise UsageError(f"Backend {self.name} exports from torch; it is not derived from another artifact.")

@@ -64,7 +64,9 @@ class Derivation:
     """A build from a parent artifact: which parent, which precisions it may have, and what builds from it."""
 
     parent_backend: str
-    parent_precisions: tuple[str, ...]  # what the parent's manifest may say; the first is what is built when absent
+    parent_precisions: tuple[
+        str, ...
+    ]  # what the parent's manifest may say; the first is what is built when absent
     build: Callable[[DeriveContext], Derived]
     stage: str  # the manifest's timings key
 

@@ -58,7 +58,9 @@ class PrecisionConfig:
     # numpy-style name of the artifact's float activations ("float32", "float16", "bfloat16"); int8 schemes
     # quantize weights (and maybe activations inside the graph) but keep float32 at the graph's boundary.
     dtype: ClassVar[str]
-    weight_bits: ClassVar[int]  # storage width of a weight element (scales add under 1%): sizes and decode bytes
+    weight_bits: ClassVar[
+        int
+    ]  # storage width of a weight element (scales add under 1%): sizes and decode bytes
     # What the matmuls compute in ("fp32", "fp16", "bf16", "int8"): the GEMM peak a bench row is judged against.
     compute: ClassVar[str]
     tolerance: ClassVar[Tolerance]
@@ -110,9 +112,13 @@ class PrecisionConfig:
         own = {f.name for f in dataclasses.fields(self)}
         for knob in given:
             if knob not in own:
-                takers = [c.name for c in PRECISIONS.values() if knob in {f.name for f in dataclasses.fields(c)}]
-                raise UsageError(f"--{knob.replace('_', '-')} applies to --precision {' or '.join(takers)}, not "
-                                 f"{self.name}. Drop the option.")
+                takers = [
+                    c.name for c in PRECISIONS.values() if knob in {f.name for f in dataclasses.fields(c)}
+                ]
+                raise UsageError(
+                    f"--{knob.replace('_', '-')} applies to --precision {' or '.join(takers)}, not "
+                    f"{self.name}. Drop the option."
+                )
         return dataclasses.replace(self, **given)
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
@@ -171,7 +177,11 @@ class Bf16Config(PrecisionConfig):
     weight_bits: ClassVar[int] = 16
     compute: ClassVar[str] = "bf16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    backends: ClassVar[tuple[str, ...]] = ("eager", "compile", "aoti")  # aoti: export/aoti.py casts the modules
+    backends: ClassVar[tuple[str, ...]] = (
+        "eager",
+        "compile",
+        "aoti",
+    )  # aoti: export/aoti.py casts the modules
     description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
 
 
@@ -200,15 +210,21 @@ class Int8DynamicConfig(PrecisionConfig):
     def __post_init__(self) -> None:
         _path_knob(self, "calibration")
         if self.smooth is not None and not 0 < self.smooth < 1:
-            raise UsageError(f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}.")
+            raise UsageError(
+                f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}."
+            )
         if self.calibration is not None and self.smooth is None:
-            raise UsageError("--calibration applies to --precision int8-static (calibrated activations) or "
-                             "int8-dynamic --smooth, not plain int8-dynamic. Drop the option or add --smooth.")
+            raise UsageError(
+                "--calibration applies to --precision int8-static (calibrated activations) or "
+                "int8-dynamic --smooth, not plain int8-dynamic. Drop the option or add --smooth."
+            )
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
         if self.smooth is not None and artifact is not None and len(artifact.components) != 1:
-            raise UsageError("--smooth calibrates encoder artifacts (one component); for generative artifacts use "
-                             "--precision int8-weight.")
+            raise UsageError(
+                "--smooth calibrates encoder artifacts (one component); for generative artifacts use "
+                "--precision int8-weight."
+            )
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -234,15 +250,23 @@ class Int8StaticConfig(PrecisionConfig):
     def __post_init__(self) -> None:
         _path_knob(self, "calibration")
         if self.method not in CALIBRATION_METHODS:
-            raise UsageError(f"Unknown calibration method {self.method!r}: choose {', '.join(CALIBRATION_METHODS)}.")
+            raise UsageError(
+                f"Unknown calibration method {self.method!r}: choose {', '.join(CALIBRATION_METHODS)}."
+            )
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
         # A decoder step's calibration would need the cache of real generations.
-        if artifact is not None and (len(artifact.components) != 1 or artifact.generation) and backend == "onnx":
-            raise UsageError(f"int8-static calibrates encoder artifacts (one component); this is a "
-                             f"{'generative ' if artifact.generation else ''}{artifact.task} artifact "
-                             f"({', '.join(artifact.components)}). Use --precision int8-weight (weights only, any "
-                             "component) or int8-dynamic.")
+        if (
+            artifact is not None
+            and (len(artifact.components) != 1 or artifact.generation)
+            and backend == "onnx"
+        ):
+            raise UsageError(
+                f"int8-static calibrates encoder artifacts (one component); this is a "
+                f"{'generative ' if artifact.generation else ''}{artifact.task} artifact "
+                f"({', '.join(artifact.components)}). Use --precision int8-weight (weights only, any "
+                "component) or int8-dynamic."
+            )
 
 
 @dataclass(frozen=True)
@@ -262,7 +286,9 @@ class Int8WeightConfig(PrecisionConfig):
     name: ClassVar[str] = "int8-weight"
     dtype: ClassVar[str] = "float32"
     weight_bits: ClassVar[int] = 8
-    compute: ClassVar[str] = "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
+    compute: ClassVar[str] = (
+        "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
+    )
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
     # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
@@ -271,16 +297,25 @@ class Int8WeightConfig(PrecisionConfig):
     def __post_init__(self) -> None:
         if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own error
-            raise UsageError(f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
-                             f"runs), got {self.block_size}.")
+            raise UsageError(
+                f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
+                f"runs), got {self.block_size}."
+            )
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
 
 # The registry: every precision by name, with its default knobs.
 PRECISIONS: dict[str, PrecisionConfig] = {
-    c.name: c for c in (Fp32Config(), Fp16Config(), Bf16Config(), Int8DynamicConfig(), Int8StaticConfig(),
-                        Int8WeightConfig())
+    c.name: c
+    for c in (
+        Fp32Config(),
+        Fp16Config(),
+        Bf16Config(),
+        Int8DynamicConfig(),
+        Int8StaticConfig(),
+        Int8WeightConfig(),
+    )
 }
 # Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).
 ALIASES = {"int8": "int8-static"}

@@ -49,17 +49,29 @@ def inductor_configs(mode: str, device: str = "cpu") -> dict[str, Any]:
         raise UsageError(f"Unknown --mode {mode!r}: choose one of {', '.join(MODES)}.")
     if mode == "max-autotune":
         # quiet: Inductor writes a table per tuned matmul to stderr; the choice is in the package, not the log
-        configs: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": True,
-                                   "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        configs: dict[str, Any] = {
+            "max_autotune": True,
+            "max_autotune_gemm": True,
+            "autotune_num_choices_displayed": 0,
+            "max_autotune_report_choices_stats": False,
+        }
         if device == "cpu":
             configs |= {"freezing": True, "max_autotune_gemm_backends": "CPP,ATEN"}
         return configs
     return {}
 
 
-def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
-                      device: str = "cpu", configs: Mapping[str, Any] | None = None,
-                      metadata: Mapping[str, str] | None = None, copied: bool = False) -> Component:
+def compile_component(
+    module: nn.Module,
+    spec: ComponentSpec,
+    example: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    device: str = "cpu",
+    configs: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    copied: bool = False,
+) -> Component:
     """torch.export ``module`` with the spec's dynamic axes, AOT-compile it to ``path``, describe it.
 
     ``copied``: ``module`` is already a copy of the eager model's modules, so it may be moved."""
@@ -69,15 +81,21 @@ def compile_component(module: nn.Module, spec: ComponentSpec, example: Mapping[s
         # A copy: the caller's eager model stays on the CPU as the validation reference.
         module = (module if copied else copy.deepcopy(module)).to(device)
     args = tuple(example[name].to(device) for name in spec.inputs)
-    meta = {META_INPUTS: json.dumps(list(spec.inputs)), META_OUTPUTS: json.dumps(list(spec.outputs)),
-            **dict(metadata or {})}
+    meta = {
+        META_INPUTS: json.dumps(list(spec.inputs)),
+        META_OUTPUTS: json.dumps(list(spec.outputs)),
+        **dict(metadata or {}),
+    }
     with torch.no_grad(), _quiet_exporter():
         try:
-            program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_shapes(spec, example),
-                                          strict=False)
+            program = torch.export.export(
+                module.eval(), args, dynamic_shapes=dynamic_shapes(spec, example), strict=False
+            )
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(path),
-                inductor_configs={**dict(configs or {}), "aot_inductor.metadata": meta})
+                program,
+                package_path=str(path),
+                inductor_configs={**dict(configs or {}), "aot_inductor.metadata": meta},
+            )
         except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as e:
             why = explain_compile_error(e)
             raise CheckError(f"AOTInductor could not compile component {spec.name!r}: {why}") from e
@@ -91,7 +109,9 @@ def explain_compile_error(e: BaseException) -> str:
     missing compiler is only blamed when there is none.
     """
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("For more information", "The error above", "If you would"))]
+    keep = [
+        ln for ln in lines if not ln.startswith(("For more information", "The error above", "If you would"))
+    ]
     text = " ".join(keep[:4])[:600] or type(e).__name__
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
@@ -105,16 +125,24 @@ def _describe(program: torch.export.ExportedProgram, spec: ComponentSpec, path: 
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     (output,) = [n for n in program.graph.nodes if n.op == "output"]
     outputs = output.args[0]
-    inputs = [TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
-              for name, node in zip(spec.inputs, placeholders)]
-    outs = [TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
-            for name, node in zip(spec.outputs, outputs)]
-    return Component(name=spec.name, file=path.name, inputs=inputs, outputs=outs, size_bytes=path.stat().st_size)
+    inputs = [
+        TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
+        for name, node in zip(spec.inputs, placeholders)
+    ]
+    outs = [
+        TensorSpec(name, *_spec_of(node.meta["val"], spec.dynamic_axes.get(name, {})))
+        for name, node in zip(spec.outputs, outputs)
+    ]
+    return Component(
+        name=spec.name, file=path.name, inputs=inputs, outputs=outs, size_bytes=path.stat().st_size
+    )
 
 
 def _spec_of(val: torch.Tensor, axes: Mapping[int, str]) -> tuple[str, list[int | str]]:
     dtype = str(val.dtype).removeprefix("torch.")
-    shape: list[int | str] = [axes.get(i, d if isinstance(d, int) else str(d)) for i, d in enumerate(val.shape)]
+    shape: list[int | str] = [
+        axes.get(i, d if isinstance(d, int) else str(d)) for i, d in enumerate(val.shape)
+    ]
     return dtype, shape
 
 
@@ -124,8 +152,10 @@ def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
 
 
-TORCHAO_HINT = ("--precision int8-weight for compiled packages needs torchao (its Int8WeightOnlyConfig): "
-                "`pip install torchao` (0.18 works with torch 2.13), then compile again.")
+TORCHAO_HINT = (
+    "--precision int8-weight for compiled packages needs torchao (its Int8WeightOnlyConfig): "
+    "`pip install torchao` (0.18 works with torch 2.13), then compile again."
+)
 DEFAULT_MAX_LENGTH = 64  # static KV-cache slots of generative packages (prompt + new tokens)
 DEFAULT_MAX_BATCH = 16  # decoder rows (batch x beams) a generative package takes
 
@@ -134,26 +164,39 @@ class CastIO(nn.Module):
     """Runs ``module`` in a reduced float dtype behind float32 inputs and outputs (``keep``: inputs already in
     that dtype, the static caches that the graph updates in place), so the runtime's numpy I/O is unchanged."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, input_names: tuple[str, ...], keep: frozenset[str]):
+    def __init__(
+        self, module: nn.Module, dtype: torch.dtype, input_names: tuple[str, ...], keep: frozenset[str]
+    ):
         super().__init__()
         self.module, self.dtype, self.input_names, self.keep = module, dtype, input_names, keep
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = tuple(a.to(self.dtype) if a.is_floating_point() and n not in self.keep else a
-                     for n, a in zip(self.input_names, args))
+        args = tuple(
+            a.to(self.dtype) if a.is_floating_point() and n not in self.keep else a
+            for n, a in zip(self.input_names, args)
+        )
         return tuple(o.float() if o.is_floating_point() else o for o in self.module(*args))
 
 
-def with_precision(module: nn.Module, spec: ComponentSpec, example: dict[str, torch.Tensor],
-                   precision: PrecisionConfig, device: str = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def with_precision(
+    module: nn.Module,
+    spec: ComponentSpec,
+    example: dict[str, torch.Tensor],
+    precision: PrecisionConfig,
+    device: str = "cpu",
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy of ``module`` on ``device`` in ``precision`` (a float dtype: cast; int8 weights: torchao int8
     weight-only linears, quantized where they will run)."""
-    module = copy.deepcopy(module).to(device)  # the eager model stays fp32 on the CPU: the validation reference
+    module = copy.deepcopy(module).to(
+        device
+    )  # the eager model stays fp32 on the CPU: the validation reference
     caches = frozenset(n for n in spec.inputs if n.startswith("cache."))
     if precision.quantizes_weights:
         if precision.weight_bits != 8:
-            raise UsageError(f"AOTInductor packages quantize weights to 8 bits only (torchao), not "
-                             f"{precision.weight_bits} ({precision.name}).")
+            raise UsageError(
+                f"AOTInductor packages quantize weights to 8 bits only (torchao), not "
+                f"{precision.weight_bits} ({precision.name})."
+            )
         try:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except ImportError:
@@ -169,21 +212,31 @@ class AotiBackend(BackendBase):
     name = "aoti"
     triton_backends = ("pytorch",)
     suffix = ".pt2"
-    options: ClassVar[dict[str, Any]] = {"mode": "default", "device": "cpu", "max_length": DEFAULT_MAX_LENGTH,
-                                         "max_batch": DEFAULT_MAX_BATCH}
-    description = ("AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`; "
-                   "decoders over a static KV cache")
+    options: ClassVar[dict[str, Any]] = {
+        "mode": "default",
+        "device": "cpu",
+        "max_length": DEFAULT_MAX_LENGTH,
+        "max_batch": DEFAULT_MAX_BATCH,
+    }
+    description = (
+        "AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`; "
+        "decoders over a static KV cache"
+    )
 
     def check(self, job: ExportJob) -> None:
         inductor_configs(job.option("mode"))
         if job.option("device") not in ("cpu", "cuda"):
-            raise UsageError(f"--device {job.option('device')!r}: AOTInductor packages are built for cpu or cuda.")
+            raise UsageError(
+                f"--device {job.option('device')!r}: AOTInductor packages are built for cpu or cuda."
+            )
         if job.option("device") == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda needs a CUDA build of torch and a GPU; this machine has neither.")
         if job.option("mode") == "reduce-overhead" and job.option("device") != "cuda":
-            raise UsageError("--mode reduce-overhead captures the decode step in CUDA graphs, which exist only on "
-                             "a GPU: with --device cpu it would build a default package. Drop the option, or "
-                             "compile with --device cuda.")
+            raise UsageError(
+                "--mode reduce-overhead captures the decode step in CUDA graphs, which exist only on "
+                "a GPU: with --device cpu it would build a default package. Drop the option, or "
+                "compile with --device cuda."
+            )
         if not 16 <= int(job.option("max_length")) <= 1 << 15:
             raise UsageError(f"--max-length {job.option('max_length')}: give 16..32768 static cache slots.")
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:
@@ -191,26 +244,47 @@ class AotiBackend(BackendBase):
         if job.precision.quantizes_weights and importlib.util.find_spec("torchao") is None:
             raise MissingToolchain(TORCHAO_HINT)
 
-    def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
-                         path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
+    def export_component(
+        self,
+        module: nn.Module,
+        spec: ComponentSpec,
+        example: Mapping[str, torch.Tensor],
+        path: Path,
+        job: ExportJob,
+        translation_table: Mapping[Any, Any],
+    ) -> Component:
         metadata = {}
         if isinstance(module, CachedDecoder):  # generative: the static-cache twin of the ONNX decoder
             from vlexport.export.static_cache import static_decoder
 
             max_length, max_batch = int(job.option("max_length")), int(job.option("max_batch"))
-            module, spec, example = static_decoder(module, spec, example, max_length=max_length,
-                                                   max_batch=max_batch)
-            metadata[META_STATIC] = json.dumps({"max_length": max_length, "max_batch": max_batch,
-                                                "cuda_graphs": job.option("mode") == "reduce-overhead"})
+            module, spec, example = static_decoder(
+                module, spec, example, max_length=max_length, max_batch=max_batch
+            )
+            metadata[META_STATIC] = json.dumps(
+                {
+                    "max_length": max_length,
+                    "max_batch": max_batch,
+                    "cuda_graphs": job.option("mode") == "reduce-overhead",
+                }
+            )
         copied = job.precision.quantizes_weights or job.precision.dtype != "float32"
         if copied:
             module, example = with_precision(module, spec, dict(example), job.precision, job.option("device"))
-        return compile_component(module, spec, example, path, device=job.option("device"),
-                                 configs=inductor_configs(job.option("mode"), job.option("device")),
-                                 metadata=metadata, copied=copied)
+        return compile_component(
+            module,
+            spec,
+            example,
+            path,
+            device=job.option("device"),
+            configs=inductor_configs(job.option("mode"), job.option("device")),
+            metadata=metadata,
+            copied=copied,
+        )
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> Any:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> Any:
         from vlexport.runtime.components import AotiComponent
 
         return AotiComponent(path, device=device, threads=threads)

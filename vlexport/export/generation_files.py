@@ -22,11 +22,24 @@ if TYPE_CHECKING:
 # GenerationConfig fields whose non-default values would change generate()'s tokens in ways the runtime
 # loop does not implement: an export that meets one fails rather than generating something else.
 _UNSUPPORTED = {
-    "do_sample": False, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None, "min_length": 0,
-    "num_beam_groups": 1, "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
-    "sequence_bias": None, "renormalize_logits": False, "constraints": None,
+    "do_sample": False,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_length": 0,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "exponential_decay_length_penalty": None,
+    "sequence_bias": None,
+    "renormalize_logits": False,
+    "constraints": None,
 }
 
 
@@ -48,7 +61,9 @@ def unsupported_options(gen_config: Any) -> dict[str, Any]:
     return out
 
 
-def write_generation_files(model: PreTrainedModel, source: ModelSource, manifest: Manifest, tmp_dir: Path) -> None:
+def write_generation_files(
+    model: PreTrainedModel, source: ModelSource, manifest: Manifest, tmp_dir: Path
+) -> None:
     """Record generation settings in ``manifest.generation``; write a placeholder tokenizer when needed."""
     task = source.family.task(manifest.task)
     recipe = task.generation(model.config)
@@ -58,7 +73,8 @@ def write_generation_files(model: PreTrainedModel, source: ModelSource, manifest
         raise UsageError(
             f"The model's generation config sets {bad}, which vlexport's generation runtime does not implement "
             "(greedy and beam search with eos/pad, max/min new tokens); its output would differ from "
-            "model.generate(). Export a checkpoint whose generation_config.json leaves them at their defaults.")
+            "model.generate(). Export a checkpoint whose generation_config.json leaves them at their defaults."
+        )
     settings = recipe.settings(model)
     settings["default_num_beams"] = int(gen_config.num_beams or 1)
     if gen_config.max_new_tokens is not None:
@@ -71,5 +87,9 @@ def write_generation_files(model: PreTrainedModel, source: ModelSource, manifest
             return  # real weights without tokenizer files: `run` says how to get them; ids still work
         files = write_placeholder(tmp_dir, settings["vocab_size"], settings, recipe.tokenizer_template)
         manifest.files = [*manifest.files, *files]
-        manifest.tokenizer = {"kind": "placeholder", "files": files, "vocab_size": settings["vocab_size"],
-                              "note": PLACEHOLDER_NOTE}
+        manifest.tokenizer = {
+            "kind": "placeholder",
+            "files": files,
+            "vocab_size": settings["vocab_size"],
+            "note": PLACEHOLDER_NOTE,
+        }

@@ -49,17 +49,31 @@ def dynamic_shapes(spec: ComponentSpec, example: Mapping[str, torch.Tensor]) -> 
     return (tuple(per_input),)
 
 
-def export_component(module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor], path: Path, *,
-                     opset: int = DEFAULT_OPSET, translation_table: Mapping[Any, Any] | None = None) -> Component:
+def export_component(
+    module: nn.Module,
+    spec: ComponentSpec,
+    example: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    translation_table: Mapping[Any, Any] | None = None,
+) -> Component:
     """Export ``module`` (forward(*inputs) -> tuple) to ``path`` and describe it for the manifest."""
     args = tuple(example[name] for name in spec.inputs)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
-            module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes(spec, example),
-            input_names=list(spec.inputs), output_names=list(spec.outputs), opset_version=opset,
-            custom_translation_table=dict(translation_table or {}), optimize=True, verbose=False,
+            module.eval(),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(spec, example),
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            opset_version=opset,
+            custom_translation_table=dict(translation_table or {}),
+            optimize=True,
+            verbose=False,
         )
     program.save(str(path), external_data=external)
     _release_weights(program)
@@ -91,7 +105,9 @@ def _release_weights(program: Any) -> None:
                     setattr(obj, attr, None)
 
 
-def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path) -> Component:
+def describe(
+    path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]], *, root: Path
+) -> Component:
     """A manifest Component read off the ONNX file itself (what the graph really declares)."""
     model = onnx.load(str(path), load_external_data=False)
     external = {
@@ -109,7 +125,9 @@ def describe(path: Path, name: str, dynamic_axes: Mapping[str, Mapping[int, str]
         external_data=next(iter(sorted(external)), None),
         opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
     )
-    comp.size_bytes = sum((root / rel).stat().st_size for rel in filter(None, (comp.file, comp.external_data)))
+    comp.size_bytes = sum(
+        (root / rel).stat().st_size for rel in filter(None, (comp.file, comp.external_data))
+    )
     return comp
 
 
@@ -153,19 +171,32 @@ class OnnxBackend(BackendBase):
         opset = job.option("opset")
         top = onnx.defs.onnx_opset_version()
         if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-            raise UsageError(f"--opset {opset}: these models export at ONNX opsets {MIN_OPSET}..{top} "
-                             f"(default {DEFAULT_OPSET}).")
+            raise UsageError(
+                f"--opset {opset}: these models export at ONNX opsets {MIN_OPSET}..{top} "
+                f"(default {DEFAULT_OPSET})."
+            )
 
-    def export_component(self, module: nn.Module, spec: ComponentSpec, example: Mapping[str, torch.Tensor],
-                         path: Path, job: ExportJob, translation_table: Mapping[Any, Any]) -> Component:
-        return export_component(module, spec, example, path, opset=job.option("opset"),
-                                translation_table=translation_table)
+    def export_component(
+        self,
+        module: nn.Module,
+        spec: ComponentSpec,
+        example: Mapping[str, torch.Tensor],
+        path: Path,
+        job: ExportJob,
+        translation_table: Mapping[Any, Any],
+    ) -> Component:
+        return export_component(
+            module, spec, example, path, opset=job.option("opset"), translation_table=translation_table
+        )
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> Any:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> Any:
         from vlexport.runtime.onnx_session import OnnxComponent, available_providers
 
-        return OnnxComponent(path, providers=available_providers(device), threads=threads, spin=not interleaved)
+        return OnnxComponent(
+            path, providers=available_providers(device), threads=threads, spin=not interleaved
+        )
 
 
 BACKEND = register_backend(OnnxBackend())

@@ -18,8 +18,17 @@ import onnx
 from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, register_backend
 
 # The op types worth reporting: what the fusions produce.
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu",
-             "FastGelu", "Gelu", "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization")
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "EmbedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+)
 
 
 def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict[str, int]:
@@ -30,10 +39,19 @@ def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1,
-                           use_gpu=use_gpu, only_onnxruntime=False)
-    external = any(init.data_location == onnx.TensorProto.EXTERNAL
-                   for init in onnx.load(str(path), load_external_data=False).graph.initializer)
+    model = optimize_model(
+        str(path),
+        model_type=model_type,
+        num_heads=0,
+        hidden_size=0,
+        opt_level=1,
+        use_gpu=use_gpu,
+        only_onnxruntime=False,
+    )
+    external = any(
+        init.data_location == onnx.TensorProto.EXTERNAL
+        for init in onnx.load(str(path), load_external_data=False).graph.initializer
+    )
     data = path.with_suffix(path.suffix + ".data")
     if external and data.exists():
         os.remove(data)
@@ -63,14 +81,17 @@ class OnnxOptimizedBackend(BackendBase):
             ctx.progress(f"optimizing {name}")
             for rel in filter(None, (comp.file, comp.external_data)):
                 # A scratch parent is ours: move, not copy, a multi-GB external-data file.
-                (shutil.move if ctx.parent_is_scratch else shutil.copy2)(ctx.parent_dir / rel, ctx.out_dir / rel)
+                (shutil.move if ctx.parent_is_scratch else shutil.copy2)(
+                    ctx.parent_dir / rel, ctx.out_dir / rel
+                )
             path = ctx.out_dir / comp.file
             fused[name] = optimize_onnx(path, model_type=ctx.family.ort_model_type)
             components[name] = describe(path, name, specs[name].dynamic_axes, root=ctx.out_dir)
         return Derived(components, fused_ops=fused)
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> Any:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> Any:
         from vlexport.export.onnx import BACKEND as ONNX
 
         return ONNX.load(path, device=device, threads=threads, interleaved=interleaved)

@@ -50,8 +50,9 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         return None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys.index_copy_(2, self.positions, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, self.positions, value_states.to(self.values.dtype))
         return self.keys, self.values
@@ -95,18 +96,28 @@ class StaticCacheDecoder(nn.Module):
             pairs = [(cross[i], cross[i + 1]) for i in range(0, len(cross), 2)]
             cache = EncoderDecoderCache(cache, DynamicCache(pairs))
             cache.is_updated = {i: True for i in range(self.layout.num_layers)}
-            named["encoder_hidden_states"] = cross[0][:, 0, :, :1]  # batch and length only (see CachedDecoder)
+            named["encoder_hidden_states"] = cross[0][
+                :, 0, :, :1
+            ]  # batch and length only (see CachedDecoder)
         out = self.step(self.module, named, cache)
         return (out.logits[:, -1:, :],)
 
 
-def static_decoder(decoder: CachedDecoder, spec: ComponentSpec, example: Mapping[str, torch.Tensor], *,
-                   max_length: int, max_batch: int) -> tuple[StaticCacheDecoder, ComponentSpec, dict[str, torch.Tensor]]:
+def static_decoder(
+    decoder: CachedDecoder,
+    spec: ComponentSpec,
+    example: Mapping[str, torch.Tensor],
+    *,
+    max_length: int,
+    max_batch: int,
+) -> tuple[StaticCacheDecoder, ComponentSpec, dict[str, torch.Tensor]]:
     """The static-cache twin of an ONNX decoder component: module, spec (names, axes, limits) and example."""
     table = spec.axis_max.get("sequence")  # the model's learned position table, where it has one
     if table is not None and max_length > table:
-        raise UsageError(f"--max-length {max_length} is more than the model's {table} positions "
-                         "(max_position_embeddings): give at most that many cache slots.")
+        raise UsageError(
+            f"--max-length {max_length} is more than the model's {table} positions "
+            "(max_position_embeddings): give at most that many cache slots."
+        )
     layout = decoder.layout
     past = set(layout.past)
     family_inputs = [n for n in decoder.input_names if n not in past and n not in layout.cross_past]
@@ -126,13 +137,19 @@ def static_decoder(decoder: CachedDecoder, spec: ComponentSpec, example: Mapping
     limits = {**spec.axis_max, "sequence": max_length, "batch": max(2, max_batch)}
     limits.pop("past_sequence", None)
     limits.pop("total_sequence", None)
-    static_spec = dataclasses.replace(spec, inputs=inputs, outputs=("logits",), dynamic_axes=axes, axis_max=limits)
-    return (StaticCacheDecoder(decoder, inputs, max_length), static_spec,
-            static_example(example, layout, inputs, max_length))
+    static_spec = dataclasses.replace(
+        spec, inputs=inputs, outputs=("logits",), dynamic_axes=axes, axis_max=limits
+    )
+    return (
+        StaticCacheDecoder(decoder, inputs, max_length),
+        static_spec,
+        static_example(example, layout, inputs, max_length),
+    )
 
 
-def static_example(example: Mapping[str, torch.Tensor], layout: CacheLayout, inputs: Sequence[str],
-                   max_length: int) -> dict[str, torch.Tensor]:
+def static_example(
+    example: Mapping[str, torch.Tensor], layout: CacheLayout, inputs: Sequence[str], max_length: int
+) -> dict[str, torch.Tensor]:
     """The ONNX decoder's example (``EXAMPLE_NEW_TOKENS`` new tokens after ``EXAMPLE_PAST``) in slot form."""
     if EXAMPLE_PAST + EXAMPLE_NEW_TOKENS >= max_length:
         raise ValueError(f"max_length {max_length} leaves no room for the export example")
@@ -146,6 +163,7 @@ def static_example(example: Mapping[str, torch.Tensor], layout: CacheLayout, inp
     out[CACHE_POSITION] = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_NEW_TOKENS)
     gen = torch.Generator().manual_seed(0)
     for name in cache_names(layout):
-        out[name] = torch.randn(batch, layout.num_heads, max_length, layout.head_dim, dtype=first.dtype,
-                                generator=gen)
+        out[name] = torch.randn(
+            batch, layout.num_heads, max_length, layout.head_dim, dtype=first.dtype, generator=gen
+        )
     return out

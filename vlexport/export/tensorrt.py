@@ -48,15 +48,19 @@ def parse_shapes(text: str) -> dict[str, AxisRange]:
         try:
             lo, opt, hi = (int(p) for p in parts) if len(parts) == 3 else (int(spec),) * 3
         except ValueError:
-            raise UsageError(f"--shapes: {item!r} is not AXIS=MIN:OPT:MAX (or AXIS=N) with integers, "
-                             f"e.g. {TRT_DEFAULT_SHAPES}.") from None
+            raise UsageError(
+                f"--shapes: {item!r} is not AXIS=MIN:OPT:MAX (or AXIS=N) with integers, "
+                f"e.g. {TRT_DEFAULT_SHAPES}."
+            ) from None
         if not name or not 1 <= lo <= opt <= hi:
             raise UsageError(f"--shapes: {item!r} needs a named axis and 1 <= MIN <= OPT <= MAX.")
         ranges[name.strip()] = AxisRange(lo, opt, hi)
     return ranges
 
 
-def profile_shapes(component: Component, shapes: Mapping[str, AxisRange]) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_shapes(
+    component: Component, shapes: Mapping[str, AxisRange]
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Per input: (min, opt, max) concrete shapes, dynamic axes filled from ``shapes`` by axis name."""
     out = {}
     for t in component.inputs:
@@ -69,8 +73,15 @@ def astuple(r: AxisRange | None) -> tuple[int, int, int]:
     return (r.min, r.opt, r.max) if r is not None else DEFAULT_RANGE
 
 
-def build_engine(onnx_path: Path, plan_path: Path, component: Component, *, precision: PrecisionConfig,
-                 shapes: Mapping[str, AxisRange], calibration: Sequence[Mapping[str, torch.Tensor]] = ()) -> None:
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    component: Component,
+    *,
+    precision: PrecisionConfig,
+    shapes: Mapping[str, AxisRange],
+    calibration: Sequence[Mapping[str, torch.Tensor]] = (),
+) -> None:
     """Parse ``onnx_path``, build with one optimization profile, write the serialized engine to ``plan_path``."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -87,21 +98,27 @@ def build_engine(onnx_path: Path, plan_path: Path, component: Component, *, prec
     for i in range(network.num_inputs):
         name = network.get_input(i).name
         if name not in wanted:
-            raise CheckError(f"{onnx_path.name}: input {name!r} is not in the manifest; export the artifact again.")
+            raise CheckError(
+                f"{onnx_path.name}: input {name!r} is not in the manifest; export the artifact again."
+            )
         profile.set_shape(name, *wanted[name])
     config.add_optimization_profile(profile)
     for flag in precision.tensorrt_clear_flags:
         config.clear_flag(getattr(trt.BuilderFlag, flag))
     for flag in precision.tensorrt_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if "INT8" in precision.tensorrt_flags and not _has_qdq(network, trt):  # a QDQ graph carries its own scales
+    if "INT8" in precision.tensorrt_flags and not _has_qdq(
+        network, trt
+    ):  # a QDQ graph carries its own scales
         if not calibration:
             raise UsageError("int8 without Q/DQ nodes needs calibration inputs.")
         config.int8_calibrator = _calibrator(trt, calibration, plan_path.with_suffix(".calib"))
         config.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CheckError(f"TensorRT could not build an engine for {onnx_path.name} (see the TensorRT log above).")
+        raise CheckError(
+            f"TensorRT could not build an engine for {onnx_path.name} (see the TensorRT log above)."
+        )
     plan_path.write_bytes(bytes(serialized))
 
 
@@ -137,8 +154,9 @@ def _calibrator(trt: Any, batches: Sequence[Mapping[str, torch.Tensor]], cache: 
     return Calibrator()
 
 
-def calibration_inputs(task: TaskSpec, config: Any, shapes: Mapping[str, AxisRange], seed: int
-                       ) -> list[dict[str, torch.Tensor]]:
+def calibration_inputs(
+    task: TaskSpec, config: Any, shapes: Mapping[str, AxisRange], seed: int
+) -> list[dict[str, torch.Tensor]]:
     """Seeded task inputs at the profile's opt shape (what the engine is tuned for)."""
     shape = InputShape(astuple(shapes.get("batch"))[1], astuple(shapes.get("sequence"))[1])
     return [task.make_inputs(config, shape, seed + i) for i in range(CALIBRATION_BATCHES)]
@@ -163,20 +181,31 @@ class TensorRTBackend(BackendBase):
     def derive(self, ctx: DeriveContext) -> Derived:
         precision = ctx.job.precision
         shapes: Mapping[str, AxisRange] = ctx.job.option("shapes")
-        calibration = (calibration_inputs(ctx.task_spec, ctx.config, shapes, ctx.job.seed)
-                       if "INT8" in precision.tensorrt_flags else ())
+        calibration = (
+            calibration_inputs(ctx.task_spec, ctx.config, shapes, ctx.job.seed)
+            if "INT8" in precision.tensorrt_flags
+            else ()
+        )
         components = {}
         for name, comp in ctx.parent.components.items():
             ctx.progress(f"building TensorRT engine {name}")
             plan = ctx.out_dir / f"{name}{self.suffix}"
-            build_engine(ctx.parent_dir / comp.file, plan, comp, precision=precision, shapes=shapes,
-                         calibration=calibration)
-            components[name] = replace(comp, file=plan.name, external_data=None, size_bytes=plan.stat().st_size,
-                                       opset=None)
+            build_engine(
+                ctx.parent_dir / comp.file,
+                plan,
+                comp,
+                precision=precision,
+                shapes=shapes,
+                calibration=calibration,
+            )
+            components[name] = replace(
+                comp, file=plan.name, external_data=None, size_bytes=plan.stat().st_size, opset=None
+            )
         return Derived(components, details={"shapes": {k: [r.min, r.opt, r.max] for k, r in shapes.items()}})
 
-    def load(self, path: Path, *, device: str = "auto", threads: int | None = None,
-             interleaved: bool = False) -> Any:
+    def load(
+        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+    ) -> Any:
         from vlexport.runtime.components import TensorRTComponent
 
         return TensorRTComponent(path, device=device, threads=threads)

@@ -35,8 +35,9 @@ def _model_types() -> dict[str, FamilySpec]:
     for family in _families().values():
         for model_type in family.model_types:
             if model_type in by_type:
-                raise RuntimeError(f"model_type {model_type!r} is claimed by {by_type[model_type].name} and "
-                                   f"{family.name}")
+                raise RuntimeError(
+                    f"model_type {model_type!r} is claimed by {by_type[model_type].name} and {family.name}"
+                )
             by_type[model_type] = family
     return by_type
 

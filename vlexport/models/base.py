@@ -67,7 +67,9 @@ def with_axis_limits(spec: ComponentSpec, config: PretrainedConfig, offset: int 
     if not isinstance(limit, int) or not names & set(_POSITION_AXES):
         return spec
     limit -= offset
-    return dataclasses.replace(spec, axis_max={**spec.axis_max, **{a: limit for a in _POSITION_AXES if a in names}})
+    return dataclasses.replace(
+        spec, axis_max={**spec.axis_max, **{a: limit for a in _POSITION_AXES if a in names}}
+    )
 
 
 def roberta_position_offset(config: PretrainedConfig) -> int:
@@ -83,8 +85,13 @@ class OutputSelector(nn.Module):
     otherwise returns every hidden state and attention: 53 outputs).
     """
 
-    def __init__(self, model: nn.Module, inputs: Sequence[str], outputs: Sequence[str],
-                 call_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Sequence[str],
+        outputs: Sequence[str],
+        call_kwargs: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.input_names = tuple(inputs)
@@ -92,8 +99,13 @@ class OutputSelector(nn.Module):
         self.call_kwargs = dict(call_kwargs or {})
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(**dict(zip(self.input_names, args)), **self.call_kwargs,
-                         output_hidden_states=False, output_attentions=False, return_dict=True)
+        out = self.model(
+            **dict(zip(self.input_names, args)),
+            **self.call_kwargs,
+            output_hidden_states=False,
+            output_attentions=False,
+            return_dict=True,
+        )
         return tuple(out[name] for name in self.output_names)
 
 
@@ -189,10 +201,18 @@ class FamilySpec:
         return tuple(self.tasks)
 
 
-def single_component(inputs: Sequence[str], outputs: Sequence[str], dynamic_axes: DynamicAxes,
-                     call_kwargs: Mapping[str, Any] | None = None
-                     ) -> Callable[[PretrainedConfig], tuple[ComponentSpec, ...]]:
+def single_component(
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic_axes: DynamicAxes,
+    call_kwargs: Mapping[str, Any] | None = None,
+) -> Callable[[PretrainedConfig], tuple[ComponentSpec, ...]]:
     """Components for a non-generative task: one graph named ``model`` over the whole HF model."""
-    spec = ComponentSpec("model", tuple(inputs), tuple(outputs), dynamic_axes,
-                         lambda m: OutputSelector(m, inputs, outputs, call_kwargs))
+    spec = ComponentSpec(
+        "model",
+        tuple(inputs),
+        tuple(outputs),
+        dynamic_axes,
+        lambda m: OutputSelector(m, inputs, outputs, call_kwargs),
+    )
     return lambda config: (spec,)

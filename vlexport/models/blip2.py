@@ -45,15 +45,20 @@ def _is_opt(config: PretrainedConfig) -> bool:
 def _layout(config: PretrainedConfig) -> CacheLayout:
     text = config.text_config
     if _is_opt(config):
-        return CacheLayout(text.num_hidden_layers, text.num_attention_heads,
-                           text.hidden_size // text.num_attention_heads)
+        return CacheLayout(
+            text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads
+        )
     return CacheLayout(text.num_decoder_layers, text.num_heads, text.d_kv, cross=True)
 
 
 def _dims(model: PreTrainedModel) -> ExampleDims:
     config = model.config
-    return ExampleDims(config.text_config.vocab_size, _layout(config), embed_dim=config.text_config.hidden_size
-                       if _is_opt(config) else config.text_config.d_model, num_query_tokens=config.num_query_tokens)
+    return ExampleDims(
+        config.text_config.vocab_size,
+        _layout(config),
+        embed_dim=config.text_config.hidden_size if _is_opt(config) else config.text_config.d_model,
+        num_query_tokens=config.num_query_tokens,
+    )
 
 
 def _pixels(model: PreTrainedModel, batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -63,30 +68,51 @@ def _pixels(model: PreTrainedModel, batch: int, gen: torch.Generator) -> torch.T
 def _image_encoder() -> ComponentSpec:
     # Vision encoder + Q-Former + language projection: what generate() computes before the LM.
     return encoder_component(
-        "image_encoder", ("pixel_values",), ("query_embeds",), lambda m: m,
+        "image_encoder",
+        ("pixel_values",),
+        ("query_embeds",),
+        lambda m: m,
         lambda m, x: m.get_image_features(pixel_values=x["pixel_values"], return_dict=True).pooler_output,
-        _dims, _pixels)
+        _dims,
+        _pixels,
+    )
 
 
 def _opt_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
     embeds = embed_with_image(lm.get_input_embeddings(), x["input_ids"], x["image_embeds"], x["image_mask"])
-    return lm(inputs_embeds=embeds, attention_mask=x["attention_mask"], position_ids=x["position_ids"],
-              past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+    return lm(
+        inputs_embeds=embeds,
+        attention_mask=x["attention_mask"],
+        position_ids=x["position_ids"],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        return_dict=True,
+    )
 
 
 def _t5_encode(lm: nn.Module, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     embeds = embed_with_image(lm.get_input_embeddings(), x["input_ids"], x["image_embeds"], x["image_mask"])
-    states = lm.encoder(inputs_embeds=embeds, attention_mask=x["attention_mask"], return_dict=True).last_hidden_state
-    pairs = [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in lm.decoder.block]
+    states = lm.encoder(
+        inputs_embeds=embeds, attention_mask=x["attention_mask"], return_dict=True
+    ).last_hidden_state
+    pairs = [
+        (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in lm.decoder.block
+    ]
     return cross_kv(states, pairs, lm.config.d_kv)
 
 
 def _t5_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
     from transformers.modeling_outputs import BaseModelOutput
 
-    return lm(encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
-              attention_mask=x["encoder_attention_mask"], decoder_input_ids=x["input_ids"], past_key_values=cache,
-              use_cache=True, return_dict=True)
+    return lm(
+        encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
+        attention_mask=x["encoder_attention_mask"],
+        decoder_input_ids=x["input_ids"],
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+    )
 
 
 def _t5_static_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> Any:
@@ -94,9 +120,15 @@ def _t5_static_step(lm: nn.Module, x: dict[str, torch.Tensor], cache: Any) -> An
     # cache's whole length from it otherwise. Positions (relative bias) come from the cache's seen length.
     from transformers.modeling_outputs import BaseModelOutput
 
-    return lm(encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
-              attention_mask=x["encoder_attention_mask"], decoder_input_ids=x["input_ids"],
-              decoder_attention_mask=x["attention_mask"], past_key_values=cache, use_cache=True, return_dict=True)
+    return lm(
+        encoder_outputs=BaseModelOutput(last_hidden_state=x["encoder_hidden_states"]),
+        attention_mask=x["encoder_attention_mask"],
+        decoder_input_ids=x["input_ids"],
+        decoder_attention_mask=x["attention_mask"],
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+    )
 
 
 _LM_INPUTS = ("input_ids", "image_embeds", "image_mask", "attention_mask")
@@ -105,13 +137,21 @@ _LM_INPUTS = ("input_ids", "image_embeds", "image_mask", "attention_mask")
 def _components(config: PretrainedConfig) -> tuple[ComponentSpec, ...]:
     layout = _layout(config)
     if _is_opt(config):
-        decoder = decoder_component((*_LM_INPUTS, "position_ids"), layout, lambda m: m.language_model, _opt_step,
-                                    _dims)
+        decoder = decoder_component(
+            (*_LM_INPUTS, "position_ids"), layout, lambda m: m.language_model, _opt_step, _dims
+        )
         return _image_encoder(), decoder
-    encoder = encoder_component("encoder", _LM_INPUTS, layout.cross_present, lambda m: m.language_model,
-                                _t5_encode, _dims)
-    decoder = decoder_component(("input_ids", "encoder_attention_mask"), layout, lambda m: m.language_model,
-                                _t5_step, _dims, static_step=_t5_static_step)
+    encoder = encoder_component(
+        "encoder", _LM_INPUTS, layout.cross_present, lambda m: m.language_model, _t5_encode, _dims
+    )
+    decoder = decoder_component(
+        ("input_ids", "encoder_attention_mask"),
+        layout,
+        lambda m: m.language_model,
+        _t5_step,
+        _dims,
+        static_step=_t5_static_step,
+    )
     return _image_encoder(), encoder, decoder
 
 
@@ -123,7 +163,10 @@ def _settings(model: PreTrainedModel) -> dict[str, Any]:
     start = gen.decoder_start_token_id
     start = getattr(text, "decoder_start_token_id", None) if start is None else start
     return generation_settings(
-        text, gen, image_token_id=int(config.image_token_index), num_query_tokens=int(config.num_query_tokens),
+        text,
+        gen,
+        image_token_id=int(config.image_token_index),
+        num_query_tokens=int(config.num_query_tokens),
         bos_token_id=None if gen.bos_token_id is None else int(gen.bos_token_id),
         decoder_start_token_id=None if _is_opt(config) else int(start),
         max_positions=int(text.max_position_embeddings) if _is_opt(config) else None,
@@ -132,20 +175,29 @@ def _settings(model: PreTrainedModel) -> dict[str, Any]:
 
 def _recipe(config: PretrainedConfig) -> GenerationRecipe:
     if _is_opt(config):
-        return GenerationRecipe(("image_encoder", host_blip2.place_queries, host_blip2.opt_prompt), _settings,
-                                first_step=("image_embeds", "image_mask"),
-                                tokenizer_template=(("bos_token_id",), ()),  # OPT's tokenizer prepends </s>
-                                prompt_template="Question: {} Answer:")
-    return GenerationRecipe(("image_encoder", host_blip2.place_queries, "encoder", host_blip2.t5_prompt), _settings,
-                            tokenizer_template=((), ("eos_token_id",)),  # T5's tokenizer appends </s>
-                            prompt_template="Question: {} Answer:", needs_prompt=True)
+        return GenerationRecipe(
+            ("image_encoder", host_blip2.place_queries, host_blip2.opt_prompt),
+            _settings,
+            first_step=("image_embeds", "image_mask"),
+            tokenizer_template=(("bos_token_id",), ()),  # OPT's tokenizer prepends </s>
+            prompt_template="Question: {} Answer:",
+        )
+    return GenerationRecipe(
+        ("image_encoder", host_blip2.place_queries, "encoder", host_blip2.t5_prompt),
+        _settings,
+        tokenizer_template=((), ("eos_token_id",)),  # T5's tokenizer appends </s>
+        prompt_template="Question: {} Answer:",
+        needs_prompt=True,
+    )
 
 
 def _precision_limits(config: PretrainedConfig) -> dict[str, str]:
     if _is_opt(config):
         return {}
-    return {"fp16": "Flan-T5 checkpoints were trained in bfloat16 and overflow in fp16 (the BLIP-2 documentation "
-                    "says so): use bf16 on a backend that builds it"}
+    return {
+        "fp16": "Flan-T5 checkpoints were trained in bfloat16 and overflow in fp16 (the BLIP-2 documentation "
+        "says so): use bf16 on a backend that builds it"
+    }
 
 
 def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[str, torch.Tensor]:
@@ -194,15 +246,27 @@ def random_init(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, T5ForConditionalGeneration) and not module.config.scale_decoder_outputs:
             head = module.lm_head
-            head.weight = nn.Parameter(torch.randn_like(head.weight) * module.config.d_model ** -0.5)
+            head.weight = nn.Parameter(torch.randn_like(head.weight) * module.config.d_model**-0.5)
             module.config.tie_word_embeddings = False
 
 
 PRESETS = (
-    Preset("blip2-opt-2.7b", "blip2", ("generate",), "Salesforce/blip2-opt-2.7b", "blip2-opt-tiny",
-           "BLIP-2 with OPT-2.7b: captioning and prompted VQA"),
-    Preset("blip2-flan-t5-xl", "blip2", ("generate",), "Salesforce/blip2-flan-t5-xl",
-           "blip2-flan-t5-tiny", "BLIP-2 with Flan-T5-XL: captioning and prompted VQA"),
+    Preset(
+        "blip2-opt-2.7b",
+        "blip2",
+        ("generate",),
+        "Salesforce/blip2-opt-2.7b",
+        "blip2-opt-tiny",
+        "BLIP-2 with OPT-2.7b: captioning and prompted VQA",
+    ),
+    Preset(
+        "blip2-flan-t5-xl",
+        "blip2",
+        ("generate",),
+        "Salesforce/blip2-flan-t5-xl",
+        "blip2-flan-t5-tiny",
+        "BLIP-2 with Flan-T5-XL: captioning and prompted VQA",
+    ),
     Preset("blip2-opt-tiny", "blip2", ("generate",), None, None, "tiny BLIP-2 with OPT (tests)"),
     Preset("blip2-flan-t5-tiny", "blip2", ("generate",), None, None, "tiny BLIP-2 with T5 (tests)"),
 )
@@ -212,16 +276,26 @@ FAMILY = FamilySpec(
     model_types=("blip-2",),
     tasks={
         "generate": TaskSpec(
-            "generate", "Blip2ForConditionalGeneration", _components, make_inputs, generative=True,
+            "generate",
+            "Blip2ForConditionalGeneration",
+            _components,
+            make_inputs,
+            generative=True,
             description="captioning / prompted VQA: image encoder (ViT + Q-Former + projection) + LM with KV cache",
             generation=_recipe,
         ),
     },
     architectures={"Blip2ForConditionalGeneration": ("generate",)},
     injection=(
-        interface("blip_2.modeling_blip_2.Blip2Attention", "blip_2.modeling_blip_2.Blip2QFormerMultiHeadAttention",
-                  "opt.modeling_opt.OPTAttention", "t5.modeling_t5.T5Attention"),
-        post_norm("blip_2.modeling_blip_2.Blip2QFormerSelfOutput", "blip_2.modeling_blip_2.Blip2QFormerOutput"),
+        interface(
+            "blip_2.modeling_blip_2.Blip2Attention",
+            "blip_2.modeling_blip_2.Blip2QFormerMultiHeadAttention",
+            "opt.modeling_opt.OPTAttention",
+            "t5.modeling_t5.T5Attention",
+        ),
+        post_norm(
+            "blip_2.modeling_blip_2.Blip2QFormerSelfOutput", "blip_2.modeling_blip_2.Blip2QFormerOutput"
+        ),
     ),
     random_init=random_init,
     ort_model_type="bert",  # ViT and Q-Former are BERT-style blocks; OPT/T5 graphs get the generic fusions only

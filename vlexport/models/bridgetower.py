@@ -42,22 +42,40 @@ AXES = {
 def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[str, torch.Tensor]:
     gen = generator(seed)
     text = config.text_config
-    out = text_inputs(text.vocab_size, shape, gen, pad_token_id=text.pad_token_id, first_token_id=text.bos_token_id)
+    out = text_inputs(
+        text.vocab_size, shape, gen, pad_token_id=text.pad_token_id, first_token_id=text.bos_token_id
+    )
     out["pixel_values"] = pixel_values(config.vision_config, shape.batch, gen)
     n = image_size(config.vision_config)
     out["pixel_mask"] = torch.ones(shape.batch, n, n, dtype=torch.long)
     return out
 
 
-def _task(name: str, cls: str, outputs: tuple[str, ...], axes: dict, agreement: dict, description: str,
-          score: ScoreReader | None = None) -> TaskSpec:
-    return TaskSpec(name, cls, single_component(INPUTS, outputs, {**AXES, **axes}), make_inputs,
-                    agreement=agreement, description=description, run_inputs=host_bridgetower.run_inputs, scores=score)
+def _task(
+    name: str,
+    cls: str,
+    outputs: tuple[str, ...],
+    axes: dict,
+    agreement: dict,
+    description: str,
+    score: ScoreReader | None = None,
+) -> TaskSpec:
+    return TaskSpec(
+        name,
+        cls,
+        single_component(INPUTS, outputs, {**AXES, **axes}),
+        make_inputs,
+        agreement=agreement,
+        description=description,
+        run_inputs=host_bridgetower.run_inputs,
+        scores=score,
+    )
 
 
 # ---------------------------------------------------------------- --kernels: vision blocks and link towers
-def _residual_block_attention(self: nn.Module, original: Callable, hidden_state: torch.Tensor,
-                              attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _residual_block_attention(
+    self: nn.Module, original: Callable, hidden_state: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """BridgeTowerResidualAttention.attention: nn.MultiheadAttention on (L, B, E), key padding mask True = pad."""
     mha: nn.MultiheadAttention = self.attn
     if use_original(self):
@@ -71,7 +89,9 @@ def _residual_block_attention(self: nn.Module, original: Callable, hidden_state:
         m = self.attn_mask
         bias = additive_bias(~m if m.dtype == torch.bool else m, query.dtype)
     keep = None if attention_mask is None else ~attention_mask.to(torch.bool)  # the kernel's mask: 1 = keep
-    out = kernel_attention(query, key, value, bias=bias, scale=(embed // heads) ** -0.5, key_padding_mask=keep)
+    out = kernel_attention(
+        query, key, value, bias=bias, scale=(embed // heads) ** -0.5, key_padding_mask=keep
+    )
     return mha.out_proj(out.permute(2, 0, 1, 3).reshape(seq, bsz, embed))
 
 
@@ -82,8 +102,13 @@ def _check_mha(module: nn.Module) -> str | None:
     return None
 
 
-def _link_tower(self: nn.Module, original: Callable, hidden_states: torch.Tensor,
-                cross_modal_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _link_tower(
+    self: nn.Module,
+    original: Callable,
+    hidden_states: torch.Tensor,
+    cross_modal_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
     """BridgeTowerLinkTower: LayerNorm(a + b) for add / scaled_add / interpolate, the scaling kept as in eager."""
     if self.training:
         return original(hidden_states, cross_modal_hidden_states, attention_mask)
@@ -104,22 +129,43 @@ def _check_link_tower(module: nn.Module) -> str | None:
 _M = "bridgetower.modeling_bridgetower."
 INJECTION = (
     interface(f"{_M}BridgeTowerSelfAttention", f"{_M}BridgeTowerCrossAttention"),
-    Rule("attention", (f"{_M}BridgeTowerResidualAttention",), _residual_block_attention, method="attention",
-         check=_check_mha),
+    Rule(
+        "attention",
+        (f"{_M}BridgeTowerResidualAttention",),
+        _residual_block_attention,
+        method="attention",
+        check=_check_mha,
+    ),
     post_norm(f"{_M}BridgeTowerSelfOutput", f"{_M}BridgeTowerOutput"),
     Rule("bridge", (f"{_M}BridgeTowerLinkTower",), _link_tower, check=_check_link_tower),
 )
 
 _BT_ALL = ("itm", "itc", "mlm", "features")
 PRESETS = (
-    Preset("bridgetower-base", "bridgetower", ("features",), "BridgeTower/bridgetower-base",
-           "bridgetower-tiny", "BridgeTower base: image/text/cross-modal features"),
-    Preset("bridgetower-base-itm-mlm", "bridgetower", ("itm", "mlm", "features"),
-           "BridgeTower/bridgetower-base-itm-mlm", "bridgetower-tiny",
-           "BridgeTower base fine-tuned for image-text matching and masked LM"),
-    Preset("bridgetower-large-itm-mlm-itc", "bridgetower", ("itm", "itc", "mlm", "features"),
-           "BridgeTower/bridgetower-large-itm-mlm-itc", "bridgetower-tiny",
-           "BridgeTower large: matching, contrastive and masked LM heads"),
+    Preset(
+        "bridgetower-base",
+        "bridgetower",
+        ("features",),
+        "BridgeTower/bridgetower-base",
+        "bridgetower-tiny",
+        "BridgeTower base: image/text/cross-modal features",
+    ),
+    Preset(
+        "bridgetower-base-itm-mlm",
+        "bridgetower",
+        ("itm", "mlm", "features"),
+        "BridgeTower/bridgetower-base-itm-mlm",
+        "bridgetower-tiny",
+        "BridgeTower base fine-tuned for image-text matching and masked LM",
+    ),
+    Preset(
+        "bridgetower-large-itm-mlm-itc",
+        "bridgetower",
+        ("itm", "itc", "mlm", "features"),
+        "BridgeTower/bridgetower-large-itm-mlm-itc",
+        "bridgetower-tiny",
+        "BridgeTower large: matching, contrastive and masked LM heads",
+    ),
     # Tiny twin: same architecture code paths, a few MB, every task of the family.
     Preset("bridgetower-tiny", "bridgetower", _BT_ALL, None, None, "tiny BridgeTower (tests)"),
 )
@@ -128,18 +174,45 @@ FAMILY = FamilySpec(
     name="bridgetower",
     model_types=("bridgetower",),
     tasks={
-        "itm": _task("itm", "BridgeTowerForImageAndTextRetrieval", ("logits",), {"logits": {0: "batch"}},
-                     {"logits": "argmax"}, "image-text matching logits (no match / match)", scores.itm("logits")),
-        "itc": _task("itc", "BridgeTowerForContrastiveLearning", ("text_embeds", "image_embeds", "cross_embeds"),
-                     {"text_embeds": {0: "batch"}, "image_embeds": {0: "batch"}, "cross_embeds": {0: "batch"}},
-                     {}, "contrastive text / image / cross-modal embeddings",
-                     scores.cosine("text_embeds", "image_embeds")),
+        "itm": _task(
+            "itm",
+            "BridgeTowerForImageAndTextRetrieval",
+            ("logits",),
+            {"logits": {0: "batch"}},
+            {"logits": "argmax"},
+            "image-text matching logits (no match / match)",
+            scores.itm("logits"),
+        ),
+        "itc": _task(
+            "itc",
+            "BridgeTowerForContrastiveLearning",
+            ("text_embeds", "image_embeds", "cross_embeds"),
+            {"text_embeds": {0: "batch"}, "image_embeds": {0: "batch"}, "cross_embeds": {0: "batch"}},
+            {},
+            "contrastive text / image / cross-modal embeddings",
+            scores.cosine("text_embeds", "image_embeds"),
+        ),
         # mlm and features have no image-text score: `vlexport run` refuses them
-        "mlm": _task("mlm", "BridgeTowerForMaskedLM", ("logits",), {"logits": {0: "batch", 1: "sequence"}},
-                     {"logits": "argmax"}, "masked-LM logits over the vocabulary"),
-        "features": _task("features", "BridgeTowerModel", ("text_features", "image_features", "pooler_output"),
-                          {"text_features": {0: "batch", 1: "sequence"}, "image_features": {0: "batch"},
-                           "pooler_output": {0: "batch"}}, {}, "text, image and pooled cross-modal features"),
+        "mlm": _task(
+            "mlm",
+            "BridgeTowerForMaskedLM",
+            ("logits",),
+            {"logits": {0: "batch", 1: "sequence"}},
+            {"logits": "argmax"},
+            "masked-LM logits over the vocabulary",
+        ),
+        "features": _task(
+            "features",
+            "BridgeTowerModel",
+            ("text_features", "image_features", "pooler_output"),
+            {
+                "text_features": {0: "batch", 1: "sequence"},
+                "image_features": {0: "batch"},
+                "pooler_output": {0: "batch"},
+            },
+            {},
+            "text, image and pooled cross-modal features",
+        ),
     },
     architectures={
         "BridgeTowerForImageAndTextRetrieval": ("itm", "mlm", "features"),

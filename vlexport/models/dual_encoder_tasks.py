@@ -35,6 +35,12 @@ def make_inputs(config: PretrainedConfig, shape: InputShape, seed: int) -> dict[
 
 def features_task(hf_class_name: str, description: str = "projected text and image embeddings") -> TaskSpec:
     """The ``features`` task: projected embeddings plus the image-text similarity matrix."""
-    return TaskSpec("features", hf_class_name, single_component(INPUTS, OUTPUTS, AXES), make_inputs,
-                    agreement={"logits_per_image": "argmax"}, description=description,
-                    scores=scores.similarity_row("logits_per_image"))
+    return TaskSpec(
+        "features",
+        hf_class_name,
+        single_component(INPUTS, OUTPUTS, AXES),
+        make_inputs,
+        agreement={"logits_per_image": "argmax"},
+        description=description,
+        scores=scores.similarity_row("logits_per_image"),
+    )

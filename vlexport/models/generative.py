@@ -56,7 +56,9 @@ class CacheLayout:
     def cross_past(self) -> tuple[str, ...]:
         if not self.cross:
             return ()
-        return tuple(f"past_key_values.{i}.encoder.{kv}" for i in range(self.num_layers) for kv in ("key", "value"))
+        return tuple(
+            f"past_key_values.{i}.encoder.{kv}" for i in range(self.num_layers) for kv in ("key", "value")
+        )
 
     @property
     def present(self) -> tuple[str, ...]:
@@ -82,8 +84,9 @@ _AXES_BY_NAME: dict[str, dict[int, str]] = {
 }
 
 
-def axes_for(names: Sequence[str], *, decoder: bool, overrides: Mapping[str, Mapping[int, str]] | None = None
-             ) -> dict[str, dict[int, str]]:
+def axes_for(
+    names: Sequence[str], *, decoder: bool, overrides: Mapping[str, Mapping[int, str]] | None = None
+) -> dict[str, dict[int, str]]:
     """Dynamic axes from tensor names. In a decoder the attention mask spans past + new tokens: its own dim
     ("total_sequence"), not an expression of two dims (docs/ARCHITECTURE.md, "Pitfalls")."""
     axes: dict[str, dict[int, str]] = {}
@@ -135,8 +138,14 @@ class CachedDecoder(nn.Module):
     mask arrives 4D over the cache slots); it defaults to ``step``.
     """
 
-    def __init__(self, module: nn.Module, step: Step, input_names: Sequence[str], layout: CacheLayout,
-                 static_step: Step | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        step: Step,
+        input_names: Sequence[str],
+        layout: CacheLayout,
+        static_step: Step | None = None,
+    ):
         super().__init__()
         self.module = module
         self.step = step
@@ -167,8 +176,9 @@ def _pairs(flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def cross_kv(states: torch.Tensor, projections: Sequence[tuple[nn.Module, nn.Module]], head_dim: int
-             ) -> tuple[torch.Tensor, ...]:
+def cross_kv(
+    states: torch.Tensor, projections: Sequence[tuple[nn.Module, nn.Module]], head_dim: int
+) -> tuple[torch.Tensor, ...]:
     """Every decoder layer's cross-attention key/value of ``states`` [batch, seq, hidden] -> [batch, heads, seq, dim].
 
     The same view/transpose the HF attention modules apply to their key/value projections.
@@ -181,8 +191,9 @@ def cross_kv(states: torch.Tensor, projections: Sequence[tuple[nn.Module, nn.Mod
     return tuple(out)
 
 
-def embed_with_image(embedding: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor,
-                     image_mask: torch.Tensor) -> torch.Tensor:
+def embed_with_image(
+    embedding: nn.Module, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_mask: torch.Tensor
+) -> torch.Tensor:
     """Token embeddings with image-token positions replaced by the image embeddings placed there.
 
     HF's BLIP-2 ``masked_scatter`` of the query outputs, with the scatter done on the host (the runtime
@@ -205,9 +216,15 @@ class ExampleDims:
     extra: Mapping[str, Callable[[InputShape, torch.Generator], torch.Tensor]] = field(default_factory=dict)
 
 
-def example_inputs(names: Sequence[str], dims: ExampleDims, shape: InputShape, seed: int, *, decoder: bool,
-                   pixel_values: Callable[[int, torch.Generator], torch.Tensor] | None = None
-                   ) -> dict[str, torch.Tensor]:
+def example_inputs(
+    names: Sequence[str],
+    dims: ExampleDims,
+    shape: InputShape,
+    seed: int,
+    *,
+    decoder: bool,
+    pixel_values: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Seeded example tensors for a component's inputs. Decoders get ``EXAMPLE_NEW_TOKENS`` new tokens over a
     past of ``EXAMPLE_PAST``, and a mask with a left-padded row, so the export sees the general case."""
     gen = generator(seed)
@@ -250,37 +267,61 @@ def example_inputs(names: Sequence[str], dims: ExampleDims, shape: InputShape, s
 
 
 # ---------------------------------------------------------------- component declarations
-def encoder_component(name: str, inputs: Sequence[str], outputs: Sequence[str], module: Callable[[Any], nn.Module],
-                      encode: Encode, dims: Callable[[PreTrainedModel], ExampleDims],
-                      pixel_values: Callable[[PreTrainedModel, int, torch.Generator], torch.Tensor] | None = None,
-                      axes: Mapping[str, Mapping[int, str]] | None = None) -> ComponentSpec:
+def encoder_component(
+    name: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    module: Callable[[Any], nn.Module],
+    encode: Encode,
+    dims: Callable[[PreTrainedModel], ExampleDims],
+    pixel_values: Callable[[PreTrainedModel, int, torch.Generator], torch.Tensor] | None = None,
+    axes: Mapping[str, Mapping[int, str]] | None = None,
+) -> ComponentSpec:
     """A once-per-request component (vision encoder, question encoder, T5 encoder, ...)."""
     return ComponentSpec(
-        name, tuple(inputs), tuple(outputs), axes_for((*inputs, *outputs), decoder=False, overrides=axes),
+        name,
+        tuple(inputs),
+        tuple(outputs),
+        axes_for((*inputs, *outputs), decoder=False, overrides=axes),
         lambda model: NamedCall(module(model), encode, inputs),
         lambda model, shape, seed: example_inputs(
-            inputs, dims(model), shape, seed, decoder=False,
-            pixel_values=(lambda b, gen: pixel_values(model, b, gen)) if pixel_values else None),
+            inputs,
+            dims(model),
+            shape,
+            seed,
+            decoder=False,
+            pixel_values=(lambda b, gen: pixel_values(model, b, gen)) if pixel_values else None,
+        ),
     )
 
 
-def decoder_component(inputs: Sequence[str], layout: CacheLayout, module: Callable[[Any], nn.Module], step: Step,
-                      dims: Callable[[PreTrainedModel], ExampleDims], name: str = "decoder",
-                      static_step: Step | None = None) -> ComponentSpec:
+def decoder_component(
+    inputs: Sequence[str],
+    layout: CacheLayout,
+    module: Callable[[Any], nn.Module],
+    step: Step,
+    dims: Callable[[PreTrainedModel], ExampleDims],
+    name: str = "decoder",
+    static_step: Step | None = None,
+) -> ComponentSpec:
     """The decoder step: ``inputs`` (token ids, masks, ...) + past -> logits of the last position + present.
 
     ``static_step``: the family's call over a static cache, where it differs from ``step`` (compile backend)."""
     all_inputs = (*inputs, *layout.past, *layout.cross_past)
     outputs = ("logits", *layout.present)
     return ComponentSpec(
-        name, all_inputs, outputs, axes_for((*all_inputs, *outputs), decoder=True),
+        name,
+        all_inputs,
+        outputs,
+        axes_for((*all_inputs, *outputs), decoder=True),
         lambda model: CachedDecoder(module(model), step, all_inputs, layout, static_step),
         lambda model, shape, seed: example_inputs(all_inputs, dims(model), shape, seed, decoder=True),
     )
 
 
-def generation_settings(config: PretrainedConfig, gen_config: Any, *, eos: Any = None, pad: Any = None,
-                        **extra: Any) -> dict[str, Any]:
+def generation_settings(
+    config: PretrainedConfig, gen_config: Any, *, eos: Any = None, pad: Any = None, **extra: Any
+) -> dict[str, Any]:
     """The generation settings every recipe records: eos (a list), pad, beam defaults, limits."""
     eos = gen_config.eos_token_id if eos is None else eos
     eos_list = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])

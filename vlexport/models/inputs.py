@@ -34,12 +34,23 @@ def image_size(vision_config: PretrainedConfig) -> int:
 def pixel_values(vision_config: PretrainedConfig, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Normalised-image-like values (roughly N(0,1) per channel, as a processor would produce)."""
     n = image_size(vision_config)
-    return torch.randn(batch, vision_config.num_channels if hasattr(vision_config, "num_channels") else 3, n, n,
-                       generator=gen)
+    return torch.randn(
+        batch,
+        vision_config.num_channels if hasattr(vision_config, "num_channels") else 3,
+        n,
+        n,
+        generator=gen,
+    )
 
 
-def text_inputs(vocab_size: int, shape: InputShape, gen: torch.Generator, *, pad_token_id: int = 0,
-                first_token_id: int | None = None) -> dict[str, torch.Tensor]:
+def text_inputs(
+    vocab_size: int,
+    shape: InputShape,
+    gen: torch.Generator,
+    *,
+    pad_token_id: int = 0,
+    first_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Random token ids with right padding: row i keeps a different length (the first row is full)."""
     # Ids below 3 are the usual special tokens (pad/bos/eos) of these vocabularies.
     ids = torch.randint(3, vocab_size, (shape.batch, shape.seq_len), generator=gen)

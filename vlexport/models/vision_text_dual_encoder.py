@@ -5,11 +5,22 @@ from vlexport.models.base import FamilySpec, Preset
 from vlexport.models.dual_encoder_tasks import features_task
 
 PRESETS = (
-    Preset("vision-text-dual-encoder", "vision-text-dual-encoder", ("features",), None,
-           "vision-text-dual-encoder-tiny",
-           "VisionTextDualEncoder: ViT-base/16 vision + BERT-base text (untrained projection)"),
-    Preset("vision-text-dual-encoder-tiny", "vision-text-dual-encoder", ("features",), None, None,
-           "tiny VisionTextDualEncoder (tests)"),
+    Preset(
+        "vision-text-dual-encoder",
+        "vision-text-dual-encoder",
+        ("features",),
+        None,
+        "vision-text-dual-encoder-tiny",
+        "VisionTextDualEncoder: ViT-base/16 vision + BERT-base text (untrained projection)",
+    ),
+    Preset(
+        "vision-text-dual-encoder-tiny",
+        "vision-text-dual-encoder",
+        ("features",),
+        None,
+        None,
+        "tiny VisionTextDualEncoder (tests)",
+    ),
 )
 
 FAMILY = FamilySpec(

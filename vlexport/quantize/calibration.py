@@ -46,12 +46,26 @@ class CalibrationSet:
     skipped: list[str] = field(default_factory=list)  # files in the directory that are not usable images
 
     def record(self, method: str) -> dict[str, Any]:
-        return {"source": self.source, "path": self.path, "samples": len(self.feeds), "images": self.images,
-                "texts": self.texts, "method": method, "skipped": self.skipped[:20]}
+        return {
+            "source": self.source,
+            "path": self.path,
+            "samples": len(self.feeds),
+            "images": self.images,
+            "texts": self.texts,
+            "method": method,
+            "skipped": self.skipped[:20],
+        }
 
 
-def calibration_set(directory: Path | None, *, artifact_dir: Path, manifest: Manifest, task_spec: TaskSpec, config: PretrainedConfig,
-                    input_names: tuple[str, ...]) -> CalibrationSet:
+def calibration_set(
+    directory: Path | None,
+    *,
+    artifact_dir: Path,
+    manifest: Manifest,
+    task_spec: TaskSpec,
+    config: PretrainedConfig,
+    input_names: tuple[str, ...],
+) -> CalibrationSet:
     """Calibration feeds for a single-component artifact; UsageError when ``directory`` has no usable image."""
     if directory is None:
         return _synthetic(task_spec, config, input_names)
@@ -66,13 +80,21 @@ def _synthetic(task_spec: TaskSpec, config: PretrainedConfig, input_names: tuple
     return CalibrationSet("synthetic", feeds)
 
 
-def _from_directory(directory: Path, artifact_dir: Path, manifest: Manifest, task_spec: TaskSpec, config: PretrainedConfig,
-                    input_names: tuple[str, ...]) -> CalibrationSet:
+def _from_directory(
+    directory: Path,
+    artifact_dir: Path,
+    manifest: Manifest,
+    task_spec: TaskSpec,
+    config: PretrainedConfig,
+    input_names: tuple[str, ...],
+) -> CalibrationSet:
     from vlexport.runtime.preprocess import image_settings, load_image
 
     if not directory.is_dir():
-        raise UsageError(f"--calibration {directory} is not a directory. Pass a directory of images (JPEG, PNG, "
-                         "...), optionally with a .txt file of prompts or captions, one per line.")
+        raise UsageError(
+            f"--calibration {directory} is not a directory. Pass a directory of images (JPEG, PNG, "
+            "...), optionally with a .txt file of prompts or captions, one per line."
+        )
     settings = image_settings(artifact_dir, manifest)
     pixels, skipped, why = [], [], []
     for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
@@ -84,15 +106,23 @@ def _from_directory(directory: Path, artifact_dir: Path, manifest: Manifest, tas
         if len(pixels) >= MAX_SAMPLES:
             break
     if not pixels:
-        raise UsageError(f"--calibration {directory} holds no usable image ({len(skipped)} file(s) with an image "
-                         f"suffix could not be decoded; suffixes read: {', '.join(IMAGE_SUFFIXES)}). Add images, "
-                         "or leave --calibration out to calibrate on a seeded synthetic set.")
+        raise UsageError(
+            f"--calibration {directory} holds no usable image ({len(skipped)} file(s) with an image "
+            f"suffix could not be decoded; suffixes read: {', '.join(IMAGE_SUFFIXES)}). Add images, "
+            "or leave --calibration out to calibrate on a seeded synthetic set."
+        )
     if skipped:  # calibrating on part of the folder, unsaid, would change the variant's ranges without a word
-        raise UsageError(f"--calibration {directory}: {len(skipped)} of its images cannot be used ({why[0]}"
-                         f"{f' And {len(skipped) - 1} more: ' + ', '.join(skipped[1:6]) if len(skipped) > 1 else ''})."
-                         " Nothing was written: repair or remove them, or move them out of the folder.")
-    texts = [line.strip() for t in sorted(directory.glob("*.txt")) for line in t.read_text(errors="replace").splitlines()
-             if line.strip()]
+        raise UsageError(
+            f"--calibration {directory}: {len(skipped)} of its images cannot be used ({why[0]}"
+            f"{f' And {len(skipped) - 1} more: ' + ', '.join(skipped[1:6]) if len(skipped) > 1 else ''})."
+            " Nothing was written: repair or remove them, or move them out of the folder."
+        )
+    texts = [
+        line.strip()
+        for t in sorted(directory.glob("*.txt"))
+        for line in t.read_text(errors="replace").splitlines()
+        if line.strip()
+    ]
     ids = _token_rows(texts, artifact_dir, manifest) if texts else []
     width = min(MAX_TEXT_WIDTH, max(map(len, ids))) if ids else TEXT_WIDTH
     pad = _pad_id(config)
@@ -123,7 +153,9 @@ def _pad_id(config: PretrainedConfig) -> int:
 def _token_rows(texts: list[str], artifact_dir: Path, manifest: Manifest) -> list[list[int]]:
     from vlexport.runtime.tokenizer import ArtifactTokenizer
 
-    if manifest.tokenizer.get("kind", "none") == "none":  # random weights: `vlexport run`'s byte-level placeholder
+    if (
+        manifest.tokenizer.get("kind", "none") == "none"
+    ):  # random weights: `vlexport run`'s byte-level placeholder
         from vlexport.runtime.texts import placeholder_batch
 
         ids, mask = placeholder_batch(artifact_dir, texts)

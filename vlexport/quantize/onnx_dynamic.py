@@ -34,17 +34,24 @@ class OnnxInt8DynamicPass:
                 src = source_view(src, out.parent)
                 if config.smooth is not None:
                     src, exclude = _smoothed(ctx, src, out.parent, config, details)
-                quantize_dynamic(src, out, per_channel=config.per_channel, weight_type=QuantType.QInt8,
-                                 reduce_range=config.reduce_range,
-                                 use_external_data_format=external, nodes_to_exclude=exclude)
+                quantize_dynamic(
+                    src,
+                    out,
+                    per_channel=config.per_channel,
+                    weight_type=QuantType.QInt8,
+                    reduce_range=config.reduce_range,
+                    use_external_data_format=external,
+                    nodes_to_exclude=exclude,
+                )
 
         derived = rewrite_components(ctx, write)
         derived.details.update(details, weight_bits=7 if config.reduce_range else 8)
         return derived
 
 
-def _smoothed(ctx: DeriveContext, src: Path, scratch: Path, config: Int8DynamicConfig, details: dict
-              ) -> tuple[Path, list[str]]:
+def _smoothed(
+    ctx: DeriveContext, src: Path, scratch: Path, config: Int8DynamicConfig, details: dict
+) -> tuple[Path, list[str]]:
     """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep fp32.
 
     One component only (``Int8DynamicConfig.check_for`` refused the others before any work)."""
@@ -53,15 +60,27 @@ def _smoothed(ctx: DeriveContext, src: Path, scratch: Path, config: Int8DynamicC
 
     alpha = config.smooth
     (comp,) = ctx.parent.components.values()
-    cal = calibration_set(config.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
-                          task_spec=ctx.task_spec, config=ctx.config, input_names=tuple(t.name for t in comp.inputs))
+    cal = calibration_set(
+        config.calibration,
+        artifact_dir=ctx.parent_dir,
+        manifest=ctx.parent,
+        task_spec=ctx.task_spec,
+        config=ctx.config,
+        input_names=tuple(t.name for t in comp.inputs),
+    )
     model = onnx.load(str(src))
     keep = after_activation_matmuls(model)  # before smoothing puts a Mul between the GELU and its MatMul
     n = smooth(model, cal.feeds, alpha)
     path = scratch / f"smoothed-{src.name}"
     onnx.save(model, str(path))
-    details.update(smooth={"alpha": alpha, "activations_smoothed": n, "kept_fp32": keep,
-                           "calibration": cal.record("minmax")})
+    details.update(
+        smooth={
+            "alpha": alpha,
+            "activations_smoothed": n,
+            "kept_fp32": keep,
+            "calibration": cal.record("minmax"),
+        }
+    )
     return path, keep
 
 

@@ -16,8 +16,18 @@ from vlexport.contracts.precision import Fp16Config
 from vlexport.quantize.onnx_rewrite import rewrite_components
 
 # Ops whose fp16 results leave the fp32 tolerance band by orders of magnitude (variance and exp overflow).
-FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Softmax",
-                  "ReduceMean", "Pow", "Sqrt", "Erf", "Exp", "Log")
+FP16_KEEP_FP32 = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "Pow",
+    "Sqrt",
+    "Erf",
+    "Exp",
+    "Log",
+)
 
 
 class OnnxFp16Pass:
@@ -29,10 +39,16 @@ class OnnxFp16Pass:
 
         def write(src: Path, dst: Path, external: bool) -> None:
             model = onnx.load(str(src))
-            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32),
-                                                    disable_shape_infer=external)
-            onnx.save(half, str(dst), save_as_external_data=external, all_tensors_to_one_file=True,
-                      location=f"{dst.name}.data")
+            half = float16.convert_float_to_float16(
+                model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32), disable_shape_infer=external
+            )
+            onnx.save(
+                half,
+                str(dst),
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                location=f"{dst.name}.data",
+            )
 
         return rewrite_components(ctx, write)
 

@@ -35,29 +35,50 @@ class OnnxInt8StaticPass:
         config = ctx.job.precision
         assert isinstance(config, Int8StaticConfig)
         (comp,) = ctx.parent.components.values()  # one: Int8StaticConfig.check_for refused the others
-        cal = calibration_set(config.calibration, artifact_dir=ctx.parent_dir, manifest=ctx.parent,
-                              task_spec=ctx.task_spec, config=ctx.config,
-                              input_names=tuple(t.name for t in comp.inputs))
+        cal = calibration_set(
+            config.calibration,
+            artifact_dir=ctx.parent_dir,
+            manifest=ctx.parent,
+            task_spec=ctx.task_spec,
+            config=ctx.config,
+            input_names=tuple(t.name for t in comp.inputs),
+        )
         ctx.progress(f"int8-static: calibrating on {len(cal.feeds)} {cal.source} sample(s), {config.method}")
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[config.method]
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[config.method]
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
             with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
                 src = source_view(src, out.parent)
                 src = source_view(src, out.parent)
-                quantize_static(src, out, FeedReader(cal.feeds), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                                reduce_range=config.reduce_range,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=method, use_external_data_format=external,
-                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                               "CalibTensorRangeSymmetric": True},
-                                calibration_providers=["CPUExecutionProvider"])
+                quantize_static(
+                    src,
+                    out,
+                    FeedReader(cal.feeds),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=QUANTIZED_OPS,
+                    per_channel=True,
+                    reduce_range=config.reduce_range,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=method,
+                    use_external_data_format=external,
+                    extra_options={
+                        "ActivationSymmetric": True,
+                        "WeightSymmetric": True,
+                        "CalibTensorRangeSymmetric": True,
+                    },
+                    calibration_providers=["CPUExecutionProvider"],
+                )
 
         derived = rewrite_components(ctx, write)
-        derived.details.update(calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8)
+        derived.details.update(
+            calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8
+        )
         return derived
 
 

@@ -37,9 +37,11 @@ def check_runtime() -> None:
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
     if version < MIN_ORT:
-        raise UsageError(f"int8-weight needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
-                         f"kernels on x86); {onnxruntime.__version__} is installed. Upgrade onnxruntime, or use "
-                         "--precision int8-dynamic.")
+        raise UsageError(
+            f"int8-weight needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
+            f"kernels on x86); {onnxruntime.__version__} is installed. Upgrade onnxruntime, or use "
+            "--precision int8-dynamic."
+        )
 
 
 class _Tensors:
@@ -78,7 +80,11 @@ class _Tensors:
         data = out.raw_data
         out.ClearField("raw_data")
         out.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", str(offset + pad)), ("length", str(len(data)))):
+        for key, value in (
+            ("location", self.location),
+            ("offset", str(offset + pad)),
+            ("length", str(len(data))),
+        ):
             entry = out.external_data.add()
             entry.key, entry.value = key, value
         self.out.write(data)
@@ -91,7 +97,9 @@ class _Tensors:
             self.out.close()
 
 
-def _quantize(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _quantize(
+    weight: np.ndarray, block_size: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ORT's 8-bit block quantization of a [K, N] weight: packed [N, blocks, block_size]; scales and zero
     points [N, blocks]."""
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
@@ -103,8 +111,16 @@ def _quantize(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.
     packed = np.zeros((cols, blocks, block_size), dtype=np.uint8)
     scales = np.zeros((cols, blocks), dtype=np.float32)
     zero_points = np.zeros((cols, blocks), dtype=np.uint8)
-    quantize_matmul_8bits(packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, block_size,
-                          cols, rows, symmetric)
+    quantize_matmul_8bits(
+        packed,
+        np.ascontiguousarray(weight, dtype=np.float32),
+        scales,
+        zero_points,
+        block_size,
+        cols,
+        rows,
+        symmetric,
+    )
     return packed, scales, zero_points
 
 
@@ -117,8 +133,9 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
-def linear_weight(node: onnx.NodeProto, inits: dict[str, TensorProto],
-                  producer: dict[str, onnx.NodeProto]) -> tuple[TensorProto, bool, onnx.NodeProto | None] | None:
+def linear_weight(
+    node: onnx.NodeProto, inits: dict[str, TensorProto], producer: dict[str, onnx.NodeProto]
+) -> tuple[TensorProto, bool, onnx.NodeProto | None] | None:
     """``x @ W`` with a constant 2-D fp32 ``W``: (W's initializer, whether it is stored [N, K], the Transpose
     between them or None). The exporter writes ``nn.Linear`` three ways: MatMul on a pre-transposed
     initializer, Gemm(transB=1) where the module flattens to 2-D first (OPT's FFN), and MatMul on a
@@ -147,8 +164,9 @@ def linear_weight(node: onnx.NodeProto, inits: dict[str, TensorProto],
     return weight, transposed, via
 
 
-def weight_only_int8(src: Path, dst: Path, config: Int8WeightConfig, *, external: bool,
-                     exclude: tuple[str, ...] = ()) -> int:
+def weight_only_int8(
+    src: Path, dst: Path, config: Int8WeightConfig, *, external: bool, exclude: tuple[str, ...] = ()
+) -> int:
     """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as 8-bit MatMulNBits; returns
     how many.
 
@@ -181,12 +199,24 @@ def weight_only_int8(src: Path, dst: Path, config: Int8WeightConfig, *, external
             new_inits += [tensors.write(TensorProto(name=name), array) for name, array in inputs.items()]
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
             out = f"{node.output[0]}_nobias" if bias else node.output[0]
-            nodes.append(onnx.helper.make_node(
-                "MatMulNBits", [node.input[0], *inputs], [out], name=f"{node.name}_Q8" if node.name else "",
-                domain="com.microsoft", K=k, N=n, bits=8, block_size=config.block_size,
-                accuracy_level=config.accuracy_level))
+            nodes.append(
+                onnx.helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], *inputs],
+                    [out],
+                    name=f"{node.name}_Q8" if node.name else "",
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=8,
+                    block_size=config.block_size,
+                    accuracy_level=config.accuracy_level,
+                )
+            )
             if bias:
-                nodes.append(onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"))
+                nodes.append(
+                    onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias")
+                )
             count += 1
             uses[node.input[1]] -= 1
             if via is not None and uses[node.input[1]] == 0:  # the Transpose fed only quantized MatMuls
@@ -221,10 +251,18 @@ class OnnxInt8WeightPass:
 
         derived = rewrite_components(ctx, write)
         if not any(counts.values()):
-            raise UsageError("int8-weight found no MatMul with a constant weight in this artifact: nothing to "
-                             "quantize. Use --precision fp16 or int8-dynamic.")
-        derived.details.update({"block_size": config.block_size, "bits": 8, "accuracy_level": config.accuracy_level,
-                                "matmul_nbits": counts})
+            raise UsageError(
+                "int8-weight found no MatMul with a constant weight in this artifact: nothing to "
+                "quantize. Use --precision fp16 or int8-dynamic."
+            )
+        derived.details.update(
+            {
+                "block_size": config.block_size,
+                "bits": 8,
+                "accuracy_level": config.accuracy_level,
+                "matmul_nbits": counts,
+            }
+        )
         return derived
 
 

@@ -32,8 +32,9 @@ def constant_weight_matmuls(model: onnx.ModelProto) -> dict[str, list[onnx.NodeP
     return dict(out)
 
 
-def activation_ranges(model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[dict[str, np.ndarray]]
-                      ) -> dict[str, np.ndarray]:
+def activation_ranges(
+    model: onnx.ModelProto, names: Iterable[str], feeds: Iterable[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """Per-channel (last dim) max |x| of the tensors ``names`` over ``feeds`` (ONNX Runtime, CPU)."""
     import onnxruntime as ort
 
@@ -83,14 +84,17 @@ def smooth(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alpha: fl
         for n in nodes:
             n.input[0] = smoothed
         first = min(position[id(n)] for n in nodes)
-        inserts.append((first, onnx.helper.make_node("Mul", [act, inv.name], [smoothed], name=f"{act}_smooth")))
+        inserts.append(
+            (first, onnx.helper.make_node("Mul", [act, inv.name], [smoothed], name=f"{act}_smooth"))
+        )
     for k, node in sorted(inserts, key=lambda t: -t[0]):  # from the back: earlier positions stay valid
         model.graph.node.insert(k, node)
     return len(inserts)
 
 
-def after_activation_matmuls(model: onnx.ModelProto, activations: tuple[str, ...] = ("Gelu", "Erf", "FastGelu"),
-                             depth: int = 4) -> list[str]:
+def after_activation_matmuls(
+    model: onnx.ModelProto, activations: tuple[str, ...] = ("Gelu", "Erf", "FastGelu"), depth: int = 4
+) -> list[str]:
     """Names of the constant-weight MatMuls fed (within ``depth`` nodes) by a GELU: the FFN output projections,
     whose inputs carry real checkpoints' largest outlier channels (the most int8-sensitive nodes measured on
     all-MiniLM-L6-v2, benchmarks/results/real-minilm-precision.json)."""
@@ -102,5 +106,6 @@ def after_activation_matmuls(model: onnx.ModelProto, activations: tuple[str, ...
             return False
         return node.op_type in activations or any(fed(i, left - 1) for i in node.input)
 
-    return [n.name for nodes in constant_weight_matmuls(model).values() for n in nodes if fed(n.input[0], depth)]
-
+    return [
+        n.name for nodes in constant_weight_matmuls(model).values() for n in nodes if fed(n.input[0], depth)
+    ]

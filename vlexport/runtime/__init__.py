@@ -29,7 +29,9 @@ class Artifact:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a single-component artifact (encoders); generative artifacts go through runtime.generate."""
         if len(self.components) != 1:
-            raise CheckError(f"{self.directory} has components {sorted(self.components)}; use the generation runtime.")
+            raise CheckError(
+                f"{self.directory} has components {sorted(self.components)}; use the generation runtime."
+            )
         return next(iter(self.components.values()))(inputs)
 
 
@@ -40,12 +42,21 @@ def check_device(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda was given, but no CUDA GPU is usable here (torch.cuda.is_available() is "
-                             "False). Use --device cpu (or auto), or run on a machine with a GPU.")
+            raise UsageError(
+                "--device cuda was given, but no CUDA GPU is usable here (torch.cuda.is_available() is "
+                "False). Use --device cpu (or auto), or run on a machine with a GPU."
+            )
 
 
-def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, device: str = "auto",
-                  threads: int | None = None, interleaved: bool = False, verify: str = "native") -> Artifact:
+def load_artifact(
+    directory: str | Path,
+    *,
+    manifest: Manifest | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    interleaved: bool = False,
+    verify: str = "native",
+) -> Artifact:
     """Every component of an artifact as a callable, loaded by the backend the manifest names.
 
     ``interleaved``: the caller alternates the artifact with other work on the same cores (the benchmark).
@@ -63,8 +74,12 @@ def load_artifact(directory: str | Path, *, manifest: Manifest | None = None, de
     try:
         backend = get_backend(manifest.backend)
     except UsageError:
-        raise CheckError(f"{directory}: backend {manifest.backend!r} cannot be loaded by this vlexport version "
-                         "(`vlexport list` shows the backends it has).") from None
-    components = {name: backend.load(directory / comp.file, device=device, threads=threads, interleaved=interleaved)
-                  for name, comp in manifest.components.items()}
+        raise CheckError(
+            f"{directory}: backend {manifest.backend!r} cannot be loaded by this vlexport version "
+            "(`vlexport list` shows the backends it has)."
+        ) from None
+    components = {
+        name: backend.load(directory / comp.file, device=device, threads=threads, interleaved=interleaved)
+        for name, comp in manifest.components.items()
+    }
     return Artifact(directory, manifest, task_spec, components)

@@ -18,8 +18,10 @@ import torch
 
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 
-TRT_INSTALL_HINT = ("TensorRT 10 is not installed: `pip install 'vlexport[trt]'` (tensorrt>=10) on a machine with "
-                    "an NVIDIA GPU and CUDA; it is not installable from the registries this machine reaches.")
+TRT_INSTALL_HINT = (
+    "TensorRT 10 is not installed: `pip install 'vlexport[trt]'` (tensorrt>=10) on a machine with "
+    "an NVIDIA GPU and CUDA; it is not installable from the registries this machine reaches."
+)
 
 
 class AotiComponent:
@@ -30,9 +32,11 @@ class AotiComponent:
             torch.set_num_threads(threads)  # the package's OpenMP kernels use torch's intra-op pool
         built_for = package_device(path)
         if built_for == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"{path} was compiled for CUDA (--device cuda) and torch sees no GPU here: run it on "
-                             "a machine with an NVIDIA GPU and a CUDA build of torch, or compile again with "
-                             "--device cpu.")
+            raise UsageError(
+                f"{path} was compiled for CUDA (--device cuda) and torch sees no GPU here: run it on "
+                "a machine with an NVIDIA GPU and a CUDA build of torch, or compile again with "
+                "--device cpu."
+            )
         try:
             self.runner = torch._inductor.aoti_load_package(str(path))
             meta = self.runner.get_metadata()
@@ -40,8 +44,10 @@ class AotiComponent:
             self.input_names: list[str] = json.loads(meta["vlexport.inputs"])
             self.output_names: list[str] = json.loads(meta["vlexport.outputs"])
         except (RuntimeError, KeyError, json.JSONDecodeError) as e:
-            raise CheckError(f"Cannot load AOTInductor package {path}: {e}. It was built by another torch "
-                             "version or is damaged; compile the artifact again.") from None
+            raise CheckError(
+                f"Cannot load AOTInductor package {path}: {e}. It was built by another torch "
+                "version or is damaged; compile the artifact again."
+            ) from None
         # A package runs on the device it was compiled for, whatever the caller prefers.
         self.device = torch.device(meta.get("AOTI_DEVICE_KEY") or "cpu")
 
@@ -51,12 +57,18 @@ class AotiComponent:
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise CheckError(f"Missing inputs {missing} for AOTInductor package expecting {self.input_names}.")
-        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in self.input_names]
+            raise CheckError(
+                f"Missing inputs {missing} for AOTInductor package expecting {self.input_names}."
+            )
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in self.input_names
+        ]
         with torch.no_grad():
             outs = self.call_tensors(*tensors)
-        return {name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
-                for name, o in zip(self.output_names, outs)}
+        return {
+            name: o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
+            for name, o in zip(self.output_names, outs)
+        }
 
 
 def package_device(path: str | Path) -> str | None:
@@ -79,7 +91,9 @@ def import_tensorrt() -> Any:
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
         raise MissingToolchain(f"{TRT_INSTALL_HINT} ({type(e).__name__}: {e})") from None
     if not hasattr(trt, "Builder"):
-        raise MissingToolchain(f"{TRT_INSTALL_HINT} (the installed `tensorrt` is a download stub without the builder)")
+        raise MissingToolchain(
+            f"{TRT_INSTALL_HINT} (the installed `tensorrt` is a download stub without the builder)"
+        )
     return trt
 
 
@@ -94,8 +108,10 @@ class TensorRTComponent:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
-            raise CheckError(f"TensorRT cannot deserialize {path}: it was built by another TensorRT version or "
-                             "for another GPU. Build the engine again on this machine with `vlexport trt`.")
+            raise CheckError(
+                f"TensorRT cannot deserialize {path}: it was built by another TensorRT version or "
+                "for another GPU. Build the engine again on this machine with `vlexport trt`."
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -114,7 +130,9 @@ class TensorRTComponent:
             self.context.set_tensor_address(name, t.data_ptr())
         outs = []
         for name in self.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
+            out = torch.empty(
+                tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device
+            )
             self.context.set_tensor_address(name, out.data_ptr())
             outs.append(out)
         self.stream.wait_stream(torch.cuda.current_stream())  # inputs were written on the current stream
@@ -127,15 +145,25 @@ class TensorRTComponent:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise CheckError(f"Missing inputs {missing} for TensorRT engine expecting {self.input_names}.")
-        outs = self.call_tensors(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names))
+        outs = self.call_tensors(
+            *(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names)
+        )
         torch.cuda.synchronize()
-        return {n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
-                for n, o in zip(self.output_names, outs)}
+        return {
+            n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
+            for n, o in zip(self.output_names, outs)
+        }
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.bool: torch.bool,
+        trt.int8: torch.int8,
+    }
     if hasattr(trt, "bfloat16"):
         table[trt.bfloat16] = torch.bfloat16
     if dtype not in table:

@@ -52,8 +52,12 @@ class SearchSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> SearchSettings:
-        return cls(tuple(int(e) for e in settings.get("eos_token_id") or ()), settings.get("pad_token_id"),
-                   float(settings.get("length_penalty", 1.0)), settings.get("early_stopping", False))
+        return cls(
+            tuple(int(e) for e in settings.get("eos_token_id") or ()),
+            settings.get("pad_token_id"),
+            float(settings.get("length_penalty", 1.0)),
+            settings.get("early_stopping", False),
+        )
 
 
 @dataclass
@@ -79,8 +83,16 @@ def _suppress_eos(scores: np.ndarray, eos: np.ndarray, new_tokens: int, min_new_
 
 
 # ---------------------------------------------------------------- greedy (GenerationMixin._sample)
-def greedy_search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings, *, max_new_tokens: int,
-                  min_new_tokens: int = 0, output_logits: bool = False, on_step: OnStep | None = None) -> Decoded:
+def greedy_search(
+    step: DecodeStep,
+    prompt: np.ndarray,
+    settings: SearchSettings,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    output_logits: bool = False,
+    on_step: OnStep | None = None,
+) -> Decoded:
     """Greedy decoding of ``prompt`` ``[batch, prompt_len]``; ``on_step(i)`` when step i's logits are ready."""
     eos = np.array(settings.eos_token_id, dtype=np.int64)
     pad = settings.pad_token_id
@@ -107,9 +119,17 @@ def greedy_search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings
 
 
 # ---------------------------------------------------------------- beam search (GenerationMixin._beam_search)
-def beam_search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings, *, num_beams: int,
-                max_new_tokens: int, min_new_tokens: int = 0, output_logits: bool = False,
-                on_step: OnStep | None = None) -> Decoded:
+def beam_search(
+    step: DecodeStep,
+    prompt: np.ndarray,
+    settings: SearchSettings,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    output_logits: bool = False,
+    on_step: OnStep | None = None,
+) -> Decoded:
     """Beam search over ``prompt`` ``[batch, prompt_len]``; the step sees ``batch * num_beams`` rows.
 
     With ``output_logits``, also the raw logits and each step's ``selection_margin`` (near-tie reporting).
@@ -194,12 +214,16 @@ def beam_search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings, 
             best_len = max_length - prompt_len
         else:
             best_len = cur_len - prompt_len
-        best_possible = running_scores[:, :1] / np.float32(best_len ** length_penalty)
+        best_possible = running_scores[:, :1] / np.float32(best_len**length_penalty)
         worst_finished = np.where(is_finished, beam_scores.min(axis=1, keepdims=True), NEG)
-        heuristic_unsatisfied = heuristic_unsatisfied & np.any(best_possible > worst_finished, axis=-1,
-                                                               keepdims=True)
-        unfinished = (heuristic_unsatisfied.any() and not (is_finished.all() and early_stopping is True)
-                      and not hits.all())
+        heuristic_unsatisfied = heuristic_unsatisfied & np.any(
+            best_possible > worst_finished, axis=-1, keepdims=True
+        )
+        unfinished = (
+            heuristic_unsatisfied.any()
+            and not (is_finished.all() and early_stopping is True)
+            and not hits.all()
+        )
         if not unfinished:
             break
         step.reorder(beam_idx)
@@ -227,12 +251,24 @@ def selection_margin(log_probs: np.ndarray, keep: int) -> np.ndarray:
     return np.where(np.isnan(gaps), np.inf, gaps).min(axis=1)
 
 
-def search(step: DecodeStep, prompt: np.ndarray, settings: SearchSettings, *, num_beams: int = 1,
-           max_new_tokens: int, min_new_tokens: int = 0, output_logits: bool = False,
-           on_step: OnStep | None = None) -> Decoded:
+def search(
+    step: DecodeStep,
+    prompt: np.ndarray,
+    settings: SearchSettings,
+    *,
+    num_beams: int = 1,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    output_logits: bool = False,
+    on_step: OnStep | None = None,
+) -> Decoded:
     """Greedy for ``num_beams == 1``, beam search otherwise (what ``generate(do_sample=False)`` picks)."""
-    common: dict[str, Any] = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                                  "output_logits": output_logits, "on_step": on_step}
+    common: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min_new_tokens,
+        "output_logits": output_logits,
+        "on_step": on_step,
+    }
     if num_beams == 1:
         return greedy_search(step, prompt, settings, **common)
     return beam_search(step, prompt, settings, num_beams=num_beams, **common)
@@ -247,8 +283,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest per row, largest first (torch.topk); ties keep the lower index first."""
-    part = np.argpartition(-x, k - 1, axis=-1)[:, :k] if k < x.shape[-1] else np.tile(np.arange(x.shape[-1]),
-                                                                                        (x.shape[0], 1))
+    part = (
+        np.argpartition(-x, k - 1, axis=-1)[:, :k]
+        if k < x.shape[-1]
+        else np.tile(np.arange(x.shape[-1]), (x.shape[0], 1))
+    )
     vals = np.take_along_axis(x, part, axis=-1)
     order = np.lexsort((part, -vals), axis=-1)
     return np.take_along_axis(part, order, axis=-1)
@@ -259,4 +298,3 @@ def _gather(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     while idx.ndim < x.ndim:
         idx = idx[..., None]
     return np.take_along_axis(x, np.broadcast_to(idx, (*idx.shape[:2], *x.shape[2:])), axis=1)
-

@@ -28,15 +28,19 @@ def numpy_dtype(name: str) -> np.dtype:
         try:
             import ml_dtypes
         except ImportError:
-            raise CheckError("The artifact declares bfloat16 tensors, which numpy cannot hold, and ml_dtypes is not "
-                             "installed: the numpy runtime cannot feed bf16 graphs. `pip install ml_dtypes`, or "
-                             "export at fp32/fp16.") from None
+            raise CheckError(
+                "The artifact declares bfloat16 tensors, which numpy cannot hold, and ml_dtypes is not "
+                "installed: the numpy runtime cannot feed bf16 graphs. `pip install ml_dtypes`, or "
+                "export at fp32/fp16."
+            ) from None
         return np.dtype(ml_dtypes.bfloat16)
     try:
         return np.dtype(name)
     except TypeError:
-        raise CheckError(f"The manifest records tensor dtype {name!r}, which numpy does not know; the artifact "
-                         "is damaged or from a newer vlexport. Export it again.") from None
+        raise CheckError(
+            f"The manifest records tensor dtype {name!r}, which numpy does not know; the artifact "
+            "is damaged or from a newer vlexport. Export it again."
+        ) from None
 
 
 def input_dtypes(spec: Component | None) -> dict[str, np.dtype]:
@@ -63,11 +67,15 @@ class DecoderSession:
             # Compiled backends do not report shapes: the manifest's record of the graph does.
             shapes = {t.name: t.shape for t in spec.inputs} if spec is not None else {}
             self.device = "cpu"
-        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.") and ".encoder." not in n]
+        self.past_names = [
+            n for n in self.input_names if n.startswith("past_key_values.") and ".encoder." not in n
+        ]
         self.past_shape = {n: shapes.get(n) for n in self.past_names}
         if not self.past_names:
-            raise CheckError("The decoder graph declares no past_key_values inputs: it was not exported by vlexport's "
-                             "generative export. Export the artifact again.")
+            raise CheckError(
+                "The decoder graph declares no past_key_values inputs: it was not exported by vlexport's "
+                "generative export. Export the artifact again."
+            )
 
     def cast(self, name: str, array: np.ndarray) -> np.ndarray:
         """``array`` in the dtype the graph declares for input ``name`` (fp16 graphs get fp16), contiguous."""
@@ -89,8 +97,10 @@ class DecoderSession:
         for name in self.past_names:
             shape = self.past_shape.get(name)
             if not shape or not isinstance(shape[1], int) or not isinstance(shape[3], int):
-                raise CheckError(f"decoder input {name} has shape {shape}; expected [batch, heads, past, head_dim] "
-                                 "with static heads and head_dim. Export the artifact again.")
+                raise CheckError(
+                    f"decoder input {name} has shape {shape}; expected [batch, heads, past, head_dim] "
+                    "with static heads and head_dim. Export the artifact again."
+                )
             out[name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=self.dtypes.get(name, np.float32))
         return out
 
@@ -106,8 +116,10 @@ class DecoderSession:
         """One decoder call: logits (numpy, the graph's dtype) and the ``present.*`` outputs."""
         missing = [n for n in self.input_names if n not in feeds or feeds[n] is None]
         if missing:
-            raise CheckError(f"The decoder graph expects inputs {missing} that this artifact's generation recipe does "
-                             "not provide: the manifest and the graph do not match. Export the artifact again.")
+            raise CheckError(
+                f"The decoder graph expects inputs {missing} that this artifact's generation recipe does "
+                "not provide: the manifest and the graph do not match. Export the artifact again."
+            )
         if self.session is None:
             # Compiled backends may hand floats back upcast (AOTInductor returns float32): cast to what the graph takes.
             out = self.component({n: self.cast(n, _numpy(feeds[n])) for n in self.input_names})
@@ -129,8 +141,9 @@ class DecoderSession:
         logits = values.pop("logits").numpy()
         return logits, values
 
-    def step(self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (),
-             repeat: int = 1) -> KVCacheStep:
+    def step(
+        self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (), repeat: int = 1
+    ) -> KVCacheStep:
         """A DecodeStep for one request: ``env`` holds the recipe stages' outputs, ``mask`` the decoder prompt's
         attention mask; ``repeat`` rows per sample (num_beams)."""
         # Everything else the decoder declares comes from the stages, unchanged at every step (cross K/V, ...).
@@ -147,8 +160,15 @@ class DecoderSession:
 class KVCacheStep:
     """Feeds the decoder step by step: grows the mask, advances positions, carries past key/values."""
 
-    def __init__(self, session: DecoderSession, static: dict[str, np.ndarray], first: dict[str, np.ndarray],
-                 mask: np.ndarray, *, repeat: int = 1):
+    def __init__(
+        self,
+        session: DecoderSession,
+        static: dict[str, np.ndarray],
+        first: dict[str, np.ndarray],
+        mask: np.ndarray,
+        *,
+        repeat: int = 1,
+    ):
         self.session = session
         rep = (lambda a: np.repeat(a, repeat, axis=0)) if repeat > 1 else (lambda a: a)
         # Beams of a sample share its encoder outputs (HF's _expand_inputs_for_generation: repeat_interleave).
@@ -171,7 +191,9 @@ class KVCacheStep:
         self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), dtype=np.int64)], axis=1)
         self.pos = self.pos[:, -1:] + 1
         ids = tokens.reshape(-1, 1).astype(np.int64)
-        later = {k: np.zeros((ids.shape[0], 1, *v.shape[2:]), dtype=v.dtype) for k, v in self.first_feeds.items()}
+        later = {
+            k: np.zeros((ids.shape[0], 1, *v.shape[2:]), dtype=v.dtype) for k, v in self.first_feeds.items()
+        }
         return self._run(ids, later, self.pos)
 
     def reorder(self, beam_indices: np.ndarray) -> None:
@@ -179,8 +201,14 @@ class KVCacheStep:
             self.past = {k: self.session.take(v, beam_indices) for k, v in self.past.items()}
 
     def _run(self, ids: np.ndarray, extra: dict[str, np.ndarray], pos: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": pos, **extra, **self.static,
-                 **self.past}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": self.mask,
+            "position_ids": pos,
+            **extra,
+            **self.static,
+            **self.past,
+        }
         logits, present = self.session.run(feeds)
         self.past = {past_name(k): v for k, v in present.items()}
         return logits[:, -1, :]

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from vlexport.runtime import Artifact
 
 
-
 @dataclass
 class GenerationOutput:
     sequences: np.ndarray  # [batch, decoder prompt + new tokens], what HF generate() returns
@@ -38,7 +37,7 @@ class GenerationOutput:
 
     @property
     def new_tokens(self) -> np.ndarray:
-        return self.sequences[:, self.prompt_length:]
+        return self.sequences[:, self.prompt_length :]
 
 
 class ConfigView:
@@ -74,8 +73,9 @@ def artifact_config(directory: Path) -> Any:
     if AutoConfig is None:
         return ConfigView({**d, "model_type": model_type})
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise CheckError(f"{path}: model_type {model_type!r:.60} is not a model type this transformers knows. "
-                         f"{again}")
+        raise CheckError(
+            f"{path}: model_type {model_type!r:.60} is not a model type this transformers knows. {again}"
+        )
     try:
         return AutoConfig.for_model(model_type, **d)
     except Exception as e:  # noqa: BLE001  a config class may raise anything on values of the wrong type
@@ -92,20 +92,26 @@ class Generator:
     def __init__(self, artifact: Artifact, config: Any | None = None):
         task = artifact.task_spec
         if not task.generative or task.generation is None:
-            raise UsageError(f"{artifact.directory} holds a {artifact.manifest.task!r} artifact, which does not "
-                             "generate text; `vlexport run` prints its scores instead.")
+            raise UsageError(
+                f"{artifact.directory} holds a {artifact.manifest.task!r} artifact, which does not "
+                "generate text; `vlexport run` prints its scores instead."
+            )
         self.artifact = artifact
         self.config = config if config is not None else artifact_config(artifact.directory)
         self.recipe: GenerationRecipe = task.generation(self.config)
         self.settings: dict[str, Any] = dict(artifact.manifest.generation)
         if not self.settings:
-            raise CheckError(f"{artifact.directory}/manifest.json has no generation settings; export it again.")
+            raise CheckError(
+                f"{artifact.directory}/manifest.json has no generation settings; export it again."
+            )
         needed = [s for s in self.recipe.stages if isinstance(s, str)] + ["decoder"]
         missing = [n for n in needed if n not in artifact.components]
         if missing:
-            raise CheckError(f"{artifact.directory} lacks component(s) {missing} that {artifact.manifest.family} "
-                             f"{artifact.manifest.task} generation needs (has {sorted(artifact.components)}); "
-                             "the manifest does not describe a complete artifact. Export it again.")
+            raise CheckError(
+                f"{artifact.directory} lacks component(s) {missing} that {artifact.manifest.family} "
+                f"{artifact.manifest.task} generation needs (has {sorted(artifact.components)}); "
+                "the manifest does not describe a complete artifact. Export it again."
+            )
         check_components_match_manifest(artifact)
         specs = artifact.manifest.components
         self.decoder = _decoder_session(artifact.components["decoder"], specs.get("decoder"))
@@ -115,18 +121,36 @@ class Generator:
         self.eos = np.array(self._search.eos_token_id, dtype=np.int64)
 
     # ------------------------------------------------------------ public
-    def generate(self, pixel_values: np.ndarray, input_ids: np.ndarray | None = None,
-                 attention_mask: np.ndarray | None = None, *, max_new_tokens: int = 20, num_beams: int = 1,
-                 min_new_tokens: int = 0, output_logits: bool = False,
-                 on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+    def generate(
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+        *,
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+        output_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerationOutput:
         """Greedy (``num_beams=1``) or beam search; ``on_step(i)`` is called when step i's logits are ready."""
         self._check_request(pixel_values, input_ids, max_new_tokens, num_beams, min_new_tokens)
         env = self.encode(pixel_values, input_ids, attention_mask)
-        return self.decode(env, max_new_tokens=max_new_tokens, num_beams=num_beams, min_new_tokens=min_new_tokens,
-                           output_logits=output_logits, on_step=on_step)
+        return self.decode(
+            env,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            min_new_tokens=min_new_tokens,
+            output_logits=output_logits,
+            on_step=on_step,
+        )
 
-    def encode(self, pixel_values: np.ndarray, input_ids: np.ndarray | None = None,
-               attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode(
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """Run the recipe's stages (encoders and prompt rules) once per request."""
         env: dict[str, Any] = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=self._pixel_dtype())}
         if input_ids is not None:
@@ -139,16 +163,26 @@ class Generator:
                 names = getattr(component, "input_names", None) or [n for n in env]
                 lacking = [n for n in names if n not in env]
                 if lacking:
-                    raise UsageError(f"{stage} needs {lacking}: the {self.artifact.manifest.task} task needs a text "
-                                     "prompt (--text) besides the image.")
+                    raise UsageError(
+                        f"{stage} needs {lacking}: the {self.artifact.manifest.task} task needs a text "
+                        "prompt (--text) besides the image."
+                    )
                 dtypes = self._dtypes.get(stage, {})
                 env.update(component({n: _as_dtype(env[n], dtypes.get(n)) for n in names}))
             else:
                 env.update(stage(env, self.settings))
         return env
 
-    def decode(self, env: Mapping[str, Any], *, max_new_tokens: int, num_beams: int = 1, min_new_tokens: int = 0,
-               output_logits: bool = False, on_step: Callable[[int], None] | None = None) -> GenerationOutput:
+    def decode(
+        self,
+        env: Mapping[str, Any],
+        *,
+        max_new_tokens: int,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+        output_logits: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerationOutput:
         prompt = env["decoder_input_ids"].astype(np.int64)
         mask = env.get("decoder_attention_mask")
         max_pos = self.settings.get("max_positions")
@@ -156,22 +190,39 @@ class Generator:
             raise UsageError(
                 f"The prompt is {prompt.shape[1]} tokens and {max_new_tokens} new tokens are asked for: "
                 f"{prompt.shape[1] + max_new_tokens} positions, more than the model's {max_pos} "
-                "(max_position_embeddings). Shorten the prompt or lower --max-new-tokens.")
+                "(max_position_embeddings). Shorten the prompt or lower --max-new-tokens."
+            )
         if prompt.shape[1] == 0:
             raise UsageError("The decoder prompt is empty: give at least one token besides the special ones.")
         if mask is None:
             mask = self._default_mask(prompt)
-        check = getattr(self.decoder, "check_request", None)  # static-cache packages: compiled length and rows
+        check = getattr(
+            self.decoder, "check_request", None
+        )  # static-cache packages: compiled length and rows
         if check is not None:
             check(prompt.shape[0] * num_beams, prompt.shape[1], max_new_tokens)
         step = self.decoder.step(env, mask, first_step=self.recipe.first_step, repeat=num_beams)
-        out = search(step, prompt, self._search, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                     min_new_tokens=min_new_tokens, output_logits=output_logits, on_step=on_step)
+        out = search(
+            step,
+            prompt,
+            self._search,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            output_logits=output_logits,
+            on_step=on_step,
+        )
         return GenerationOutput(out.sequences, prompt.shape[1], out.logits, out.beam_margins)
 
     # ------------------------------------------------------------ checks
-    def _check_request(self, pixel_values: np.ndarray, input_ids: np.ndarray | None, max_new_tokens: int,
-                       num_beams: int, min_new_tokens: int) -> None:
+    def _check_request(
+        self,
+        pixel_values: np.ndarray,
+        input_ids: np.ndarray | None,
+        max_new_tokens: int,
+        num_beams: int,
+        min_new_tokens: int,
+    ) -> None:
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
@@ -179,22 +230,32 @@ class Generator:
         if min_new_tokens < 0:
             raise UsageError(f"min_new_tokens must be >= 0, got {min_new_tokens!r}.")
         if pixel_values.ndim != 4:
-            raise UsageError(f"pixel_values must be [batch, channels, height, width], got shape {pixel_values.shape}.")
+            raise UsageError(
+                f"pixel_values must be [batch, channels, height, width], got shape {pixel_values.shape}."
+            )
         size = self.artifact.manifest.image_size
         if size is not None and tuple(pixel_values.shape[2:]) != (size, size):
-            raise UsageError(f"The artifact takes {size}x{size} images; got {pixel_values.shape[2]}x"
-                             f"{pixel_values.shape[3]}. Resize to the manifest's image_size.")
+            raise UsageError(
+                f"The artifact takes {size}x{size} images; got {pixel_values.shape[2]}x"
+                f"{pixel_values.shape[3]}. Resize to the manifest's image_size."
+            )
         if input_ids is None and self.recipe.needs_prompt:
-            raise UsageError(f"{self.artifact.manifest.family} {self.artifact.manifest.task} needs a text prompt "
-                             "(--text): the model generates an answer to it.")
+            raise UsageError(
+                f"{self.artifact.manifest.family} {self.artifact.manifest.task} needs a text prompt "
+                "(--text): the model generates an answer to it."
+            )
         max_pos = self.settings.get("max_positions")
         if input_ids is not None:
             if input_ids.ndim != 2 or input_ids.shape[0] != pixel_values.shape[0]:
-                raise UsageError(f"input_ids must be [batch, sequence] with the images' batch "
-                                 f"{pixel_values.shape[0]}; got shape {tuple(input_ids.shape)}.")
+                raise UsageError(
+                    f"input_ids must be [batch, sequence] with the images' batch "
+                    f"{pixel_values.shape[0]}; got shape {tuple(input_ids.shape)}."
+                )
             if max_pos is not None and input_ids.shape[1] > max_pos:
-                raise UsageError(f"The prompt is {input_ids.shape[1]} tokens, longer than the model's "
-                                 f"{max_pos} positions (max_position_embeddings). Shorten the prompt.")
+                raise UsageError(
+                    f"The prompt is {input_ids.shape[1]} tokens, longer than the model's "
+                    f"{max_pos} positions (max_position_embeddings). Shorten the prompt."
+                )
 
     def _default_mask(self, ids: np.ndarray) -> np.ndarray:
         """HF's mask when none is given: ones, unless pad occurs in the prompt and pad is not an eos token."""
@@ -219,7 +280,11 @@ def _decoder_session(component: Any, spec: ComponentSpec) -> Any:
         return DecoderSession(component, spec)
     from vlexport.runtime.static_step import StaticDecoderSession, is_static_decoder
 
-    return StaticDecoderSession(component, spec) if is_static_decoder(component) else DecoderSession(component, spec)
+    return (
+        StaticDecoderSession(component, spec)
+        if is_static_decoder(component)
+        else DecoderSession(component, spec)
+    )
 
 
 def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
@@ -240,17 +305,21 @@ def check_components_match_manifest(artifact: Artifact) -> None:
             raise CheckError(
                 f"{artifact.directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} and outputs "
                 f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest does not "
-                "match its files. Export the artifact again.")
+                "match its files. Export the artifact again."
+            )
 
 
-def prompt_ids(text: str | None, tokenizer: Any, s: dict[str, Any], recipe: Any,
-               raw_prompt: bool) -> np.ndarray | None:
+def prompt_ids(
+    text: str | None, tokenizer: Any, s: dict[str, Any], recipe: Any, raw_prompt: bool
+) -> np.ndarray | None:
     """`vlexport run`'s decoder-side prompt (template, BLIP-2's image tokens); None: the model's default."""
     queries = s.get("num_query_tokens")
     if text is None and not (recipe.needs_prompt and queries):
         return None  # the model's own default prompt (BLIP caption: [bos]; BLIP-2 OPT: image tokens + bos)
     if tokenizer is None:
-        raise UsageError("This task needs a text prompt, and the artifact has no tokenizer to encode it with.")
+        raise UsageError(
+            "This task needs a text prompt, and the artifact has no tokenizer to encode it with."
+        )
     if text is not None and recipe.prompt_template and not raw_prompt and "{}" in recipe.prompt_template:
         text = recipe.prompt_template.format(text)
     ids = tokenizer.encode(text or "")

@@ -18,8 +18,10 @@ def available_providers(device: str = "auto") -> list[str]:
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in have:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise CheckError("CUDA was requested but this onnxruntime has no CUDAExecutionProvider: "
-                         "pip install 'vlexport[gpu]' (onnxruntime-gpu) on a machine with a GPU.")
+        raise CheckError(
+            "CUDA was requested but this onnxruntime has no CUDAExecutionProvider: "
+            "pip install 'vlexport[gpu]' (onnxruntime-gpu) on a machine with a GPU."
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -29,8 +31,14 @@ class OnnxComponent:
     Feeds only the inputs the graph declares: optimized graphs may drop unused ones (pixel_mask).
     """
 
-    def __init__(self, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spin: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        spin: bool = True,
+    ):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -39,11 +47,14 @@ class OnnxComponent:
             # spinning threads steal the cores torch needs next (eager measured 2x slower beside one).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts,
-                                                providers=list(providers or available_providers()))
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=list(providers or available_providers())
+            )
         except Exception as e:  # noqa: BLE001  ORT raises its own Fail/InvalidGraph types
-            raise CheckError(f"ONNX Runtime cannot load {path}: {e}. The file is damaged or incomplete; "
-                             "export the artifact again.") from None
+            raise CheckError(
+                f"ONNX Runtime cannot load {path}: {e}. The file is damaged or incomplete; "
+                "export the artifact again."
+            ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}

@@ -39,8 +39,10 @@ def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
     if manifest.image_size is None:
         raise UsageError(f"{directory}: the manifest records no image_size; this artifact takes no images.")
     if not 1 <= manifest.image_size <= 16384:
-        raise CheckError(f"{directory}/manifest.json records image_size {manifest.image_size}, not a size in "
-                         "1..16384; the manifest is damaged, export the artifact again.")
+        raise CheckError(
+            f"{directory}/manifest.json records image_size {manifest.image_size}, not a size in "
+            "1..16384; the manifest is damaged, export the artifact again."
+        )
     # imported here, not at the top: served models import load_image without torch
     from vlexport.models import get_family
 
@@ -58,15 +60,25 @@ def image_settings(directory: Path, manifest: Manifest) -> ImageSettings:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value] * 3  # processors accept one number for every channel
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(map(finite, value))):
-            raise CheckError(f"{path}: {key} must be 3 numbers (one per RGB channel), got {value!r:.60}. {again}")
+            raise CheckError(
+                f"{path}: {key} must be 3 numbers (one per RGB channel), got {value!r:.60}. {again}"
+            )
     if not all(std if isinstance(std, (list, tuple)) else [std]):
         raise CheckError(f"{path}: image_std holds a 0, which would divide by zero. {again}")
     if not finite(rescale) or isinstance(resample, bool) or resample not in range(6):
-        raise CheckError(f"{path}: rescale_factor must be a number and resample a PIL filter id 0..5, got "
-                         f"{rescale!r:.30} and {resample!r:.30}. {again}")
-    expand = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * 3)
-    return ImageSettings(manifest.image_size, expand(mean), expand(std), float(rescale), int(resample),
-                         "preprocessor_config.json")
+        raise CheckError(
+            f"{path}: rescale_factor must be a number and resample a PIL filter id 0..5, got "
+            f"{rescale!r:.30} and {resample!r:.30}. {again}"
+        )
+    expand = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * 3
+    return ImageSettings(
+        manifest.image_size,
+        expand(mean),
+        expand(std),
+        float(rescale),
+        int(resample),
+        "preprocessor_config.json",
+    )
 
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -84,9 +96,11 @@ def _as_rgb(img: PILImage, label: str) -> PILImage:
     arr = np.asarray(img, dtype=np.float64)
     top = 1.0 if img.mode == "F" else 65535.0
     if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= top):
-        raise UsageError(f"{label} is a {img.mode} image with values from {arr.min():g} to {arr.max():g}, "
-                         f"outside 0..{top:g}, which have no one meaning as a colour. Convert it to an 8- or 16-bit "
-                         "image (or floats in 0..1) first.")
+        raise UsageError(
+            f"{label} is a {img.mode} image with values from {arr.min():g} to {arr.max():g}, "
+            f"outside 0..{top:g}, which have no one meaning as a colour. Convert it to an 8- or 16-bit "
+            "image (or floats in 0..1) first."
+        )
     grey = np.rint(arr * (255.0 / top)).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 
@@ -98,8 +112,11 @@ def load_image(path: str | Path, settings: ImageSettings) -> np.ndarray:
     if path.is_dir():
         raise UsageError(f"Image {path} is a directory; --image takes one image file. {other}")
     if not path.is_file():
-        raise UsageError(f"Image {path} does not exist." if not path.exists() else
-                         f"Image {path} is not a regular file. {other}")
+        raise UsageError(
+            f"Image {path} does not exist."
+            if not path.exists()
+            else f"Image {path} is not a regular file. {other}"
+        )
     if path.stat().st_size == 0:
         raise UsageError(f"Image {path} is empty (0 bytes). {other}")
     return pixels_from_rgb(decode_image(path, f"Image {path}"), settings)
@@ -119,15 +136,20 @@ def decode_image(source: Path | BinaryIO, label: str) -> PILImage:
                 img.load()
                 return _as_rgb(img, label)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UsageError(f"{label} is refused as a possible decompression bomb ({e}). Pass an image of at "
-                         f"most {Image.MAX_IMAGE_PIXELS} pixels (resize it first); it is resized to the "
-                         "artifact's input size anyway.") from None
+        raise UsageError(
+            f"{label} is refused as a possible decompression bomb ({e}). Pass an image of at "
+            f"most {Image.MAX_IMAGE_PIXELS} pixels (resize it first); it is resized to the "
+            "artifact's input size anyway."
+        ) from None
     except UnidentifiedImageError:
-        raise UsageError(f"Cannot decode {label[0].lower()}{label[1:]}: not an image format Pillow recognises. "
-                         f"{other}") from None
+        raise UsageError(
+            f"Cannot decode {label[0].lower()}{label[1:]}: not an image format Pillow recognises. {other}"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's ways of saying truncated / corrupt
-        raise UsageError(f"Cannot decode {label[0].lower()}{label[1:]}: it is truncated or damaged ({brief(e)}); "
-                         f"re-save or re-download it. {other}") from None
+        raise UsageError(
+            f"Cannot decode {label[0].lower()}{label[1:]}: it is truncated or damaged ({brief(e)}); "
+            f"re-save or re-download it. {other}"
+        ) from None
 
 
 def pixels_from_rgb(rgb: PILImage, settings: ImageSettings) -> np.ndarray:

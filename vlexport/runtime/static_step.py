@@ -36,7 +36,9 @@ def is_static_decoder(component: Any) -> bool:
 def _torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckError(f"The manifest records tensor dtype {name!r}, which torch does not know. Compile again.")
+        raise CheckError(
+            f"The manifest records tensor dtype {name!r}, which torch does not know. Compile again."
+        )
     return dtype
 
 
@@ -54,8 +56,10 @@ class StaticDecoderSession:
         self.dtypes = {t.name: _torch_dtype(t.dtype) for t in spec.inputs}
         self.cache_names = [n for n in self.input_names if n.startswith("cache.")]
         if not self.cache_names or not all(isinstance(d, int) for d in shapes[self.cache_names[0]][1:]):
-            raise CheckError("The decoder package declares no static cache inputs [batch, heads, slots, head_dim]; "
-                             "compile the artifact again.")
+            raise CheckError(
+                "The decoder package declares no static cache inputs [batch, heads, slots, head_dim]; "
+                "compile the artifact again."
+            )
         self.cache_shape = tuple(shapes[self.cache_names[0]][1:])  # heads, slots, head_dim
         self.max_length = int(info.get("max_length", self.cache_shape[1]))
         self.max_batch = int(info.get("max_batch", 1 << 30))
@@ -71,20 +75,26 @@ class StaticDecoderSession:
                 f"The decoder prompt is {prompt_length} tokens and {max_new_tokens} new tokens are asked for: "
                 f"{prompt_length + max_new_tokens} positions, more than this package's static cache of "
                 f"{self.max_length} (--max-length at compile time). Shorten the prompt, lower --max-new-tokens, "
-                "or compile again with a larger --max-length.")
+                "or compile again with a larger --max-length."
+            )
         if rows > self.max_batch:
             raise UsageError(
                 f"This request needs {rows} decoder rows (batch x beams), more than the {self.max_batch} the package "
                 "was compiled for (--max-batch at compile time). Lower the batch or the beams, or compile again "
-                "with a larger --max-batch.")
+                "with a larger --max-batch."
+            )
 
     def buffers(self, rows: int) -> dict[str, torch.Tensor]:
         """The caches and slot mask for ``rows`` rows, zeroed: allocated once per row count and reused."""
         bufs = self._buffers.get(rows)
         if bufs is None:
-            bufs = {n: torch.zeros((rows, *self.cache_shape), dtype=self.dtypes[n], device=self.device)
-                    for n in self.cache_names}
-            bufs["attention_mask"] = torch.zeros((rows, self.max_length), dtype=torch.int64, device=self.device)
+            bufs = {
+                n: torch.zeros((rows, *self.cache_shape), dtype=self.dtypes[n], device=self.device)
+                for n in self.cache_names
+            }
+            bufs["attention_mask"] = torch.zeros(
+                (rows, self.max_length), dtype=torch.int64, device=self.device
+            )
             self._buffers[rows] = bufs
         for t in bufs.values():
             t.zero_()
@@ -98,18 +108,28 @@ class StaticDecoderSession:
     def run(self, feeds: Mapping[str, torch.Tensor], persistent: set[str]) -> torch.Tensor:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
-            raise CheckError(f"The decoder package expects inputs {missing} that this artifact's generation recipe "
-                             "does not provide: the manifest and the package do not match. Compile again.")
+            raise CheckError(
+                f"The decoder package expects inputs {missing} that this artifact's generation recipe "
+                "does not provide: the manifest and the package do not match. Compile again."
+            )
         tensors = [feeds[n] for n in self.input_names]
         with torch.no_grad():
             if self.graphs is not None and feeds["input_ids"].shape[1] == 1:
                 return self.graphs(tensors, {i for i, n in enumerate(self.input_names) if n in persistent})
             return self.call(*tensors)[0]
 
-    def step(self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (),
-             repeat: int = 1) -> StaticCacheStep:
+    def step(
+        self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (), repeat: int = 1
+    ) -> StaticCacheStep:
         """A DecodeStep for one request (same contract as decoder_session.DecoderSession.step)."""
-        per_step = {"input_ids", "attention_mask", "position_ids", CACHE_POSITION, *self.cache_names, *first_step}
+        per_step = {
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            CACHE_POSITION,
+            *self.cache_names,
+            *first_step,
+        }
         static = {}
         for k, v in env.items():
             name = past_name(k) if k.startswith("present.") else k
@@ -121,15 +141,24 @@ class StaticDecoderSession:
 class StaticCacheStep:
     """Feeds the package step by step: slots, mask, positions; the caches stay on the device."""
 
-    def __init__(self, session: StaticDecoderSession, static: dict[str, Any], first: dict[str, Any],
-                 mask: np.ndarray, *, repeat: int = 1):
+    def __init__(
+        self,
+        session: StaticDecoderSession,
+        static: dict[str, Any],
+        first: dict[str, Any],
+        mask: np.ndarray,
+        *,
+        repeat: int = 1,
+    ):
         self.session = session
         rep = (lambda a: np.repeat(np.asarray(a), repeat, axis=0)) if repeat > 1 else np.asarray
         # Beams of a sample share its encoder outputs (HF's _expand_inputs_for_generation: repeat_interleave).
         self.static = {k: session.tensor(k, rep(v)) for k, v in static.items()}
         self.first_feeds = {k: session.tensor(k, rep(v)) for k, v in first.items()}
-        self.later = {k: torch.zeros((v.shape[0], 1, *v.shape[2:]), dtype=v.dtype, device=v.device)
-                      for k, v in self.first_feeds.items()}
+        self.later = {
+            k: torch.zeros((v.shape[0], 1, *v.shape[2:]), dtype=v.dtype, device=v.device)
+            for k, v in self.first_feeds.items()
+        }
         self.prompt_mask = rep(np.asarray(mask, dtype=np.int64))
         self.rows = self.prompt_mask.shape[0]
         self.bufs = session.buffers(self.rows)
@@ -139,8 +168,10 @@ class StaticCacheStep:
     def first(self, prompt_ids: np.ndarray) -> np.ndarray:
         n = prompt_ids.shape[1]
         if n > self.session.max_length:
-            raise UsageError(f"The decoder prompt is {n} tokens, more than the package's {self.session.max_length} "
-                             "cache slots (--max-length). Shorten the prompt or compile with a larger --max-length.")
+            raise UsageError(
+                f"The decoder prompt is {n} tokens, more than the package's {self.session.max_length} "
+                "cache slots (--max-length). Shorten the prompt or compile with a larger --max-length."
+            )
         mask = self.bufs["attention_mask"]
         mask.zero_()
         mask[:, :n] = torch.from_numpy(self.prompt_mask[:, :n])
@@ -154,8 +185,10 @@ class StaticCacheStep:
     def next(self, tokens: np.ndarray) -> np.ndarray:
         slot = self.length
         if slot >= self.session.max_length:
-            raise UsageError(f"Generation reached the package's {self.session.max_length} cache slots "
-                             "(--max-length at compile time): lower --max-new-tokens or compile again.")
+            raise UsageError(
+                f"Generation reached the package's {self.session.max_length} cache slots "
+                "(--max-length at compile time): lower --max-new-tokens or compile again."
+            )
         self.bufs["attention_mask"][:, slot] = 1
         self.last_pos += 1
         self.length += 1
@@ -170,11 +203,18 @@ class StaticCacheStep:
             t.copy_(t.index_select(0, idx))
         self.last_pos = self.last_pos.index_select(0, idx)
 
-    def _run(self, ids: torch.Tensor, extra: Mapping[str, torch.Tensor], pos: torch.Tensor,
-             slots: torch.Tensor) -> np.ndarray:
+    def _run(
+        self, ids: torch.Tensor, extra: Mapping[str, torch.Tensor], pos: torch.Tensor, slots: torch.Tensor
+    ) -> np.ndarray:
         s = self.session
-        feeds = {"input_ids": s.tensor("input_ids", ids), "position_ids": s.tensor("position_ids", pos),
-                 CACHE_POSITION: s.tensor(CACHE_POSITION, slots), **extra, **self.static, **self.bufs}
+        feeds = {
+            "input_ids": s.tensor("input_ids", ids),
+            "position_ids": s.tensor("position_ids", pos),
+            CACHE_POSITION: s.tensor(CACHE_POSITION, slots),
+            **extra,
+            **self.static,
+            **self.bufs,
+        }
         logits = s.run(feeds, persistent=set(self.bufs))
         return logits[:, -1, :].float().cpu().numpy()
 
@@ -192,13 +232,17 @@ class CudaGraphs:
         self.entries: dict[tuple, tuple[Any, list[torch.Tensor], Sequence[torch.Tensor]]] = {}
 
     def __call__(self, tensors: list[torch.Tensor], persistent: set[int]) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype, t.data_ptr() if i in persistent else 0) for i, t in enumerate(tensors))
+        key = tuple(
+            (tuple(t.shape), t.dtype, t.data_ptr() if i in persistent else 0) for i, t in enumerate(tensors)
+        )
         entry = self.entries.get(key)
         if entry is None:
             bufs = [t if i in persistent else t.clone() for i, t in enumerate(tensors)]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture stream; it writes this step's slot, as the replay will
+            with torch.cuda.stream(
+                side
+            ):  # warm-up off the capture stream; it writes this step's slot, as the replay will
                 self.call(*bufs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()

@@ -114,60 +114,86 @@ class GenerateTask(Task):
         if self._tokenizer is None:
             self.notes.append("the artifact has no tokenizer: showing token ids only")
         elif self._tokenizer.kind == "placeholder":
-            self.notes.append("random weights: the text comes from a placeholder tokenizer and is not meaningful")
+            self.notes.append(
+                "random weights: the text comes from a placeholder tokenizer and is not meaningful"
+            )
 
-    def generate(self, images: ImageInput | Sequence[ImageInput], prompts: TextInput | None = None, *,
-                 max_new_tokens: int | None = None, num_beams: int | None = None, return_ids: bool = False,
-                 raw_prompt: bool = False) -> Any:
+    def generate(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: TextInput | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        return_ids: bool = False,
+        raw_prompt: bool = False,
+    ) -> Any:
         """Texts for images (and prompts: one for all, or one per image; or one image and several prompts).
 
         Returns a str per input pair (a list unless one image and at most one prompt were given), or
         :class:`Generation` records with ``return_ids=True``. Defaults come from the artifact's settings.
         """
-        check_options(self.directory, self.manifest, max_new_tokens=None, num_beams=None, raw_prompt=raw_prompt)
+        check_options(
+            self.directory, self.manifest, max_new_tokens=None, num_beams=None, raw_prompt=raw_prompt
+        )
         s = self.settings
         new = int(s.get("default_max_new_tokens", 20)) if max_new_tokens is None else max_new_tokens
         beams = int(s.get("default_num_beams", 1)) if num_beams is None else num_beams
         pixels = self.pixels(images)
         texts, one_text = ([None], True) if prompts is None else text_list(prompts, "prompts")
         if self._tokenizer is None and prompts is not None:
-            raise UsageError(f"{self.directory} has no tokenizer to encode the prompts with (the export source had "
-                             "none). Export from a checkpoint directory that includes its tokenizer files.")
+            raise UsageError(
+                f"{self.directory} has no tokenizer to encode the prompts with (the export source had "
+                "none). Export from a checkpoint directory that includes its tokenizer files."
+            )
         n = broadcast(len(pixels), len(texts), "prompts")
         with self._text_lock:
-            ids = [prompt_ids(texts[min(i, len(texts) - 1)], self._tokenizer, s, self.recipe, raw_prompt)
-                   for i in range(n)]
+            ids = [
+                prompt_ids(texts[min(i, len(texts) - 1)], self._tokenizer, s, self.recipe, raw_prompt)
+                for i in range(n)
+            ]
         groups: dict[int | None, list[int]] = {}
         for i, row in enumerate(ids):
             groups.setdefault(None if row is None else row.shape[1], []).append(i)
         out: list[Generation | None] = [None] * n
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 batch_ids = None if ids[chunk[0]] is None else np.concatenate([ids[i] for i in chunk])
                 with self._lock:
                     result = self.generator.generate(
-                        pixels[[min(i, len(pixels) - 1) for i in chunk]], batch_ids,
-                        None if batch_ids is None else np.ones_like(batch_ids), max_new_tokens=new, num_beams=beams)
+                        pixels[[min(i, len(pixels) - 1) for i in chunk]],
+                        batch_ids,
+                        None if batch_ids is None else np.ones_like(batch_ids),
+                        max_new_tokens=new,
+                        num_beams=beams,
+                    )
                 for row, i in enumerate(chunk):
-                    out[i] = self._record(result.sequences[row], result.prompt_length, texts[min(i, len(texts) - 1)])
+                    out[i] = self._record(
+                        result.sequences[row], result.prompt_length, texts[min(i, len(texts) - 1)]
+                    )
         records = [r for r in out if r is not None]
         results = records if return_ids else [r.text if r.text is not None else r.ids for r in records]
         return results[0] if is_single_image(images) and one_text else results
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], prompt: TextInput | None = None,
-                **kwargs: Any) -> Any:
+    def caption(
+        self, images: ImageInput | Sequence[ImageInput], prompt: TextInput | None = None, **kwargs: Any
+    ) -> Any:
         """Captions (a BLIP caption continues ``prompt``, e.g. "a picture of"); see :meth:`generate`."""
         if self.recipe.needs_prompt and not self.settings.get("num_query_tokens"):
-            raise UsageError(f"{self.directory} holds a {self.task} artifact, which answers questions: call "
-                             ".answer(images, questions).")
+            raise UsageError(
+                f"{self.directory} holds a {self.task} artifact, which answers questions: call "
+                ".answer(images, questions)."
+            )
         return self.generate(images, prompt, **kwargs)
 
     def answer(self, images: ImageInput | Sequence[ImageInput], questions: TextInput, **kwargs: Any) -> Any:
         """Answers to questions about the images (BLIP-2 wraps them in its "Question: ... Answer:" template)."""
         if not (self.recipe.needs_prompt or self.recipe.prompt_template):
-            raise UsageError(f"{self.directory} holds a {self.task} artifact, which captions images: call "
-                             ".caption(images) (a prompt there is the start of the caption).")
+            raise UsageError(
+                f"{self.directory} holds a {self.task} artifact, which captions images: call "
+                ".caption(images) (a prompt there is the start of the caption)."
+            )
         return self.generate(images, questions, **kwargs)
 
     def _record(self, seq: np.ndarray, prompt_length: int, prompt: str | None) -> Generation:
@@ -187,20 +213,26 @@ class EncoderTask(Task):
     def __init__(self, artifact: Artifact, batch_size: int = DEFAULT_BATCH):
         super().__init__(artifact, batch_size)
         if len(artifact.components) != 1:
-            raise CheckError(f"{self.directory} has components {sorted(artifact.components)}; an encoder task has "
-                             "one. The manifest does not describe a complete artifact: export it again.")
-        (self.component_name, self.component), = artifact.components.items()
+            raise CheckError(
+                f"{self.directory} has components {sorted(artifact.components)}; an encoder task has "
+                "one. The manifest does not describe a complete artifact: export it again."
+            )
+        ((self.component_name, self.component),) = artifact.components.items()
         self.spec = artifact.task_spec
         outputs = self.manifest.components[self.component_name].outputs
         # an images x texts matrix (two-tower logits_per_image, BLIP's contrastive itm_score)
-        self.matrix = next((t.name for t in outputs if len(t.shape) == 2 and t.shape[0] == t.shape[1] == "batch"),
-                           None)
+        self.matrix = next(
+            (t.name for t in outputs if len(t.shape) == 2 and t.shape[0] == t.shape[1] == "batch"), None
+        )
         self.output_names = [t.name for t in outputs]
         self._limit = token_limit(self.directory, self.manifest)
-        self._encoder: ArtifactTokenizer | PlaceholderTexts = self._tokenizer or PlaceholderTexts(self.directory)
+        self._encoder: ArtifactTokenizer | PlaceholderTexts = self._tokenizer or PlaceholderTexts(
+            self.directory
+        )
         if self._tokenizer is None:
-            self.notes.append("no tokenizer in the artifact (random weights): texts encoded with a byte-level "
-                              "placeholder")
+            self.notes.append(
+                "no tokenizer in the artifact (random weights): texts encoded with a byte-level placeholder"
+            )
 
     def texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids and mask of texts padded to one width (as `vlexport run` encodes them)."""
@@ -217,16 +249,20 @@ class EncoderTask(Task):
     def scores(self, image: ImageInput, texts: TextInput) -> list[Scored]:
         """`vlexport run`'s scores: every text against one image, in one call."""
         if self.spec.scores is None:
-            raise UsageError(f"{self.manifest.family} {self.task} has no image-text score (its outputs are not a "
-                             "matching or similarity score); `vlexport.load(...).outputs(images, texts)` returns them.")
+            raise UsageError(
+                f"{self.manifest.family} {self.task} has no image-text score (its outputs are not a "
+                "matching or similarity score); `vlexport.load(...).outputs(images, texts)` returns them."
+            )
         if not is_single_image(image):
             raise UsageError("scores() takes one image; match() / similarity() take several.")
         items, _ = text_list(texts)
         ids, mask = self.texts(items)
         n = len(items)
         scores = self.spec.scores(self.call(np.repeat(self.pixels(image), n, axis=0), ids, mask), n)
-        return [Scored(t, ids[i][mask[i] == 1].tolist(), {k: float(v[i]) for k, v in scores.items()})
-                for i, t in enumerate(items)]
+        return [
+            Scored(t, ids[i][mask[i] == 1].tolist(), {k: float(v[i]) for k, v in scores.items()})
+            for i, t in enumerate(items)
+        ]
 
     def outputs(self, images: ImageInput | Sequence[ImageInput], texts: TextInput) -> dict[str, np.ndarray]:
         """The graph's outputs per (image, text) pair (paired in order, a single one repeated), batch first.
@@ -237,15 +273,24 @@ class EncoderTask(Task):
         ids, mask = self.texts(items)
         n = broadcast(len(pixels), len(items))
         rows = np.arange(n)
-        return self._pairs(pixels, ids, mask, np.minimum(rows, len(pixels) - 1), np.minimum(rows, len(items) - 1))
+        return self._pairs(
+            pixels, ids, mask, np.minimum(rows, len(pixels) - 1), np.minimum(rows, len(items) - 1)
+        )
 
-    def _pairs(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, image_rows: np.ndarray,
-               text_rows: np.ndarray, read: Any = None) -> dict[str, np.ndarray]:
+    def _pairs(
+        self,
+        pixels: np.ndarray,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        image_rows: np.ndarray,
+        text_rows: np.ndarray,
+        read: Any = None,
+    ) -> dict[str, np.ndarray]:
         """Pairs (pixels[image_rows[k]], texts[text_rows[k]]) in batches; ``read`` turns outputs into per-row
         values (a family score reader), else every non-matrix output is kept."""
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(image_rows), self.batch_size):
-            i, j = image_rows[start:start + self.batch_size], text_rows[start:start + self.batch_size]
+            i, j = image_rows[start : start + self.batch_size], text_rows[start : start + self.batch_size]
             out = self.call(pixels[i], ids[j], mask[j])
             values = read(out, len(i)) if read else {k: v for k, v in out.items() if k != self.matrix}
             for k, v in values.items():
@@ -257,7 +302,9 @@ class EncoderTask(Task):
         pixels, (items, one_text) = self.pixels(images), text_list(texts)
         ids, mask = self.texts(items)
         m, n = len(pixels), len(items)
-        values = self._pairs(pixels, ids, mask, np.repeat(np.arange(m), n), np.tile(np.arange(n), m), self.spec.scores)
+        values = self._pairs(
+            pixels, ids, mask, np.repeat(np.arange(m), n), np.tile(np.arange(n), m), self.spec.scores
+        )
         return values, _shape(m, n, is_single_image(images), one_text)
 
 
@@ -290,11 +337,14 @@ class SimilarityTask(EncoderTask):
         for i0 in range(0, m, b):
             for j0 in range(0, n, b):
                 i, j = np.arange(i0, min(i0 + b, m)), np.arange(j0, min(j0 + b, n))
-                width = max(len(i), len(j))  # the graph pairs its batch: pad the shorter side with its last row
+                width = max(
+                    len(i), len(j)
+                )  # the graph pairs its batch: pad the shorter side with its last row
                 ii, jj = np.resize(i, width), np.resize(j, width)
-                ii[len(i):], jj[len(j):] = i[-1], j[-1]
-                out[i0:i0 + len(i), j0:j0 + len(j)] = self.call(pixels[ii], ids[jj], mask[jj])[self.matrix][
-                    : len(i), : len(j)]
+                ii[len(i) :], jj[len(j) :] = i[-1], j[-1]
+                out[i0 : i0 + len(i), j0 : j0 + len(j)] = self.call(pixels[ii], ids[jj], mask[jj])[
+                    self.matrix
+                ][: len(i), : len(j)]
         return out.reshape(_shape(m, n, is_single_image(images), one_text))
 
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
@@ -315,8 +365,10 @@ class SimilarityTask(EncoderTask):
 
     def _embeddings(self, name: str, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if self.matrix is None or name not in self.output_names:
-            raise UsageError(f"{self.manifest.family} {self.task} has no separate {name} (its graph outputs "
-                             f"{self.output_names}); use similarity(images, texts), or export the features task.")
+            raise UsageError(
+                f"{self.manifest.family} {self.task} has no separate {name} (its graph outputs "
+                f"{self.output_names}); use similarity(images, texts), or export the features task."
+            )
         rows = np.arange(len(pixels))
         return self._pairs(pixels, ids, mask, rows, rows)[name]
 
@@ -324,14 +376,17 @@ class SimilarityTask(EncoderTask):
 class FillMaskTask(EncoderTask):
     """Masked LM conditioned on an image: ``fill_mask(images, texts)`` where the texts hold mask tokens."""
 
-    def fill_mask(self, images: ImageInput | Sequence[ImageInput], texts: TextInput,
-                  top_k: int = 5) -> list[list[MaskFill]]:
+    def fill_mask(
+        self, images: ImageInput | Sequence[ImageInput], texts: TextInput, top_k: int = 5
+    ) -> list[list[MaskFill]]:
         """Per (image, text) pair (paired as in ``outputs``), the ``top_k`` tokens at each mask token."""
         tok = self._tokenizer.tok if self._tokenizer is not None else None
         mask_id = getattr(tok, "mask_token_id", None)
         if mask_id is None:
-            raise UsageError(f"{self.directory}'s tokenizer has no mask token (random-weights exports carry a "
-                             "placeholder tokenizer without one); outputs(images, texts) returns the raw logits.")
+            raise UsageError(
+                f"{self.directory}'s tokenizer has no mask token (random-weights exports carry a "
+                "placeholder tokenizer without one); outputs(images, texts) returns the raw logits."
+            )
         if not isinstance(top_k, int) or top_k < 1:
             raise UsageError(f"top_k must be a positive integer, got {top_k!r}.")
         pixels, (items, _) = self.pixels(images), text_list(texts)
@@ -347,8 +402,14 @@ class FillMaskTask(EncoderTask):
                 z = logits[k, pos] - logits[k, pos].max()
                 p = np.exp(z) / np.exp(z).sum()
                 best = np.argsort(-p, kind="stable")[:top_k]
-                fills.append(MaskFill(int(pos), best.tolist(), [tok.decode([int(b)]).strip() for b in best],
-                                      p[best].tolist()))
+                fills.append(
+                    MaskFill(
+                        int(pos),
+                        best.tolist(),
+                        [tok.decode([int(b)]).strip() for b in best],
+                        p[best].tolist(),
+                    )
+                )
             out.append(fills)
         return out
 
@@ -356,8 +417,13 @@ class FillMaskTask(EncoderTask):
 _ENCODERS = {"itm": MatchTask, "itc": SimilarityTask, "mlm": FillMaskTask}
 
 
-def load(directory: str | Path, device: str = "auto", threads: int | None = None,
-         batch_size: int = DEFAULT_BATCH, verify: bool = False) -> Task:
+def load(
+    directory: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    verify: bool = False,
+) -> Task:
     """Load an artifact once; the manifest picks the task object (see the module doc and docs/api.md).
 
     ``verify``: check every file's sha256 against the manifest first (native code, .pt2 / .plan, always is)."""
@@ -367,8 +433,9 @@ def load(directory: str | Path, device: str = "auto", threads: int | None = None
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive integer or None, got {threads!r}.")
     manifest = Manifest.read(directory)  # missing files / size mismatches fail here, before any work
-    artifact = load_artifact(directory, manifest=manifest, device=device, threads=threads,
-                             verify="full" if verify else "native")
+    artifact = load_artifact(
+        directory, manifest=manifest, device=device, threads=threads, verify="full" if verify else "native"
+    )
     if artifact.task_spec.generative:
         return GenerateTask(artifact, batch_size)
     cls = _ENCODERS.get(manifest.task)

@@ -21,20 +21,37 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-def check_options(directory: Path, manifest: Manifest, *, max_new_tokens: int | None, num_beams: int | None,
-                  raw_prompt: bool) -> None:
+def check_options(
+    directory: Path,
+    manifest: Manifest,
+    *,
+    max_new_tokens: int | None,
+    num_beams: int | None,
+    raw_prompt: bool,
+) -> None:
     """Options that do not apply to the artifact are an error, not silently ignored (before anything loads)."""
     what = f"{directory} holds a {manifest.family} {manifest.task} artifact"
     if not get_family(manifest.family).task(manifest.task).generative:
-        given = [name for name, value in (("--num-beams", num_beams), ("--max-new-tokens", max_new_tokens),
-                                          ("--raw-prompt", raw_prompt or None)) if value is not None]
+        given = [
+            name
+            for name, value in (
+                ("--num-beams", num_beams),
+                ("--max-new-tokens", max_new_tokens),
+                ("--raw-prompt", raw_prompt or None),
+            )
+            if value is not None
+        ]
         if given:
-            raise UsageError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to generative artifacts "
-                             f"(caption, vqa, generate); {what}, which generates no text (it scores or embeds its "
-                             "inputs). Drop the option.")
+            raise UsageError(
+                f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to generative artifacts "
+                f"(caption, vqa, generate); {what}, which generates no text (it scores or embeds its "
+                "inputs). Drop the option."
+            )
     elif raw_prompt and "{}" not in (manifest.generation.get("prompt_template") or ""):
-        raise UsageError(f"--raw-prompt turns off the prompt template (BLIP-2's 'Question: {{}} Answer:'); {what}, "
-                         "whose recipe has none, so --text is already used as is. Drop --raw-prompt.")
+        raise UsageError(
+            f"--raw-prompt turns off the prompt template (BLIP-2's 'Question: {{}} Answer:'); {what}, "
+            "whose recipe has none, so --text is already used as is. Drop --raw-prompt."
+        )
 
 
 def token_limit(directory: Path, manifest: Manifest) -> int | None:
@@ -44,8 +61,10 @@ def token_limit(directory: Path, manifest: Manifest) -> int | None:
 
     family, config = get_family(manifest.family), artifact_config(directory)
     offset = family.position_offset(config)
-    limits = [with_axis_limits(spec, config, offset).axis_max.get("sequence")
-              for spec in family.task(manifest.task).components(config)]
+    limits = [
+        with_axis_limits(spec, config, offset).axis_max.get("sequence")
+        for spec in family.task(manifest.task).components(config)
+    ]
     return min((n for n in limits if n), default=None)
 
 
@@ -55,10 +74,15 @@ def placeholder_text_tokenizer(directory: Path) -> tuple[Tokenizer, int]:
     from vlexport.runtime.generate import artifact_config
 
     text = artifact_config(directory).text_config
-    settings = {"pad_token_id": text.pad_token_id, "bos_token_id": getattr(text, "bos_token_id", None),
-                "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else []}
-    keys = (tuple(k for k in ("bos_token_id",) if settings[k] is not None),
-            tuple(k for k in ("eos_token_id",) if settings[k]))
+    settings = {
+        "pad_token_id": text.pad_token_id,
+        "bos_token_id": getattr(text, "bos_token_id", None),
+        "eos_token_id": [text.eos_token_id] if getattr(text, "eos_token_id", None) is not None else [],
+    }
+    keys = (
+        tuple(k for k in ("bos_token_id",) if settings[k] is not None),
+        tuple(k for k in ("eos_token_id",) if settings[k]),
+    )
     return build_placeholder(text.vocab_size, settings, keys), text.pad_token_id or 0
 
 
@@ -76,12 +100,15 @@ def placeholder_batch(directory: Path, texts: Sequence[str]) -> tuple[np.ndarray
     return PlaceholderTexts(directory).batch(texts)
 
 
-def encode_batch(tokenizer: ArtifactTokenizer | PlaceholderTexts, texts: Sequence[str],
-                 limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def encode_batch(
+    tokenizer: ArtifactTokenizer | PlaceholderTexts, texts: Sequence[str], limit: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids and mask of encoder texts (one width for all), refused past the position table."""
     ids, mask = tokenizer.batch(texts)
     if limit is not None and ids.shape[1] > limit:
         longest = int(np.argmax(mask.sum(axis=1)))
-        raise UsageError(f"--text {texts[longest][:40]!r} is {ids.shape[1]} tokens, more than the {limit} this model's "
-                         "position table holds; shorten it.")
+        raise UsageError(
+            f"--text {texts[longest][:40]!r} is {ids.shape[1]} tokens, more than the {limit} this model's "
+            "position table holds; shorten it."
+        )
     return ids, mask

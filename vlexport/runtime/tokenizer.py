@@ -20,13 +20,20 @@ if TYPE_CHECKING:
     from vlexport.manifest import Manifest
 
 
-PLACEHOLDER_NOTE = ("deterministic byte-level placeholder written by vlexport because the weights are random and "
-                    "the source has no tokenizer: token ids are stable, generated text is not meaningful")
+PLACEHOLDER_NOTE = (
+    "deterministic byte-level placeholder written by vlexport because the weights are random and "
+    "the source has no tokenizer: token ids are stable, generated text is not meaningful"
+)
 
 # settings key -> token string, in priority order (two keys may share an id, e.g. OPT's bos == eos)
 _SPECIAL_NAMES = (
-    ("pad_token_id", "<pad>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("sep_token_id", "[SEP]"),
-    ("text_eos_token_id", "[EOS]"), ("decoder_start_token_id", "<start>"), ("image_token_id", "<image>"),
+    ("pad_token_id", "<pad>"),
+    ("bos_token_id", "<s>"),
+    ("eos_token_id", "</s>"),
+    ("sep_token_id", "[SEP]"),
+    ("text_eos_token_id", "[EOS]"),
+    ("decoder_start_token_id", "<start>"),
+    ("image_token_id", "<image>"),
 )
 
 
@@ -35,14 +42,15 @@ def special_tokens(settings: Mapping[str, Any]) -> dict[int, tuple[str, str]]:
     out: dict[int, tuple[str, str]] = {}
     for key, name in _SPECIAL_NAMES:
         value = settings.get(key)
-        for i in (value if isinstance(value, list) else [value]):
+        for i in value if isinstance(value, list) else [value]:
             if i is not None and int(i) not in out:
                 out[int(i)] = (key, name)
     return out
 
 
-def build_placeholder(vocab_size: int, settings: Mapping[str, Any],
-                      template: tuple[Sequence[str], Sequence[str]] = ((), ())) -> Any:
+def build_placeholder(
+    vocab_size: int, settings: Mapping[str, Any], template: tuple[Sequence[str], Sequence[str]] = ((), ())
+) -> Any:
     """A ``tokenizers.Tokenizer`` of ``vocab_size`` ids; ``template`` = settings keys of the special tokens the
     model's real tokenizer puts before / after the text (BLIP: [CLS] ... [SEP]; OPT: </s> ...; T5: ... </s>)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -52,11 +60,13 @@ def build_placeholder(vocab_size: int, settings: Mapping[str, Any],
     alphabet = sorted(ByteLevel.alphabet())
     free = [i for i in range(vocab_size) if i not in specials]
     if len(free) < len(alphabet):
-        raise UsageError(f"vocab_size {vocab_size} is too small for a byte-level placeholder tokenizer (needs "
-                         f"{len(alphabet) + len(specials)} ids).")
+        raise UsageError(
+            f"vocab_size {vocab_size} is too small for a byte-level placeholder tokenizer (needs "
+            f"{len(alphabet) + len(specials)} ids)."
+        )
     vocab = {name: i for i, (_, name) in specials.items()}
     vocab.update({ch: i for ch, i in zip(alphabet, free)})
-    vocab.update({f"\u0120w{i}": i for i in free[len(alphabet):]})  # "\u0120" is byte-level for a space
+    vocab.update({f"\u0120w{i}": i for i in free[len(alphabet) :]})  # "\u0120" is byte-level for a space
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -73,12 +83,18 @@ def build_placeholder(vocab_size: int, settings: Mapping[str, Any],
     before, after = names(template[0]), names(template[1])
     if before or after:
         single = " ".join([*(n for n, _ in before), "$A", *(n for n, _ in after)])
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=sorted(set(before + after)))
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, special_tokens=sorted(set(before + after))
+        )
     return tok
 
 
-def write_placeholder(directory: Path, vocab_size: int, settings: Mapping[str, Any],
-                      template: tuple[Sequence[str], Sequence[str]] = ((), ())) -> list[str]:
+def write_placeholder(
+    directory: Path,
+    vocab_size: int,
+    settings: Mapping[str, Any],
+    template: tuple[Sequence[str], Sequence[str]] = ((), ()),
+) -> list[str]:
     """Write tokenizer.json + tokenizer_config.json (loadable by AutoTokenizer); return the file names."""
     tok = build_placeholder(vocab_size, settings, template)
     tok.save(str(directory / "tokenizer.json"))
@@ -92,8 +108,9 @@ def write_placeholder(directory: Path, vocab_size: int, settings: Mapping[str, A
         "bos_token": by_key.get("bos_token_id"),
         "eos_token": specials[int(settings["eos_token_id"][0])][1] if settings.get("eos_token_id") else None,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None},
-                                                                indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if v is not None}, indent=2) + "\n"
+    )
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
@@ -104,14 +121,26 @@ TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map
 def missing_package(e: ImportError, needed_for: str) -> UsageError:
     """An ImportError as what it is: a package this Python lacks (never "the artifact is damaged")."""
     name = getattr(e, "name", None) or str(e)
-    return UsageError(f"{needed_for} needs the Python package {name!r}, which is not installed in this Python "
-                      f"({brief(e)}). Install it (a Triton repository lists what its models need in "
-                      "requirements.txt: pip install -r REPO/requirements.txt).")
+    return UsageError(
+        f"{needed_for} needs the Python package {name!r}, which is not installed in this Python "
+        f"({brief(e)}). Install it (a Triton repository lists what its models need in "
+        "requirements.txt: pip install -r REPO/requirements.txt)."
+    )
 
 
 # transformers' clean_up_tokenization, applied where tokenizer_config.json asks and the model is not BPE
-_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class JsonTokenizer:
@@ -132,20 +161,29 @@ class JsonTokenizer:
         try:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001  tokenizers raises bare Exception for a file it cannot read
-            raise CheckError(f"{path} is not a tokenizer the tokenizers library can load ({brief(e)}). {again}") from None
+            raise CheckError(
+                f"{path} is not a tokenizer the tokenizers library can load ({brief(e)}). {again}"
+            ) from None
         self.tok.no_padding()
         self.tok.no_truncation()
         config: dict[str, Any] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second one wins, as in transformers
-            if (Path(directory) / name).is_file() and isinstance(doc := read_json(Path(directory) / name,
-                                                                                 advice=again), dict):
+        for name in (
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+        ):  # the second one wins, as in transformers
+            if (Path(directory) / name).is_file() and isinstance(
+                doc := read_json(Path(directory) / name, advice=again), dict
+            ):
                 config.update(doc)
         bpe = type(self.tok.model).__name__ == "BPE"
         self.cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and not bpe
         pad = config.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (
-            self.tok.token_to_id(pad) if isinstance(pad, str) else None)
+        self.pad_token_id = (
+            pad_token_id
+            if pad_token_id is not None
+            else (self.tok.token_to_id(pad) if isinstance(pad, str) else None)
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text).ids)
@@ -183,8 +221,10 @@ class ArtifactTokenizer:
     def __init__(self, directory: Path, manifest: Manifest):
         self.kind = manifest.tokenizer.get("kind", "none")
         if self.kind == "none":
-            raise UsageError(f"{directory} has no tokenizer files (the export source had none). Export from a local "
-                             "checkpoint directory that has its tokenizer (save_pretrained of the processor too).")
+            raise UsageError(
+                f"{directory} has no tokenizer files (the export source had none). Export from a local "
+                "checkpoint directory that has its tokenizer (save_pretrained of the processor too)."
+            )
         again = "The artifact's tokenizer is damaged: export the artifact again."
         for name in TOKENIZER_JSON:
             # Parsed here first, so that a damaged file is named (the libraries report a bare parse error).
@@ -217,4 +257,6 @@ class ArtifactTokenizer:
 
     def batch(self, texts: Sequence[str]) -> tuple[Any, Any]:
         """Right-padded ids and mask (encoder inputs: ITM/ITC text)."""
-        return pad_batch([self.encode(t) for t in texts], self.pad_token_id if self.pad_token_id is not None else 0)
+        return pad_batch(
+            [self.encode(t) for t in texts], self.pad_token_id if self.pad_token_id is not None else 0
+        )

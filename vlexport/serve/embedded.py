@@ -20,13 +20,29 @@ SOURCE = Path(vlexport.__file__).resolve().parent
 # vlexport modules a served python model may import (directly or through each other); the host-side
 # modules of every family (models/host/*.py) are added by ``serving_modules``.
 _MODULES = (
-    "vlexport", "vlexport.errors", "vlexport.userdata", "vlexport.manifest", "vlexport.artifact",
-    "vlexport.artifact.locks", "vlexport.artifact.staging", "vlexport.artifact.output_paths",
-    "vlexport.contracts", "vlexport.contracts.precision",
-    "vlexport.models.scores", "vlexport.runtime.decode", "vlexport.runtime.decoder_session",
-    "vlexport.runtime.generate", "vlexport.runtime.preprocess", "vlexport.runtime.tokenizer",
-    "vlexport.runtime.onnx_session", "vlexport.serve", "vlexport.serve.py_common", "vlexport.serve.py_component",
-    "vlexport.serve.py_generate", "vlexport.serve.py_preprocess", "vlexport.serve.py_postprocess",
+    "vlexport",
+    "vlexport.errors",
+    "vlexport.userdata",
+    "vlexport.manifest",
+    "vlexport.artifact",
+    "vlexport.artifact.locks",
+    "vlexport.artifact.staging",
+    "vlexport.artifact.output_paths",
+    "vlexport.contracts",
+    "vlexport.contracts.precision",
+    "vlexport.models.scores",
+    "vlexport.runtime.decode",
+    "vlexport.runtime.decoder_session",
+    "vlexport.runtime.generate",
+    "vlexport.runtime.preprocess",
+    "vlexport.runtime.tokenizer",
+    "vlexport.runtime.onnx_session",
+    "vlexport.serve",
+    "vlexport.serve.py_common",
+    "vlexport.serve.py_component",
+    "vlexport.serve.py_generate",
+    "vlexport.serve.py_preprocess",
+    "vlexport.serve.py_postprocess",
 )
 # packages whose own __init__ imports torch: the copy gets an empty marker instead
 _MARKERS = ("vlexport.models", "vlexport.runtime")
@@ -37,8 +53,11 @@ _IMPORTS = {"numpy": "numpy", "pillow": "PIL", "tokenizers": "tokenizers", "onnx
 
 
 def _requirements() -> dict[str, tuple[str, str]]:
-    lines = [line.strip() for line in (SOURCE / "serve" / "requirements.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (SOURCE / "serve" / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     out = {re.split(r"[<>=!~ ]", line)[0]: line for line in lines}
     reqs = {name: (line, _IMPORTS[name]) for name, line in out.items()}
     reqs["onnxruntime-gpu"] = (out["onnxruntime"].replace("onnxruntime", "onnxruntime-gpu", 1), "onnxruntime")
@@ -56,8 +75,11 @@ NEEDS = {
 
 
 def serving_modules() -> tuple[str, ...]:
-    host = sorted(f"vlexport.models.host.{p.stem}" for p in (SOURCE / "models" / "host").glob("*.py")
-                  if p.stem != "__init__")
+    host = sorted(
+        f"vlexport.models.host.{p.stem}"
+        for p in (SOURCE / "models" / "host").glob("*.py")
+        if p.stem != "__init__"
+    )
     return (*_MODULES, "vlexport.models.host", *host)
 
 
@@ -72,7 +94,8 @@ def runtime_texts() -> dict[str, str]:
     out = {str(_path(m).relative_to(SOURCE.parent)): _path(m).read_text() for m in serving_modules()}
     for marker in _MARKERS:
         out[str(Path(*marker.split("."), "__init__.py"))] = (
-            f'"""{marker} as copied into a Triton repository: only the torch-free modules beside this file."""\n')
+            f'"""{marker} as copied into a Triton repository: only the torch-free modules beside this file."""\n'
+        )
     return out
 
 
@@ -105,8 +128,11 @@ from {module} import TritonPythonModel  # noqa: E402,F401
 def requirements_text(needed: Iterable[str], existing: str = "") -> str:
     """REPO/requirements.txt: what every python model of the repository imports (an extended repository keeps
     the lines it had)."""
-    lines = {re.split(r"[<>=!~ ]", line.strip())[0]: line.strip()
-             for line in existing.splitlines() if line.strip() and not line.startswith("#")}
+    lines = {
+        re.split(r"[<>=!~ ]", line.strip())[0]: line.strip()
+        for line in existing.splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     lines.update({p: REQUIREMENTS[p][0] for p in needed})
     head = "# What the python models of this Triton repository import (written by `vlexport triton`).\n"
     return head + "".join(f"{lines[k]}\n" for k in sorted(lines))

@@ -74,15 +74,19 @@ def strings(request: Any, name: str, what: str) -> list[str] | None:
         try:
             out.append(item.decode("utf-8") if isinstance(item, bytes) else str(item))
         except UnicodeDecodeError:
-            raise RequestError(f"{name} must hold UTF-8 {what}; element {len(out)} is not valid UTF-8.") from None
+            raise RequestError(
+                f"{name} must hold UTF-8 {what}; element {len(out)} is not valid UTF-8."
+            ) from None
     return out
 
 
 def image_bytes(request: Any) -> bytes:
     value = tensor(request, "IMAGE")
     if value is None or value.size != 1:
-        raise RequestError(f"IMAGE must hold exactly one encoded image (JPEG, PNG, ... bytes); got "
-                           f"{0 if value is None else value.size} element(s).")
+        raise RequestError(
+            f"IMAGE must hold exactly one encoded image (JPEG, PNG, ... bytes); got "
+            f"{0 if value is None else value.size} element(s)."
+        )
     data = value.reshape(-1)[0]
     if not isinstance(data, bytes) or not data:
         raise RequestError("IMAGE is empty: send the encoded image file's bytes (JPEG, PNG, ...).")
@@ -100,7 +104,9 @@ def answer(requests: list[Any], handle: Callable[[Any], Mapping[str, np.ndarray]
     for request in requests:
         try:
             outputs = handle(request)
-            responses.append(utils.InferenceResponse(output_tensors=[utils.Tensor(k, v) for k, v in outputs.items()]))
+            responses.append(
+                utils.InferenceResponse(output_tensors=[utils.Tensor(k, v) for k, v in outputs.items()])
+            )
         except (RequestError, VlexportError) as e:
             responses.append(utils.InferenceResponse(error=utils.TritonError(str(e))))
         except Exception as e:  # noqa: BLE001  a bug must fail this request, not the model instance
@@ -113,8 +119,14 @@ def image_settings(meta: Mapping[str, Any]) -> Any:
     from vlexport.runtime.preprocess import ImageSettings
 
     d = meta["image"]
-    return ImageSettings(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), float(d["rescale"]), int(d["resample"]),
-                         d["source"])
+    return ImageSettings(
+        int(d["size"]),
+        tuple(d["mean"]),
+        tuple(d["std"]),
+        float(d["rescale"]),
+        int(d["resample"]),
+        d["source"],
+    )
 
 
 def decode_image(data: bytes, settings: Any) -> np.ndarray:
@@ -129,4 +141,6 @@ def decode_image(data: bytes, settings: Any) -> np.ndarray:
         try:
             return load_image(f.name, settings)
         except VlexportError as e:
-            raise RequestError(str(e).replace(f"Image {f.name}", "IMAGE").replace(f"image {f.name}", "IMAGE")) from None
+            raise RequestError(
+                str(e).replace(f"Image {f.name}", "IMAGE").replace(f"image {f.name}", "IMAGE")
+            ) from None

@@ -21,7 +21,9 @@ class TritonPythonModel:
         params = common.parameters(args)
         path = common.version_dir(args) / params.get("model_file", "model.onnx")
         device = params.get("device", "cpu")
-        self.component = OnnxComponent(path, providers=available_providers("auto" if device == "gpu" else "cpu"))
+        self.component = OnnxComponent(
+            path, providers=available_providers("auto" if device == "gpu" else "cpu")
+        )
         config = common.model_config(args)
         self.outputs = [o["name"] for o in config["output"]]
 
@@ -32,6 +34,8 @@ class TritonPythonModel:
         feeds = {n: common.tensor(request, n) for n in self.component.input_names}
         missing = [n for n, v in feeds.items() if v is None]
         if missing:
-            raise common.RequestError(f"missing input(s) {missing}; this model takes {self.component.input_names}.")
+            raise common.RequestError(
+                f"missing input(s) {missing}; this model takes {self.component.input_names}."
+            )
         out = self.component(feeds)
         return {n: out[n] for n in self.outputs}

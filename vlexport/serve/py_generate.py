@@ -30,8 +30,10 @@ class Served:
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         utils = common.pb()
         request = utils.InferenceRequest(
-            model_name=self.model, requested_output_names=self.output_names,
-            inputs=[utils.Tensor(n, np.ascontiguousarray(np.asarray(feeds[n]))) for n in self.input_names])
+            model_name=self.model,
+            requested_output_names=self.output_names,
+            inputs=[utils.Tensor(n, np.ascontiguousarray(np.asarray(feeds[n]))) for n in self.input_names],
+        )
         response = request.exec()
         if response.has_error():
             raise CheckError(f"component model {self.model} failed: {response.error().message()}")
@@ -49,14 +51,22 @@ class TritonPythonModel:
         meta = common.serve_json(args)
         directory = common.artifact_dir(args)
         manifest = common.read_manifest(directory)
-        components = {name: Served(model, meta["served_inputs"][model], [t.name for t in manifest.components[name].outputs])
-                      for name, model in meta["components"].items()}
+        components = {
+            name: Served(
+                model, meta["served_inputs"][model], [t.name for t in manifest.components[name].outputs]
+            )
+            for name, model in meta["components"].items()
+        }
         recipe = recipe_from_json(meta["recipe"])
         task = SimpleNamespace(generative=True, generation=lambda config: recipe)
-        artifact = SimpleNamespace(directory=directory, manifest=manifest, task_spec=task, components=components)
+        artifact = SimpleNamespace(
+            directory=directory, manifest=manifest, task_spec=task, components=components
+        )
         self.generator = Generator(artifact, ConfigView({}))  # the recipe is resolved: no model config needed
         self.image = common.image_settings(meta)
-        self.tokenizer = JsonTokenizer(directory) if manifest.tokenizer.get("kind", "none") != "none" else None
+        self.tokenizer = (
+            JsonTokenizer(directory) if manifest.tokenizer.get("kind", "none") != "none" else None
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return common.answer(requests, self._one)
@@ -71,21 +81,30 @@ class TritonPythonModel:
                 raise common.RequestError(f"TEXT must hold one prompt, got {len(texts)}.")
             text = texts[0]
             if not text.strip():
-                raise common.RequestError("TEXT is an empty string: send a prompt, or leave TEXT out for the model's "
-                                          "default prompt.")
+                raise common.RequestError(
+                    "TEXT is an empty string: send a prompt, or leave TEXT out for the model's "
+                    "default prompt."
+                )
             if self.tokenizer is None:
-                raise common.RequestError("This artifact has no tokenizer to encode TEXT with (the export source had "
-                                          "none); leave TEXT out.")
-        max_new = _scalar(request, "MAX_NEW_TOKENS", int(s.get("default_max_new_tokens", 20)), 1, MAX_NEW_TOKENS)
+                raise common.RequestError(
+                    "This artifact has no tokenizer to encode TEXT with (the export source had "
+                    "none); leave TEXT out."
+                )
+        max_new = _scalar(
+            request, "MAX_NEW_TOKENS", int(s.get("default_max_new_tokens", 20)), 1, MAX_NEW_TOKENS
+        )
         beams = _scalar(request, "NUM_BEAMS", int(s.get("default_num_beams", 1)), 1, MAX_BEAMS)
         raw = bool(_scalar(request, "RAW_PROMPT", 0, 0, 1))
         if raw and "{}" not in (gen.recipe.prompt_template or ""):
-            raise common.RequestError("RAW_PROMPT turns off the prompt template, and this model has none: drop it.")
+            raise common.RequestError(
+                "RAW_PROMPT turns off the prompt template, and this model has none: drop it."
+            )
         ids = prompt_ids(text, self.tokenizer, s, gen.recipe, raw)
-        out = gen.generate(pixels, ids, None if ids is None else np.ones_like(ids), max_new_tokens=max_new,
-                           num_beams=beams)
+        out = gen.generate(
+            pixels, ids, None if ids is None else np.ones_like(ids), max_new_tokens=max_new, num_beams=beams
+        )
         seq = out.sequences[0]
-        shown = seq if gen.recipe.continues_prompt else seq[out.prompt_length:]
+        shown = seq if gen.recipe.continues_prompt else seq[out.prompt_length :]
         answer = self.tokenizer.decode(shown) if self.tokenizer else ""
         return {"TEXT": np.array([answer.encode("utf-8")], dtype=object), "TOKEN_IDS": seq.astype(np.int64)}
 

@@ -37,18 +37,27 @@ class TritonPythonModel:
         pixels = common.decode_image(common.image_bytes(request), self.image)
         texts = common.strings(request, "TEXT", "text") or []
         if not texts:
-            raise common.RequestError("TEXT holds no text: send one or more strings to score against the image.")
+            raise common.RequestError(
+                "TEXT holds no text: send one or more strings to score against the image."
+            )
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
-            raise common.RequestError(f"TEXT element(s) {empty} are empty strings: every text must say something.")
+            raise common.RequestError(
+                f"TEXT element(s) {empty} are empty strings: every text must say something."
+            )
         if self.max_texts and len(texts) > self.max_texts:
-            raise common.RequestError(f"TEXT holds {len(texts)} texts; this model scores at most {self.max_texts} per "
-                                      "request (--max-batch-size). Split the request.")
+            raise common.RequestError(
+                f"TEXT holds {len(texts)} texts; this model scores at most {self.max_texts} per "
+                "request (--max-batch-size). Split the request."
+            )
         ids, mask = self.tokenizer.batch(texts)
         if self.limit is not None and ids.shape[1] > self.limit:
             longest = int(mask.sum(1).argmax())
-            raise common.RequestError(f"TEXT element {longest} is {ids.shape[1]} tokens, more than the model's "
-                                      f"{self.limit} positions (max_position_embeddings). Shorten it.")
-        feeds = self.run_inputs({"input_ids": ids, "attention_mask": mask,
-                                 "pixel_values": np.repeat(pixels, len(texts), axis=0)})
+            raise common.RequestError(
+                f"TEXT element {longest} is {ids.shape[1]} tokens, more than the model's "
+                f"{self.limit} positions (max_position_embeddings). Shorten it."
+            )
+        feeds = self.run_inputs(
+            {"input_ids": ids, "attention_mask": mask, "pixel_values": np.repeat(pixels, len(texts), axis=0)}
+        )
         return {n: np.ascontiguousarray(feeds[n], dtype=dtype) for n, dtype in self.dtypes.items()}

@@ -21,10 +21,21 @@ BATCH_AXIS = "batch"
 
 # numpy / manifest dtype name -> Triton DataType name
 DTYPES = {
-    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16", "string": "TYPE_STRING", "bytes": "TYPE_STRING",
+    "bool": "TYPE_BOOL",
+    "uint8": "TYPE_UINT8",
+    "uint16": "TYPE_UINT16",
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+    "int8": "TYPE_INT8",
+    "int16": "TYPE_INT16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float16": "TYPE_FP16",
+    "float32": "TYPE_FP32",
+    "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16",
+    "string": "TYPE_STRING",
+    "bytes": "TYPE_STRING",
 }
 
 
@@ -32,8 +43,10 @@ def _pb() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except (ImportError, RuntimeError) as e:  # tritonclient without its grpc extra raises RuntimeError
-        raise UsageError(f"`vlexport triton` builds configs with tritonclient's ModelConfig protobuf, which is not "
-                         f"importable here ({e}). pip install 'vlexport[triton]' (tritonclient[grpc]).") from None
+        raise UsageError(
+            f"`vlexport triton` builds configs with tritonclient's ModelConfig protobuf, which is not "
+            f"importable here ({e}). pip install 'vlexport[triton]' (tritonclient[grpc])."
+        ) from None
     return model_config_pb2
 
 
@@ -42,8 +55,10 @@ def triton_dtype(name: str) -> str:
     try:
         return DTYPES[name]
     except KeyError:
-        raise CheckError(f"The manifest records tensor dtype {name!r}, which has no Triton data type; the artifact "
-                         "is damaged or from a newer vlexport. Export it again.") from None
+        raise CheckError(
+            f"The manifest records tensor dtype {name!r}, which has no Triton data type; the artifact "
+            "is damaged or from a newer vlexport. Export it again."
+        ) from None
 
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
@@ -72,23 +87,31 @@ class ServeOptions:
             raise UsageError(f"--max-batch-size must be >= 0 (0: no batching), got {self.max_batch_size}.")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= max(self.max_batch_size, 0)]
         if bad:
-            raise UsageError(f"--preferred-batch-sizes {bad} lie outside 1..--max-batch-size "
-                             f"({self.max_batch_size}); each preferred size must be a batch Triton may form.")
+            raise UsageError(
+                f"--preferred-batch-sizes {bad} lie outside 1..--max-batch-size "
+                f"({self.max_batch_size}); each preferred size must be a batch Triton may form."
+            )
         if self.max_queue_delay_us < 0:
             raise UsageError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}.")
         if self.instances < 1:
             raise UsageError(f"--instances must be >= 1, got {self.instances}.")
         if self.version < 1:
-            raise UsageError(f"--version must be >= 1 (Triton's version folders are 1, 2, ...), got {self.version}.")
+            raise UsageError(
+                f"--version must be >= 1 (Triton's version folders are 1, 2, ...), got {self.version}."
+            )
         # What Triton's config fields and version folders hold (int32, uint64, int64): larger values made
         # protobuf raise a raw ValueError, or a version folder Triton cannot parse.
-        for flag, value, limit in (("--max-batch-size", self.max_batch_size, INT32_MAX),
-                                   ("--instances", self.instances, INT32_MAX),
-                                   ("--max-queue-delay-us", self.max_queue_delay_us, INT64_MAX),
-                                   ("--version", self.version, INT64_MAX)):
+        for flag, value, limit in (
+            ("--max-batch-size", self.max_batch_size, INT32_MAX),
+            ("--instances", self.instances, INT32_MAX),
+            ("--max-queue-delay-us", self.max_queue_delay_us, INT64_MAX),
+            ("--version", self.version, INT64_MAX),
+        ):
             if value > limit:
-                raise UsageError(f"{flag} {value} is beyond what Triton reads there (at most {limit}); give a "
-                                 "smaller value.")
+                raise UsageError(
+                    f"{flag} {value} is beyond what Triton reads there (at most {limit}); give a "
+                    "smaller value."
+                )
 
     @property
     def instance_kind(self) -> str:
@@ -119,8 +142,9 @@ def _common(pb: Any, cfg: Any, opts: ServeOptions, *, kind: str | None = None, b
     cfg.version_policy.latest.num_versions = 1
 
 
-def component_config(name: str, component: Component, opts: ServeOptions, *, max_batch_size: int,
-                     model_file: str) -> Any:
+def component_config(
+    name: str, component: Component, opts: ServeOptions, *, max_batch_size: int, model_file: str
+) -> Any:
     """The config of one artifact component served by ``opts.backend``."""
     pb = _pb()
     cfg = pb.ModelConfig(name=name)
@@ -138,7 +162,9 @@ def component_config(name: str, component: Component, opts: ServeOptions, *, max
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = model_file
         if gpu:
-            cfg.optimization.cuda.graphs = True  # the engine's profile bounds the shapes; graphs cut launch cost
+            cfg.optimization.cuda.graphs = (
+                True  # the engine's profile bounds the shapes; graphs cut launch cost
+            )
     elif opts.backend == "pytorch":
         cfg.backend = "pytorch"
         cfg.default_model_filename = model_file
@@ -150,10 +176,16 @@ def component_config(name: str, component: Component, opts: ServeOptions, *, max
     return cfg
 
 
-def python_config(name: str, inputs: Sequence[tuple[str, str, list[int]]],
-                  outputs: Sequence[tuple[str, str, list[int]]], opts: ServeOptions, *,
-                  optional: Sequence[str] = (), parameters: Mapping[str, str] | None = None,
-                  decoupled: bool = False) -> Any:
+def python_config(
+    name: str,
+    inputs: Sequence[tuple[str, str, list[int]]],
+    outputs: Sequence[tuple[str, str, list[int]]],
+    opts: ServeOptions,
+    *,
+    optional: Sequence[str] = (),
+    parameters: Mapping[str, str] | None = None,
+    decoupled: bool = False,
+) -> Any:
     """A python-backend model (pre/post-processing, BLS generation); tensors as (name, dtype name, dims).
 
     No batching at this level: one request is one image (+ texts), as `vlexport run` takes them.
@@ -173,9 +205,12 @@ def python_config(name: str, inputs: Sequence[tuple[str, str, list[int]]],
     return cfg
 
 
-def ensemble_config(name: str, inputs: Sequence[tuple[str, str, list[int]]],
-                    outputs: Sequence[tuple[str, str, list[int]]],
-                    steps: Sequence[tuple[str, Mapping[str, str], Mapping[str, str]]]) -> Any:
+def ensemble_config(
+    name: str,
+    inputs: Sequence[tuple[str, str, list[int]]],
+    outputs: Sequence[tuple[str, str, list[int]]],
+    steps: Sequence[tuple[str, Mapping[str, str], Mapping[str, str]]],
+) -> Any:
     """An ensemble: ``steps`` are (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
     pb = _pb()
     cfg = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=0)

@@ -62,13 +62,23 @@ class PlannedModel:
     packages: tuple[str, ...] = ()  # what a python model imports (REPO/requirements.txt)
 
 
-def python_model(name: str, config: Any, module: str, kind: str, files: dict[str, Path] | None = None,
-                 texts: dict[str, str] | None = None) -> PlannedModel:
+def python_model(
+    name: str,
+    config: Any,
+    module: str,
+    kind: str,
+    files: dict[str, Path] | None = None,
+    texts: dict[str, str] | None = None,
+) -> PlannedModel:
     """A python model: its model.py, the serving runtime's copy beside it, what it imports."""
     needs = embedded.packages(module, kind)
-    return PlannedModel(name, config, files or {},
-                        {**embedded.runtime_texts(), **(texts or {}), "model.py": embedded.shim(module, needs)},
-                        needs)
+    return PlannedModel(
+        name,
+        config,
+        files or {},
+        {**embedded.runtime_texts(), **(texts or {}), "model.py": embedded.shim(module, needs)},
+        needs,
+    )
 
 
 def sanitize(name: str) -> str:
@@ -79,8 +89,10 @@ def sanitize(name: str) -> str:
 
 def check_name(name: str, what: str = "--name") -> str:
     if not _NAME_RE.match(name) or ".." in name:
-        raise UsageError(f"{what} {name!r} is not a valid Triton model name: use letters, digits, '_', '-' and '.' "
-                         "(starting with a letter or digit, no '..', no path separators, at most 128 characters).")
+        raise UsageError(
+            f"{what} {name!r} is not a valid Triton model name: use letters, digits, '_', '-' and '.' "
+            "(starting with a letter or digit, no '..', no path separators, at most 128 characters)."
+        )
     return name
 
 
@@ -93,11 +105,15 @@ def read_artifact(directory: Path) -> Manifest:
     manifest.verify_hashes(directory)  # what is served must be what was validated
     report = manifest.validation
     if report is None or report.skipped:
-        raise UsageError(f"{directory} was exported without validation (--no-validate): `vlexport triton` serves only "
-                         "artifacts checked against eager PyTorch. Export it again without --no-validate.")
+        raise UsageError(
+            f"{directory} was exported without validation (--no-validate): `vlexport triton` serves only "
+            "artifacts checked against eager PyTorch. Export it again without --no-validate."
+        )
     if not report.passed:
-        raise CheckError(f"{directory} failed validation ({report.summary or 'see manifest.json'}): it is not served. "
-                         "Export it again (another precision or backend) until validation passes.")
+        raise CheckError(
+            f"{directory} failed validation ({report.summary or 'see manifest.json'}): it is not served. "
+            "Export it again (another precision or backend) until validation passes."
+        )
     return manifest
 
 
@@ -106,13 +122,17 @@ def serving_backend(directory: Path, manifest: Manifest, requested: str | None) 
     allowed = get_backend(manifest.backend).triton_backends if manifest.backend in backend_names() else ()
     if not allowed:
         served = sorted(n for n in backend_names() if get_backend(n).triton_backends)
-        raise UsageError(f"{directory} is a {manifest.backend!r} artifact, which `vlexport triton` cannot serve "
-                         f"(it serves {', '.join(served)} artifacts).")
+        raise UsageError(
+            f"{directory} is a {manifest.backend!r} artifact, which `vlexport triton` cannot serve "
+            f"(it serves {', '.join(served)} artifacts)."
+        )
     if requested is None:
         return allowed[0]
     if requested not in allowed:
-        raise UsageError(f"--backend {requested} cannot run {directory}, a {manifest.backend} artifact; use "
-                         f"{' or '.join(allowed)}.")
+        raise UsageError(
+            f"--backend {requested} cannot run {directory}, a {manifest.backend} artifact; use "
+            f"{' or '.join(allowed)}."
+        )
     return requested
 
 
@@ -121,7 +141,9 @@ def batch_limit(manifest: Manifest) -> int | None:
     shapes = (manifest.derived_from or {}).get("shapes") or {}
     if manifest.backend == "tensorrt":
         batch = shapes.get(tc.BATCH_AXIS)
-        return int(batch[2]) if isinstance(batch, (list, tuple)) and len(batch) == 3 else 256  # DEFAULT_RANGE max
+        return (
+            int(batch[2]) if isinstance(batch, (list, tuple)) and len(batch) == 3 else 256
+        )  # DEFAULT_RANGE max
     return None
 
 
@@ -149,22 +171,35 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
     task = get_family(manifest.family).task(manifest.task)
     limit = batch_limit(manifest)
     if limit is not None and opts.max_batch_size > limit:
-        raise UsageError(f"--max-batch-size {opts.max_batch_size} is above what {directory} takes: its TensorRT "
-                         f"profile allows batches up to {limit}. Lower --max-batch-size, or build the engine with a "
-                         "larger batch range (`vlexport tensorrt --shapes batch=1:OPT:MAX`).")
+        raise UsageError(
+            f"--max-batch-size {opts.max_batch_size} is above what {directory} takes: its TensorRT "
+            f"profile allows batches up to {limit}. Lower --max-batch-size, or build the engine with a "
+            "larger batch range (`vlexport tensorrt --shapes batch=1:OPT:MAX`)."
+        )
     if backend == "python-onnxruntime":
-        bf16 = [t.name for c in manifest.components.values() for t in [*c.inputs, *c.outputs] if t.dtype == "bfloat16"]
+        bf16 = [
+            t.name
+            for c in manifest.components.values()
+            for t in [*c.inputs, *c.outputs]
+            if t.dtype == "bfloat16"
+        ]
         if bf16:
-            raise UsageError(f"{directory} has bfloat16 tensors ({bf16[:3]}), which python models cannot pass as numpy; "
-                             "serve it with --backend onnxruntime, or export at fp32/fp16.")
+            raise UsageError(
+                f"{directory} has bfloat16 tensors ({bf16[:3]}), which python models cannot pass as numpy; "
+                "serve it with --backend onnxruntime, or export at fp32/fp16."
+            )
     if task.generative and manifest.backend == "aoti":
-        raise UsageError(f"{directory} is a compiled generative artifact: its decoder updates a static KV cache in "
-                         "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
-                         "(`vlexport onnx`), or its TensorRT build.")
+        raise UsageError(
+            f"{directory} is a compiled generative artifact: its decoder updates a static KV cache in "
+            "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
+            "(`vlexport onnx`), or its TensorRT build."
+        )
     if task.generative and opts.ensemble:
-        raise UsageError(f"{directory} is a generative artifact: its model `{name}` already takes image bytes and "
-                         "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
-                         "post-processing to encoder artifacts, would do nothing. Drop --ensemble.")
+        raise UsageError(
+            f"{directory} is a generative artifact: its model `{name}` already takes image bytes and "
+            "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
+            "post-processing to encoder artifacts, would do nothing. Drop --ensemble."
+        )
     single = len(manifest.components) == 1 and not task.generative and not opts.ensemble
     models: list[PlannedModel] = []
     names: dict[str, str] = {}
@@ -179,8 +214,9 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
     return models
 
 
-def _component_model(directory: Path, model_name: str, comp: Component, opts: tc.ServeOptions,
-                     backend: str) -> PlannedModel:
+def _component_model(
+    directory: Path, model_name: str, comp: Component, opts: tc.ServeOptions, backend: str
+) -> PlannedModel:
     src = directory / comp.file
     target = _SUFFIX.get(src.suffix)
     if target is None:
@@ -202,7 +238,9 @@ def _io(config: Any, which: str) -> list[tuple[str, str, list[int]]]:
     lead = [-1] if config.max_batch_size > 0 else []
     from tritonclient.grpc import model_config_pb2 as pb
 
-    return [(t.name, back[pb.DataType.Name(t.data_type)], lead + list(t.dims)) for t in getattr(config, which)]
+    return [
+        (t.name, back[pb.DataType.Name(t.data_type)], lead + list(t.dims)) for t in getattr(config, which)
+    ]
 
 
 def score_names(task: Any, outputs: list[tuple[str, str, list[int]]]) -> list[str]:
@@ -211,8 +249,9 @@ def score_names(task: Any, outputs: list[tuple[str, str, list[int]]]) -> list[st
     return sorted(task.scores(zeros, 2))
 
 
-def _ensemble_models(directory: Path, manifest: Manifest, task: Any, name: str, component: PlannedModel,
-                     opts: tc.ServeOptions) -> list[PlannedModel]:
+def _ensemble_models(
+    directory: Path, manifest: Manifest, task: Any, name: str, component: PlannedModel, opts: tc.ServeOptions
+) -> list[PlannedModel]:
     if manifest.image_size is None:
         raise UsageError(f"{directory} takes no images: --ensemble builds image-and-text pipelines.")
     comp_in, comp_out = _io(component.config, "input"), _io(component.config, "output")
@@ -220,27 +259,52 @@ def _ensemble_models(directory: Path, manifest: Manifest, task: Any, name: str, 
     from vlexport.runtime.texts import placeholder_text_tokenizer, token_limit
 
     texts: dict[str, str] = {}
-    meta = {"task": manifest.task, "family": manifest.family, "component": component.name,
-            "max_batch_size": component.config.max_batch_size, "image": _image_json(directory, manifest),
-            "input_dtypes": {n: d for n, d, _ in comp_in}, "token_limit": token_limit(directory, manifest),
-            "run_inputs": None if task.run_inputs is _IDENTITY else _code(task.run_inputs, directory)}
-    if _tokenizer_json(directory, manifest) is None:  # random weights: `vlexport run`'s placeholder, written out
+    meta = {
+        "task": manifest.task,
+        "family": manifest.family,
+        "component": component.name,
+        "max_batch_size": component.config.max_batch_size,
+        "image": _image_json(directory, manifest),
+        "input_dtypes": {n: d for n, d, _ in comp_in},
+        "token_limit": token_limit(directory, manifest),
+        "run_inputs": None if task.run_inputs is _IDENTITY else _code(task.run_inputs, directory),
+    }
+    if (
+        _tokenizer_json(directory, manifest) is None
+    ):  # random weights: `vlexport run`'s placeholder, written out
         tok, meta["pad_token_id"] = placeholder_text_tokenizer(directory)
         texts[f"{ARTIFACT_DIR}/tokenizer.json"] = tok.to_str()
     texts[SERVE_JSON] = json.dumps(meta, indent=1)
     pre_name, post_name = f"{name}_preprocess", f"{name}_postprocess"
-    pre = python_model(pre_name, tc.python_config(pre_name, raw, comp_in, opts), "vlexport.serve.py_preprocess",
-                       opts.kind, _support_files(directory, manifest), texts)
-    steps = [(pre_name, {"IMAGE": "IMAGE", "TEXT": "TEXT"}, {n: n for n, _, _ in comp_in}),
-             (component.name, {n: n for n, _, _ in comp_in}, {n: n for n, _, _ in comp_out})]
+    pre = python_model(
+        pre_name,
+        tc.python_config(pre_name, raw, comp_in, opts),
+        "vlexport.serve.py_preprocess",
+        opts.kind,
+        _support_files(directory, manifest),
+        texts,
+    )
+    steps = [
+        (pre_name, {"IMAGE": "IMAGE", "TEXT": "TEXT"}, {n: n for n, _, _ in comp_in}),
+        (component.name, {n: n for n, _, _ in comp_in}, {n: n for n, _, _ in comp_out}),
+    ]
     models = [pre]
     outputs = comp_out
     if task.scores is not None:
         scores = [(s, "float32", [-1]) for s in score_names(task, comp_out)]
-        post_meta = {"task": manifest.task, "family": manifest.family, "scores": _code(task.scores, directory)}
-        post = python_model(post_name, tc.python_config(post_name, comp_out, scores, opts),
-                            "vlexport.serve.py_postprocess", opts.kind, {f"{ARTIFACT_DIR}/{MANIFEST}": directory / MANIFEST},
-                            {SERVE_JSON: json.dumps(post_meta, indent=1)})
+        post_meta = {
+            "task": manifest.task,
+            "family": manifest.family,
+            "scores": _code(task.scores, directory),
+        }
+        post = python_model(
+            post_name,
+            tc.python_config(post_name, comp_out, scores, opts),
+            "vlexport.serve.py_postprocess",
+            opts.kind,
+            {f"{ARTIFACT_DIR}/{MANIFEST}": directory / MANIFEST},
+            {SERVE_JSON: json.dumps(post_meta, indent=1)},
+        )
         models.append(post)
         steps.append((post_name, {n: n for n, _, _ in comp_out}, {s: s for s, _, _ in scores}))
         outputs = scores
@@ -248,12 +312,23 @@ def _ensemble_models(directory: Path, manifest: Manifest, task: Any, name: str, 
     return models
 
 
-def _generation_model(directory: Path, manifest: Manifest, name: str, names: dict[str, str],
-                      components: list[PlannedModel], opts: tc.ServeOptions) -> PlannedModel:
+def _generation_model(
+    directory: Path,
+    manifest: Manifest,
+    name: str,
+    names: dict[str, str],
+    components: list[PlannedModel],
+    opts: tc.ServeOptions,
+) -> PlannedModel:
     if not manifest.generation:
         raise CheckError(f"{directory}/manifest.json has no generation settings; export the artifact again.")
-    inputs = [("IMAGE", "bytes", [1]), ("TEXT", "bytes", [1]), ("MAX_NEW_TOKENS", "int32", [1]),
-              ("NUM_BEAMS", "int32", [1]), ("RAW_PROMPT", "bool", [1])]
+    inputs = [
+        ("IMAGE", "bytes", [1]),
+        ("TEXT", "bytes", [1]),
+        ("MAX_NEW_TOKENS", "int32", [1]),
+        ("NUM_BEAMS", "int32", [1]),
+        ("RAW_PROMPT", "bool", [1]),
+    ]
     outputs = [("TEXT", "bytes", [1]), ("TOKEN_IDS", "int64", [-1])]
     served = {m.name: [t.name for t in m.config.input] for m in components}
     from vlexport.models.host import recipe_to_json
@@ -265,13 +340,29 @@ def _generation_model(directory: Path, manifest: Manifest, name: str, names: dic
     try:
         recipe_json = recipe_to_json(recipe, embedded.serving_modules())
     except ValueError as e:
-        raise CheckError(f"{directory}: the {manifest.family} {manifest.task} recipe runs code a repository cannot "
-                         f"carry ({e}); its host stages belong in vlexport/models/host/.") from None
-    meta = {"task": manifest.task, "family": manifest.family, "components": names, "served_inputs": served,
-            "image": _image_json(directory, manifest), "recipe": recipe_json}
-    cfg = tc.python_config(name, inputs, outputs, opts, optional=("TEXT", "MAX_NEW_TOKENS", "NUM_BEAMS", "RAW_PROMPT"))
-    return python_model(name, cfg, "vlexport.serve.py_generate", opts.kind, _support_files(directory, manifest),
-                        {SERVE_JSON: json.dumps(meta, indent=1)})
+        raise CheckError(
+            f"{directory}: the {manifest.family} {manifest.task} recipe runs code a repository cannot "
+            f"carry ({e}); its host stages belong in vlexport/models/host/."
+        ) from None
+    meta = {
+        "task": manifest.task,
+        "family": manifest.family,
+        "components": names,
+        "served_inputs": served,
+        "image": _image_json(directory, manifest),
+        "recipe": recipe_json,
+    }
+    cfg = tc.python_config(
+        name, inputs, outputs, opts, optional=("TEXT", "MAX_NEW_TOKENS", "NUM_BEAMS", "RAW_PROMPT")
+    )
+    return python_model(
+        name,
+        cfg,
+        "vlexport.serve.py_generate",
+        opts.kind,
+        _support_files(directory, manifest),
+        {SERVE_JSON: json.dumps(meta, indent=1)},
+    )
 
 
 def _image_json(directory: Path, manifest: Manifest) -> dict[str, Any]:
@@ -284,8 +375,10 @@ def _code(fn: Any, directory: Path) -> dict[str, Any]:
     try:
         return code_ref(fn, embedded.serving_modules())
     except ValueError as e:
-        raise CheckError(f"{directory}: its task runs code a repository cannot carry ({e}); such host code belongs "
-                         "in vlexport/models/host/ or models/scores.py.") from None
+        raise CheckError(
+            f"{directory}: its task runs code a repository cannot carry ({e}); such host code belongs "
+            "in vlexport/models/host/ or models/scores.py."
+        ) from None
 
 
 def _tokenizer_json(directory: Path, manifest: Manifest) -> Path | None:
@@ -294,21 +387,26 @@ def _tokenizer_json(directory: Path, manifest: Manifest) -> Path | None:
         return None
     path = directory / "tokenizer.json"
     if "tokenizer.json" not in manifest.files or not path.is_file():
-        raise UsageError(f"{directory} has a tokenizer without tokenizer.json (only a slow tokenizer's files), which "
-                         "served models cannot read without transformers. Save the fast tokenizer into the export "
-                         "source (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and export again.")
+        raise UsageError(
+            f"{directory} has a tokenizer without tokenizer.json (only a slow tokenizer's files), which "
+            "served models cannot read without transformers. Save the fast tokenizer into the export "
+            "source (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) and export again."
+        )
     return path
 
 
 # ---------------------------------------------------------------- the repository
-def plan_repository(directories: list[Path], opts: tc.ServeOptions, *, name: str | None = None,
-                    backend: str | None = None) -> list[PlannedModel]:
+def plan_repository(
+    directories: list[Path], opts: tc.ServeOptions, *, name: str | None = None, backend: str | None = None
+) -> list[PlannedModel]:
     opts.check()
     if name is not None:
         check_name(name)
         if len(directories) > 1:
-            raise UsageError(f"--name names one model, and {len(directories)} artifacts were given: their models would "
-                             "collide. Run `vlexport triton` once per artifact with its own --name.")
+            raise UsageError(
+                f"--name names one model, and {len(directories)} artifacts were given: their models would "
+                "collide. Run `vlexport triton` once per artifact with its own --name."
+            )
     planned: list[PlannedModel] = []
     for directory in directories:
         base = name or sanitize(Path(os.path.abspath(directory)).name)
@@ -317,11 +415,15 @@ def plan_repository(directories: list[Path], opts: tc.ServeOptions, *, name: str
     seen: dict[str, int] = {}
     for m in planned:
         seen[m.name] = seen.get(m.name, 0) + 1
-        tc.parse(tc.to_text(m.config))  # what Triton will read parses back (it always should: built as the protobuf)
+        tc.parse(
+            tc.to_text(m.config)
+        )  # what Triton will read parses back (it always should: built as the protobuf)
     dup = sorted(n for n, k in seen.items() if k > 1)
     if dup:
-        raise UsageError(f"Model name(s) {dup} would be written twice (two artifacts with the same directory name?). "
-                         "Give each artifact its own --name in separate runs.")
+        raise UsageError(
+            f"Model name(s) {dup} would be written twice (two artifacts with the same directory name?). "
+            "Give each artifact its own --name in separate runs."
+        )
     return planned
 
 
@@ -344,17 +446,23 @@ def check_repository(repo: Path, display: Path, *, force: bool) -> None:
     and, without --force, whatever else the user keeps there (hidden entries, notes), which stays untouched.
     ``--force`` replaces the whole directory, so it takes only a repository holding nothing but models."""
     entries = sorted(repo.iterdir())
-    models = [p for p in entries if not p.name.startswith(".") and p.is_dir() and (p / "config.pbtxt").is_file()]
+    models = [
+        p for p in entries if not p.name.startswith(".") and p.is_dir() and (p / "config.pbtxt").is_file()
+    ]
     # the root requirements.txt is the repository's own (what its python models import), not a user's entry
     others = [p.name for p in entries if p not in models and p.name != REQUIREMENTS_TXT]
     if any(not p.name.startswith(".") for p in entries) and not models:
-        raise UsageError(f"-o {display} is a folder that is not a Triton model repository (no model folder with a "
-                         f"config.pbtxt; it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}). "
-                         "Nothing was written: choose a new or empty folder, or an existing model repository.")
+        raise UsageError(
+            f"-o {display} is a folder that is not a Triton model repository (no model folder with a "
+            f"config.pbtxt; it holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}). "
+            "Nothing was written: choose a new or empty folder, or an existing model repository."
+        )
     if force and others:
-        raise UsageError(f"-o {display} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which "
-                         "are not Triton models, and --force replaces the whole repository. Nothing was written: "
-                         "drop --force to add the models beside them, or move those entries out first.")
+        raise UsageError(
+            f"-o {display} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which "
+            "are not Triton models, and --force replaces the whole repository. Nothing was written: "
+            "drop --force to add the models beside them, or move those entries out first."
+        )
 
 
 def _write_models(root: Path, planned: list[PlannedModel], opts: tc.ServeOptions) -> None:
@@ -370,8 +478,15 @@ def _write_models(root: Path, planned: list[PlannedModel], opts: tc.ServeOptions
             (version / rel).write_text(text)
 
 
-def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, *, name: str | None = None,
-                     backend: str | None = None, force: bool = False) -> list[str]:
+def write_repository(
+    directories: list[Path],
+    out: Path,
+    opts: tc.ServeOptions,
+    *,
+    name: str | None = None,
+    backend: str | None = None,
+    force: bool = False,
+) -> list[str]:
     """Write (or extend) the repository ``out``; return the names of the models written.
 
     A new repository, or ``--force``, is staged whole and renamed into place (artifact.staged_dir). An existing
@@ -382,7 +497,9 @@ def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, 
     out = Path(out)
     real = real_target(out)
     if real.is_dir() and (real / MANIFEST).is_file():
-        raise UsageError(f"-o {out} is a vlexport artifact directory, not a Triton model repository. Choose another -o.")
+        raise UsageError(
+            f"-o {out} is a vlexport artifact directory, not a Triton model repository. Choose another -o."
+        )
     if real.is_dir():
         check_repository(real, out, force=force)
     expected = sum(p.stat().st_size for m in planned for p in m.files.values())
@@ -394,12 +511,16 @@ def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, 
                 (tmp / REQUIREMENTS_TXT).write_text(embedded.requirements_text(needed))
         return [m.name for m in planned]
     with output_scope():
-        check_output_dir(real, force=True, source_dir=directories)  # the lock, before anything is looked at again
+        check_output_dir(
+            real, force=True, source_dir=directories
+        )  # the lock, before anything is looked at again
         check_repository(real, out, force=False)
         taken = sorted({p.name for p in real.iterdir()} & {m.name for m in planned})
         if taken:
-            raise UsageError(f"Repository {out} already holds model(s) {taken}. Pass --force to replace the "
-                             "repository, or --name to add these under another name.")
+            raise UsageError(
+                f"Repository {out} already holds model(s) {taken}. Pass --force to replace the "
+                "repository, or --name to add these under another name."
+            )
         needed = [p for m in planned for p in m.packages]
         req = real / REQUIREMENTS_TXT
         with scratch_dir(real, expected_bytes=expected) as scratch:
@@ -407,7 +528,9 @@ def write_repository(directories: list[Path], out: Path, opts: tc.ServeOptions, 
             moved: list[Path] = []
             with signals_held():
                 if needed:  # first: a superset of what the models import is harmless should a rename fail
-                    atomic_write_text(req, embedded.requirements_text(needed, req.read_text() if req.is_file() else ""))
+                    atomic_write_text(
+                        req, embedded.requirements_text(needed, req.read_text() if req.is_file() else "")
+                    )
                 try:
                     for m in planned:
                         (scratch / m.name).rename(real / m.name)

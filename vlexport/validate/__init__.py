@@ -60,7 +60,8 @@ def raise_on_failure(report: ValidationReport, where: str, advice: str = "") -> 
         return
     raise ValidationError(
         f"Validation failed for {where}: {len(report.failures)} check(s) missed against {report.reference}.\n"
-        + "\n".join(report.failure_lines()) + (f"\n{advice}" if advice else ""),
+        + "\n".join(report.failure_lines())
+        + (f"\n{advice}" if advice else ""),
         report,
     )
 
@@ -86,5 +87,11 @@ def validate_artifact(model: PreTrainedModel, artifact: Artifact) -> ValidationR
     return eager_references(model, artifact.task_spec)(artifact)
 
 
-__all__ = ["ArtifactCheck", "ValidationReport", "eager_references", "raise_on_failure", "validate_artifact",
-           "validate_directory"]
+__all__ = [
+    "ArtifactCheck",
+    "ValidationReport",
+    "eager_references",
+    "raise_on_failure",
+    "validate_artifact",
+    "validate_directory",
+]

@@ -77,9 +77,16 @@ class GenerationReferences:
     max_new_tokens: int
 
 
-def generation_references(model: PreTrainedModel, task: Any, *, samples: int = SAMPLES,
-                          batch_sizes: Sequence[int] = BATCH_SIZES, max_new_tokens: int = MAX_NEW_TOKENS,
-                          num_beams: int = NUM_BEAMS, seed: int = 1234) -> GenerationReferences:
+def generation_references(
+    model: PreTrainedModel,
+    task: Any,
+    *,
+    samples: int = SAMPLES,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    num_beams: int = NUM_BEAMS,
+    seed: int = 1234,
+) -> GenerationReferences:
     """Seeded samples at every (mode, batch size) and what ``model.generate()`` makes of them."""
     inputs = task.make_inputs(model.config, InputShape(samples, PROMPT_TOKENS), seed)
     modes = [("greedy", 1), (f"beam{num_beams}", num_beams)]
@@ -90,10 +97,25 @@ def generation_references(model: PreTrainedModel, task: Any, *, samples: int = S
                 rows = list(range(start, min(start + bs, samples)))
                 sub = _rows(inputs, rows, strip=bs == 1)
                 with torch.no_grad():
-                    ref = model.generate(**sub, max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
-                                         return_dict_in_generate=True, output_logits=True)
-                cases.append(_Case(f"b{bs} {mode}", mode, beams, rows, {k: v.numpy() for k, v in sub.items()},
-                                   ref.sequences.numpy(), [x.float().numpy() for x in ref.logits]))
+                    ref = model.generate(
+                        **sub,
+                        max_new_tokens=max_new_tokens,
+                        num_beams=beams,
+                        do_sample=False,
+                        return_dict_in_generate=True,
+                        output_logits=True,
+                    )
+                cases.append(
+                    _Case(
+                        f"b{bs} {mode}",
+                        mode,
+                        beams,
+                        rows,
+                        {k: v.numpy() for k, v in sub.items()},
+                        ref.sequences.numpy(),
+                        [x.float().numpy() for x in ref.logits],
+                    )
+                )
     return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
 
 
@@ -109,13 +131,22 @@ def compare_generation(refs: GenerationReferences, artifact: Artifact) -> Valida
     logit_pairs: list[tuple[np.ndarray, np.ndarray]] = []
     near_ties = 0
     for case in refs.cases:
-        got = generator.generate(**case.inputs, max_new_tokens=refs.max_new_tokens, num_beams=case.beams,
-                                 output_logits=True)
+        got = generator.generate(
+            **case.inputs, max_new_tokens=refs.max_new_tokens, num_beams=case.beams, output_logits=True
+        )
         if case.mode == "greedy":
-            ref_tokens.append(case.sequences[:, got.prompt_length:])
-        case_checks, case_pairs = compare_case(case.shape, case.rows, case.sequences, got.sequences,
-                                               got.prompt_length, case.logits, got.logits, case.beams,
-                                               got.beam_margins)
+            ref_tokens.append(case.sequences[:, got.prompt_length :])
+        case_checks, case_pairs = compare_case(
+            case.shape,
+            case.rows,
+            case.sequences,
+            got.sequences,
+            got.prompt_length,
+            case.logits,
+            got.logits,
+            case.beams,
+            got.beam_margins,
+        )
         logit_pairs += case_pairs
         near_ties += any(c.near_tie_step is not None for c in case_checks)
         checks += case_checks
@@ -131,8 +162,18 @@ def compare_generation(refs: GenerationReferences, artifact: Artifact) -> Valida
 
         accuracy = generation_accuracy(checks, precision, tol, refs.max_new_tokens)
         checks = _agreement(checks, accuracy)
-    report = _report(checks, precision, tol, refs.modes, refs.batch_sizes, refs.samples, refs.max_new_tokens,
-                     distinct, degenerate, near_ties)
+    report = _report(
+        checks,
+        precision,
+        tol,
+        refs.modes,
+        refs.batch_sizes,
+        refs.samples,
+        refs.max_new_tokens,
+        distinct,
+        degenerate,
+        near_ties,
+    )
     report.accuracy = accuracy
     return report
 
@@ -152,10 +193,17 @@ def _rows(inputs: dict[str, torch.Tensor], rows: list[int], *, strip: bool) -> d
     return sub
 
 
-def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, prompt_len: int,
-             ref_logits: list[np.ndarray], got_logits: list[np.ndarray], beams: int,
-             beam_margins: Sequence[np.ndarray] = ()
-             ) -> tuple[list[TokenCheck], list[tuple[np.ndarray, np.ndarray]]]:
+def compare_case(
+    shape: str,
+    rows: list[int],
+    ref: np.ndarray,
+    got: np.ndarray,
+    prompt_len: int,
+    ref_logits: list[np.ndarray],
+    got_logits: list[np.ndarray],
+    beams: int,
+    beam_margins: Sequence[np.ndarray] = (),
+) -> tuple[list[TokenCheck], list[tuple[np.ndarray, np.ndarray]]]:
     """One case's token checks, and the (reference, artifact) logit rows compared per step (the run's noise
     level and logits gate read them)."""
     out = []
@@ -180,7 +228,9 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
     if beams == 1:
         horizon = np.array([steps - 1 if step is None else max(step, 0) for _, _, step, _ in divergences])
     else:
-        horizon = np.full(len(ref_logits[0]) if steps else 0, steps - 1 if first_div is None else max(first_div, 0))
+        horizon = np.full(
+            len(ref_logits[0]) if steps else 0, steps - 1 if first_div is None else max(first_div, 0)
+        )
     last = min(steps, int(horizon.max(initial=-1)) + 1)
     errs, margins, cosines = [], [], []
     tie_step, score_err = None, 0.0
@@ -194,8 +244,10 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
             logit_pairs.append((a[valid], b[valid]))
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         errs.append(np.abs(a64 - b64).max(axis=-1))  # per row
-        cosines.append((a64 * b64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1),
-                                                         1e-30))
+        cosines.append(
+            (a64 * b64).sum(-1)
+            / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1), 1e-30)
+        )
         top2 = np.sort(a, axis=-1)[:, -2:]
         margins.append(top2[:, 1] - top2[:, 0])
         # Beam rows hold hypotheses in score order. A log-softmax value moves by at most twice the largest
@@ -214,8 +266,18 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
         margin = margin if np.isfinite(margin) else None
         new = max(0, min(len(ref[i]), len(got[i])) - prompt_len)
         cos = float(min((c[row_slice].min() for c in cosines[:upto]), default=np.nan))
-        check = TokenCheck(shape, "tokens", "ok", True, sample=sample, max_abs=err, margin=margin, tokens=new,
-                           near_tie_step=tie_step, logit_cosine=cos if np.isfinite(cos) else None)
+        check = TokenCheck(
+            shape,
+            "tokens",
+            "ok",
+            True,
+            sample=sample,
+            max_abs=err,
+            margin=margin,
+            tokens=new,
+            near_tie_step=tie_step,
+            logit_cosine=cos if np.isfinite(cos) else None,
+        )
         if step is not None:
             r_tok = _tok(ref[i], pos)
             g_tok = _tok(got[i], pos)
@@ -226,14 +288,19 @@ def compare_case(shape: str, rows: list[int], ref: np.ndarray, got: np.ndarray, 
                 check.near_tie = tie_step is not None and tie_step <= step
             elif 0 <= step < len(margins):  # judged in compare_generation, against the run's noise level
                 check.step_margin = float(margins[step][i])
-            check.detail = (f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
-                            f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}")
+            check.detail = (
+                f"{shape}: tokens diverge {where}: artifact {g_tok}, HF generate() {r_tok}; logits max abs "
+                f"err {at:.3g} there, {err:.3g} up to it; reference top-2 margin {margin}"
+            )
         out.append(check)
     return out, logit_pairs
 
 
-def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-                          tol: Tolerance | None = None) -> None:
+def mark_greedy_near_ties(
+    checks: Sequence[TokenCheck],
+    logit_pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    tol: Tolerance | None = None,
+) -> None:
     """A greedy divergence is a near-tie when the reference's top-2 gap there is within twice the variant's
     typical logit error over the run (validate.outputs.noise_level): fp32 itself barely preferred its token.
     The error at the divergence cannot decide it: a flip always makes it at least half the gap. ``tol`` (the
@@ -243,8 +310,10 @@ def mark_greedy_near_ties(checks: Sequence[TokenCheck], logit_pairs: Sequence[tu
         if c.kind == "mismatch" and c.step_margin is not None:
             c.near_tie = noise is not None and c.step_margin <= 2 * noise
             if c.near_tie:
-                c.detail += (f" (a near-tie: the gap there, {c.step_margin:.3g}, is within twice the run's typical "
-                             f"logit error, {noise:.3g})")
+                c.detail += (
+                    f" (a near-tie: the gap there, {c.step_margin:.3g}, is within twice the run's typical "
+                    f"logit error, {noise:.3g})"
+                )
 
 
 def _tok(seq: np.ndarray, pos: int) -> str:
@@ -259,26 +328,53 @@ def logits_gate(pairs: list[tuple[np.ndarray, np.ndarray]], tol: Tolerance) -> l
         worst = max(worst, float(diff.max()))
         worst_excess = max(worst_excess, float((diff - (tol.atol + tol.rtol * np.abs(a))).max()))
     passed = worst_excess <= 0
-    return [TokenCheck("all", "logits", "ok" if passed else "logits", passed, max_abs=worst,
-                       limit=f"|err| <= {tol.atol:g} + {tol.rtol:g}*|ref| (reference tokens are constant)",
-                       detail="" if passed else "per-step logits differ from HF generate() beyond tolerance")]
+    return [
+        TokenCheck(
+            "all",
+            "logits",
+            "ok" if passed else "logits",
+            passed,
+            max_abs=worst,
+            limit=f"|err| <= {tol.atol:g} + {tol.rtol:g}*|ref| (reference tokens are constant)",
+            detail="" if passed else "per-step logits differ from HF generate() beyond tolerance",
+        )
+    ]
 
 
 def _agreement(checks: list[TokenCheck], accuracy: Any) -> list[TokenCheck]:
     """Reduced precisions: samples may diverge as long as the accuracy report's thresholds hold."""
     for c in checks:
         if c.output == "tokens":
-            c.limit = "accuracy thresholds (agreement, logit cosine): " + ("met" if accuracy.passed else "missed")
+            c.limit = "accuracy thresholds (agreement, logit cosine): " + (
+                "met" if accuracy.passed else "missed"
+            )
             c.passed = c.kind == "ok" or accuracy.passed
     if not accuracy.passed:
-        checks.append(TokenCheck("all", "accuracy", "accuracy", False, limit=str(accuracy.thresholds),
-                                 detail="; ".join(accuracy.misses)))
+        checks.append(
+            TokenCheck(
+                "all",
+                "accuracy",
+                "accuracy",
+                False,
+                limit=str(accuracy.thresholds),
+                detail="; ".join(accuracy.misses),
+            )
+        )
     return checks
 
 
-def _report(checks: list[TokenCheck], precision: str, tol: Tolerance, modes: list[tuple[str, int]],
-            batch_sizes: Sequence[int], samples: int, max_new_tokens: int, distinct: int,
-            degenerate: bool, near_ties: int = 0) -> ValidationReport:
+def _report(
+    checks: list[TokenCheck],
+    precision: str,
+    tol: Tolerance,
+    modes: list[tuple[str, int]],
+    batch_sizes: Sequence[int],
+    samples: int,
+    max_new_tokens: int,
+    distinct: int,
+    degenerate: bool,
+    near_ties: int = 0,
+) -> ValidationReport:
     token_checks = [c for c in checks if c.output == "tokens"]
     failures = [asdict(c) for c in checks if not c.passed]
     err = max((c.max_abs for c in checks if c.max_abs is not None), default=0.0)
@@ -287,22 +383,38 @@ def _report(checks: list[TokenCheck], precision: str, tol: Tolerance, modes: lis
     compared = sum(c.tokens for c in token_checks)
     equal = all(c.kind == "ok" for c in token_checks)
     shapes = [f"b{b} {m}" for m, _ in modes for b in batch_sizes]
-    summary = (f"tokens {'equal' if equal else 'DIFFER from'} HF generate() for {samples} samples x "
-               f"{len(batch_sizes)} batch sizes x (greedy, beam {modes[1][1]}): {compared} new tokens; per-step "
-               f"logits max abs err {err:.2g}, reference min top-2 margin {margin if margin is None else f'{margin:.2g}'}")
+    summary = (
+        f"tokens {'equal' if equal else 'DIFFER from'} HF generate() for {samples} samples x "
+        f"{len(batch_sizes)} batch sizes x (greedy, beam {modes[1][1]}): {compared} new tokens; per-step "
+        f"logits max abs err {err:.2g}, reference min top-2 margin {margin if margin is None else f'{margin:.2g}'}"
+    )
     if degenerate:
         summary += "; the reference tokens are constant (random weights), so the logits were checked too"
     if near_ties:
-        summary += (f"; beam logits compared up to a near-tie in the candidates' ranking in {near_ties} "
-                    "case(s)")
+        summary += (
+            f"; beam logits compared up to a near-tie in the candidates' ranking in {near_ties} case(s)"
+        )
     return ValidationReport(
-        passed=not failures, reference="HF generate() on eager PyTorch fp32", precision=precision,
+        passed=not failures,
+        reference="HF generate() on eager PyTorch fp32",
+        precision=precision,
         tolerance={"tokens": "exact" if tol.exact_tokens else f"agreement >= {tol.min_agreement}"},
-        shapes=shapes, max_abs_error={"logits": err}, checks=[asdict(c) for c in checks], failures=failures,
-        generation={"samples": samples, "batch_sizes": list(batch_sizes), "max_new_tokens": max_new_tokens,
-                    "num_beams": modes[1][1], "new_tokens_compared": compared, "tokens_equal": equal,
-                    "distinct_reference_tokens": distinct, "min_logit_margin": margin,
-                    "logits_max_abs_error": err, "beam_near_ties": near_ties},
+        shapes=shapes,
+        max_abs_error={"logits": err},
+        checks=[asdict(c) for c in checks],
+        failures=failures,
+        generation={
+            "samples": samples,
+            "batch_sizes": list(batch_sizes),
+            "max_new_tokens": max_new_tokens,
+            "num_beams": modes[1][1],
+            "new_tokens_compared": compared,
+            "tokens_equal": equal,
+            "distinct_reference_tokens": distinct,
+            "min_logit_margin": margin,
+            "logits_max_abs_error": err,
+            "beam_near_ties": near_ties,
+        },
         summary=summary,
     )
 

@@ -49,8 +49,11 @@ def noise_level(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Tolerance |
 
     ``tol``: the precision's tolerance bounds it (:func:`explained_error`): an artifact wrong everywhere has a
     large typical error of its own, and must not call every flip a near-tie by it."""
-    rows = [np.abs(a.astype(np.float64) - b).max(axis=-1).ravel() for a, b in pairs
-            if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
+    rows = [
+        np.abs(a.astype(np.float64) - b).max(axis=-1).ravel()
+        for a, b in pairs
+        if a.ndim >= 1 and a.shape == np.shape(b) and a.size
+    ]
     if not rows:
         return None
     noise = float(np.median(np.concatenate(rows)))
@@ -62,7 +65,9 @@ def explained_error(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Toleran
     """The largest typical row error the precision's tolerance allows, as a median over the reference rows:
     ``atol + rtol * max|ref|`` elementwise tolerances (fp32); ``|ref| * sqrt(2 (1 - min_cosine))`` for cosine
     ones (a row at that cosine is at most that far from the reference, in L2 and so in every element)."""
-    refs = [np.asarray(a, dtype=np.float64) for a, b in pairs if a.ndim >= 1 and a.shape == np.shape(b) and a.size]
+    refs = [
+        np.asarray(a, dtype=np.float64) for a, b in pairs if a.ndim >= 1 and a.shape == np.shape(b) and a.size
+    ]
     if not refs:
         return None
     if tol.atol is not None:
@@ -74,20 +79,35 @@ def explained_error(pairs: Sequence[tuple[np.ndarray, np.ndarray]], tol: Toleran
     return None
 
 
-def compare_output(name: str, shape: str, got: np.ndarray | None, ref: np.ndarray, tol: Tolerance,
-                   agreement_kind: str | None = None, noise: float | None = None) -> OutputCheck:
+def compare_output(
+    name: str,
+    shape: str,
+    got: np.ndarray | None,
+    ref: np.ndarray,
+    tol: Tolerance,
+    agreement_kind: str | None = None,
+    noise: float | None = None,
+) -> OutputCheck:
     """One output at one shape. ``noise``: the variant's typical row error over the run (noise_level);
     argmax flips where the reference's top-2 gap is within twice it are near-ties."""
     if got is None:
         return OutputCheck(shape, name, "missing", False, detail="output not produced by the artifact")
     if got.shape != ref.shape:
-        return OutputCheck(shape, name, "shape", False, detail=f"shape {list(got.shape)} != reference {list(ref.shape)}")
+        return OutputCheck(
+            shape, name, "shape", False, detail=f"shape {list(got.shape)} != reference {list(ref.shape)}"
+        )
     got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
     if not np.isfinite(got64).all():
         return OutputCheck(shape, name, "tolerance", False, detail="artifact output has NaN or Inf")
     diff = np.abs(got64 - ref64)
-    check = OutputCheck(shape, name, "ok", True, max_abs=float(diff.max(initial=0.0)),
-                        max_rel=float((diff / np.maximum(np.abs(ref64), 1e-6)).max(initial=0.0)))
+    check = OutputCheck(
+        shape,
+        name,
+        "ok",
+        True,
+        max_abs=float(diff.max(initial=0.0)),
+        max_rel=float((diff / np.maximum(np.abs(ref64), 1e-6)).max(initial=0.0)),
+    )
     if tol.atol is not None:
         bound = tol.atol + tol.rtol * np.abs(ref64)
         check.limit = f"|err| <= {tol.atol:g} + {tol.rtol:g}*|ref|"
@@ -138,8 +158,13 @@ class OutputReferences:
     task: str = ""
 
 
-def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequence[InputShape] = VALIDATION_SHAPES,
-                      seed: int = 1234) -> OutputReferences:
+def output_references(
+    model: PreTrainedModel,
+    task: TaskSpec,
+    *,
+    shapes: Sequence[InputShape] = VALIDATION_SHAPES,
+    seed: int = 1234,
+) -> OutputReferences:
     (component,) = task.components(model.config)
     reference = component.build(model).eval()
     inputs, outputs = [], []
@@ -152,21 +177,35 @@ def output_references(model: PreTrainedModel, task: TaskSpec, *, shapes: Sequenc
     return OutputReferences(component, dict(task.agreement), tuple(shapes), inputs, outputs, task.name)
 
 
-def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: PrecisionConfig) -> ValidationReport:
+def compare_outputs(
+    refs: OutputReferences, runner: Runner, *, precision: PrecisionConfig
+) -> ValidationReport:
     """Run ``runner`` (the artifact) on the references' inputs; per-output checks at each shape."""
     tol = precision.tolerance
     checks: list[OutputCheck] = []
     got = [runner(x) for x in refs.inputs]
-    noise = {name: noise_level([(ref[name], g[name]) for ref, g in zip(refs.outputs, got) if name in g], tol)
-             for name in refs.agreement}
+    noise = {
+        name: noise_level([(ref[name], g[name]) for ref, g in zip(refs.outputs, got) if name in g], tol)
+        for name in refs.agreement
+    }
     for shape, g, ref in zip(refs.shapes, got, refs.outputs):
         for name in refs.component.outputs:
-            checks.append(compare_output(name, str(shape), g.get(name), ref[name], tol, refs.agreement.get(name),
-                                         noise.get(name)))
+            checks.append(
+                compare_output(
+                    name, str(shape), g.get(name), ref[name], tol, refs.agreement.get(name), noise.get(name)
+                )
+            )
     for name in degenerate_outputs({n: [o[n] for o in refs.outputs] for n in refs.component.outputs}):
-        checks.append(OutputCheck("all", name, "degenerate", False,
-                                  detail=f"reference output is ~constant (std < {DEGENERATE_STD:g}); the "
-                                         "comparison would pass trivially. Check the weights' initialisation."))
+        checks.append(
+            OutputCheck(
+                "all",
+                name,
+                "degenerate",
+                False,
+                detail=f"reference output is ~constant (std < {DEGENERATE_STD:g}); the "
+                "comparison would pass trivially. Check the weights' initialisation.",
+            )
+        )
     result = report(checks, precision.name, tol, refs.shapes)
     if tol.min_cosine is not None:  # reduced precisions: the accuracy report (validate/accuracy.py)
         from vlexport.validate.accuracy import outputs_accuracy
@@ -175,13 +214,21 @@ def compare_outputs(refs: OutputReferences, runner: Runner, *, precision: Precis
     return result
 
 
-def report(checks: Sequence[OutputCheck], precision: str, tol: Tolerance, shapes: Sequence[InputShape]
-           ) -> ValidationReport:
+def report(
+    checks: Sequence[OutputCheck], precision: str, tol: Tolerance, shapes: Sequence[InputShape]
+) -> ValidationReport:
     worst: dict[str, float] = {}
     for c in checks:
         if c.max_abs is not None:
             worst[c.output] = max(worst.get(c.output, 0.0), c.max_abs)
     failures = [asdict(c) for c in checks if not c.passed]
-    return ValidationReport(passed=not failures, reference="eager PyTorch fp32", precision=precision,
-                            tolerance=tol.as_dict(), shapes=[str(s) for s in shapes], max_abs_error=worst,
-                            checks=[asdict(c) for c in checks], failures=failures)
+    return ValidationReport(
+        passed=not failures,
+        reference="eager PyTorch fp32",
+        precision=precision,
+        tolerance=tol.as_dict(),
+        shapes=[str(s) for s in shapes],
+        max_abs_error=worst,
+        checks=[asdict(c) for c in checks],
+        failures=failures,
+    )

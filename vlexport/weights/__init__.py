@@ -5,5 +5,13 @@ from vlexport.weights.integrity import check_safetensors, check_unchanged, weigh
 from vlexport.weights.load import load_model
 from vlexport.weights.resolve import SANE_INITIALIZER_RANGE, ModelSource, resolve, source_from_manifest
 
-__all__ = ["SANE_INITIALIZER_RANGE", "ModelSource", "check_safetensors", "check_unchanged", "load_model", "resolve",
-           "source_from_manifest", "weights_sha256"]
+__all__ = [
+    "SANE_INITIALIZER_RANGE",
+    "ModelSource",
+    "check_safetensors",
+    "check_unchanged",
+    "load_model",
+    "resolve",
+    "source_from_manifest",
+    "weights_sha256",
+]

@@ -15,7 +15,9 @@ from vlexport.errors import CheckError
 HASH_CHUNK = 4 << 20
 
 
-_HASHES: dict[tuple[Any, ...], str] = {}  # (path, size, mtime, inode per file) -> sha256: one hash per process
+_HASHES: dict[
+    tuple[Any, ...], str
+] = {}  # (path, size, mtime, inode per file) -> sha256: one hash per process
 
 
 def check_safetensors(path: Path) -> str:
@@ -33,7 +35,9 @@ def check_safetensors(path: Path) -> str:
         meta = json.loads(header)
         end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckError(f"{path} is not a valid safetensors file ({e}). Re-download or re-save the weights.") from None
+        raise CheckError(
+            f"{path} is not a valid safetensors file ({e}). Re-download or re-save the weights."
+        ) from None
     if 8 + n + end != size:
         raise CheckError(
             f"{path} is truncated or corrupt: its header describes {8 + n + end} bytes, the file has {size}. "
@@ -49,7 +53,10 @@ def weights_sha256(directory: Path) -> str:
     derived backend's parent, the benchmark's variants), and BLIP-2's 14 GB is hashed once."""
     shards = sorted(directory.glob("*.safetensors"))
     stats = [(s.name, s.stat()) for s in shards]  # stat follows the HF cache's symlinks to the blobs
-    key = (str(directory.resolve()), *((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats))
+    key = (
+        str(directory.resolve()),
+        *((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats),
+    )
     if key not in _HASHES:
         digest, buf = hashlib.sha256(), bytearray(HASH_CHUNK)
         view = memoryview(buf)
@@ -69,4 +76,5 @@ def check_unchanged(origin: dict[str, Any], weights: Path, directory: Path) -> N
         raise CheckError(
             f"The weights in {weights} changed since {directory} was exported (sha256 {recorded[:16]} recorded, "
             f"{now[:16]} now): validating against them would compare the artifact with another model. Re-export, "
-            "or restore the weights.")
+            "or restore the weights."
+        )

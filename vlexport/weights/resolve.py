@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 SANE_INITIALIZER_RANGE = 0.02
 
 
-RANDOM_WEIGHTS_HINT = "--random-weights [--seed N] (seeded random weights, for testing the pipeline; outputs are meaningless)"
+RANDOM_WEIGHTS_HINT = (
+    "--random-weights [--seed N] (seeded random weights, for testing the pipeline; outputs are meaningless)"
+)
 
 
 @dataclass
@@ -53,13 +55,16 @@ class ModelSource:
     def check_task(self, task: str | None) -> str:
         task = task or self.default_task
         if task not in self.tasks:
-            raise UsageError(f"Task {task!r} is not supported by {self.name} ({self.family.name}). "
-                             f"Supported tasks: {', '.join(self.tasks)}. Pick one with --task.")
+            raise UsageError(
+                f"Task {task!r} is not supported by {self.name} ({self.family.name}). "
+                f"Supported tasks: {', '.join(self.tasks)}. Pick one with --task."
+            )
         return task
 
 
-def resolve(model: str, *, random_weights: bool = False, seed: int = 0,
-            allow_new_weights: tuple[str, ...] = ()) -> ModelSource:
+def resolve(
+    model: str, *, random_weights: bool = False, seed: int = 0, allow_new_weights: tuple[str, ...] = ()
+) -> ModelSource:
     """Resolve a preset name or a local directory into a :class:`ModelSource` (no weights loaded).
 
     ``allow_new_weights``: glob patterns of tensors a checkpoint may lack (a head meant to be fresh).
@@ -68,7 +73,9 @@ def resolve(model: str, *, random_weights: bool = False, seed: int = 0,
     if path.is_dir():
         src = _resolve_local(path, model)
     elif os.sep in model and not path.exists() and model.count("/") != 1:
-        raise UsageError(f"Model directory {model!r} does not exist. Pass a preset name or an existing directory.")
+        raise UsageError(
+            f"Model directory {model!r} does not exist. Pass a preset name or an existing directory."
+        )
     else:
         src = _resolve_preset(get_preset(model), random_weights, seed)
     if allow_new_weights and src.origin["kind"] != "random":  # validation re-creates the same fresh tensors
@@ -87,8 +94,12 @@ def _resolve_preset(preset: Preset, random_weights: bool, seed: int) -> ModelSou
     cached = _from_hf_cache(preset.checkpoint)
     if cached is not None:
         src.local_dir = cached
-        src.origin = {"kind": "hf-cache", "checkpoint": preset.checkpoint, "path": str(cached),
-                      "sha256": weights_sha256(cached)}
+        src.origin = {
+            "kind": "hf-cache",
+            "checkpoint": preset.checkpoint,
+            "path": str(cached),
+            "sha256": weights_sha256(cached),
+        }
         return src
     if _hub_reachable():
         src.origin = {"kind": "hub", "checkpoint": preset.checkpoint}
@@ -100,18 +111,23 @@ def _resolve_preset(preset: Preset, random_weights: bool, seed: int) -> ModelSou
         "Face cache and the hub is not reachable. Three ways out: (1) pass a local directory written by "
         "save_pretrained (config.json + *.safetensors) instead of the preset name; (2) on a machine with network "
         f"access run `hf download {preset.checkpoint}` and copy its Hugging Face cache into {constants.HF_HUB_CACHE} "
-        f"here (or point HF_HUB_CACHE at the copy); (3) add {RANDOM_WEIGHTS_HINT}.")
+        f"here (or point HF_HUB_CACHE at the copy); (3) add {RANDOM_WEIGHTS_HINT}."
+    )
 
 
 def _no_checkpoint_message(preset: Preset) -> str:
     """Presets without an upstream checkpoint: there is nothing to download, so do not suggest it."""
     if preset.is_tiny:
-        return (f"{preset.name} is a tiny test preset: it has no upstream checkpoint, so there are no weights to "
-                f"download or find in a cache. Only {RANDOM_WEIGHTS_HINT} or a local directory written by save_pretrained works.")
+        return (
+            f"{preset.name} is a tiny test preset: it has no upstream checkpoint, so there are no weights to "
+            f"download or find in a cache. Only {RANDOM_WEIGHTS_HINT} or a local directory written by save_pretrained works."
+        )
     # the full-size presets without one are composed (`vlexport list` says so too)
-    return (f"{preset.name} has no upstream checkpoint: it is composed from two encoders. Build a directory with "
-            "`vlexport dual-encoder VISION_DIR TEXT_DIR -o DIR` (or pass any local directory written by "
-            f"save_pretrained) instead of the preset name, or add {RANDOM_WEIGHTS_HINT}.")
+    return (
+        f"{preset.name} has no upstream checkpoint: it is composed from two encoders. Build a directory with "
+        "`vlexport dual-encoder VISION_DIR TEXT_DIR -o DIR` (or pass any local directory written by "
+        f"save_pretrained) instead of the preset name, or add {RANDOM_WEIGHTS_HINT}."
+    )
 
 
 def _config_from_dict(d: dict[str, Any], *, where: str) -> PretrainedConfig:
@@ -125,24 +141,33 @@ def _config_from_dict(d: dict[str, Any], *, where: str) -> PretrainedConfig:
 def _resolve_local(path: Path, name: str) -> ModelSource:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise UsageError(f"{path} has no config.json. Pass a directory written by save_pretrained (config.json + "
-                         "*.safetensors), or a preset name (`vlexport list`).")
+        raise UsageError(
+            f"{path} has no config.json. Pass a directory written by save_pretrained (config.json + "
+            "*.safetensors), or a preset name (`vlexport list`)."
+        )
     try:
         d = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{cfg_file} is not valid JSON ({e}). Re-save the model with save_pretrained.") from None
+        raise UsageError(
+            f"{cfg_file} is not valid JSON ({e}). Re-save the model with save_pretrained."
+        ) from None
     config = _config_from_dict(d, where=str(path))
     family = family_for_model_type(d["model_type"], where=str(path))
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
-        extra = " It has PyTorch pickle files, which vlexport does not load (they can run code);" if any(
-            path.glob("*.bin")) else ""
+        extra = (
+            " It has PyTorch pickle files, which vlexport does not load (they can run code);"
+            if any(path.glob("*.bin"))
+            else ""
+        )
         raise UsageError(
             f"{path} has a config.json but no *.safetensors weights.{extra} Re-save it with "
             "model.save_pretrained(dir) (safetensors is the default), or use --random-weights with a preset."
         )
     for shard in shards:
-        check_safetensors(shard)  # a truncated file fails here, naming itself, not deep inside from_pretrained
+        check_safetensors(
+            shard
+        )  # a truncated file fails here, naming itself, not deep inside from_pretrained
     archs = d.get("architectures") or []
     tasks = family.tasks_for_architectures(archs)
     origin = {"kind": "local", "path": str(path.resolve()), "sha256": weights_sha256(path)}
@@ -153,8 +178,13 @@ def _from_hf_cache(checkpoint: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        snap = Path(snapshot_download(checkpoint, local_files_only=True, allow_patterns=["*.json", "*.safetensors",
-                                                                                      "*.txt", "*.model"]))
+        snap = Path(
+            snapshot_download(
+                checkpoint,
+                local_files_only=True,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+            )
+        )
     except Exception:  # noqa: BLE001  not cached (huggingface_hub raises several types for that)
         return None
     return snap if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")) else None
@@ -200,8 +230,10 @@ def source_from_manifest(manifest: Manifest, directory: Path) -> ModelSource:
     if kind == "local":
         path = Path(origin["path"])
         if not (path / "config.json").is_file():
-            raise CheckError(f"The eager reference for {directory} was loaded from {path}, which no longer exists. "
-                             "Restore it (validation needs the original weights), or export again from where it is.")
+            raise CheckError(
+                f"The eager reference for {directory} was loaded from {path}, which no longer exists. "
+                "Restore it (validation needs the original weights), or export again from where it is."
+            )
         src.local_dir = path
         check_unchanged(origin, path, directory)
         return src
@@ -214,6 +246,8 @@ def source_from_manifest(manifest: Manifest, directory: Path) -> ModelSource:
     if kind == "hub" and _hub_reachable():
         src.preset = get_preset(manifest.source["preset"])
         return src
-    raise CheckError(f"The eager reference weights of {directory} ({checkpoint}) are not available offline: put "
-                     f"them in the Hugging Face cache (`hf download {checkpoint}` where the hub is reachable, then "
-                     "copy the cache here), or validate on the machine that exported it.")
+    raise CheckError(
+        f"The eager reference weights of {directory} ({checkpoint}) are not available offline: put "
+        f"them in the Hugging Face cache (`hf download {checkpoint}` where the hub is reachable, then "
+        "copy the cache here), or validate on the machine that exported it."
+    )

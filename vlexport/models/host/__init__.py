@@ -49,7 +49,9 @@ class GenerationRecipe:
     tokenizer_template: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     prompt_template: str | None = None  # e.g. BLIP-2 "Question: {} Answer:"
     needs_prompt: bool = False  # the T5 variant has no default prompt; VQA needs a question
-    continues_prompt: bool = False  # the text prompt is the start of the output (BLIP captions: "a picture of")
+    continues_prompt: bool = (
+        False  # the text prompt is the start of the output (BLIP captions: "a picture of")
+    )
 
 
 # ---------------------------------------------------------------- host code as data (Triton repositories)
@@ -72,12 +74,21 @@ def load_ref(ref: Mapping[str, Any]) -> Callable[..., Any]:
 
 
 def recipe_to_json(recipe: GenerationRecipe, allowed: Sequence[str]) -> dict[str, Any]:
-    return {"stages": [s if isinstance(s, str) else code_ref(s, allowed) for s in recipe.stages],
-            "first_step": list(recipe.first_step), "prompt_template": recipe.prompt_template,
-            "needs_prompt": recipe.needs_prompt, "continues_prompt": recipe.continues_prompt}
+    return {
+        "stages": [s if isinstance(s, str) else code_ref(s, allowed) for s in recipe.stages],
+        "first_step": list(recipe.first_step),
+        "prompt_template": recipe.prompt_template,
+        "needs_prompt": recipe.needs_prompt,
+        "continues_prompt": recipe.continues_prompt,
+    }
 
 
 def recipe_from_json(d: Mapping[str, Any]) -> GenerationRecipe:
-    return GenerationRecipe(tuple(s if isinstance(s, str) else load_ref(s) for s in d["stages"]), None,
-                            first_step=tuple(d["first_step"]), prompt_template=d["prompt_template"],
-                            needs_prompt=d["needs_prompt"], continues_prompt=d["continues_prompt"])
+    return GenerationRecipe(
+        tuple(s if isinstance(s, str) else load_ref(s) for s in d["stages"]),
+        None,
+        first_step=tuple(d["first_step"]),
+        prompt_template=d["prompt_template"],
+        needs_prompt=d["needs_prompt"],
+        continues_prompt=d["continues_prompt"],
+    )

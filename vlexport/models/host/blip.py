@@ -17,12 +17,17 @@ def caption_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, n
     if ids is None:
         ids = np.tile(np.array([[s["bos_token_id"], s["text_eos_token_id"]]], dtype=np.int64), (batch, 1))
     if ids.shape[1] < 2:
-        raise UsageError("A BLIP caption prompt needs at least 2 tokens ([CLS] text [SEP] as the tokenizer writes "
-                         "it): generate() drops the last one.")
+        raise UsageError(
+            "A BLIP caption prompt needs at least 2 tokens ([CLS] text [SEP] as the tokenizer writes "
+            "it): generate() drops the last one."
+        )
     ids = ids.copy()
     ids[:, 0] = s["bos_token_id"]
     mask = env.get("attention_mask")
-    return {"decoder_input_ids": ids[:, :-1], "decoder_attention_mask": None if mask is None else mask[:, :-1]}
+    return {
+        "decoder_input_ids": ids[:, :-1],
+        "decoder_attention_mask": None if mask is None else mask[:, :-1],
+    }
 
 
 def answer_prompt(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np.ndarray]:
