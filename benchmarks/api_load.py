@@ -1,6 +1,7 @@
 """vlexport.load: batched calls vs the runtime under them, and parity with `vlexport run` image by image.
 
-    python benchmarks/api_load.py --caption DIR [--itm DIR] [--parity N] [--iters N] --out benchmarks/results/X.json
+    python benchmarks/api_load.py --caption DIR [--itm DIR] [--parity N] [--iters N] --out
+    benchmarks/results/X.json
 
 * parity: the caption artifact loaded once, N images captioned in batches of 8 through ``vlexport.load`` vs
   `vlexport run` (``run_artifact``) on each image; the ITM artifact likewise (match vs run's scores).

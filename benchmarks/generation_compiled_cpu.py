@@ -1,8 +1,9 @@
-"""Compiled static-cache loop (`vlexport compile`) vs HF eager generate() vs the ONNX Runtime loop, CPU, one process.
+"""Compiled static-cache loop (`vlexport compile`) vs HF eager generate() vs the ONNX Runtime loop, CPU, one
+process.
 
-    python benchmarks/generation_compiled_cpu.py [--model blip-image-captioning-base] [--onnx DIR] [--aoti DIR]
-        [--new-tokens 20] [--batch-sizes 1,8] [--iters 3] [--threads N] [--max-length 32]
-        [--out benchmarks/results/generation_compiled_cpu.json]
+    python benchmarks/generation_compiled_cpu.py [--model blip-image-captioning-base] [--onnx DIR] [--aoti
+    DIR] [--new-tokens 20] [--batch-sizes 1,8] [--iters 3] [--threads N] [--max-length 32] [--out
+    benchmarks/results/generation_compiled_cpu.json]
 
 Same protocol as generation_cpu.py (whose row statistics it reuses): random weights (seed 0), exactly
 --new-tokens greedy tokens from the default caption prompt, the three runners interleaved per iteration
@@ -153,7 +154,8 @@ def main() -> None:
     for r in rows:
         extra = "".join(f", {k} {r[k]}x" for k in r if "speedup" in k)
         print(
-            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
+            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill "
+            f"{r['prefill_s_median']:.2f} s, "
             f"{r['decode_ms_per_token_median']:.1f} ms/token{extra}, tokens equal: {r['tokens_equal_eager']}"
         )
     print(f"wrote {args.out}")

@@ -1,7 +1,7 @@
 """HF eager generate() vs vlexport's ONNX Runtime decode loop, on CPU, in one process.
 
-    python benchmarks/generation_cpu.py [--model blip-image-captioning-base] [--artifact DIR]
-        [--new-tokens 20] [--batch-sizes 1,8] [--iters 3] [--threads N] [--out benchmarks/results/generation_cpu.json]
+    python benchmarks/generation_cpu.py [--model blip-image-captioning-base] [--artifact DIR] [--new-tokens
+        20] [--batch-sizes 1,8] [--iters 3] [--threads N] [--out benchmarks/results/generation_cpu.json]
 
 Random weights (seed 0) for both sides; the artifact is exported once (or reused with --artifact). Every
 generation is forced to exactly --new-tokens tokens (min = max new tokens), greedy, from the model's
@@ -181,7 +181,8 @@ def main() -> None:
             f", {k} {r[k]}x" for k in ("speedup_e2e_vs_eager", "speedup_per_token_vs_eager") if k in r
         )
         print(
-            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill {r['prefill_s_median']:.2f} s, "
+            f"b{r['batch']} {r['backend']:5s}: e2e {r['e2e_s_median']:.2f} s, prefill "
+            f"{r['prefill_s_median']:.2f} s, "
             f"{r['decode_ms_per_token_median']:.1f} ms/token (last/first quarter "
             f"{r['decode_last_over_first_quarter']}){extra}, tokens equal: {r['tokens_equal_eager']}"
         )

@@ -1,16 +1,17 @@
 """Full-size generative artifacts at different precisions, side by side on CPU: size, `vlexport run` peak RSS,
 decode ms/token, and greedy tokens / logits vs the fp32 artifact.
 
-    python benchmarks/generation_precision_cpu.py fp32=DIR int8-weight=DIR [name=DIR ...]
-        [--new-tokens 20] [--batch-sizes 1,4] [--iters 2] [--out benchmarks/results/cpu-blip2-int8-weight.json]
+    python benchmarks/generation_precision_cpu.py fp32=DIR int8-weight=DIR [name=DIR ...] [--new-tokens 20]
+        [--batch-sizes 1,4] [--iters 2] [--out benchmarks/results/cpu-blip2-int8-weight.json]
 
 The first artifact is the reference (fp32). Each artifact is measured in its own fresh process, one after the
-other, so a 14 GB fp32 decoder and its int8 variant are never in memory together and each peak RSS is its
-own: a worker that times greedy decoding forced to --new-tokens tokens on seeded pixels (step 0 is the prefill: encoders +
-first decoder step; steps 1.. are decode steps) and keeps the tokens and per-step logits. Agreement is then
-computed against the reference's: the share of sequences whose tokens are equal, the mean first-divergence
-step, and the per-step logit cosine up to the first divergence (after it the two decode different prefixes);
-then `vlexport run DIR --image IMG [--text PROMPT]` exactly as a user runs it (peak RSS from wait4).
+other, so a 14 GB fp32 decoder and its int8 variant are never in memory together and each peak RSS is its own:
+a worker that times greedy decoding forced to --new-tokens tokens on seeded pixels (step 0 is the prefill:
+encoders + first decoder step; steps 1.. are decode steps) and keeps the tokens and per-step logits. Agreement
+is then computed against the reference's: the share of sequences whose tokens are equal, the mean
+first-divergence step, and the per-step logit cosine up to the first divergence (after it the two decode
+different prefixes); then `vlexport run DIR --image IMG [--text PROMPT]` exactly as a user runs it (peak RSS
+from wait4).
 """
 
 from __future__ import annotations

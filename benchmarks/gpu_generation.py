@@ -1,18 +1,20 @@
-"""BLIP-2 OPT-2.7b decode speed on one GPU: compiled static-cache packages vs HF generate(), tokens/s and peak memory.
+"""BLIP-2 OPT-2.7b decode speed on one GPU: compiled static-cache packages vs HF generate(), tokens/s and peak
+memory.
 
-    python benchmarks/gpu_generation.py [--model blip2-opt-2.7b] [--new-tokens 64] [--iters 3] [--out FILE] [--dry-run]
+    python benchmarks/gpu_generation.py [--model blip2-opt-2.7b] [--new-tokens 64] [--iters 3] [--out FILE]
+    [--dry-run]
 
 Rows, all batch 1, exactly --new-tokens greedy tokens, random weights (seed 0; speed does not depend on them):
-  hf-fp16          HF generate() on the fp16 model (the issue's 52.7 tokens/s on an H100)
-  hf-llm-int8      HF generate() with bitsandbytes LLM.int8 weights, when bitsandbytes imports
-  aoti-fp16        `vlexport compile --precision fp16 --device cuda --mode reduce-overhead` (CUDA-graph decode step)
-  aoti-int8-weight the same with torchao int8 weight-only linears, when torchao imports
-tokens/s counts decode steps only (after the first token: prefill excluded); peak memory is
-torch.cuda.max_memory_allocated over the row's calls. Written to run on a lent GPU (benchmarks/gpu_suite.sh);
-a row whose requirement is absent (CUDA, bitsandbytes, torchao) records why and is skipped; a row that fails
-otherwise records its error, the others go on, and the script exits 1 (a script bug is not a skipped row).
-``--dry-run`` runs every row on the CPU with the model's tiny twin, a few tokens and one iteration
-(benchmarks/gpu_suite.sh --dry-run, in CI), so a lent GPU's one call is never lost to a script bug.
+  hf-fp16 HF generate() on the fp16 model (the issue's 52.7 tokens/s on an H100) hf-llm-int8 HF generate()
+  with bitsandbytes LLM.int8 weights, when bitsandbytes imports aoti-fp16 `vlexport compile --precision fp16
+  --device cuda --mode reduce-overhead` (CUDA-graph decode step) aoti-int8-weight the same with torchao int8
+  weight-only linears, when torchao imports tokens/s counts decode steps only (after the first token: prefill
+  excluded); peak memory is torch.cuda.max_memory_allocated over the row's calls. Written to run on a lent GPU
+  (benchmarks/gpu_suite.sh); a row whose requirement is absent (CUDA, bitsandbytes, torchao) records why and
+  is skipped; a row that fails otherwise records its error, the others go on, and the script exits 1 (a script
+  bug is not a skipped row). ``--dry-run`` runs every row on the CPU with the model's tiny twin, a few tokens
+  and one iteration (benchmarks/gpu_suite.sh --dry-run, in CI), so a lent GPU's one call is never lost to a
+  script bug.
 """
 
 from __future__ import annotations

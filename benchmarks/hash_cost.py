@@ -1,4 +1,5 @@
-"""Cost of the per-file content hashes (manifest.file_sha256: sha256 streamed in 8 MiB blocks), seconds per GB.
+"""Cost of the per-file content hashes (manifest.file_sha256: sha256 streamed in 8 MiB blocks), seconds per
+GB.
 
     python benchmarks/hash_cost.py [DIR ...] [--synthetic-gb 4] [--out benchmarks/results/hash_cost.json]
 

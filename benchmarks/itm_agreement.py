@@ -128,7 +128,8 @@ def main() -> None:
     for r in rows[1:]:
         lines.append(
             f"| {r['artifact']} | {r['precision']} | {','.join(r['kernels']) or '-'} | {r['agreement']:.2%} "
-            f"| {r['disagreeing']} | {r['cosine']:.5f} | {r['max_abs_err']:.3g} | {r['eager_match_share']:.1%} "
+            f"| {r['disagreeing']} | {r['cosine']:.5f} | {r['max_abs_err']:.3g} | "
+            f"{r['eager_match_share']:.1%} "
             f"| {r['eager_margin_min']:.3g} / {r['eager_margin_median']:.3g} | {r['close_calls']} |"
         )
     text = "\n".join(lines) + "\n"

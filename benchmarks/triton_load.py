@@ -1,8 +1,8 @@
-"""Bounded load test of a local tritonserver on vlexport's repository: tiny BridgeTower ITM ensemble + tiny BLIP
-captioning (BLS), `--kind cpu --backend python-onnxruntime`, loopback only.
+"""Bounded load test of a local tritonserver on vlexport's repository: tiny BridgeTower ITM ensemble + tiny
+BLIP captioning (BLS), `--kind cpu --backend python-onnxruntime`, loopback only.
 
-    scripts/tritonserver_env.sh   # once: the server's own virtualenv
-    python benchmarks/triton_load.py [--clients 4] [--seconds 10] [--work DIR] [--out benchmarks/results/triton_load.json]
+    scripts/tritonserver_env.sh # once: the server's own virtualenv python benchmarks/triton_load.py
+    [--clients 4] [--seconds 10] [--work DIR] [--out benchmarks/results/triton_load.json]
 
 Each of --clients threads (its own client; even ones grpc, odd ones http) sends requests for --seconds,
 alternating the two models, from a fixed pool of (image, texts/prompt) cases whose answers were computed first
@@ -97,8 +97,8 @@ def _worker(server: Server, i: int, cases: list, stop: float, log: list) -> None
 
 
 def _in_process_itm(artifact: Path):
-    """The same ITM artifact called in this process, as `vlexport run` computes it (decode, tokenize, ONNX Runtime,
-    scores), one shared session: what the ensemble is compared with at the same concurrency."""
+    """The same ITM artifact called in this process, as `vlexport run` computes it (decode, tokenize, ONNX
+    Runtime, scores), one shared session: what the ensemble is compared with at the same concurrency."""
     from vlexport.manifest import Manifest
     from vlexport.models import get_family
     from vlexport.runtime.onnx_session import OnnxComponent
@@ -131,7 +131,8 @@ def _in_process_itm(artifact: Path):
 
 
 def _encoder(args: argparse.Namespace) -> int:
-    """ITM ensemble at --clients vs the same artifact in process with as many threads; every answer checked."""
+    """ITM ensemble at --clients vs the same artifact in process with as many threads; every answer
+    checked."""
     from vlexport.runtime.run import run_artifact
     from vlexport.serve.triton_config import ServeOptions
     from vlexport.serve.triton_repo import write_repository
@@ -224,7 +225,8 @@ def _encoder(args: argparse.Namespace) -> int:
         if in_process["req_per_s"]
         else None,
         "server_time_per_request": where,
-        "setup": "ITM ensemble (preprocess + python-onnxruntime model + postprocess python models), --kind cpu, "
+        "setup": "ITM ensemble (preprocess + python-onnxruntime model + postprocess python models), --kind "
+        "cpu, "
         "max_batch_size 8, queue delay 2 ms, 1 instance each; in process: one ORT session shared "
         "by the threads, same preprocessing code",
         "machine": {

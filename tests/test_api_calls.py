@@ -1,5 +1,5 @@
-"""``vlexport.export`` / ``quantize`` / ``bench``: the orchestrator's results returned to Python (the manifest on disk,
-rows that passed parity), and the CLI's up-front checks raised as vlexport.errors exceptions."""
+"""``vlexport.export`` / ``quantize`` / ``bench``: the orchestrator's results returned to Python (the manifest
+on disk, rows that passed parity), and the CLI's up-front checks raised as vlexport.errors exceptions."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The layering docs/ARCHITECTURE.md describes, checked on the source: every vlexport module belongs to one layer,
-no import (module-level or inside a function) runs from a layer to one below it, and there is no cycle.
+"""The layering docs/ARCHITECTURE.md describes, checked on the source: every vlexport module belongs to one
+layer, no import (module-level or inside a function) runs from a layer to one below it, and there is no cycle.
 
 The lists of what must obey come from the registries, not from hand-typed names: family names and model types
 from the family registry, backend modules from ``contracts.backends.BUILTIN``, pass modules from
@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "vlexport.manifest",
             "vlexport.support_files",
             "vlexport.contracts",
+            "vlexport.callables",
         ),
     ),
     ("injection", ("vlexport.inject",)),  # the mechanism; the families declare its rules
@@ -43,7 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("serving", ("vlexport.serve",)),
     ("orchestration", ("vlexport.pipeline",)),
     ("benchmarks", ("vlexport.bench",)),
-    ("entry point", ("vlexport.cli", "vlexport.display")),
+    ("entry points", ("vlexport.cli", "vlexport.display", "vlexport.api", "vlexport.hf")),
 )
 
 

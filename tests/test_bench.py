@@ -1,4 +1,5 @@
-"""`vlexport bench` on the tiny preset: rows, parity against eager, reports, and the regress gate end to end."""
+"""`vlexport bench` on the tiny preset: rows, parity against eager, reports, and the regress gate end to
+end."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_bench_rows_eager_vs_onnx(acceptance: dict) -> None:
     eager = {r.batch: r for r in rows if r.backend == "eager"}
     onnx = {r.batch: r for r in rows if r.backend == "onnx"}
     for b in (1, 4):
-        # Parity of ONNX Runtime against eager fp32 on the benchmark's own inputs: close, but a real comparison.
+        # Parity of ONNX Runtime against eager fp32 on the benchmark's own inputs: close, but a real
+        # comparison.
         err = onnx[b].parity["logits"]["max_abs"]
         assert 0 < err <= 1e-4, err
         assert eager[b].parity["logits"]["max_abs"] == 0.0  # the reference itself
@@ -87,7 +89,8 @@ def test_bench_reports(acceptance: dict) -> None:
 
 
 def test_rows_say_how_close_to_the_peak(acceptance: dict) -> None:
-    """Work counted once per shape, the peak measured in the same run, fraction = achieved / peak in the JSON."""
+    """Work counted once per shape, the peak measured in the same run, fraction = achieved / peak in the
+    JSON."""
     rows, meta = acceptance["rows"], acceptance["meta"]
     (measured,) = [m for m in meta["peaks"] if m["threads"] == rows[0].threads]
     work = {b: {r.work_flops for r in rows if r.batch == b} for b in (1, 4)}
@@ -232,7 +235,8 @@ def test_bench_usage_errors(capsys) -> None:
 
 
 def test_bench_reuses_an_artifact_directory(exported, tmp_path: Path) -> None:
-    """An artifact dir joins the group of its source model and is measured against the same eager reference."""
+    """An artifact dir joins the group of its source model and is measured against the same eager
+    reference."""
     directory = exported("bridgetower-tiny", "itm")
     rows = run_bench(BenchPlan((str(directory),), batch_sizes=(3,), warmup=0, iters=2, seq_len=7))
     assert [(r.backend, r.batch, r.seq_len) for r in rows] == [("eager", 3, 7), ("onnx", 3, 7)]
@@ -243,7 +247,8 @@ def test_bench_reuses_an_artifact_directory(exported, tmp_path: Path) -> None:
 
 
 def test_work_dir_artifacts_are_derived_once_and_reused(tmp_path: Path) -> None:
-    """Export backends come from the registry: onnx-opt is derived from the work dir's ONNX export, then reused."""
+    """Export backends come from the registry: onnx-opt is derived from the work dir's ONNX export, then
+    reused."""
     plan = BenchPlan(
         ("bridgetower-tiny",),
         backends=("onnx-opt", "onnx"),

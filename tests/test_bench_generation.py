@@ -1,4 +1,5 @@
-"""Generation benchmarks: prefill / per-token decode / tokens-per-second rows, eager vs the ONNX runtime loop."""
+"""Generation benchmarks: prefill / per-token decode / tokens-per-second rows, eager vs the ONNX runtime
+loop."""
 
 from __future__ import annotations
 

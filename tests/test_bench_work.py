@@ -1,4 +1,5 @@
-"""How close to the hardware: work counted against analytic counts, machine peaks, fractions, old result files."""
+"""How close to the hardware: work counted against analytic counts, machine peaks, fractions, old result
+files."""
 
 from __future__ import annotations
 
@@ -233,7 +234,8 @@ def test_committed_results_still_load_and_gate(tmp_path: Path) -> None:
         rows, meta = read_rows(path)
         assert rows and all(r.latency_p50_ms or not r.ok for r in rows)
         assert not compare(rows, rows).failed, path
-    # A schema-1 baseline against a current file that carries the new fields: the gate judges ratios as before.
+    # A schema-1 baseline against a current file that carries the new fields: the gate judges ratios as
+    # before.
     base, _ = read_rows(RESULTS / "cpu-ci.json")
     current = [
         BenchRow(**{**r.__dict__, "work_flops": 1e9, "peak_kind": "fp32-gemm", "peak_value": 100.0})

@@ -1,6 +1,6 @@
 """docs/ci/vlexport-bench.yml, the workflow users copy: its `run:` steps, run as GitHub Actions runs them
-(bash -eo pipefail, the job's env), in a scratch repository on a tiny suite. The gate passes against a baseline
-of the same run and fails (exit 1) against one whose speed-up the current run has lost."""
+(bash -eo pipefail, the job's env), in a scratch repository on a tiny suite. The gate passes against a
+baseline of the same run and fails (exit 1) against one whose speed-up the current run has lost."""
 
 from __future__ import annotations
 

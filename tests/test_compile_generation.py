@@ -1,9 +1,10 @@
 """`vlexport compile` for generative tasks: static-KV-cache decoder packages, token-exact with HF generate().
 
-One package per generative family (BLIP caption, BLIP-2 with Flan-T5) is compiled (the `exported` fixture shares it across tests and test files);
-its export already validated greedy and beam search, batch 1 and 4 with padded prompts, against HF
-``generate()`` (validate/generation.py). AOTInductor CPU compiles cost ~1-2 min each on 2 busy cores, so the
-limits and the loader are checked on the caption package rather than on packages of their own.
+One package per generative family (BLIP caption, BLIP-2 with Flan-T5) is compiled (the `exported` fixture
+shares it across tests and test files); its export already validated greedy and beam search, batch 1 and 4
+with padded prompts, against HF ``generate()`` (validate/generation.py). AOTInductor CPU compiles cost ~1-2
+min each on 2 busy cores, so the limits and the loader are checked on the caption package rather than on
+packages of their own.
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ def test_bench_times_the_compiled_loop_with_token_parity(caption: Path) -> None:
 
 
 def test_blip2_package_validates_token_exact(exported) -> None:
-    # The encoder-decoder LM (its own static step, relative positions): the OPT decoder and BLIP VQA compile the
-    # same way and are checked eagerly in test_compile_static_cache.py (one compile per family keeps CI short).
+    # The encoder-decoder LM (its own static step, relative positions): the OPT decoder and BLIP VQA compile
+    # the
+    # same way and are checked eagerly in test_compile_static_cache.py (one compile per family keeps CI
+    # short).
     manifest = _checked(exported("blip2-flan-t5-tiny", "generate", **COMPILE))
     assert set(manifest["components"]) == {"image_encoder", "encoder", "decoder"}
 
@@ -148,7 +151,8 @@ from vlexport.runtime.generate import Generator
 
 x = np.load(sys.argv[2])
 generator = Generator(load_artifact(sys.argv[1]))
-out = [generator.generate(x["pixel_values"], max_new_tokens=6, num_beams=k).sequences.tolist() for k in (1, 2)]
+out = [generator.generate(x["pixel_values"], max_new_tokens=6, num_beams=k).sequences.tolist()
+       for k in (1, 2)]
 assert not any(m.split(".")[0] == "transformers" for m in sys.modules)
 print(json.dumps(out))
 """

@@ -1,7 +1,8 @@
-"""The static-KV-cache decoder (export/static_cache.py) against the ONNX-path decoder, eagerly (no AOT compile).
+"""The static-KV-cache decoder (export/static_cache.py) against the ONNX-path decoder, eagerly (no AOT
+compile).
 
-Both wrappers are driven through the runtime's own steps (runtime/static_step.py and decoder_session.py) on the
-same encoder outputs: greedy and beam search over a padded batch must give the same tokens and per-step
+Both wrappers are driven through the runtime's own steps (runtime/static_step.py and decoder_session.py) on
+the same encoder outputs: greedy and beam search over a padded batch must give the same tokens and per-step
 logits, for every generative task. Seconds per task, so every task's wiring is checked in CI; the compiled
 packages are checked against HF generate() in test_compile_generation.py.
 """

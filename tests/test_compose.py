@@ -53,7 +53,8 @@ def test_dual_encoder_rejects_a_dir_without_weights(tmp_path: Path, capsys) -> N
 
 
 def test_full_clip_as_vision_and_roberta_as_text_compose_and_export(tmp_path: Path, capsys) -> None:
-    # Not the ViT + BERT default: VisionTextDualEncoder takes a full CLIP's vision part, and any pooled text encoder.
+    # Not the ViT + BERT default: VisionTextDualEncoder takes a full CLIP's vision part, and any pooled text
+    # encoder.
     from transformers import CLIPConfig, CLIPModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(0)

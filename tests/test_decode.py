@@ -27,7 +27,8 @@ from vlexport.runtime.generate import Generator
 
 
 class ScriptedStep:
-    """A DecodeStep whose logits for a row are ``script(tokens of that row so far)``; rows follow reorder()."""
+    """A DecodeStep whose logits for a row are ``script(tokens of that row so far)``; rows follow
+    reorder()."""
 
     def __init__(self, script: Callable[[tuple[int, ...]], np.ndarray], dtype: type = np.float32):
         self.script, self.dtype = script, dtype
@@ -87,8 +88,8 @@ def test_greedy_min_new_tokens_suppresses_eos_and_max_new_tokens_stops() -> None
 
 
 def _detour(row: tuple[int, ...]) -> np.ndarray:
-    """Vocab 4, eos 3, prompt (0,): greedy takes 1 (p=.5) then 0 (p=.4): .2 in all; beam search finds 2 then eos
-    (.4 * .9 = .36)."""
+    """Vocab 4, eos 3, prompt (0,): greedy takes 1 (p=.5) then 0 (p=.4): .2 in all; beam search finds 2 then
+    eos (.4 * .9 = .36)."""
     p = {(0,): [0.05, 0.5, 0.4, 0.05], (0, 1): [0.4, 0.3, 0.2, 0.1], (0, 2): [0.04, 0.03, 0.03, 0.9]}
     return np.log(np.array(p.get(row, [0.25] * 4), np.float32))
 

@@ -1,4 +1,5 @@
-"""Generative export: the four tiny families export, validate token-exact, and generate what HF generate() does.
+"""Generative export: the four tiny families export, validate token-exact, and generate what HF generate()
+does.
 
 Cases: "blip-tiny" caption and vqa, "blip2-opt-tiny" generate, "blip2-flan-t5-tiny" generate. Every check
 compares against the eager model's generate() tokens, never only that something ran.
@@ -83,7 +84,8 @@ def _fresh_inputs(model, task_spec, batch: int, seed: int) -> dict[str, torch.Te
 
 @pytest.mark.parametrize(("preset", "task", "components"), CASES)
 def test_runtime_generates_what_hf_generate_does(exported, preset: str, task: str, components: tuple) -> None:
-    """Independent of the validator: new seeds, batch 3 with prompts of 3 different lengths, greedy and beam."""
+    """Independent of the validator: new seeds, batch 3 with prompts of 3 different lengths, greedy and
+    beam."""
     out = exported(preset, task)
     model = eager(preset, task)
     artifact = load_artifact(out, device="cpu")

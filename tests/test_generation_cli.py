@@ -1,5 +1,5 @@
-"""`vlexport run` on tiny artifacts ("blip-tiny" caption/vqa, "blip2-opt-tiny" and "blip2-flan-t5-tiny" generate),
-and bad input: one clear paragraph, a non-zero exit code, no traceback."""
+"""`vlexport run` on tiny artifacts ("blip-tiny" caption/vqa, "blip2-opt-tiny" and "blip2-flan-t5-tiny"
+generate), and bad input: one clear paragraph, a non-zero exit code, no traceback."""
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def test_prompt_longer_than_max_positions(exported, capsys, image: Path) -> None
 
 def test_text_longer_than_the_position_table(exported, capsys, image: Path) -> None:
     # RoBERTa-style positions start at pad_token_id + 1: bridgetower-tiny's 66 rows hold 64 tokens (the
-    # placeholder tokenizer adds bos and eos to one id per byte). 65 tokens used to index past the table in ORT.
+    # placeholder tokenizer adds bos and eos to one id per byte). 65 tokens used to index past the table in
+    # ORT.
     art = exported("bridgetower-tiny", "itm")
     code, _, err = run(capsys, art, "--image", image, "--text", "x" * 62)
     assert code == 0, err

@@ -1,4 +1,5 @@
-"""Beam search near-ties: per-row logits are compared only while both runs' beam rows hold the same hypotheses.
+"""Beam search near-ties: per-row logits are compared only while both runs' beam rows hold the same
+hypotheses.
 
 Seen at full size with random weights (BLIP-2 Flan-T5-XL before its LM head got a sane scale): two
 candidates scored -770.74562 and -770.74564 in HF, equal to float32 precision, ranked the other way in

@@ -1,7 +1,8 @@
-"""``vlexport.hf.from_artifact``: HF code that calls ``Model.from_pretrained(dir)`` gives the same outputs (within the
-artifact precision's tolerance) and the same generate() tokens when that line is replaced by
-``vlexport.hf.from_artifact(artifact)``. The HF side loads a save_pretrained directory of the weights the artifact
-was exported from (tiny presets, seeded random weights); pixel values come from the family's HF image processor."""
+"""``vlexport.hf.from_artifact``: HF code that calls ``Model.from_pretrained(dir)`` gives the same outputs
+(within the artifact precision's tolerance) and the same generate() tokens when that line is replaced by
+``vlexport.hf.from_artifact(artifact)``. The HF side loads a save_pretrained directory of the weights the
+artifact was exported from (tiny presets, seeded random weights); pixel values come from the family's HF image
+processor."""
 
 from __future__ import annotations
 

@@ -68,7 +68,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def expected_modules(config: PretrainedConfig, hf_class: str) -> dict[str, int]:
-    """Modules injection takes over: attention blocks (self + cross, every tower) and post-norm add+LN blocks."""
+    """Modules injection takes over: attention blocks (self + cross, every tower) and post-norm add+LN
+    blocks."""
     mt = config.model_type
     text, vision = config.text_config, config.vision_config
     if mt == "bridgetower":
@@ -129,7 +130,8 @@ ENCODER_CASES = [
     for task in p.tasks
     if not get_family(p.family).task(task).generative
 ]
-# Generative HF models (BlipForConditionalGeneration, BlipForQuestionAnswering, Blip2ForConditionalGeneration),
+# Generative HF models (BlipForConditionalGeneration, BlipForQuestionAnswering,
+# Blip2ForConditionalGeneration),
 # run with HF generate() rather than through the export components.
 GENERATIVE_CASES = [
     ("blip-tiny", "caption"),
@@ -302,7 +304,8 @@ def test_injection_really_replaces_and_switches() -> None:
 
 
 def test_bridgetower_vision_block_key_padding_mask() -> None:
-    # BridgeTowerModel runs its vision blocks unmasked; the block itself takes a key padding mask (True = pad).
+    # BridgeTowerModel runs its vision blocks unmasked; the block itself takes a key padding mask (True =
+    # pad).
     model, _, _ = _encoder_model("bridgetower-tiny", "features")
     block = model.vision_model.visual.transformer.resblocks[1]
     hidden = torch.randn(17, 3, 64, generator=torch.Generator().manual_seed(0))  # (L, B, E)
@@ -388,7 +391,10 @@ def test_no_rules_is_a_usage_error() -> None:
 
 def test_every_family_declares_rules_and_inject_knows_no_family() -> None:
     # Family knowledge lives in the family modules: inject.py must not import them (models -> inject only).
-    script = "import sys, vlexport.inject; print(sorted(m for m in sys.modules if m.startswith('vlexport.models')))"
+    script = (
+        "import sys, vlexport.inject; "
+        "print(sorted(m for m in sys.modules if m.startswith('vlexport.models')))"
+    )
     run = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )

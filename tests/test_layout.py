@@ -4,9 +4,9 @@
 sys.path, so a root folder with an ``__init__.py`` (or a root ``*.py`` module) named like an installed
 distribution's top-level import replaces that distribution for every library that imports it. It happened:
 transformers 5.25 imports Hugging Face's ``kernels`` package at start-up, and this repository's ``kernels/``
-was a regular package. Folders without ``__init__.py`` (``kernels/``, ``benchmarks/``, ``tests/``, ``scripts/``)
-are at most namespace portions, which lose to any regular package of the same name; the second test checks
-that the interpreter really resolves every clashing name outside the repository.
+was a regular package. Folders without ``__init__.py`` (``kernels/``, ``benchmarks/``, ``tests/``,
+``scripts/``) are at most namespace portions, which lose to any regular package of the same name; the second
+test checks that the interpreter really resolves every clashing name outside the repository.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def test_no_root_package_or_module_has_an_installed_distributions_name() -> None
 
 
 def test_clashing_names_resolve_outside_the_repository() -> None:
-    """A root folder that shares an installed distribution's name must not be what `import NAME` finds when the
-    root is first on sys.path (as with `python -m pytest` from the root)."""
+    """A root folder that shares an installed distribution's name must not be what `import NAME` finds when
+    the root is first on sys.path (as with `python -m pytest` from the root)."""
     installed = importlib.metadata.packages_distributions()
     names = sorted(n for n in _root_entries() if n in installed and n != "vlexport")
     script = (

@@ -32,7 +32,8 @@ def test_ruff_is_clean_with_the_size_rules() -> None:
 
 
 def test_the_tree_is_formatted() -> None:
-    """`ruff format`: one layout for every file, so that no change carries reformatting of lines it did not touch."""
+    """`ruff format`: one layout for every file, so that no change carries reformatting of lines it did not
+    touch."""
     done = subprocess.run(
         [*_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True, check=False
     )

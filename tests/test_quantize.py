@@ -18,7 +18,8 @@ from vlexport.validate import validate_directory
 
 
 def _weight_bytes(directory: Path) -> int:
-    """Bytes of the graphs' initializers (the files also hold per-node metadata, which is most of a tiny one)."""
+    """Bytes of the graphs' initializers (the files also hold per-node metadata, which is most of a tiny
+    one)."""
     graph = onnx.load(str(directory / "model.onnx")).graph
     return sum(len(i.raw_data) for i in graph.initializer)
 

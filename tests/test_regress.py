@@ -116,7 +116,8 @@ def test_rows_skipped_by_allow_missing_are_not_comparisons() -> None:
 
 
 def test_a_gate_that_compared_nothing_fails() -> None:
-    # Every row absent, let pass by allow_missing: nothing was judged, so nothing may pass as "no regressions".
+    # Every row absent, let pass by allow_missing: nothing was judged, so nothing may pass as "no
+    # regressions".
     report = compare(BASE, [], allow_missing=True)
     assert [f.kind for f in report.failures] == ["nothing-compared"]
     assert report.compared == 0 and report.skipped == 4

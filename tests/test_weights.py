@@ -87,7 +87,8 @@ def test_random_weights_replace_a_degenerate_initializer_range() -> None:
 
 
 def test_random_weights_untie_flan_t5_head() -> None:
-    # The family's random_init (BLIP-2): T5 v1.1 gets its own LM head at std d_model**-0.5, as checkpoints have it.
+    # The family's random_init (BLIP-2): T5 v1.1 gets its own LM head at std d_model**-0.5, as checkpoints
+    # have it.
     lm = load_model(resolve("blip2-flan-t5-tiny", random_weights=True), "generate").language_model
     assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr() and not lm.config.tie_word_embeddings
     assert lm.lm_head.weight.std().item() == pytest.approx(lm.config.d_model**-0.5, rel=0.1)
@@ -151,7 +152,8 @@ def test_check_safetensors_accepts_a_good_file(tmp_path: Path) -> None:
     assert any(k.endswith("itm_score.weight") or "itm" in k for k in header)
 
 
-# ---------------------------------------------------------------- checkpoints must fill the task's class exactly
+# ---------------------------------------------------------------- checkpoints must fill the task's class
+# exactly
 def _tiny_classes() -> list[tuple[str, str]]:
     """(tiny preset, task) for each distinct HF class of the tiny presets."""
     from vlexport.presets import PRESETS

@@ -1,7 +1,7 @@
 """vlexport: verified deployment artifacts for Hugging Face vision-language models.
 
-``vlexport.load`` / ``hf`` / ``export`` / ``quantize`` / ``bench`` (docs/api.md) are imported on first use, so that
-``import vlexport`` stays light (no torch, no ONNX Runtime).
+``vlexport.load`` / ``hf`` / ``export`` / ``quantize`` / ``bench`` (docs/api.md) are imported on first use, so
+that ``import vlexport`` stays light (no torch, no ONNX Runtime).
 """
 
 from __future__ import annotations

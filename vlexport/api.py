@@ -1,7 +1,8 @@
 """Exporting, quantizing and benchmarking from Python: thin calls of the orchestrator the CLI uses.
 
-``vlexport.export`` / ``vlexport.quantize`` build an ``ExportJob`` and hand it to ``pipeline.run_export`` (the same
-validation, atomic staging and errors as `vlexport onnx` / `compile` / `quantize`) and return the artifact's
+``vlexport.export`` / ``vlexport.quantize`` build an ``ExportJob`` and hand it to ``pipeline.run_export`` (the
+same validation, atomic staging and errors as `vlexport onnx` / `compile` / `quantize`) and return the
+artifact's
 :class:`~vlexport.manifest.Manifest`; ``vlexport.bench`` runs ``bench.run_bench`` over one plan (or a shipped
 suite) and returns its rows. Options the CLI checks up front are checked here the same way (docs/api.md).
 """
@@ -47,9 +48,9 @@ def export(
 ) -> Manifest:
     """Export ``model`` (a preset name or a save_pretrained directory) with ``backend`` ("onnx", "onnx-opt",
     "aoti", "tensorrt"), validate it against eager PyTorch and return its manifest. ``out`` defaults to
-    ``./<model>-<task>-<backend>``; backend ``options`` are the CLI's (``opset=``, ``mode=``, ``max_batch=``, ...).
-    A precision other than fp32 builds the fp32 artifact's variant, as `vlexport onnx --precision` does; it is a
-    name or a config with its knobs (``Int8WeightConfig(block_size=64)``, contracts/precision.py)."""
+    ``./<model>-<task>-<backend>``; backend ``options`` are the CLI's (``opset=``, ``mode=``, ``max_batch=``,
+    ...). A precision other than fp32 builds the fp32 artifact's variant, as `vlexport onnx --precision` does;
+    it is a name or a config with its knobs (``Int8WeightConfig(block_size=64)``, contracts/precision.py)."""
     from vlexport.pipeline import ExportJob, run_export
 
     job = ExportJob(
@@ -115,9 +116,10 @@ def bench(
     **plan: Any,
 ) -> list[BenchRow]:
     """Benchmark presets, model directories or artifact directories as `vlexport bench` does (``plan`` takes
-    :class:`~vlexport.bench.harness.BenchPlan`'s fields: ``backends``, ``batch_sizes``, ``iters``, ...), or a suite
-    (``suite="cpu-smoke"``, optionally from ``suite_file``). Returns the rows; ``bench.report.write_reports``
-    writes them as the CLI's JSON / markdown / PNG. A suite case that fails raises (the CLI goes on and exits 1)."""
+    :class:`~vlexport.bench.harness.BenchPlan`'s fields: ``backends``, ``batch_sizes``, ``iters``, ...), or a
+    suite (``suite="cpu-smoke"``, optionally from ``suite_file``). Returns the rows;
+    ``bench.report.write_reports`` writes them as the CLI's JSON / markdown / PNG. A suite case that fails
+    raises (the CLI goes on and exits 1)."""
     from vlexport.bench import BenchPlan, run_bench
     from vlexport.bench.suite import load_suite
 

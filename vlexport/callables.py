@@ -1,10 +1,10 @@
-"""Package modules that are also the API's functions: ``vlexport.export(...)`` where ``vlexport.export`` is the
-exporters' package (likewise ``quantize`` and ``bench``).
+"""Package modules that are also the API's functions: ``vlexport.export(...)`` where ``vlexport.export`` is
+the exporters' package (likewise ``quantize`` and ``bench``).
 
 Once a subpackage is imported, Python sets it as the parent's attribute, so a function of the same name in
 ``vlexport/__init__.py`` would be replaced by the module on first import. Instead the package module itself is
-callable and forwards to the function, resolved by name at call time (the packages do not import the API, which
-imports the orchestrator, which imports them).
+callable and forwards to the function, resolved by name at call time (the packages do not import the API,
+which imports the orchestrator, which imports them).
 """
 
 from __future__ import annotations

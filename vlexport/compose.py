@@ -106,9 +106,11 @@ def check_role(path: Path, role: str) -> str:
     if mt is None:
         why = "has no model_type in its config.json (it was not written by save_pretrained)"
     elif (role, mt) in _TOWERS:
-        why = f"holds a full {mt} model: save its {role} tower alone ({_TOWERS[role, mt]}) and pass that directory"
+        tower = _TOWERS[role, mt]
+        why = f"holds a full {mt} model: save its {role} tower alone ({tower}) and pass that directory"
     elif mt in other:
-        why = f"holds a {mt!r} model, which is a {'text' if role == 'vision' else 'vision'} encoder (wrong side?)"
+        side = "text" if role == "vision" else "vision"
+        why = f"holds a {mt!r} model, which is a {side} encoder (wrong side?)"
     elif "text_config" in config and "vision_config" in config:
         why = f"holds a {mt!r} model, which is multimodal (it has both towers), not a {role} encoder"
     else:
@@ -128,7 +130,8 @@ def compose_dual_encoder(
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """Write a VisionTextDualEncoder save_pretrained directory at ``output``; UsageError for a pair that cannot work."""
+    """Write a VisionTextDualEncoder save_pretrained directory at ``output``; UsageError for a pair that
+    cannot work."""
     from transformers import VisionTextDualEncoderModel
 
     vision_dir = _encoder_dir(Path(vision_dir), "vision")

@@ -7,11 +7,12 @@ Code written against transformers keeps its processor and swaps one line::
     inputs = processor(images=image, return_tensors="pt")
     tokens = model.generate(**inputs, max_new_tokens=20)          # the token tensor HF returns
 
-``__call__`` takes the processor's outputs (``pixel_values``, ``input_ids``, ``attention_mask``, ``pixel_mask``;
-torch tensors or numpy arrays) and returns an :class:`HFOutput` whose fields are the HF output class's names
-(``itm_score``, ``logits``, ``logits_per_image``, ``image_embeds``, ...): torch tensors when torch tensors came
-in, numpy arrays otherwise. Only the outputs the artifact exports are there (no hidden states, no loss).
-The artifact is loaded once through :func:`vlexport.load`'s task objects, so the same checks and errors apply.
+``__call__`` takes the processor's outputs (``pixel_values``, ``input_ids``, ``attention_mask``,
+``pixel_mask``; torch tensors or numpy arrays) and returns an :class:`HFOutput` whose fields are the HF output
+class's names (``itm_score``, ``logits``, ``logits_per_image``, ``image_embeds``, ...): torch tensors when
+torch tensors came in, numpy arrays otherwise. Only the outputs the artifact exports are there (no hidden
+states, no loss). The artifact is loaded once through :func:`vlexport.load`'s task objects, so the same checks
+and errors apply.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class HFModel:
         num_beams: int | None = None,
         **kwargs: Any,
     ) -> Any:
-        """HF ``generate()``: the ``[batch, prompt + new tokens]`` token tensor (rows that end early padded)."""
+        """HF ``generate()``: the ``[batch, prompt + new tokens]`` token tensor (rows that end early
+        padded)."""
         if not isinstance(self.task, GenerateTask):
             raise UsageError(
                 f"{self.manifest.hf_class} artifacts score or embed their inputs; call the object "

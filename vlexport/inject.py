@@ -54,7 +54,8 @@ KERNELS = ("attention", "bridge")  # handle.counts keys, as the CLI's --kernels 
 
 
 def _kernels() -> Any:
-    import vlexport_kernels  # kernels/vlexport_kernels/ (`kernels` itself is a PyPI package transformers imports)
+    # kernels/vlexport_kernels/ (`kernels` itself is a PyPI package transformers imports)
+    import vlexport_kernels
 
     return vlexport_kernels
 
@@ -73,7 +74,8 @@ class _Patches:
         self._undo: list[Callable[[], None]] = []
 
     def set(self, obj: object, name: str, value: object) -> None:
-        """``setattr`` that restores the instance attribute, or removes it so the class's shows through again."""
+        """``setattr`` that restores the instance attribute, or removes it so the class's shows through
+        again."""
         old = obj.__dict__.get(name, _MISSING)
         setattr(obj, name, value)
         self._undo.append(lambda: delattr(obj, name) if old is _MISSING else setattr(obj, name, old))
@@ -88,7 +90,8 @@ class _Patches:
 
 @dataclass
 class Injection:
-    """What was injected: ``counts`` maps kernel -> number of modules now running it; ``modules`` names them."""
+    """What was injected: ``counts`` maps kernel -> number of modules now running it; ``modules`` names
+    them."""
 
     counts: dict[str, int]
     modules: dict[str, list[str]]
@@ -146,7 +149,8 @@ def use_original(module: nn.Module) -> bool:
 
 
 def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """An HF attention mask as an additive float bias: float masks as they are, boolean (True = attend) to 0/min.
+    """An HF attention mask as an additive float bias: float masks as they are, boolean (True = attend) to
+    0/min.
 
     HF 5.x sizes masks to the keys (cache-aware), so they are used as given, like its eager attention does.
     """
@@ -172,7 +176,8 @@ def kernel_attention(
     Broadcasts what HF attention broadcasts implicitly through matmul: a batch of 1 against a larger one
     (Q-Former cross-attention) and grouped key/value heads.
     """
-    # Only certain mismatches count: comparing symbolic sizes would guard (specialise) a dynamic dim in export.
+    # Only certain mismatches count: comparing symbolic sizes would guard (specialise) a dynamic dim in
+    # export.
     if statically_known_true(key.shape[1] != query.shape[1]):
         repeat = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
@@ -226,7 +231,8 @@ def vlexport_attention_forward(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The ``vlexport`` entry of transformers' AttentionInterface: returns (B, Sq, H, D) like every HF backend.
+    """The ``vlexport`` entry of transformers' AttentionInterface: returns (B, Sq, H, D) like every HF
+    backend.
 
     Causality comes from the mask (HF's eager masks are always materialised for decoders). ``is_causal``
     is honoured only when passed explicitly with no mask; modules' own ``is_causal`` attribute is not

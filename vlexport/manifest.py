@@ -105,7 +105,8 @@ class AccuracyReport:
             )
         if self.calibration:
             out.append(
-                f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} samples, "
+                f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} "
+                "samples, "
                 f"{self.calibration.get('method')})"
             )
         out += [f"  missed: {m}" for m in self.misses]
@@ -186,7 +187,8 @@ class Manifest:
     weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
     components: dict[str, Component]
     kernels: list[str] = field(default_factory=list)
-    # the precision config's knobs (PrecisionConfig.knobs: block size, calibration method...); with ``precision``
+    # the precision config's knobs (PrecisionConfig.knobs: block size, calibration method...); with
+    # ``precision``
     # they rebuild the config (``precision_config``). Absent in manifests written before knobs were recorded.
     precision_knobs: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
@@ -200,7 +202,8 @@ class Manifest:
     )  # component -> fused op counts (onnx-opt)
     validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
-    # relative path -> sha256 of every component and support file, recorded before validation: what was validated
+    # relative path -> sha256 of every component and support file, recorded before validation: what was
+    # validated
     sha256: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
@@ -238,7 +241,8 @@ class Manifest:
             )
         if not path.is_file():
             raise UsageError(
-                f"{directory} has no {MANIFEST}: it is not a vlexport artifact directory. Export one first, e.g. "
+                f"{directory} has no {MANIFEST}: it is not a vlexport artifact directory. Export one first, "
+                "e.g. "
                 "`vlexport onnx bridgetower-tiny --random-weights -o DIR`."
             )
         d = read_json(path, advice="The artifact is damaged: export it again.")
@@ -293,7 +297,8 @@ class Manifest:
                 raise CheckError(f"{directory} is incomplete: {rel} is missing. Export the artifact again.")
 
     def hashed_files(self) -> list[str]:
-        """The files the content hashes cover: every component's graph and external data, the support files."""
+        """The files the content hashes cover: every component's graph and external data, the support
+        files."""
         comps = [rel for c in self.components.values() for rel in (c.file, c.external_data) if rel]
         return [*comps, *self.files]
 
@@ -304,8 +309,8 @@ class Manifest:
     def verify_hashes(self, directory: Path, *, suffixes: tuple[str, ...] | None = None) -> None:
         """Each recorded file (those ending in ``suffixes`` only, when given) still has its recorded content.
 
-        A mismatch is a CheckError naming the file: what would run is not what was validated. Manifests written
-        before hashes were recorded have none; they pass (their sizes were checked by :meth:`read`).
+        A mismatch is a CheckError naming the file: what would run is not what was validated. Manifests
+        written before hashes were recorded have none; they pass (their sizes were checked by :meth:`read`).
         """
         for rel, digest in self.sha256.items():
             if suffixes is not None and not rel.endswith(suffixes):
@@ -345,7 +350,8 @@ def _stream(f: Any) -> str:
 
 
 def _check_inside(directory: Path, rel: str) -> None:
-    """A manifest names files inside its directory only: an artifact from elsewhere must not point us at others."""
+    """A manifest names files inside its directory only: an artifact from elsewhere must not point us at
+    others."""
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise CheckError(
             f"{directory / MANIFEST} names {rel!r}, a path outside the artifact directory; the "

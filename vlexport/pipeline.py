@@ -1,4 +1,5 @@
-"""The one orchestrator: resolve -> load eager -> (inject) -> export or derive components -> validate -> commit.
+"""The one orchestrator: resolve -> load eager -> (inject) -> export or derive components -> validate ->
+commit.
 
 One spec dataclass in (:class:`ExportJob`), one manifest out, for every backend in the registry
 (contracts/backends.py). A base backend exports each component from the eager model; a derived backend is
@@ -64,9 +65,10 @@ def run_export(
 
 
 def check_variant_source(model: str | Path, manifest: Manifest, config: PrecisionConfig) -> None:
-    """What `quantize` (CLI and API) can make from the artifact ``model``, said before anything loads: fp32 is the source, not a
-    variant, and only backends that derive a precision from their own files (a pass, or a parent) can; without
-    one the pipeline would rebuild from weights a compiled package does not carry, and blame missing safetensors."""
+    """What `quantize` (CLI and API) can make from the artifact ``model``, said before anything loads: fp32 is
+    the source, not a variant, and only backends that derive a precision from their own files (a pass, or a
+    parent) can; without one the pipeline would rebuild from weights a compiled package does not carry, and
+    blame missing safetensors."""
     if config.name == "fp32":
         raise UsageError(
             f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
@@ -222,8 +224,8 @@ def _flag(option: str) -> str:
 
 
 def _check_decoder_limits(job: ExportJob, source: ModelSource, task_spec: TaskSpec, given: set[str]) -> None:
-    """Decoder limits given for a task without a decoder are refused, and limits that validation's own requests
-    exceed are refused before minutes of compiling, naming the smallest values that pass."""
+    """Decoder limits given for a task without a decoder are refused, and limits that validation's own
+    requests exceed are refused before minutes of compiling, naming the smallest values that pass."""
     limits = [k for k in DECODER_LIMITS if k in job.options]
     if not task_spec.generative:
         extra = sorted(_flag(k) for k in limits if k in given)
@@ -305,8 +307,9 @@ def _expected_bytes(model: PreTrainedModel | None, precision: PrecisionConfig) -
 
 # ---------------------------------------------------------------- derived builds: from a parent artifact
 def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progress, eager: _Eager) -> Manifest:
-    """Build ``job`` from a parent artifact (contracts/passes.py ``derivation``: a derived backend or a precision
-    pass): the one ``job.model`` names, else one exported here into a scratch directory and removed."""
+    """Build ``job`` from a parent artifact (contracts/passes.py ``derivation``: a derived backend or a
+    precision pass): the one ``job.model`` names, else one exported here into a scratch directory and removed.
+    """
     given = Path(job.model)
     from_artifact = (given / "manifest.json").is_file()
     if from_artifact:
@@ -464,7 +467,8 @@ def _validate(
 
 
 def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
-    """What to do after a validation miss: keep a variant that is only below thresholds, or drop what broke it."""
+    """What to do after a validation miss: keep a variant that is only below thresholds, or drop what broke
+    it."""
     from vlexport.validate.accuracy import below_thresholds_only
 
     head = f"Nothing was written to {job.output}."
@@ -475,7 +479,8 @@ def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
             "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size)."
         )
     if job.kernels:
-        return f"{head} Export again without --kernels ({','.join(job.kernels)}): the injected kernels changed it."
+        kernels = ",".join(job.kernels)
+        return f"{head} Export again without --kernels ({kernels}): the injected kernels changed it."
     return (
         f"{head} The artifact does not reproduce the eager model: keep the lines above and report them as a "
         "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "

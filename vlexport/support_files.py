@@ -1,4 +1,5 @@
-"""Files an artifact carries beside its graphs so the directory alone can run: config, tokenizer, processor."""
+"""Files an artifact carries beside its graphs so the directory alone can run: config, tokenizer,
+processor."""
 
 from __future__ import annotations
 

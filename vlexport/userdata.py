@@ -125,7 +125,8 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _check(value: Any, tp: Any, where: str) -> None:
-    """Raise ShapeError at the most specific location (``rows[2].parity['x']``) where ``value`` is not ``tp``."""
+    """Raise ShapeError at the most specific location (``rows[2].parity['x']``) where ``value`` is not
+    ``tp``."""
     if _matches(value, tp):
         return
     args = typing.get_args(tp)
@@ -178,7 +179,8 @@ def check_range(name: str, value: int, where: str) -> None:
 
 
 def read_json(path: Path, *, advice: str, error: type[VlexportError] = CheckError) -> Any:
-    """The parsed JSON of ``path``; any read or parse failure is ``error`` naming the file, then ``advice``."""
+    """The parsed JSON of ``path``; any read or parse failure is ``error`` naming the file, then
+    ``advice``."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{path} is a directory, not a JSON file. {advice}")

@@ -76,10 +76,14 @@ def _why_not_runnable(device: torch.device, kernel: Any) -> str:
     if kernel is None:
         return "use_backend('triton'): triton is not installed (pip install 'vlexport[kernels]')."
     if device.type not in ("cpu", "cuda"):
-        return f"use_backend('triton'): no Triton path for {device.type} tensors (CUDA, or CPU in the interpreter)."
+        return (
+            f"use_backend('triton'): no Triton path for {device.type} tensors "
+            "(CUDA, or CPU in the interpreter)."
+        )
     if device.type == "cuda":
         return (
-            "use_backend('triton'): the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 was "
+            "use_backend('triton'): the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 "
+            "was "
             "set when vlexport_kernels was imported) and cannot run on CUDA tensors."
         )
     return (

@@ -1,14 +1,15 @@
 """GPU micro-benchmark of the fused kernels at the shapes of the models vlexport ships.
 
-    python -m vlexport_kernels.bench --json out.json [--only attention|add_layer_norm] [--dtype fp16] [--dry-run]
+    python -m vlexport_kernels.bench --json out.json [--only attention|add_layer_norm] [--dtype fp16]
+    [--dry-run]
 
-Attention, ours vs HF eager math (matmul + softmax + matmul, as BridgeTower / BLIP run it) and torch
-SDPA's flash / memory-efficient backends where they accept the case; add + LayerNorm, ours vs eager
-``layer_norm(x + r)``. Timed with ``triton.testing.do_bench`` (CUDA events, after warm-up and, for our
-kernels, after autotuning). Each row also records the max abs difference from the eager output.
-Needs CUDA and triton: exits 2 with a message otherwise. ``--dry-run`` runs every step on the CPU instead
-(TRITON_INTERPRET=1, each case shrunk to a few rows, wall-clock timing): it proves the script and its JSON, not
-the kernels' speed (benchmarks/gpu_suite.sh --dry-run, run in CI).
+Attention, ours vs HF eager math (matmul + softmax + matmul, as BridgeTower / BLIP run it) and torch SDPA's
+flash / memory-efficient backends where they accept the case; add + LayerNorm, ours vs eager ``layer_norm(x +
+r)``. Timed with ``triton.testing.do_bench`` (CUDA events, after warm-up and, for our kernels, after
+autotuning). Each row also records the max abs difference from the eager output. Needs CUDA and triton: exits
+2 with a message otherwise. ``--dry-run`` runs every step on the CPU instead (TRITON_INTERPRET=1, each case
+shrunk to a few rows, wall-clock timing): it proves the script and its JSON, not the kernels' speed
+(benchmarks/gpu_suite.sh --dry-run, run in CI).
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print(
-                "vlexport_kernels.bench --dry-run: set TRITON_INTERPRET=1 (before Python starts) so the Triton "
+                "vlexport_kernels.bench --dry-run: set TRITON_INTERPRET=1 (before Python starts) so the "
+                "Triton "
                 "kernels run on the CPU.",
                 file=sys.stderr,
             )

@@ -21,7 +21,7 @@ from torch import Tensor
 from ._backend import tl, triton, use_triton
 from ._shapes import known_ne
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Kernel
 
 if triton is not None:
@@ -100,7 +100,7 @@ INTERPRETER_BLOCK_ELEMENTS = 1 << 14  # rows per program in the interpreter: few
 MAX_HIDDEN = 1 << 16  # one row must fit one program's block
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checks shared by every path
 
 
@@ -128,7 +128,7 @@ def _check_add_layer_norm_args(x: Tensor, residual: Tensor, weight: Tensor, bias
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reference
 
 
@@ -153,7 +153,7 @@ def reference_add_layer_norm(
     return out.to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Launcher
 
 
@@ -217,8 +217,9 @@ def add_layer_norm_triton(
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Torch op: traceable by torch.export / torch.compile (no graph break), translated to ONNX by onnx_translation.py
+# ------------------------------------------------------------------------------------------------------------
+# Torch op: traceable by torch.export / torch.compile (no graph break), translated to ONNX by
+# onnx_translation.py
 
 
 @torch.library.custom_op("vlexport::add_layer_norm", mutates_args=())

@@ -25,7 +25,7 @@ from torch import Tensor
 from ._backend import tl, triton, use_triton
 from ._shapes import broadcast_mismatch, known_ne
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Kernel
 
 if triton is not None:
@@ -165,7 +165,8 @@ if triton is not None:
     ]
 
     def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-        """Query blocks larger than the (bucketed) query length only waste lanes: a decode step (Sq = 1) needs 16."""
+        """Query blocks larger than the (bucketed) query length only waste lanes: a decode step (Sq = 1) needs
+        16."""
         rows = max(16, named_args["SQ_BUCKET"])
         keys = max(32, named_args["SK_BUCKET"])
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c.kwargs["BLOCK_N"] <= keys]
@@ -187,14 +188,15 @@ INTERPRETER_BLOCK_N = 128
 MAX_HEAD_DIM = 256  # q, k and v blocks of BLOCK_D columns live in registers / shared memory
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checks shared by every path
 
 
 def _check_attention_args(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_bias: Tensor | None
 ) -> None:
-    """ValueError naming the shapes when the arguments cannot describe one attention (never guards symbolic dims)."""
+    """ValueError naming the shapes when the arguments cannot describe one attention (never guards symbolic
+    dims)."""
     shapes = (
         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         + (f", key_padding_mask {tuple(key_padding_mask.shape)}" if key_padding_mask is not None else "")
@@ -231,7 +233,7 @@ def _check_attention_args(
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reference
 
 
@@ -272,7 +274,7 @@ def reference_attention(
     return out.to(q.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Launcher
 
 
@@ -286,7 +288,8 @@ def attention_triton(
     causal: bool = False,
     scale: float | None = None,
 ) -> Tensor:
-    """Launch the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1). No copies of q, k, v: strides go in."""
+    """Launch the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1). No copies of q, k, v: strides go
+    in."""
     if _attention_fwd_kernel is None:
         raise RuntimeError("attention_triton: triton is not installed")
     _check_attention_args(q, k, v, key_padding_mask, attn_bias)
@@ -360,8 +363,9 @@ def attention_triton(
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Torch op: traceable by torch.export / torch.compile (no graph break), translated to ONNX by onnx_translation.py
+# ------------------------------------------------------------------------------------------------------------
+# Torch op: traceable by torch.export / torch.compile (no graph break), translated to ONNX by
+# onnx_translation.py
 
 
 @torch.library.custom_op("vlexport::attention", mutates_args=())

@@ -64,7 +64,8 @@ _TORCH_DTYPE = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: tor
 
 
 def _lowest(value: Any) -> float:
-    """The most negative finite value of ``value``'s dtype: HF's "masked" score (never -inf: no NaN in ORT)."""
+    """The most negative finite value of ``value``'s dtype: HF's "masked" score (never -inf: no NaN in
+    ORT)."""
     return torch.finfo(_TORCH_DTYPE[int(value.dtype)]).min
 
 
@@ -82,7 +83,8 @@ def attention_onnx(
     causal: bool = False,
     scale: float | None = None,
 ) -> Any:
-    """``vlexport::attention`` -> com.microsoft::MultiHeadAttention, same semantics (see fused_attention.py)."""
+    """``vlexport::attention`` -> com.microsoft::MultiHeadAttention, same semantics (see
+    fused_attention.py)."""
     num_heads, head_dim = q.shape[1], q.shape[3]
     if not isinstance(num_heads, int) or not isinstance(head_dim, int):  # symbolic: attributes need numbers
         raise ValueError(  # noqa: TRY004
@@ -155,7 +157,8 @@ def add_layer_norm_onnx(
     alpha: float = 1.0,
     residual_scale: float = 1.0,
 ) -> Any:
-    """``vlexport::add_layer_norm`` -> com.microsoft::SkipLayerNormalization(alpha * x, residual_scale * residual)."""
+    """``vlexport::add_layer_norm`` -> com.microsoft::SkipLayerNormalization(alpha * x, residual_scale *
+    residual)."""
     shape = x.shape  # read off the inputs: values made by ops below need not carry shapes or dtypes
     residual, weight, bias = (
         t if t is None or t.dtype == x.dtype else op.CastLike(t, x)  # ORT: one dtype T

@@ -1,4 +1,5 @@
-"""What every fault case checks about a failing command: its exit code, and one paragraph with no traceback."""
+"""What every fault case checks about a failing command: its exit code, and one paragraph with no
+traceback."""
 
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def test_second_writer_fails_at_once_and_the_first_wins(tmp_path: Path, capsys) 
 
 
 def test_force_does_not_wait_for_or_replace_a_running_writer(exported, tmp_path: Path, capsys) -> None:
-    """--force replaces a finished artifact, never one another process is writing: the second fails at once."""
+    """--force replaces a finished artifact, never one another process is writing: the second fails at
+    once."""
     shutil.copytree(exported(PRESET, "features"), tmp_path / "o")
     previous = (tmp_path / "o" / "manifest.json").read_text()
     first, err, _ = _race(tmp_path, "--force")

@@ -1,5 +1,6 @@
 """The regression gate cannot be fooled by its input files: non-finite or non-positive speed-ups and latencies
-(in either file) and duplicate row identities are errors (exit 1) naming the rows, before anything is judged."""
+(in either file) and duplicate row identities are errors (exit 1) naming the rows, before anything is judged.
+"""
 
 from __future__ import annotations
 

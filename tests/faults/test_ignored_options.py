@@ -1,5 +1,5 @@
-"""Options that would do nothing are usage errors (exit 2) before any work, not silently ignored:
-`triton --ensemble` on a generative artifact, `bench --backends / --precision` when every MODEL is an artifact."""
+"""Options that would do nothing are usage errors (exit 2) before any work, not silently ignored: `triton
+--ensemble` on a generative artifact, `bench --backends / --precision` when every MODEL is an artifact."""
 
 from __future__ import annotations
 

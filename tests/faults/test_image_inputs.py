@@ -1,6 +1,7 @@
 """Images as a user has them: 16- and 32-bit grey (PNG ``I;16``, TIFF ``I``) and float images are converted by
-their real range, not clipped to white; values with no one meaning as a colour are refused; a calibration folder
-with a damaged image is refused, naming it, rather than calibrated on part of the folder without a word."""
+their real range, not clipped to white; values with no one meaning as a colour are refused; a calibration
+folder with a damaged image is refused, naming it, rather than calibrated on part of the folder without a
+word."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ SETTINGS = {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 def _grey16() -> np.ndarray:
-    """A 16x16 ramp over the whole 16-bit range (most of it above 255, which RGB conversion clipped to white)."""
+    """A 16x16 ramp over the whole 16-bit range (most of it above 255, which RGB conversion clipped to
+    white)."""
     return (np.arange(256, dtype=np.float64).reshape(16, 16) * 257).astype(np.uint16)
 
 

@@ -74,7 +74,8 @@ def test_run_verify_checks_onnx_files_too(art: Path, tmp_path: Path, capsys) -> 
 def test_native_code_failing_its_hash_is_never_loaded(
     art: Path, monkeypatch, suffix: str, backend: str
 ) -> None:
-    """A compiled package / engine whose bytes changed: the loader refuses before the backend sees the file."""
+    """A compiled package / engine whose bytes changed: the loader refuses before the backend sees the
+    file."""
     from vlexport.contracts import backends as registry
     from vlexport.runtime import load_artifact
 
@@ -106,7 +107,8 @@ def test_native_code_failing_its_hash_is_never_loaded(
 def test_quantize_checks_its_source_first(
     art: Path, tmp_path: Path, capsys, monkeypatch, precision: str
 ) -> None:
-    """A damaged source is named as the cause, before any model loads, not blamed on the variant built from it."""
+    """A damaged source is named as the cause, before any model loads, not blamed on the variant built from
+    it."""
     import vlexport.pipeline
 
     monkeypatch.setattr(vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0)

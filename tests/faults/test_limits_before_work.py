@@ -1,6 +1,6 @@
 """Limits checked before the work: `compile --max-length / --max-batch` values that validation's own requests
-exceed are refused before anything is compiled (naming the smallest values that pass), and decoder limits given
-for a task without a decoder are refused rather than ignored."""
+exceed are refused before anything is compiled (naming the smallest values that pass), and decoder limits
+given for a task without a decoder are refused rather than ignored."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def no_compile(monkeypatch) -> list[str]:
         # caption: a 6-token text prompt + 12 new tokens; 4 samples x beam 3 rows
         ("blip-tiny", "caption", ["--max-length", "17"], "--max-length 17 < 18 cache slots"),
         ("blip-tiny", "caption", ["--max-batch", "11"], "--max-batch 11 < 12 decoder rows"),
-        # BLIP-2 OPT: the prompt holds num_query_tokens image tokens before the text (14 tokens on the tiny preset)
+        # BLIP-2 OPT: the prompt holds num_query_tokens image tokens before the text (14 tokens on the tiny
+        # preset)
         (
             "blip2-opt-tiny",
             "generate",

@@ -1,4 +1,5 @@
-"""Fault injection: every file a user hands us, damaged or of the wrong shape, through the public entry points.
+"""Fault injection: every file a user hands us, damaged or of the wrong shape, through the public entry
+points.
 
 Each case must end in one paragraph that names the file and what is wrong, with exit 1 (a damaged artifact or
 bench file: CheckError) or 2 (a bad input of the user's: UsageError), and never a traceback or a model load.
@@ -52,7 +53,8 @@ def image(path: Path, size: int = 64, fmt: str = "PNG") -> Path:
 
 
 def png_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width x height`` pixels (no pixel data: a decompression bomb's shape)."""
+    """A tiny PNG whose header claims ``width x height`` pixels (no pixel data: a decompression bomb's
+    shape)."""
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
@@ -336,7 +338,8 @@ def test_image_over_a_lowered_pixel_limit(
     assert code == 2 and "possible decompression bomb" in err and f"at most {pixels} pixels" in err
 
 
-# ---------------------------------------------------------------- tokenizer, config.json, preprocessor_config.json
+# ---------------------------------------------------------------- tokenizer, config.json,
+# preprocessor_config.json
 ARTIFACT_FILE_CASES = {
     # (preset, task, file, content, message)
     "tokenizer-json-garbage": ("blip-tiny", "caption", "tokenizer.json", "garbage{", "is not valid JSON"),

@@ -1,5 +1,6 @@
-"""A broken artifact cannot excuse itself: the typical error the near-tie rule compares a flip's gap against is
-bounded by what the precision's tolerance explains, so an fp32 artifact wrong everywhere calls no flip a tie."""
+"""A broken artifact cannot excuse itself: the typical error the near-tie rule compares a flip's gap against
+is bounded by what the precision's tolerance explains, so an fp32 artifact wrong everywhere calls no flip a
+tie."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Files the user did not hand over as the output are never deleted, rewritten or re-linked: hidden entries and
-other files of a model repository, folders that are not repositories, the target of a symlinked -o, the files
-of an artifact being read (reports written over them, served copies hard-linked to them, quantizer scratch
-written beside them)."""
+"""Files the user did not hand over as the output are never deleted, rewritten or re-linked: hidden entries
+and other files of a model repository, folders that are not repositories, the target of a symlinked -o, the
+files of an artifact being read (reports written over them, served copies hard-linked to them, quantizer
+scratch written beside them)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _leftovers(parent: Path) -> list[str]:
 
 @pytest.fixture
 def repo(exported, tmp_path: Path, capsys) -> Path:
-    """A model repository as a user keeps it: one served model, a git checkout, a note and a link of theirs."""
+    """A model repository as a user keeps it: one served model, a git checkout, a note and a link of
+    theirs."""
     repo = tmp_path / "repo"
     from vlexport.cli import main
 

@@ -184,8 +184,8 @@ def test_not_enough_space_is_found_before_exporting(mount, capsys) -> None:
 
 @pytest.mark.parametrize("verb", [["onnx"], ["onnx", "--optimize"]], ids=["onnx", "onnx-opt"])
 def test_disk_filling_up_during_the_export(mount, monkeypatch, capsys, verb: list[str]) -> None:
-    """The free space looked enough (another writer fills the disk meanwhile): ENOSPC mid-write, named clearly.
-    onnx-opt builds its onnx parent in a scratch dir first: the message still names the user's -o."""
+    """The free space looked enough (another writer fills the disk meanwhile): ENOSPC mid-write, named
+    clearly. onnx-opt builds its onnx parent in a scratch dir first: the message still names the user's -o."""
     fs = mount("size=1m")  # more than the weights (870 KiB), less than the ONNX file (1.5 MiB)
     real = shutil.disk_usage
     monkeypatch.setattr(

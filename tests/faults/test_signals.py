@@ -1,5 +1,6 @@
-"""Signals during a write: SIGINT / SIGTERM / SIGHUP leave nothing behind (or, under --force, the previous artifact
-byte for byte), exit 130 / 143 / 129 with one line and no traceback; what SIGKILL leaves, the next run cleans."""
+"""Signals during a write: SIGINT / SIGTERM / SIGHUP leave nothing behind (or, under --force, the previous
+artifact byte for byte), exit 130 / 143 / 129 with one line and no traceback; what SIGKILL leaves, the next
+run cleans."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def _id(value: object) -> str:
 @pytest.mark.parametrize(
     ("sig", "point"),
     [
-        # every signal at staging in a real process with --full; each signal's handler in-process below, always
+        # every signal at staging in a real process with --full; each signal's handler in-process below,
+        # always
         (signal.SIGINT, "staging"),
         pytest.param(signal.SIGTERM, "staging", marks=pytest.mark.exhaustive),
         pytest.param(signal.SIGHUP, "staging", marks=pytest.mark.exhaustive),
@@ -106,14 +108,17 @@ def test_signal_leaves_nothing(tmp_path: Path, sig: int, point: str) -> None:
 
 
 # CPython's `python -m` kills itself with SIGINT at exit (returncode -2, whatever sys.exit said) when the last
-# C-level PyRun_* call it made ended in a KeyboardInterrupt, even one caught later: the old flake of this test and
-# of test_cli.py::test_ctrl_c_leaves_nothing. An atexit hook (they run before that check) makes it certain here.
+# C-level PyRun_* call it made ended in a KeyboardInterrupt, even one caught later: the old flake of this test
+# and
+# of test_cli.py::test_ctrl_c_leaves_nothing. An atexit hook (they run before that check) makes it certain
+# here.
 SET_CPYTHON_SIGINT_FLAG = """
 import atexit, ctypes
 
 def _flag():
     run = ctypes.pythonapi.PyRun_String
-    run.restype, run.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
+    run.restype = ctypes.py_object
+    run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]
     try:
         run(b"raise KeyboardInterrupt", 257, {}, {})  # 257: Py_file_input
     except KeyboardInterrupt:
@@ -189,7 +194,8 @@ def test_stale_set_aside_artifact_comes_back(tmp_path: Path) -> None:
     assert (out / "manifest.json").read_text() == "{}" and not old.exists()
 
 
-# ---------------------------------------------------------------- in-process: the signal -> exception machinery
+# ---------------------------------------------------------------- in-process: the signal -> exception
+# machinery
 @pytest.fixture
 def default_handlers():
     """The handlers a fresh process has (pytest or a plugin may have set others); restored afterwards."""
@@ -226,7 +232,8 @@ def test_a_signal_right_after_the_staging_dir_appears_removes_it(
     default_handlers, tmp_path: Path, monkeypatch, make: str
 ) -> None:
     """The real-process SIGINT test once left a partial under load: the signal landed between mkdtemp and the
-    code that cleans up. Deterministic here: the signal is raised inside mkdtemp, right after the dir exists."""
+    code that cleans up. Deterministic here: the signal is raised inside mkdtemp, right after the dir exists.
+    """
     from vlexport.artifact import staging as artifact
 
     real_mkdtemp = artifact.tempfile.mkdtemp
@@ -275,8 +282,8 @@ def test_a_signal_during_the_commit_waits_for_both_renames(
 
 
 def test_a_report_is_written_whole_or_not_at_all(default_handlers, tmp_path: Path, monkeypatch) -> None:
-    """bench --json / --markdown / --plot and validate --json go through atomic_write_*: SIGTERM mid-write keeps
-    the previous report and leaves no temp file."""
+    """bench --json / --markdown / --plot and validate --json go through atomic_write_*: SIGTERM mid-write
+    keeps the previous report and leaves no temp file."""
     import os
 
     from vlexport.artifact import staging as artifact

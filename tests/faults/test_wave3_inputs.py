@@ -1,5 +1,6 @@
-"""Bad input on the newer verbs, third wave: the wrong device, values beyond what a consumer reads, text that is
-not UTF-8, a block size ONNX Runtime does not run. Each is a usage error (exit 2), one paragraph, before work."""
+"""Bad input on the newer verbs, third wave: the wrong device, values beyond what a consumer reads, text that
+is not UTF-8, a block size ONNX Runtime does not run. Each is a usage error (exit 2), one paragraph, before
+work."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Fault injection: weights that do not fit the model, weights changed after export, encoders that cannot compose,
-advice for presets without weights, and `vlexport run` options that do not apply.
+"""Fault injection: weights that do not fit the model, weights changed after export, encoders that cannot
+compose, advice for presets without weights, and `vlexport run` options that do not apply.
 
-Every bad input must end in one paragraph on stderr (``error: ...``, no traceback), the right exit code (1 failed
-check, 2 usage) and nothing written. The bad weight directories are edits of one save_pretrained directory of
-``bridgetower-tiny`` (ITM), built once per module.
+Every bad input must end in one paragraph on stderr (``error: ...``, no traceback), the right exit code (1
+failed check, 2 usage) and nothing written. The bad weight directories are edits of one save_pretrained
+directory of ``bridgetower-tiny`` (ITM), built once per module.
 """
 
 from __future__ import annotations

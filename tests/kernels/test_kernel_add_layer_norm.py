@@ -1,5 +1,5 @@
-"""vlexport_kernels.add_layer_norm: the Triton kernel (interpreter) against the reference, the reference against
-nn.LayerNorm and BridgeTower's link tower, ranks, strides, shape errors."""
+"""vlexport_kernels.add_layer_norm: the Triton kernel (interpreter) against the reference, the reference
+against nn.LayerNorm and BridgeTower's link tower, ranks, strides, shape errors."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_empty(interpreter) -> None:
     assert add_layer_norm_triton(x, residual, weight, bias).shape == (0, 32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The reference against the modules it replaces
 
 
@@ -106,7 +106,8 @@ def test_reference_is_layer_norm_of_the_sum() -> None:
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("link_tower_type", list(SCALINGS))
 def test_bridgetower_link_tower(request, backend, link_tower_type) -> None:
-    """transformers' BridgeTowerLinkTower: add / scaled_add / interpolate map onto alpha and residual_scale."""
+    """transformers' BridgeTowerLinkTower: add / scaled_add / interpolate map onto alpha and
+    residual_scale."""
     if backend == "triton":
         request.getfixturevalue("interpreter")
     from transformers import BridgeTowerConfig
@@ -136,7 +137,7 @@ def test_bridgetower_link_tower(request, backend, link_tower_type) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shape checks
 
 

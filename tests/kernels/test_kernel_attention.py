@@ -1,5 +1,5 @@
-"""vlexport_kernels.fused_attention: the Triton kernel (interpreter) against the reference, the reference against
-independent math (torch SDPA, HF eager attention), masks, fully masked rows, strides, shape errors."""
+"""vlexport_kernels.fused_attention: the Triton kernel (interpreter) against the reference, the reference
+against independent math (torch SDPA, HF eager attention), masks, fully masked rows, strides, shape errors."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_kernel_dtypes(interpreter, shape, masking, dtype, atol, rtol) -> None:
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=rtol)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The reference against independent implementations
 
 
@@ -159,7 +159,8 @@ def test_fully_masked_rows_are_zero_not_nan(request, backend) -> None:
 
 
 def test_broadcast_and_strided_inputs(interpreter) -> None:
-    """Stride-0 batch (BLIP-2's Q-Former expands its queries), (1, Sk) masks and 2-D biases: no copies needed."""
+    """Stride-0 batch (BLIP-2's Q-Former expands its queries), (1, Sk) masks and 2-D biases: no copies
+    needed."""
     b, h, sq, sk, d = 3, 2, 7, 11, 80
     q = torch.randn(1, h, sq, d).expand(b, h, sq, d)
     k, v = (torch.randn(b, h, d, sk).transpose(2, 3) for _ in range(2))  # D-major keys
@@ -190,7 +191,7 @@ def test_empty_query(interpreter) -> None:
     assert reference_attention(q, k, v).shape == (2, 2, 0, 64)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shape checks: ValueError naming the shapes, from every path
 
 

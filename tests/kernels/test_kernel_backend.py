@@ -81,7 +81,8 @@ def test_use_backend_rejects_unknown_names() -> None:
 
 
 def test_triton_refused_where_it_cannot_run(monkeypatch) -> None:
-    """A compiled (non-interpreted) kernel cannot run on CPU tensors, an interpreted one not on CUDA tensors."""
+    """A compiled (non-interpreted) kernel cannot run on CPU tensors, an interpreted one not on CUDA
+    tensors."""
     compiled = object()  # stands for a JITFunction: anything that is not an InterpretedFunction
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -101,7 +102,8 @@ def test_triton_refused_where_it_cannot_run(monkeypatch) -> None:
 
 
 def test_triton_interpret_is_read_at_decoration_and_launch(interpreter, monkeypatch) -> None:
-    """What conftest.py relies on: decoration fixes interpreter-or-compiler; launching needs the variable too."""
+    """What conftest.py relies on: decoration fixes interpreter-or-compiler; launching needs the variable
+    too."""
     import triton
     import triton.language as tl
 
@@ -121,7 +123,7 @@ def test_triton_interpret_is_read_at_decoration_and_launch(interpreter, monkeypa
     assert torch.equal(out, torch.arange(16.0))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tracing: the ops are opaque nodes with fake implementations, so nothing breaks the graph
 
 
@@ -178,7 +180,7 @@ def test_torch_export_dynamic_shapes() -> None:
             torch.testing.assert_close(program.module()(*args), block(*args), atol=1e-6, rtol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # triton is optional
 
 

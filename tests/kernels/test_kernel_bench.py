@@ -1,4 +1,5 @@
-"""vlexport_kernels.bench: the GPU micro-benchmark refuses cleanly without CUDA and covers the shapes it promises."""
+"""vlexport_kernels.bench: the GPU micro-benchmark refuses cleanly without CUDA and covers the shapes it
+promises."""
 
 from __future__ import annotations
 

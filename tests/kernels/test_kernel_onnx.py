@@ -1,5 +1,5 @@
-"""onnx_translation_table: the ops export through torch.onnx.export(dynamo=True) as ORT's fused contrib ops, and
-ONNX Runtime (CPU) reproduces the reference on shapes other than the export example."""
+"""onnx_translation_table: the ops export through torch.onnx.export(dynamo=True) as ORT's fused contrib ops,
+and ONNX Runtime (CPU) reproduces the reference on shapes other than the export example."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ ort = pytest.importorskip("onnxruntime")
 # fp32 in another summation order. Outputs are O(1) (up to ~4 after the LayerNorms); measured <= 1.5e-6 (block
 # output, two LayerNorms deep) and <= 4e-7 (attention alone). A wrong mask or scale is off by > 1e-2.
 FP32_ATOL = 1e-5
-# fp16 graph vs the fp32 reference on the same fp16 inputs: ORT may round intermediates (scores, the sum before
-# the LayerNorm) to fp16 where the reference keeps fp32 until its final cast: a couple of fp16 ulps at |y| < 8,
+# fp16 graph vs the fp32 reference on the same fp16 inputs: ORT may round intermediates (scores, the sum
+# before
+# the LayerNorm) to fp16 where the reference keeps fp32 until its final cast: a couple of fp16 ulps at |y| <
+# 8,
 # i.e. <= 8e-3. Measured <= 5e-4.
 FP16_ATOL = 1e-2
 

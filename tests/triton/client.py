@@ -1,4 +1,5 @@
-"""Requests the tests (and benchmarks/triton_load.py) send: the same calls with tritonclient's http or grpc."""
+"""Requests the tests (and benchmarks/triton_load.py) send: the same calls with tritonclient's http or
+grpc."""
 
 from __future__ import annotations
 

@@ -302,8 +302,8 @@ class T:
 pb = types.ModuleType("triton_python_backend_utils")
 pb.Tensor = T
 pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-pb.InferenceResponse = lambda output_tensors=(), error=None: {"out": {t.name: t.value for t in output_tensors},
-                                                             "error": error}
+pb.InferenceResponse = lambda output_tensors=(), error=None: {
+    "out": {t.name: t.value for t in output_tensors}, "error": error}
 pb.TritonError = str
 sys.modules["triton_python_backend_utils"] = pb
 job = json.loads(sys.stdin.read())
@@ -316,10 +316,12 @@ for model, args in job["models"].items():
     instance.initialize(args)
     request = job["requests"].get(model)
     if request is not None:
-        feeds = {k: T(k, np.array([bytes.fromhex(v) if k == "IMAGE" else v.encode() for v in vs], dtype=object))
+        feeds = {k: T(k, np.array([bytes.fromhex(v) if k == "IMAGE" else v.encode() for v in vs],
+                                  dtype=object))
                  for k, vs in request.items()}
         (response,) = instance.execute([feeds])
-        results[model] = {"error": response["error"], "out": {k: v.tolist() for k, v in response["out"].items()}}
+        results[model] = {"error": response["error"],
+                          "out": {k: v.tolist() for k, v in response["out"].items()}}
     stray = [m.__name__ for m in list(sys.modules.values()) if m.__name__.split(".")[0] == "vlexport"
              and not (getattr(m, "__file__", None) or "").startswith(args["model_repository"])]
     results.setdefault(model, {})["stray"] = stray

@@ -36,7 +36,8 @@ def _run(artifact: Path, image: bytes, tmp_path: Path, texts: list[str] = (), **
 
 
 def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -> dict[str, np.ndarray]:
-    """The eager fp32 model's ITM scores on the inputs `vlexport run` builds (the reference validation uses)."""
+    """The eager fp32 model's ITM scores on the inputs `vlexport run` builds (the reference validation
+    uses)."""
     import torch
 
     from vlexport.manifest import Manifest

@@ -1,6 +1,6 @@
-"""Output locks: ``fcntl.flock`` on ``.<name>.lock`` beside the target, held from ``check_output_dir`` to the final
-rename, and the output scopes that own them (signals become :class:`~vlexport.errors.Interrupted` inside one).
-A second writer fails at once; flock dies with its process, so SIGKILL leaves no stale lock."""
+"""Output locks: ``fcntl.flock`` on ``.<name>.lock`` beside the target, held from ``check_output_dir`` to the
+final rename, and the output scopes that own them (signals become :class:`~vlexport.errors.Interrupted` inside
+one). A second writer fails at once; flock dies with its process, so SIGKILL leaves no stale lock."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def writer_tag() -> str:
 
 
 def acquire(out: Path, display: Path) -> None:
-    """Take (or, held by this thread already, re-enter) the lock of ``out``; fail at once when another holds it."""
+    """Take (or, held by this thread already, re-enter) the lock of ``out``; fail at once when another holds
+    it."""
     key = str(out.resolve())
     if key in LOCAL.locks:
         LOCAL.locks[key].count += 1
@@ -99,13 +100,15 @@ def _release(key: str) -> None:
     if lock.count == 0:
         del LOCAL.locks[key]
         with contextlib.suppress(OSError):
-            lock.path.unlink()  # still holding it: a waiter that opened this file sees the inode change and retries
+            # still holding it: a waiter that opened this file sees the inode change and retries
+            lock.path.unlink()
         os.close(lock.fd)
 
 
 @contextlib.contextmanager
 def output_scope() -> Iterator[None]:
-    """Signals raise :class:`Interrupted` inside; locks ``check_output_dir`` takes are held, made parents undone."""
+    """Signals raise :class:`Interrupted` inside; locks ``check_output_dir`` takes are held, made parents
+    undone."""
     with interrupts_as_exceptions():
         scope = _Scope()
         LOCAL.scopes.append(scope)

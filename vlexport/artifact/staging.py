@@ -57,10 +57,11 @@ def check_output_dir(out: PathLike, *, force: bool, source_dir: Sources = None) 
     """Fail early (before any expensive work) on an output path that cannot or must not be replaced.
 
     Refused whatever ``force`` says: the current directory or one above it, the source model directory
-    (``source_dir``: one or several), a directory inside it or above it, a path that is or lies under a regular
-    file, an unwritable place, an output another process is writing. An existing artifact needs ``force``.
-    Inside :func:`output_scope` (staged_dir opens one) this also creates the missing parents, takes the output's
-    lock (held until the scope ends) and removes what killed writers left. Messages name ``out`` as given.
+    (``source_dir``: one or several), a directory inside it or above it, a path that is or lies under a
+    regular file, an unwritable place, an output another process is writing. An existing artifact needs
+    ``force``. Inside :func:`output_scope` (staged_dir opens one) this also creates the missing parents, takes
+    the output's lock (held until the scope ends) and removes what killed writers left. Messages name ``out``
+    as given.
     """
     out = Path(out)
     display = _display(out)
@@ -131,7 +132,8 @@ def tree_bytes(path: PathLike) -> int:
 
 
 def _no_space(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, also when a library wrapped it (torch's C++ writers raise RuntimeError with the text)."""
+    """ENOSPC / EDQUOT, also when a library wrapped it (torch's C++ writers raise RuntimeError with the
+    text)."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -145,13 +147,15 @@ def _no_space(e: BaseException) -> bool:
 
 # ---------------------------------------------------------------- staging and stale partials
 def parse_staging_name(name: str) -> dict[str, str] | None:
-    """``{"name", "kind", "pid", "host"}`` of a staging / set-aside directory name (pid, host: '' for old ones)."""
+    """``{"name", "kind", "pid", "host"}`` of a staging / set-aside directory name (pid, host: '' for old
+    ones)."""
     m = next((m for pattern in _STAGING_RES if (m := pattern.match(name))), None)
     return {"pid": "", "host": "", **m.groupdict()} if m else None
 
 
 def describe_partial(directory: PathLike) -> str | None:
-    """What a vlexport staging directory is, for a user who passed one as an artifact (None: it is not one)."""
+    """What a vlexport staging directory is, for a user who passed one as an artifact (None: it is not
+    one)."""
     path = Path(directory)
     info = parse_staging_name(path.name)
     if info is None:
@@ -208,7 +212,8 @@ def _commit(tmp: Path, out: Path) -> None:
     if not out.exists():
         tmp.rename(out)
         return
-    # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores it).
+    # Move the old one aside first so a failure between the two renames loses nothing (clean_stale restores
+    # it).
     old = out.parent / f".{out.name}.{writer_tag()}.old"
     remove_set_aside(old)
     out.rename(old)
@@ -226,8 +231,9 @@ def staged_dir(
 ) -> Iterator[Path]:
     """Yield a temp dir next to ``out``; on success it replaces ``out``, on any failure it is removed.
 
-    Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a CheckError
-    naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free space first).
+    Failures include Ctrl-C, SIGTERM, SIGHUP (:class:`Interrupted`) and a full disk (ENOSPC, EDQUOT: a
+    CheckError naming ``out`` and ``expected_bytes``, the caller's size estimate, checked against the free
+    space first).
     """
     given, out = Path(out), real_target(out)  # a symlinked -o: its target is written, the link stays
     display = _display(given)
@@ -295,7 +301,8 @@ def scratch_dir(out: PathLike, *, expected_bytes: int | None = None) -> Iterator
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, renamed into place (also on SIGTERM / SIGHUP)."""
+    """Write ``path`` whole or not at all: a temp file beside it, renamed into place (also on SIGTERM /
+    SIGHUP)."""
     path = Path(path)
     with interrupts_as_exceptions():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Generation calls for the benchmark: prefill time, per-token decode time and tokens/s at a fixed token count.
+"""Generation calls for the benchmark: prefill time, per-token decode time and tokens/s at a fixed token
+count.
 
 Every generation is forced to decode exactly ``new_tokens`` tokens (min = max new tokens, greedy), so
 backends are compared on equal work. A generative variant's timed call returns a
@@ -90,7 +91,8 @@ def _tokens(timing: GenerationTiming) -> dict[str, np.ndarray]:
 def hf_generate_call(
     model: PreTrainedModel, cast: Callable[[torch.Tensor], torch.Tensor], new_tokens: int, device: str
 ) -> Call:
-    """(prepare, call, outputs) of the eager model's ``generate()``; ``cast`` moves an input to dtype and device."""
+    """(prepare, call, outputs) of the eager model's ``generate()``; ``cast`` moves an input to dtype and
+    device."""
 
     def prepare(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: cast(v) for k, v in inputs.items()}
@@ -130,7 +132,8 @@ def generation_stats(timings: Sequence[GenerationTiming]) -> dict[str, float | N
 def token_parity(
     tokens: np.ndarray, reference: np.ndarray | None, precision: PrecisionConfig
 ) -> tuple[str, dict, str]:
-    """Value-exact precisions must match eager fp32 token for token; reduced ones need their agreement share."""
+    """Value-exact precisions must match eager fp32 token for token; reduced ones need their agreement
+    share."""
     if reference is None:
         return ERROR, {}, "the eager fp32 reference failed: no parity baseline"
     if tokens.shape != reference.shape:

@@ -216,7 +216,8 @@ def _run_group(
 
 
 def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, progress: Progress) -> None:
-    """The work of one call at ``batch`` (counted once for all variants) and the peak each row is judged by."""
+    """The work of one call at ``batch`` (counted once for all variants) and the peak each row is judged
+    by."""
     rows = [(lv.variant.precision, lv.rows[batch]) for lv in live if batch in lv.rows and lv.rows[batch].ok]
     if not rows:
         return
@@ -230,7 +231,8 @@ def _record_work(ctx: BenchContext, batch: int, live: list[Live], seed: int, pro
             )
         else:
             work = encoder_work(ctx.model, (ctx.component,), inputs)
-    except Exception as e:  # noqa: BLE001  (counting is information: a model the counter cannot run keeps its timings)
+    # counting is information: a model the counter cannot run keeps its timings
+    except Exception as e:  # noqa: BLE001
         for _, row in rows:
             row.detail = "; ".join(filter(None, [row.detail, f"work not counted: {one_line(e)}"]))
         return

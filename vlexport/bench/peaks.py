@@ -121,7 +121,8 @@ def measure_peaks(device: str, threads: int, budget_s: float = BUDGET_S) -> Peak
 def _try(out: Peaks, kind: str, measure: Callable[[], Peak | None]) -> None:
     try:
         peak = measure()
-    except Exception as e:  # noqa: BLE001  (a dtype without a kernel here: its rows get no fraction; the note says why)
+    # a dtype without a kernel here: its rows get no fraction; the note says why
+    except Exception as e:  # noqa: BLE001
         out.notes.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         return
     if peak is not None and peak.value > 0:
@@ -268,7 +269,8 @@ def _ort_int8(threads: int, slice_s: float) -> Peak:
 
 
 def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
-    """Read (``sum``) and copy of a tensor larger than the caches; GB/s of bytes moved, the better of the two."""
+    """Read (``sum``) and copy of a tensor larger than the caches; GB/s of bytes moved, the better of the
+    two."""
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         nbytes = min(1 << 30, free // 8)

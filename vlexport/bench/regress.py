@@ -70,14 +70,15 @@ def file_device(rows: Sequence[BenchRow]) -> str:
     return " / ".join(sorted({r.device for r in rows}))
 
 
-# The figures the gate judges: a NaN compares False both ways (it would pass), a negative speed-up reads faster.
+# The figures the gate judges: a NaN compares False both ways (it would pass), a negative speed-up reads
+# faster.
 _JUDGED = ("speedup_vs_eager", "latency_p50_ms")
 
 
 def check_inputs(rows: Sequence[BenchRow], name: str) -> None:
-    """A file the gate can trust: judged figures finite and positive, each row identity once (CheckError naming
-    the rows otherwise). A duplicate would silently keep its last value: a file listing every row twice, slow
-    first, would pass."""
+    """A file the gate can trust: judged figures finite and positive, each row identity once (CheckError
+    naming the rows otherwise). A duplicate would silently keep its last value: a file listing every row
+    twice, slow first, would pass."""
     bad = [
         f"{r.label()} ({k} {getattr(r, k)!r})"
         for r in rows

@@ -136,7 +136,8 @@ def parity_text(r: BenchRow) -> str:
 
 
 def _sig(x: float | None) -> str:
-    """4 significant digits, whole numbers from 1000 up (11296, 974.2, 0.0213): narrow columns, no exponents."""
+    """4 significant digits, whole numbers from 1000 up (11296, 974.2, 0.0213): narrow columns, no
+    exponents."""
     return "-" if x is None else f"{x:.4g}" if abs(x) < 1e3 else f"{x:.0f}"
 
 
@@ -150,9 +151,11 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "", peaks: Sequence[di
         r0 = rows[0]
         lines += [
             (
-                f"Device: {r0.device} ({r0.device_kind}, {r0.threads} thread{'' if r0.threads == 1 else 's'}); "
+                f"Device: {r0.device} ({r0.device_kind}, {r0.threads} "
+                f"thread{'' if r0.threads == 1 else 's'}); "
                 f"warm-up {r0.warmup}, "
-                f"{r0.iters} timed iterations per variant, interleaved; torch {r0.versions.get('torch', '?')}, "
+                f"{r0.iters} timed iterations per variant, interleaved; torch "
+                f"{r0.versions.get('torch', '?')}, "
                 f"onnxruntime {r0.versions.get('onnxruntime', '?')}."
             ),
             "",
@@ -177,7 +180,8 @@ def to_markdown(rows: Sequence[BenchRow], *, title: str = "", peaks: Sequence[di
             "|---|---|---|--:|--:|--:|--:|--:|",
         ]
         lines += [
-            f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.new_tokens} | {_num(r.prefill_ms, 2)} "
+            f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.new_tokens} | "
+            f"{_num(r.prefill_ms, 2)} "
             f"| {_num(r.decode_ms_per_token, 2)} | {_num(r.throughput, 1)} |"
             for r in gen
         ]
@@ -193,8 +197,8 @@ def write_reports(
     plot: Path | None = None,
     **meta: Any,
 ) -> None:
-    """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the JSON,
-    with the machine peaks this process measured (bench/peaks.py) unless ``meta`` names its own."""
+    """`vlexport bench --json/--markdown/--plot`: each file written whole or not at all; ``meta`` goes in the
+    JSON, with the machine peaks this process measured (bench/peaks.py) unless ``meta`` names its own."""
     meta.setdefault("peaks", measured())
     if json:
         write_rows(json, list(rows), **meta)

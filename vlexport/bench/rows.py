@@ -117,7 +117,8 @@ class BenchRow:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "row") -> BenchRow:
-        """Raises ShapeError naming ``where`` and the field; unknown keys are dropped (newer files carry more)."""
+        """Raises ShapeError naming ``where`` and the field; unknown keys are dropped (newer files carry
+        more)."""
         return cls(**checked_fields(cls, d, where))
 
 
@@ -174,7 +175,8 @@ def fill_speedups(rows: list[BenchRow]) -> None:
 
 
 def fill_peak_fractions(rows: list[BenchRow]) -> None:
-    """Achieved GFLOP/s (or GB/s per decode step) from the counted work and p50, and its fraction of the peak."""
+    """Achieved GFLOP/s (or GB/s per decode step) from the counted work and p50, and its fraction of the
+    peak."""
     for r in rows:
         r.achieved_gflops = r.achieved_gbps = r.peak_fraction = None
         if not r.ok:

@@ -92,10 +92,10 @@ def load_suite(name: str, path: Path | None = None, **overrides: Any) -> list[Be
 def dry_run(plans: list[BenchPlan]) -> tuple[list[BenchPlan], list[str]]:
     """The suite at CI size on this CPU: every step and report of a GPU suite, without the GPU.
 
-    Each preset becomes its tiny twin, the device the CPU, batch 1 (torch.compile
-    recompiles per batch size: minutes on a CPU for nothing the dry run checks), no warm-up and one timed call, a
-    few new tokens, torch.compile's default mode (CUDA graphs need CUDA). A variant whose toolchain this machine
-    lacks (TensorRT, CUDA: :class:`MissingToolchain`) is left out and named in the notes; any other problem still
+    Each preset becomes its tiny twin, the device the CPU, batch 1 (torch.compile recompiles per batch size:
+    minutes on a CPU for nothing the dry run checks), no warm-up and one timed call, a few new tokens,
+    torch.compile's default mode (CUDA graphs need CUDA). A variant whose toolchain this machine lacks
+    (TensorRT, CUDA: :class:`MissingToolchain`) is left out and named in the notes; any other problem still
     fails, which is the point: the day a GPU is lent, its one call must not be lost to a suite or script bug.
     """
     from vlexport.bench.variants import check_backends

@@ -97,7 +97,8 @@ RUNNERS: dict[str, Runner] = {}
 
 
 def register_runner(name: str) -> Callable[[Runner], Runner]:
-    """A bench-only runner ``(ctx, precision) -> Variant`` (no artifact); export backends go in the registry."""
+    """A bench-only runner ``(ctx, precision) -> Variant`` (no artifact); export backends go in the
+    registry."""
 
     def wrap(fn: Runner) -> Runner:
         RUNNERS[name] = fn
@@ -126,7 +127,8 @@ def check_backends(
 
 
 def build_variant(ctx: BenchContext, name: str, precision: PrecisionConfig) -> Variant:
-    """The variant of ``name`` at ``precision``: a runner, else an artifact of the registered export backend."""
+    """The variant of ``name`` at ``precision``: a runner, else an artifact of the registered export
+    backend."""
     runner = RUNNERS.get(name)
     if runner is not None:
         return runner(ctx, precision)
@@ -206,7 +208,8 @@ def torch_variant(
 def eager_model(
     ctx: BenchContext, precision: PrecisionConfig, kernels: tuple[str, ...]
 ) -> tuple[PreTrainedModel, Callable[[], None]]:
-    """The eager HF model at ``precision`` on the context's device with ``kernels`` injected; returns a closer.
+    """The eager HF model at ``precision`` on the context's device with ``kernels`` injected; returns a
+    closer.
 
     fp32 on the CPU without kernels shares the reference weights; anything else works on a copy so the
     reference stays fp32, on the CPU and unpatched.
@@ -282,7 +285,8 @@ def run_eager(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
 def run_compile(ctx: BenchContext, precision: PrecisionConfig) -> Variant:
     _check_runner("compile", precision)
     if ctx.generative:
-        # generate() runs the vision model and the decoder's own generate(): there is no one module to compile.
+        # generate() runs the vision model and the decoder's own generate(): there is no one module to
+        # compile.
         raise UsageError(
             "The compile runner benchmarks encoder tasks; generation tasks take eager and export "
             f"backends ({', '.join(backend_names())})."
@@ -305,8 +309,8 @@ def artifact_dir(ctx: BenchContext, backend: str, precision: PrecisionConfig) ->
 
 
 def reusable(directory: Path, ctx: BenchContext, backend: str, precision: PrecisionConfig) -> Manifest | None:
-    """An artifact already in the work dir for the same weights, task, backend, kernels and precision (name and
-    knobs), or None."""
+    """An artifact already in the work dir for the same weights, task, backend, kernels and precision (name
+    and knobs), or None."""
     if not (directory / "manifest.json").is_file():
         return None
     try:
@@ -352,8 +356,8 @@ def build_artifact(ctx: BenchContext, name: str, precision: PrecisionConfig) -> 
 
     A derived build (a derived backend, or a precision pass: contracts/passes.py ``derivation``) starts from
     its parent's fp32 artifact in the work dir (built first when absent), so backends and precisions sharing a
-    parent (onnx, onnx-opt, tensorrt, onnx fp16 / int8) export the model once. Build seconds of a fresh derived
-    artifact include its parent's.
+    parent (onnx, onnx-opt, tensorrt, onnx fp16 / int8) export the model once. Build seconds of a fresh
+    derived artifact include its parent's.
     """
     backend = get_backend(name)
     out = artifact_dir(ctx, backend.name, precision)

@@ -41,7 +41,8 @@ class Work:
 
 
 def count_flops(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[int, str]:
-    """(FLOPs of ``module(*args)``, "fake" | "real"): on fake tensors first, real ones when the forward needs data."""
+    """(FLOPs of ``module(*args)``, "fake" | "real"): on fake tensors first, real ones when the forward needs
+    data."""
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -109,7 +110,8 @@ def step_weight_elements(
 
 @dataclass
 class DecodeShape:
-    """What one decode step of a decoder reads at one batch, in elements (each variant's dtypes give bytes)."""
+    """What one decode step of a decoder reads at one batch, in elements (each variant's dtypes give
+    bytes)."""
 
     weight_elements: int  # weights one step reads
     kv_elements: float  # KV cache read per step at the average decode length, the whole batch

@@ -68,7 +68,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_bench_args(args: argparse.Namespace) -> None:
-    """`vlexport bench`: report paths, --work-dir, matplotlib for --plot, MODEL vs --suite; creates nothing."""
+    """`vlexport bench`: report paths, --work-dir, matplotlib for --plot, MODEL vs --suite; creates
+    nothing."""
     opts.check_report_paths(
         {"--json": args.json, "--markdown": args.markdown, "--plot": args.plot},
         inputs=[Path(m) for m in args.models],
@@ -136,7 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise
                 case_errors += 1  # a suite goes on with its other cases
                 console.print(f"[red]error:[/red] case {', '.join(plan.models)}: {escape(str(e))}")
-    title = f"vlexport bench{f' --suite {args.suite}' if args.suite else ''}{' --dry-run' if args.dry_run else ''}"
+    suite = f" --suite {args.suite}" if args.suite else ""
+    title = f"vlexport bench{suite}{' --dry-run' if args.dry_run else ''}"
     for renderable in to_rich(rows, title=title):
         out.print(renderable)
     write_reports(

@@ -1,4 +1,5 @@
-"""What every verb module shares: the consoles, the ``Command`` record, and the flag groups (argparse parents)."""
+"""What every verb module shares: the consoles, the ``Command`` record, and the flag groups (argparse
+parents)."""
 
 from __future__ import annotations
 

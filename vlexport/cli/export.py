@@ -32,8 +32,8 @@ def precision_choices(backend: str, *, aliases: bool = False) -> tuple[str, ...]
 def precision_config(args: argparse.Namespace) -> PrecisionConfig:
     """The config of ``--precision`` with the knobs the verb's options set (``--block-size`` -> block_size).
 
-    A knob the precision lacks, or a value out of range, is the config's own UsageError (contracts/precision.py):
-    refused before anything loads, never silently ignored."""
+    A knob the precision lacks, or a value out of range, is the config's own UsageError
+    (contracts/precision.py): refused before anything loads, never silently ignored."""
     knobs = {name for config in PRECISIONS.values() for name in (f.name for f in dataclasses.fields(config))}
     given = {k: v for k, v in vars(args).items() if k in knobs}
     return get_precision(args.precision).with_knobs(**given)

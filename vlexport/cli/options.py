@@ -92,7 +92,8 @@ def fraction(text: str) -> float:
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """The range of every ranged option a command got (RANGES, FRACTIONS), before it starts: UsageError, exit 2.
+    """The range of every ranged option a command got (RANGES, FRACTIONS), before it starts: UsageError, exit
+    2.
 
     Here rather than in the argparse types so that ``main()`` returns 2 like for every other usage error.
     """
@@ -123,7 +124,8 @@ def checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 def check_report_paths(paths: Mapping[str, Path | None], inputs: Iterable[Path] = ()) -> None:
     """Each report file (option -> path) can be written, no two options share one, and none lies inside a
-    directory the command reads (``inputs``: artifacts, models), whose files it would overwrite; creates nothing."""
+    directory the command reads (``inputs``: artifacts, models), whose files it would overwrite; creates
+    nothing."""
     given = {option: path for option, path in paths.items() if path is not None}
     for option, path in given.items():
         _check_file(option, path)

@@ -1,4 +1,5 @@
-"""The contract between the orchestrator (pipeline.run_export) and the backends, and the one registry of backends.
+"""The contract between the orchestrator (pipeline.run_export) and the backends, and the one registry of
+backends.
 
 A backend turns components into files and loads them back:
 
@@ -39,7 +40,8 @@ KERNEL_NAMES = ("attention", "bridge")
 
 @dataclass
 class ExportJob:
-    """One export: what to build, with which backend and precision, and where. The orchestrator's only input."""
+    """One export: what to build, with which backend and precision, and where. The orchestrator's only
+    input."""
 
     model: str  # preset name, save_pretrained directory, or (derived backends) a parent artifact directory
     output: Path | None  # None: ./<model>-<task>-<backend>
@@ -128,7 +130,8 @@ class Backend(Protocol):
         job: ExportJob,
         translation_table: Mapping[Any, Any],
     ) -> Component:
-        """Base backends: export ``module`` (forward(*inputs) -> tuple) to ``path``; return a manifest.Component."""
+        """Base backends: export ``module`` (forward(*inputs) -> tuple) to ``path``; return a
+        manifest.Component."""
 
     def derive(self, ctx: DeriveContext) -> Derived:
         """Derived backends: build every component of the parent artifact into ``ctx.out_dir``."""
@@ -209,7 +212,8 @@ def backend_precisions(backend: Backend) -> tuple[str, ...]:
 
 
 def backend_options(backend: Backend) -> dict[str, Any]:
-    """Option name -> default; a derived backend also takes its parent's options (``--optimize --opset 17``)."""
+    """Option name -> default; a derived backend also takes its parent's options (``--optimize --opset
+    17``)."""
     parent = backend_options(get_backend(backend.parent)) if backend.parent else {}
     return {**parent, **dict(backend.options)}
 

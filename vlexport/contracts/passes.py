@@ -1,12 +1,13 @@
-"""Precision passes and the one derive mechanism: how a build that starts from another artifact finds its parent.
+"""Precision passes and the one derive mechanism: how a build that starts from another artifact finds its
+parent.
 
 A pass is registered under (backend, precision). It is a derived build whose parent is the same backend at
 fp32: ``vlexport quantize DIR --precision P`` derives from the artifact in DIR, ``vlexport onnx MODEL
---precision P`` (and the benchmark) export or reuse the fp32 parent first. A derived backend (``Backend.parent``:
-onnx-opt, tensorrt) is the same mechanism with another parent backend. :func:`derivation` says which applies;
-the orchestrator (pipeline.run_export) and the bench (bench/variants.py) follow it, and nothing else decides.
-The result is a new artifact whose manifest references its parent (``derived_from``) and is validated against
-eager fp32 with the precision's tolerance (contracts/precision.py).
+--precision P`` (and the benchmark) export or reuse the fp32 parent first. A derived backend
+(``Backend.parent``: onnx-opt, tensorrt) is the same mechanism with another parent backend. :func:`derivation`
+says which applies; the orchestrator (pipeline.run_export) and the bench (bench/variants.py) follow it, and
+nothing else decides. The result is a new artifact whose manifest references its parent (``derived_from``) and
+is validated against eager fp32 with the precision's tolerance (contracts/precision.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class PrecisionPass(Protocol):
     precision: str  # what it produces (a name in contracts/precision.py PRECISIONS)
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        """Rewrite every component of ``ctx.parent`` (fp32) into ``ctx.out_dir``; the config is ``ctx.job.precision``."""
+        """Rewrite every component of ``ctx.parent`` (fp32) into ``ctx.out_dir``; the config is
+        ``ctx.job.precision``."""
 
 
 # (backend, precision) -> the module whose import registers the pass (named here so lookups stay cheap).
@@ -52,7 +54,8 @@ def pass_modules() -> tuple[str, ...]:
 
 
 def precision_pass(backend: str, precision: str) -> PrecisionPass | None:
-    """The pass that makes ``precision`` artifacts of ``backend``, or None (the backend builds it natively)."""
+    """The pass that makes ``precision`` artifacts of ``backend``, or None (the backend builds it
+    natively)."""
     key = (backend, precision)
     if key not in _PASSES and key in BUILTIN:
         importlib.import_module(BUILTIN[key])

@@ -52,7 +52,8 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Base of the precision configs; subclasses set the class attributes below and declare knobs as fields."""
+    """Base of the precision configs; subclasses set the class attributes below and declare knobs as
+    fields."""
 
     name: ClassVar[str]
     # numpy-style name of the artifact's float activations ("float32", "float16", "bfloat16"); int8 schemes
@@ -61,7 +62,8 @@ class PrecisionConfig:
     weight_bits: ClassVar[
         int
     ]  # storage width of a weight element (scales add under 1%): sizes and decode bytes
-    # What the matmuls compute in ("fp32", "fp16", "bf16", "int8"): the GEMM peak a bench row is judged against.
+    # What the matmuls compute in ("fp32", "fp16", "bf16", "int8"): the GEMM peak a bench row is judged
+    # against.
     compute: ClassVar[str]
     tolerance: ClassVar[Tolerance]
     # Where this precision can be produced today: export-backend names (contracts/backends.py) and the bench's
@@ -91,7 +93,8 @@ class PrecisionConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        """The torch dtype a torch module is cast to for this precision (None: weights are quantized instead)."""
+        """The torch dtype a torch module is cast to for this precision (None: weights are quantized
+        instead)."""
         import torch
 
         return None if self.quantizes_weights else getattr(torch, self.dtype)
@@ -122,8 +125,8 @@ class PrecisionConfig:
         return dataclasses.replace(self, **given)
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
-        """Refuse (UsageError) what this precision cannot build from ``artifact`` (a parent's manifest; None when
-        a model is exported) with ``backend``, before any work."""
+        """Refuse (UsageError) what this precision cannot build from ``artifact`` (a parent's manifest; None
+        when a model is exported) with ``backend``, before any work."""
         return
 
     def describe_knobs(self) -> str:
@@ -190,7 +193,8 @@ class Int8DynamicConfig(PrecisionConfig):
     """int8 weights, activations quantized at run time per tensor (ONNX Runtime dynamic quantization)."""
 
     per_channel: bool = True  # one weight scale per output channel: outlier channels keep their own range
-    # SmoothQuant strength (quantize/smoothing.py), None: off. With it, the FFN output MatMuls stay fp32: on real
+    # SmoothQuant strength (quantize/smoothing.py), None: off. With it, the FFN output MatMuls stay fp32: on
+    # real
     # BERT weights plain int8-dynamic keeps a mean embedding cosine of 0.993, this 0.999 (README, Precisions).
     smooth: float | None = None
     # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16
@@ -296,7 +300,8 @@ class Int8WeightConfig(PrecisionConfig):
 
     def __post_init__(self) -> None:
         if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
-            # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own error
+            # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own
+            # error
             raise UsageError(
                 f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
                 f"runs), got {self.block_size}."

@@ -162,7 +162,8 @@ DEFAULT_MAX_BATCH = 16  # decoder rows (batch x beams) a generative package take
 
 class CastIO(nn.Module):
     """Runs ``module`` in a reduced float dtype behind float32 inputs and outputs (``keep``: inputs already in
-    that dtype, the static caches that the graph updates in place), so the runtime's numpy I/O is unchanged."""
+    that dtype, the static caches that the graph updates in place), so the runtime's numpy I/O is unchanged.
+    """
 
     def __init__(
         self, module: nn.Module, dtype: torch.dtype, input_names: tuple[str, ...], keep: frozenset[str]

@@ -71,9 +71,11 @@ def write_generation_files(
     bad = unsupported_options(gen_config)
     if bad:
         raise UsageError(
-            f"The model's generation config sets {bad}, which vlexport's generation runtime does not implement "
+            f"The model's generation config sets {bad}, which vlexport's generation runtime does not "
+            "implement "
             "(greedy and beam search with eos/pad, max/min new tokens); its output would differ from "
-            "model.generate(). Export a checkpoint whose generation_config.json leaves them at their defaults."
+            "model.generate(). Export a checkpoint whose generation_config.json leaves them at their "
+            "defaults."
         )
     settings = recipe.settings(model)
     settings["default_num_beams"] = int(gen_config.num_beams or 1)

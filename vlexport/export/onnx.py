@@ -142,7 +142,8 @@ def _tensor_spec(value: onnx.ValueInfoProto, dynamic_axes: Mapping[str, Mapping[
 
 
 class _quiet_exporter:
-    """The dynamo exporter logs warnings per unsupported torchvision op and per rename; keep the CLI readable."""
+    """The dynamo exporter logs warnings per unsupported torchvision op and per rename; keep the CLI
+    readable."""
 
     def __enter__(self) -> None:
         self._warn = warnings.catch_warnings()

@@ -36,7 +36,8 @@ def cache_names(layout: CacheLayout) -> tuple[str, ...]:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's static slots: ``update`` writes the new keys/values at ``positions`` and returns all slots."""
+    """One layer's static slots: ``update`` writes the new keys/values at ``positions`` and returns all
+    slots."""
 
     is_compileable = True
     is_sliding = False
@@ -69,7 +70,8 @@ class SlotLayer(CacheLayerMixin):
 
 
 class StaticCacheDecoder(nn.Module):
-    """``(inputs..., attention_mask [b, L], cache_position [s], cross K/V..., cache...) -> (logits [b, 1, V],)``."""
+    """``(inputs..., attention_mask [b, L], cache_position [s], cross K/V..., cache...) -> (logits [b, 1,
+    V],)``."""
 
     def __init__(self, decoder: CachedDecoder, input_names: Sequence[str], max_length: int):
         super().__init__()
@@ -84,7 +86,8 @@ class StaticCacheDecoder(nn.Module):
         positions = named.pop(CACHE_POSITION)
         slots = [named.pop(n) for n in cache_names(self.layout)]
         dtype = slots[0].dtype
-        # Causal over the slots: query q (at slot positions[q]) sees slot k when k <= positions[q] and mask[k].
+        # Causal over the slots: query q (at slot positions[q]) sees slot k when k <= positions[q] and
+        # mask[k].
         seen = torch.arange(self.max_length, device=positions.device)[None, :] <= positions[:, None]
         allowed = named["attention_mask"].bool()[:, None, None, :] & seen[None, None, :, :]
         zero = torch.zeros((), dtype=dtype, device=positions.device)

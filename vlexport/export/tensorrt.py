@@ -82,7 +82,8 @@ def build_engine(
     shapes: Mapping[str, AxisRange],
     calibration: Sequence[Mapping[str, torch.Tensor]] = (),
 ) -> None:
-    """Parse ``onnx_path``, build with one optimization profile, write the serialized engine to ``plan_path``."""
+    """Parse ``onnx_path``, build with one optimization profile, write the serialized engine to
+    ``plan_path``."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -126,7 +126,8 @@ class TaskSpec:
     description: str = ""
     load_kwargs: Callable[[PretrainedConfig], dict[str, Any]] = lambda config: {}
     prepare: Callable[[PreTrainedModel], None] = lambda model: None
-    # generative tasks: config -> GenerationRecipe (models/generative.py), what the runtime's decode loop follows
+    # generative tasks: config -> GenerationRecipe (models/generative.py), what the runtime's decode loop
+    # follows
     generation: Callable[[PretrainedConfig], Any] | None = None
     # `vlexport run`: the base feed (input_ids, attention_mask, pixel_values; numpy) -> the component's feed,
     # with the family's extra inputs added (BridgeTower's pixel_mask)

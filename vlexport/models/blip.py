@@ -1,10 +1,9 @@
 """BLIP: ViT vision encoder + BERT text encoder/decoder with cross-attention to the image.
 
-Generative tasks (docs/ARCHITECTURE.md, "Pitfalls": BlipForQuestionAnswering.forward returns only the loss, so the
-parts are exported as components):
-  caption: vision_encoder (pixel_values -> the decoder's cross-attention K/V of the image) + decoder
-  vqa:     vision_encoder (-> image_embeds) + question_encoder (question cross-attending to the image ->
-           the answer decoder's cross-attention K/V) + decoder
+Generative tasks (docs/ARCHITECTURE.md, "Pitfalls": BlipForQuestionAnswering.forward returns only the loss, so
+the parts are exported as components): caption: vision_encoder (pixel_values -> the decoder's cross-attention
+K/V of the image) + decoder vqa: vision_encoder (-> image_embeds) + question_encoder (question cross-attending
+to the image -> the answer decoder's cross-attention K/V) + decoder
 """
 
 from __future__ import annotations
@@ -235,7 +234,8 @@ def _text_attention(
     past_key_values: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BlipTextSelfAttention (self and cross, with its KV cache): the HF code up to the scores, then the kernel."""
+    """BlipTextSelfAttention (self and cross, with its KV cache): the HF code up to the scores, then the
+    kernel."""
     # transformers 5.24 renamed the cache argument `past_key_values` -> `cache` (the old name is deprecated).
     if past_key_values is None:
         past_key_values = kwargs.pop("cache", None)
@@ -298,7 +298,8 @@ TASKS: dict[str, TaskSpec] = {
         _caption_components,
         lambda config, shape, seed: _prompts(config, shape, seed, left=True),
         generative=True,
-        description="image captioning (optionally from a text prompt): vision encoder + decoder with KV cache",
+        description="image captioning (optionally from a text prompt): "
+        "vision encoder + decoder with KV cache",
         generation=lambda config: GenerationRecipe(
             ("vision_encoder", host_blip.caption_prompt),
             _settings,
@@ -312,7 +313,8 @@ TASKS: dict[str, TaskSpec] = {
         _vqa_components,
         lambda config, shape, seed: _prompts(config, shape, seed, left=False),
         generative=True,
-        description="visual question answering: vision encoder + question encoder + answer decoder with KV cache",
+        description="visual question answering: vision encoder + question encoder + answer decoder with KV "
+        "cache",
         generation=lambda config: GenerationRecipe(
             ("vision_encoder", "question_encoder", host_blip.answer_prompt),
             _settings,

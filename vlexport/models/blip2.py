@@ -8,8 +8,8 @@ One task, ``generate``, whose components depend on the language model:
 The decoder graphs embed token ids themselves (their LM head shares that table), so no separate
 embedding component duplicates the vocabulary matrix.
 
-docs/ARCHITECTURE.md, "Pitfalls": generate() only uses the image where the prompt holds ``image_token_index`` tokens,
-``num_query_tokens`` of them; the runtime checks that instead of silently ignoring the image.
+docs/ARCHITECTURE.md, "Pitfalls": generate() only uses the image where the prompt holds ``image_token_index``
+tokens, ``num_query_tokens`` of them; the runtime checks that instead of silently ignoring the image.
 """
 
 from __future__ import annotations
@@ -281,7 +281,8 @@ FAMILY = FamilySpec(
             _components,
             make_inputs,
             generative=True,
-            description="captioning / prompted VQA: image encoder (ViT + Q-Former + projection) + LM with KV cache",
+            description="captioning / prompted VQA: image encoder (ViT + Q-Former + projection) + LM with KV "
+            "cache",
             generation=_recipe,
         ),
     },
@@ -298,7 +299,8 @@ FAMILY = FamilySpec(
         ),
     ),
     random_init=random_init,
-    ort_model_type="bert",  # ViT and Q-Former are BERT-style blocks; OPT/T5 graphs get the generic fusions only
+    # ViT and Q-Former are BERT-style blocks; OPT/T5 graphs get the generic fusions only
+    ort_model_type="bert",
     title="BLIP-2",
     presets=PRESETS,
     precision_limits=_precision_limits,

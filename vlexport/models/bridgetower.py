@@ -76,7 +76,8 @@ def _task(
 def _residual_block_attention(
     self: nn.Module, original: Callable, hidden_state: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """BridgeTowerResidualAttention.attention: nn.MultiheadAttention on (L, B, E), key padding mask True = pad."""
+    """BridgeTowerResidualAttention.attention: nn.MultiheadAttention on (L, B, E), key padding mask True =
+    pad."""
     mha: nn.MultiheadAttention = self.attn
     if use_original(self):
         return original(hidden_state, attention_mask)
@@ -109,7 +110,8 @@ def _link_tower(
     cross_modal_hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """BridgeTowerLinkTower: LayerNorm(a + b) for add / scaled_add / interpolate, the scaling kept as in eager."""
+    """BridgeTowerLinkTower: LayerNorm(a + b) for add / scaled_add / interpolate, the scaling kept as in
+    eager."""
     if self.training:
         return original(hidden_states, cross_modal_hidden_states, attention_mask)
     x, residual = hidden_states, cross_modal_hidden_states

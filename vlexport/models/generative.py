@@ -113,7 +113,8 @@ Encode = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
 
 
 class NamedCall(nn.Module):
-    """``forward(*inputs) -> tuple``: ``fn(module, named_inputs)``, with the module's parameters registered."""
+    """``forward(*inputs) -> tuple``: ``fn(module, named_inputs)``, with the module's parameters
+    registered."""
 
     def __init__(self, module: nn.Module, fn: Encode, input_names: Sequence[str]):
         super().__init__()
@@ -127,7 +128,8 @@ class NamedCall(nn.Module):
 
 
 class CachedDecoder(nn.Module):
-    """A decoder step over flat past tensors: ``(inputs..., past...) -> (logits of the last position, present...)``.
+    """A decoder step over flat past tensors: ``(inputs..., past...) -> (logits of the last position,
+    present...)``.
 
     ``step(module, named_inputs, cache)`` calls the HF decoder with ``past_key_values=cache, use_cache=True``
     and returns its output (``.logits``, ``.past_key_values``). When the layout has cross-attention, the
@@ -179,7 +181,8 @@ def _pairs(flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tenso
 def cross_kv(
     states: torch.Tensor, projections: Sequence[tuple[nn.Module, nn.Module]], head_dim: int
 ) -> tuple[torch.Tensor, ...]:
-    """Every decoder layer's cross-attention key/value of ``states`` [batch, seq, hidden] -> [batch, heads, seq, dim].
+    """Every decoder layer's cross-attention key/value of ``states`` [batch, seq, hidden] -> [batch, heads,
+    seq, dim].
 
     The same view/transpose the HF attention modules apply to their key/value projections.
     """
@@ -306,7 +309,8 @@ def decoder_component(
 ) -> ComponentSpec:
     """The decoder step: ``inputs`` (token ids, masks, ...) + past -> logits of the last position + present.
 
-    ``static_step``: the family's call over a static cache, where it differs from ``step`` (compile backend)."""
+    ``static_step``: the family's call over a static cache, where it differs from ``step`` (compile backend).
+    """
     all_inputs = (*inputs, *layout.past, *layout.cross_past)
     outputs = ("logits", *layout.present)
     return ComponentSpec(

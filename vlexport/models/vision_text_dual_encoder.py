@@ -29,7 +29,8 @@ FAMILY = FamilySpec(
     tasks={"features": features_task("VisionTextDualEncoderModel")},
     architectures={"VisionTextDualEncoderModel": ("features",)},
     injection=(*BERT_LIKE, *VIT_LIKE),  # the encoders it is usually built from
-    ort_model_type="bert",  # BERT/RoBERTa text and ViT/CLIP vision encoder blocks: what ORT's "bert" fusions match
+    # BERT/RoBERTa text and ViT/CLIP vision encoder blocks: what ORT's "bert" fusions match
+    ort_model_type="bert",
     title="VisionTextDualEncoder",
     presets=PRESETS,
     image_stats=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # ViTImageProcessor's defaults

@@ -66,7 +66,8 @@ def calibration_set(
     config: PretrainedConfig,
     input_names: tuple[str, ...],
 ) -> CalibrationSet:
-    """Calibration feeds for a single-component artifact; UsageError when ``directory`` has no usable image."""
+    """Calibration feeds for a single-component artifact; UsageError when ``directory`` has no usable
+    image."""
     if directory is None:
         return _synthetic(task_spec, config, input_names)
     return _from_directory(Path(directory), artifact_dir, manifest, task_spec, config, input_names)

@@ -52,7 +52,8 @@ class OnnxInt8DynamicPass:
 def _smoothed(
     ctx: DeriveContext, src: Path, scratch: Path, config: Int8DynamicConfig, details: dict
 ) -> tuple[Path, list[str]]:
-    """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep fp32.
+    """SmoothQuant ``src`` on the calibration set (quantize/calibration.py); the GELU-fed MatMuls to keep
+    fp32.
 
     One component only (``Int8DynamicConfig.check_for`` refused the others before any work)."""
     from vlexport.quantize.calibration import calibration_set

@@ -14,7 +14,8 @@ from vlexport.contracts.backends import DeriveContext, Derived
 
 
 def rewrite_components(ctx: DeriveContext, write: Callable[[Path, Path, bool], None]) -> Derived:
-    """Apply ``write(src_path, dst_path, external)`` to every component of the parent and describe the results."""
+    """Apply ``write(src_path, dst_path, external)`` to every component of the parent and describe the
+    results."""
     from vlexport.export.onnx import describe
 
     specs = {s.name: s for s in ctx.task_spec.components(ctx.config)}
@@ -29,7 +30,8 @@ def rewrite_components(ctx: DeriveContext, write: Callable[[Path, Path, bool], N
 
 @contextlib.contextmanager
 def quiet_root_logger() -> Iterator[None]:
-    """The quantizer logs "consider pre-processing" on the root logger at every call; keep the CLI readable."""
+    """The quantizer logs "consider pre-processing" on the root logger at every call; keep the CLI
+    readable."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)

@@ -45,11 +45,13 @@ def check_runtime() -> None:
 
 
 class _Tensors:
-    """Initializer bytes in and out: the parent's (inline or external) and the new file's (inline or appended)."""
+    """Initializer bytes in and out: the parent's (inline or external) and the new file's (inline or
+    appended)."""
 
     def __init__(self, src: Path, dst: Path, external: bool) -> None:
         self.src_dir, self.location = src.parent, f"{dst.name}.data"
-        self.out = open(dst.parent / self.location, "wb") if external else None  # noqa: SIM115 - closed in close()
+        # closed in close()
+        self.out = open(dst.parent / self.location, "wb") if external else None  # noqa: SIM115
         self._inputs: dict[str, object] = {}
 
     def read(self, t: TensorProto) -> np.ndarray:

@@ -54,7 +54,8 @@ def activation_ranges(
 
 
 def smooth(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alpha: float = 0.5) -> int:
-    """Rewrite ``model`` in place (graph below 2 GiB: the probe is serialised); returns activations smoothed."""
+    """Rewrite ``model`` in place (graph below 2 GiB: the probe is serialised); returns activations
+    smoothed."""
     groups = constant_weight_matmuls(model)
     if not groups:
         return 0
@@ -95,9 +96,9 @@ def smooth(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alpha: fl
 def after_activation_matmuls(
     model: onnx.ModelProto, activations: tuple[str, ...] = ("Gelu", "Erf", "FastGelu"), depth: int = 4
 ) -> list[str]:
-    """Names of the constant-weight MatMuls fed (within ``depth`` nodes) by a GELU: the FFN output projections,
-    whose inputs carry real checkpoints' largest outlier channels (the most int8-sensitive nodes measured on
-    all-MiniLM-L6-v2, benchmarks/results/real-minilm-precision.json)."""
+    """Names of the constant-weight MatMuls fed (within ``depth`` nodes) by a GELU: the FFN output
+    projections, whose inputs carry real checkpoints' largest outlier channels (the most int8-sensitive nodes
+    measured on all-MiniLM-L6-v2, benchmarks/results/real-minilm-precision.json)."""
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def fed(name: str, left: int) -> bool:

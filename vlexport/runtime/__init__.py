@@ -1,4 +1,5 @@
-"""Load an artifact directory as callables, whatever backend wrote it (the backend registry loads each file)."""
+"""Load an artifact directory as callables, whatever backend wrote it (the backend registry loads each
+file)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 
-# Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only after
+# Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only
+# after
 # their content hash matched the manifest's, always: a changed byte there is a crash or silent wrong code.
 NATIVE_SUFFIXES = (".pt2", ".plan", ".engine")
 ComponentFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -36,8 +38,8 @@ class Artifact:
 
 
 def check_device(device: str) -> None:
-    """``--device cuda`` on a machine without a usable GPU is a usage error up front (exit 2), never a silent run
-    on the CPU nor a failure after minutes of eager references."""
+    """``--device cuda`` on a machine without a usable GPU is a usage error up front (exit 2), never a silent
+    run on the CPU nor a failure after minutes of eager references."""
     if device == "cuda":
         import torch
 
@@ -61,9 +63,9 @@ def load_artifact(
 
     ``interleaved``: the caller alternates the artifact with other work on the same cores (the benchmark).
     ``verify``: ``native`` (default) checks the content hash of native-code files (.pt2, .plan) before loading
-    them, ``full`` of every file, ``none`` nothing (the caller has just checked them). ONNX files are parsed and
-    checked by ONNX Runtime, which runs only the operators it knows, so hashing GBs of them at every start is
-    left to `validate`, `triton` and `run --verify`.
+    them, ``full`` of every file, ``none`` nothing (the caller has just checked them). ONNX files are parsed
+    and checked by ONNX Runtime, which runs only the operators it knows, so hashing GBs of them at every start
+    is left to `validate`, `triton` and `run --verify`.
     """
     check_device(device)
     directory = Path(directory)

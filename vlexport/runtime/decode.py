@@ -29,7 +29,8 @@ class DecodeStep(Protocol):
     """One decoder row per hypothesis (``batch * num_beams`` rows, the beams of a sample adjacent)."""
 
     def first(self, prompt_ids: np.ndarray) -> np.ndarray:
-        """Run the prompt ``[rows, prompt_len]`` (int64); return the last position's logits ``[rows, vocab]``."""
+        """Run the prompt ``[rows, prompt_len]`` (int64); return the last position's logits ``[rows,
+        vocab]``."""
         ...
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
@@ -93,7 +94,8 @@ def greedy_search(
     output_logits: bool = False,
     on_step: OnStep | None = None,
 ) -> Decoded:
-    """Greedy decoding of ``prompt`` ``[batch, prompt_len]``; ``on_step(i)`` when step i's logits are ready."""
+    """Greedy decoding of ``prompt`` ``[batch, prompt_len]``; ``on_step(i)`` when step i's logits are
+    ready."""
     eos = np.array(settings.eos_token_id, dtype=np.int64)
     pad = settings.pad_token_id
     pad = pad if pad is not None else (int(eos[0]) if eos.size else None)  # HF: pad defaults to eos[0]

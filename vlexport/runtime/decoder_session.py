@@ -4,8 +4,8 @@ Positions come from the attention mask (``cumsum - 1``, pads at 0, then +1 per s
 ``_prepare_position_ids_for_generation`` does, so left padding behaves as in HF.
 
 ONNX Runtime sessions run through IO binding: past and present key/values stay ORT values between steps (on
-CUDA they never leave the GPU, on CPU they are not copied through numpy); beam reordering gathers them on
-the host. Other components (AOTInductor packages, TensorRT engines) are callables on numpy dicts and get numpy.
+CUDA they never leave the GPU, on CPU they are not copied through numpy); beam reordering gathers them on the
+host. Other components (AOTInductor packages, TensorRT engines) are callables on numpy dicts and get numpy.
 Feeds take the dtypes the manifest records for the decoder's inputs, so an fp16 graph gets fp16 tensors.
 """
 
@@ -92,7 +92,8 @@ class DecoderSession:
         return array
 
     def empty_past(self, batch: int) -> dict[str, Any]:
-        """Past key/values of length 0 in the declared past dtype: the first step runs the same graph as the rest."""
+        """Past key/values of length 0 in the declared past dtype: the first step runs the same graph as the
+        rest."""
         out = {}
         for name in self.past_names:
             shape = self.past_shape.get(name)
@@ -121,7 +122,8 @@ class DecoderSession:
                 "not provide: the manifest and the graph do not match. Export the artifact again."
             )
         if self.session is None:
-            # Compiled backends may hand floats back upcast (AOTInductor returns float32): cast to what the graph takes.
+            # Compiled backends may hand floats back upcast (AOTInductor returns float32): cast to what the
+            # graph takes.
             out = self.component({n: self.cast(n, _numpy(feeds[n])) for n in self.input_names})
             return out["logits"], {k: v for k, v in out.items() if k.startswith("present.")}
         binding = self.session.io_binding()
@@ -144,9 +146,10 @@ class DecoderSession:
     def step(
         self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (), repeat: int = 1
     ) -> KVCacheStep:
-        """A DecodeStep for one request: ``env`` holds the recipe stages' outputs, ``mask`` the decoder prompt's
-        attention mask; ``repeat`` rows per sample (num_beams)."""
-        # Everything else the decoder declares comes from the stages, unchanged at every step (cross K/V, ...).
+        """A DecodeStep for one request: ``env`` holds the recipe stages' outputs, ``mask`` the decoder
+        prompt's attention mask; ``repeat`` rows per sample (num_beams)."""
+        # Everything else the decoder declares comes from the stages, unchanged at every step (cross K/V,
+        # ...).
         per_step = {"input_ids", "attention_mask", "position_ids", *self.past_names, *first_step}
         static = {}
         for k, v in env.items():

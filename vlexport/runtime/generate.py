@@ -32,7 +32,8 @@ class GenerationOutput:
     prompt_length: int  # decoder prompt length: sequences[:, prompt_length:] are the new tokens
     logits: list[np.ndarray] = field(default_factory=list)  # raw logits per step, [batch * beams, vocab]
     # beam search, with output_logits: per step and batch row, the smallest gap between the ranked candidate
-    # scores that decide which hypotheses run next, and in which row order ([batch]); see decode.selection_margin
+    # scores that decide which hypotheses run next, and in which row order ([batch]); see
+    # decode.selection_margin
     beam_margins: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -133,7 +134,8 @@ class Generator:
         output_logits: bool = False,
         on_step: Callable[[int], None] | None = None,
     ) -> GenerationOutput:
-        """Greedy (``num_beams=1``) or beam search; ``on_step(i)`` is called when step i's logits are ready."""
+        """Greedy (``num_beams=1``) or beam search; ``on_step(i)`` is called when step i's logits are
+        ready."""
         self._check_request(pixel_values, input_ids, max_new_tokens, num_beams, min_new_tokens)
         env = self.encode(pixel_values, input_ids, attention_mask)
         return self.decode(
@@ -273,8 +275,8 @@ class Generator:
 
 
 def _decoder_session(component: Any, spec: ComponentSpec) -> Any:
-    """The decoder's DecodeStep source: a static-cache package (runtime/static_step.py) or a past-in/present-out
-    graph (runtime/decoder_session.py), told apart by the inputs the package declares."""
+    """The decoder's DecodeStep source: a static-cache package (runtime/static_step.py) or a
+    past-in/present-out graph (runtime/decoder_session.py), told apart by the inputs the package declares."""
     # static_step imports torch: only a static-cache package (it declares cache_position) loads it
     if "cache_position" not in getattr(component, "input_names", ()):
         return DecoderSession(component, spec)
@@ -293,7 +295,8 @@ def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
 
 
 def check_components_match_manifest(artifact: Artifact) -> None:
-    """Every loaded graph must declare the inputs/outputs its manifest entry records (swapped files fail here)."""
+    """Every loaded graph must declare the inputs/outputs its manifest entry records (swapped files fail
+    here)."""
     for name, comp in artifact.manifest.components.items():
         loaded = artifact.components.get(name)
         if loaded is None or not hasattr(loaded, "input_names"):
@@ -303,8 +306,10 @@ def check_components_match_manifest(artifact: Artifact) -> None:
         got_in, got_out = set(loaded.input_names), list(loaded.output_names)
         if not got_in <= recorded_in or got_out != recorded_out:
             raise CheckError(
-                f"{artifact.directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} and outputs "
-                f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest does not "
+                f"{artifact.directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} "
+                "and outputs "
+                f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest "
+                "does not "
                 "match its files. Export the artifact again."
             )
 

@@ -85,10 +85,10 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def _as_rgb(img: PILImage, label: str) -> PILImage:
-    """``img`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16- and 32-bit grey (PNG ``I;16``, TIFF ``I``) at
-    255, so nearly every pixel turns white: those are scaled by their real range instead (0..65535 to 0..255;
-    Pillow opens 16-bit data as ``I`` too), floats ``F`` from 0..1. Values outside those ranges have no one
-    meaning as a colour: refused, saying what to do."""
+    """``img`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16- and 32-bit grey (PNG ``I;16``, TIFF ``I``)
+    at 255, so nearly every pixel turns white: those are scaled by their real range instead (0..65535 to
+    0..255; Pillow opens 16-bit data as ``I`` too), floats ``F`` from 0..1. Values outside those ranges have
+    no one meaning as a colour: refused, saying what to do."""
     from PIL import Image
 
     if img.mode not in (*_SIXTEEN_BIT, "I", "F"):
@@ -130,7 +130,8 @@ def decode_image(source: Path | BinaryIO, label: str) -> PILImage:
     try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both are refusals here, because
-            # decoding a "bomb" (a small file claiming a huge canvas) takes all the memory before it is resized.
+            # decoding a "bomb" (a small file claiming a huge canvas) takes all the memory before it is
+            # resized.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.load()
@@ -153,7 +154,8 @@ def decode_image(source: Path | BinaryIO, label: str) -> PILImage:
 
 
 def pixels_from_rgb(rgb: PILImage, settings: ImageSettings) -> np.ndarray:
-    """An RGB ``PIL.Image`` -> ``[1, 3, size, size]`` float32: resize, rescale, normalise (the processor's steps)."""
+    """An RGB ``PIL.Image`` -> ``[1, 3, size, size]`` float32: resize, rescale, normalise (the processor's
+    steps)."""
     rgb = rgb.resize((settings.size, settings.size), resample=settings.resample)
     arr = np.asarray(rgb, dtype=np.float32) * np.float32(settings.rescale)
     arr = (arr - np.asarray(settings.mean, np.float32)) / np.asarray(settings.std, np.float32)

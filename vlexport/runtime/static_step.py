@@ -72,15 +72,19 @@ class StaticDecoderSession:
         """Fail before any work when the request does not fit the compiled limits."""
         if prompt_length + max_new_tokens > self.max_length:
             raise UsageError(
-                f"The decoder prompt is {prompt_length} tokens and {max_new_tokens} new tokens are asked for: "
+                f"The decoder prompt is {prompt_length} tokens and {max_new_tokens} new tokens are asked "
+                "for: "
                 f"{prompt_length + max_new_tokens} positions, more than this package's static cache of "
-                f"{self.max_length} (--max-length at compile time). Shorten the prompt, lower --max-new-tokens, "
+                f"{self.max_length} (--max-length at compile time). Shorten the prompt, lower "
+                "--max-new-tokens, "
                 "or compile again with a larger --max-length."
             )
         if rows > self.max_batch:
             raise UsageError(
-                f"This request needs {rows} decoder rows (batch x beams), more than the {self.max_batch} the package "
-                "was compiled for (--max-batch at compile time). Lower the batch or the beams, or compile again "
+                f"This request needs {rows} decoder rows (batch x beams), more than the {self.max_batch} the "
+                "package "
+                "was compiled for (--max-batch at compile time). Lower the batch or the beams, or compile "
+                "again "
                 "with a larger --max-batch."
             )
 

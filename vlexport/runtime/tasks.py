@@ -1,9 +1,10 @@
 """``vlexport.load``: an artifact loaded once as a task object, called many times with images and strings.
 
 The manifest picks the class: generative artifacts (caption, vqa, generate) get a :class:`GenerateTask`;
-image-text matching (``itm``) a :class:`MatchTask`; contrastive / two-tower tasks (``itc``, ``features`` with a
-similarity) a :class:`SimilarityTask`; masked LM (``mlm``) a :class:`FillMaskTask`; any other encoder an
-:class:`EncoderTask` (raw outputs). `vlexport run` calls these objects, so the CLI and the API are one code path.
+image-text matching (``itm``) a :class:`MatchTask`; contrastive / two-tower tasks (``itc``, ``features`` with
+a similarity) a :class:`SimilarityTask`; masked LM (``mlm``) a :class:`FillMaskTask`; any other encoder an
+:class:`EncoderTask` (raw outputs). `vlexport run` calls these objects, so the CLI and the API are one code
+path.
 
 Batches: inputs are split at ``batch_size`` (and the artifact's own limits); texts of one call are padded to
 one width, as `vlexport run` pads them, so a text scores the same whatever else is in its batch. Generation
@@ -37,8 +38,8 @@ DEFAULT_BATCH = 8
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated text: ``ids`` is the whole sequence (decoder prompt + new tokens, what `run --ids` prints);
-    ``text`` its decoding (None when the artifact has no tokenizer)."""
+    """One generated text: ``ids`` is the whole sequence (decoder prompt + new tokens, what `run --ids`
+    prints); ``text`` its decoding (None when the artifact has no tokenizer)."""
 
     text: str | None
     ids: list[int]
@@ -91,10 +92,12 @@ class Task:
         self._text_lock = threading.Lock()  # a fast tokenizer's padding/truncation state is per object
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.manifest.family} {self.task} ({self.manifest.backend}) {self.directory}>"
+        m = self.manifest
+        return f"<{type(self).__name__} {m.family} {self.task} ({m.backend}) {self.directory}>"
 
     def pixels(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """``[N, 3, S, S]`` float32: the artifact's preprocessing of the images (also useful to time it apart)."""
+        """``[N, 3, S, S]`` float32: the artifact's preprocessing of the images (also useful to time it
+        apart)."""
         return image_pixels(images, self._image_settings)
 
 
@@ -188,7 +191,8 @@ class GenerateTask(Task):
         return self.generate(images, prompt, **kwargs)
 
     def answer(self, images: ImageInput | Sequence[ImageInput], questions: TextInput, **kwargs: Any) -> Any:
-        """Answers to questions about the images (BLIP-2 wraps them in its "Question: ... Answer:" template)."""
+        """Answers to questions about the images (BLIP-2 wraps them in its "Question: ... Answer:"
+        template)."""
         if not (self.recipe.needs_prompt or self.recipe.prompt_template):
             raise UsageError(
                 f"{self.directory} holds a {self.task} artifact, which captions images: call "
@@ -322,7 +326,8 @@ class MatchTask(EncoderTask):
 
 
 class SimilarityTask(EncoderTask):
-    """Contrastive / two-tower similarity: ``similarity``; two-tower graphs also ``embed_images/embed_texts``."""
+    """Contrastive / two-tower similarity: ``similarity``; two-tower graphs also
+    ``embed_images/embed_texts``."""
 
     def similarity(self, images: ImageInput | Sequence[ImageInput], texts: TextInput) -> np.ndarray:
         """The images x texts similarity (the graph's matrix, e.g. ``logits_per_image``, or the cosine of each
@@ -426,7 +431,8 @@ def load(
 ) -> Task:
     """Load an artifact once; the manifest picks the task object (see the module doc and docs/api.md).
 
-    ``verify``: check every file's sha256 against the manifest first (native code, .pt2 / .plan, always is)."""
+    ``verify``: check every file's sha256 against the manifest first (native code, .pt2 / .plan, always is).
+    """
     directory = Path(directory)
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")

@@ -1,7 +1,8 @@
-"""Texts for an artifact's graphs: options that apply to its task, padded batches for encoders, the token limit.
+"""Texts for an artifact's graphs: options that apply to its task, padded batches for encoders, the token
+limit.
 
-Shared by the task objects (runtime/tasks.py), `vlexport run`, calibration and the Triton preprocessors, so that
-every caller encodes a text the same way.
+Shared by the task objects (runtime/tasks.py), `vlexport run`, calibration and the Triton preprocessors, so
+that every caller encodes a text the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def check_options(
     num_beams: int | None,
     raw_prompt: bool,
 ) -> None:
-    """Options that do not apply to the artifact are an error, not silently ignored (before anything loads)."""
+    """Options that do not apply to the artifact are an error, not silently ignored (before anything
+    loads)."""
     what = f"{directory} holds a {manifest.family} {manifest.task} artifact"
     if not get_family(manifest.family).task(manifest.task).generative:
         given = [
@@ -69,8 +71,8 @@ def token_limit(directory: Path, manifest: Manifest) -> int | None:
 
 
 def placeholder_text_tokenizer(directory: Path) -> tuple[Tokenizer, int]:
-    """The byte-level placeholder and pad id that encode encoder texts when the artifact has no tokenizer (random
-    weights); `vlexport triton` writes it as the served tokenizer.json."""
+    """The byte-level placeholder and pad id that encode encoder texts when the artifact has no tokenizer
+    (random weights); `vlexport triton` writes it as the served tokenizer.json."""
     from vlexport.runtime.generate import artifact_config
 
     text = artifact_config(directory).text_config
@@ -87,7 +89,8 @@ def placeholder_text_tokenizer(directory: Path) -> tuple[Tokenizer, int]:
 
 
 class PlaceholderTexts:
-    """The byte-level placeholder encoding of encoder texts, for artifacts without a tokenizer (built once)."""
+    """The byte-level placeholder encoding of encoder texts, for artifacts without a tokenizer (built
+    once)."""
 
     def __init__(self, directory: Path):
         self.tok, self.pad = placeholder_text_tokenizer(directory)

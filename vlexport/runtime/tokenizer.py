@@ -51,8 +51,9 @@ def special_tokens(settings: Mapping[str, Any]) -> dict[int, tuple[str, str]]:
 def build_placeholder(
     vocab_size: int, settings: Mapping[str, Any], template: tuple[Sequence[str], Sequence[str]] = ((), ())
 ) -> Any:
-    """A ``tokenizers.Tokenizer`` of ``vocab_size`` ids; ``template`` = settings keys of the special tokens the
-    model's real tokenizer puts before / after the text (BLIP: [CLS] ... [SEP]; OPT: </s> ...; T5: ... </s>)."""
+    """A ``tokenizers.Tokenizer`` of ``vocab_size`` ids; ``template`` = settings keys of the special tokens
+    the model's real tokenizer puts before / after the text (BLIP: [CLS] ... [SEP]; OPT: </s> ...; T5: ...
+    </s>)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
 

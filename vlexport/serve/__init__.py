@@ -1,4 +1,5 @@
-"""Serving: Triton Inference Server model repositories written from artifact directories (``vlexport triton``).
+"""Serving: Triton Inference Server model repositories written from artifact directories (``vlexport
+triton``).
 
 ``triton_config`` builds config.pbtxt as tritonclient's ModelConfig protobuf, ``triton_repo`` plans and writes
 the repository; the ``py_*`` modules are the python-backend models the repository's ``model.py`` files import

@@ -94,7 +94,8 @@ def runtime_texts() -> dict[str, str]:
     out = {str(_path(m).relative_to(SOURCE.parent)): _path(m).read_text() for m in serving_modules()}
     for marker in _MARKERS:
         out[str(Path(*marker.split("."), "__init__.py"))] = (
-            f'"""{marker} as copied into a Triton repository: only the torch-free modules beside this file."""\n'
+            f'"""{marker} as copied into a Triton repository: only the torch-free modules beside this '
+            'file."""\n'
         )
     return out
 
@@ -106,20 +107,23 @@ def packages(module: str, kind: str) -> tuple[str, ...]:
 
 def shim(module: str, needs: Sequence[str]) -> str:
     imports = tuple(dict.fromkeys(REQUIREMENTS[p][1] for p in needs))
-    return f'''"""Written by `vlexport triton` {vlexport.__version__}: the code is the copy of vlexport's serving runtime beside
-this file (vlexport/, {module}); the server's Python needs only REPO/requirements.txt."""
+    return f'''"""Written by `vlexport triton` {vlexport.__version__}: the code is the copy of vlexport's
+serving runtime beside this file (vlexport/, {module}); the server's Python needs only
+REPO/requirements.txt."""
 
 import importlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this copy first, before any installed vlexport
+# this copy first, before any installed vlexport
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 for _module in {imports!r}:
     try:
         importlib.import_module(_module)
     except ImportError as _e:
-        raise ImportError(f"this model needs the Python package that provides {{_module!r}}, which the server's Python "
-                          f"lacks ({{_e}}): pip install -r requirements.txt (in the model repository) into it") from None
+        raise ImportError(f"this model needs the Python package that provides {{_module!r}}, which the "
+                          f"server's Python lacks ({{_e}}): pip install -r requirements.txt (in the model "
+                          "repository) into it") from None
 
 from {module} import TritonPythonModel  # noqa: E402,F401
 '''

@@ -98,7 +98,8 @@ class RequestError(Exception):
 
 
 def answer(requests: list[Any], handle: Callable[[Any], Mapping[str, np.ndarray]]) -> list[Any]:
-    """One response per request: ``handle``'s tensors, or a Triton error with the reason (the model keeps serving)."""
+    """One response per request: ``handle``'s tensors, or a Triton error with the reason (the model keeps
+    serving)."""
     utils = pb()
     responses = []
     for request in requests:
@@ -115,7 +116,8 @@ def answer(requests: list[Any], handle: Callable[[Any], Mapping[str, np.ndarray]
 
 
 def image_settings(meta: Mapping[str, Any]) -> Any:
-    """The artifact's image settings as `vlexport triton` resolved them (preprocessor_config.json or the family's)."""
+    """The artifact's image settings as `vlexport triton` resolved them (preprocessor_config.json or the
+    family's)."""
     from vlexport.runtime.preprocess import ImageSettings
 
     d = meta["image"]
@@ -130,7 +132,8 @@ def image_settings(meta: Mapping[str, Any]) -> Any:
 
 
 def decode_image(data: bytes, settings: Any) -> np.ndarray:
-    """``[1, 3, size, size]`` pixels from encoded image bytes, by the same code as `vlexport run` (load_image)."""
+    """``[1, 3, size, size]`` pixels from encoded image bytes, by the same code as `vlexport run`
+    (load_image)."""
     import tempfile
 
     from vlexport.runtime.preprocess import load_image

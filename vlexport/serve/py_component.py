@@ -1,4 +1,5 @@
-"""``--backend python-onnxruntime``: one artifact component (an ONNX file) run by ONNX Runtime in a python model.
+"""``--backend python-onnxruntime``: one artifact component (an ONNX file) run by ONNX Runtime in a python
+model.
 
 For servers without Triton's ORT backend (the nvidia-pytriton build has only the python backend). Requests
 are run one by one, never concatenated: each answer is what ONNX Runtime gives for that request alone,

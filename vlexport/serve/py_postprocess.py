@@ -1,4 +1,5 @@
-"""``--ensemble`` postprocessing: the encoder component's outputs -> the per-text scores `vlexport run` prints.
+"""``--ensemble`` postprocessing: the encoder component's outputs -> the per-text scores `vlexport run`
+prints.
 
 The score reader is the task's own (models/scores.py), named in serve.json by `vlexport triton`.
 """

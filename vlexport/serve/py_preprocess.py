@@ -1,9 +1,9 @@
 """``--ensemble`` preprocessing: IMAGE (encoded bytes) + TEXT (strings) -> the encoder component's tensors.
 
-What `vlexport run` does before it calls the graph, with the artifact's own files: the image decoded,
-resized and normalised (preprocessor_config.json, else the family's statistics), the texts tokenised
-(the artifact's tokenizer.json, else the random-weights placeholder `vlexport triton` wrote) and right-padded, the image repeated once
-per text, the family's extra inputs added (``TaskSpec.run_inputs``, named in serve.json).
+What `vlexport run` does before it calls the graph, with the artifact's own files: the image decoded, resized
+and normalised (preprocessor_config.json, else the family's statistics), the texts tokenised (the artifact's
+tokenizer.json, else the random-weights placeholder `vlexport triton` wrote) and right-padded, the image
+repeated once per text, the family's extra inputs added (``TaskSpec.run_inputs``, named in serve.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class TritonPythonModel:
         meta = common.serve_json(args)
         self.directory = common.artifact_dir(args)
         self.image = common.image_settings(meta)
-        # the artifact's tokenizer.json, or the placeholder `vlexport triton` wrote in its place (random weights)
+        # the artifact's tokenizer.json, or the placeholder `vlexport triton` wrote in its place (random
+        # weights)
         self.tokenizer = JsonTokenizer(self.directory, meta.get("pad_token_id"))
         self.run_inputs = load_ref(meta["run_inputs"]) if meta.get("run_inputs") else (lambda feeds: feeds)
         self.max_texts = int(meta["max_batch_size"])

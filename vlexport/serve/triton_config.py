@@ -232,7 +232,8 @@ def to_text(cfg: Any) -> str:
 
 
 def parse(text: str) -> Any:
-    """Parse config.pbtxt text into ``ModelConfig`` (what Triton does on load); raises CheckError when it fails."""
+    """Parse config.pbtxt text into ``ModelConfig`` (what Triton does on load); raises CheckError when it
+    fails."""
     from google.protobuf import text_format
 
     try:

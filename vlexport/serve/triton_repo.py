@@ -137,7 +137,8 @@ def serving_backend(directory: Path, manifest: Manifest, requested: str | None) 
 
 
 def batch_limit(manifest: Manifest) -> int | None:
-    """The largest batch the artifact's files take: a TensorRT profile's max; None when the axis is unbounded."""
+    """The largest batch the artifact's files take: a TensorRT profile's max; None when the axis is
+    unbounded."""
     shapes = (manifest.derived_from or {}).get("shapes") or {}
     if manifest.backend == "tensorrt":
         batch = shapes.get(tc.BATCH_AXIS)
@@ -148,7 +149,8 @@ def batch_limit(manifest: Manifest) -> int | None:
 
 
 def graph_inputs(path: Path, component: Component) -> list[Any]:
-    """The component's inputs that the ONNX graph declares (optimized graphs drop unused ones, e.g. pixel_mask)."""
+    """The component's inputs that the ONNX graph declares (optimized graphs drop unused ones, e.g.
+    pixel_mask)."""
     if path.suffix != ".onnx":
         return list(component.inputs)
     import onnx
@@ -442,9 +444,10 @@ def _clone_or_copy(src: Path, dst: Path) -> None:
 
 
 def check_repository(repo: Path, display: Path, *, force: bool) -> None:
-    """``repo`` (an existing directory) must be a Triton model repository: model folders (a config.pbtxt each),
-    and, without --force, whatever else the user keeps there (hidden entries, notes), which stays untouched.
-    ``--force`` replaces the whole directory, so it takes only a repository holding nothing but models."""
+    """``repo`` (an existing directory) must be a Triton model repository: model folders (a config.pbtxt
+    each), and, without --force, whatever else the user keeps there (hidden entries, notes), which stays
+    untouched. ``--force`` replaces the whole directory, so it takes only a repository holding nothing but
+    models."""
     entries = sorted(repo.iterdir())
     models = [
         p for p in entries if not p.name.startswith(".") and p.is_dir() and (p / "config.pbtxt").is_file()
@@ -489,9 +492,9 @@ def write_repository(
 ) -> list[str]:
     """Write (or extend) the repository ``out``; return the names of the models written.
 
-    A new repository, or ``--force``, is staged whole and renamed into place (artifact.staged_dir). An existing
-    one is extended in place: the new models are staged beside it and each renamed into it; nothing already
-    there is read, copied, re-linked or removed. A symlinked ``out`` is written through to its target.
+    A new repository, or ``--force``, is staged whole and renamed into place (artifact.staged_dir). An
+    existing one is extended in place: the new models are staged beside it and each renamed into it; nothing
+    already there is read, copied, re-linked or removed. A symlinked ``out`` is written through to its target.
     """
     planned = plan_repository(directories, opts, name=name, backend=backend)
     out = Path(out)

@@ -128,8 +128,8 @@ def generation_accuracy(
 
 
 def below_thresholds_only(report: ValidationReport) -> bool:
-    """A miss of a reduced precision's accuracy thresholds only (what ``--accept-degraded`` may keep), not a broken
-    artifact (missing output, wrong shape, NaN, constant reference)."""
+    """A miss of a reduced precision's accuracy thresholds only (what ``--accept-degraded`` may keep), not a
+    broken artifact (missing output, wrong shape, NaN, constant reference)."""
     if report.passed is not False or report.accuracy is None:
         return False
     return not [

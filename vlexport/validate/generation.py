@@ -67,7 +67,8 @@ class _Case:
 
 @dataclass
 class GenerationReferences:
-    """HF ``generate()`` on the eager model, run before the artifact is loaded (see validate.eager_references)."""
+    """HF ``generate()`` on the eager model, run before the artifact is loaded (see
+    validate.eager_references)."""
 
     config: Any
     cases: list[_Case]
@@ -179,7 +180,8 @@ def compare_generation(refs: GenerationReferences, artifact: Artifact) -> Valida
 
 
 def validate_generation(model: PreTrainedModel, artifact: Artifact, **kwargs: Any) -> ValidationReport:
-    """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation report."""
+    """Compare ``artifact`` (a loaded runtime.Artifact) with ``model.generate()``; return a validation
+    report."""
     return compare_generation(generation_references(model, artifact.task_spec, **kwargs), artifact)
 
 
@@ -386,7 +388,8 @@ def _report(
     summary = (
         f"tokens {'equal' if equal else 'DIFFER from'} HF generate() for {samples} samples x "
         f"{len(batch_sizes)} batch sizes x (greedy, beam {modes[1][1]}): {compared} new tokens; per-step "
-        f"logits max abs err {err:.2g}, reference min top-2 margin {margin if margin is None else f'{margin:.2g}'}"
+        f"logits max abs err {err:.2g}, reference min top-2 margin "
+        f"{margin if margin is None else f'{margin:.2g}'}"
     )
     if degenerate:
         summary += "; the reference tokens are constant (random weights), so the logits were checked too"
@@ -420,11 +423,11 @@ def _report(
 
 
 def decoder_needs(task: Any, config: Any) -> tuple[int, int]:
-    """(decoder rows, cache slots) that validating ``task`` asks of a decoder with fixed limits (a compiled static
-    cache): the widest batch times the beams, and the longest decoder prompt plus every new token. The prompt is
-    the text when no other component reads ``input_ids`` (captions, BLIP-2 OPT with its image tokens), else the
-    decoder's start token (VQA, T5). Known from the config alone, so a package that cannot pass is refused before
-    it is compiled."""
+    """(decoder rows, cache slots) that validating ``task`` asks of a decoder with fixed limits (a compiled
+    static cache): the widest batch times the beams, and the longest decoder prompt plus every new token. The
+    prompt is the text when no other component reads ``input_ids`` (captions, BLIP-2 OPT with its image
+    tokens), else the decoder's start token (VQA, T5). Known from the config alone, so a package that cannot
+    pass is refused before it is compiled."""
     inputs = task.make_inputs(config, InputShape(SAMPLES, PROMPT_TOKENS), 1234)
     components = task.components(config)
     encoded = any("input_ids" in c.inputs for c in components if c.name != "decoder")

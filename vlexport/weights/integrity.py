@@ -74,7 +74,9 @@ def check_unchanged(origin: dict[str, Any], weights: Path, directory: Path) -> N
     recorded = origin.get("sha256")  # none: a hub origin, or a manifest from before the content hash
     if recorded is not None and (now := weights_sha256(weights)) != recorded:
         raise CheckError(
-            f"The weights in {weights} changed since {directory} was exported (sha256 {recorded[:16]} recorded, "
-            f"{now[:16]} now): validating against them would compare the artifact with another model. Re-export, "
+            f"The weights in {weights} changed since {directory} was exported (sha256 {recorded[:16]} "
+            "recorded, "
+            f"{now[:16]} now): validating against them would compare the artifact with another model. "
+            "Re-export, "
             "or restore the weights."
         )

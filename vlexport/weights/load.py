@@ -1,6 +1,6 @@
-"""Loading a resolved model: a checkpoint that lacks tensors of the task's class (or holds tensors of the wrong
-shape or that no class of the family has) is refused unless ``--allow-new-weights`` names them (they then get
-values seeded from ``--seed``, so that ``vlexport validate`` rebuilds the same reference)."""
+"""Loading a resolved model: a checkpoint that lacks tensors of the task's class (or holds tensors of the
+wrong shape or that no class of the family has) is refused unless ``--allow-new-weights`` names them (they
+then get values seeded from ``--seed``, so that ``vlexport validate`` rebuilds the same reference)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from vlexport.weights.resolve import SANE_INITIALIZER_RANGE, ModelSource, sane_i
 def load_model(source: ModelSource, task: str) -> PreTrainedModel:
     """Instantiate the task's HF class with the source's weights: fp32, eval mode, eager reference.
 
-    A checkpoint must fill the class exactly, or ``allow_new_weights`` cover the difference (:func:`_check_loaded`).
+    A checkpoint must fill the class exactly, or ``allow_new_weights`` cover the difference
+    (:func:`_check_loaded`).
     """
     task_spec = source.family.task(task)
     cls = task_spec.hf_class()
@@ -58,9 +59,10 @@ def load_model(source: ModelSource, task: str) -> PreTrainedModel:
 def _check_loaded(
     model: PreTrainedModel, info: dict[str, Any], source: ModelSource, task: str, where: Any
 ) -> None:
-    """Missing, mismatched or unknown tensors are an error: transformers gives them unseeded random values (tied
-    ones it reports as present), so the export passes against a model that is not the one saved and a later
-    validate fails. Those the allow patterns cover get seeded values; their names go in origin["new_weights"]."""
+    """Missing, mismatched or unknown tensors are an error: transformers gives them unseeded random values
+    (tied ones it reports as present), so the export passes against a model that is not the one saved and a
+    later validate fails. Those the allow patterns cover get seeded values; their names go in
+    origin["new_weights"]."""
     origin = source.origin
     patterns = tuple(origin.get("allow_new_weights", ()))
     allowed = lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
@@ -92,7 +94,8 @@ def _check_loaded(
 
 
 def _family_keys(source: ModelSource) -> set[str]:
-    """Every tensor name a complete save_pretrained of one of the family's task classes holds (meta device)."""
+    """Every tensor name a complete save_pretrained of one of the family's task classes holds (meta
+    device)."""
     keys: set[str] = set()
     for spec in {t.hf_class_name: t for t in source.family.tasks.values()}.values():
         try:
@@ -148,7 +151,8 @@ def _mismatch_message(
         if spec.hf_class_name in (source.config.architectures or [])
     ]
     hint = (
-        f" It was saved as {source.config.architectures[0]}: export {' or '.join(own)} (--task), or re-save it."
+        f" It was saved as {source.config.architectures[0]}: export {' or '.join(own)} (--task), or re-save "
+        "it."
         if own and task not in own
         else " Re-save the complete model with save_pretrained (config.json and weights together)."
     )
@@ -159,8 +163,10 @@ def _mismatch_message(
         else ""
     )
     return (
-        f"The weights in {where} do not fit {cls} (task {task}): the checkpoint {'; it '.join(parts)}. Loaded "
-        "anyway, those tensors would get unseeded random values (or be dropped), so the export would not be the "
+        f"The weights in {where} do not fit {cls} (task {task}): the checkpoint {'; it '.join(parts)}. "
+        "Loaded "
+        "anyway, those tensors would get unseeded random values (or be dropped), so the export would not be "
+        "the "
         f"model that was saved.{hint}{allow}"
     )
 

@@ -107,10 +107,13 @@ def _resolve_preset(preset: Preset, random_weights: bool, seed: int) -> ModelSou
     from huggingface_hub import constants
 
     raise UsageError(
-        f"No weights found for {preset.name}: the checkpoint {preset.checkpoint!r} is not in the offline Hugging "
+        f"No weights found for {preset.name}: the checkpoint {preset.checkpoint!r} is not in the offline "
+        "Hugging "
         "Face cache and the hub is not reachable. Three ways out: (1) pass a local directory written by "
-        "save_pretrained (config.json + *.safetensors) instead of the preset name; (2) on a machine with network "
-        f"access run `hf download {preset.checkpoint}` and copy its Hugging Face cache into {constants.HF_HUB_CACHE} "
+        "save_pretrained (config.json + *.safetensors) instead of the preset name; (2) on a machine with "
+        "network "
+        f"access run `hf download {preset.checkpoint}` and copy its Hugging Face cache into "
+        f"{constants.HF_HUB_CACHE} "
         f"here (or point HF_HUB_CACHE at the copy); (3) add {RANDOM_WEIGHTS_HINT}."
     )
 
@@ -120,7 +123,8 @@ def _no_checkpoint_message(preset: Preset) -> str:
     if preset.is_tiny:
         return (
             f"{preset.name} is a tiny test preset: it has no upstream checkpoint, so there are no weights to "
-            f"download or find in a cache. Only {RANDOM_WEIGHTS_HINT} or a local directory written by save_pretrained works."
+            f"download or find in a cache. Only {RANDOM_WEIGHTS_HINT} or a local directory written by "
+            "save_pretrained works."
         )
     # the full-size presets without one are composed (`vlexport list` says so too)
     return (
@@ -215,7 +219,8 @@ def sane_init_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def source_from_manifest(manifest: Manifest, directory: Path) -> ModelSource:
-    """Rebuild the eager reference's source from an artifact: its config copy plus the recorded weights origin."""
+    """Rebuild the eager reference's source from an artifact: its config copy plus the recorded weights
+    origin."""
     cfg_file = directory / "config.json"
     if not cfg_file.is_file():
         raise CheckError(f"{directory} has no config.json copy; the artifact is incomplete, export it again.")

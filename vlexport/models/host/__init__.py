@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def past_name(present: str) -> str:
-    """``present.3.encoder.key`` -> ``past_key_values.3.encoder.key``: an output feeds the next call's input."""
+    """``present.3.encoder.key`` -> ``past_key_values.3.encoder.key``: an output feeds the next call's
+    input."""
     return "past_key_values." + present.removeprefix("present.")
 
 

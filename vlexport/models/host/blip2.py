@@ -28,8 +28,10 @@ def place_queries(env: dict[str, np.ndarray], s: dict[str, Any]) -> dict[str, np
     counts = image_mask.sum(1)
     if (counts != q).any():
         raise UsageError(
-            f"Each BLIP-2 prompt must contain exactly num_query_tokens={q} image tokens (id {s['image_token_id']}); "
-            f"got {sorted(set(counts.tolist()))}. Without them generate() silently ignores the image. Prepend "
+            f"Each BLIP-2 prompt must contain exactly num_query_tokens={q} image tokens (id "
+            f"{s['image_token_id']}); "
+            f"got {sorted(set(counts.tolist()))}. Without them generate() silently ignores the image. "
+            "Prepend "
             f"{q} image tokens to the tokenized prompt (the BLIP-2 processor does that)."
         )
     embeds = np.zeros((*ids.shape, width), dtype=query.dtype)
