@@ -130,9 +130,8 @@ def _agreement(
     same, firsts, cosines = [], [], []
     for r in range(ref_tokens.shape[0]):
         diff = np.flatnonzero(ref_tokens[r] != tokens[r])
-        upto = (
-            int(diff[0]) + 1 if diff.size else ref_tokens.shape[1]
-        )  # the divergence step's logits still compare
+        # the divergence step's logits still compare
+        upto = int(diff[0]) + 1 if diff.size else ref_tokens.shape[1]
         same.append(not diff.size)
         if diff.size:
             firsts.append(int(diff[0]))

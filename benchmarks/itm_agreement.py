@@ -53,9 +53,8 @@ def report(name: str, manifest: Manifest, ref: np.ndarray, got: np.ndarray, seco
         if ref.shape[-1] == 2
         else np.sort(ref, -1)[:, -1] - np.sort(ref, -1)[:, -2]
     )
-    close = margin < 2 * err.max(
-        -1
-    )  # pairs whose eager margin is within twice this artifact's error: could flip
+    # pairs whose eager margin is within twice this artifact's error: could flip
+    close = margin < 2 * err.max(-1)
     cos = float(np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got)))
     return {
         "artifact": name,

@@ -95,9 +95,8 @@ def test_registered_backend_runs_everywhere(noopt: OnnxNoOptBackend, exported, t
     listed = {b["name"]: b for b in listing()["backends"]}  # `vlexport list` reads the registry
     assert listed[NAME]["precisions"] == ["fp32"] and listed[NAME]["derived_from"] == "onnx"
     out = tmp_path / "noopt"
-    parent = exported(
-        "bridgetower-tiny", "itm"
-    )  # derived from an ONNX artifact (from a model: the bench below)
+    # derived from an ONNX artifact (from a model: the bench below)
+    parent = exported("bridgetower-tiny", "itm")
     manifest = run_export(ExportJob(str(parent), out, backend=NAME))
     assert noopt.derived == 1
     assert manifest.backend == NAME and manifest.derived_from == {

@@ -57,8 +57,7 @@ def test_suite_loading(tmp_path: Path) -> None:
         load_suite("x", bad)
     with pytest.raises(UsageError, match="No suite 'y'"):
         load_suite("y", bad)
-    bad.write_text(
-        '[[x]]\nmodels = "bridgetower-tiny"\n'
-    )  # a string, not a list: would be read letter by letter
+    # a string, not a list: would be read letter by letter
+    bad.write_text('[[x]]\nmodels = "bridgetower-tiny"\n')
     with pytest.raises(UsageError, match="case 1: models must be a list of strings"):
         load_suite("x", bad)

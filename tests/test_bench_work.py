@@ -63,9 +63,8 @@ def test_model_flops_are_linear_in_batch_and_match_a_real_forward(tiny_itm) -> N
         b: encoder_work(model, components, task.make_inputs(model.config, InputShape(b, 16), 0))
         for b in (1, 4)
     }
-    assert (
-        work[1].flops > 0 and work[4].flops == 4 * work[1].flops
-    )  # every matmul of the model scales with batch
+    # every matmul of the model scales with batch
+    assert work[1].flops > 0 and work[4].flops == 4 * work[1].flops
     assert set(work[1].flops_by_component) == {c.name for c in components}
     inputs = task.make_inputs(model.config, InputShape(2, 16), 0)
     spec = components[0]

@@ -27,9 +27,8 @@ ONE_WORKER = pytest.mark.xdist_group("aoti-bridgetower-itm")
 
 @pytest.fixture
 def package(exported) -> Path:
-    return exported(
-        "bridgetower-tiny", "itm", backend="aoti"
-    )  # what `vlexport compile ... --task itm` builds
+    # what `vlexport compile ... --task itm` builds
+    return exported("bridgetower-tiny", "itm", backend="aoti")
 
 
 @ONE_WORKER

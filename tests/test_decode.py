@@ -66,10 +66,11 @@ def test_greedy_pads_finished_rows_and_stops_when_all_are_done() -> None:
     out = greedy_search(step, np.array([[1], [2]]), GREEDY, max_new_tokens=10)
     # Row 1 reaches eos a step earlier and continues with pad, as HF does; then every row is done.
     np.testing.assert_array_equal(out.sequences, [[1, 2, 3, 4], [2, 3, 4, 0]])
+    # the finished row's eos is fed like any token; no step after the last
     assert step.fed == [
         [2, 3],
         [3, 4],
-    ]  # the finished row's eos is fed like any token; no step after the last
+    ]
     assert out.logits == [] and out.beam_margins == []
 
 
@@ -318,9 +319,8 @@ def test_fp16_declared_graphs_get_fp16_feeds(num_beams: int) -> None:
     np.testing.assert_array_equal(out.sequences, [[1, 2, 3, 4, 5]] * 2)
     assert artifact.components["vision"].fed[0]["pixel_values"] == np.float16
     fed = artifact.components["decoder"].fed
-    assert len(fed) >= 4 and all(
-        f["encoder_hidden_states"] == np.float16 for f in fed
-    )  # beams go on past eos
+    # beams go on past eos
+    assert len(fed) >= 4 and all(f["encoder_hidden_states"] == np.float16 for f in fed)
     assert all(f["past_key_values.0.key"] == np.float16 and f["input_ids"] == np.int64 for f in fed)
     assert all(x.dtype == np.float32 for x in out.logits)  # upcast before argmax / log-softmax
 

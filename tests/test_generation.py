@@ -190,9 +190,8 @@ def test_external_data_path_of_large_models_on_the_tiny_preset(tmp_path, monkeyp
     assert manifest.validation.passed and manifest.validation.generation["tokens_equal"]
     for comp in manifest.components.values():
         data = (out / comp.external_data).stat().st_size if comp.external_data else 0
-        assert (
-            data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes
-        )  # tiny tensors stay inline
+        # tiny tensors stay inline
+        assert data > 0 and data + (out / comp.file).stat().st_size == comp.size_bytes
     model = eager("blip2-opt-tiny", "generate")
     inputs = _fresh_inputs(model, load_artifact(out).task_spec, 2, seed=3)
     with torch.no_grad():

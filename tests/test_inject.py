@@ -84,9 +84,8 @@ def expected_modules(config: PretrainedConfig, hf_class: str) -> dict[str, int]:
             "bridge": 2 * text.num_hidden_layers + 3 * cross_layers + links,
         }
     if mt == "blip":
-        text_blocks = text.num_hidden_layers * (
-            2 if text.is_decoder else 1
-        )  # decoder layers add cross-attention
+        # decoder layers add cross-attention
+        text_blocks = text.num_hidden_layers * (2 if text.is_decoder else 1)
         towers = 2 if hf_class == "BlipForQuestionAnswering" else 1  # question encoder + answer decoder
         return {
             "attention": vision.num_hidden_layers + towers * text_blocks,
@@ -203,11 +202,12 @@ def _snapshot(model: nn.Module) -> dict:
 
 def test_expected_counts_for_the_tiny_configs() -> None:
     # The formulas above, evaluated: layers x attention blocks per tower, written out once for the reader.
+    # text 2 + cross 4x(self+cross) + vision 2
     cases = {
         ("bridgetower-tiny", "itm"): {
             "attention": 12,
             "bridge": 18,
-        },  # text 2 + cross 4x(self+cross) + vision 2
+        },
         ("blip-tiny", "itm"): {"attention": 6, "bridge": 6},  # vision 2 + text decoder 2x(self+cross)
         ("altclip-tiny", "features"): {"attention": 4, "bridge": 4},
         ("vision-text-dual-encoder-tiny", "features"): {"attention": 4, "bridge": 4},

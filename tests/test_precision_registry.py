@@ -209,9 +209,8 @@ def test_registered_precision_runs_through_every_verb(
     ]
     assert all(r["peak_kind"] == "fp32-gemm" for r in rows)
     built = Manifest.read(work / f"bridgetower-tiny-itm-onnx-{NAME}")
-    assert built.derived_from["path"] == str(
-        (work / "bridgetower-tiny-itm-onnx").resolve()
-    )  # the reused parent
+    # the reused parent
+    assert built.derived_from["path"] == str((work / "bridgetower-tiny-itm-onnx").resolve())
     assert sorted(p.name for p in work.iterdir()) == [
         "bridgetower-tiny-itm-onnx",
         f"bridgetower-tiny-itm-onnx-{NAME}",

@@ -305,9 +305,8 @@ def test_streaming_int8_weight_equals_onnxruntime_quantizer(tmp_path: Path, exte
         return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
     got, want = run(mine), run(ref.model.model.SerializeToString())
-    assert np.array_equal(got[0], want[0]) and np.array_equal(
-        got[1], w["E"][[1, 3]]
-    )  # the tied table is kept
+    # the tied table is kept
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], w["E"][[1, 3]])
     h = np.pad(np.maximum(x @ w["W1"], 0), ((0, 0), (0, 8))) @ w["W2"].T + w["b2"]
     y = h @ w["E"].T * 0.5
     assert 0 < np.abs(got[0] - y).max() < 0.02 * np.abs(y).max()  # quantized, and close

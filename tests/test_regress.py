@@ -174,9 +174,8 @@ def test_regress_cli_exit_codes(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty.json"
     write_rows(empty, [])
     capsys.readouterr()
-    assert (
-        main(["regress", str(base), str(empty), "--allow-missing"]) == 1
-    )  # skipped every row: compared none
+    # skipped every row: compared none
+    assert main(["regress", str(base), str(empty), "--allow-missing"]) == 1
     captured = capsys.readouterr()
     text = " ".join(captured.out.split())
     assert "NOTHING" in text and "in 0 compared row(s)" in text

@@ -76,9 +76,8 @@ def test_random_weights_replace_a_degenerate_initializer_range() -> None:
     source.config.vision_config.initializer_range = 1e-10
     model = load_model(source, "itm")
     assert model.config.vision_config.initializer_range == 0.02
-    assert (
-        source.config.vision_config.initializer_range == 1e-10
-    )  # the model gets a copy; the source is as given
+    # the model gets a copy; the source is as given
+    assert source.config.vision_config.initializer_range == 1e-10
     assert 0.005 < model.vision_model.embeddings.patch_embedding.weight.std().item() < 0.1
     inputs = source.family.task("itm").make_inputs(model.config, InputShape(2, 5), 0)
     with torch.no_grad():
@@ -93,9 +92,8 @@ def test_random_weights_untie_flan_t5_head() -> None:
     assert lm.lm_head.weight.data_ptr() != lm.shared.weight.data_ptr() and not lm.config.tie_word_embeddings
     assert lm.lm_head.weight.std().item() == pytest.approx(lm.config.d_model**-0.5, rel=0.1)
     opt = load_model(resolve("blip2-opt-tiny", random_weights=True), "generate").language_model
-    assert (
-        opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()
-    )  # OPT: tied, untouched
+    # OPT: tied, untouched
+    assert opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()
 
 
 def test_no_weights_names_three_ways_out(monkeypatch) -> None:
@@ -218,9 +216,8 @@ def test_content_hash_sees_a_changed_value_under_the_same_header(tmp_path: Path)
     tensors["itm_score.fc.bias"] += 1
     save_file(tensors, f, metadata={"format": "pt"})
     assert check_safetensors(f) == header
-    assert (
-        weights_sha256(tmp_path / "m") != before
-    )  # in the same process too: the memo keys on mtime and inode
+    # in the same process too: the memo keys on mtime and inode
+    assert weights_sha256(tmp_path / "m") != before
 
 
 def test_composed_preset_advice_names_dual_encoder(monkeypatch) -> None:

@@ -42,9 +42,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-if (
-    TYPE_CHECKING
-):  # transformers is imported when injecting: family modules load without it (compiled artifacts)
+# transformers is imported when injecting: family modules load without it (compiled artifacts)
+if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 from vlexport.errors import UsageError
@@ -241,9 +240,8 @@ def vlexport_attention_forward(
     if use_original(module) or kwargs.get("output_attentions"):
         return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, position_bias)
     bias = additive_bias(attention_mask, query.dtype)
-    if (
-        position_bias is not None
-    ):  # T5: relative position bias (1, H, Sq, Sk), added before the mask as in eager
+    # T5: relative position bias (1, H, Sq, Sk), added before the mask as in eager
+    if position_bias is not None:
         bias = position_bias if bias is None else position_bias + bias
     causal = bool(is_causal) and bias is None and query.shape[-2] > 1
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -347,9 +345,8 @@ BERT_LIKE = (
         "xlm_roberta.modeling_xlm_roberta.XLMRobertaOutput",
     ),
 )
-VIT_LIKE = (
-    interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),
-)  # pre-norm: no bridge
+# pre-norm: no bridge
+VIT_LIKE = (interface("vit.modeling_vit.ViTAttention", "clip.modeling_clip.CLIPAttention"),)
 
 
 # ----------------------------------------------------------------------------------------------------------

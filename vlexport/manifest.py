@@ -197,9 +197,8 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)  # {"kind": "copied"|"placeholder", ...}
     generation: dict[str, Any] = field(default_factory=dict)  # generation settings for generative tasks
     derived_from: dict[str, Any] | None = None  # for quantized / converted artifacts: the parent's identity
-    fused_ops: dict[str, dict[str, int]] = field(
-        default_factory=dict
-    )  # component -> fused op counts (onnx-opt)
+    # component -> fused op counts (onnx-opt)
+    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)
     validation: ValidationReport | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, export, validate...)
     # relative path -> sha256 of every component and support file, recorded before validation: what was
@@ -230,9 +229,8 @@ class Manifest:
 
         directory = Path(directory)
         path = directory / MANIFEST
-        note = describe_partial(
-            directory
-        )  # a staging dir (a killed run's, or one in progress) is no artifact
+        # a staging dir (a killed run's, or one in progress) is no artifact
+        note = describe_partial(directory)
         if note:
             raise UsageError(note)
         if not directory.is_dir():

@@ -106,9 +106,8 @@ def check_job(job: ExportJob) -> Backend:
     job.options = {**allowed, **{k: v for k, v in job.options.items() if v is not None}}
     backend.check(job)
     given = Path(job.model) if job.model else None
-    if (
-        given is not None and (given / "manifest.json").is_file()
-    ):  # the parent artifact: the config's own rules
+    # the parent artifact: the config's own rules
+    if given is not None and (given / "manifest.json").is_file():
         precision.check_for(backend.name, Manifest.read(given))
     else:
         precision.check_for(backend.name, None)
@@ -179,9 +178,8 @@ def _export(
     task = source.check_task(job.task)
     _check_precision(source, job)
     job.output = job.output or _default_output(Path(job.model).name, task, job)
-    check_output_dir(
-        job.output, force=job.force, source_dir=source.local_dir
-    )  # before minutes of work; locks
+    # before minutes of work; locks
+    check_output_dir(job.output, force=job.force, source_dir=source.local_dir)
     task_spec = source.family.task(task)
     _check_decoder_limits(job, source, task_spec, given)
     model = eager.load(source, task, job, progress)
@@ -314,9 +312,8 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
     from_artifact = (given / "manifest.json").is_file()
     if from_artifact:
         parent = Manifest.read(given)
-        parent.verify_hashes(
-            given
-        )  # a damaged source is named as such, never blamed on the variant built from it
+        # a damaged source is named as such, never blamed on the variant built from it
+        parent.verify_hashes(given)
         _check_parent(parent, how, backend.name, job, given)
         source = source_from_manifest(parent, given)
         task = parent.task
@@ -336,9 +333,8 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
     task_spec = source.family.task(task)
     model = eager.load(source, task, job, progress) if job.validate or not from_artifact else None
     config = model.config if model is not None else source.config
-    need = _expected_bytes(
-        model, job.precision
-    )  # None: only the parent artifact is at hand, nothing to check
+    # None: only the parent artifact is at hand, nothing to check
+    need = _expected_bytes(model, job.precision)
     with contextlib.ExitStack() as stack:
         if from_artifact:
             parent_dir = given
@@ -437,9 +433,8 @@ def _validate(
     task_spec: TaskSpec,
     progress: Progress,
 ) -> None:
-    manifest.record_hashes(
-        tmp
-    )  # what is validated next is what `validate`, `triton` and the loader check later
+    # what is validated next is what `validate`, `triton` and the loader check later
+    manifest.record_hashes(tmp)
     manifest.write(tmp)  # the loader reads a complete directory
     if not job.validate:
         manifest.validation = ValidationReport.skipped_report()

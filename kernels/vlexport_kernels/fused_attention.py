@@ -102,11 +102,12 @@ if triton is not None:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Sk
+            # (BLOCK_D, BLOCK_N): k^T
             k = tl.load(
                 k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                 mask=d_ok[:, None] & col_ok[None, :],
                 other=0.0,
-            )  # (BLOCK_D, BLOCK_N): k^T
+            )
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
             if HAS_BIAS:
                 bias = tl.load(
@@ -265,9 +266,8 @@ def reference_attention(
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(
-        row_max == float("-inf"), torch.zeros_like(row_max), row_max
-    )  # no NaN on empty rows
+    # no NaN on empty rows
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     p = torch.exp(scores - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     out = torch.matmul(p, v.float()) / torch.where(denom == 0, torch.ones_like(denom), denom)

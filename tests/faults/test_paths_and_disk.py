@@ -47,10 +47,11 @@ def test_current_directory_or_above_is_refused(
     out = str(work) if target == "CWD" else target
     rc, err = _run(capsys, "onnx", PRESET, "--random-weights", "-o", out, *(["--force"] if force else []))
     assert rc == 2 and f"-o {out} is the current directory" in err, err
+    # no lock file, nothing staged
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
         "notes.txt",
         "work",
-    ]  # no lock file, nothing staged
+    ]
 
 
 # ---------------------------------------------------------------- the source model directory
@@ -127,9 +128,8 @@ def test_output_that_is_a_file(tmp_path: Path, capsys, force: bool) -> None:
         str(tmp_path / "afile"),
         *(["--force"] if force else []),
     )
-    assert rc == 2 and "is a file, not a directory" in err and "--force" not in err, (
-        err
-    )  # --force cannot help
+    # --force cannot help
+    assert rc == 2 and "is a file, not a directory" in err and "--force" not in err, err
     assert (tmp_path / "afile").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
@@ -210,10 +210,11 @@ def test_free_space_check_names_both_numbers(tmp_path: Path, monkeypatch, capsys
         return Usage(10**9, 10**9 - 1000, 1000)
 
     monkeypatch.setattr(shutil, "disk_usage", usage)
+    # base backend, and derived one (parent + derived estimate)
     for verb in (
         ["onnx"],
         ["onnx", "--optimize"],
-    ):  # base backend, and derived one (parent + derived estimate)
+    ):
         rc, err = _run(capsys, *verb, PRESET, "--random-weights", "-o", str(tmp_path / "o"))
         assert rc == 1 and f"Not enough space for {tmp_path / 'o'}: the artifact needs at least" in err, err
         assert "1000 bytes free" in err and ".partial" not in err

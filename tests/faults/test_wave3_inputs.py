@@ -89,9 +89,8 @@ def test_compile_limits_validation_cannot_meet_are_refused_before_loading(
 ) -> None:
     import vlexport.pipeline
 
-    monkeypatch.setattr(
-        vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0
-    )  # no model loads, nothing compiles
+    # no model loads, nothing compiles
+    monkeypatch.setattr(vlexport.pipeline, "load_model", lambda *a, **k: 1 / 0)
     rc, err = cli(
         capsys,
         "compile",

@@ -11,11 +11,12 @@ from vlexport_kernels.fused_add_layer_norm import MAX_HIDDEN, add_layer_norm_tri
 
 # BridgeTower / BERT 768, BLIP-2 ViT-g 1408, OPT-2.7b 2560; powers of two and awkward sizes around them.
 HIDDEN = [32, 88, 100, 768, 1408, 2560, 4096]
+# (alpha, residual_scale)
 SCALINGS = {
     "add": (1.0, 1.0),
     "scaled_add": (0.7, 1.0),
     "interpolate": (0.25, 0.75),
-}  # (alpha, residual_scale)
+}
 
 # (dtype, atol, rtol) of the kernel against the reference (fp32 math, then one cast) on the same inputs.
 TOLERANCES = [
@@ -98,9 +99,10 @@ def test_reference_is_layer_norm_of_the_sum() -> None:
         ln.weight.copy_(weight)
         ln.bias.copy_(bias)
         expected = ln(x + residual)
+    # the same ops on the same values: bit-identical
     torch.testing.assert_close(
         reference_add_layer_norm(x, residual, weight, bias, 1e-12), expected, atol=0, rtol=0
-    )  # the same ops on the same values: bit-identical
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -62,9 +62,8 @@ class Server:
     def __init__(self, repository: Path, models: list[str], log: Path):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = log
-        env = {
-            k: v for k, v in os.environ.items() if k != "PYTHONPATH"
-        }  # nothing of this checkout on the path
+        # nothing of this checkout on the path
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         args = [
             str(BINARY),
             f"--model-repository={repository}",
@@ -120,8 +119,7 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(
-                    self.proc.pid, signal.SIGKILL
-                )  # its own process group: the server and its python stubs
+                # its own process group: the server and its python stubs
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()

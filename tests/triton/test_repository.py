@@ -218,13 +218,14 @@ def test_repository_is_extended_not_clobbered_unless_force(exported, tmp_path: P
     write_repository([bt], repo, tc.ServeOptions(), name="bt")
     before = (repo / "bt/config.pbtxt").read_text()
     write_repository([cap], repo, tc.ServeOptions(), name="cap")
+    # the BLS model is a python model
     assert sorted(p.name for p in repo.iterdir()) == [
         "bt",
         "cap",
         "cap_decoder",
         "cap_vision_encoder",
         "requirements.txt",
-    ]  # the BLS model is a python model
+    ]
     assert (repo / "bt/config.pbtxt").read_text() == before and (repo / "bt/1/model.onnx").is_file()
     with pytest.raises(UsageError, match=r"already holds model\(s\) \['bt'\]"):
         write_repository([bt], repo, tc.ServeOptions(max_batch_size=2), name="bt")
@@ -259,9 +260,8 @@ def test_cli_writes_a_repository_and_refuses_bad_values(exported, tmp_path: Path
     assert all(c.name for c in _configs(tmp_path / "repo").values())
     assert main(["triton", str(art), "-o", str(tmp_path / "r2"), "--instances", "0"]) == 2
     assert "--instances must be >= 1" in capsys.readouterr().err
-    assert (
-        main(["triton", str(tmp_path / "repo"), "-o", str(tmp_path / "r3")]) == 2
-    )  # a repository is no artifact
+    # a repository is no artifact
+    assert main(["triton", str(tmp_path / "repo"), "-o", str(tmp_path / "r3")]) == 2
 
 
 @pytest.mark.parametrize(

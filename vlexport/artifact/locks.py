@@ -45,9 +45,8 @@ class _Lock:
 @dataclass
 class _Scope:
     locks: list[str] = field(default_factory=list)
-    made: list[Path] = field(
-        default_factory=list
-    )  # parent dirs check_output_dir created (removed on failure)
+    # parent dirs check_output_dir created (removed on failure)
+    made: list[Path] = field(default_factory=list)
 
 
 def lock_path(out: PathLike) -> Path:

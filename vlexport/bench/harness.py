@@ -59,9 +59,8 @@ class BenchPlan:
 
     models: tuple[str, ...]  # presets, local model dirs, or artifact dirs (with manifest.json)
     backends: tuple[str, ...] = ("eager", "onnx")
-    precisions: tuple[str, ...] = (
-        "fp32",
-    )  # names, as the CLI or a suite file spells them (configs: .configs)
+    # names, as the CLI or a suite file spells them (configs: .configs)
+    precisions: tuple[str, ...] = ("fp32",)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     seq_len: int = 32
     warmup: int = 3
@@ -187,9 +186,8 @@ def _run_group(
                 progress.advance(len(plan.batch_sizes) * (1 + plan.warmup + plan.iters))
                 continue
             is_reference = not live and backend == "eager" and precision.name == "fp32" and not kernels
-            if (
-                is_reference
-            ):  # it owns the loaded weights (an RSS delta of loading depends on the process's past)
+            # it owns the loaded weights (an RSS delta of loading depends on the process's past)
+            if is_reference:
                 variant.memory.add_build(
                     sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
                 )
@@ -209,9 +207,8 @@ def _run_group(
     finally:  # also when a later variant is refused: injected kernels come out of the shared model
         for lv in live:
             lv.variant.close()
-    ordered = [
-        lv.rows[b] for b in plan.batch_sizes for lv in live if b in lv.rows
-    ]  # shape-major, like a table
+    # shape-major, like a table
+    ordered = [lv.rows[b] for b in plan.batch_sizes for lv in live if b in lv.rows]
     return ordered + failed
 
 

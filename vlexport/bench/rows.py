@@ -61,9 +61,8 @@ class BenchRow:
     threads: int | None = None  # intra-op threads (torch and ONNX Runtime alike)
     # verdict
     status: str = OK  # ok | failed-parity | error
-    parity: dict[str, Any] = field(
-        default_factory=dict
-    )  # per output: max_abs, max_rel, cosine, agreement, kind
+    # per output: max_abs, max_rel, cosine, agreement, kind
+    parity: dict[str, Any] = field(default_factory=dict)
     detail: str = ""  # why a row failed, or a note
     # measurement (ms; None when the row failed before timing)
     latency_p50_ms: float | None = None

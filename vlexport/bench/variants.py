@@ -155,9 +155,8 @@ def _check_runner(name: str, precision: PrecisionConfig) -> None:
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    return (
-        t.to(device, dtype) if t.is_floating_point() else t.to(device)
-    )  # ids and masks keep their integer type
+    # ids and masks keep their integer type
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
 
 def _tensor_outputs(names: Sequence[str]) -> Callable[[Any], dict[str, np.ndarray]]:

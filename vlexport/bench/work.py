@@ -99,9 +99,8 @@ def step_weight_elements(
 
     hooks = [m.register_forward_pre_hook(hook) for m in module.modules()]
     try:
-        count_flops(
-            module, tuple(example[n] for n in spec.inputs)
-        )  # runs the step (on fake tensors if it can)
+        # runs the step (on fake tensors if it can)
+        count_flops(module, tuple(example[n] for n in spec.inputs))
     finally:
         for h in hooks:
             h.remove()

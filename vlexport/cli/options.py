@@ -15,11 +15,12 @@ from typing import NoReturn
 from vlexport.errors import UsageError
 from vlexport.userdata import RANGES, range_text
 
+# export/aoti.py MODES, without importing torch
 COMPILE_MODES = (
     "default",
     "reduce-overhead",
     "max-autotune",
-)  # export/aoti.py MODES, without importing torch
+)
 
 
 class Parser(argparse.ArgumentParser):

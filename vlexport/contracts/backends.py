@@ -98,9 +98,8 @@ class DeriveContext:
 @dataclass
 class Derived:
     components: dict[str, Component]
-    details: dict[str, Any] = field(
-        default_factory=dict
-    )  # recorded in manifest.derived_from (e.g. TRT shapes)
+    # recorded in manifest.derived_from (e.g. TRT shapes)
+    details: dict[str, Any] = field(default_factory=dict)
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
 
 

@@ -59,9 +59,8 @@ class PrecisionConfig:
     # numpy-style name of the artifact's float activations ("float32", "float16", "bfloat16"); int8 schemes
     # quantize weights (and maybe activations inside the graph) but keep float32 at the graph's boundary.
     dtype: ClassVar[str]
-    weight_bits: ClassVar[
-        int
-    ]  # storage width of a weight element (scales add under 1%): sizes and decode bytes
+    # storage width of a weight element (scales add under 1%): sizes and decode bytes
+    weight_bits: ClassVar[int]
     # What the matmuls compute in ("fp32", "fp16", "bf16", "int8"): the GEMM peak a bench row is judged
     # against.
     compute: ClassVar[str]
@@ -180,11 +179,12 @@ class Bf16Config(PrecisionConfig):
     weight_bits: ClassVar[int] = 16
     compute: ClassVar[str] = "bf16"
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
+    # aoti: export/aoti.py casts the modules
     backends: ClassVar[tuple[str, ...]] = (
         "eager",
         "compile",
         "aoti",
-    )  # aoti: export/aoti.py casts the modules
+    )
     description: ClassVar[str] = "bfloat16 weights and activations (fp32's range, 8-bit mantissa)"
 
 

@@ -188,9 +188,8 @@ def with_precision(
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """A copy of ``module`` on ``device`` in ``precision`` (a float dtype: cast; int8 weights: torchao int8
     weight-only linears, quantized where they will run)."""
-    module = copy.deepcopy(module).to(
-        device
-    )  # the eager model stays fp32 on the CPU: the validation reference
+    # the eager model stays fp32 on the CPU: the validation reference
+    module = copy.deepcopy(module).to(device)
     caches = frozenset(n for n in spec.inputs if n.startswith("cache."))
     if precision.quantizes_weights:
         if precision.weight_bits != 8:

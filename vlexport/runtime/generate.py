@@ -198,9 +198,8 @@ class Generator:
             raise UsageError("The decoder prompt is empty: give at least one token besides the special ones.")
         if mask is None:
             mask = self._default_mask(prompt)
-        check = getattr(
-            self.decoder, "check_request", None
-        )  # static-cache packages: compiled length and rows
+        # static-cache packages: compiled length and rows
+        check = getattr(self.decoder, "check_request", None)
         if check is not None:
             check(prompt.shape[0] * num_beams, prompt.shape[1], max_new_tokens)
         step = self.decoder.step(env, mask, first_step=self.recipe.first_step, repeat=num_beams)

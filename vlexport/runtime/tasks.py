@@ -342,9 +342,8 @@ class SimilarityTask(EncoderTask):
         for i0 in range(0, m, b):
             for j0 in range(0, n, b):
                 i, j = np.arange(i0, min(i0 + b, m)), np.arange(j0, min(j0 + b, n))
-                width = max(
-                    len(i), len(j)
-                )  # the graph pairs its batch: pad the shorter side with its last row
+                # the graph pairs its batch: pad the shorter side with its last row
+                width = max(len(i), len(j))
                 ii, jj = np.resize(i, width), np.resize(j, width)
                 ii[len(i) :], jj[len(j) :] = i[-1], j[-1]
                 out[i0 : i0 + len(i), j0 : j0 + len(j)] = self.call(pixels[ii], ids[jj], mask[jj])[

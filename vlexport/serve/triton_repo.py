@@ -142,9 +142,8 @@ def batch_limit(manifest: Manifest) -> int | None:
     shapes = (manifest.derived_from or {}).get("shapes") or {}
     if manifest.backend == "tensorrt":
         batch = shapes.get(tc.BATCH_AXIS)
-        return (
-            int(batch[2]) if isinstance(batch, (list, tuple)) and len(batch) == 3 else 256
-        )  # DEFAULT_RANGE max
+        # DEFAULT_RANGE max
+        return int(batch[2]) if isinstance(batch, (list, tuple)) and len(batch) == 3 else 256
     return None
 
 
@@ -271,9 +270,8 @@ def _ensemble_models(
         "token_limit": token_limit(directory, manifest),
         "run_inputs": None if task.run_inputs is _IDENTITY else _code(task.run_inputs, directory),
     }
-    if (
-        _tokenizer_json(directory, manifest) is None
-    ):  # random weights: `vlexport run`'s placeholder, written out
+    # random weights: `vlexport run`'s placeholder, written out
+    if _tokenizer_json(directory, manifest) is None:
         tok, meta["pad_token_id"] = placeholder_text_tokenizer(directory)
         texts[f"{ARTIFACT_DIR}/tokenizer.json"] = tok.to_str()
     texts[SERVE_JSON] = json.dumps(meta, indent=1)
@@ -417,9 +415,8 @@ def plan_repository(
     seen: dict[str, int] = {}
     for m in planned:
         seen[m.name] = seen.get(m.name, 0) + 1
-        tc.parse(
-            tc.to_text(m.config)
-        )  # what Triton will read parses back (it always should: built as the protobuf)
+        # what Triton will read parses back (it always should: built as the protobuf)
+        tc.parse(tc.to_text(m.config))
     dup = sorted(n for n, k in seen.items() if k > 1)
     if dup:
         raise UsageError(
@@ -514,9 +511,8 @@ def write_repository(
                 (tmp / REQUIREMENTS_TXT).write_text(embedded.requirements_text(needed))
         return [m.name for m in planned]
     with output_scope():
-        check_output_dir(
-            real, force=True, source_dir=directories
-        )  # the lock, before anything is looked at again
+        # the lock, before anything is looked at again
+        check_output_dir(real, force=True, source_dir=directories)
         check_repository(real, out, force=False)
         taken = sorted({p.name for p in real.iterdir()} & {m.name for m in planned})
         if taken:

@@ -34,9 +34,8 @@ def load_model(source: ModelSource, task: str) -> PreTrainedModel:
             logging.getLogger("transformers.modeling_utils"),
             lambda r: "LOAD REPORT" not in str(r.msg),
         )
-        report.addFilter(
-            drop
-        )  # our error replaces its stderr report (not a level: 5.24 then logs its TP-plan check)
+        # our error replaces its stderr report (not a level: 5.24 then logs its TP-plan check)
+        report.addFilter(drop)
         try:
             # ignore_mismatched_sizes: shape mismatches come back in the loading info and are judged below
             model, info = cls.from_pretrained(
@@ -79,9 +78,8 @@ def _check_loaded(
         )
     fresh = sorted({*missing, *shapes})
     recorded = origin.get("new_weights")
-    if (
-        recorded is not None and sorted(recorded) != fresh
-    ):  # validate: the checkpoint no longer loads as exported
+    # validate: the checkpoint no longer loads as exported
+    if recorded is not None and sorted(recorded) != fresh:
         raise CheckError(
             f"{where} no longer loads as it did at export: the fresh tensors were {_names(recorded)}, "
             f"now {_names(fresh)}. Re-export, or restore the weights."

@@ -169,9 +169,8 @@ def _resolve_local(path: Path, name: str) -> ModelSource:
             "model.save_pretrained(dir) (safetensors is the default), or use --random-weights with a preset."
         )
     for shard in shards:
-        check_safetensors(
-            shard
-        )  # a truncated file fails here, naming itself, not deep inside from_pretrained
+        # a truncated file fails here, naming itself, not deep inside from_pretrained
+        check_safetensors(shard)
     archs = d.get("architectures") or []
     tasks = family.tasks_for_architectures(archs)
     origin = {"kind": "local", "path": str(path.resolve()), "sha256": weights_sha256(path)}
