@@ -30,7 +30,7 @@ def test_export_returns_the_manifest_it_wrote_and_quantize_its_variant(tmp_path:
     )
     assert Manifest.read(out).files == on_disk.files  # the parent is untouched
     rows = vlexport.bench(
-        [out], backends=("onnx",), batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu"
+        [out], batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu"
     )
     assert rows and all(r.ok for r in rows) and {r.batch for r in rows} == {2}
 

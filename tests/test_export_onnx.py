@@ -91,6 +91,7 @@ def test_tampered_graph_fails_validation(exported, tmp_path) -> None:
     import shutil
 
     from vlexport.errors import ValidationError
+    from vlexport.manifest import file_sha256
     from vlexport.validate import raise_on_failure
 
     src = exported("altclip-tiny", "features")
@@ -109,6 +110,8 @@ def test_tampered_graph_fails_validation(exported, tmp_path) -> None:
     onnx.save(model, str(bad / "model.onnx"))
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["components"]["model"]["size_bytes"] = (bad / "model.onnx").stat().st_size
+    # hashes re-recorded too: a graph that computes something else, not a file damaged after export
+    manifest["sha256"]["model.onnx"] = file_sha256(bad / "model.onnx")
     (bad / "manifest.json").write_text(json.dumps(manifest))
     result = validate_directory(bad)
     assert result.passed is False

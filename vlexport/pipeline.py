@@ -75,7 +75,10 @@ def check_variant_source(model: str | Path, manifest: Manifest, config: Precisio
             f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
             "int8-weight, int8-static)."
         )
-    if derivation(get_backend(manifest.backend), config) is None:
+    backend = get_backend(manifest.backend)
+    if config.name not in backend_precisions(backend):
+        return  # check_job names the precisions this backend builds
+    if derivation(backend, config) is None:
         passes = sorted({f"{b} {p}" for b, p in BUILTIN})
         verb = {"aoti": "compile", "tensorrt": "tensorrt"}.get(manifest.backend, manifest.backend)
         raise UsageError(

@@ -24,8 +24,7 @@ def _greedy_flip(noise: float, gap: float, precision: str):
         g[0, :2] = [5.0, 5.0 - gap]  # same tokens for three steps, wrong logits everywhere else
     got[3][0, :2] = [5.0 - gap, 5.0]
     seq, out = np.array([[9, 0, 0, 0, 0]]), np.array([[9, 0, 0, 0, 1]])
-    pairs: list = []
-    checks = compare_case("b1 greedy", [0], seq, out, 1, ref, got, 1, pairs)
+    checks, pairs = compare_case("b1 greedy", [0], seq, out, 1, ref, got, 1)
     mark_greedy_near_ties(checks, pairs, get_precision(precision).tolerance)
     return checks[0]
 

@@ -195,12 +195,6 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
             "place, which a Triton model cannot share between calls. Serve the ONNX export of this model "
             "(`vlexport onnx`), or its TensorRT build."
         )
-    if task.generative and opts.ensemble:
-        raise UsageError(
-            f"{directory} is a generative artifact: its model `{name}` already takes image bytes and "
-            "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
-            "post-processing to encoder artifacts, would do nothing. Drop --ensemble."
-        )
     single = len(manifest.components) == 1 and not task.generative and not opts.ensemble
     models: list[PlannedModel] = []
     names: dict[str, str] = {}
@@ -396,6 +390,22 @@ def _tokenizer_json(directory: Path, manifest: Manifest) -> Path | None:
 
 
 # ---------------------------------------------------------------- the repository
+def _check_ensemble_applies(directories: list[Path], name: str | None) -> None:
+    """--ensemble adds pre- and post-processing to encoder artifacts; given only generative ones (whose model
+    already takes image bytes and text and returns text) it would do nothing: a usage error, not ignored."""
+    generative = [
+        d for d in directories if get_family((m := Manifest.read(d)).family).task(m.task).generative
+    ]
+    if generative and len(generative) == len(directories):
+        first = generative[0]
+        model = name or sanitize(Path(os.path.abspath(first)).name)
+        raise UsageError(
+            f"{first} is a generative artifact: its model `{model}` already takes image bytes and "
+            "text and returns text (it runs the generation loop), so --ensemble, which adds pre- and "
+            "post-processing to encoder artifacts, would do nothing. Drop --ensemble."
+        )
+
+
 def plan_repository(
     directories: list[Path], opts: tc.ServeOptions, *, name: str | None = None, backend: str | None = None
 ) -> list[PlannedModel]:
@@ -407,6 +417,8 @@ def plan_repository(
                 f"--name names one model, and {len(directories)} artifacts were given: their models would "
                 "collide. Run `vlexport triton` once per artifact with its own --name."
             )
+    if opts.ensemble:
+        _check_ensemble_applies(directories, name)
     planned: list[PlannedModel] = []
     for directory in directories:
         base = name or sanitize(Path(os.path.abspath(directory)).name)
