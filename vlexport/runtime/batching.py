@@ -50,8 +50,8 @@ class StepBatcher:
         self._posted: dict[Member, _Post] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.calls = 0  # batched decoder calls run, and the rows they held (calls / rows: the batch size)
-        self.rows = 0
+        # decoder calls run, the rows they held (rows / calls: the mean batch) and the most rows in one call
+        self.calls = self.rows = self.peak_rows = 0
 
     def member(self) -> Member:
         """One request's handle: ``with batcher.member() as m: generator.generate(..., decoder=m)``."""
@@ -138,6 +138,7 @@ class StepBatcher:
         self.calls += 1
         rows = [f["input_ids"].shape[0] for f in feeds]
         self.rows += sum(rows)
+        self.peak_rows = max(self.peak_rows, sum(rows))
         if len(feeds) == 1:  # alone: the very call `vlexport run` makes
             return [self.session.run(feeds[0])]
         first = self.session.past_names[0]

@@ -57,6 +57,7 @@ class TritonPythonModel:
         from vlexport.runtime.tokenizer import JsonTokenizer
 
         meta = common.serve_json(args)
+        self.name = args.get("model_name", "generate")
         directory = common.artifact_dir(args)
         manifest = common.read_manifest(directory)
         components: dict[str, Any] = {
@@ -133,7 +134,9 @@ class TritonPythonModel:
 
         def cancelled(step: int) -> None:
             if request.is_cancelled():  # the client went away: free its rows for the others
-                raise common.RequestError(f"the request was cancelled (after {step} new tokens)")
+                message = f"the request was cancelled after {step} new tokens; its rows are free"
+                common.pb().Logger.log_info(f"{self.name}: {message}")
+                raise common.RequestError(message)
 
         with self.batcher.member() as member:
             out = gen.generate(
