@@ -218,7 +218,7 @@ class KVCacheStep:
             self.past = {k: self.session.take(v, beam_indices) for k, v in self.past.items()}
 
     def _run(
-        self, ids: np.ndarray, extra: dict[str, np.ndarray], pos: np.ndarray, run: RunFeeds
+        self, ids: np.ndarray, extra: dict[str, np.ndarray], pos: np.ndarray, run: RunFeeds | None = None
     ) -> np.ndarray:
         feeds = {
             "input_ids": ids,
@@ -228,7 +228,7 @@ class KVCacheStep:
             **self.static,
             **self.past,
         }
-        logits, present = run(feeds)
+        logits, present = (run or self.session.run)(feeds)
         self.past = {past_name(k): v for k, v in present.items()}
         return logits[:, -1, :]
 
