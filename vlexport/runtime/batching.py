@@ -10,10 +10,11 @@ is answered when it finishes, not when the longest of its batch does. Rows (requ
 ``max_rows``: a request that does not fit waits, in arrival order, until rows are free (one larger than the
 bound runs when it is alone); nothing is dropped.
 
-Numerics: a request alone runs exactly the call `vlexport run` makes. Batched, ONNX Runtime computes the same
-rows with other matrix shapes (more rows, masked padding columns), which may round float32 sums differently
-in the last bits; only a near-tie between the two best tokens could then rank the other way (see the
-validator's near-tie rule, validate/generation.py).
+Decoders without an attention mask and position ids as inputs (T5) batch only requests whose caches have the
+same length. Numerics: a request alone runs exactly the call `vlexport run` makes. Batched, ONNX Runtime
+computes the same rows with other matrix shapes (more rows, masked padding columns), which may round float32
+sums differently in the last bits; only a near-tie between the two best tokens could then rank the other way
+(see the validator's near-tie rule, validate/generation.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ class StepBatcher:
     def __init__(self, session: DecoderSession, max_rows: int):
         self.session = session
         self.max_rows = max(1, int(max_rows))
-        self._padded = {*session.past_names, "attention_mask"}  # inputs whose axis grows with the past
+        # Inputs whose axis grows with the past, left-padded to stack caches of different lengths: sound only
+        # where the mask hides the padding and positions are inputs (BLIP, OPT). A decoder without them
+        # (T5: relative position buckets from key indices, no self-attention mask) stacks only requests whose
+        # caches have the same length: the past's full shape is then part of the grouping key.
+        names = set(session.input_names)
+        explicit = {"attention_mask", "position_ids"} <= names
+        self._padded = {*session.past_names, "attention_mask"} if explicit else set()
         self._cv = threading.Condition()
         self._used = 0  # rows held by admitted requests
         self._waiting: deque[Member] = deque()  # requests waiting for rows, in arrival order
