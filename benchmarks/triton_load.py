@@ -4,6 +4,10 @@ BLIP captioning (BLS), `--kind cpu --backend python-onnxruntime`, loopback only.
     scripts/tritonserver_env.sh # once: the server's own virtualenv python benchmarks/triton_load.py
     [--clients 4] [--seconds 10] [--work DIR] [--out benchmarks/results/triton_load.json]
 
+    # generation alone, per model and client count (in-flight batching), every answer checked:
+    python benchmarks/triton_load.py --generation caption,opt --clients 1,4,8 --seconds 20 \
+        --out benchmarks/results/triton_generation.json
+
 Each of --clients threads (its own client; even ones grpc, odd ones http) sends requests for --seconds,
 alternating the two models, from a fixed pool of (image, texts/prompt) cases whose answers were computed first
 with `vlexport run` on the same artifacts: every response is checked (ITM scores within 1e-5 of `run`'s,
@@ -14,6 +18,7 @@ after the clock stops no request is left unanswered (lost = sent - answered).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -62,6 +67,103 @@ def _cases(artifacts: dict[str, Path], work: Path, n: int = 8) -> list[tuple[str
         run = run_artifact(artifacts["caption"], path, [prompt], device="cpu")
         cases.append(("caption", image, prompt, run.lines[0].ids))
     return cases
+
+
+GENERATIVE = {  # --generation NAME -> (preset, task, prompt for case i or None)
+    "caption": ("blip-tiny", "caption", lambda i: f"photo number {i}"),
+    "opt": ("blip2-opt-tiny", "generate", lambda i: None if i % 2 else f"what is in picture {i}?"),
+    "caption-base": ("blip-image-captioning-base", "caption", lambda i: f"photo number {i}"),
+}
+
+
+def _generation(args: argparse.Namespace) -> int:
+    """Each generative model alone under 1, 4, 8 ... clients: requests/s, p50/p99, every answer checked
+    against `vlexport run` (token ids, exactly), none lost."""
+    from vlexport.pipeline import ExportJob, run_export
+    from vlexport.runtime.run import run_artifact
+    from vlexport.serve.triton_config import ServeOptions
+    from vlexport.serve.triton_repo import write_repository
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="triton-generation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    repo = work / "repo-generation"
+    opts = ServeOptions(kind="cpu", backend="python-onnxruntime", max_batch_size=8, max_queue_delay_us=2000)
+    names = args.generation.split(",")
+    cases: dict[str, list] = {}
+    for k, name in enumerate(names):
+        preset, task, prompt = GENERATIVE[name]
+        art = work / f"{preset}-{task}"
+        if not (art / "manifest.json").is_file():
+            run_export(ExportJob(preset, art, task=task, random_weights=True, force=True))
+        write_repository([art], repo, opts, name=name, backend="python-onnxruntime", force=k == 0)
+        cases[name] = []
+        for i in range(8):
+            image = image_bytes(100 + i)
+            (work / f"gen{i}.png").write_bytes(image)
+            texts = [prompt(i)] if prompt(i) else []
+            run = run_artifact(art, work / f"gen{i}.png", texts, device="cpu")
+            cases[name].append((name, image, prompt(i), run.lines[0].ids))
+    models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
+    server = Server(repo, models, work / "tritonserver-generation.log")
+    rows: dict[str, dict] = {}
+    try:
+        startup = server.wait_ready()
+        for name in names:
+            rows[name] = {}
+            for clients in args.client_counts:
+                log: list[dict] = []
+                stop = time.monotonic() + args.seconds
+                threads = [
+                    threading.Thread(target=_worker, args=(server, i, cases[name], stop, log))
+                    for i in range(clients)
+                ]
+                load_before = os.getloadavg()[0]
+                t0 = time.monotonic()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(args.seconds + 300)
+                wall = time.monotonic() - t0
+                lat = np.array([e["latency_s"] for e in log if e["ok"]]) * 1e3
+                rows[name][str(clients)] = {
+                    "requests": len(log),
+                    "req_per_s": round(len(log) / wall, 2),
+                    "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+                    "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+                    "wrong": sum(1 for e in log if not e["ok"] and e["error"] is None),
+                    "errors": sum(1 for e in log if e["error"] is not None),
+                    "error_examples": sorted({e["error"] for e in log if e["error"]})[:3],
+                    "lost": sum(t.is_alive() for t in threads),
+                    "load_average_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+                }
+                print(name, clients, json.dumps(rows[name][str(clients)]), flush=True)
+            counts = [str(c) for c in args.client_counts]
+            first, last = rows[name][counts[0]]["req_per_s"], rows[name][counts[-1]]["req_per_s"]
+            rows[name]["throughput_ratio_last_to_first"] = round(last / first, 2) if first else None
+        where = _server_time(server)
+    finally:
+        server.stop()
+    result = {
+        "clients": args.client_counts,
+        "seconds": args.seconds,
+        "server_startup_s": round(startup, 1),
+        "models": rows,
+        "server_time_per_request": where,
+        "setup": "generation models alone (in-process ONNX decoder, in-flight batching up to 8 rows), "
+        "--kind cpu --backend python-onnxruntime, encoders max_batch_size 8, queue delay 2 ms, 1 instance "
+        "each; clients alternate grpc / http; every answer's token ids compared with `vlexport run`'s",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": library_versions(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    bad = any(
+        r["wrong"] or r["errors"] or r["lost"]
+        for m in rows.values()
+        for r in m.values()
+        if isinstance(r, dict)
+    )
+    return 1 if bad else 0
 
 
 def _client(server: Server, i: int):
@@ -277,7 +379,14 @@ def _server_time(server: Server) -> dict[str, dict[str, float]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=4)
+    p.add_argument(
+        "--clients", default="4", help="clients; with --generation a comma list, each measured (e.g. 1,4,8)"
+    )
+    p.add_argument(
+        "--generation",
+        default=None,
+        help=f"comma list of generative models to load alone ({', '.join(GENERATIVE)}) instead",
+    )
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--work", type=Path, default=None, help="where the artifacts and the repository go (kept)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "triton_load.json")
@@ -288,7 +397,9 @@ def main() -> int:
         help="an ITM artifact: measure its ensemble against in-process calls instead (e.g. bridgetower-base)",
     )
     args = p.parse_args()
-    if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
+    args.client_counts = [int(c) for c in str(args.clients).split(",")]
+    args.clients = args.client_counts[0]
+    if not all(1 <= c <= 64 for c in args.client_counts) or not 0 < args.seconds <= 600:
         p.error("--clients must be 1..64 and --seconds 0..600 (the test is bounded)")
     reason = missing_reason()
     if reason:
@@ -296,6 +407,8 @@ def main() -> int:
         return 2
     if args.encoder is not None:
         return _encoder(args)
+    if args.generation is not None:
+        return _generation(args)
     from vlexport.serve.triton_config import ServeOptions
     from vlexport.serve.triton_repo import write_repository
 
@@ -307,7 +420,9 @@ def main() -> int:
         kind="cpu", backend="python-onnxruntime", ensemble=True, max_batch_size=8, max_queue_delay_us=2000
     )
     for name, path in artifacts.items():
-        write_repository([path], repo, opts, name=name, backend="python-onnxruntime", force=name == "itm")
+        # generative artifacts take no --ensemble (their model is the whole pipeline)
+        o = opts if name == "itm" else dataclasses.replace(opts, ensemble=False)
+        write_repository([path], repo, o, name=name, backend="python-onnxruntime", force=name == "itm")
     cases = _cases(artifacts, work)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())  # not requirements.txt
     server = Server(repo, models, work / "tritonserver.log")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,10 @@ def triton_repo(triton_artifacts: dict[str, Path], tmp_path_factory: pytest.Temp
         max_batch_size=8, kind="cpu", backend="python-onnxruntime", ensemble=True, max_queue_delay_us=2000
     )
     for name, directory in triton_artifacts.items():  # one run per artifact: each extends the repository
-        write_repository([directory], repo, opts, name=name, backend="python-onnxruntime")
+        ensemble = name == "itm"  # generative artifacts take no --ensemble (their model is the pipeline)
+        write_repository(
+            [directory], repo, replace(opts, ensemble=ensemble), name=name, backend="python-onnxruntime"
+        )
     return repo
 
 

@@ -18,6 +18,7 @@ from vlexport.serve import triton_config as tc
 from vlexport.serve.triton_repo import sanitize, write_repository
 
 CPU_PY = tc.ServeOptions(kind="cpu", backend="python-onnxruntime", ensemble=True)
+GEN_PY = tc.ServeOptions(kind="cpu", backend="python-onnxruntime")  # --ensemble is refused for generation
 
 
 def _configs(repo: Path) -> dict[str, pb.ModelConfig]:
@@ -82,23 +83,26 @@ def test_generative_repository_has_components_and_bls_model(
     )
     write_repository([art], tmp_path / "repo", opts, name="cap", backend=backend)
     cfg = _configs(tmp_path / "repo")
-    assert sorted(cfg) == ["cap", "cap_decoder", "cap_vision_encoder"]
-    dec = cfg["cap_decoder"]
-    assert dec.platform == platform and dec.max_batch_size == 4
-    assert list(dec.dynamic_batching.preferred_batch_size) == [2, 4]
-    past = next(i for i in dec.input if i.name == "past_key_values.0.key")
-    assert list(past.dims) == [4, -1, 16]  # heads, dynamic past length, head_dim
+    assert sorted(cfg) == ["cap", "cap_vision_encoder"]  # the decoder runs inside "cap": no model of its own
+    enc = cfg["cap_vision_encoder"]
+    assert enc.platform == platform and enc.max_batch_size == 4
+    assert list(enc.dynamic_batching.preferred_batch_size) == [2, 4]
+    pixels = next(i for i in enc.input if i.name == "pixel_values")
+    assert list(pixels.dims) == [3, 64, 64]
     kind_enum = pb.ModelInstanceGroup.KIND_GPU if kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
-    assert [(g.kind, g.count) for g in dec.instance_group] == [(kind_enum, 2)]
+    assert [(g.kind, g.count) for g in enc.instance_group] == [(kind_enum, 2)]
     if backend == "onnxruntime":
-        assert dec.optimization.graph.level == 1 and dec.default_model_filename == "model.onnx"
+        assert enc.optimization.graph.level == 1 and enc.default_model_filename == "model.onnx"
     bls = cfg["cap"]
     assert bls.backend == "python" and bls.max_batch_size == 0
     assert [(i.name, i.optional) for i in bls.input][:2] == [("IMAGE", False), ("TEXT", True)]
-    assert json.loads((tmp_path / "repo/cap/1/serve.json").read_text())["components"] == {
-        "vision_encoder": "cap_vision_encoder",
-        "decoder": "cap_decoder",
-    }
+    meta = json.loads((tmp_path / "repo/cap/1/serve.json").read_text())
+    assert meta["components"] == {"vision_encoder": "cap_vision_encoder"}
+    assert meta["decoder"] == {"file": "decoder/decoder.onnx", "device": kind} and meta["max_rows"] == 4
+    decoder = json.loads((art / "manifest.json").read_text())["components"]["decoder"]["file"]
+    assert (tmp_path / "repo/cap/1/decoder/decoder.onnx").read_bytes() == (art / decoder).read_bytes()
+    ort = "onnxruntime-gpu" if kind == "gpu" else "onnxruntime"  # what the in-process decoder imports
+    assert f"{ort}>=1.20,<2" in (tmp_path / "repo/requirements.txt").read_text().splitlines()
 
 
 def test_tensorrt_and_pytorch_configs_and_the_profile_bound_max_batch(exported, tmp_path: Path) -> None:
@@ -222,7 +226,6 @@ def test_repository_is_extended_not_clobbered_unless_force(exported, tmp_path: P
     assert sorted(p.name for p in repo.iterdir()) == [
         "bt",
         "cap",
-        "cap_decoder",
         "cap_vision_encoder",
         "requirements.txt",
     ]
@@ -267,20 +270,21 @@ def test_cli_writes_a_repository_and_refuses_bad_values(exported, tmp_path: Path
 @pytest.mark.parametrize(
     ("preset", "task", "components"),
     [
-        ("blip-tiny", "vqa", ["decoder", "question_encoder", "vision_encoder"]),
-        ("blip2-flan-t5-tiny", "generate", ["decoder", "encoder", "image_encoder"]),
+        ("blip-tiny", "vqa", ["question_encoder", "vision_encoder"]),
+        ("blip2-flan-t5-tiny", "generate", ["encoder", "image_encoder"]),
     ],
 )
 def test_vqa_and_t5_artifacts_get_a_bls_model_over_every_component(
     exported, tmp_path: Path, preset, task, components
 ) -> None:
     write_repository(
-        [exported(preset, task)], tmp_path / "repo", CPU_PY, name="g", backend="python-onnxruntime"
+        [exported(preset, task)], tmp_path / "repo", GEN_PY, name="g", backend="python-onnxruntime"
     )
     cfg = _configs(tmp_path / "repo")
     assert sorted(cfg) == ["g", *(f"g_{c}" for c in components)]
     meta = json.loads((tmp_path / "repo/g/1/serve.json").read_text())
     assert sorted(meta["components"]) == components and cfg["g"].backend == "python"
+    assert (tmp_path / "repo/g/1" / meta["decoder"]["file"]).is_file()  # run by the generation model
 
 
 # Run in a fresh interpreter, from a folder outside the checkout: what tritonserver's python stub does with a
@@ -378,7 +382,8 @@ def test_python_models_run_without_torch_transformers_or_installed_vlexport(expo
     )
     repo = tmp_path / "repo"
     for name, art in (("itm", bt), ("cap", cap), ("opt", opt)):
-        write_repository([art], repo, CPU_PY, name=name, backend="python-onnxruntime")
+        opts = CPU_PY if name == "itm" else GEN_PY
+        write_repository([art], repo, opts, name=name, backend="python-onnxruntime")
     assert (repo / "requirements.txt").read_text().splitlines()[1:] == [
         "numpy>=1.24,<2",
         "onnxruntime>=1.20,<2",
@@ -394,13 +399,11 @@ def test_python_models_run_without_torch_transformers_or_installed_vlexport(expo
     got = _served(repo, {"itm_preprocess": {"IMAGE": [image.hex()], "TEXT": texts}}, tmp_path)
     assert sorted(got) == [
         "cap",
-        "cap_decoder",
         "cap_vision_encoder",
         "itm_model",
         "itm_postprocess",
         "itm_preprocess",
         "opt",
-        "opt_decoder",
         "opt_image_encoder",
     ]
     assert all(r["stray"] == [] for r in got.values()), got  # every vlexport module came from the copy
@@ -419,7 +422,7 @@ def test_python_models_run_without_torch_transformers_or_installed_vlexport(expo
 def test_a_missing_package_is_named_as_a_missing_package(exported, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_repository(
-        [exported("blip-tiny", "caption")], repo, CPU_PY, name="cap", backend="python-onnxruntime"
+        [exported("blip-tiny", "caption")], repo, GEN_PY, name="cap", backend="python-onnxruntime"
     )
     shim = (repo / "cap/1/model.py").read_text()
     (repo / "cap/1/model.py").write_text(

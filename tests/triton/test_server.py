@@ -184,3 +184,144 @@ def test_malformed_request_gets_a_clear_error_and_the_server_keeps_serving(
     assert message in err.value.message(), err.value.message()
     assert len(generate(client, "caption", good, max_new_tokens=3)[1]) == 4  # [bos] + 3: still serving
     assert scores(client, "itm", good, ["a"])["match_logit"].shape == (1,)
+
+
+# ---------------------------------------------------------------- in-flight batching of generation
+def _client_for(triton_server, i: int):
+    from tritonclient import grpc, http
+
+    # one client per thread: tritonclient's http client (gevent) must stay on the thread that made it
+    if i % 2:
+        return http.InferenceServerClient(triton_server.http_url, network_timeout=120.0)
+    return grpc.InferenceServerClient(triton_server.grpc_url)
+
+
+def _ask_all(triton_server, jobs: list[dict]) -> list[tuple[list[int], float, float]]:
+    """Every job sent at once from its own thread: (token ids, start, end) per job, in job order."""
+    import time
+
+    def ask(i: int):
+        client = _client_for(triton_server, i)
+        try:
+            job = jobs[i]
+            t0 = time.monotonic()
+            ids = generate(
+                client,
+                job["name"],
+                job["image"],
+                job.get("prompt"),
+                num_beams=job.get("beams"),
+                max_new_tokens=job.get("max_new"),
+            )[1]
+            return ids, t0, time.monotonic()
+        finally:
+            client.close()
+
+    with futures.ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(ask, range(len(jobs))))
+
+
+def _expected(triton_artifacts, tmp_path: Path, job: dict) -> list[int]:
+    run = _run(
+        triton_artifacts[job["name"]],
+        job["image"],
+        tmp_path,
+        [job["prompt"]] if job.get("prompt") else [],
+        num_beams=job.get("beams"),
+        max_new_tokens=job.get("max_new"),
+    )
+    return run.lines[0].ids
+
+
+def test_a_burst_above_the_row_limit_is_batched_queued_and_answered_token_for_token(
+    triton_server, clients, triton_artifacts, tmp_path: Path
+) -> None:
+    # 20 requests, 34 rows (beams count as rows) against the repository's limit of 8: prompts of different
+    # lengths, beams and lengths mixed, two models; each answer must be what `vlexport run` gives it alone
+    prompts = [None, "a photo of", "a red bus", "two"]
+    jobs = [
+        {
+            "name": ("caption", "opt", "odd")[i % 3],
+            "image": image_bytes(40 + i),
+            "prompt": prompts[i % 4],
+            "beams": (None, 3, None, 2)[i % 4],
+            "max_new": (4, 12, 20, 7, 16)[i % 5],
+        }
+        for i in range(20)
+    ]
+    expected = [_expected(triton_artifacts, tmp_path, job) for job in jobs]
+    got = _ask_all(triton_server, jobs)
+    assert [g[0] for g in got] == expected
+
+
+def test_short_requests_are_not_held_back_by_one_at_max_new_tokens(
+    triton_server, clients, triton_artifacts, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from vlexport.manifest import Manifest
+
+    limit = Manifest.read(triton_artifacts["caption"]).generation["max_positions"] - 1  # prompt: [bos]
+    long = {"name": "caption", "image": image_bytes(60), "beams": 4, "max_new": limit}  # 4 of the 8 rows
+    shorts = [{"name": "caption", "image": image_bytes(61 + i), "max_new": 1} for i in range(3)]
+    expected = [_expected(triton_artifacts, tmp_path, job) for job in [long, *shorts]]
+    assert len(expected[0]) == 1 + limit  # it really runs to the model's last position
+    done = threading.Event()
+    answers: list[tuple[int, list[int], float]] = []
+
+    def keep_asking(i: int) -> None:  # short requests, one after the other, until the long one is answered
+        client = _client_for(triton_server, i)
+        try:
+            while not done.is_set():
+                ids = generate(client, "caption", shorts[i]["image"], max_new_tokens=1)[1]
+                answers.append((i, ids, time.monotonic()))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=keep_asking, args=(i,)) for i in range(len(shorts))]
+    try:
+        (long_answer,) = _ask_all(triton_server, [long])  # warm-up of the short clients overlaps nothing
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        (long_answer,) = _ask_all(triton_server, [long])
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+    assert long_answer[0] == expected[0]
+    assert all(ids == expected[1 + i] for i, ids, _ in answers)
+    # answered as each finished: short requests came back while the long one was running
+    during = [a for a in answers if long_answer[1] < a[2] < long_answer[2]]
+    assert len(during) >= 2, (long_answer[1:], [a[2] for a in answers])
+
+
+def test_a_client_that_goes_away_mid_generation_frees_its_rows(
+    triton_server, clients, triton_artifacts, tmp_path: Path
+) -> None:
+    import time
+
+    from tritonclient import grpc
+
+    from vlexport.manifest import Manifest
+
+    limit = Manifest.read(triton_artifacts["caption"]).generation["max_positions"] - 1
+    client = grpc.InferenceServerClient(triton_server.grpc_url)
+    inputs = [
+        tensor(client, "IMAGE", strings(image_bytes(70)), "BYTES"),
+        tensor(client, "NUM_BEAMS", np.array([16], np.int32), "INT32"),
+        tensor(client, "MAX_NEW_TOKENS", np.array([limit], np.int32), "INT32"),
+    ]
+    try:
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.infer("caption", inputs, client_timeout=0.02)  # the client gives up mid generation
+    finally:
+        client.close()
+    deadline = time.monotonic() + 30
+    while "was cancelled after" not in triton_server.log_tail(200_000) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "caption: the request was cancelled after" in triton_server.log_tail(200_000)
+    jobs = [{"name": "caption", "image": image_bytes(71 + i), "max_new": 5} for i in range(3)]
+    got = _ask_all(triton_server, jobs)  # still serving, exactly
+    assert [g[0] for g in got] == [_expected(triton_artifacts, tmp_path, job) for job in jobs]

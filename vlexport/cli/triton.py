@@ -31,7 +31,11 @@ def triton_args(p: argparse.ArgumentParser) -> None:
         "--name", help="model name (default: the artifact directory's name, sanitised); one artifact only"
     )
     p.add_argument(
-        "--max-batch-size", type=int, default=8, help="Triton max_batch_size (0: no batching; default 8)"
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="Triton max_batch_size (0: no batching; default 8); for a generation model, the most decoder "
+        "rows (requests x beams) one batched step runs",
     )
     p.add_argument(
         "--preferred-batch-sizes",

@@ -11,7 +11,7 @@ Feeds take the dtypes the manifest records for the decoder's inputs, so an fp16 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,9 @@ import numpy as np
 from vlexport.errors import CheckError
 from vlexport.manifest import Component
 from vlexport.models.host import past_name
+
+# one decoder call: feeds in, (logits, present.* outputs) out
+RunFeeds = Callable[[Mapping[str, Any]], tuple[np.ndarray, dict[str, Any]]]
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -144,10 +147,17 @@ class DecoderSession:
         return logits, values
 
     def step(
-        self, env: Mapping[str, Any], mask: np.ndarray, *, first_step: tuple[str, ...] = (), repeat: int = 1
+        self,
+        env: Mapping[str, Any],
+        mask: np.ndarray,
+        *,
+        first_step: tuple[str, ...] = (),
+        repeat: int = 1,
+        run_next: RunFeeds | None = None,
     ) -> KVCacheStep:
         """A DecodeStep for one request: ``env`` holds the recipe stages' outputs, ``mask`` the decoder
-        prompt's attention mask; ``repeat`` rows per sample (num_beams)."""
+        prompt's attention mask; ``repeat`` rows per sample (num_beams). ``run_next`` runs the steps after the
+        prompt's (default: this session; serving batches them with other requests', runtime/batching.py)."""
         # Everything else the decoder declares comes from the stages, unchanged at every step (cross K/V,
         # ...).
         per_step = {"input_ids", "attention_mask", "position_ids", *self.past_names, *first_step}
@@ -157,7 +167,7 @@ class DecoderSession:
             if name in self.input_names and name not in per_step:
                 static[name] = v
         first = {k: env[k] for k in first_step}
-        return KVCacheStep(self, static, first, mask, repeat=repeat)
+        return KVCacheStep(self, static, first, mask, repeat=repeat, run_next=run_next)
 
 
 class KVCacheStep:
@@ -171,8 +181,10 @@ class KVCacheStep:
         mask: np.ndarray,
         *,
         repeat: int = 1,
+        run_next: RunFeeds | None = None,
     ):
         self.session = session
+        self.run_next = run_next or session.run
         rep = (lambda a: np.repeat(a, repeat, axis=0)) if repeat > 1 else (lambda a: a)
         # Beams of a sample share its encoder outputs (HF's _expand_inputs_for_generation: repeat_interleave).
         self.static = {k: session.constant(k, rep(v)) for k, v in static.items()}
@@ -188,7 +200,9 @@ class KVCacheStep:
     def first(self, prompt_ids: np.ndarray) -> np.ndarray:
         self.pos = self._positions()
         self.past = self.session.empty_past(prompt_ids.shape[0])
-        return self._run(prompt_ids.astype(np.int64, copy=False), self.first_feeds, self.pos)
+        return self._run(
+            prompt_ids.astype(np.int64, copy=False), self.first_feeds, self.pos, self.session.run
+        )
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), dtype=np.int64)], axis=1)
@@ -197,13 +211,15 @@ class KVCacheStep:
         later = {
             k: np.zeros((ids.shape[0], 1, *v.shape[2:]), dtype=v.dtype) for k, v in self.first_feeds.items()
         }
-        return self._run(ids, later, self.pos)
+        return self._run(ids, later, self.pos, self.run_next)
 
     def reorder(self, beam_indices: np.ndarray) -> None:
         if not np.array_equal(beam_indices, np.arange(beam_indices.shape[0])):
             self.past = {k: self.session.take(v, beam_indices) for k, v in self.past.items()}
 
-    def _run(self, ids: np.ndarray, extra: dict[str, np.ndarray], pos: np.ndarray) -> np.ndarray:
+    def _run(
+        self, ids: np.ndarray, extra: dict[str, np.ndarray], pos: np.ndarray, run: RunFeeds | None = None
+    ) -> np.ndarray:
         feeds = {
             "input_ids": ids,
             "attention_mask": self.mask,
@@ -212,7 +228,7 @@ class KVCacheStep:
             **self.static,
             **self.past,
         }
-        logits, present = self.session.run(feeds)
+        logits, present = (run or self.session.run)(feeds)
         self.past = {past_name(k): v for k, v in present.items()}
         return logits[:, -1, :]
 

@@ -133,9 +133,11 @@ class Generator:
         min_new_tokens: int = 0,
         output_logits: bool = False,
         on_step: Callable[[int], None] | None = None,
+        decoder: Any | None = None,
     ) -> GenerationOutput:
         """Greedy (``num_beams=1``) or beam search; ``on_step(i)`` is called when step i's logits are
-        ready."""
+        ready. ``decoder``: what makes the request's decode step instead of the artifact's own decoder session
+        (a ``step(env, mask, first_step=, repeat=)`` like DecoderSession's; serving's batcher)."""
         self._check_request(pixel_values, input_ids, max_new_tokens, num_beams, min_new_tokens)
         env = self.encode(pixel_values, input_ids, attention_mask)
         return self.decode(
@@ -145,6 +147,7 @@ class Generator:
             min_new_tokens=min_new_tokens,
             output_logits=output_logits,
             on_step=on_step,
+            decoder=decoder,
         )
 
     def encode(
@@ -184,6 +187,7 @@ class Generator:
         min_new_tokens: int = 0,
         output_logits: bool = False,
         on_step: Callable[[int], None] | None = None,
+        decoder: Any | None = None,
     ) -> GenerationOutput:
         prompt = env["decoder_input_ids"].astype(np.int64)
         mask = env.get("decoder_attention_mask")
@@ -202,7 +206,8 @@ class Generator:
         check = getattr(self.decoder, "check_request", None)
         if check is not None:
             check(prompt.shape[0] * num_beams, prompt.shape[1], max_new_tokens)
-        step = self.decoder.step(env, mask, first_step=self.recipe.first_step, repeat=num_beams)
+        source = self.decoder if decoder is None else decoder
+        step = source.step(env, mask, first_step=self.recipe.first_step, repeat=num_beams)
         out = search(
             step,
             prompt,

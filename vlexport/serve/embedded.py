@@ -31,6 +31,7 @@ _MODULES = (
     "vlexport.contracts",
     "vlexport.contracts.precision",
     "vlexport.models.scores",
+    "vlexport.runtime.batching",
     "vlexport.runtime.decode",
     "vlexport.runtime.decoder_session",
     "vlexport.runtime.generate",
@@ -70,7 +71,8 @@ NEEDS = {
     "vlexport.serve.py_component": ("numpy", "onnxruntime"),
     "vlexport.serve.py_preprocess": ("numpy", "pillow", "tokenizers"),
     "vlexport.serve.py_postprocess": ("numpy",),
-    "vlexport.serve.py_generate": ("numpy", "pillow", "tokenizers"),
+    # onnxruntime: its ONNX decoder runs in the model (a TensorRT decoder stays a Triton model: not needed)
+    "vlexport.serve.py_generate": ("numpy", "pillow", "tokenizers", "onnxruntime"),
 }
 
 
@@ -100,8 +102,10 @@ def runtime_texts() -> dict[str, str]:
     return out
 
 
-def packages(module: str, kind: str) -> tuple[str, ...]:
-    needs = NEEDS[module]
+def packages(module: str, kind: str, needs: Sequence[str] | None = None) -> tuple[str, ...]:
+    """What a python model of ``module`` imports (``needs`` where the plan knows better: a generation model
+    imports onnxruntime only when it runs an ONNX decoder itself), onnxruntime-gpu on ``--kind gpu``."""
+    needs = NEEDS[module] if needs is None else needs
     return tuple("onnxruntime-gpu" if p == "onnxruntime" and kind == "gpu" else p for p in needs)
 
 

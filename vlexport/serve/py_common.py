@@ -100,19 +100,19 @@ class RequestError(Exception):
 def answer(requests: list[Any], handle: Callable[[Any], Mapping[str, np.ndarray]]) -> list[Any]:
     """One response per request: ``handle``'s tensors, or a Triton error with the reason (the model keeps
     serving)."""
+    return [response(request, handle) for request in requests]
+
+
+def response(request: Any, handle: Callable[[Any], Mapping[str, np.ndarray]]) -> Any:
+    """``handle(request)``'s tensors as an InferenceResponse, or the error that stopped it."""
     utils = pb()
-    responses = []
-    for request in requests:
-        try:
-            outputs = handle(request)
-            responses.append(
-                utils.InferenceResponse(output_tensors=[utils.Tensor(k, v) for k, v in outputs.items()])
-            )
-        except (RequestError, VlexportError) as e:
-            responses.append(utils.InferenceResponse(error=utils.TritonError(str(e))))
-        except Exception as e:  # noqa: BLE001  a bug must fail this request, not the model instance
-            responses.append(utils.InferenceResponse(error=utils.TritonError(f"{type(e).__name__}: {e}")))
-    return responses
+    try:
+        outputs = handle(request)
+        return utils.InferenceResponse(output_tensors=[utils.Tensor(k, v) for k, v in outputs.items()])
+    except (RequestError, VlexportError) as e:
+        return utils.InferenceResponse(error=utils.TritonError(str(e)))
+    except Exception as e:  # noqa: BLE001  a bug must fail this request, not the model instance
+        return utils.InferenceResponse(error=utils.TritonError(f"{type(e).__name__}: {e}"))
 
 
 def image_settings(meta: Mapping[str, Any]) -> Any:

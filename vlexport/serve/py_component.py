@@ -23,7 +23,9 @@ class TritonPythonModel:
         path = common.version_dir(args) / params.get("model_file", "model.onnx")
         device = params.get("device", "cpu")
         self.component = OnnxComponent(
-            path, providers=available_providers("auto" if device == "gpu" else "cpu")
+            path,
+            providers=available_providers("auto" if device == "gpu" else "cpu"),
+            spin=False,  # idle threads must not spin on the cores the server and other models share
         )
         config = common.model_config(args)
         self.outputs = [o["name"] for o in config["output"]]

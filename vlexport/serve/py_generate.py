@@ -1,14 +1,21 @@
-"""The BLS generation model of a generative artifact: IMAGE bytes (+ TEXT prompt) -> the caption / answer.
+"""The generation model of a generative artifact: IMAGE bytes (+ TEXT prompt) -> the caption / answer.
 
 It runs vlexport's own generation (runtime.generate.Generator: the family's recipe, recorded in serve.json by
-`vlexport triton`, then runtime/decode.py's greedy or beam search over a KV cache) with every component a
-Triton model called through BLS, and builds and decodes prompts as `vlexport run` does (generate.prompt_ids,
-the artifact's tokenizer.json): the answer is token for token what `vlexport run` prints for the same image
-and prompt.
+`vlexport triton`, then runtime/decode.py's greedy or beam search over a KV cache) and builds and decodes
+prompts as `vlexport run` does (generate.prompt_ids, the artifact's tokenizer.json): the answer is token for
+token what `vlexport run` prints for the same image and prompt. The encoders are Triton models called through
+BLS; an ONNX decoder runs here, in ONNX Runtime (no Triton hop per token).
+
+Requests are served in flight: ``execute`` hands each request to a worker thread and returns at once, so
+Triton passes the next requests as they arrive; each worker answers through the request's response sender
+when its sequence is done (the client API is unchanged: one response per request, not decoupled). The decode
+steps of all requests in flight run batched (runtime/batching.py), up to serve.json's ``max_rows`` rows
+(requests x beams); more wait their turn. A request whose client cancelled stops at its next step.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -45,18 +52,29 @@ class TritonPythonModel:
         from types import SimpleNamespace
 
         from vlexport.models.host import recipe_from_json
+        from vlexport.runtime.batching import StepBatcher
         from vlexport.runtime.generate import ConfigView, Generator
         from vlexport.runtime.tokenizer import JsonTokenizer
 
         meta = common.serve_json(args)
+        self.name = args.get("model_name", "generate")
         directory = common.artifact_dir(args)
         manifest = common.read_manifest(directory)
-        components = {
+        components: dict[str, Any] = {
             name: Served(
                 model, meta["served_inputs"][model], [t.name for t in manifest.components[name].outputs]
             )
             for name, model in meta["components"].items()
         }
+        if meta.get("decoder"):  # the ONNX decoder, run in this process
+            from vlexport.runtime.onnx_session import OnnxComponent, available_providers
+
+            device = meta["decoder"]["device"]
+            components["decoder"] = OnnxComponent(
+                common.version_dir(args) / meta["decoder"]["file"],
+                providers=available_providers("auto" if device == "gpu" else "cpu"),
+                spin=False,  # idle threads must not spin on the cores the server and other models share
+            )
         recipe = recipe_from_json(meta["recipe"])
         task = SimpleNamespace(generative=True, generation=lambda config: recipe)
         artifact = SimpleNamespace(
@@ -67,9 +85,23 @@ class TritonPythonModel:
         self.tokenizer = (
             JsonTokenizer(directory) if manifest.tokenizer.get("kind", "none") != "none" else None
         )
+        rows = int(meta.get("max_rows", 1))
+        self.batcher = StepBatcher(self.generator.decoder, rows)
+        # workers: requests in flight (encoding, waiting for rows, decoding); the rest queue here, in order
+        self.workers = ThreadPoolExecutor(max_workers=2 * rows, thread_name_prefix="generate")
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return common.answer(requests, self._one)
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self.workers.submit(self._answer, request, request.get_response_sender())
+        # returns None: answered through the response senders, so Triton may pass the next requests now
+
+    def finalize(self) -> None:
+        self.batcher.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
+
+    def _answer(self, request: Any, sender: Any) -> None:
+        utils = common.pb()
+        sender.send(common.response(request, self._one), flags=utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _one(self, request: Any) -> dict[str, np.ndarray]:
         gen, s = self.generator, self.generator.settings
@@ -100,9 +132,23 @@ class TritonPythonModel:
                 "RAW_PROMPT turns off the prompt template, and this model has none: drop it."
             )
         ids = prompt_ids(text, self.tokenizer, s, gen.recipe, raw)
-        out = gen.generate(
-            pixels, ids, None if ids is None else np.ones_like(ids), max_new_tokens=max_new, num_beams=beams
-        )
+
+        def cancelled(step: int) -> None:
+            if request.is_cancelled():  # the client went away: free its rows for the others
+                message = f"the request was cancelled after {step} new tokens; its rows are free"
+                common.pb().Logger.log_info(f"{self.name}: {message}")
+                raise common.RequestError(message)
+
+        with self.batcher.member() as member:
+            out = gen.generate(
+                pixels,
+                ids,
+                None if ids is None else np.ones_like(ids),
+                max_new_tokens=max_new,
+                num_beams=beams,
+                on_step=cancelled,
+                decoder=member,
+            )
         seq = out.sequences[0]
         shown = seq if gen.recipe.continues_prompt else seq[out.prompt_length :]
         answer = self.tokenizer.decode(shown) if self.tokenizer else ""

@@ -5,7 +5,9 @@ Per artifact: one model per component (``<name>_<component>``, the component's f
 with ``--ensemble`` an encoder artifact also gets a python preprocessing model (image bytes and strings in,
 the component's tensors out, with the artifact's own processor and tokenizer files), a postprocessing
 model (the scores `vlexport run` prints) and an ensemble ``<name>`` wiring them. A generative artifact gets
-``<name>``: a python (BLS) model that runs vlexport's generation loop over the served components.
+``<name>``: a python model that runs vlexport's generation loop, its ONNX decoder in its own process (the
+file under ``<v>/decoder/``, no model of its own) with the steps of concurrent requests batched, and its
+encoders as Triton models called through BLS.
 
 Everything is planned (configs built and parsed back, names checked against each other and against the
 repository) before a byte is written; the repository is then staged beside the target and renamed into
@@ -51,6 +53,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SUFFIX = {".onnx": "model.onnx", ".plan": "model.plan", ".engine": "model.plan", ".pt2": "model.pt2"}
 _FICLONE = 0x40049409  # linux/fs.h: share the source's extents (btrfs, XFS), a copy-on-write clone
 REQUIREMENTS_TXT = "requirements.txt"  # at the repository's root: what its python models import
+DECODER_DIR = "decoder"  # inside the generation model's version folder: the ONNX decoder it runs itself
 
 
 @dataclass
@@ -69,9 +72,11 @@ def python_model(
     kind: str,
     files: dict[str, Path] | None = None,
     texts: dict[str, str] | None = None,
+    needs: tuple[str, ...] | None = None,
 ) -> PlannedModel:
-    """A python model: its model.py, the serving runtime's copy beside it, what it imports."""
-    needs = embedded.packages(module, kind)
+    """A python model: its model.py, the serving runtime's copy beside it, what it imports (``needs``: when
+    not the module's own list, embedded.NEEDS)."""
+    needs = embedded.packages(module, kind, needs)
     return PlannedModel(
         name,
         config,
@@ -199,6 +204,8 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
     models: list[PlannedModel] = []
     names: dict[str, str] = {}
     for comp_name, comp in manifest.components.items():
+        if task.generative and comp_name == "decoder" and in_process_decoder(comp):
+            continue  # the generation model runs it itself: no Triton hop per token
         model_name = name if single else f"{name}_{sanitize(comp_name)}"
         names[comp_name] = model_name
         models.append(_component_model(directory, model_name, comp, opts, backend))
@@ -207,6 +214,12 @@ def plan_artifact(directory: Path, name: str, opts: tc.ServeOptions, backend: st
     elif opts.ensemble:
         models += _ensemble_models(directory, manifest, task, name, models[0], opts)
     return models
+
+
+def in_process_decoder(decoder: Component) -> bool:
+    """An ONNX decoder runs inside the generation model (ONNX Runtime, IO binding, steps of concurrent
+    requests batched); other files (TensorRT engines) stay Triton models the generation model calls."""
+    return Path(decoder.file).suffix == ".onnx"
 
 
 def _component_model(
@@ -345,7 +358,18 @@ def _generation_model(
         "served_inputs": served,
         "image": _image_json(directory, manifest),
         "recipe": recipe_json,
+        # the most decoder rows (requests x beams) one batched step runs; more requests wait their turn
+        "max_rows": max(opts.max_batch_size, 1),
     }
+    files = _support_files(directory, manifest)
+    decoder = manifest.components["decoder"]
+    packages = ("numpy", "pillow", "tokenizers")
+    if in_process_decoder(decoder):
+        meta["decoder"] = {"file": f"{DECODER_DIR}/{Path(decoder.file).name}", "device": opts.kind}
+        files[meta["decoder"]["file"]] = directory / decoder.file
+        if decoder.external_data:  # the graph names its data file: beside it, under its own name
+            files[f"{DECODER_DIR}/{Path(decoder.external_data).name}"] = directory / decoder.external_data
+        packages += ("onnxruntime",)
     cfg = tc.python_config(
         name, inputs, outputs, opts, optional=("TEXT", "MAX_NEW_TOKENS", "NUM_BEAMS", "RAW_PROMPT")
     )
@@ -354,8 +378,9 @@ def _generation_model(
         cfg,
         "vlexport.serve.py_generate",
         opts.kind,
-        _support_files(directory, manifest),
+        files,
         {SERVE_JSON: json.dumps(meta, indent=1)},
+        needs=packages,
     )
 
 
