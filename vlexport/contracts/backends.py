@@ -100,6 +100,7 @@ class Derived:
         default_factory=dict
     )  # recorded in manifest.derived_from (e.g. TRT shapes)
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
+    files: list[str] = field(default_factory=list)  # other files written into the artifact (hashed, listed)
 
 
 @runtime_checkable
