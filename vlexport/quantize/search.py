@@ -14,8 +14,9 @@ what was searched with. Cheapest first:
 2. per-MatMul sensitivity on the base: the output error when that MatMul alone is quantized (constant-weight
    MatMuls only; one quantizer call and one session per MatMul), written as JSON and a bar plot;
 3. the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them, at most
-   ``MAX_FP32``); the first k that meets the targets is the recipe. None: a ``CheckError`` that names the
-   precision likely to pass (int8-weight: activations stay float).
+   ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first, quantized
+   again if the targets still hold) is the recipe. None: a ``CheckError`` that names the precision likely
+   to pass (int8-weight: activations stay float).
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ def search(
     limit = max_fp32 if max_fp32 is not None else min(MAX_FP32, max(1, math.ceil(len(ranked) / 3)))
     for k in range(1, min(limit, len(ranked)) + 1):
         if scored(alpha, ranked[:k]).passed:
-            result.config = recipe(config, alpha, ranked[:k])
+            result.config = recipe(config, alpha, _pruned(ranked[:k], result.sensitivity, alpha, scored))
             return result
     tol = config.tolerance
     best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
@@ -267,6 +268,22 @@ def search(
         "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
         "likely to pass; or lower the target (the precision's defaults are the floor)."
     )
+
+
+def _pruned(
+    kept: list[str],
+    table: Sequence[Mapping[str, Any]],
+    alpha: float | None,
+    scored: Callable[[float | None, Sequence[str]], Score],
+) -> list[str]:
+    """The fp32 set made cheaper: each kept MatMul, the largest first, is quantized again if the targets still
+    hold without it (sensitivity is measured one node at a time; errors of several do not simply add up)."""
+    weights = {r["node"]: r["weights"] for r in table}
+    for node in sorted(kept[:-1], key=lambda n: -weights[n]):  # the last one added was needed
+        trial = [n for n in kept if n != node]
+        if scored(alpha, trial).passed:
+            kept = trial
+    return kept
 
 
 def sensitivity(
