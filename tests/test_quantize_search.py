@@ -1,12 +1,13 @@
-"""Accuracy targets and the int8-dynamic recipe search (quantize/search.py): `vlexport quantize --min-cosine X`,
-`--search`, `--recipe FILE`.
+"""Accuracy targets and the int8-dynamic recipe search (quantize/search.py): `vlexport quantize
+--min-cosine X`, `--search`, `--recipe FILE`.
 
-Random weights have no outlier channels, so plain int8-dynamic passes on them; the sensitive parent below is the
-fp32 artifact with one MatMul made int8-fragile without changing its function: its input is multiplied by a
-per-channel scale (every other channel x1e6) and its weight's rows divided by the same scale. The product is the
-same in exact arithmetic (the fp32 artifact still validates against eager), but per-tensor int8 activations
-round the unscaled half to zero and per-channel int8 weights round the scaled-down half to zero. SmoothQuant's
-scales are clipped to 1e-2..1e2, so no alpha evens out 1e6: only keeping that MatMul fp32 passes.
+Random weights have no outlier channels, so plain int8-dynamic passes on them; the sensitive parent below is
+the fp32 artifact with one MatMul made int8-fragile without changing its function: its input is multiplied by
+a per-channel scale (every other channel x1e6) and its weight's rows divided by the same scale. The product is
+the same in exact arithmetic (the fp32 artifact still validates against eager), but per-tensor int8
+activations round the unscaled half to zero and per-channel int8 weights round the scaled-down half to zero.
+SmoothQuant's scales are clipped to 1e-2..1e2, so no alpha evens out 1e6: only keeping that MatMul fp32
+passes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _is_module(node: onnx.NodeProto, module: str) -> bool:
 
 def _sensitive_parent(parent: Path, out: Path) -> str:
     """A copy of the fp32 artifact ``parent`` whose text-to-cross-modal projection (a MatMul every ITM logit
-    depends on) is made int8-fragile (module doc); returns that node's name. Sizes and hashes are recorded again."""
+    depends on) is made int8-fragile (module doc); returns that node's name. Sizes and hashes are recorded
+    again."""
     shutil.copytree(parent, out)
     manifest = Manifest.read(out)
     (comp,) = manifest.components.values()
@@ -133,7 +135,7 @@ def test_search_keeps_the_sensitive_matmul_fp32_and_replays(sensitive, tmp_path:
     plain = tmp_path / "plain"
     assert main(["quantize", str(parent), "-o", str(plain), "--precision", "int8-dynamic"]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert f"--precision int8-dynamic --search" in err and not plain.exists()
+    assert "--precision int8-dynamic --search" in err and not plain.exists()
 
     out = tmp_path / "searched"
     assert main(["quantize", str(parent), "-o", str(out), "--precision", "int8-dynamic", "--search"]) == 0
@@ -141,7 +143,7 @@ def test_search_keeps_the_sensitive_matmul_fp32_and_replays(sensitive, tmp_path:
     m = Manifest.read(out)
     knobs = m.precision_knobs
     assert knobs["search"] is False and fragile in knobs["fp32_nodes"]
-    assert f"MatMul(s) kept fp32" in printed and fragile in printed and "--recipe" in printed
+    assert "MatMul(s) kept fp32" in printed and fragile in printed and "--recipe" in printed
     # the plain scheme and every SmoothQuant strength missed on the calibration set; fp32 nodes were needed
     cands = m.derived_from["search"]["candidates"]
     assert [c["fp32_nodes"] for c in cands[:4]] == [[]] * 4 and not any(c["passed"] for c in cands[:4])

@@ -93,7 +93,7 @@ def _export(
 
 
 def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
-    """``--precision`` with its knobs, or the recipe ``--recipe FILE`` names with the targets given beside it."""
+    """``--precision`` with its knobs, or the recipe ``--recipe FILE`` names, with the targets given beside."""
     if args.recipe is None:
         if args.precision is None:
             raise UsageError(
@@ -114,7 +114,9 @@ def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
     given = [k for k in graph_knobs if getattr(args, k, None) not in (None, False)]
     if given:
         raise UsageError(
-            f"--recipe replays a recipe as it was found; drop {', '.join('--' + k.replace('_', '-') for k in given)}."
+            "--recipe replays a recipe as it was found; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+            + "."
         )
     return config.with_knobs(
         min_cosine=args.min_cosine, min_agreement=args.min_agreement, calibration=args.calibration
@@ -260,14 +262,15 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--min-agreement",
         type=float,
         metavar="Y",
-        help="accuracy target stricter than the precision's own: task agreement (argmax, retrieval, tokens) >= Y",
+        help="accuracy target stricter than the precision's own: task agreement (argmax, retrieval, "
+        "tokens) >= Y",
     )
     p.add_argument(
         "--search",
         action="store_true",
         default=None,
-        help="int8-dynamic: when the plain scheme misses the targets, search SmoothQuant strength and MatMuls "
-        "kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is recorded, its "
+        help="int8-dynamic: when the plain scheme misses the targets, search SmoothQuant strength and "
+        "MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is recorded, its "
         "per-MatMul sensitivity table and plot written under OUT/search/",
     )
     p.add_argument(

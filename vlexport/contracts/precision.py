@@ -159,8 +159,8 @@ class TargetedPrecision(PrecisionConfig):
             if floor is not None and value < floor:
                 raise UsageError(
                     f"{flag} {value} is looser than {self.name}'s own {floor}: targets may only be stricter. "
-                    "To keep a variant below the precision's thresholds, pass --accept-degraded (the manifest "
-                    "marks it degraded)."
+                    "To keep a variant below the precision's thresholds, pass --accept-degraded (the "
+                    "manifest marks it degraded)."
                 )
         if self.min_cosine is not None or self.min_agreement is not None:
             strict = dataclasses.replace(
@@ -239,8 +239,8 @@ class Int8DynamicConfig(TargetedPrecision):
     # --smooth's (and --search's) calibration set: a directory of images (and .txt prompts); None: a seeded
     # synthetic set
     calibration: Path | None = None
-    # MatMul node names left fp32 (ONNX Runtime's nodes_to_exclude); None: the default rule (with --smooth, the
-    # GELU-fed MatMuls; else none). A recipe found by --search names them (quantize/search.py).
+    # MatMul node names left fp32 (ONNX Runtime's nodes_to_exclude); None: the default rule (with --smooth,
+    # the GELU-fed MatMuls; else none). A recipe found by --search names them (quantize/search.py).
     fp32_nodes: tuple[str, ...] | None = None
     # --search: when the plain scheme misses the targets, search SmoothQuant strength and fp32 nodes on the
     # calibration set; the pass replaces this knob by the recipe it found (search=False, smooth, fp32_nodes).

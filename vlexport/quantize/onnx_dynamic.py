@@ -1,9 +1,10 @@
 """ONNX int8-dynamic pass (``Int8DynamicConfig``): ONNX Runtime's ``quantize_dynamic`` with int8 weights (per
 output channel by default: outlier channels keep their own scale) and activations quantized per call; the CPU
-deployment path, optionally SmoothQuant-ed first (``--smooth``), with chosen MatMuls kept fp32 (``fp32_nodes``),
-or with a recipe searched on the calibration set (``--search``, quantize/search.py). Graphs carrying our fused
-com.microsoft nodes (``--kernels``) quantize the same way: the MatMuls around them are what the quantizer
-rewrites. External data is kept for graphs above the exporter's threshold (BLIP-2's 2 GiB protobuf limit).
+deployment path, optionally SmoothQuant-ed first (``--smooth``), with chosen MatMuls kept fp32
+(``fp32_nodes``), or with a recipe searched on the calibration set (``--search``, quantize/search.py).
+Graphs carrying our fused com.microsoft nodes (``--kernels``) quantize the same way: the MatMuls around them
+are what the quantizer rewrites. External data is kept for graphs above the exporter's threshold (BLIP-2's
+2 GiB protobuf limit).
 """
 
 from __future__ import annotations

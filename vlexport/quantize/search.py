@@ -262,9 +262,9 @@ def search(
     best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
     raise CheckError(
         f"int8-dynamic --search found no recipe that meets cosine >= {tol.min_cosine}"
-        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the calibration "
-        f"set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}, and up to {limit} of the most "
-        f"sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
+        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
+        f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}, and up to "
+        f"{limit} of the most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
         "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
         "likely to pass; or lower the target (the precision's defaults are the floor)."
     )
