@@ -2,7 +2,7 @@
 
 One module per verb group, each with its arguments beside its handlers and a ``COMMANDS`` tuple: ``export``
 (onnx, compile, tensorrt, quantize, dual-encoder), ``inspect`` (list, validate, run), ``triton``, ``bench``
-(bench, regress); ``options`` holds the option types and up-front checks they share, ``common`` the consoles
+(bench, tune, regress); ``options`` holds the option types and up-front checks they share, ``common`` the consoles
 and flag groups.
 """
 
@@ -35,6 +35,7 @@ COMMANDS: tuple[Command, ...] = tuple(
         "run",
         "triton",
         "bench",
+        "tune",
         "regress",
     )
 )
