@@ -376,8 +376,14 @@ def _report(
     }
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.5f}"
+def _accuracy_cell(record: dict[str, Any] | None) -> str:
+    """Min cosine; for precisions judged elementwise (fp32), the largest absolute error."""
+    if not record or "min_cosine" not in record:
+        return "-"
+    if record["min_cosine"] is not None:
+        return f"{record['min_cosine']:.5f}"
+    worst = max((record.get("max_abs_error") or {}).values(), default=None)
+    return "-" if worst is None else f"max abs {worst:.1e}"
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -398,10 +404,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     for c in report["candidates"]:
         acc = c["accuracy"]
-        v = (acc.get("validation") or {}).get("min_cosine")
-        s = (acc.get("serve_shapes") or {}).get("min_cosine")
+        v, s = _accuracy_cell(acc.get("validation")), _accuracy_cell(acc.get("serve_shapes"))
         lines.append(
-            f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {_fmt(v)} / {_fmt(s)} | "
+            f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {v} / {s} | "
             + ", ".join(f"b{b}: {p:.2f}" for b, p in c["p50_ms"].items())
             + " | "
             + ", ".join(f"b{b}: {x:.2f}x" for b, x in c["speedup_vs_eager"].items())
