@@ -54,7 +54,9 @@ class OnnxInt8DynamicPass:
                     build(src, out, chosen, lambda: calibration().feeds, out.parent, external=external)
                 )
                 if chosen.smooth is not None or config.search:
-                    details["calibration"] = calibration().record("minmax")
+                    details["calibration"] = calibration().record(
+                        "search" if config.search else "smoothquant ranges"
+                    )
 
         derived = rewrite_components(ctx, write)
         derived.details.update(details, weight_bits=7 if config.reduce_range else 8)
