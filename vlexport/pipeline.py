@@ -488,7 +488,10 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
     missed = "; ".join(acc.misses) if acc is not None and acc.misses else "see the checks above"
     knobs = config.describe_knobs()
     what = f"The {manifest.backend} {config.name}{f' ({knobs})' if knobs else ''} variant of {job.model}"
-    tail = " Or pass --accept-degraded to keep it marked as degraded, or build another precision (`vlexport list`; int8-weight keeps activations in float)."
+    tail = (
+        " Or pass --accept-degraded to keep it marked as degraded, or build another precision "
+        "(`vlexport list`; int8-weight keeps activations in float)."
+    )
     targets = "".join(
         f" --{k.replace('_', '-')} {getattr(config, k)}"
         for k in ("min_cosine", "min_agreement")

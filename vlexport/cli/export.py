@@ -93,7 +93,7 @@ def _export(
 
 
 def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
-    """``--precision`` with its knobs, or the recipe ``--recipe FILE`` names, with the targets given beside."""
+    """``--precision`` with its knobs, or the recipe ``--recipe FILE`` names, with the targets beside."""
     if args.recipe is None:
         if args.precision is None:
             raise UsageError(
@@ -270,8 +270,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="int8-dynamic: when the plain scheme misses the targets, search SmoothQuant strength and "
-        "MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is recorded, its "
-        "per-MatMul sensitivity table and plot written under OUT/search/",
+        "MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is "
+        "recorded, its per-MatMul sensitivity table and plot written under OUT/search/",
     )
     p.add_argument(
         "--recipe",
