@@ -40,5 +40,6 @@ def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: 
     m = Manifest.read(out)
     assert m.backend == "onnx" and m.precision == "fp32" and m.validation.passed
     assert (out / "tune" / "report.md").read_text().count("| onnx") == 2
+    assert (out / "tune" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["validate", str(out)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["tuned"]  # the work dir went with the run

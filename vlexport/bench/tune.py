@@ -275,6 +275,7 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
             (tmp / "tune").mkdir()
             atomic_write_text(tmp / "tune" / "report.json", json.dumps(report, indent=2, default=str) + "\n")
             atomic_write_text(tmp / "tune" / "report.md", to_markdown(report))
+            plot_pareto(report, tmp / "tune" / "pareto.png")
     return report
 
 
@@ -413,3 +414,52 @@ def to_markdown(report: dict[str, Any]) -> str:
             + f" | {c['size_mib'] if c['size_mib'] is not None else '-'} | {c['reason']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_x(c: dict[str, Any]) -> float | None:
+    """Where a benched candidate sits on the accuracy axis: its smallest cosine at the shapes to serve (fp32,
+    judged elementwise, at 1.0)."""
+    serve = c["accuracy"].get("serve_shapes") or {}
+    if serve.get("min_cosine") is not None:
+        return serve["min_cosine"]
+    return 1.0 if serve.get("passed") else None
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    """Speed-up vs eager (mean over the batch sizes) against accuracy; the Pareto front and choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [
+        (c["name"], _accuracy_x(c), sum(c["speedup_vs_eager"].values()) / len(c["speedup_vs_eager"]))
+        for c in report["candidates"]
+        if c["speedup_vs_eager"] and _accuracy_x(c) is not None
+    ]
+    front = [p for p in points if not any(q[1] >= p[1] and q[2] > p[2] for q in points)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, x, y in points:
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front.sort(key=lambda p: p[1])
+    ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="tab:orange", label="Pareto front")
+    chosen = report["chosen"]
+    if chosen:
+        mine = [p for p in points if p[0] == f"{chosen['backend']} {chosen['precision']}"]
+        ax.scatter(
+            [p[1] for p in mine],
+            [p[2] for p in mine],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label="chosen",
+        )
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.set_xlabel("min cosine vs eager fp32 at the shapes to serve")
+    ax.set_ylabel("speed-up vs eager (mean over batch sizes)")
+    ax.set_title(f"vlexport tune: {report['model']} ({report['task']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
