@@ -79,13 +79,18 @@ def quantize(
     method: str | None = None,
     smooth: float | None = None,
     block_size: int | None = None,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
+    search: bool | None = None,
     accept_degraded: bool = False,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Manifest:
     """A reduced-precision variant (fp16, int8-dynamic, int8-weight, int8-static, ...) of an fp32 artifact,
     checked against eager fp32 as `vlexport quantize` does; returns the variant's manifest. The knobs are the
-    config's own (a knob the precision lacks is refused, as on the CLI)."""
+    config's own (a knob the precision lacks is refused, as on the CLI): ``min_cosine`` / ``min_agreement``
+    stricter targets, ``search`` (int8-dynamic) a recipe searched on the calibration set; a recipe is
+    replayed by passing its config (``contracts.precision.precision_from_recipe(path)``) as ``precision``."""
     from vlexport.manifest import Manifest
     from vlexport.pipeline import ExportJob, check_variant_source, run_export
 
@@ -94,6 +99,9 @@ def quantize(
         method=method,
         smooth=smooth,
         block_size=block_size,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+        search=search or None,
     )
     manifest = Manifest.read(Path(artifact))
     check_variant_source(artifact, manifest, config)

@@ -390,6 +390,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
                 components=derived.components,
                 opset=_opset(derived.components),
                 fused_ops=derived.fused_ops,
+                files=[*parent.files, *derived.files],
                 validation=None,
                 timings={},
                 versions={},
@@ -471,11 +472,7 @@ def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
 
     head = f"Nothing was written to {job.output}."
     if manifest.validation is not None and below_thresholds_only(manifest.validation):
-        return (
-            f"{head} The {manifest.precision} variant is only below its accuracy thresholds: pass "
-            "--accept-degraded to keep it marked as degraded, or build a more accurate one (`vlexport list` "
-            "shows the precisions; int8-dynamic takes --smooth, int8-weight a smaller --block-size)."
-        )
+        return f"{head} {_accuracy_advice(job, manifest)}"
     if job.kernels:
         kernels = ",".join(job.kernels)
         return f"{head} Export again without --kernels ({kernels}): the injected kernels changed it."
@@ -484,3 +481,35 @@ def _miss_advice(job: ExportJob, manifest: Manifest) -> str:
         "bug of this backend for this model; `--no-validate` builds it unchecked (`vlexport triton` will not "
         "serve it)."
     )
+
+
+def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
+    """A variant only below its accuracy targets: what missed, and the command that would search for one that
+    meets them (precisions with a ``search`` knob), or the other ways out."""
+    config = job.precision
+    acc = manifest.validation.accuracy
+    missed = "; ".join(acc.misses) if acc is not None and acc.misses else "see the checks above"
+    knobs = config.describe_knobs()
+    what = f"The {manifest.backend} {config.name}{f' ({knobs})' if knobs else ''} variant of {job.model}"
+    tail = (
+        " Or pass --accept-degraded to keep it marked as degraded, or build another precision "
+        "(`vlexport list`; int8-weight keeps activations in float)."
+    )
+    targets = "".join(
+        f" --{k.replace('_', '-')} {getattr(config, k)}"
+        for k in ("min_cosine", "min_agreement")
+        if getattr(config, k, None) is not None
+    )
+    if (manifest.derived_from or {}).get("search"):
+        return (
+            f"{what} is the recipe --search found on the calibration set, and it missed on the validation "
+            f"inputs ({missed}). Search on inputs closer to yours (--calibration DIR), or use --precision "
+            "int8-weight, which is likely to pass." + tail
+        )
+    if "search" in config.knobs():
+        return (
+            f"{what} missed its accuracy targets ({missed}). To search its SmoothQuant strength and the "
+            f"MatMuls kept fp32 on a calibration set: `vlexport quantize {job.model} -o {job.output} "
+            f"--precision {config.name} --search{targets}`." + tail
+        )
+    return f"{what} missed its accuracy targets ({missed})." + tail

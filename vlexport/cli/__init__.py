@@ -1,9 +1,9 @@
 """The one entry point. Thin: parse, call the library, print. Exit codes: 0 ok, 1 failed check, 2 usage.
 
 One module per verb group, each with its arguments beside its handlers and a ``COMMANDS`` tuple: ``export``
-(onnx, compile, tensorrt, quantize, dual-encoder), ``inspect`` (list, validate, run), ``triton``, ``bench``
-(bench, regress); ``options`` holds the option types and up-front checks they share, ``common`` the consoles
-and flag groups.
+(onnx, compile, tensorrt, quantize, dual-encoder), ``inspect`` (list, validate, run), ``triton``,
+``bench`` (bench, tune, regress); ``options`` holds the option types and up-front checks they share,
+``common`` the consoles and flag groups.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ COMMANDS: tuple[Command, ...] = tuple(
         "run",
         "triton",
         "bench",
+        "tune",
         "regress",
     )
 )

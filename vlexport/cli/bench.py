@@ -224,6 +224,85 @@ def cmd_regress(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_args(p: argparse.ArgumentParser) -> None:
+    from vlexport.bench.tune import OBJECTIVES
+
+    p.add_argument("model", metavar="MODEL|DIR", help="preset, save_pretrained directory, or its fp32 export")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where the chosen variant is written")
+    opts.add_ranged(p, "--batch-sizes", "batch sizes to serve: judged and benched", (1, 8))
+    p.add_argument(
+        "--seq-lens",
+        type=opts.csv,
+        default=("32",),
+        metavar="N,...",
+        help="text lengths to serve: judged (benched at the longest)",
+    )
+    p.add_argument(
+        "--objective", choices=OBJECTIVES, default="latency", help="how to pick among those that pass"
+    )
+    p.add_argument(
+        "--min-cosine", type=float, metavar="X", help="accuracy target stricter than each precision's"
+    )
+    p.add_argument("--min-agreement", type=float, metavar="Y", help="task agreement target, as --min-cosine")
+    p.add_argument(
+        "--backends", type=opts.csv, default=(), help="comma list (default: every registered backend)"
+    )
+    p.add_argument(
+        "--precisions",
+        type=opts.csv,
+        default=(),
+        help="comma list (default: every precision each backend builds)",
+    )
+    opts.add_ranged(p, "--warmup", "untimed calls per candidate and batch size", 3)
+    opts.add_ranged(p, "--iters", "timed calls per candidate and batch size", 20)
+    p.add_argument("--work-dir", type=Path, help="keep candidates here; a re-run reuses them (default: temp)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from vlexport.bench.tune import TunePlan, run_tune
+
+    try:
+        seq_lens = tuple(int(s) for s in args.seq_lens)
+    except ValueError:
+        raise UsageError(
+            f"--seq-lens takes a comma list of integers, got {','.join(args.seq_lens)}."
+        ) from None
+    if not seq_lens or min(seq_lens) < 1:
+        raise UsageError("--seq-lens takes positive integers.")
+    plan = TunePlan(
+        args.model,
+        args.output,
+        task=args.task,
+        batch_sizes=tuple(args.batch_sizes),
+        seq_lens=seq_lens,
+        objective=args.objective,
+        min_cosine=args.min_cosine,
+        min_agreement=args.min_agreement,
+        backends=tuple(args.backends),
+        precisions=tuple(args.precisions),
+        random_weights=args.random_weights,
+        seed=args.seed,
+        work_dir=args.work_dir,
+        warmup=args.warmup,
+        iters=args.iters,
+        force=args.force,
+    )
+    with console.status("tuning") as status:
+        report = run_tune(plan, progress=lambda msg: status.update(escape(msg)))
+    for c in report["candidates"]:
+        p50 = ", ".join(f"b{b} {ms:.2f} ms" for b, ms in c["p50_ms"].items())
+        verdict = "passed" if c["passed"] else escape(c["reason"])
+        out.print(f"{c['name']}: {verdict}" + (f"; p50 {p50}" if p50 else ""), highlight=False)
+    chosen = report["chosen"]
+    out.print(
+        f"chosen: {chosen['backend']} {chosen['precision']} -> {args.output} "
+        f"(report: {args.output / 'tune' / 'report.md'})",
+        highlight=False,
+    )
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "bench",
@@ -231,6 +310,14 @@ COMMANDS: tuple[Command, ...] = (
         bench_args,
         cmd_bench,
         (model_flags, kernel_flags),
+    ),
+    Command(
+        "tune",
+        "build every backend x precision that runs here, keep those that meet the accuracy targets at the "
+        "shapes to serve, bench them, write the fastest",
+        tune_args,
+        cmd_tune,
+        (model_flags,),
     ),
     Command(
         "regress",

@@ -18,8 +18,10 @@ from vlexport.contracts.precision import (
     PRECISIONS,
     PrecisionConfig,
     get_precision,
+    precision_from_recipe,
     precisions_for_backend,
 )
+from vlexport.errors import UsageError
 
 
 def precision_choices(backend: str, *, aliases: bool = False) -> tuple[str, ...]:
@@ -55,7 +57,13 @@ def _onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
 
 
-def _export(args: argparse.Namespace, backend: str, verb: str, **options: object) -> int:
+def _export(
+    args: argparse.Namespace,
+    backend: str,
+    verb: str,
+    precision: PrecisionConfig | None = None,
+    **options: object,
+) -> int:
     from vlexport.display import artifact_summary
     from vlexport.pipeline import ExportJob, run_export
 
@@ -64,7 +72,7 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
         args.output,
         backend=backend,
         task=getattr(args, "task", None),
-        precision=precision_config(args),
+        precision=precision or precision_config(args),
         random_weights=getattr(args, "random_weights", False),
         seed=getattr(args, "seed", 0),
         allow_new_weights=getattr(args, "allow_new_weights", ()),
@@ -78,17 +86,63 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
         manifest = run_export(job, progress=lambda msg: status.update(msg))
     for line in artifact_summary(job.output, manifest):
         out.print(line)
+    if (manifest.derived_from or {}).get("search"):
+        for line in _search_lines(str(args.model), job.output, manifest.derived_from["search"]):
+            out.print(line, highlight=False)
     return 0
+
+
+def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
+    """``--precision`` with its knobs, or the recipe ``--recipe FILE`` names, with the targets beside."""
+    if args.recipe is None:
+        if args.precision is None:
+            raise UsageError(
+                "Name the variant: --precision P (or --recipe FILE to replay a searched recipe)."
+            )
+        return precision_config(args)
+    config = precision_from_recipe(args.recipe)
+    if args.precision is not None and get_precision(args.precision).name != config.name:
+        raise UsageError(
+            f"--recipe {args.recipe} is a {config.name} recipe, not {args.precision}. Drop --precision."
+        )
+    graph_knobs = (
+        "smooth",
+        "block_size",
+        "method",
+        "search",
+    )  # the recipe is the graph; these would change it
+    given = [k for k in graph_knobs if getattr(args, k, None) not in (None, False)]
+    if given:
+        raise UsageError(
+            "--recipe replays a recipe as it was found; drop "
+            + ", ".join("--" + k.replace("_", "-") for k in given)
+            + "."
+        )
+    return config.with_knobs(
+        min_cosine=args.min_cosine, min_agreement=args.min_agreement, calibration=args.calibration
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
     from vlexport.pipeline import check_variant_source
 
-    config = precision_config(args)  # the knobs' rules, before the artifact is read
+    config = quantize_config(args)  # the knobs' rules, before the artifact is read
     manifest = Manifest.read(args.model)
     check_variant_source(args.model, manifest, config)
-    return _export(args, manifest.backend, "quantizing")
+    return _export(args, manifest.backend, "quantizing", precision=config)
+
+
+def _search_lines(source: str, output: Path, search: dict) -> list[str]:
+    """The recipe ``--search`` chose, and how to replay it."""
+    r = search["recipe"]
+    nodes = r["fp32_nodes"]
+    return [
+        f"search: recipe smooth={r['smooth']}, {len(nodes)} MatMul(s) kept fp32"
+        + (f" ({', '.join(nodes)})" if nodes else "")
+        + f"; sensitivity table and plot in {output / 'search'}",
+        f"replay: vlexport quantize {source} -o OUT --recipe {output / 'search' / 'recipe.json'}",
+    ]
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
@@ -165,7 +219,6 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
     p.add_argument(
         "--precision",
-        required=True,
         help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
         "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
         "`vlexport list` shows what each backend builds",
@@ -174,7 +227,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--calibration",
         type=Path,
         metavar="DIR",
-        help="int8-static: a directory of images (and .txt files of prompts/captions, one per line); "
+        help="int8-static, int8-dynamic --smooth / --search: a directory of images (and .txt files of "
+        "prompts/captions, one per line); "
         "default: a seeded synthetic set (the manifest says which)",
     )
     p.add_argument(
@@ -196,6 +250,35 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
         "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
         "(README, Precisions)",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        metavar="X",
+        help="accuracy target stricter than the precision's own: every output's cosine vs eager fp32 >= X "
+        "(recorded in the manifest; `vlexport validate` re-checks it)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="Y",
+        help="accuracy target stricter than the precision's own: task agreement (argmax, retrieval, "
+        "tokens) >= Y",
+    )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        default=None,
+        help="int8-dynamic: when the plain scheme misses the targets, search SmoothQuant strength and "
+        "MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is "
+        "recorded, its per-MatMul sensitivity table and plot written under OUT/search/",
+    )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        metavar="FILE",
+        help="replay a recipe without searching: OUT/search/recipe.json of a --search build (or a variant's "
+        "manifest.json); gives the same graph",
     )
     p.add_argument(
         "--accept-degraded",

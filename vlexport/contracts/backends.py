@@ -101,6 +101,7 @@ class Derived:
     # recorded in manifest.derived_from (e.g. TRT shapes)
     details: dict[str, Any] = field(default_factory=dict)
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # component -> fused op type counts
+    files: list[str] = field(default_factory=list)  # other files written into the artifact (hashed, listed)
 
 
 @runtime_checkable

@@ -134,6 +134,45 @@ class PrecisionConfig:
         return ", ".join(f"{k}={v}" for k, v in self.knobs().items() if v != default.knobs().get(k))
 
 
+@dataclass(frozen=True)
+class TargetedPrecision(PrecisionConfig):
+    """A precision judged by cosine and task agreement, whose users may ask for more than its defaults.
+
+    ``min_cosine`` / ``min_agreement`` (``--min-cosine`` / ``--min-agreement``) replace the class's
+    ``tolerance`` on this instance, so validation, the accuracy report, ``vlexport validate`` (the manifest
+    records them) and bench parity judge the variant by them. Looser than the default is refused: a variant
+    below its precision's thresholds is kept only with ``--accept-degraded``, marked degraded.
+    """
+
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+
+    def __post_init__(self) -> None:
+        default = type(self).tolerance
+        for knob, value, floor in (
+            ("min_cosine", self.min_cosine, default.min_cosine),
+            ("min_agreement", self.min_agreement, default.min_agreement),
+        ):
+            flag = "--" + knob.replace("_", "-")
+            if value is None:
+                continue
+            if not 0 < value <= 1:
+                raise UsageError(f"{flag} must be in (0, 1], got {value}.")
+            if floor is not None and value < floor:
+                raise UsageError(
+                    f"{flag} {value} is looser than {self.name}'s own {floor}: targets may only be stricter. "
+                    "To keep a variant below the precision's thresholds, pass --accept-degraded (the "
+                    "manifest marks it degraded)."
+                )
+        if self.min_cosine is not None or self.min_agreement is not None:
+            strict = dataclasses.replace(
+                default,
+                min_cosine=self.min_cosine if self.min_cosine is not None else default.min_cosine,
+                min_agreement=self.min_agreement if self.min_agreement is not None else default.min_agreement,
+            )
+            object.__setattr__(self, "tolerance", strict)  # the instance's targets shadow the class default
+
+
 def _path_knob(config: PrecisionConfig, name: str) -> None:
     """A path knob read back from a manifest (a string) becomes a Path again."""
     value = getattr(config, name)
@@ -160,7 +199,7 @@ class Fp32Config(PrecisionConfig):
 
 
 @dataclass(frozen=True)
-class Fp16Config(PrecisionConfig):
+class Fp16Config(TargetedPrecision):
     name: ClassVar[str] = "fp16"
     dtype: ClassVar[str] = "float16"
     weight_bits: ClassVar[int] = 16
@@ -173,7 +212,7 @@ class Fp16Config(PrecisionConfig):
 
 
 @dataclass(frozen=True)
-class Bf16Config(PrecisionConfig):
+class Bf16Config(TargetedPrecision):
     name: ClassVar[str] = "bf16"
     dtype: ClassVar[str] = "bfloat16"
     weight_bits: ClassVar[int] = 16
@@ -189,7 +228,7 @@ class Bf16Config(PrecisionConfig):
 
 
 @dataclass(frozen=True)
-class Int8DynamicConfig(PrecisionConfig):
+class Int8DynamicConfig(TargetedPrecision):
     """int8 weights, activations quantized at run time per tensor (ONNX Runtime dynamic quantization)."""
 
     per_channel: bool = True  # one weight scale per output channel: outlier channels keep their own range
@@ -201,8 +240,15 @@ class Int8DynamicConfig(PrecisionConfig):
     # (vpmaddubsw), which 8-bit weights overflow; measured on an AVX2 EPYC, tiny BridgeTower ITM logits fell
     # to cosine 0.974 with 8 bits and kept 0.9996 with 7. The artifact does not know the CPU it will run on.
     reduce_range: bool = True
-    # --smooth's calibration set: a directory of images (and .txt prompts); None: a seeded synthetic set
+    # --smooth's (and --search's) calibration set: a directory of images (and .txt prompts); None: a seeded
+    # synthetic set
     calibration: Path | None = None
+    # MatMul node names left fp32 (ONNX Runtime's nodes_to_exclude); None: the default rule (with --smooth,
+    # the GELU-fed MatMuls; else none). A recipe found by --search names them (quantize/search.py).
+    fp32_nodes: tuple[str, ...] | None = None
+    # --search: when the plain scheme misses the targets, search SmoothQuant strength and fp32 nodes on the
+    # calibration set; the pass replaces this knob by the recipe it found (search=False, smooth, fp32_nodes).
+    search: bool = False
     name: ClassVar[str] = "int8-dynamic"
     dtype: ClassVar[str] = "float32"
     weight_bits: ClassVar[int] = 8
@@ -212,22 +258,34 @@ class Int8DynamicConfig(PrecisionConfig):
     description: ClassVar[str] = "int8 weights, activations quantized per call (CPU)"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _path_knob(self, "calibration")
         if self.smooth is not None and not 0 < self.smooth < 1:
             raise UsageError(
                 f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}."
             )
-        if self.calibration is not None and self.smooth is None:
+        if self.calibration is not None and self.smooth is None and not self.search:
             raise UsageError(
                 "--calibration applies to --precision int8-static (calibrated activations) or "
-                "int8-dynamic --smooth, not plain int8-dynamic. Drop the option or add --smooth."
+                "int8-dynamic --smooth / --search, not plain int8-dynamic. Drop the option or add --smooth."
+            )
+        if self.fp32_nodes is not None:  # a manifest or recipe file gives a JSON list
+            object.__setattr__(self, "fp32_nodes", tuple(str(n) for n in self.fp32_nodes))
+        if self.search and (self.smooth is not None or self.fp32_nodes is not None):
+            raise UsageError(
+                "--search chooses the SmoothQuant strength and the fp32 MatMuls itself; drop --smooth "
+                "(or replay a recipe with --recipe FILE, without --search)."
             )
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
-        if self.smooth is not None and artifact is not None and len(artifact.components) != 1:
+        if (
+            (self.smooth is not None or self.search)
+            and artifact is not None
+            and len(artifact.components) != 1
+        ):
             raise UsageError(
-                "--smooth calibrates encoder artifacts (one component); for generative artifacts use "
-                "--precision int8-weight."
+                f"--{'search' if self.search else 'smooth'} calibrates encoder artifacts (one component); "
+                "for generative artifacts use --precision int8-weight."
             )
 
 
@@ -235,7 +293,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True)
-class Int8StaticConfig(PrecisionConfig):
+class Int8StaticConfig(TargetedPrecision):
     """int8 weights and activations with scales calibrated ahead of time (QDQ graphs, TensorRT int8)."""
 
     method: str = "minmax"
@@ -252,6 +310,7 @@ class Int8StaticConfig(PrecisionConfig):
     description: ClassVar[str] = "int8 weights and activations, calibrated scales"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _path_knob(self, "calibration")
         if self.method not in CALIBRATION_METHODS:
             raise UsageError(
@@ -274,7 +333,7 @@ class Int8StaticConfig(PrecisionConfig):
 
 
 @dataclass(frozen=True)
-class Int8WeightConfig(PrecisionConfig):
+class Int8WeightConfig(TargetedPrecision):
     """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
 
     On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
@@ -299,6 +358,7 @@ class Int8WeightConfig(PrecisionConfig):
     description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own
             # error
@@ -339,6 +399,30 @@ def precision_from_record(name: str, knobs: Mapping[str, Any] | None) -> Precisi
     config = get_precision(name)
     own = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in (knobs or {}).items() if k in own})
+
+
+def precision_from_recipe(path: Path) -> PrecisionConfig:
+    """The config a recipe file names: ``{"precision": NAME, "knobs": {...}}`` (what ``--search`` writes as
+    ``search/recipe.json``), or a variant's ``manifest.json`` (its ``precision`` and ``precision_knobs``)."""
+    from vlexport.userdata import kind_of, read_json
+
+    advice = (
+        "Pass the search/recipe.json of an artifact built with --search (or its manifest.json), or a file "
+        '{"precision": "int8-dynamic", "knobs": {"smooth": 0.7, "fp32_nodes": [...]}}.'
+    )
+    doc = read_json(path, advice=advice, error=UsageError)
+    knobs = doc.get("knobs", doc.get("precision_knobs")) if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("precision"), str) or not isinstance(knobs, dict):
+        raise UsageError(f"{path} is {kind_of(doc)} without a precision name and its knobs. {advice}")
+    config = get_precision(doc["precision"])
+    own = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(knobs) - own)
+    if unknown:
+        raise UsageError(f"{path}: {config.name} has no knob(s) {', '.join(unknown)}. {advice}")
+    try:
+        return dataclasses.replace(config, **knobs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path}: its knobs do not fit {config.name} ({e}). {advice}") from None
 
 
 def precisions_for_backend(backend: str) -> tuple[str, ...]:

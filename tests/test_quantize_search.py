@@ -1,0 +1,200 @@
+"""Accuracy targets and the int8-dynamic recipe search (quantize/search.py): `vlexport quantize
+--min-cosine X`, `--search`, `--recipe FILE`.
+
+Random weights have no outlier channels, so plain int8-dynamic passes on them; the sensitive parent below is
+the fp32 artifact with one MatMul made int8-fragile without changing its function: its input is multiplied by
+a per-channel scale (every other channel x1e6) and its weight's rows divided by the same scale. The product is
+the same in exact arithmetic (the fp32 artifact still validates against eager), but per-tensor int8
+activations round the unscaled half to zero and per-channel int8 weights round the scaled-down half to zero.
+SmoothQuant's scales are clipped to 1e-2..1e2, so no alpha evens out 1e6: only keeping that MatMul fp32
+passes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from vlexport.cli import main
+from vlexport.contracts.precision import Int8DynamicConfig, get_precision
+from vlexport.manifest import Manifest
+from vlexport.quantize.smoothing import constant_weight_matmuls
+
+SCALE = 1e6
+
+
+def _is_module(node: onnx.NodeProto, module: str) -> bool:
+    """The exporter names the torch call a node came from in its metadata (``pkg.torch.onnx.fx_node``)."""
+    return any(p.key == "pkg.torch.onnx.fx_node" and module in p.value for p in node.metadata_props)
+
+
+def _sensitive_parent(parent: Path, out: Path) -> str:
+    """A copy of the fp32 artifact ``parent`` whose text-to-cross-modal projection (a MatMul every ITM logit
+    depends on) is made int8-fragile (module doc); returns that node's name. Sizes and hashes are recorded
+    again."""
+    shutil.copytree(parent, out)
+    manifest = Manifest.read(out)
+    (comp,) = manifest.components.values()
+    path = out / comp.file
+    model = onnx.load(str(path))
+    weighted = {n.name for group in constant_weight_matmuls(model).values() for n in group}
+    node = next(
+        n for n in model.graph.node if n.name in weighted and _is_module(n, "cross_modal_text_transform")
+    )
+    init = {i.name: i for i in model.graph.initializer}
+    w = numpy_helper.to_array(init[node.input[1]])
+    s = np.ones(w.shape[0], np.float32)
+    s[0::2] = SCALE
+    init[node.input[1]].CopyFrom(numpy_helper.from_array((w / s[:, None]).astype(np.float32), node.input[1]))
+    model.graph.initializer.append(numpy_helper.from_array(s, "outlier_scale"))
+    x, node.input[0] = node.input[0], "outlier_x"
+    at = list(model.graph.node).index(node)
+    model.graph.node.insert(at, helper.make_node("Mul", [x, "outlier_scale"], ["outlier_x"], name="outlier"))
+    onnx.save(model, str(path))
+    comp.size_bytes = path.stat().st_size
+    manifest.record_hashes(out)
+    manifest.write(out)
+    return node.name
+
+
+@pytest.fixture(scope="module")
+def sensitive(exported, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("sensitive")
+    name = _sensitive_parent(exported("bridgetower-tiny", "itm"), root / "fp32")
+    assert main(["validate", str(root / "fp32")]) == 0  # the rewrite kept the function: eager agrees at 1e-4
+    return root / "fp32", name
+
+
+def _graph(path: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    return [(n.op_type, n.name, tuple(n.input)) for n in onnx.load(str(path)).graph.node]
+
+
+def test_targets_are_knobs_stricter_only(exported, tmp_path: Path, capsys) -> None:
+    parent = exported("bridgetower-tiny", "itm")
+    # a stricter target travels on the config instance and judges validation (and the re-check)
+    assert (
+        main(["quantize", str(parent), "-o", str(tmp_path / "a"), "--precision", "int8-dynamic"])
+        + main(
+            [
+                "quantize",
+                str(parent),
+                "-o",
+                str(tmp_path / "b"),
+                "--precision",
+                "int8-dynamic",
+                "--min-cosine",
+                "0.99",
+            ]
+        )
+        == 0
+    )
+    plain, strict = Manifest.read(tmp_path / "a"), Manifest.read(tmp_path / "b")
+    assert (
+        plain.validation.accuracy.thresholds["min_cosine"]
+        == get_precision("int8-dynamic").tolerance.min_cosine
+    )
+    assert strict.precision_knobs["min_cosine"] == 0.99
+    assert strict.validation.accuracy.thresholds == {"min_cosine": 0.99, "min_agreement": 0.9}
+    assert strict.precision_config.tolerance.min_cosine == 0.99
+    cosine = strict.validation.accuracy.outputs["logits"]["cosine"]
+    capsys.readouterr()
+    # a target above what plain int8-dynamic reaches: exit 1, nothing written, the search command named
+    target = f"{min(0.999999, 1 - (1 - cosine) / 10):.6f}"
+    out = tmp_path / "c"
+    assert (
+        main(["quantize", str(parent), "-o", str(out), "--precision", "int8-dynamic", "--min-cosine", target])
+        == 1
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"logits: cosine {cosine:.5f} < {float(target)}" in err
+    assert f"--precision int8-dynamic --search --min-cosine {float(target)}" in err
+    assert f"onnx int8-dynamic (min_cosine={float(target)}) variant of {parent}" in err
+    assert not out.exists() and not list(tmp_path.glob(".c.*"))
+    # looser than the precision's own: a usage error pointing at --accept-degraded
+    assert (
+        main(["quantize", str(parent), "-o", str(out), "--precision", "int8-dynamic", "--min-cosine", "0.9"])
+        == 2
+    )
+    assert "--accept-degraded" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(Exception, match="min-cosine applies to"):
+        get_precision("fp32").with_knobs(min_cosine=0.99)
+
+
+def test_search_keeps_the_sensitive_matmul_fp32_and_replays(sensitive, tmp_path: Path, capsys) -> None:
+    parent, fragile = sensitive
+    plain = tmp_path / "plain"
+    assert main(["quantize", str(parent), "-o", str(plain), "--precision", "int8-dynamic"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--precision int8-dynamic --search" in err and not plain.exists()
+
+    out = tmp_path / "searched"
+    assert main(["quantize", str(parent), "-o", str(out), "--precision", "int8-dynamic", "--search"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    m = Manifest.read(out)
+    knobs = m.precision_knobs
+    assert knobs["search"] is False and fragile in knobs["fp32_nodes"]
+    assert "MatMul(s) kept fp32" in printed and fragile in printed and "--recipe" in printed
+    # the plain scheme and every SmoothQuant strength missed on the calibration set; fp32 nodes were needed
+    cands = m.derived_from["search"]["candidates"]
+    assert [c["fp32_nodes"] for c in cands[:4]] == [[]] * 4 and not any(c["passed"] for c in cands[:4])
+    assert cands[-1]["passed"] and cands[-1]["fp32_nodes"] == knobs["fp32_nodes"]
+    table = json.loads((out / "search" / "sensitivity.json").read_text())
+    assert table[0]["node"] == fragile  # most sensitive first
+    assert [r["error"] for r in table] == sorted((r["error"] for r in table), reverse=True)
+    assert (out / "search" / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"search/recipe.json", "search/sensitivity.png"} <= set(m.sha256)
+    # the kept node is a float MatMul in the graph; the rest were quantized
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert {n.name for n in graph.node if n.op_type == "MatMul"} >= set(knobs["fp32_nodes"])
+    assert any(n.op_type == "MatMulInteger" for n in graph.node)
+    acc = m.validation.accuracy  # judged on the seeded validation inputs against eager fp32
+    assert acc.passed and acc.outputs["logits"]["cosine"] >= Int8DynamicConfig.tolerance.min_cosine
+    assert main(["validate", str(out)]) == 0
+
+    replay = tmp_path / "replay"
+    recipe = out / "search" / "recipe.json"
+    assert main(["quantize", str(parent), "-o", str(replay), "--recipe", str(recipe)]) == 0
+    assert _graph(replay / "model.onnx") == _graph(out / "model.onnx")
+    assert (replay / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert Manifest.read(replay).precision_knobs["fp32_nodes"] == knobs["fp32_nodes"]
+    assert "search" not in Manifest.read(replay).derived_from  # replayed, not searched
+    capsys.readouterr()
+    assert (
+        main(["quantize", str(parent), "-o", str(tmp_path / "x"), "--recipe", str(recipe), "--search"]) == 2
+    )
+    assert "--recipe replays" in " ".join(capsys.readouterr().err.split())
+
+
+def test_ctrl_c_during_search_leaves_nothing(sensitive, tmp_path: Path) -> None:
+    parent, _ = sensitive
+    before = {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlexport.cli", "quantize", str(parent), "-o", str(out)]
+        + ["--precision", "int8-dynamic", "--search"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    # the per-MatMul sweep writes one.onnx in the quantizer's scratch inside the staging dir
+    while not list(tmp_path.glob(".o.*.partial/.quant.*/one.onnx")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the search never reached its sensitivity sweep"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted (SIGINT): nothing was written" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before

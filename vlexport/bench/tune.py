@@ -1,0 +1,465 @@
+"""`vlexport tune MODEL|DIR -o OUT`: build every backend x precision this machine can run, keep those whose
+accuracy meets the targets at the shapes to be served, bench the survivors in one interleaved run, and write
+the fastest as OUT (a normal validated artifact) with OUT/tune/report.json and report.md.
+
+* Candidates: every registered backend (or ``--backends``) x each precision it builds (or ``--precisions``);
+  one whose check fails here (``errors.MissingToolchain``: no TensorRT, no CUDA, no torchao) or that the
+  model refuses (a ``UsageError`` from the backend's or the config's own checks) is listed as skipped with
+  the reason. Each is built with ``pipeline.run_export`` and validated as usual (the precision's tolerance,
+  tightened by ``--min-cosine`` / ``--min-agreement``); derived builds reuse one fp32 parent per backend in
+  the work dir. A precision with a ``search`` knob that misses is built again with ``--search``.
+* Accuracy is also judged at the shapes to serve (``--batch-sizes`` x ``--seq-lens``) on seeded inputs other
+  than validation's and the calibration set's (``SERVE_SEED``), against eager fp32 (validate/outputs.py).
+* Survivors are benched by ``bench.harness.run_bench`` as artifact directories beside eager (parity-checked);
+  the choice is the passing candidate with the lowest p50 summed over the batch sizes (``latency``), the
+  highest summed throughput (``throughput``) or the smallest files (``size``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vlexport.artifact import atomic_write_text, check_output_dir, staged_dir
+from vlexport.contracts.backends import ExportJob, backend_names, backend_precisions, get_backend
+from vlexport.contracts.passes import derivation
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
+from vlexport.errors import CheckError, UsageError, ValidationError
+from vlexport.manifest import Manifest, component_size
+
+SERVE_SEED = 4321  # validation uses 1234.., calibration 50000..: the serve-shape inputs are neither
+OBJECTIVES = ("latency", "throughput", "size")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class TunePlan:
+    model: str  # preset, save_pretrained directory, or an fp32 artifact directory (its source is used)
+    output: Path
+    task: str | None = None
+    batch_sizes: tuple[int, ...] = (1, 8)
+    seq_lens: tuple[int, ...] = (32,)
+    objective: str = "latency"
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+    backends: tuple[str, ...] = ()  # () = every registered backend
+    precisions: tuple[str, ...] = ()  # () = every precision each backend builds
+    random_weights: bool = False
+    seed: int = 0
+    work_dir: Path | None = None  # None: a scratch dir beside OUT, removed at the end
+    warmup: int = 3
+    iters: int = 20
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective takes {', '.join(OBJECTIVES)}, not {self.objective!r}.")
+        unknown = [b for b in self.backends if b not in backend_names()]
+        if unknown:
+            raise UsageError(f"Unknown backend(s) {unknown}: choose from {', '.join(backend_names())}.")
+        self.precisions = tuple(get_precision(p).name for p in self.precisions)
+
+
+@dataclass
+class Candidate:
+    backend: str
+    precision: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    directory: str | None = None
+    built: bool = False
+    passed: bool = False
+    reason: str = ""  # why it was skipped or dropped
+    accuracy: dict[str, Any] = field(default_factory=dict)  # validation + serve shapes: min cosine, agreement
+    p50_ms: dict[str, float] = field(default_factory=dict)  # batch -> p50
+    speedup_vs_eager: dict[str, float] = field(default_factory=dict)
+    throughput: dict[str, float] = field(default_factory=dict)
+    size_mib: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+def targets(config: PrecisionConfig, plan: TunePlan) -> PrecisionConfig:
+    """The precision with the plan's targets, where it takes targets (fp32 is judged value-exact)."""
+    if config.name == "fp32":
+        return config
+    knobs = {"min_cosine": plan.min_cosine, "min_agreement": plan.min_agreement}
+    try:
+        return config.with_knobs(**knobs)
+    except UsageError:  # looser than the precision's own: its own thresholds judge it
+        return config
+
+
+def candidate_list(plan: TunePlan) -> list[tuple[Candidate, PrecisionConfig | None]]:
+    """Every backend x precision asked for, with the config to build, or None and the reason it is skipped."""
+    from vlexport.pipeline import check_job
+
+    out = []
+    for name in plan.backends or backend_names():
+        backend = get_backend(name)
+        for pname in backend_precisions(backend):
+            if plan.precisions and pname not in plan.precisions:
+                continue
+            cand = Candidate(name, pname)
+            try:
+                config = targets(get_precision(pname), plan)
+                check_job(ExportJob("", None, backend=name, precision=config))
+            except UsageError as e:  # MissingToolchain included: what this machine cannot build
+                cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+                out.append((cand, None))
+                continue
+            out.append((cand, config))
+    return out
+
+
+def _build(
+    plan: TunePlan, cand: Candidate, config: PrecisionConfig, work: Path, parents: dict[str, Path], progress
+) -> Manifest:
+    """Build ``cand`` in the work dir, from its backend's fp32 parent when it derives (built once, reused)."""
+    from vlexport.pipeline import run_export
+
+    backend = get_backend(cand.backend)
+    how = derivation(backend, config)
+    model = plan.model
+    if how is not None:
+        model = str(_parent(plan, how.parent_backend, work, parents, progress))
+    out = work / f"{cand.backend}-{cand.precision}"
+    if (out / "manifest.json").is_file():  # a re-run with --work-dir: built and validated before
+        return Manifest.read(out)
+    job = ExportJob(
+        model,
+        out,
+        backend=cand.backend,
+        task=plan.task if how is None else None,
+        precision=config,
+        random_weights=plan.random_weights,
+        seed=plan.seed,
+        force=True,
+    )
+    try:
+        return run_export(job, progress)
+    except ValidationError:
+        if "search" not in config.knobs() or getattr(config, "search", True):
+            raise
+        progress(f"{cand.name} missed: searching a recipe")
+        return run_export(replace(job, precision=config.with_knobs(search=True)), progress)
+
+
+def _parent(plan: TunePlan, backend: str, work: Path, parents: dict[str, Path], progress: Progress) -> Path:
+    if backend not in parents:
+        out = work / f"{backend}-fp32"
+        if not (out / "manifest.json").is_file():
+            cand = Candidate(backend, "fp32")
+            _build(plan, cand, Fp32Config(), work, parents, progress)
+        parents[backend] = out
+    return parents[backend]
+
+
+def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path, Manifest], dict[str, Any]]:
+    """Eager references at the shapes to serve (computed once); returns ``check(dir, manifest) -> record``."""
+    from vlexport.models.inputs import InputShape
+    from vlexport.runtime import load_artifact
+    from vlexport.validate.outputs import compare_outputs, output_references
+
+    shapes = [InputShape(b, s) for b in plan.batch_sizes for s in plan.seq_lens]
+    refs = output_references(model, task_spec, shapes=shapes, seed=SERVE_SEED)
+
+    def check(directory: Path, manifest: Manifest) -> dict[str, Any]:
+        report = compare_outputs(
+            refs, load_artifact(directory, manifest=manifest).run, precision=manifest.precision_config
+        )
+        return {
+            "passed": bool(report.passed),
+            "shapes": [str(s) for s in shapes],
+            "misses": report.failure_lines()[:5],
+            "min_cosine": min(
+                (c["cosine"] for c in report.checks if c.get("cosine") is not None), default=None
+            ),
+            "max_abs_error": report.max_abs_error,
+        }
+
+    return check
+
+
+def _summary(manifest: Manifest) -> dict[str, Any]:
+    v = manifest.validation
+    cos = [c["cosine"] for c in v.checks if c.get("cosine") is not None]
+    agree = [c["agreement"] for c in v.checks if c.get("agreement") is not None]
+    return {
+        "passed": bool(v.passed),
+        "shapes": list(v.shapes),
+        "min_cosine": min(cos) if cos else None,
+        "min_agreement": min(agree) if agree else None,
+        "max_abs_error": v.max_abs_error,
+    }
+
+
+def run_tune(plan: TunePlan, progress: Progress = lambda msg: None) -> dict[str, Any]:
+    """Build, judge, bench, choose, write OUT (module doc); returns the report."""
+    from vlexport.artifact import output_scope
+
+    with output_scope():  # Ctrl-C / SIGTERM unwind: the scratch work dir and OUT's staging are removed
+        return _run_tune(plan, progress)
+
+
+def _source(plan: TunePlan) -> tuple[TunePlan, Any, dict[str, Path]]:
+    """The model to build from, and an fp32 artifact given as DIR, reused as its backend's parent."""
+    from vlexport.weights import resolve
+
+    given = Path(plan.model)
+    if not (given / "manifest.json").is_file():
+        source = resolve(plan.model, random_weights=plan.random_weights, seed=plan.seed)
+        return replace(plan, task=source.check_task(plan.task)), source, {}
+    manifest = Manifest.read(given)
+    if manifest.precision != "fp32" or manifest.derived_from:
+        raise UsageError(
+            f"{given} is a {manifest.backend} {manifest.precision} artifact; `vlexport tune` starts from a "
+            "model or an fp32 export of it (`vlexport onnx MODEL`)."
+        )
+    model = manifest.source.get("path") or manifest.source.get("preset")
+    random = manifest.weights.get("kind") == "random"
+    plan = replace(
+        plan,
+        model=str(model),
+        task=manifest.task,
+        random_weights=random,
+        seed=manifest.weights.get("seed", 0),
+    )
+    source = resolve(plan.model, random_weights=random, seed=plan.seed)
+    return plan, source, {manifest.backend: given}
+
+
+def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
+    from vlexport.artifact import scratch_dir
+    from vlexport.errors import CheckError
+    from vlexport.weights import load_model
+
+    plan, source, parents = _source(plan)
+    task_spec = source.family.task(plan.task)
+    if task_spec.generative:
+        raise UsageError(
+            f"`vlexport tune` judges encoder tasks at the shapes to serve; {plan.task} is generative. Build "
+            "and bench its variants with `vlexport quantize` and `vlexport bench`."
+        )
+    check_output_dir(plan.output, force=plan.force)
+    listed = candidate_list(plan)
+    if not any(config is not None for _, config in listed):
+        raise UsageError(
+            "No backend x precision asked for can be built here: " + "; ".join(c.reason for c, _ in listed)
+        )
+    with scratch_dir(plan.output) if plan.work_dir is None else _kept(plan.work_dir) as work:
+        progress("eager references at the shapes to serve")
+        check = serve_accuracy(load_model(source, plan.task), task_spec, plan)
+        for cand, config in listed:
+            if config is not None:
+                progress(f"building {cand.name}")
+                _judge(plan, cand, config, work, parents, check, progress)
+        survivors = [c for c, _ in listed if c.passed]
+        rows = _bench(plan, survivors, progress) if survivors else []
+        chosen = _choose(plan, survivors)
+        report = _report(plan, [c for c, _ in listed], chosen, rows)
+        if chosen is None:
+            raise CheckError(
+                f"No candidate passed the accuracy targets at the shapes to serve; nothing was written to "
+                f"{plan.output}. Candidates: " + "; ".join(f"{c.name}: {c.reason}" for c, _ in listed)
+            )
+        with staged_dir(plan.output, force=plan.force) as tmp:
+            for f in Path(chosen.directory).iterdir():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+            (tmp / "tune").mkdir()
+            atomic_write_text(tmp / "tune" / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write_text(tmp / "tune" / "report.md", to_markdown(report))
+            plot_pareto(report, tmp / "tune" / "pareto.png")
+    return report
+
+
+class _kept:
+    """A work dir the user named: kept (re-runs reuse its candidates)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _judge(plan, cand: Candidate, config, work: Path, parents: dict, check, progress) -> None:
+    try:
+        manifest = _build(plan, cand, config, work, parents, progress)
+    except CheckError as e:  # a validation miss, or a --search that found no recipe
+        report = getattr(e, "report", None)
+        misses = report.accuracy.misses if report is not None and report.accuracy is not None else []
+        cand.reason = "dropped: " + ("; ".join(misses) or " ".join(str(e).split())[:300])
+        cand.accuracy["validation"] = {"passed": False, "misses": misses}
+        return
+    except UsageError as e:
+        cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+        return
+    directory = work / f"{cand.backend}-{cand.precision}"
+    cand.built, cand.directory, cand.knobs = True, str(directory), manifest.precision_knobs
+    cand.size_mib = round(sum(component_size(directory, c) for c in manifest.components.values()) / 2**20, 2)
+    cand.accuracy["validation"] = _summary(manifest)
+    serve = check(directory, manifest)
+    cand.accuracy["serve_shapes"] = serve
+    cand.passed = bool(manifest.validation.passed) and serve["passed"]
+    if not serve["passed"]:
+        cand.reason = (
+            "dropped: missed the targets at the shapes to serve: " + "; ".join(serve["misses"])[:300]
+        )
+
+
+def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> list[Any]:
+    from vlexport.bench.harness import BenchPlan, run_bench
+
+    progress(f"benchmarking {len(survivors)} candidate(s) in one interleaved run")
+    bench = BenchPlan(
+        models=tuple(c.directory for c in survivors),
+        batch_sizes=plan.batch_sizes,
+        seq_len=max(plan.seq_lens),
+        warmup=plan.warmup,
+        iters=plan.iters,
+        random_weights=plan.random_weights,
+        seed=plan.seed,
+    )
+    rows = run_bench(bench)
+    for c in survivors:
+        mine = [r for r in rows if r.backend == c.backend and r.precision == c.precision]
+        for r in mine:
+            if not r.ok:
+                c.passed = False
+                c.reason = f"dropped: bench {r.status} at batch {r.batch}: {r.detail[:200]}"
+                continue
+            c.p50_ms[str(r.batch)] = r.latency_p50_ms
+            c.throughput[str(r.batch)] = r.throughput
+            if r.speedup_vs_eager is not None:
+                c.speedup_vs_eager[str(r.batch)] = r.speedup_vs_eager
+    return rows
+
+
+def _choose(plan: TunePlan, survivors: Sequence[Candidate]) -> Candidate | None:
+    ok = [c for c in survivors if c.passed and len(c.p50_ms) == len(plan.batch_sizes)]
+    if not ok:
+        return None
+    if plan.objective == "throughput":
+        return max(ok, key=lambda c: sum(c.throughput.values()))
+    if plan.objective == "size":
+        return min(ok, key=lambda c: c.size_mib)
+    return min(ok, key=lambda c: sum(c.p50_ms.values()))
+
+
+def _report(
+    plan: TunePlan, cands: Sequence[Candidate], chosen: Candidate | None, rows: Sequence[Any]
+) -> dict:
+    return {
+        "model": plan.model,
+        "task": plan.task,
+        "objective": plan.objective,
+        "batch_sizes": list(plan.batch_sizes),
+        "seq_lens": list(plan.seq_lens),
+        "targets": {"min_cosine": plan.min_cosine, "min_agreement": plan.min_agreement},
+        "candidates": [
+            {k: v for k, v in vars(c).items() if k != "directory"} | {"name": c.name} for c in cands
+        ],
+        "chosen": None
+        if chosen is None
+        else {"backend": chosen.backend, "precision": chosen.precision, "knobs": chosen.knobs},
+        "bench_rows": [r.__dict__ for r in rows],
+    }
+
+
+def _accuracy_cell(record: dict[str, Any] | None) -> str:
+    """Min cosine; for precisions judged elementwise (fp32), the largest absolute error."""
+    if not record or "min_cosine" not in record:
+        return "-"
+    if record["min_cosine"] is not None:
+        return f"{record['min_cosine']:.5f}"
+    worst = max((record.get("max_abs_error") or {}).values(), default=None)
+    return "-" if worst is None else f"max abs {worst:.1e}"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    chosen = report["chosen"]
+    lines = [
+        f"# vlexport tune: {report['model']} ({report['task']})",
+        "",
+        f"Objective: {report['objective']}; batch sizes {report['batch_sizes']}, sequence lengths "
+        f"{report['seq_lens']}; chosen: **{chosen['backend']} {chosen['precision']}**"
+        if chosen
+        else "no choice",
+        "",
+        (
+            "| candidate | passed | min cosine (validation / serve shapes) | p50 ms per batch | speed-up vs "
+            "eager | MiB | why not |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in report["candidates"]:
+        acc = c["accuracy"]
+        v, s = _accuracy_cell(acc.get("validation")), _accuracy_cell(acc.get("serve_shapes"))
+        lines.append(
+            f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {v} / {s} | "
+            + ", ".join(f"b{b}: {p:.2f}" for b, p in c["p50_ms"].items())
+            + " | "
+            + ", ".join(f"b{b}: {x:.2f}x" for b, x in c["speedup_vs_eager"].items())
+            + f" | {c['size_mib'] if c['size_mib'] is not None else '-'} | {c['reason']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_x(c: dict[str, Any]) -> float | None:
+    """Where a benched candidate sits on the accuracy axis: its smallest cosine at the shapes to serve (fp32,
+    judged elementwise, at 1.0)."""
+    serve = c["accuracy"].get("serve_shapes") or {}
+    if serve.get("min_cosine") is not None:
+        return serve["min_cosine"]
+    return 1.0 if serve.get("passed") else None
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> None:
+    """Speed-up vs eager (mean over the batch sizes) against accuracy; the Pareto front and choice marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [
+        (c["name"], _accuracy_x(c), sum(c["speedup_vs_eager"].values()) / len(c["speedup_vs_eager"]))
+        for c in report["candidates"]
+        if c["speedup_vs_eager"] and _accuracy_x(c) is not None
+    ]
+    front = [p for p in points if not any(q[1] >= p[1] and q[2] > p[2] for q in points)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, x, y in points:
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front.sort(key=lambda p: p[1])
+    ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="tab:orange", label="Pareto front")
+    chosen = report["chosen"]
+    if chosen:
+        mine = [p for p in points if p[0] == f"{chosen['backend']} {chosen['precision']}"]
+        ax.scatter(
+            [p[1] for p in mine],
+            [p[2] for p in mine],
+            s=160,
+            facecolors="none",
+            edgecolors="red",
+            label="chosen",
+        )
+    ax.ticklabel_format(axis="x", useOffset=False)
+    ax.set_xlabel("min cosine vs eager fp32 at the shapes to serve")
+    ax.set_ylabel("speed-up vs eager (mean over batch sizes)")
+    ax.set_title(f"vlexport tune: {report['model']} ({report['task']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

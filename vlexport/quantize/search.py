@@ -1,0 +1,360 @@
+"""int8-dynamic recipes: apply one (``build``), and search one that meets the accuracy targets (``search``).
+
+A recipe is the knobs of ``Int8DynamicConfig`` that shape the graph: the SmoothQuant strength (``smooth``,
+quantize/smoothing.py) and the MatMuls kept fp32 (``fp32_nodes``). ``build`` is the one code path the pass,
+every search candidate and ``--recipe`` replays take, so a replayed recipe gives the same graph.
+
+The search scores candidates on the **calibration** feeds (quantize/calibration.py), against the fp32 parent
+run by ONNX Runtime on the same feeds (the parent is within 1e-4 of eager): per output, the smallest cosine
+over the feeds, and for outputs the task judges by argmax, the share of rows whose argmax agrees. The final
+choice is judged afterwards by the normal validation on the seeded validation inputs (pipeline), never on
+what was searched with. Cheapest first:
+
+1. the plain scheme, then a small SmoothQuant grid (``SMOOTH_GRID``); the best of them is the base;
+2. per-MatMul sensitivity on the base: the output error when that MatMul alone is quantized (constant-weight
+   MatMuls only; one quantizer call and one session per MatMul), written as JSON and a bar plot;
+3. the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them, at most
+   ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first, quantized
+   again if the targets still hold) is the recipe. None: a ``CheckError`` that names the precision likely
+   to pass (int8-weight: activations stay float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from vlexport.contracts.precision import Int8DynamicConfig, Tolerance
+from vlexport.errors import CheckError
+from vlexport.quantize.smoothing import after_activation_matmuls, constant_weight_matmuls, smooth
+
+SMOOTH_GRID = (0.5, 0.7, 0.85)
+# A candidate must keep its cosine error within this share of the target's allowance on the calibration feeds:
+# validation judges other inputs at other shapes (tiny BridgeTower ITM: a recipe at 0.9990 on calibration
+# gave 0.99893 on validation's b4s23).
+MARGIN = 0.8
+MAX_FP32 = 16  # fp32 MatMuls the search may keep at most (each costs int8's speed on its share of the work)
+MAX_SENSITIVITY_NODES = 256  # above this the per-MatMul sweep (one quantizer call each) is cut to the largest
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- applying a recipe
+def smoothed_source(
+    src: Path, alpha: float | None, feeds: Sequence[Mapping[str, np.ndarray]], scratch: Path
+) -> tuple[Path, list[str], int]:
+    """``src`` SmoothQuant-ed at ``alpha`` in ``scratch`` (``src`` itself for None); the GELU-fed MatMuls (the
+    default fp32 rule, read before smoothing puts a Mul in between) and the activations smoothed."""
+    if alpha is None:
+        return src, [], 0
+    model = onnx.load(str(src))
+    keep = after_activation_matmuls(model)
+    n = smooth(model, list(feeds), alpha)
+    path = scratch / f"smoothed-{alpha:g}-{src.name}"
+    onnx.save(model, str(path))
+    return path, keep, n
+
+
+def quantize(src: Path, dst: Path, config: Int8DynamicConfig, exclude: Sequence[str], external: bool) -> None:
+    """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vlexport.quantize.onnx_rewrite import quiet_root_logger
+
+    with quiet_root_logger():
+        quantize_dynamic(
+            src,
+            dst,
+            per_channel=config.per_channel,
+            weight_type=QuantType.QInt8,
+            reduce_range=config.reduce_range,
+            use_external_data_format=external,
+            nodes_to_exclude=list(exclude),
+        )
+
+
+def build(
+    src: Path,
+    dst: Path,
+    config: Int8DynamicConfig,
+    feeds: Callable[[], Sequence[Mapping[str, np.ndarray]]],
+    scratch: Path,
+    *,
+    external: bool = False,
+) -> dict[str, Any]:
+    """Write ``config``'s recipe of ``src`` to ``dst``; returns what the manifest records of it.
+
+    ``feeds`` is called only when the recipe smooths (the calibration set costs a tokenizer or image reads).
+    """
+    source, default_keep, n = smoothed_source(src, config.smooth, feeds() if config.smooth else (), scratch)
+    exclude = list(config.fp32_nodes) if config.fp32_nodes is not None else default_keep
+    quantize(source, dst, config, exclude, external)
+    details: dict[str, Any] = {"fp32_nodes": exclude}
+    if config.smooth is not None:
+        details["smooth"] = {"alpha": config.smooth, "activations_smoothed": n, "kept_fp32": exclude}
+    return details
+
+
+def recipe(config: Int8DynamicConfig, alpha: float | None, nodes: Sequence[str]) -> Int8DynamicConfig:
+    """The config of one candidate: search off, the recipe's knobs explicit (calibration only matters to
+    smoothing, and the config refuses it without)."""
+    return dataclasses.replace(
+        config,
+        search=False,
+        smooth=alpha,
+        fp32_nodes=tuple(nodes),
+        calibration=config.calibration if alpha is not None else None,
+    )
+
+
+def recipe_knobs(config: Int8DynamicConfig) -> dict[str, Any]:
+    """What a recipe file holds: the graph-shaping knobs (targets and calibration path stay the user's)."""
+    return {
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "smooth": config.smooth,
+        "fp32_nodes": list(config.fp32_nodes or ()),
+    }
+
+
+# ---------------------------------------------------------------- scoring on the calibration feeds
+@dataclass
+class Score:
+    cosine: dict[str, float]  # per output: the smallest cosine over the feeds
+    agreement: dict[str, float]  # per argmax-judged output: the share of rows whose argmax agrees
+    passed: bool
+
+    @property
+    def worst_cosine(self) -> float:
+        return min(self.cosine.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cosine": {k: round(v, 6) for k, v in self.cosine.items()},
+            "agreement": {k: round(v, 4) for k, v in self.agreement.items()},
+            "passed": self.passed,
+        }
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+
+
+class Scorer:
+    """The fp32 parent's outputs on the calibration feeds, and the score of a candidate graph against them."""
+
+    def __init__(
+        self,
+        reference: Path,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        tolerance: Tolerance,
+        agreement: Mapping[str, str],
+    ):
+        self.feeds, self.tolerance, self.agreement = list(feeds), tolerance, agreement
+        self.outputs, self.ref = self._run(reference)
+
+    def _run(self, path: Path) -> tuple[list[str], list[list[np.ndarray]]]:
+        sess = _session(path)
+        names = [o.name for o in sess.get_outputs()]
+        accepted = {i.name for i in sess.get_inputs()}
+        return names, [sess.run(names, {k: v for k, v in f.items() if k in accepted}) for f in self.feeds]
+
+    def score(self, path: Path) -> Score:
+        names, got = self._run(path)
+        cos = {n: min(_cosine(g[i], r[i]) for g, r in zip(got, self.ref)) for i, n in enumerate(names)}
+        agree = {}
+        for i, n in enumerate(names):
+            if self.agreement.get(n) == "argmax":
+                same = [(g[i].argmax(-1) == r[i].argmax(-1)).ravel() for g, r in zip(got, self.ref)]
+                agree[n] = float(np.concatenate(same).mean())
+        tol = self.tolerance
+        need = None if tol.min_cosine is None else 1 - MARGIN * (1 - tol.min_cosine)
+        passed = (need is None or min(cos.values()) >= need) and (
+            tol.min_agreement is None or all(a >= tol.min_agreement for a in agree.values())
+        )
+        return Score(cos, agree, passed)
+
+
+# ---------------------------------------------------------------- the search
+@dataclass
+class SearchResult:
+    config: Int8DynamicConfig  # the recipe found (search off)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate scored, in order
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)  # most sensitive first ([] if not run)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "recipe": recipe_knobs(self.config),
+            "scored_on": "calibration feeds (fp32 parent's outputs as reference)",
+            "candidates": self.candidates,
+            "sensitive_matmuls": [r["node"] for r in self.sensitivity[:10]],
+        }
+
+
+def _label(alpha: float | None, nodes: Sequence[str]) -> str:
+    return f"{'plain' if alpha is None else f'smooth {alpha:g}'}" + (f" + {len(nodes)} fp32" if nodes else "")
+
+
+def search(
+    src: Path,
+    config: Int8DynamicConfig,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    scratch: Path,
+    *,
+    agreement: Mapping[str, str] | None = None,
+    progress: Progress = lambda msg: None,
+    max_fp32: int | None = None,
+) -> SearchResult:
+    """The cheapest recipe of ``config`` whose score on ``feeds`` meets ``config.tolerance`` (module doc)."""
+    scorer = Scorer(src, feeds, config.tolerance, agreement or {})
+    result = SearchResult(config)
+    work = scratch / "candidate.onnx"
+    sources: dict[float | None, Path] = {}
+
+    def scored(alpha: float | None, nodes: Sequence[str]) -> Score:
+        if alpha not in sources:
+            if alpha is not None:
+                progress(f"search: SmoothQuant {alpha:g} on {len(feeds)} calibration feeds")
+            sources[alpha] = smoothed_source(src, alpha, feeds, scratch)[0]
+        quantize(sources[alpha], work, config, nodes, external=False)
+        s = scorer.score(work)
+        result.candidates.append(
+            {"candidate": _label(alpha, nodes), "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
+        )
+        progress(f"search: {_label(alpha, nodes)}: cosine {s.worst_cosine:.5f}")
+        return s
+
+    best: tuple[float, float | None] | None = None
+    for alpha in (None, *SMOOTH_GRID):
+        progress(f"search: {_label(alpha, ())}")
+        s = scored(alpha, ())
+        if s.passed:
+            result.config = recipe(config, alpha, ())
+            return result
+        if best is None or s.worst_cosine > best[0]:
+            best = (s.worst_cosine, alpha)
+    alpha = best[1]
+    result.sensitivity = sensitivity(sources[alpha], config, scorer, scratch, progress)
+    ranked = [r["node"] for r in result.sensitivity]
+    limit = max_fp32 if max_fp32 is not None else min(MAX_FP32, max(1, math.ceil(len(ranked) / 3)))
+    for k in range(1, min(limit, len(ranked)) + 1):
+        if scored(alpha, ranked[:k]).passed:
+            result.config = recipe(config, alpha, _pruned(ranked[:k], result.sensitivity, alpha, scored))
+            return result
+    tol = config.tolerance
+    best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
+    raise CheckError(
+        f"int8-dynamic --search found no recipe that meets cosine >= {tol.min_cosine}"
+        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
+        f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}, and up to "
+        f"{limit} of the most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
+        "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
+        "likely to pass; or lower the target (the precision's defaults are the floor)."
+    )
+
+
+def _pruned(
+    kept: list[str],
+    table: Sequence[Mapping[str, Any]],
+    alpha: float | None,
+    scored: Callable[[float | None, Sequence[str]], Score],
+) -> list[str]:
+    """The fp32 set made cheaper: each kept MatMul, the largest first, is quantized again if the targets still
+    hold without it (sensitivity is measured one node at a time; errors of several do not simply add up)."""
+    weights = {r["node"]: r["weights"] for r in table}
+    for node in sorted(kept[:-1], key=lambda n: -weights[n]):  # the last one added was needed
+        trial = [n for n in kept if n != node]
+        if scored(alpha, trial).passed:
+            kept = trial
+    return kept
+
+
+def sensitivity(
+    src: Path, config: Int8DynamicConfig, scorer: Scorer, scratch: Path, progress: Progress
+) -> list[dict[str, Any]]:
+    """Per constant-weight MatMul of ``src``: the score when it alone is quantized; most sensitive first."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vlexport.quantize.onnx_rewrite import quiet_root_logger
+
+    model = onnx.load(str(src), load_external_data=False)
+    sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer}
+    nodes = [n for group in constant_weight_matmuls(model).values() for n in group]
+    nodes = sorted(nodes, key=lambda n: -sizes[n.input[1]])[:MAX_SENSITIVITY_NODES]
+    work = scratch / "one.onnx"
+    rows = []
+    for i, node in enumerate(nodes):
+        progress(f"search: sensitivity {i + 1}/{len(nodes)} ({node.name})")
+        with quiet_root_logger():
+            quantize_dynamic(
+                src,
+                work,
+                per_channel=config.per_channel,
+                weight_type=QuantType.QInt8,
+                reduce_range=config.reduce_range,
+                nodes_to_quantize=[node.name],
+            )
+        s = scorer.score(work)
+        rows.append(
+            {
+                "node": node.name,
+                "weights": sizes[node.input[1]],
+                "cosine": round(s.worst_cosine, 7),
+                "error": 1 - s.worst_cosine,
+                "agreement": {k: round(v, 4) for k, v in s.agreement.items()},
+            }
+        )
+    return sorted(rows, key=lambda r: -r["error"])
+
+
+def write_report(result: SearchResult, directory: Path) -> list[str]:
+    """``search/sensitivity.json``, ``search/sensitivity.png`` and ``search/recipe.json`` in ``directory``;
+    returns the files written, relative to it."""
+    out = directory / "search"
+    out.mkdir(exist_ok=True)
+    (out / "recipe.json").write_text(
+        json.dumps({"precision": result.config.name, "knobs": recipe_knobs(result.config)}, indent=2) + "\n"
+    )
+    files = ["search/recipe.json"]
+    (out / "search.json").write_text(json.dumps(result.record(), indent=2) + "\n")
+    files.append("search/search.json")
+    if result.sensitivity:
+        (out / "sensitivity.json").write_text(json.dumps(result.sensitivity, indent=2) + "\n")
+        _plot(result.sensitivity, out / "sensitivity.png")
+        files += ["search/sensitivity.json", "search/sensitivity.png"]
+    return files
+
+
+def _plot(rows: Sequence[Mapping[str, Any]], path: Path, top: int = 40) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = list(rows[:top])
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(shown) + 1.5))
+    ax.barh([r["node"] for r in shown][::-1], [max(r["error"], 1e-9) for r in shown][::-1])
+    ax.set_xscale("log")
+    ax.set_xlabel("1 - cosine vs fp32 when this MatMul alone is int8 (calibration feeds)")
+    ax.set_title(f"int8-dynamic sensitivity, most sensitive first ({len(shown)} of {len(rows)} MatMuls)")
+    ax.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
