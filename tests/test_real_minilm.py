@@ -39,12 +39,12 @@ def test_int8_weight_and_smoothed_int8_dynamic_keep_real_embeddings(minilm) -> N
     from minilm_sentences import sentences
 
     from vlexport.contracts.precision import Int8WeightConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_int8
+    from vlexport.quantize.onnx_weight_only import weight_only_nbits
     from vlexport.quantize.smoothing import smooth
 
     _module, tok, fp32, feeds, ref, work = minilm
     w8 = work / "w8.onnx"
-    weight_only_int8(fp32, w8, Int8WeightConfig(), external=False)
+    weight_only_nbits(fp32, w8, Int8WeightConfig(), external=False)
     weight_only = study.summary(study.run(w8, feeds), ref)
     assert weight_only["mean_cosine"] >= 0.998 and weight_only["min_cosine"] >= 0.998
     plain = work / "dyn.onnx"

@@ -270,7 +270,35 @@ class Int8StaticConfig(PrecisionConfig):
 
 
 @dataclass(frozen=True)
-class Int8WeightConfig(PrecisionConfig):
+class WeightOnlyConfig(PrecisionConfig):
+    """The knobs of ONNX Runtime's ``MatMulNBits`` weight-only schemes (int8-weight, int4-weight; not
+    registered itself): ``weight_bits``-wide weights in blocks along the input dim, activations never stored
+    quantized."""
+
+    block_size: int = 32  # weights sharing one scale along the input dim (MatMulNBits' block_size)
+    # MatMulNBits' compute type on CPU: 0 / 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8 (activations quantized
+    # per block inside the kernel, per call); which one runs fast: benchmarks/matmulnbits_micro.py
+    accuracy_level: int = 4
+    symmetric: bool = False  # a zero point per block: every level is used for skewed blocks
+    dtype: ClassVar[str] = "float32"
+    compute: ClassVar[str] = (
+        "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
+    )
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
+            # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own
+            # error
+            raise UsageError(
+                f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
+                f"runs), got {self.block_size}."
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
+
+
+@dataclass(frozen=True)
+class Int8WeightConfig(WeightOnlyConfig):
     """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
 
     On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
@@ -279,30 +307,37 @@ class Int8WeightConfig(PrecisionConfig):
     (benchmarks/results/real-minilm-precision.json) for a ~10% smaller, faster file.
     """
 
-    block_size: int = 32  # weights sharing one scale along the input dim (MatMulNBits' block_size)
-    # MatMulNBits' compute type on CPU: 4 = int8 (the only fast 8-bit x86 kernel); 0 = fp32 reference loop
-    accuracy_level: int = 4
-    symmetric: bool = False  # a zero point per block: the full 256 levels for skewed blocks
     name: ClassVar[str] = "int8-weight"
-    dtype: ClassVar[str] = "float32"
     weight_bits: ClassVar[int] = 8
-    compute: ClassVar[str] = (
-        "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
-    )
     tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
     # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
     description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
-    def __post_init__(self) -> None:
-        if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
-            # ONNX Runtime's MatMulNBits kernels take 16..256: a larger block failed at load with its own error
+
+@dataclass(frozen=True)
+class Int4WeightConfig(WeightOnlyConfig):
+    """Int4 weights (uint4 blocks with a scale and a 4-bit zero point each): half int8-weight's bytes per
+    decode step. ONNX Runtime's 4-bit MatMulNBits is fast on x86 at accuracy level 4 (int8 compute), at one
+    row and at several (benchmarks/results/matmulnbits-micro.json); the accuracy cost is measured on real
+    weights in benchmarks/results/real-minilm-precision.json.
+    """
+
+    name: ClassVar[str] = "int4-weight"
+    weight_bits: ClassVar[int] = 4
+    # 16 levels per block: random tiny models keep cosines of ~0.995 (per-matrix 0.996 at block 32); task
+    # agreement as int8-weight's
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.98, min_agreement=0.9)
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao int4 weight-only linears (CPU packing), export/aoti.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
+    description: ClassVar[str] = "int4 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        if backend == "aoti" and self.block_size < 32:  # torchao's int4 groups are 32..256
             raise UsageError(
-                f"block_size must be a power of two from 16 to 256 (what ONNX Runtime's MatMulNBits "
-                f"runs), got {self.block_size}."
+                f"block_size {self.block_size}: compiled int4 packages (torchao) take 32 to 256; give 32 "
+                "or more."
             )
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
 
 # The registry: every precision by name, with its default knobs.
@@ -315,6 +350,7 @@ PRECISIONS: dict[str, PrecisionConfig] = {
         Int8DynamicConfig(),
         Int8StaticConfig(),
         Int8WeightConfig(),
+        Int4WeightConfig(),
     )
 }
 # Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).

@@ -1,11 +1,13 @@
-"""ONNX int8 weight-only pass: every MatMul with a constant weight becomes ONNX Runtime's ``MatMulNBits``.
+"""ONNX weight-only passes (int8-weight, int4-weight): every MatMul with a constant weight becomes ONNX
+Runtime's ``MatMulNBits`` at the config's ``weight_bits``.
 
-Each weight is stored as int8 blocks of ``block_size`` values along the input dimension with one fp32
-scale per block, quantized by ONNX Runtime's own kernel (``quantize_matmul_8bits``, what its
-``MatMulNBitsQuantizer`` calls). The kernel runs at ``accuracy_level`` 4: on x86 the 8-bit MatMulNBits has
-a fast kernel only for int8 compute (activations quantized per block inside the kernel, per call); the
-fp32/fp16/bf16 compute levels are reference loops, measured 20-40x slower than the fp32 MatMul they
-replace (README, "Precisions"). The CUDA provider ignores the level and computes in fp16.
+Each weight is stored as 8- or 4-bit blocks of ``block_size`` values along the input dimension with one fp32
+scale (and a zero point) per block, quantized by ONNX Runtime's own kernels (``quantize_matmul_8bits`` /
+``_4bits``, what its ``MatMulNBitsQuantizer`` calls). The kernels run at the config's ``accuracy_level``, 4 by
+default: on x86 the 8-bit MatMulNBits has a fast kernel only for int8 compute (activations quantized per
+block inside the kernel, per call); its fp32/fp16/bf16 compute levels are reference loops, measured 20-40x
+slower than the fp32 MatMul they replace (README, "Precisions"); the 4-bit kernel is fastest at level 4 too
+(benchmarks/results/matmulnbits-micro.json). The CUDA provider ignores the level and computes in fp16.
 
 The graph is rewritten one weight at a time: the source is opened without its external data, each weight is
 read from the parent's data file, quantized and appended to the new one. A 14 GB BLIP-2 decoder quantizes
@@ -25,20 +27,20 @@ from onnx import TensorProto, numpy_helper
 
 from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
-from vlexport.contracts.precision import Int8WeightConfig
+from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, WeightOnlyConfig
 from vlexport.errors import UsageError
 from vlexport.quantize.onnx_rewrite import rewrite_components
 
-MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits
+MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits (4-bit ones are older)
 
 
-def check_runtime() -> None:
+def check_runtime(precision: str) -> None:
     import onnxruntime
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
     if version < MIN_ORT:
         raise UsageError(
-            f"int8-weight needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
+            f"{precision} needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
             f"kernels on x86); {onnxruntime.__version__} is installed. Upgrade onnxruntime, or use "
             "--precision int8-dynamic."
         )
@@ -97,21 +99,24 @@ class _Tensors:
             self.out.close()
 
 
-def _quantize(
-    weight: np.ndarray, block_size: int, symmetric: bool
+def quantize_block(
+    weight: np.ndarray, bits: int, block_size: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ORT's 8-bit block quantization of a [K, N] weight: packed [N, blocks, block_size]; scales and zero
-    points [N, blocks]."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    """ORT's ``bits``-wide (4 or 8) block quantization of a [K, N] weight, by its own kernels (what
+    ``MatMulNBitsQuantizer`` calls): packed [N, blocks, block_size * bits / 8] uint8, scales [N, blocks] and
+    zero points [N, ceil(blocks * bits / 8)] (4-bit ones two to a byte)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    kernel = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    per_byte = 8 // bits
     rows, cols = weight.shape
     blocks = -(-rows // block_size)
     if blocks * block_size != rows:
         weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)))
-    packed = np.zeros((cols, blocks, block_size), dtype=np.uint8)
+    packed = np.zeros((cols, blocks, block_size // per_byte), dtype=np.uint8)
     scales = np.zeros((cols, blocks), dtype=np.float32)
-    zero_points = np.zeros((cols, blocks), dtype=np.uint8)
-    quantize_matmul_8bits(
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
+    kernel(
         packed,
         np.ascontiguousarray(weight, dtype=np.float32),
         scales,
@@ -164,11 +169,11 @@ def linear_weight(
     return weight, transposed, via
 
 
-def weight_only_int8(
-    src: Path, dst: Path, config: Int8WeightConfig, *, external: bool, exclude: tuple[str, ...] = ()
+def weight_only_nbits(
+    src: Path, dst: Path, config: WeightOnlyConfig, *, external: bool, exclude: tuple[str, ...] = ()
 ) -> int:
-    """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as 8-bit MatMulNBits; returns
-    how many.
+    """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as MatMulNBits of
+    ``config.weight_bits``; returns how many.
 
     ``exclude``: node names kept fp32. ``external``: write the weights to ``dst.name + ".data"``.
     """
@@ -178,6 +183,7 @@ def weight_only_int8(
     producer = {o: n for n in graph.node for o in n.output}
     uses = Counter(name for node in _all_nodes(graph) for name in node.input)
     uses.update(o.name for o in graph.output)
+    bits = config.weight_bits
     tensors = _Tensors(src, dst, external)
     try:
         nodes, new_inits, count = [], [], 0
@@ -190,10 +196,10 @@ def weight_only_int8(
             w = tensors.read(weight)
             w = w.T if transposed else w
             k, n = w.shape
-            packed, scales, zero_points = _quantize(w, config.block_size, config.symmetric)
+            packed, scales, zero_points = quantize_block(w, bits, config.block_size, config.symmetric)
             del w
             base = f"{weight.name}_{node.name or count}"
-            inputs = {f"{base}_Q8": packed, f"{base}_scales": scales}
+            inputs = {f"{base}_Q{bits}": packed, f"{base}_scales": scales}
             if not config.symmetric:
                 inputs[f"{base}_zero_points"] = zero_points
             new_inits += [tensors.write(TensorProto(name=name), array) for name, array in inputs.items()]
@@ -204,11 +210,11 @@ def weight_only_int8(
                     "MatMulNBits",
                     [node.input[0], *inputs],
                     [out],
-                    name=f"{node.name}_Q8" if node.name else "",
+                    name=f"{node.name}_Q{bits}" if node.name else "",
                     domain="com.microsoft",
                     K=k,
                     N=n,
-                    bits=8,
+                    bits=bits,
                     block_size=config.block_size,
                     accuracy_level=config.accuracy_level,
                 )
@@ -235,30 +241,34 @@ def weight_only_int8(
     return count
 
 
-class OnnxInt8WeightPass:
+class OnnxWeightOnlyPass:
+    """The pass of one weight-only precision (its config class says the width)."""
+
     backend = "onnx"
-    precision = Int8WeightConfig.name
+
+    def __init__(self, config: type[WeightOnlyConfig]) -> None:
+        self.config_type, self.precision = config, config.name
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        check_runtime()
+        check_runtime(self.precision)
         config = ctx.job.precision
-        assert isinstance(config, Int8WeightConfig)
+        assert isinstance(config, self.config_type)
         counts: dict[str, int] = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # external data where the parent had it: the writer streams into it, one weight at a time
-            counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
+            counts[dst.stem] = weight_only_nbits(src, dst, config, external=external)
 
         derived = rewrite_components(ctx, write)
         if not any(counts.values()):
             raise UsageError(
-                "int8-weight found no MatMul with a constant weight in this artifact: nothing to "
+                f"{self.precision} found no MatMul with a constant weight in this artifact: nothing to "
                 "quantize. Use --precision fp16 or int8-dynamic."
             )
         derived.details.update(
             {
                 "block_size": config.block_size,
-                "bits": 8,
+                "bits": config.weight_bits,
                 "accuracy_level": config.accuracy_level,
                 "matmul_nbits": counts,
             }
@@ -266,4 +276,5 @@ class OnnxInt8WeightPass:
         return derived
 
 
-register_pass(OnnxInt8WeightPass())
+register_pass(OnnxWeightOnlyPass(Int8WeightConfig))
+register_pass(OnnxWeightOnlyPass(Int4WeightConfig))
