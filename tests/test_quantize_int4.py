@@ -89,19 +89,22 @@ def test_int4_weight_encoder_matches_eager_within_its_tolerance(exported, tmp_pa
     assert main(["validate", str(out)]) == 0  # re-judged from the directory with the recorded config
 
 
-def test_int4_weight_generation_validates_against_hf_generate(exported, tmp_path: Path, capsys) -> None:
-    parent = exported("blip2-opt-tiny", "generate")
+@pytest.mark.parametrize(("preset", "block"), [("blip2-opt-tiny", None), ("blip-tiny", "64")])
+def test_int4_weight_generation_validates_against_hf_generate(
+    exported, tmp_path: Path, capsys, preset: str, block: str | None
+) -> None:
+    parent = exported(preset, "generate" if preset.startswith("blip2") else "caption")
     out = tmp_path / "w4"
-    assert (
-        main(["quantize", str(parent), "-o", str(out), "--precision", "int4-weight", "--block-size", "16"])
-        == 0
-    )
+    extra = ["--block-size", block] if block else []
+    assert main(["quantize", str(parent), "-o", str(out), "--precision", "int4-weight", *extra]) == 0
     assert "accuracy vs eager fp32 (int4-weight): passed" in capsys.readouterr().out
     m = Manifest.read(out)
-    assert m.precision_config == Int4WeightConfig(block_size=16)
+    want = int(block) if block else 32
+    assert m.precision_config == Int4WeightConfig(block_size=want)
     nbits = _nbits(out)
-    assert nbits and all(a["bits"] == 4 and a["block_size"] == 16 for a in nbits)
-    # every linear of the vision tower, the Q-Former and the OPT decoder (FFN Gemms, tied lm_head) is 4-bit
+    assert nbits and all(a["bits"] == 4 and a["block_size"] == want for a in nbits)
+    # every linear of every component (vision tower, Q-Former, decoder steps: OPT's FFN Gemms, the tied
+    # lm_head) is 4-bit
     assert not _left_fp32(out)
     g, tol = m.validation.accuracy.generation, get_precision("int4-weight").tolerance
     assert g["greedy_samples"] > 0 and g["min_logit_cosine"] >= tol.min_cosine
@@ -144,3 +147,116 @@ def test_weight_only_configs_share_knobs_not_widths() -> None:
     assert Int4WeightConfig.weight_bits == 4 and Int8WeightConfig.weight_bits == 8
     assert Int4WeightConfig().weight_bytes == 0.5 and Int4WeightConfig().quantizes_weights
     assert get_precision("int4-weight") == Int4WeightConfig() != Int8WeightConfig()
+
+
+def _tied_graph(path: Path, hidden: int = 64, vocab: int = 96) -> dict[str, np.ndarray]:
+    """A token table used twice (embedding Gather and the lm_head's MatMul on its Transpose, as OPT), a
+    position table, one linear between them; saved with external data."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {
+        "E": rng.standard_normal((vocab, hidden)).astype(np.float32),
+        "P": rng.standard_normal((16, hidden)).astype(np.float32) * 0.1,
+        "W": rng.standard_normal((hidden, hidden)).astype(np.float32) * hidden**-0.5,
+    }
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["tok"], name="embed"),
+        helper.make_node("Gather", ["P", "pos"], ["at"], name="positions"),
+        helper.make_node("Add", ["tok", "at"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "W"], ["h1"], name="linear"),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h1", "Et"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("pos", TensorProto.INT64, ["b", "s"]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["b", "s", hidden]),
+        ],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    return w
+
+
+@pytest.mark.parametrize("config", [Int8WeightConfig(), Int4WeightConfig()], ids=["int8", "int4"])
+def test_quantized_embeddings_share_the_tied_table(tmp_path: Path, config) -> None:
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+
+    for d in ("src", "plain", "emb"):
+        (tmp_path / d).mkdir()
+    src, plain, emb = (tmp_path / d / "m.onnx" for d in ("src", "plain", "emb"))
+    w = _tied_graph(src)
+    assert weight_only_nbits(src, plain, config, external=True) == {"MatMulNBits": 2}
+    with_tables = dataclasses.replace(config, quantize_embeddings=True)
+    assert weight_only_nbits(src, emb, with_tables, external=True) == {
+        "MatMulNBits": 2,
+        "GatherBlockQuantized": 2,
+    }
+    graph = onnx.load(str(emb), load_external_data=False).graph
+    names = {t.name for t in graph.initializer}
+    assert names.isdisjoint({"E", "P", "W"})  # no fp32 table is left
+    by_op = {n.op_type: n for n in graph.node}
+    head = next(
+        n for n in graph.node if n.op_type == "MatMulNBits" and n.name == "head_Q" + str(config.weight_bits)
+    )
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    producer = {o: n for n in graph.node for o in n.output}
+    tok = next(n for n in gathers if n.input[1] == "ids")
+    # one quantized table: the embedding reads the lm_head's bytes (through a Reshape), scales and zero points
+    assert producer[tok.input[0]].op_type == "Reshape" and producer[tok.input[0]].input[0] == head.input[1]
+    assert list(tok.input[2:]) == list(head.input[2:])
+    assert "Transpose" not in by_op and "Gather" not in by_op
+
+    rng = np.random.default_rng(1)
+    feeds = {"ids": rng.integers(0, 96, (2, 5)), "pos": np.tile(np.arange(5), (2, 1))}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+    (lo, h0), (plain_lo, plain_h0), (ref_lo, ref_h0) = run(emb), run(plain), run(src)
+    assert np.array_equal(plain_h0, ref_h0) and not np.array_equal(h0, ref_h0)  # only the variant's tables
+    want = w["E"][feeds["ids"]] + w["P"][feeds["pos"]]
+    assert np.array_equal(ref_h0, want)
+    tol = config.tolerance.min_cosine
+    assert _cosine(h0, want) >= tol and _cosine(lo, ref_lo) >= tol and _cosine(plain_lo, ref_lo) >= tol
+    # the data file lost the fp32 token table (24 KiB) and stores its quantized bytes once, for both users
+    plain_bytes, emb_bytes = ((p.parent / "m.onnx.data").stat().st_size for p in (plain, emb))
+    assert emb_bytes < plain_bytes - 96 * 64 * 4 * 0.5
+
+
+def test_quantized_embeddings_on_a_tiny_generative_preset(exported, tmp_path: Path, capsys) -> None:
+    parent = exported("blip2-opt-tiny", "generate")
+    plain, emb = tmp_path / "plain", tmp_path / "emb"
+    assert main(["quantize", str(parent), "-o", str(plain), "--precision", "int8-weight"]) == 0
+    argv = ["quantize", str(parent), "-o", str(emb), "--precision", "int8-weight", "--quantize-embeddings"]
+    assert main(argv) == 0  # validated against HF generate() on eager fp32 with int8-weight's thresholds
+    assert "accuracy vs eager fp32 (int8-weight): passed" in capsys.readouterr().out
+    m = Manifest.read(emb)
+    assert m.precision_knobs["quantize_embeddings"] is True and m.precision_config.quantize_embeddings
+    assert m.derived_from["gather_block_quantized"] == {"image_encoder": 0, "decoder": 2}  # tokens, positions
+    g, tol = m.validation.accuracy.generation, get_precision("int8-weight").tolerance
+    assert g["min_logit_cosine"] >= tol.min_cosine and g["agreement_with_near_ties"] >= tol.min_agreement
+    graph = onnx.load(str(emb / m.components["decoder"].file), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] == "module.lm_head.weight"]
+    size = {d: Manifest.read(d).components["decoder"].size_bytes for d in (parent, plain, emb)}
+    assert size[emb] < size[plain] < size[parent]
+    # the token table (1024 x 64 fp32, 256 KiB) is stored once, quantized, shared with the tied lm_head
+    assert size[plain] - size[emb] > 0.7 * 1024 * 64 * 4
+    # refused for precisions without the knob, before any work
+    out = tmp_path / "fp16"
+    assert (
+        main(["quantize", str(parent), "-o", str(out), "--precision", "fp16", "--quantize-embeddings"]) == 2
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "--quantize-embeddings applies to --precision int8-weight or int4-weight" in err and not out.exists()
+    )

@@ -106,7 +106,7 @@ def compile_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=precision_choices("aoti"),
-        help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
+        help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight / int4-weight: torchao weight-only "
         "linears (needs torchao)",
     )
     p.add_argument(
@@ -166,8 +166,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         required=True,
-        help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
-        "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
+        help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight / "
+        "int4-weight (MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
         "`vlexport list` shows what each backend builds",
     )
     p.add_argument(
@@ -193,9 +193,16 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--block-size",
         type=int,
         metavar="N",
-        help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
-        "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
+        help="int8-weight / int4-weight: weights sharing one scale (a power of two 16..256; default 32). "
+        "128 makes BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
         "(README, Precisions)",
+    )
+    p.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        default=None,
+        help="int8-weight / int4-weight: embedding tables too (ONNX Runtime GatherBlockQuantized, same bits "
+        "and blocks; a tied lm_head shares the quantized table)",
     )
     p.add_argument(
         "--accept-degraded",
