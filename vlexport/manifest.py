@@ -181,7 +181,7 @@ class Manifest:
     task: str
     hf_class: str
     backend: str  # a registered backend name (contracts/backends.py): onnx | onnx-opt | aoti | tensorrt | ...
-    precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static | int8-weight
+    precision: str  # a registered precision name (contracts/precision.py PRECISIONS): fp32 | fp16 | ...
     source: dict[str, Any]  # {"preset": ..., "path": ..., "checkpoint": ...}
     weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
     components: dict[str, Component]

@@ -32,7 +32,7 @@ from vlexport.contracts.backends import (
     get_backend,
 )
 from vlexport.contracts.passes import BUILTIN, Derivation, derivation
-from vlexport.contracts.precision import Fp32Config, PrecisionConfig
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
 from vlexport.errors import UsageError
 from vlexport.manifest import Component, Manifest, ValidationReport
 from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
@@ -70,8 +70,8 @@ def check_variant_source(model: str | Path, manifest: Manifest, config: Precisio
     if config.name == "fp32":
         raise UsageError(
             f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
-            f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
-            "int8-weight, int8-static)."
+            f"{manifest.backend} {manifest.precision} already. Name a variant "
+            f"({', '.join(n for n in precisions_for_backend(manifest.backend) if n != 'fp32')})."
         )
     if derivation(get_backend(manifest.backend), config) is None:
         passes = sorted({f"{b} {p}" for b, p in BUILTIN})

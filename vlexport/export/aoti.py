@@ -220,7 +220,7 @@ def _torchao_config(precision: PrecisionConfig) -> object:
             f"({precision.name})."
         )
     group = getattr(precision, "block_size", 128)
-    try:  # torchao >= 0.15: the CPU packing is a prototype config of its own
+    try:  # later torchao releases moved the CPU packing into a prototype config of its own
         from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
 
         return Int4WeightOnlyOpaqueTensorConfig(group_size=group)
