@@ -260,3 +260,49 @@ def test_quantized_embeddings_on_a_tiny_generative_preset(exported, tmp_path: Pa
     assert (
         "--quantize-embeddings applies to --precision int8-weight or int4-weight" in err and not out.exists()
     )
+
+
+def test_per_component_precision(exported, tmp_path: Path, capsys) -> None:
+    import hashlib
+
+    parent = exported("blip2-opt-tiny", "generate")
+    out = tmp_path / "mixed"
+    argv = ["quantize", str(parent), "-o", str(out), "--components", "decoder=int4-weight,image_encoder=fp32"]
+    assert main(argv) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "onnx int4-weight (image_encoder fp32, decoder int4-weight)" in printed
+    m = Manifest.read(out)
+    assert m.component_precisions == {"image_encoder": "fp32", "decoder": "int4-weight"}
+    assert m.precision == "int4-weight" and m.precision_config == Int4WeightConfig()  # the loosest judges
+    assert m.derived_from["int4-weight"]["components"] == ["decoder"]
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    image = m.components["image_encoder"].file
+    assert digest(out / image) == digest(parent / image)  # the fp32 component is the parent's, unchanged
+    assert not [a for a in _nbits(out) if a["bits"] != 4] and _nbits(out)
+    graph = onnx.load(str(out / image), load_external_data=False).graph
+    assert "MatMulNBits" not in {n.op_type for n in graph.node}
+    g, tol = m.validation.accuracy.generation, get_precision("int4-weight").tolerance
+    assert m.validation.passed and g["min_logit_cosine"] >= tol.min_cosine
+    assert main(["validate", str(out)]) == 0  # from the directory: the recorded mapping and thresholds
+    capsys.readouterr()
+
+    # a second reduced precision on another component, a knob reaching only the precision that takes it
+    both = tmp_path / "both"
+    argv = ["quantize", str(parent), "-o", str(both), "--components", "image_encoder=int8-weight"]
+    assert main([*argv, "--precision", "int4-weight", "--block-size", "64"]) == 0
+    m = Manifest.read(both)
+    assert m.component_precisions == {"image_encoder": "int8-weight", "decoder": "int4-weight"}
+    assert {a["bits"] for a in _nbits(both)} == {8, 4} and {a["block_size"] for a in _nbits(both)} == {64}
+    capsys.readouterr()
+
+    for extra, message in [
+        (["--components", "text_decoder=int4-weight"], "which this artifact does not have"),
+        (["--components", "decoder=fp32"], "leaves every component fp32"),
+        (["--components", "decoder"], "COMPONENT=PRECISION pairs"),
+        (["--components", "decoder=int4-weight", "--method", "entropy"], "--method applies to"),
+        ([], "Name the variant"),
+    ]:
+        bad = tmp_path / "bad"
+        assert main(["quantize", str(parent), "-o", str(bad), *extra]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert message in err and "Traceback" not in err and not bad.exists(), (extra, err)

@@ -189,6 +189,10 @@ class Manifest:
     # the precision config's knobs (PrecisionConfig.knobs: block size, calibration method...); with ``precision``
     # they rebuild the config (``precision_config``). Absent in manifests written before knobs were recorded.
     precision_knobs: dict[str, Any] = field(default_factory=dict)
+    # `quantize --components`: each component's precision name ({"decoder": "int4-weight",
+    # "image_encoder": "fp32"}); ``precision`` is then the loosest of them, and ``derived_from`` holds each
+    # pass's details under its name. Empty: every component is at ``precision``.
+    component_precisions: dict[str, str] = field(default_factory=dict)
     opset: int | None = None
     image_size: int | None = None
     files: list[str] = field(default_factory=list)  # config / processor / tokenizer files copied in

@@ -18,8 +18,10 @@ from vlexport.contracts.precision import (
     PRECISIONS,
     PrecisionConfig,
     get_precision,
+    loosest,
     precisions_for_backend,
 )
+from vlexport.errors import UsageError
 
 
 def precision_choices(backend: str, *, aliases: bool = False) -> tuple[str, ...]:
@@ -55,7 +57,14 @@ def _onnx_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
 
 
-def _export(args: argparse.Namespace, backend: str, verb: str, **options: object) -> int:
+def _export(
+    args: argparse.Namespace,
+    backend: str,
+    verb: str,
+    *,
+    per_component: dict[str, PrecisionConfig] | None = None,
+    **options: object,
+) -> int:
     from vlexport.display import artifact_summary
     from vlexport.pipeline import ExportJob, run_export
 
@@ -64,7 +73,8 @@ def _export(args: argparse.Namespace, backend: str, verb: str, **options: object
         args.output,
         backend=backend,
         task=getattr(args, "task", None),
-        precision=precision_config(args),
+        precision=loosest(per_component.values()) if per_component else precision_config(args),
+        component_precisions=per_component or {},
         random_weights=getattr(args, "random_weights", False),
         seed=getattr(args, "seed", 0),
         allow_new_weights=getattr(args, "allow_new_weights", ()),
@@ -85,10 +95,56 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
     from vlexport.pipeline import check_variant_source
 
+    if args.precision is None and not args.components:
+        raise UsageError(
+            "Name the variant: --precision P, or --components COMPONENT=P,... (one per component)."
+        )
+    if args.components:
+        manifest = Manifest.read(args.model)
+        mapping = component_configs(args, list(manifest.components))
+        check_variant_source(args.model, manifest, loosest(mapping.values()))
+        return _export(args, manifest.backend, "quantizing", per_component=mapping)
     config = precision_config(args)  # the knobs' rules, before the artifact is read
     manifest = Manifest.read(args.model)
     check_variant_source(args.model, manifest, config)
     return _export(args, manifest.backend, "quantizing")
+
+
+def component_configs(args: argparse.Namespace, components: list[str]) -> dict[str, PrecisionConfig]:
+    """``--components decoder=int4-weight,image_encoder=fp32``: every component's config (unlisted ones at
+    ``--precision``, else fp32), each with the knobs of the verb's options it takes; a knob none takes is
+    refused as ``precision_config`` refuses it."""
+    given: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in args.components.split(","))):
+        name, sep, precision = (x.strip() for x in item.partition("="))
+        if not sep or not name or not precision:
+            raise UsageError(
+                f"--components takes COMPONENT=PRECISION pairs separated by commas (e.g. "
+                f"decoder=int4-weight,image_encoder=fp32), got {item!r}."
+            )
+        given[name] = precision
+    unknown = sorted(set(given) - set(components))
+    if unknown:
+        raise UsageError(
+            f"--components names {', '.join(unknown)}, which this artifact does not have; its components: "
+            f"{', '.join(components)}."
+        )
+    fields = {f.name for config in PRECISIONS.values() for f in dataclasses.fields(config)}
+    knobs = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    configs = {name: get_precision(given.get(name, args.precision or "fp32")) for name in components}
+    taken = {f.name for c in configs.values() for f in dataclasses.fields(c)}
+    if set(knobs) - taken:  # the config's own message names the precisions that take it
+        next(iter(configs.values())).with_knobs(**knobs)
+    own = {name: {f.name for f in dataclasses.fields(c)} for name, c in configs.items()}
+    mapping = {
+        name: c.with_knobs(**{k: v for k, v in knobs.items() if k in own[name]})
+        for name, c in configs.items()
+    }
+    if all(c.name == "fp32" for c in mapping.values()):
+        raise UsageError(
+            "--components leaves every component fp32: name a reduced precision for one of them."
+        )
+    return mapping
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
@@ -165,10 +221,17 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
     p.add_argument(
         "--precision",
-        required=True,
-        help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight / "
+        help="the variant (or, with --components, the precision of the components it does not name): fp16 "
+        "(range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight / "
         "int4-weight (MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
         "`vlexport list` shows what each backend builds",
+    )
+    p.add_argument(
+        "--components",
+        metavar="COMPONENT=PRECISION,...",
+        help="generative artifacts: a precision per component, e.g. decoder=int4-weight,image_encoder=fp32 "
+        "(the others at --precision, else fp32); the manifest records the mapping, and the loosest "
+        "precision's thresholds judge the whole",
     )
     p.add_argument(
         "--calibration",

@@ -14,7 +14,7 @@ importing torch (docs/ARCHITECTURE.md, "A new precision").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -376,6 +376,18 @@ def precision_from_record(name: str, knobs: Mapping[str, Any] | None) -> Precisi
     config = get_precision(name)
     own = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in (knobs or {}).items() if k in own})
+
+
+def loosest(configs: Iterable[PrecisionConfig]) -> PrecisionConfig:
+    """The config whose tolerance accepts the most error (the one that judges an artifact mixing them):
+    value-exact ones are the strictest, then the higher minimum cosine, then the higher agreement."""
+
+    def strictness(c: PrecisionConfig) -> tuple[float, float, float]:
+        t = c.tolerance
+        exact = 1.0 if t.exact_tokens else 0.0
+        return (exact, t.min_cosine or 1.0, t.min_agreement or 1.0)
+
+    return min(configs, key=strictness)
 
 
 def precisions_for_backend(backend: str) -> tuple[str, ...]:
