@@ -17,6 +17,7 @@ import pytest
 
 from vlexport.cli import main
 from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, get_precision
+from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
 from vlexport.quantize.onnx_weight_only import linear_weight
 
@@ -306,3 +307,20 @@ def test_per_component_precision(exported, tmp_path: Path, capsys) -> None:
         assert main(["quantize", str(parent), "-o", str(bad), *extra]) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert message in err and "Traceback" not in err and not bad.exists(), (extra, err)
+
+
+def test_per_component_precision_from_python(exported, tmp_path: Path) -> None:
+    import vlexport
+
+    parent = exported("blip-tiny", "caption")
+    m = vlexport.quantize(
+        parent, out=tmp_path / "mixed", components={"decoder": "int4-weight"}, quantize_embeddings=True
+    )
+    assert m.component_precisions == {"vision_encoder": "fp32", "decoder": "int4-weight"}
+    assert m.precision_knobs["quantize_embeddings"] is True and m.validation.passed
+    assert m.derived_from["int4-weight"]["gather_block_quantized"]["decoder"] > 0
+    with pytest.raises(UsageError, match="--smooth applies to --precision int8-dynamic"):
+        vlexport.quantize(parent, out=tmp_path / "bad", components={"decoder": "int4-weight"}, smooth=0.7)
+    with pytest.raises(UsageError, match="Name the variant"):
+        vlexport.quantize(parent, out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

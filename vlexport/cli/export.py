@@ -19,6 +19,7 @@ from vlexport.contracts.precision import (
     PrecisionConfig,
     get_precision,
     loosest,
+    per_component,
     precisions_for_backend,
 )
 from vlexport.errors import UsageError
@@ -111,9 +112,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def component_configs(args: argparse.Namespace, components: list[str]) -> dict[str, PrecisionConfig]:
-    """``--components decoder=int4-weight,image_encoder=fp32``: every component's config (unlisted ones at
-    ``--precision``, else fp32), each with the knobs of the verb's options it takes; a knob none takes is
-    refused as ``precision_config`` refuses it."""
+    """``--components decoder=int4-weight,image_encoder=fp32`` parsed, resolved by the contract's
+    ``per_component`` with the verb's knob options (unlisted components at ``--precision``, else fp32)."""
     given: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in args.components.split(","))):
         name, sep, precision = (x.strip() for x in item.partition("="))
@@ -123,28 +123,9 @@ def component_configs(args: argparse.Namespace, components: list[str]) -> dict[s
                 f"decoder=int4-weight,image_encoder=fp32), got {item!r}."
             )
         given[name] = precision
-    unknown = sorted(set(given) - set(components))
-    if unknown:
-        raise UsageError(
-            f"--components names {', '.join(unknown)}, which this artifact does not have; its components: "
-            f"{', '.join(components)}."
-        )
     fields = {f.name for config in PRECISIONS.values() for f in dataclasses.fields(config)}
-    knobs = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    configs = {name: get_precision(given.get(name, args.precision or "fp32")) for name in components}
-    taken = {f.name for c in configs.values() for f in dataclasses.fields(c)}
-    if set(knobs) - taken:  # the config's own message names the precisions that take it
-        next(iter(configs.values())).with_knobs(**knobs)
-    own = {name: {f.name for f in dataclasses.fields(c)} for name, c in configs.items()}
-    mapping = {
-        name: c.with_knobs(**{k: v for k, v in knobs.items() if k in own[name]})
-        for name, c in configs.items()
-    }
-    if all(c.name == "fp32" for c in mapping.values()):
-        raise UsageError(
-            "--components leaves every component fp32: name a reduced precision for one of them."
-        )
-    return mapping
+    knobs = {k: v for k, v in vars(args).items() if k in fields}
+    return per_component(given, components, args.precision, knobs)
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ importing torch (docs/ARCHITECTURE.md, "A new precision").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -388,6 +388,42 @@ def loosest(configs: Iterable[PrecisionConfig]) -> PrecisionConfig:
         return (exact, t.min_cosine or 1.0, t.min_agreement or 1.0)
 
     return min(configs, key=strictness)
+
+
+def per_component(
+    given: Mapping[str, str | PrecisionConfig],
+    components: Sequence[str],
+    default: str | None,
+    knobs: Mapping[str, Any],
+) -> dict[str, PrecisionConfig]:
+    """Every component's config for ``quantize --components``: the ``given`` ones, the others at ``default``
+    (None: fp32, unchanged); each name's config takes the ``knobs`` it has (None values: not given), and a
+    knob no config takes is refused as :meth:`PrecisionConfig.with_knobs` refuses it."""
+    unknown = sorted(set(given) - set(components))
+    if unknown:
+        raise UsageError(
+            f"--components names {', '.join(unknown)}, which this artifact does not have; its components: "
+            f"{', '.join(components)}."
+        )
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+
+    def config(name: str) -> PrecisionConfig:
+        c = given.get(name, default or "fp32")
+        return c if isinstance(c, PrecisionConfig) else get_precision(c)
+
+    configs = {name: config(name) for name in components}
+    own = {name: {f.name for f in dataclasses.fields(c)} for name, c in configs.items()}
+    if set(knobs) - set().union(*own.values()):  # the config's own message names the precisions taking it
+        next(iter(configs.values())).with_knobs(**knobs)
+    mapping = {
+        name: c.with_knobs(**{k: v for k, v in knobs.items() if k in own[name]})
+        for name, c in configs.items()
+    }
+    if all(c.name == "fp32" for c in mapping.values()):
+        raise UsageError(
+            "--components leaves every component fp32: name a reduced precision for one of them."
+        )
+    return mapping
 
 
 def precisions_for_backend(backend: str) -> tuple[str, ...]:
