@@ -287,11 +287,30 @@ def search_study(module: torch.nn.Module, tok: object, directory: Path) -> dict:
     }
 
 
+def weight_only(
+    fp32: Path, feeds: list[dict[str, np.ndarray]], ref: np.ndarray, work: Path
+) -> dict[str, dict]:
+    """int8-weight and int4-weight (quantize/onnx_weight_only.py) at their default accuracy level and the
+    block sizes users pick from; int4 block 32 also at fp32 compute (level 1), which the kernel may pick on
+    another CPU."""
+    from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, WeightOnlyConfig
+    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+
+    configs: list[WeightOnlyConfig] = [Int8WeightConfig(), Int8WeightConfig(block_size=128)]
+    configs += [Int4WeightConfig(block_size=b) for b in (32, 64, 128)]
+    configs.append(Int4WeightConfig(accuracy_level=1))
+    compute = {0: "fp32", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+    out = {}
+    for config in configs:
+        path = work / f"{config.name}-{config.block_size}-{config.accuracy_level}.onnx"
+        weight_only_nbits(fp32, path, config, external=False)
+        label = f"{config.name} (block {config.block_size}, {compute[config.accuracy_level]} compute)"
+        out[label] = summary(run(path, feeds), ref)
+    return out
+
+
 def main() -> int:
     import logging
-
-    from vlexport.contracts.precision import Int8WeightConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_int8
 
     logging.getLogger().setLevel(logging.ERROR)
     directory = model_dir()
@@ -315,10 +334,7 @@ def main() -> int:
     out = work / "dyn.onnx"
     int8_dynamic(fp32, out)
     results["int8-dynamic (all MatMuls)"] = summary(run(out, feeds), ref)
-    wo = work / "w8.onnx"
-    config = Int8WeightConfig()
-    weight_only_int8(fp32, wo, config, external=False)
-    results[f"int8-weight (block {config.block_size}, int8 compute)"] = summary(run(wo, feeds), ref)
+    results.update(weight_only(fp32, feeds, ref, work))
     # The fix: SmoothQuant (alpha 0.7, calibrated on other sentences) + the FFN output MatMuls (after GELU,
     # the most sensitive nodes below) kept fp32.
     from vlexport.quantize.smoothing import smooth

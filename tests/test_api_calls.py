@@ -29,9 +29,7 @@ def test_export_returns_the_manifest_it_wrote_and_quantize_its_variant(tmp_path:
         and Manifest.read(tmp_path / "bt-int8").precision == "int8-dynamic"
     )
     assert Manifest.read(out).files == on_disk.files  # the parent is untouched
-    rows = vlexport.bench(
-        [out], batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu"
-    )
+    rows = vlexport.bench([out], batch_sizes=(2,), seq_len=8, warmup=1, iters=2, device="cpu")
     assert rows and all(r.ok for r in rows) and {r.batch for r in rows} == {2}
 
 

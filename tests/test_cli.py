@@ -43,7 +43,14 @@ def test_list_reads_the_backend_registry_and_precision_configs(capsys) -> None:
     assert backends["tensorrt"]["derived_from"] == "onnx"
     assert backends["tensorrt"]["precisions"] == ["fp32", "fp16", "int8-static"]
     # all but fp32: precision passes (quantize/)
-    assert backends["onnx"]["precisions"] == ["fp32", "fp16", "int8-dynamic", "int8-static", "int8-weight"]
+    assert backends["onnx"]["precisions"] == [
+        "fp32",
+        "fp16",
+        "int8-dynamic",
+        "int8-static",
+        "int8-weight",
+        "int4-weight",
+    ]
     assert list(data["precisions"]) == list(PRECISIONS)
     assert data["precisions"]["fp32"]["tolerance"] == {"atol": 1e-4, "rtol": 1e-4}
 

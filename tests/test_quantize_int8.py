@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 from vlexport.cli import main
-from vlexport.contracts.precision import Int8WeightConfig, Tolerance, get_precision
+from vlexport.contracts.precision import (
+    Int4WeightConfig,
+    Int8WeightConfig,
+    Tolerance,
+    WeightOnlyConfig,
+    get_precision,
+)
 from vlexport.manifest import Manifest
 from vlexport.quantize.onnx_weight_only import linear_weight
 from vlexport.validate import validate_directory
@@ -270,14 +276,20 @@ def _linear_graph(path: Path, *, canonical: bool) -> dict[str, np.ndarray]:
     return w
 
 
-@pytest.mark.parametrize("external", [True, False])
-def test_streaming_int8_weight_equals_onnxruntime_quantizer(tmp_path: Path, external: bool) -> None:
+@pytest.mark.parametrize(
+    ("external", "config"),
+    [(True, Int8WeightConfig()), (False, Int8WeightConfig()), (True, Int4WeightConfig())],
+    ids=["int8-external", "int8-inline", "int4-external"],
+)
+def test_streaming_weight_only_equals_onnxruntime_quantizer(
+    tmp_path: Path, external: bool, config: WeightOnlyConfig
+) -> None:
     """One weight at a time from the parent's data file, Gemm and tied-Transpose forms included, gives ORT's
-    MatMulNBitsQuantizer's result on the canonical graph, bit for bit."""
+    MatMulNBitsQuantizer's result on the canonical graph, bit for bit, at 8 and 4 bits."""
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from vlexport.quantize.onnx_weight_only import weight_only_int8
+    from vlexport.quantize.onnx_weight_only import weight_only_nbits
 
     for d in ("src", "canon", "mine"):
         (tmp_path / d).mkdir()
@@ -288,11 +300,10 @@ def test_streaming_int8_weight_equals_onnxruntime_quantizer(tmp_path: Path, exte
     )
     w = _linear_graph(src, canonical=False)
     _linear_graph(canon, canonical=True)
-    config = Int8WeightConfig()
-    assert weight_only_int8(src, mine, config, external=external) == 3
+    assert weight_only_nbits(src, mine, config, external=external) == {"MatMulNBits": 3}
     ref = MatMulNBitsQuantizer(
         onnx.load(str(canon)),
-        bits=8,
+        bits=config.weight_bits,
         block_size=config.block_size,
         is_symmetric=config.symmetric,
         accuracy_level=config.accuracy_level,
@@ -309,12 +320,15 @@ def test_streaming_int8_weight_equals_onnxruntime_quantizer(tmp_path: Path, exte
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], w["E"][[1, 3]])
     h = np.pad(np.maximum(x @ w["W1"], 0), ((0, 0), (0, 8))) @ w["W2"].T + w["b2"]
     y = h @ w["E"].T * 0.5
-    assert 0 < np.abs(got[0] - y).max() < 0.02 * np.abs(y).max()  # quantized, and close
+    # quantized, and close: 16 levels per block instead of 256
+    assert 0 < np.abs(got[0] - y).max() < (0.02 if config.weight_bits == 8 else 0.2) * np.abs(y).max()
     graph = onnx.load(str(mine), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert (
         ops.count("MatMulNBits") == 3 and "Gemm" not in ops and "Transpose" not in ops and "MatMul" not in ops
     )
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {config.weight_bits}
     names = {t.name for t in graph.initializer}
     assert {"W1", "W2"}.isdisjoint(names) and {"E", "b2", "half"} <= names
     assert [t.dims for t in graph.initializer if t.name == "half"] == [[]]  # scalars stay scalars

@@ -9,7 +9,7 @@ suite) and returns its rows. Options the CLI checks up front are checked here th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +72,10 @@ def export(
 
 def quantize(
     artifact: str | Path,
-    precision: str | PrecisionConfig,
+    precision: str | PrecisionConfig | None = None,
     out: str | Path | None = None,
     *,
+    components: Mapping[str, str | PrecisionConfig] | None = None,
     calibration: str | Path | None = None,
     method: str | None = None,
     smooth: float | None = None,
@@ -82,34 +83,49 @@ def quantize(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     search: bool | None = None,
+    quantize_embeddings: bool | None = None,
     accept_degraded: bool = False,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Manifest:
-    """A reduced-precision variant (fp16, int8-dynamic, int8-weight, int8-static, ...) of an fp32 artifact,
-    checked against eager fp32 as `vlexport quantize` does; returns the variant's manifest. The knobs are the
-    config's own (a knob the precision lacks is refused, as on the CLI): ``min_cosine`` / ``min_agreement``
-    stricter targets, ``search`` (int8-dynamic) a recipe searched on the calibration set; a recipe is
-    replayed by passing its config (``contracts.precision.precision_from_recipe(path)``) as ``precision``."""
+    """A reduced-precision variant (fp16, int8-dynamic, int8-weight, int4-weight, int8-static, ...) of an
+    fp32 artifact, checked against eager fp32 as `vlexport quantize` does; returns the variant's manifest. The
+    knobs are the config's own (a knob the precision lacks is refused, as on the CLI): ``min_cosine`` /
+    ``min_agreement`` stricter targets, ``search`` (int8-dynamic) a recipe searched on the calibration set; a
+    recipe is replayed by passing its config (``contracts.precision.precision_from_recipe(path)``) as
+    ``precision``. ``components`` gives components their own precision (``{"decoder": "int4-weight"}``; the
+    others at ``precision``, else fp32), as ``--components`` does."""
+    from vlexport.contracts.precision import loosest, per_component
     from vlexport.manifest import Manifest
     from vlexport.pipeline import ExportJob, check_variant_source, run_export
 
-    config = _config(precision).with_knobs(
-        calibration=None if calibration is None else Path(calibration),
-        method=method,
-        smooth=smooth,
-        block_size=block_size,
-        min_cosine=min_cosine,
-        min_agreement=min_agreement,
-        search=search or None,
-    )
+    knobs = {
+        "calibration": None if calibration is None else Path(calibration),
+        "method": method,
+        "smooth": smooth,
+        "block_size": block_size,
+        "quantize_embeddings": quantize_embeddings,
+        "min_cosine": min_cosine,
+        "min_agreement": min_agreement,
+        "search": search or None,
+    }
+    if precision is None and not components:
+        raise UsageError("Name the variant: precision=, or components={COMPONENT: PRECISION, ...}.")
     manifest = Manifest.read(Path(artifact))
+    mapping: dict[str, PrecisionConfig] = {}
+    if components:
+        default = None if precision is None else _config(precision).name
+        mapping = per_component(dict(components), list(manifest.components), default, knobs)
+        config = loosest(mapping.values())
+    else:
+        config = _config(precision).with_knobs(**knobs)
     check_variant_source(artifact, manifest, config)
     job = ExportJob(
         str(artifact),
         None if out is None else Path(out),
         backend=manifest.backend,
         precision=config,
+        component_precisions=mapping,
         force=force,
         accept_degraded=accept_degraded,
     )

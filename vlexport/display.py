@@ -104,10 +104,12 @@ def artifact_summary(directory: Path, manifest: Manifest) -> list[str]:
 
     size = sum(component_size(directory, c) for c in manifest.components.values())
     v = manifest.validation
+    mixed = ", ".join(f"{k} {p}" for k, p in manifest.component_precisions.items())
     lines = [
         (
             f"[bold]{directory}[/bold]: {manifest.family} {manifest.task} ({manifest.hf_class}), "
-            f"{manifest.backend} {manifest.precision}, {len(manifest.components)} component(s), "
+            f"{manifest.backend} {manifest.precision}{f' ({mixed})' if mixed else ''}, "
+            f"{len(manifest.components)} component(s), "
             f"{size / 2**20:.1f} MiB, weights: {manifest.weights.get('kind')}"
         )
     ]

@@ -182,7 +182,7 @@ class Manifest:
     task: str
     hf_class: str
     backend: str  # a registered backend name (contracts/backends.py): onnx | onnx-opt | aoti | tensorrt | ...
-    precision: str  # fp32 | fp16 | bf16 | int8-dynamic | int8-static | int8-weight
+    precision: str  # a registered precision name (contracts/precision.py PRECISIONS): fp32 | fp16 | ...
     source: dict[str, Any]  # {"preset": ..., "path": ..., "checkpoint": ...}
     weights: dict[str, Any]  # origin: {"kind": local|hf-cache|hub|random, "seed"/"path"/"header_sha256"...}
     components: dict[str, Component]
@@ -191,6 +191,10 @@ class Manifest:
     # ``precision``
     # they rebuild the config (``precision_config``). Absent in manifests written before knobs were recorded.
     precision_knobs: dict[str, Any] = field(default_factory=dict)
+    # `quantize --components`: each component's precision name ({"decoder": "int4-weight",
+    # "image_encoder": "fp32"}); ``precision`` is then the loosest of them, and ``derived_from`` holds each
+    # pass's details under its name. Empty: every component is at ``precision``.
+    component_precisions: dict[str, str] = field(default_factory=dict)
     opset: int | None = None
     image_size: int | None = None
     files: list[str] = field(default_factory=list)  # config / processor / tokenizer files copied in

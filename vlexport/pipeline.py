@@ -26,14 +26,15 @@ from vlexport.contracts.backends import (
     KERNEL_NAMES,
     Backend,
     DeriveContext,
+    Derived,
     ExportJob,
     Progress,
     backend_options,
     backend_precisions,
     get_backend,
 )
-from vlexport.contracts.passes import BUILTIN, Derivation, derivation
-from vlexport.contracts.precision import Fp32Config, PrecisionConfig
+from vlexport.contracts.passes import BUILTIN, Derivation, derivation, precision_pass
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
 from vlexport.errors import UsageError
 from vlexport.manifest import Component, Manifest, ValidationReport
 from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
@@ -72,8 +73,8 @@ def check_variant_source(model: str | Path, manifest: Manifest, config: Precisio
     if config.name == "fp32":
         raise UsageError(
             f"--precision fp32 is what `quantize` starts from, not a variant: {model} is "
-            f"{manifest.backend} {manifest.precision} already. Name a variant (fp16, int8-dynamic, "
-            "int8-weight, int8-static)."
+            f"{manifest.backend} {manifest.precision} already. Name a variant "
+            f"({', '.join(n for n in precisions_for_backend(manifest.backend) if n != 'fp32')})."
         )
     backend = get_backend(manifest.backend)
     if config.name not in backend_precisions(backend):
@@ -318,6 +319,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
         # a damaged source is named as such, never blamed on the variant built from it
         parent.verify_hashes(given)
         _check_parent(parent, how, backend.name, job, given)
+        _check_components(job, parent, backend)
         source = source_from_manifest(parent, given)
         task = parent.task
         name = parent.source.get("preset") or given.name
@@ -364,6 +366,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
             parent = run_export(parent_job, progress, model=model)
             parent.weights = source.origin  # loaded here, so it names the fresh tensors (weights.load_model)
             job.precision.check_for(backend.name, parent)
+            _check_components(job, parent, backend)
         model = None  # only `eager` holds it now, so that validation can drop it
         with staged_dir(job.output, force=job.force, expected_bytes=need) as tmp:
             ctx = DeriveContext(
@@ -378,7 +381,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
                 parent_is_scratch=not from_artifact,
             )
             with _timed(job, how.stage, progress):
-                derived = how.build(ctx)
+                derived = _build_per_component(ctx, backend) if job.component_precisions else how.build(ctx)
             for rel in parent.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(parent_dir / rel, tmp / rel)
@@ -387,6 +390,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
                 backend=backend.name,
                 precision=job.precision.name,
                 precision_knobs=job.precision.knobs(),
+                component_precisions={k: c.name for k, c in job.component_precisions.items()},
                 components=derived.components,
                 opset=_opset(derived.components),
                 fused_ops=derived.fused_ops,
@@ -405,6 +409,50 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
             )
             _validate(job, backend, manifest, tmp, eager, task_spec, progress)
     return manifest
+
+
+def _check_components(job: ExportJob, parent: Manifest, backend: Backend) -> None:
+    """`quantize --components`: one precision per component of the parent, each with a pass of its own (or
+    fp32: copied), each allowed on this artifact, before any work."""
+    if not job.component_precisions:
+        return
+    given, have = set(job.component_precisions), set(parent.components)
+    if given != have:
+        raise UsageError(
+            f"--components must give every component of the artifact one precision; it has "
+            f"{', '.join(parent.components)}, the mapping names {', '.join(sorted(given))}."
+        )
+    for config in {c.name: c for c in job.component_precisions.values()}.values():
+        if config.name != "fp32" and precision_pass(backend.name, config.name) is None:
+            raise UsageError(
+                f"--components: {backend.name} artifacts have no {config.name} pass; "
+                f"choose from {', '.join(precisions_for_backend(backend.name))}."
+            )
+        config.check_for(backend.name, parent)
+
+
+def _build_per_component(ctx: DeriveContext, backend: Backend) -> Derived:
+    """`quantize --components`: each precision's pass over its own components (``DeriveContext.only``), fp32
+    components copied from the parent; each pass's details under its precision's name."""
+    groups: dict[str, list[str]] = {}
+    for comp, config in ctx.job.component_precisions.items():
+        groups.setdefault(config.name, []).append(comp)
+    components: dict[str, Component] = {}
+    details: dict[str, Any] = {}
+    for name, comps in groups.items():
+        if name == "fp32":
+            for comp in comps:
+                record = ctx.parent.components[comp]
+                for rel in filter(None, (record.file, record.external_data)):
+                    shutil.copy2(ctx.parent_dir / rel, ctx.out_dir / rel)
+                components[comp] = record
+            continue
+        config = ctx.job.component_precisions[comps[0]]
+        job = replace(ctx.job, precision=config, component_precisions={})
+        derived = precision_pass(backend.name, name).derive(replace(ctx, job=job, only=frozenset(comps)))
+        components.update(derived.components)
+        details[name] = {"components": comps, **derived.details}
+    return Derived({k: components[k] for k in ctx.parent.components}, details)
 
 
 def _check_parent(parent: Manifest, how: Derivation, name: str, job: ExportJob, directory: Path) -> None:

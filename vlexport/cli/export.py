@@ -18,6 +18,8 @@ from vlexport.contracts.precision import (
     PRECISIONS,
     PrecisionConfig,
     get_precision,
+    loosest,
+    per_component,
     precision_from_recipe,
     precisions_for_backend,
 )
@@ -62,6 +64,8 @@ def _export(
     backend: str,
     verb: str,
     precision: PrecisionConfig | None = None,
+    *,
+    per_component: dict[str, PrecisionConfig] | None = None,
     **options: object,
 ) -> int:
     from vlexport.display import artifact_summary
@@ -72,7 +76,8 @@ def _export(
         args.output,
         backend=backend,
         task=getattr(args, "task", None),
-        precision=precision or precision_config(args),
+        precision=loosest(per_component.values()) if per_component else (precision or precision_config(args)),
+        component_precisions=per_component or {},
         random_weights=getattr(args, "random_weights", False),
         seed=getattr(args, "seed", 0),
         allow_new_weights=getattr(args, "allow_new_weights", ()),
@@ -97,7 +102,8 @@ def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
     if args.recipe is None:
         if args.precision is None:
             raise UsageError(
-                "Name the variant: --precision P (or --recipe FILE to replay a searched recipe)."
+                "Name the variant: --precision P, --components COMPONENT=P,..., or --recipe FILE (a searched "
+                "recipe to replay)."
             )
         return precision_config(args)
     config = precision_from_recipe(args.recipe)
@@ -127,6 +133,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from vlexport.manifest import Manifest
     from vlexport.pipeline import check_variant_source
 
+    if args.components:
+        if args.recipe is not None:
+            raise UsageError(
+                "--recipe replays one precision's recipe; it does not combine with --components."
+            )
+        manifest = Manifest.read(args.model)
+        mapping = component_configs(args, list(manifest.components))
+        check_variant_source(args.model, manifest, loosest(mapping.values()))
+        return _export(args, manifest.backend, "quantizing", per_component=mapping)
     config = quantize_config(args)  # the knobs' rules, before the artifact is read
     manifest = Manifest.read(args.model)
     check_variant_source(args.model, manifest, config)
@@ -145,6 +160,23 @@ def _search_lines(source: str, output: Path, search: dict) -> list[str]:
     ]
 
 
+def component_configs(args: argparse.Namespace, components: list[str]) -> dict[str, PrecisionConfig]:
+    """``--components decoder=int4-weight,image_encoder=fp32`` parsed, resolved by the contract's
+    ``per_component`` with the verb's knob options (unlisted components at ``--precision``, else fp32)."""
+    given: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in args.components.split(","))):
+        name, sep, precision = (x.strip() for x in item.partition("="))
+        if not sep or not name or not precision:
+            raise UsageError(
+                f"--components takes COMPONENT=PRECISION pairs separated by commas (e.g. "
+                f"decoder=int4-weight,image_encoder=fp32), got {item!r}."
+            )
+        given[name] = precision
+    fields = {f.name for config in PRECISIONS.values() for f in dataclasses.fields(config)}
+    knobs = {k: v for k, v in vars(args).items() if k in fields}
+    return per_component(given, components, args.precision, knobs)
+
+
 def cmd_onnx(args: argparse.Namespace) -> int:
     return _export(args, "onnx-opt" if args.optimize else "onnx", "exporting", opset=args.opset)
 
@@ -160,7 +192,7 @@ def compile_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=precision_choices("aoti"),
-        help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight: torchao int8 weight-only "
+        help="fp16 / bf16: the modules cast (I/O stays fp32); int8-weight / int4-weight: torchao weight-only "
         "linears (needs torchao)",
     )
     p.add_argument(
@@ -219,9 +251,17 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="DIR", help="an fp32 artifact directory (vlexport onnx)")
     p.add_argument(
         "--precision",
-        help="the variant: fp16 (range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight "
-        "(MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
+        help="the variant (or, with --components, the precision of the components it does not name): fp16 "
+        "(range-sensitive ops and I/O stay fp32), int8-dynamic (CPU), int8-weight / "
+        "int4-weight (MatMul weights only, language models), int8-static (calibrated QDQ, TensorRT int8); "
         "`vlexport list` shows what each backend builds",
+    )
+    p.add_argument(
+        "--components",
+        metavar="COMPONENT=PRECISION,...",
+        help="generative artifacts: a precision per component, e.g. decoder=int4-weight,image_encoder=fp32 "
+        "(the others at --precision, else fp32); the manifest records the mapping, and the loosest "
+        "precision's thresholds judge the whole",
     )
     p.add_argument(
         "--calibration",
@@ -247,8 +287,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--block-size",
         type=int,
         metavar="N",
-        help="int8-weight: weights sharing one scale (a power of two >= 16; default 32). 128 makes "
-        "BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
+        help="int8-weight / int4-weight: weights sharing one scale (a power of two 16..256; default 32). "
+        "128 makes BLIP-2's language model ~10%% smaller and its decode faster, at the cost of accuracy "
         "(README, Precisions)",
     )
     p.add_argument(
@@ -279,6 +319,13 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="replay a recipe without searching: OUT/search/recipe.json of a --search build (or a variant's "
         "manifest.json); gives the same graph",
+    )
+    p.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        default=None,
+        help="int8-weight / int4-weight: embedding tables too (ONNX Runtime GatherBlockQuantized, same bits "
+        "and blocks; a tied lm_head shares the quantized table)",
     )
     p.add_argument(
         "--accept-degraded",

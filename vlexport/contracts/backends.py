@@ -60,6 +60,9 @@ class ExportJob:
     # reduced precisions: a variant below its accuracy thresholds is kept, marked degraded (--accept-degraded)
     accept_degraded: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled by the orchestrator
+    # derived builds only: every component's own precision (`quantize --components`); ``precision`` is then
+    # the loosest of them (contracts/precision.py ``loosest``), whose tolerance judges the whole artifact
+    component_precisions: dict[str, PrecisionConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output) if self.output is not None else None
@@ -93,6 +96,9 @@ class DeriveContext:
     config: PretrainedConfig  # the HF config (calibration inputs need it)
     progress: Progress = lambda msg: None
     parent_is_scratch: bool = False  # the parent was built for this export only: its files may be moved
+    only: frozenset[str] | None = (
+        None  # the components this build rewrites (None: all; the rest are built apart)
+    )
 
 
 @dataclass

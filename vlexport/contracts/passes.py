@@ -35,6 +35,7 @@ BUILTIN: dict[tuple[str, str], str] = {
     ("onnx", "fp16"): "vlexport.quantize.onnx_fp16",
     ("onnx", "int8-dynamic"): "vlexport.quantize.onnx_dynamic",
     ("onnx", "int8-weight"): "vlexport.quantize.onnx_weight_only",
+    ("onnx", "int4-weight"): "vlexport.quantize.onnx_weight_only",
     ("onnx", "int8-static"): "vlexport.quantize.onnx_static",
 }
 _PASSES: dict[tuple[str, str], PrecisionPass] = {}

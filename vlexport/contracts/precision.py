@@ -14,7 +14,7 @@ importing torch (docs/ARCHITECTURE.md, "A new precision").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -333,29 +333,24 @@ class Int8StaticConfig(TargetedPrecision):
 
 
 @dataclass(frozen=True)
-class Int8WeightConfig(TargetedPrecision):
-    """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
-
-    On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
-    per ``block_size`` block inside the kernel; it is the only fast x86 path (quantize/onnx_weight_only.py).
-    Block 32 keeps real all-MiniLM-L6-v2 embeddings at cosine >= 0.998 (min 0.99847); 128 gives min 0.99390
-    (benchmarks/results/real-minilm-precision.json) for a ~10% smaller, faster file.
-    """
+class WeightOnlyConfig(TargetedPrecision):
+    """The knobs of ONNX Runtime's ``MatMulNBits`` weight-only schemes (int8-weight, int4-weight; not
+    registered itself): ``weight_bits``-wide weights in blocks along the input dim, activations never stored
+    quantized."""
 
     block_size: int = 32  # weights sharing one scale along the input dim (MatMulNBits' block_size)
-    # MatMulNBits' compute type on CPU: 4 = int8 (the only fast 8-bit x86 kernel); 0 = fp32 reference loop
+    # MatMulNBits' compute type on CPU: 0 / 1 = fp32, 2 = fp16, 3 = bf16, 4 = int8 (activations quantized
+    # per block inside the kernel, per call); which one runs fast: benchmarks/matmulnbits_micro.py
     accuracy_level: int = 4
-    symmetric: bool = False  # a zero point per block: the full 256 levels for skewed blocks
-    name: ClassVar[str] = "int8-weight"
+    symmetric: bool = False  # a zero point per block: every level is used for skewed blocks
+    # Embedding tables (constant Gathers) as GatherBlockQuantized at the same width and blocks, a tied lm_head
+    # sharing the table's bytes (quantize/onnx_weight_only.py). Off by default: the token table is a tenth of
+    # BLIP-2 OPT's weights and the lookups cost no compute, so it only saves bytes
+    quantize_embeddings: bool = False
     dtype: ClassVar[str] = "float32"
-    weight_bits: ClassVar[int] = 8
     compute: ClassVar[str] = (
         "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
     )
-    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
-    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
-    backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
-    description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU), embeddings fp32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -370,6 +365,51 @@ class Int8WeightConfig(TargetedPrecision):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
 
+@dataclass(frozen=True)
+class Int8WeightConfig(WeightOnlyConfig):
+    """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
+
+    On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
+    per ``block_size`` block inside the kernel; it is the only fast x86 path (quantize/onnx_weight_only.py).
+    Block 32 keeps real all-MiniLM-L6-v2 embeddings at cosine >= 0.998 (min 0.99847); 128 gives min 0.99390
+    (benchmarks/results/real-minilm-precision.json) for a ~10% smaller, faster file.
+    """
+
+    name: ClassVar[str] = "int8-weight"
+    weight_bits: ClassVar[int] = 8
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.99, min_agreement=0.95)
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao Int8WeightOnlyConfig (per channel), export/aoti.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
+    description: ClassVar[str] = "int8 weights (MatMulNBits; int8 compute on CPU); embeddings fp32 by default"
+
+
+@dataclass(frozen=True)
+class Int4WeightConfig(WeightOnlyConfig):
+    """Int4 weights (uint4 blocks with a scale and a 4-bit zero point each): half int8-weight's bytes per
+    decode step. ONNX Runtime's 4-bit MatMulNBits is fast on x86 at accuracy level 4 (int8 compute), at one
+    row and at several (benchmarks/results/matmulnbits-micro.json); the accuracy cost is measured on real
+    weights in benchmarks/results/real-minilm-precision.json.
+    """
+
+    name: ClassVar[str] = "int4-weight"
+    weight_bits: ClassVar[int] = 4
+    # 16 levels per block instead of 256: one random 2560 x 10240 weight keeps a product cosine of 0.9967 at
+    # block 32 (0.99998 at 8 bits), and the error compounds over layers: tiny random presets end at output /
+    # per-step logit cosines of 0.958 (blip2-flan-t5) to 0.992 (blip caption). A wrong graph (packing, zero
+    # points, transposes) gives cosines far below 0.9; task agreement as int8-dynamic's.
+    tolerance: ClassVar[Tolerance] = Tolerance(min_cosine=0.95, min_agreement=0.9)
+    # onnx: quantize/onnx_weight_only.py; aoti: torchao int4 weight-only linears (CPU packing), export/aoti.py
+    backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
+    description: ClassVar[str] = "int4 weights (MatMulNBits; int8 compute on CPU); embeddings fp32 by default"
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        if backend == "aoti" and self.block_size < 32:  # torchao's int4 groups are 32..256
+            raise UsageError(
+                f"block_size {self.block_size}: compiled int4 packages (torchao) take 32 to 256; give 32 "
+                "or more."
+            )
+
+
 # The registry: every precision by name, with its default knobs.
 PRECISIONS: dict[str, PrecisionConfig] = {
     c.name: c
@@ -380,6 +420,7 @@ PRECISIONS: dict[str, PrecisionConfig] = {
         Int8DynamicConfig(),
         Int8StaticConfig(),
         Int8WeightConfig(),
+        Int4WeightConfig(),
     )
 }
 # Names users type that mean a registered precision (TensorRT's CLI said "int8" for calibrated int8).
@@ -423,6 +464,54 @@ def precision_from_recipe(path: Path) -> PrecisionConfig:
         return dataclasses.replace(config, **knobs)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{path}: its knobs do not fit {config.name} ({e}). {advice}") from None
+
+
+def loosest(configs: Iterable[PrecisionConfig]) -> PrecisionConfig:
+    """The config whose tolerance accepts the most error (the one that judges an artifact mixing them):
+    value-exact ones are the strictest, then the higher minimum cosine, then the higher agreement."""
+
+    def strictness(c: PrecisionConfig) -> tuple[float, float, float]:
+        t = c.tolerance
+        exact = 1.0 if t.exact_tokens else 0.0
+        return (exact, t.min_cosine or 1.0, t.min_agreement or 1.0)
+
+    return min(configs, key=strictness)
+
+
+def per_component(
+    given: Mapping[str, str | PrecisionConfig],
+    components: Sequence[str],
+    default: str | None,
+    knobs: Mapping[str, Any],
+) -> dict[str, PrecisionConfig]:
+    """Every component's config for ``quantize --components``: the ``given`` ones, the others at ``default``
+    (None: fp32, unchanged); each name's config takes the ``knobs`` it has (None values: not given), and a
+    knob no config takes is refused as :meth:`PrecisionConfig.with_knobs` refuses it."""
+    unknown = sorted(set(given) - set(components))
+    if unknown:
+        raise UsageError(
+            f"--components names {', '.join(unknown)}, which this artifact does not have; its components: "
+            f"{', '.join(components)}."
+        )
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+
+    def config(name: str) -> PrecisionConfig:
+        c = given.get(name, default or "fp32")
+        return c if isinstance(c, PrecisionConfig) else get_precision(c)
+
+    configs = {name: config(name) for name in components}
+    own = {name: {f.name for f in dataclasses.fields(c)} for name, c in configs.items()}
+    if set(knobs) - set().union(*own.values()):  # the config's own message names the precisions taking it
+        next(iter(configs.values())).with_knobs(**knobs)
+    mapping = {
+        name: c.with_knobs(**{k: v for k, v in knobs.items() if k in own[name]})
+        for name, c in configs.items()
+    }
+    if all(c.name == "fp32" for c in mapping.values()):
+        raise UsageError(
+            "--components leaves every component fp32: name a reduced precision for one of them."
+        )
+    return mapping
 
 
 def precisions_for_backend(backend: str) -> tuple[str, ...]:

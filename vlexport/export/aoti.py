@@ -152,10 +152,13 @@ def jit_compile(module: nn.Module, *, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, dynamic=None)
 
 
-TORCHAO_HINT = (
-    "--precision int8-weight for compiled packages needs torchao (its Int8WeightOnlyConfig): "
-    "`pip install torchao` (0.18 works with torch 2.13), then compile again."
-)
+def torchao_hint(precision: PrecisionConfig) -> str:
+    return (
+        f"--precision {precision.name} for compiled packages needs torchao (its int{precision.weight_bits} "
+        "weight-only linears): `pip install torchao` (0.18 works with torch 2.13), then compile again."
+    )
+
+
 DEFAULT_MAX_LENGTH = 64  # static KV-cache slots of generative packages (prompt + new tokens)
 DEFAULT_MAX_BATCH = 16  # decoder rows (batch x beams) a generative package takes
 
@@ -192,20 +195,39 @@ def with_precision(
     module = copy.deepcopy(module).to(device)
     caches = frozenset(n for n in spec.inputs if n.startswith("cache."))
     if precision.quantizes_weights:
-        if precision.weight_bits != 8:
-            raise UsageError(
-                f"AOTInductor packages quantize weights to 8 bits only (torchao), not "
-                f"{precision.weight_bits} ({precision.name})."
-            )
         try:
-            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+            from torchao.quantization import quantize_
         except ImportError:
-            raise MissingToolchain(TORCHAO_HINT) from None
-        quantize_(module, Int8WeightOnlyConfig())
+            raise MissingToolchain(torchao_hint(precision)) from None
+        quantize_(module, _torchao_config(precision))
         return module, example
     dtype = precision.torch_dtype
     example = {k: v.to(dtype) if k in caches else v for k, v in example.items()}
     return CastIO(module.to(dtype), dtype, spec.inputs, caches), example
+
+
+def _torchao_config(precision: PrecisionConfig) -> object:
+    """torchao's weight-only config for ``precision``: int8 per channel, or int4 in groups of the config's
+    ``block_size`` packed for the CPU kernels (torchao moved that packing between releases: both
+    spellings)."""
+    if precision.weight_bits == 8:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig()
+    if precision.weight_bits != 4:
+        raise UsageError(
+            f"AOTInductor packages quantize weights to 8 or 4 bits (torchao), not {precision.weight_bits} "
+            f"({precision.name})."
+        )
+    group = getattr(precision, "block_size", 128)
+    try:  # later torchao releases moved the CPU packing into a prototype config of its own
+        from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
+
+        return Int4WeightOnlyOpaqueTensorConfig(group_size=group)
+    except ImportError:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=group, int4_packing_format="opaque")
 
 
 class AotiBackend(BackendBase):
@@ -242,7 +264,7 @@ class AotiBackend(BackendBase):
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
         if job.precision.quantizes_weights and importlib.util.find_spec("torchao") is None:
-            raise MissingToolchain(TORCHAO_HINT)
+            raise MissingToolchain(torchao_hint(job.precision))
 
     def export_component(
         self,

@@ -21,6 +21,8 @@ def rewrite_components(ctx: DeriveContext, write: Callable[[Path, Path, bool], N
     specs = {s.name: s for s in ctx.task_spec.components(ctx.config)}
     components = {}
     for name, comp in ctx.parent.components.items():
+        if ctx.only is not None and name not in ctx.only:
+            continue  # another precision's (pipeline._build_per_component)
         ctx.progress(f"{ctx.job.precision.name}: {name}")
         src, dst = ctx.parent_dir / comp.file, ctx.out_dir / comp.file
         write(src, dst, comp.external_data is not None)

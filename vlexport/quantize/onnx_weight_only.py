@@ -1,17 +1,20 @@
-"""ONNX int8 weight-only pass: every MatMul with a constant weight becomes ONNX Runtime's ``MatMulNBits``.
+"""ONNX weight-only passes (int8-weight, int4-weight): every MatMul with a constant weight becomes ONNX
+Runtime's ``MatMulNBits`` at the config's ``weight_bits``.
 
-Each weight is stored as int8 blocks of ``block_size`` values along the input dimension with one fp32
-scale per block, quantized by ONNX Runtime's own kernel (``quantize_matmul_8bits``, what its
-``MatMulNBitsQuantizer`` calls). The kernel runs at ``accuracy_level`` 4: on x86 the 8-bit MatMulNBits has
-a fast kernel only for int8 compute (activations quantized per block inside the kernel, per call); the
-fp32/fp16/bf16 compute levels are reference loops, measured 20-40x slower than the fp32 MatMul they
-replace (README, "Precisions"). The CUDA provider ignores the level and computes in fp16.
+Each weight is stored as 8- or 4-bit blocks of ``block_size`` values along the input dimension with one fp32
+scale (and a zero point) per block, quantized by ONNX Runtime's own kernels (``quantize_matmul_8bits`` /
+``_4bits``, what its ``MatMulNBitsQuantizer`` calls). The kernels run at the config's ``accuracy_level``, 4 by
+default: on x86 the 8-bit MatMulNBits has a fast kernel only for int8 compute (activations quantized per
+block inside the kernel, per call); its fp32/fp16/bf16 compute levels are reference loops, measured 20-40x
+slower than the fp32 MatMul they replace (README, "Precisions"); the 4-bit kernel is fastest at level 4 too
+(benchmarks/results/matmulnbits-micro.json). The CUDA provider ignores the level and computes in fp16.
 
 The graph is rewritten one weight at a time: the source is opened without its external data, each weight is
 read from the parent's data file, quantized and appended to the new one. A 14 GB BLIP-2 decoder quantizes
 in ~1 GB of memory instead of loading twice its size, as ``MatMulNBitsQuantizer`` does. Embedding Gathers
-stay fp32 (a quantized Gather saves disk but not memory, ORT's docstring says). ORT >= 1.22 has the x86
-8-bit kernels; an older ORT is refused up front (its CPU provider would fail on the first call).
+stay fp32 unless the config's ``quantize_embeddings`` asks for ``GatherBlockQuantized`` (same width and
+blocks; a tied lm_head reads the same bytes). ORT >= 1.22 has the x86 8-bit kernels; an older ORT is
+refused up front (its CPU provider would fail on the first call).
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ from onnx import TensorProto, numpy_helper
 
 from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
-from vlexport.contracts.precision import Int8WeightConfig
+from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, WeightOnlyConfig
 from vlexport.errors import UsageError
 from vlexport.quantize.onnx_rewrite import rewrite_components
 
-MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits
+MIN_ORT = (1, 22)  # the first ONNX Runtime with x86 kernels for 8-bit MatMulNBits (4-bit ones are older)
 
 
-def check_runtime() -> None:
+def check_runtime(precision: str) -> None:
     import onnxruntime
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
     if version < MIN_ORT:
         raise UsageError(
-            f"int8-weight needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
+            f"{precision} needs ONNX Runtime >= {'.'.join(map(str, MIN_ORT))} (8-bit MatMulNBits "
             f"kernels on x86); {onnxruntime.__version__} is installed. Upgrade onnxruntime, or use "
             "--precision int8-dynamic."
         )
@@ -99,21 +102,24 @@ class _Tensors:
             self.out.close()
 
 
-def _quantize(
-    weight: np.ndarray, block_size: int, symmetric: bool
+def quantize_block(
+    weight: np.ndarray, bits: int, block_size: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ORT's 8-bit block quantization of a [K, N] weight: packed [N, blocks, block_size]; scales and zero
-    points [N, blocks]."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    """ORT's ``bits``-wide (4 or 8) block quantization of a [K, N] weight, by its own kernels (what
+    ``MatMulNBitsQuantizer`` calls): packed [N, blocks, block_size * bits / 8] uint8, scales [N, blocks] and
+    zero points [N, ceil(blocks * bits / 8)] (4-bit ones two to a byte)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    kernel = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    per_byte = 8 // bits
     rows, cols = weight.shape
     blocks = -(-rows // block_size)
     if blocks * block_size != rows:
         weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)))
-    packed = np.zeros((cols, blocks, block_size), dtype=np.uint8)
+    packed = np.zeros((cols, blocks, block_size // per_byte), dtype=np.uint8)
     scales = np.zeros((cols, blocks), dtype=np.float32)
-    zero_points = np.zeros((cols, blocks), dtype=np.uint8)
-    quantize_matmul_8bits(
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), dtype=np.uint8)
+    kernel(
         packed,
         np.ascontiguousarray(weight, dtype=np.float32),
         scales,
@@ -166,106 +172,195 @@ def linear_weight(
     return weight, transposed, via
 
 
-def weight_only_int8(
-    src: Path, dst: Path, config: Int8WeightConfig, *, external: bool, exclude: tuple[str, ...] = ()
-) -> int:
-    """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as 8-bit MatMulNBits; returns
-    how many.
+class _Rewrite:
+    """The node-by-node rewrite of one graph: linears to MatMulNBits, embedding Gathers
+    (``quantize_embeddings``) to GatherBlockQuantized, each weight quantized once (a tied table and its
+    lm_head share the same bytes)."""
+
+    def __init__(self, graph: onnx.GraphProto, config: WeightOnlyConfig, tensors: _Tensors) -> None:
+        self.config, self.tensors, self.bits = config, tensors, config.weight_bits
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.uses = Counter(name for node in _all_nodes(graph) for name in node.input)
+        self.uses.update(o.name for o in graph.output)
+        self.nodes: list[onnx.NodeProto] = []
+        self.new_inits: list[TensorProto] = []
+        self.written: Counter[str] = Counter()
+        # (initializer, stored [N, K]) -> (K, N, names of the packed [N, blocks, blob] bytes, scales, zps)
+        self._quantized: dict[tuple[str, bool], tuple[int, int, list[str]]] = {}
+
+    def quantized(self, weight: TensorProto, transposed: bool) -> tuple[int, int, list[str]]:
+        """``weight`` (as ``x @ W``'s [K, N]; ``transposed``: stored [N, K]) in blocks, written once."""
+        key = (weight.name, transposed)
+        if key not in self._quantized:
+            w = self.tensors.read(weight)
+            w = w.T if transposed else w
+            k, n = w.shape
+            packed, scales, zero_points = quantize_block(
+                w, self.bits, self.config.block_size, self.config.symmetric
+            )
+            del w
+            base = f"{weight.name}{'' if transposed else '_kn'}"
+            arrays = {f"{base}_Q{self.bits}": packed, f"{base}_scales": scales}
+            if not self.config.symmetric:
+                arrays[f"{base}_zero_points"] = zero_points
+            self.new_inits += [self.tensors.write(TensorProto(name=name), a) for name, a in arrays.items()]
+            self._quantized[key] = (k, n, list(arrays))
+        return self._quantized[key]
+
+    def linear(self, node: onnx.NodeProto) -> bool:
+        found = linear_weight(node, self.inits, self.producer)
+        if found is None:
+            return False
+        weight, transposed, via = found
+        k, n, inputs = self.quantized(weight, transposed)
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        out = f"{node.output[0]}_nobias" if bias else node.output[0]
+        self.nodes.append(
+            onnx.helper.make_node(
+                "MatMulNBits",
+                [node.input[0], *inputs],
+                [out],
+                name=f"{node.name}_Q{self.bits}" if node.name else "",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=self.bits,
+                block_size=self.config.block_size,
+                accuracy_level=self.config.accuracy_level,
+            )
+        )
+        if bias:
+            self.nodes.append(
+                onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias")
+            )
+        self.written["MatMulNBits"] += 1
+        self.uses[node.input[1]] -= 1
+        if via is not None and self.uses[node.input[1]] == 0:  # the Transpose fed only quantized MatMuls
+            self.uses[weight.name] -= 1
+        return True
+
+    def gather(self, node: onnx.NodeProto) -> bool:
+        """An embedding lookup on a constant [rows, width] fp32 table, as ``GatherBlockQuantized`` over the
+        table's blocks along its width: the very bytes MatMulNBits reads for ``x @ table.T``, so a tied
+        lm_head and its embedding share one quantized table. Tables whose width is not a whole number of
+        blocks stay fp32 (MatMulNBits pads the last block; the Gather would need its own copy)."""
+        table = self.inits.get(node.input[0]) if node.op_type == "Gather" and not node.domain else None
+        axis = [onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"]
+        if (
+            table is None
+            or (axis and axis[0] != 0)
+            or len(table.dims) != 2
+            or table.data_type != TensorProto.FLOAT
+            or table.dims[1] % self.config.block_size
+        ):
+            return False
+        rows = table.dims[0]
+        _, _, (packed, *rest) = self.quantized(table, transposed=True)
+        # MatMulNBits takes the bytes as [rows, blocks, blob] and the Gather as [rows, width * bits / 8]: a
+        # Reshape (ORT folds it at load) keeps one copy in the file
+        view, shape = f"{packed}_rows", f"{packed}_rows_shape"
+        if shape not in self.inits:
+            self.inits[shape] = numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape)
+            self.new_inits.append(self.inits[shape])
+            self.nodes.append(
+                onnx.helper.make_node("Reshape", [packed, shape], [view], name=f"{view}_reshape")
+            )
+        self.nodes.append(
+            onnx.helper.make_node(
+                "GatherBlockQuantized",
+                [view, node.input[1], *rest],
+                list(node.output),
+                name=f"{node.name}_Q{self.bits}" if node.name else "",
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=self.config.block_size,
+                bits=self.bits,
+            )
+        )
+        self.written["GatherBlockQuantized"] += 1
+        self.uses[table.name] -= 1
+        return True
+
+
+def weight_only_nbits(
+    src: Path, dst: Path, config: WeightOnlyConfig, *, external: bool, exclude: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as MatMulNBits of
+    ``config.weight_bits`` (and, with ``config.quantize_embeddings``, its embedding Gathers as
+    GatherBlockQuantized); returns how many of each op it wrote.
 
     ``exclude``: node names kept fp32. ``external``: write the weights to ``dst.name + ".data"``.
     """
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    uses = Counter(name for node in _all_nodes(graph) for name in node.input)
-    uses.update(o.name for o in graph.output)
     tensors = _Tensors(src, dst, external)
+    rewrite = _Rewrite(graph, config, tensors)
     try:
-        nodes, new_inits, count = [], [], 0
         for node in graph.node:
-            found = None if node.name in exclude else linear_weight(node, inits, producer)
-            if found is None:
-                nodes.append(node)
-                continue
-            weight, transposed, via = found
-            w = tensors.read(weight)
-            w = w.T if transposed else w
-            k, n = w.shape
-            packed, scales, zero_points = _quantize(w, config.block_size, config.symmetric)
-            del w
-            base = f"{weight.name}_{node.name or count}"
-            inputs = {f"{base}_Q8": packed, f"{base}_scales": scales}
-            if not config.symmetric:
-                inputs[f"{base}_zero_points"] = zero_points
-            new_inits += [tensors.write(TensorProto(name=name), array) for name, array in inputs.items()]
-            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-            out = f"{node.output[0]}_nobias" if bias else node.output[0]
-            nodes.append(
-                onnx.helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], *inputs],
-                    [out],
-                    name=f"{node.name}_Q8" if node.name else "",
-                    domain="com.microsoft",
-                    K=k,
-                    N=n,
-                    bits=8,
-                    block_size=config.block_size,
-                    accuracy_level=config.accuracy_level,
-                )
-            )
-            if bias:
-                nodes.append(
-                    onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias")
-                )
-            count += 1
-            uses[node.input[1]] -= 1
-            if via is not None and uses[node.input[1]] == 0:  # the Transpose fed only quantized MatMuls
-                uses[weight.name] -= 1
-        nodes = [n for n in nodes if not (n.op_type == "Transpose" and all(uses[o] == 0 for o in n.output))]
+            if node.name in exclude or not (
+                rewrite.linear(node) or (config.quantize_embeddings and rewrite.gather(node))
+            ):
+                rewrite.nodes.append(node)
+        uses = rewrite.uses
+        nodes = [
+            n for n in rewrite.nodes if not (n.op_type == "Transpose" and all(uses[o] == 0 for o in n.output))
+        ]
         kept = [tensors.write(t) for t in graph.initializer if uses[t.name] > 0]
     finally:
         tensors.close()
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.ClearField("initializer")
-    graph.initializer.extend(kept + new_inits)
+    graph.initializer.extend(kept + rewrite.new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
-    return count
+    return {"MatMulNBits": 0, **rewrite.written}
 
 
-class OnnxInt8WeightPass:
+class OnnxWeightOnlyPass:
+    """The pass of one weight-only precision (its config class says the width)."""
+
     backend = "onnx"
-    precision = Int8WeightConfig.name
+
+    def __init__(self, config: type[WeightOnlyConfig]) -> None:
+        self.config_type, self.precision = config, config.name
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        check_runtime()
+        check_runtime(self.precision)
         config = ctx.job.precision
-        assert isinstance(config, Int8WeightConfig)
+        assert isinstance(config, self.config_type)
         counts: dict[str, int] = {}
+        gathers: dict[str, int] = {}
 
         def write(src: Path, dst: Path, external: bool) -> None:
             # external data where the parent had it: the writer streams into it, one weight at a time
-            counts[dst.stem] = weight_only_int8(src, dst, config, external=external)
+            written = weight_only_nbits(src, dst, config, external=external)
+            counts[dst.stem], gathers[dst.stem] = (
+                written["MatMulNBits"],
+                written.get("GatherBlockQuantized", 0),
+            )
 
         derived = rewrite_components(ctx, write)
         if not any(counts.values()):
             raise UsageError(
-                "int8-weight found no MatMul with a constant weight in this artifact: nothing to "
+                f"{self.precision} found no MatMul with a constant weight in this artifact: nothing to "
                 "quantize. Use --precision fp16 or int8-dynamic."
             )
         derived.details.update(
             {
                 "block_size": config.block_size,
-                "bits": 8,
+                "bits": config.weight_bits,
                 "accuracy_level": config.accuracy_level,
                 "matmul_nbits": counts,
             }
         )
+        if config.quantize_embeddings:
+            derived.details["gather_block_quantized"] = gathers
         return derived
 
 
-register_pass(OnnxInt8WeightPass())
+register_pass(OnnxWeightOnlyPass(Int8WeightConfig))
+register_pass(OnnxWeightOnlyPass(Int4WeightConfig))
