@@ -111,14 +111,14 @@ def quantize(
     }
     if precision is None and not components:
         raise UsageError("Name the variant: precision=, or components={COMPONENT: PRECISION, ...}.")
-    manifest = Manifest.read(Path(artifact))
     mapping: dict[str, PrecisionConfig] = {}
+    if not components:  # the knobs' rules, before the artifact is read (as on the CLI)
+        config = _config(precision).with_knobs(**knobs)
+    manifest = Manifest.read(Path(artifact))
     if components:
         default = None if precision is None else _config(precision).name
         mapping = per_component(dict(components), list(manifest.components), default, knobs)
         config = loosest(mapping.values())
-    else:
-        config = _config(precision).with_knobs(**knobs)
     check_variant_source(artifact, manifest, config)
     job = ExportJob(
         str(artifact),

@@ -96,7 +96,7 @@ def build(
     source, default_keep, n = smoothed_source(src, config.smooth, feeds() if config.smooth else (), scratch)
     exclude = list(config.fp32_nodes) if config.fp32_nodes is not None else default_keep
     quantize(source, dst, config, exclude, external)
-    details: dict[str, Any] = {"fp32_nodes": exclude}
+    details: dict[str, Any] = {"fp32_nodes": exclude} if exclude else {}  # plain int8-dynamic: nothing kept
     if config.smooth is not None:
         details["smooth"] = {"alpha": config.smooth, "activations_smoothed": n, "kept_fp32": exclude}
     return details
