@@ -28,13 +28,32 @@ CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def _start(out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vlexport.cli", "onnx", PRESET, "--random-weights", "-o", str(out), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    """The child as a terminal starts it. A suite run under `nohup` (or as a background job, which ignores
+    SIGINT) would hand it SIG_IGN, which vlexport keeps on purpose, and the signal would do nothing: a
+    handler of ours here instead, which exec resets to the default in the child."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    ours = {sig: signal.signal(sig, lambda *_: None) for sig in sigs}
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vlexport.cli",
+                "onnx",
+                PRESET,
+                "--random-weights",
+                "-o",
+                str(out),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    finally:
+        for sig, previous in ours.items():
+            signal.signal(sig, previous)
 
 
 def _partials(parent: Path, name: str = "o") -> list[Path]:
