@@ -101,8 +101,7 @@ def test_bench_times_the_compiled_loop_with_token_parity(caption: Path) -> None:
 
 def test_blip2_package_validates_token_exact(exported) -> None:
     # The encoder-decoder LM (its own static step, relative positions): the OPT decoder and BLIP VQA compile
-    # the
-    # same way and are checked eagerly in test_compile_static_cache.py (one compile per family keeps CI
+    # the same way and are checked eagerly in test_compile_static_cache.py (one compile per family keeps CI
     # short).
     manifest = _checked(exported("blip2-flan-t5-tiny", "generate", **COMPILE))
     assert set(manifest["components"]) == {"image_encoder", "encoder", "decoder"}

@@ -188,8 +188,8 @@ class Manifest:
     components: dict[str, Component]
     kernels: list[str] = field(default_factory=list)
     # the precision config's knobs (PrecisionConfig.knobs: block size, calibration method...); with
-    # ``precision``
-    # they rebuild the config (``precision_config``). Absent in manifests written before knobs were recorded.
+    # ``precision`` they rebuild the config (``precision_config``). Absent in manifests written before knobs
+    # were recorded.
     precision_knobs: dict[str, Any] = field(default_factory=dict)
     # `quantize --components`: each component's precision name ({"decoder": "int4-weight",
     # "image_encoder": "fp32"}); ``precision`` is then the loosest of them, and ``derived_from`` holds each

@@ -128,8 +128,7 @@ def test_signal_leaves_nothing(tmp_path: Path, sig: int, point: str) -> None:
 
 # CPython's `python -m` kills itself with SIGINT at exit (returncode -2, whatever sys.exit said) when the last
 # C-level PyRun_* call it made ended in a KeyboardInterrupt, even one caught later: the old flake of this test
-# and
-# of test_cli.py::test_ctrl_c_leaves_nothing. An atexit hook (they run before that check) makes it certain
+# and of test_cli.py::test_ctrl_c_leaves_nothing. An atexit hook (they run before that check) makes it certain
 # here.
 SET_CPYTHON_SIGINT_FLAG = """
 import atexit, ctypes

@@ -23,10 +23,8 @@ ort = pytest.importorskip("onnxruntime")
 # output, two LayerNorms deep) and <= 4e-7 (attention alone). A wrong mask or scale is off by > 1e-2.
 FP32_ATOL = 1e-5
 # fp16 graph vs the fp32 reference on the same fp16 inputs: ORT may round intermediates (scores, the sum
-# before
-# the LayerNorm) to fp16 where the reference keeps fp32 until its final cast: a couple of fp16 ulps at |y| <
-# 8,
-# i.e. <= 8e-3. Measured <= 5e-4.
+# before the LayerNorm) to fp16 where the reference keeps fp32 until its final cast: a couple of fp16 ulps at
+# |y| < 8, i.e. <= 8e-3. Measured <= 5e-4.
 FP16_ATOL = 1e-2
 
 HIDDEN, HEADS = 32, 2

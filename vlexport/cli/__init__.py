@@ -90,10 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]interrupted ({stop.signal_name}):[/red] {escape(done)}.", soft_wrap=True)
         if argv is None:  # the process's own entry point (console script, python -m vlexport.cli)
             # CPython re-raises SIGINT on itself at exit (exit code -2, not ours) when a KeyboardInterrupt
-            # crossed a
-            # C-level PyRun_* boundary on its way up (torch's export stack has some), even one caught later.
-            # os._exit skips that step; what else a normal exit does (atexit hooks, stdio flushes) is done
-            # first.
+            # crossed a C-level PyRun_* boundary on its way up (torch's export stack has some), even one
+            # caught later. os._exit skips that step; what else a normal exit does (atexit hooks, stdio
+            # flushes) is done first.
             import atexit
 
             try:

@@ -233,8 +233,8 @@ class Int8DynamicConfig(TargetedPrecision):
 
     per_channel: bool = True  # one weight scale per output channel: outlier channels keep their own range
     # SmoothQuant strength (quantize/smoothing.py), None: off. With it, the FFN output MatMuls stay fp32: on
-    # real
-    # BERT weights plain int8-dynamic keeps a mean embedding cosine of 0.993, this 0.999 (README, Precisions).
+    # real BERT weights plain int8-dynamic keeps a mean embedding cosine of 0.993, this 0.999 (README,
+    # Precisions).
     smooth: float | None = None
     # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16
     # (vpmaddubsw), which 8-bit weights overflow; measured on an AVX2 EPYC, tiny BridgeTower ITM logits fell

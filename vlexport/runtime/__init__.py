@@ -15,8 +15,8 @@ from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 
 # Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only
-# after
-# their content hash matched the manifest's, always: a changed byte there is a crash or silent wrong code.
+# after their content hash matched the manifest's, always: a changed byte there is a crash or silent wrong
+# code.
 NATIVE_SUFFIXES = (".pt2", ".plan", ".engine")
 ComponentFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
