@@ -75,6 +75,9 @@ class AccuracyReport:
     misses: list[str] = field(default_factory=list)  # one line per threshold missed
     degraded: bool = False  # kept below its thresholds with --accept-degraded
     calibration: dict[str, Any] | None = None  # int8-static: where its scales came from (not these inputs)
+    # generative variants with two or more changed components: each alone at reduced precision, the others
+    # fp32 (validate/attribution.py): {"decoder": {"precision": ..., "greedy_token_agreement": ..., ...}}
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "validation.accuracy") -> AccuracyReport:
@@ -103,6 +106,16 @@ class AccuracyReport:
                 f"equal for {_pct(g.get('beam_token_agreement'))} (near-ties included: "
                 f"{_pct(g.get('beam_agreement_with_near_ties'))})"
             )
+        if self.components:
+            out.append("  per component (each alone at its precision, the others fp32; greedy decoding):")
+            for name, c in self.components.items():
+                out.append(
+                    f"    {name} {c.get('precision')}: greedy tokens equal for "
+                    f"{_pct(c.get('greedy_token_agreement'))} (near-ties included: "
+                    f"{_pct(c.get('agreement_with_near_ties'))}), mean first divergence step "
+                    f"{_g(c.get('mean_first_divergence_step'))}, logit cosine min "
+                    f"{_g6(c.get('min_logit_cosine'))} / mean {_g6(c.get('mean_logit_cosine'))}"
+                )
         if self.calibration:
             out.append(
                 f"  calibration: {self.calibration.get('source')} ({self.calibration.get('samples')} "

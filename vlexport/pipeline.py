@@ -42,6 +42,7 @@ from vlexport.models.inputs import EXPORT_SHAPE, image_size
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config
 from vlexport.validate import eager_references, raise_on_failure
+from vlexport.validate.generation import GenerationCheck
 from vlexport.weights import ModelSource, load_model, resolve, source_from_manifest
 
 __all__ = ["KERNEL_NAMES", "ExportJob", "Progress", "check_job", "injected", "run_export"]
@@ -407,7 +408,7 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
                     **derived.details,
                 },
             )
-            _validate(job, backend, manifest, tmp, eager, task_spec, progress)
+            _validate(job, backend, manifest, tmp, eager, task_spec, progress, parent=(parent_dir, parent))
     return manifest
 
 
@@ -484,7 +485,9 @@ def _validate(
     eager: _Eager,
     task_spec: TaskSpec,
     progress: Progress,
+    parent: tuple[Path, Manifest] | None = None,
 ) -> None:
+    """``parent``: a derived variant's fp32 parent (directory, manifest), for per-component attribution."""
     # what is validated next is what `validate`, `triton` and the loader check later
     manifest.record_hashes(tmp)
     manifest.write(tmp)  # the loader reads a complete directory
@@ -497,6 +500,9 @@ def _validate(
             manifest.validation = check(
                 load_artifact(tmp, manifest=manifest, device=backend.validation_device)
             )
+        if parent is not None and isinstance(check, GenerationCheck):
+            with _timed(job, "attribution", progress):
+                _attribute(check, manifest, tmp, parent, task_spec, backend, progress)
     manifest.timings = dict(job.timings)
     if job.accept_degraded and manifest.validation.passed is False:
         from vlexport.validate.accuracy import accept_degraded
@@ -510,6 +516,28 @@ def _validate(
         f"the {manifest.backend} {manifest.precision} build of {job.model} "
         f"({manifest.task}) for {job.output}",
         _miss_advice(job, manifest),
+    )
+
+
+def _attribute(
+    check: GenerationCheck,
+    manifest: Manifest,
+    tmp: Path,
+    parent: tuple[Path, Manifest],
+    task_spec: TaskSpec,
+    backend: Backend,
+    progress: Progress,
+) -> None:
+    """Per-component attribution into the accuracy report (validate/attribution.py): which component moved
+    the tokens, measured whether the whole variant passed or not (a miss is what it is for)."""
+    from vlexport.validate.attribution import attribute_components
+
+    accuracy = manifest.validation.accuracy
+    if accuracy is None:
+        return
+    gc.collect()  # the whole variant's sessions are gone before mixed ones load
+    accuracy.components = attribute_components(
+        check, tmp, manifest, *parent, task_spec, device=backend.validation_device, progress=progress
     )
 
 

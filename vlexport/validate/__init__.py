@@ -38,10 +38,9 @@ def eager_references(model: PreTrainedModel, task: TaskSpec) -> ArtifactCheck:
     a model that fills half the machine (BLIP-2's 3.7B parameters) be validated on it.
     """
     if task.generative:
-        from vlexport.validate.generation import compare_generation, generation_references
+        from vlexport.validate.generation import GenerationCheck, generation_references
 
-        gen_refs = generation_references(model, task)
-        return lambda artifact: compare_generation(gen_refs, artifact)
+        return GenerationCheck(generation_references(model, task))
     refs = output_references(model, task)
 
     def check(artifact: Artifact) -> ValidationReport:

@@ -12,7 +12,7 @@ little about the cache wiring, so the logits must then also be within the precis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -120,8 +120,34 @@ def generation_references(
     return GenerationReferences(model.config, cases, modes, tuple(batch_sizes), samples, max_new_tokens)
 
 
-def compare_generation(refs: GenerationReferences, artifact: Artifact) -> ValidationReport:
-    """Run the artifact's generation loop on the references' samples; return a validation report."""
+@dataclass
+class GenerationCheck:
+    """``check(artifact) -> report`` over references computed once (validate.eager_references): the same
+    references judge the artifact and, for per-component attribution, artifacts that mix its components with
+    the fp32 parent's."""
+
+    refs: GenerationReferences
+
+    def __call__(self, artifact: Artifact) -> ValidationReport:
+        return compare_generation(self.refs, artifact)
+
+    def attribution(self, artifact: Artifact) -> ValidationReport:
+        """Greedy decoding at the largest batch size only, with the accuracy figures whatever the precision:
+        what per-component attribution reports (token agreement, first divergence, logit cosine), at a
+        quarter of the full check's cost (beam search is the costly part)."""
+        bs = max(self.refs.batch_sizes)
+        cases = [c for c in self.refs.cases if c.shape == f"b{bs} greedy"]
+        refs = replace(self.refs, cases=cases, modes=[("greedy", 1)], batch_sizes=(bs,))
+        return compare_generation(refs, artifact, with_accuracy=True)
+
+
+def compare_generation(
+    refs: GenerationReferences, artifact: Artifact, *, with_accuracy: bool = False
+) -> ValidationReport:
+    """Run the artifact's generation loop on the references' samples; return a validation report.
+
+    ``with_accuracy``: the accuracy figures (agreement, logit cosine) even for a value-exact precision, as
+    per-component attribution reports them for every component."""
     from vlexport.runtime.generate import Generator
 
     precision = artifact.manifest.precision
@@ -158,10 +184,11 @@ def compare_generation(refs: GenerationReferences, artifact: Artifact) -> Valida
     if degenerate and tol.exact_tokens:
         checks += logits_gate(logit_pairs, tol)
     accuracy = None
-    if not tol.exact_tokens:  # reduced precisions: agreement and logit cosine (validate/accuracy.py)
+    if with_accuracy or not tol.exact_tokens:  # agreement and logit cosine (validate/accuracy.py)
         from vlexport.validate.accuracy import generation_accuracy
 
         accuracy = generation_accuracy(checks, precision, tol, refs.max_new_tokens)
+    if not tol.exact_tokens:  # reduced precisions are judged by those figures
         checks = _agreement(checks, accuracy)
     report = _report(
         checks,
@@ -385,9 +412,11 @@ def _report(
     compared = sum(c.tokens for c in token_checks)
     equal = all(c.kind == "ok" for c in token_checks)
     shapes = [f"b{b} {m}" for m, _ in modes for b in batch_sizes]
+    beams = max(b for _, b in modes)
+    decoded = ", ".join(m for m, _ in modes)
     summary = (
         f"tokens {'equal' if equal else 'DIFFER from'} HF generate() for {samples} samples x "
-        f"{len(batch_sizes)} batch sizes x (greedy, beam {modes[1][1]}): {compared} new tokens; per-step "
+        f"{len(batch_sizes)} batch sizes x ({decoded}): {compared} new tokens; per-step "
         f"logits max abs err {err:.2g}, reference min top-2 margin "
         f"{margin if margin is None else f'{margin:.2g}'}"
     )
@@ -410,7 +439,7 @@ def _report(
             "samples": samples,
             "batch_sizes": list(batch_sizes),
             "max_new_tokens": max_new_tokens,
-            "num_beams": modes[1][1],
+            "num_beams": beams,
             "new_tokens_compared": compared,
             "tokens_equal": equal,
             "distinct_reference_tokens": distinct,
