@@ -198,3 +198,109 @@ def test_ctrl_c_during_search_leaves_nothing(sensitive, tmp_path: Path) -> None:
     assert "interrupted (SIGINT): nothing was written" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
     assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before
+
+
+def _blocky_parent(parent: Path, out: Path, group: int = 32, scale: float = 1e3) -> list[str]:
+    """A copy of ``parent`` whose constant-weight MatMuls with 128 input rows hold rows of two magnitudes in
+    alternating groups of ``group`` (input channels scaled up by ``scale``, weight rows down: the same
+    function). One scale per block of 64 or 128 rows rounds the small rows away; blocks of ``group`` keep
+    each group its own scale. Returns those nodes' names; sizes and hashes are recorded again."""
+    shutil.copytree(parent, out)
+    manifest = Manifest.read(out)
+    (comp,) = manifest.components.values()
+    path = out / comp.file
+    model = onnx.load(str(path))
+    init = {i.name: i for i in model.graph.initializer}
+    weighted = [n for g in constant_weight_matmuls(model).values() for n in g]
+    nodes = [n for n in weighted if init[n.input[1]].dims[0] == 128]
+    for j, node in enumerate(nodes):
+        w = numpy_helper.to_array(init[node.input[1]])
+        s = np.ones(w.shape[0], np.float32)
+        for start in range(0, w.shape[0], 2 * group):
+            s[start : start + group] = scale
+        init[node.input[1]].CopyFrom(
+            numpy_helper.from_array((w / s[:, None]).astype(np.float32), node.input[1])
+        )
+        model.graph.initializer.append(numpy_helper.from_array(s, f"block_scale{j}"))
+        x, node.input[0] = node.input[0], f"block_x{j}"
+        at = list(model.graph.node).index(node)
+        model.graph.node.insert(
+            at, helper.make_node("Mul", [x, f"block_scale{j}"], [f"block_x{j}"], name=f"blocky{j}")
+        )
+    onnx.save(model, str(path))
+    comp.size_bytes = path.stat().st_size
+    manifest.record_hashes(out)
+    manifest.write(out)
+    return [n.name for n in nodes]
+
+
+def test_block_size_search_moves_to_a_smaller_block_and_replays(exported, tmp_path: Path, capsys) -> None:
+    parent = tmp_path / "fp32"
+    assert len(_blocky_parent(exported("bridgetower-tiny", "itm"), parent)) == 6  # the FFN output MatMuls
+    assert main(["validate", str(parent)]) == 0  # the rewrite kept the function
+    coarse = tmp_path / "b128"
+    target = ["--precision", "int8-weight", "--min-cosine", "0.999"]
+    assert main(["quantize", str(parent), "-o", str(coarse), *target, "--block-size", "128"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "To search its block size" in err and "--precision int8-weight --search" in err
+    assert not coarse.exists()
+
+    out = tmp_path / "searched"
+    assert main(["quantize", str(parent), "-o", str(out), *target, "--search"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    m = Manifest.read(out)
+    assert m.precision_knobs["block_size"] == 32 and m.precision_knobs["search"] is False
+    assert "search: recipe block_size=32" in printed
+    cands = m.derived_from["search"]["candidates"]
+    # cheapest first: 128 and 64 mix the two magnitudes in one block and miss; 32 keeps them apart
+    assert [c["block_size"] for c in cands] == [128, 64, 32]
+    assert [c["passed"] for c in cands] == [False, False, True]
+    # the calibration set asks 1 - 0.8 * 0.001 (search.MARGIN)
+    assert max(c["cosine"]["logits"] for c in cands[:2]) < 0.998 and cands[2]["cosine"]["logits"] >= 0.9992
+    graph = onnx.load(str(out / "model.onnx")).graph
+    blocks = {
+        a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"
+    }
+    assert blocks == {32}
+    acc = m.validation.accuracy
+    assert acc.passed and acc.outputs["logits"]["cosine"] >= 0.999 and main(["validate", str(out)]) == 0
+    recipe = json.loads((out / "search" / "recipe.json").read_text())
+    assert recipe == {
+        "precision": "int8-weight",
+        "knobs": {"block_size": 32, "accuracy_level": 4, "symmetric": False, "quantize_embeddings": False},
+    }
+    replay = tmp_path / "replay"
+    assert (
+        main(["quantize", str(parent), "-o", str(replay), "--recipe", str(out / "search" / "recipe.json")])
+        == 0
+    )
+    assert (replay / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_int8_static_search_smooths_and_replays(exported, tmp_path: Path, capsys) -> None:
+    parent = exported("bridgetower-tiny", "itm")
+    out = tmp_path / "searched"
+    # 0.9985 asks 0.9988 on the calibration set (search.MARGIN): plain int8-static and SmoothQuant 0.5 give
+    # less there, 0.7 more
+    args = ["quantize", str(parent), "-o", str(out), "--precision", "int8-static", "--search"]
+    assert main([*args, "--min-cosine", "0.9985"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    m = Manifest.read(out)
+    cands = m.derived_from["search"]["candidates"]
+    assert [c["candidate"] for c in cands] == ["plain", "smooth 0.5", "smooth 0.7"]
+    assert [c["passed"] for c in cands] == [False, False, True]
+    assert max(c["cosine"]["logits"] for c in cands[:2]) < 1 - 0.8 * 0.0015 <= cands[2]["cosine"]["logits"]
+    assert m.precision_knobs["smooth"] == 0.7 and m.precision_knobs["fp32_nodes"] == []
+    assert "search: recipe smooth=" in printed
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # a QDQ graph, calibrated
+    assert m.validation.accuracy.passed and m.validation.accuracy.outputs["logits"]["cosine"] >= 0.9985
+    recipe = json.loads((out / "search" / "recipe.json").read_text())
+    assert recipe["precision"] == "int8-static" and recipe["knobs"]["smooth"] == m.precision_knobs["smooth"]
+    replay = tmp_path / "replay"
+    assert (
+        main(["quantize", str(parent), "-o", str(replay), "--recipe", str(out / "search" / "recipe.json")])
+        == 0
+    )
+    assert (replay / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert "search" not in Manifest.read(replay).derived_from

@@ -583,9 +583,14 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
             "int8-weight, which is likely to pass." + tail
         )
     if "search" in config.knobs():
+        knobs = (
+            "block size"
+            if "block_size" in config.knobs()
+            else "SmoothQuant strength and the MatMuls kept fp32"
+        )
         return (
-            f"{what} missed its accuracy targets ({missed}). To search its SmoothQuant strength and the "
-            f"MatMuls kept fp32 on a calibration set: `vlexport quantize {job.model} -o {job.output} "
-            f"--precision {config.name} --search{targets}`." + tail
+            f"{what} missed its accuracy targets ({missed}). To search its {knobs} on a calibration set: "
+            f"`vlexport quantize {job.model} -o {job.output} --precision {config.name} --search{targets}`."
+            + tail
         )
     return f"{what} missed its accuracy targets ({missed})." + tail

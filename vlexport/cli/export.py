@@ -151,11 +151,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _search_lines(source: str, output: Path, search: dict) -> list[str]:
     """The recipe ``--search`` chose, and how to replay it."""
     r = search["recipe"]
-    nodes = r["fp32_nodes"]
+    if "block_size" in r:  # weight-only: the block is the recipe
+        found = f"search: recipe block_size={r['block_size']}; candidates in {output / 'search'}"
+    else:
+        nodes = r["fp32_nodes"]
+        found = (
+            f"search: recipe smooth={r['smooth']}, {len(nodes)} MatMul(s) kept fp32"
+            + (f" ({', '.join(nodes)})" if nodes else "")
+            + f"; sensitivity table and plot in {output / 'search'}"
+        )
     return [
-        f"search: recipe smooth={r['smooth']}, {len(nodes)} MatMul(s) kept fp32"
-        + (f" ({', '.join(nodes)})" if nodes else "")
-        + f"; sensitivity table and plot in {output / 'search'}",
+        found,
         f"replay: vlexport quantize {source} -o OUT --recipe {output / 'search' / 'recipe.json'}",
     ]
 
@@ -280,7 +286,8 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--smooth",
         type=float,
         metavar="ALPHA",
-        help="int8-dynamic: SmoothQuant activation outliers into the weights (alpha in (0, 1), e.g. 0.7; "
+        help="int8-dynamic / int8-static: SmoothQuant activation outliers into the weights (alpha in "
+        "(0, 1), e.g. 0.7; "
         "calibrated on --calibration or a synthetic set) and keep the FFN output MatMuls fp32",
     )
     p.add_argument(
@@ -309,9 +316,10 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         "--search",
         action="store_true",
         default=None,
-        help="int8-dynamic: when the plain scheme misses the targets, search SmoothQuant strength and "
-        "MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the recipe is "
-        "recorded, its per-MatMul sensitivity table and plot written under OUT/search/",
+        help="int8-dynamic / int8-static: when the plain scheme misses the targets, search SmoothQuant "
+        "strength and MatMuls kept fp32 on the calibration set (--calibration or a synthetic set); the "
+        "recipe is recorded, its per-MatMul sensitivity table and plot written under OUT/search/. "
+        "int8-weight / int4-weight: the largest block size (128, 64, 32, 16) that meets the targets",
     )
     p.add_argument(
         "--recipe",

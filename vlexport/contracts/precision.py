@@ -173,6 +173,21 @@ class TargetedPrecision(PrecisionConfig):
             object.__setattr__(self, "tolerance", strict)  # the instance's targets shadow the class default
 
 
+def _recipe_knobs(config: Int8DynamicConfig | Int8StaticConfig) -> None:
+    """The SmoothQuant / fp32-MatMul / --search knobs the two int8 activation schemes share, checked."""
+    if config.smooth is not None and not 0 < config.smooth < 1:
+        raise UsageError(
+            f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {config.smooth}."
+        )
+    if config.fp32_nodes is not None:  # a manifest or recipe file gives a JSON list
+        object.__setattr__(config, "fp32_nodes", tuple(str(n) for n in config.fp32_nodes))
+    if config.search and (config.smooth is not None or config.fp32_nodes is not None):
+        raise UsageError(
+            "--search chooses the SmoothQuant strength and the fp32 MatMuls itself; drop --smooth "
+            "(or replay a recipe with --recipe FILE, without --search)."
+        )
+
+
 def _path_knob(config: PrecisionConfig, name: str) -> None:
     """A path knob read back from a manifest (a string) becomes a Path again."""
     value = getattr(config, name)
@@ -260,22 +275,12 @@ class Int8DynamicConfig(TargetedPrecision):
     def __post_init__(self) -> None:
         super().__post_init__()
         _path_knob(self, "calibration")
-        if self.smooth is not None and not 0 < self.smooth < 1:
-            raise UsageError(
-                f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {self.smooth}."
-            )
         if self.calibration is not None and self.smooth is None and not self.search:
             raise UsageError(
                 "--calibration applies to --precision int8-static (calibrated activations) or "
                 "int8-dynamic --smooth / --search, not plain int8-dynamic. Drop the option or add --smooth."
             )
-        if self.fp32_nodes is not None:  # a manifest or recipe file gives a JSON list
-            object.__setattr__(self, "fp32_nodes", tuple(str(n) for n in self.fp32_nodes))
-        if self.search and (self.smooth is not None or self.fp32_nodes is not None):
-            raise UsageError(
-                "--search chooses the SmoothQuant strength and the fp32 MatMuls itself; drop --smooth "
-                "(or replay a recipe with --recipe FILE, without --search)."
-            )
+        _recipe_knobs(self)
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
         if (
@@ -299,6 +304,11 @@ class Int8StaticConfig(TargetedPrecision):
     method: str = "minmax"
     reduce_range: bool = True  # 7-bit weights, as Int8DynamicConfig says why
     calibration: Path | None = None  # a directory of images (and .txt prompts); None: a seeded synthetic set
+    # SmoothQuant strength before calibration, MatMuls kept fp32 and --search: as Int8DynamicConfig's (the
+    # recipe of quantize/search.py, calibrated here instead of quantized per call)
+    smooth: float | None = None
+    fp32_nodes: tuple[str, ...] | None = None
+    search: bool = False
     name: ClassVar[str] = "int8-static"
     dtype: ClassVar[str] = "float32"
     weight_bits: ClassVar[int] = 8
@@ -316,8 +326,14 @@ class Int8StaticConfig(TargetedPrecision):
             raise UsageError(
                 f"Unknown calibration method {self.method!r}: choose {', '.join(CALIBRATION_METHODS)}."
             )
+        _recipe_knobs(self)
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        if backend != "onnx" and (self.search or self.smooth is not None or self.fp32_nodes is not None):
+            raise UsageError(
+                f"--search / --smooth / fp32 MatMuls shape ONNX int8-static graphs; {backend} builds its own "
+                "int8 from calibration. Drop them, or quantize the onnx artifact."
+            )
         # A decoder step's calibration would need the cache of real generations.
         if (
             artifact is not None
@@ -347,6 +363,9 @@ class WeightOnlyConfig(TargetedPrecision):
     # sharing the table's bytes (quantize/onnx_weight_only.py). Off by default: the token table is a tenth of
     # BLIP-2 OPT's weights and the lookups cost no compute, so it only saves bytes
     quantize_embeddings: bool = False
+    # --search: when the default block misses the targets, try blocks from the cheapest (128) down
+    # (quantize/search.py BLOCK_GRID); the pass replaces this knob by the block it found (search=False)
+    search: bool = False
     dtype: ClassVar[str] = "float32"
     compute: ClassVar[str] = (
         "fp32"  # judged against its activation dtype's GEMM, as before int8 compute on CPU
@@ -363,6 +382,18 @@ class WeightOnlyConfig(TargetedPrecision):
             )
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
+
+    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        if self.search and backend != "onnx":
+            raise UsageError(
+                f"--search scores MatMulNBits block sizes with ONNX Runtime; {backend} {self.name} takes "
+                "--block-size N (16..256) instead."
+            )
+        if self.search and artifact is not None and len(artifact.components) != 1:
+            raise UsageError(
+                "--search scores block sizes on a calibration set of encoder artifacts (one component); for "
+                "generative artifacts give --block-size N (32 keeps the most accuracy)."
+            )
 
 
 @dataclass(frozen=True)
@@ -403,6 +434,7 @@ class Int4WeightConfig(WeightOnlyConfig):
     description: ClassVar[str] = "int4 weights (MatMulNBits; int8 compute on CPU); embeddings fp32 by default"
 
     def check_for(self, backend: str, artifact: Manifest | None) -> None:
+        super().check_for(backend, artifact)
         if backend == "aoti" and self.block_size < 32:  # torchao's int4 groups are 32..256
             raise UsageError(
                 f"block_size {self.block_size}: compiled int4 packages (torchao) take 32 to 256; give 32 "

@@ -8,13 +8,20 @@ Activations and weights are symmetric int8, the form TensorRT's explicit-quantiz
 Normalisations, softmax and the element-wise ops stay fp32: quantizing their inputs costs accuracy and
 saves little. Encoder artifacts (one component) only: a decoder step's calibration would need the cache
 of real generations; generative artifacts take int8-weight.
+
+The recipe knobs are int8-dynamic's (quantize/search.py): SmoothQuant first (``smooth``, calibrated on the
+smoothed graph), MatMuls kept fp32 (``fp32_nodes``), and ``--search`` for both on the calibration set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
@@ -25,12 +32,56 @@ from vlexport.quantize.onnx_rewrite import quantizer_output, rewrite_components,
 QUANTIZED_OPS = ["MatMul", "Conv", "Gemm"]
 
 
+def quantize_static_graph(
+    src: Path,
+    dst: Path,
+    config: Int8StaticConfig,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    external: bool = False,
+) -> None:
+    """ONNX Runtime's static QDQ quantizer with ``config``'s settings, calibrated on ``feeds``; ``exclude``:
+    nodes kept fp32, ``only``: the nodes quantized (None: every node of ``QUANTIZED_OPS``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[config.method]
+    # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            src,
+            dst,
+            FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS,
+            per_channel=True,
+            reduce_range=config.reduce_range,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=list(only) if only is not None else None,
+            nodes_to_exclude=list(exclude),
+            calibrate_method=method,
+            use_external_data_format=external,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "CalibTensorRangeSymmetric": True,
+            },
+            calibration_providers=["CPUExecutionProvider"],
+        )
+
+
 class OnnxInt8StaticPass:
     backend = "onnx"
     precision = Int8StaticConfig.name
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from vlexport.quantize.search import Scheme, search, smoothed_source, write_report
 
         config = ctx.job.precision
         assert isinstance(config, Int8StaticConfig)
@@ -44,41 +95,48 @@ class OnnxInt8StaticPass:
             input_names=tuple(t.name for t in comp.inputs),
         )
         ctx.progress(f"int8-static: calibrating on {len(cal.feeds)} {cal.source} sample(s), {config.method}")
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[config.method]
+        details: dict[str, Any] = {}
+        files: list[str] = []
+        scheme = Scheme(
+            write=lambda src, dst, c, exclude: quantize_static_graph(src, dst, c, cal.feeds, exclude=exclude),
+            only=lambda src, dst, c, node: quantize_static_graph(src, dst, c, cal.feeds, only=[node]),
+        )
 
         def write(src: Path, dst: Path, external: bool) -> None:
-            # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
-            with quantizer_output(ctx.out_dir, dst) as out, contextlib.redirect_stdout(io.StringIO()):
+            with quantizer_output(ctx.out_dir, dst) as out:
                 src = source_view(src, out.parent)
-                src = source_view(src, out.parent)
-                quantize_static(
-                    src,
-                    out,
-                    FeedReader(cal.feeds),
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=QUANTIZED_OPS,
-                    per_channel=True,
-                    reduce_range=config.reduce_range,
-                    activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    calibrate_method=method,
-                    use_external_data_format=external,
-                    extra_options={
-                        "ActivationSymmetric": True,
-                        "WeightSymmetric": True,
-                        "CalibTensorRangeSymmetric": True,
-                    },
-                    calibration_providers=["CPUExecutionProvider"],
-                )
+                chosen = ctx.job.precision
+                if chosen.search:
+                    result = search(
+                        src,
+                        chosen,
+                        cal.feeds,
+                        out.parent,
+                        agreement=ctx.task_spec.agreement,
+                        progress=ctx.progress,
+                        scheme=scheme,
+                    )
+                    chosen = result.config
+                    files.extend(write_report(result, ctx.out_dir))
+                    details["search"] = {**result.record(), "files": files}
+                    ctx.job.precision = chosen  # the manifest records the recipe found as the knobs
+                source, default_keep, n = smoothed_source(src, chosen.smooth, cal.feeds, out.parent)
+                exclude = list(chosen.fp32_nodes) if chosen.fp32_nodes is not None else default_keep
+                quantize_static_graph(source, out, chosen, cal.feeds, exclude=exclude, external=external)
+                if exclude:
+                    details["fp32_nodes"] = exclude
+                if chosen.smooth is not None:
+                    details["smooth"] = {
+                        "alpha": chosen.smooth,
+                        "activations_smoothed": n,
+                        "kept_fp32": exclude,
+                    }
 
         derived = rewrite_components(ctx, write)
         derived.details.update(
-            calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8
+            details, calibration=cal.record(config.method), weight_bits=7 if config.reduce_range else 8
         )
+        derived.files.extend(files)
         return derived
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -334,8 +335,13 @@ class OnnxWeightOnlyPass:
         assert isinstance(config, self.config_type)
         counts: dict[str, int] = {}
         gathers: dict[str, int] = {}
+        details: dict[str, Any] = {}
+        files: list[str] = []
 
         def write(src: Path, dst: Path, external: bool) -> None:
+            nonlocal config
+            if config.search:  # one component: WeightOnlyConfig.check_for refused the others
+                config = self._search(ctx, config, src, dst.parent, details, files)
             # external data where the parent had it: the writer streams into it, one weight at a time
             written = weight_only_nbits(src, dst, config, external=external)
             counts[dst.stem], gathers[dst.stem] = (
@@ -349,6 +355,8 @@ class OnnxWeightOnlyPass:
                 f"{self.precision} found no MatMul with a constant weight in this artifact: nothing to "
                 "quantize. Use --precision fp16 or int8-dynamic."
             )
+        derived.details.update(details)
+        derived.files.extend(files)
         derived.details.update(
             {
                 "block_size": config.block_size,
@@ -360,6 +368,48 @@ class OnnxWeightOnlyPass:
         if config.quantize_embeddings:
             derived.details["gather_block_quantized"] = gathers
         return derived
+
+    def _search(
+        self,
+        ctx: DeriveContext,
+        config: WeightOnlyConfig,
+        src: Path,
+        scratch_parent: Path,
+        details: dict[str, Any],
+        files: list[str],
+    ) -> WeightOnlyConfig:
+        """The block size ``--search`` finds on the calibration set (quantize/search.py); the job's config
+        becomes it, so the manifest records the block as a knob."""
+        import tempfile
+
+        from vlexport.quantize.calibration import calibration_set
+        from vlexport.quantize.search import search_block_size, write_report
+
+        (comp,) = ctx.parent.components.values()
+        cal = calibration_set(
+            None,
+            artifact_dir=ctx.parent_dir,
+            manifest=ctx.parent,
+            task_spec=ctx.task_spec,
+            config=ctx.config,
+            input_names=tuple(t.name for t in comp.inputs),
+        )
+        # scratch inside the staging dir: an interrupted search leaves nothing behind
+        with tempfile.TemporaryDirectory(dir=scratch_parent, prefix=".search.") as scratch:
+            result = search_block_size(
+                src,
+                config,
+                cal.feeds,
+                Path(scratch),
+                lambda s, d, c: weight_only_nbits(s, d, c, external=False),
+                agreement=ctx.task_spec.agreement,
+                progress=ctx.progress,
+            )
+        files.extend(write_report(result, ctx.out_dir))
+        details["search"] = {**result.record(), "files": files}
+        details["calibration"] = cal.record("search")
+        ctx.job.precision = result.config
+        return result.config
 
 
 register_pass(OnnxWeightOnlyPass(Int8WeightConfig))

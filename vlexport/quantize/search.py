@@ -1,8 +1,12 @@
-"""int8-dynamic recipes: apply one (``build``), and search one that meets the accuracy targets (``search``).
+"""Quantization recipes of the ONNX passes: apply one (``build``), and search one that meets the accuracy
+targets (``search``, ``search_block_size``).
 
-A recipe is the knobs of ``Int8DynamicConfig`` that shape the graph: the SmoothQuant strength (``smooth``,
-quantize/smoothing.py) and the MatMuls kept fp32 (``fp32_nodes``). ``build`` is the one code path the pass,
-every search candidate and ``--recipe`` replays take, so a replayed recipe gives the same graph.
+A recipe is the knobs that shape the graph. For the int8 activation schemes (int8-dynamic, int8-static): the
+SmoothQuant strength (``smooth``, quantize/smoothing.py) and the MatMuls kept fp32 (``fp32_nodes``); a
+:class:`Scheme` says how a candidate of either is written (ONNX Runtime's dynamic quantizer here, its static
+QDQ quantizer in quantize/onnx_static.py). For the weight-only schemes (int8-weight, int4-weight): the block
+size. ``build`` is the one code path the int8-dynamic pass, every search candidate and ``--recipe`` replays
+take, so a replayed recipe gives the same graph.
 
 The search scores candidates on the **calibration** feeds (quantize/calibration.py), against the fp32 parent
 run by ONNX Runtime on the same feeds (the parent is within 1e-4 of eager): per output, the smallest cosine
@@ -17,6 +21,9 @@ what was searched with. Cheapest first:
    ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first, quantized
    again if the targets still hold) is the recipe. None: a ``CheckError`` that names the precision likely
    to pass (int8-weight: activations stay float).
+
+Weight-only schemes try ``BLOCK_GRID`` from the largest block (the smallest, fastest file) down; the first
+that meets the targets is the recipe.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from vlexport.contracts.precision import Int8DynamicConfig, Tolerance
+from vlexport.contracts.precision import (
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    PrecisionConfig,
+    Tolerance,
+    WeightOnlyConfig,
+)
 from vlexport.errors import CheckError
 from vlexport.quantize.smoothing import after_activation_matmuls, constant_weight_matmuls, smooth
 
@@ -43,7 +56,13 @@ SMOOTH_GRID = (0.5, 0.7, 0.85)
 MARGIN = 0.8
 MAX_FP32 = 16  # fp32 MatMuls the search may keep at most (each costs int8's speed on its share of the work)
 MAX_SENSITIVITY_NODES = 256  # above this the per-MatMul sweep (one quantizer call each) is cut to the largest
+# Weight-only blocks tried, cheapest first: fewer scales make a smaller file and a faster MatMulNBits; smaller
+# blocks keep outlier rows their own scale (real MiniLM int8-weight: min cosine 0.99390 at 128, 0.99847 at 32)
+BLOCK_GRID = (128, 64, 32, 16)
+# Knobs a recipe file leaves to the user: targets, where the calibration set is, and whether to search
+USER_KNOBS = ("min_cosine", "min_agreement", "calibration", "search")
 Progress = Callable[[str], None]
+Int8Recipe = Int8DynamicConfig | Int8StaticConfig  # the schemes searched by SmoothQuant + fp32 MatMuls
 
 
 # ---------------------------------------------------------------- applying a recipe
@@ -102,26 +121,56 @@ def build(
     return details
 
 
-def recipe(config: Int8DynamicConfig, alpha: float | None, nodes: Sequence[str]) -> Int8DynamicConfig:
-    """The config of one candidate: search off, the recipe's knobs explicit (calibration only matters to
-    smoothing, and the config refuses it without)."""
+def recipe(config: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Int8Recipe:
+    """The config of one candidate: search off, the recipe's knobs explicit (int8-dynamic needs calibration
+    only to smooth, and its config refuses it without; int8-static always calibrates)."""
+    calibrated = isinstance(config, Int8StaticConfig) or alpha is not None
     return dataclasses.replace(
         config,
         search=False,
         smooth=alpha,
         fp32_nodes=tuple(nodes),
-        calibration=config.calibration if alpha is not None else None,
+        calibration=config.calibration if calibrated else None,
     )
 
 
-def recipe_knobs(config: Int8DynamicConfig) -> dict[str, Any]:
+def recipe_knobs(config: PrecisionConfig) -> dict[str, Any]:
     """What a recipe file holds: the graph-shaping knobs (targets and calibration path stay the user's)."""
-    return {
-        "per_channel": config.per_channel,
-        "reduce_range": config.reduce_range,
-        "smooth": config.smooth,
-        "fp32_nodes": list(config.fp32_nodes or ()),
-    }
+    knobs = {k: v for k, v in config.knobs().items() if k not in USER_KNOBS}
+    if "fp32_nodes" in knobs:
+        knobs["fp32_nodes"] = list(knobs["fp32_nodes"] or ())
+    return knobs
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a candidate of an int8 activation scheme is written: ``write(src, dst, config, exclude)`` with the
+    ``exclude`` MatMuls kept fp32, and ``only(src, dst, config, node)`` with that node alone quantized."""
+
+    write: Callable[[Path, Path, Int8Recipe, Sequence[str]], None]
+    only: Callable[[Path, Path, Int8Recipe, str], None]
+
+
+def _dynamic_only(src: Path, dst: Path, config: Int8Recipe, node: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vlexport.quantize.onnx_rewrite import quiet_root_logger
+
+    with quiet_root_logger():
+        quantize_dynamic(
+            src,
+            dst,
+            per_channel=config.per_channel,
+            weight_type=QuantType.QInt8,
+            reduce_range=config.reduce_range,
+            nodes_to_quantize=[node],
+        )
+
+
+DYNAMIC = Scheme(
+    write=lambda src, dst, config, exclude: quantize(src, dst, config, exclude, external=False),
+    only=_dynamic_only,
+)
 
 
 # ---------------------------------------------------------------- scoring on the calibration feeds
@@ -195,7 +244,7 @@ class Scorer:
 # ---------------------------------------------------------------- the search
 @dataclass
 class SearchResult:
-    config: Int8DynamicConfig  # the recipe found (search off)
+    config: PrecisionConfig  # the recipe found (search off)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate scored, in order
     sensitivity: list[dict[str, Any]] = field(default_factory=list)  # most sensitive first ([] if not run)
 
@@ -214,13 +263,14 @@ def _label(alpha: float | None, nodes: Sequence[str]) -> str:
 
 def search(
     src: Path,
-    config: Int8DynamicConfig,
+    config: Int8Recipe,
     feeds: Sequence[Mapping[str, np.ndarray]],
     scratch: Path,
     *,
     agreement: Mapping[str, str] | None = None,
     progress: Progress = lambda msg: None,
     max_fp32: int | None = None,
+    scheme: Scheme = DYNAMIC,
 ) -> SearchResult:
     """The cheapest recipe of ``config`` whose score on ``feeds`` meets ``config.tolerance`` (module doc)."""
     scorer = Scorer(src, feeds, config.tolerance, agreement or {})
@@ -233,7 +283,7 @@ def search(
             if alpha is not None:
                 progress(f"search: SmoothQuant {alpha:g} on {len(feeds)} calibration feeds")
             sources[alpha] = smoothed_source(src, alpha, feeds, scratch)[0]
-        quantize(sources[alpha], work, config, nodes, external=False)
+        scheme.write(sources[alpha], work, config, nodes)
         s = scorer.score(work)
         result.candidates.append(
             {"candidate": _label(alpha, nodes), "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
@@ -251,7 +301,7 @@ def search(
         if best is None or s.worst_cosine > best[0]:
             best = (s.worst_cosine, alpha)
     alpha = best[1]
-    result.sensitivity = sensitivity(sources[alpha], config, scorer, scratch, progress)
+    result.sensitivity = sensitivity(sources[alpha], config, scorer, scratch, progress, scheme)
     ranked = [r["node"] for r in result.sensitivity]
     limit = max_fp32 if max_fp32 is not None else min(MAX_FP32, max(1, math.ceil(len(ranked) / 3)))
     for k in range(1, min(limit, len(ranked)) + 1):
@@ -261,12 +311,48 @@ def search(
     tol = config.tolerance
     best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
     raise CheckError(
-        f"int8-dynamic --search found no recipe that meets cosine >= {tol.min_cosine}"
+        f"{config.name} --search found no recipe that meets cosine >= {tol.min_cosine}"
         f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
         f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}, and up to "
         f"{limit} of the most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
         "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
         "likely to pass; or lower the target (the precision's defaults are the floor)."
+    )
+
+
+def search_block_size(
+    src: Path,
+    config: WeightOnlyConfig,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    scratch: Path,
+    write: Callable[[Path, Path, WeightOnlyConfig], None],
+    *,
+    agreement: Mapping[str, str] | None = None,
+    progress: Progress = lambda msg: None,
+) -> SearchResult:
+    """The largest block of ``BLOCK_GRID`` whose ``write`` of ``src`` meets ``config.tolerance`` on ``feeds``
+    (the cheapest: fewest scales); a ``CheckError`` naming the best cosine when none does."""
+    scorer = Scorer(src, feeds, config.tolerance, agreement or {})
+    result = SearchResult(config)
+    work = scratch / "candidate.onnx"
+    for block in BLOCK_GRID:
+        candidate = dataclasses.replace(config, search=False, block_size=block)
+        write(src, work, candidate)
+        s = scorer.score(work)
+        result.candidates.append({"candidate": f"block {block}", "block_size": block, **s.as_dict()})
+        progress(f"search: {config.name} block {block}: cosine {s.worst_cosine:.5f}")
+        if s.passed:
+            result.config = candidate
+            return result
+    tol = config.tolerance
+    best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
+    better = "int8-weight" if config.weight_bits < 8 else "fp16"
+    raise CheckError(
+        f"{config.name} --search found no block size that meets cosine >= {tol.min_cosine}"
+        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
+        f"calibration set: blocks {', '.join(map(str, BLOCK_GRID))} (best cosine {best_cosine:.5f}). "
+        f"Nothing was written. --precision {better} is the precision likely to pass; or lower the target "
+        "(the precision's defaults are the floor)."
     )
 
 
@@ -287,13 +373,14 @@ def _pruned(
 
 
 def sensitivity(
-    src: Path, config: Int8DynamicConfig, scorer: Scorer, scratch: Path, progress: Progress
+    src: Path,
+    config: Int8Recipe,
+    scorer: Scorer,
+    scratch: Path,
+    progress: Progress,
+    scheme: Scheme = DYNAMIC,
 ) -> list[dict[str, Any]]:
     """Per constant-weight MatMul of ``src``: the score when it alone is quantized; most sensitive first."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from vlexport.quantize.onnx_rewrite import quiet_root_logger
-
     model = onnx.load(str(src), load_external_data=False)
     sizes = {i.name: math.prod(i.dims) for i in model.graph.initializer}
     nodes = [n for group in constant_weight_matmuls(model).values() for n in group]
@@ -302,15 +389,7 @@ def sensitivity(
     rows = []
     for i, node in enumerate(nodes):
         progress(f"search: sensitivity {i + 1}/{len(nodes)} ({node.name})")
-        with quiet_root_logger():
-            quantize_dynamic(
-                src,
-                work,
-                per_channel=config.per_channel,
-                weight_type=QuantType.QInt8,
-                reduce_range=config.reduce_range,
-                nodes_to_quantize=[node.name],
-            )
+        scheme.only(src, work, config, node.name)
         s = scorer.score(work)
         rows.append(
             {
@@ -353,7 +432,7 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path, top: int = 40) -> None:
     ax.barh([r["node"] for r in shown][::-1], [max(r["error"], 1e-9) for r in shown][::-1])
     ax.set_xscale("log")
     ax.set_xlabel("1 - cosine vs fp32 when this MatMul alone is int8 (calibration feeds)")
-    ax.set_title(f"int8-dynamic sensitivity, most sensitive first ({len(shown)} of {len(rows)} MatMuls)")
+    ax.set_title(f"int8 sensitivity, most sensitive first ({len(shown)} of {len(rows)} MatMuls)")
     ax.tick_params(axis="y", labelsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
