@@ -14,7 +14,9 @@ over the feeds, and for outputs the task judges by argmax, the share of rows who
 choice is judged afterwards by the normal validation on the seeded validation inputs (pipeline), never on
 what was searched with. Cheapest first:
 
-1. the plain scheme, then a small SmoothQuant grid (``SMOOTH_GRID``); the best of them is the base;
+1. the plain scheme, then a small SmoothQuant grid (``SMOOTH_GRID``); for int8-dynamic with per-tensor
+   activation scales first (ONNX Runtime's, the fastest), then per-token ones (quantize/onnx_per_token.py);
+   the best of them is the base;
 2. per-MatMul sensitivity on the base: the output error when that MatMul alone is quantized (constant-weight
    MatMuls only; one quantizer call and one session per MatMul), written as JSON and a bar plot;
 3. the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them, at most
@@ -29,6 +31,7 @@ that meets the targets is the recipe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +43,7 @@ import numpy as np
 import onnx
 
 from vlexport.contracts.precision import (
+    ACTIVATION_SCALES,
     Int8DynamicConfig,
     Int8StaticConfig,
     PrecisionConfig,
@@ -47,6 +51,7 @@ from vlexport.contracts.precision import (
     WeightOnlyConfig,
 )
 from vlexport.errors import CheckError
+from vlexport.quantize.onnx_per_token import quantize_per_token
 from vlexport.quantize.smoothing import after_activation_matmuls, constant_weight_matmuls, smooth
 
 SMOOTH_GRID = (0.5, 0.7, 0.85)
@@ -82,8 +87,20 @@ def smoothed_source(
 
 
 def quantize(src: Path, dst: Path, config: Int8DynamicConfig, exclude: Sequence[str], external: bool) -> None:
-    """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py)."""
+    """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py), or the
+    per-token rewrite (quantize/onnx_per_token.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if config.activations == "per-token":
+        quantize_per_token(
+            src,
+            dst,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            exclude=exclude,
+            external=external,
+        )
+        return
 
     from vlexport.quantize.onnx_rewrite import quiet_root_logger
 
@@ -118,6 +135,8 @@ def build(
     details: dict[str, Any] = {"fp32_nodes": exclude} if exclude else {}  # plain int8-dynamic: nothing kept
     if config.smooth is not None:
         details["smooth"] = {"alpha": config.smooth, "activations_smoothed": n, "kept_fp32": exclude}
+    if config.activations != "per-tensor":
+        details["activations"] = config.activations
     return details
 
 
@@ -155,6 +174,12 @@ def _dynamic_only(src: Path, dst: Path, config: Int8Recipe, node: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from vlexport.quantize.onnx_rewrite import quiet_root_logger
+
+    if _grain(config) == "per-token":
+        model = onnx.load(str(src), load_external_data=False)
+        others = [n.name for ns in constant_weight_matmuls(model).values() for n in ns if n.name != node]
+        quantize(src, dst, config, others, external=False)  # the one writer of int8-dynamic graphs
+        return
 
     with quiet_root_logger():
         quantize_dynamic(
@@ -257,8 +282,17 @@ class SearchResult:
         }
 
 
-def _label(alpha: float | None, nodes: Sequence[str]) -> str:
-    return f"{'plain' if alpha is None else f'smooth {alpha:g}'}" + (f" + {len(nodes)} fp32" if nodes else "")
+def _grain(config: PrecisionConfig) -> str:
+    """The activation scale of an int8 recipe (int8-static's are calibrated per tensor)."""
+    return getattr(config, "activations", "per-tensor")
+
+
+def _label(config: PrecisionConfig, alpha: float | None, nodes: Sequence[str]) -> str:
+    return (
+        ("per-token " if _grain(config) == "per-token" else "")
+        + f"{'plain' if alpha is None else f'smooth {alpha:g}'}"
+        + (f" + {len(nodes)} fp32" if nodes else "")
+    )
 
 
 def search(
@@ -278,42 +312,53 @@ def search(
     work = scratch / "candidate.onnx"
     sources: dict[float | None, Path] = {}
 
-    def scored(alpha: float | None, nodes: Sequence[str]) -> Score:
+    def scored(base: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Score:
         if alpha not in sources:
             if alpha is not None:
                 progress(f"search: SmoothQuant {alpha:g} on {len(feeds)} calibration feeds")
             sources[alpha] = smoothed_source(src, alpha, feeds, scratch)[0]
-        scheme.write(sources[alpha], work, config, nodes)
+        scheme.write(sources[alpha], work, base, nodes)
         s = scorer.score(work)
+        label = _label(base, alpha, nodes)
+        grain = {"activations": _grain(base)} if isinstance(base, Int8DynamicConfig) else {}
         result.candidates.append(
-            {"candidate": _label(alpha, nodes), "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
+            {"candidate": label, **grain, "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
         )
-        progress(f"search: {_label(alpha, nodes)}: cosine {s.worst_cosine:.5f}")
+        progress(f"search: {label}: cosine {s.worst_cosine:.5f}")
         return s
 
-    best: tuple[float, float | None] | None = None
-    for alpha in (None, *SMOOTH_GRID):
-        progress(f"search: {_label(alpha, ())}")
-        s = scored(alpha, ())
-        if s.passed:
-            result.config = recipe(config, alpha, ())
-            return result
-        if best is None or s.worst_cosine > best[0]:
-            best = (s.worst_cosine, alpha)
-    alpha = best[1]
-    result.sensitivity = sensitivity(sources[alpha], config, scorer, scratch, progress, scheme)
+    # int8-dynamic: per-tensor scales first (ONNX Runtime's own, the fastest), then per-token
+    bases = (
+        [dataclasses.replace(config, activations=a) for a in ACTIVATION_SCALES]
+        if isinstance(config, Int8DynamicConfig)
+        else [config]
+    )
+    best: tuple[float, Int8Recipe, float | None] | None = None
+    for base in bases:
+        for alpha in (None, *SMOOTH_GRID):
+            progress(f"search: {_label(base, alpha, ())}")
+            s = scored(base, alpha, ())
+            if s.passed:
+                result.config = recipe(base, alpha, ())
+                return result
+            if best is None or s.worst_cosine > best[0]:
+                best = (s.worst_cosine, base, alpha)
+    _, base, alpha = best
+    result.sensitivity = sensitivity(sources[alpha], base, scorer, scratch, progress, scheme)
     ranked = [r["node"] for r in result.sensitivity]
     limit = max_fp32 if max_fp32 is not None else min(MAX_FP32, max(1, math.ceil(len(ranked) / 3)))
     for k in range(1, min(limit, len(ranked)) + 1):
-        if scored(alpha, ranked[:k]).passed:
-            result.config = recipe(config, alpha, _pruned(ranked[:k], result.sensitivity, alpha, scored))
+        if scored(base, alpha, ranked[:k]).passed:
+            kept = _pruned(ranked[:k], result.sensitivity, alpha, functools.partial(scored, base))
+            result.config = recipe(base, alpha, kept)
             return result
     tol = config.tolerance
     best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
     raise CheckError(
         f"{config.name} --search found no recipe that meets cosine >= {tol.min_cosine}"
         f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
-        f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}, and up to "
+        f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}"
+        f"{' (per-tensor and per-token activations)' if len(bases) > 1 else ''}, and up to "
         f"{limit} of the most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
         "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
         "likely to pass; or lower the target (the precision's defaults are the floor)."
