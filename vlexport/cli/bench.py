@@ -323,8 +323,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         out.print(f"{c['name']}: {verdict}" + (f"; p50 {p50}" if p50 else ""), highlight=False)
     chosen = report["chosen"]
     out.print(
-        f"chosen: {chosen['name']} -> {args.output} "
-        f"(report: {args.output / 'tune' / 'report.md'})",
+        f"chosen: {chosen['name']} -> {args.output} (report: {args.output / 'tune' / 'report.md'})",
         highlight=False,
     )
     return 0
