@@ -303,9 +303,8 @@ def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path
     refs = output_references(model, task_spec, shapes=shapes, seed=SERVE_SEED)
 
     def check(directory: Path, manifest: Manifest) -> dict[str, Any]:
-        report = compare_outputs(
-            refs, load_artifact(directory, manifest=manifest).run, precision=manifest.precision_config
-        )
+        artifact = load_artifact(directory, manifest=manifest, device=plan.device)
+        report = compare_outputs(refs, artifact.run, precision=manifest.precision_config)
         return {
             "passed": bool(report.passed),
             "shapes": [str(s) for s in shapes],
