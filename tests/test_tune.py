@@ -6,8 +6,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
+import pytest
+import torch
+
+import vlexport.pipeline
 from vlexport.cli import main
 from vlexport.manifest import Manifest
+
+FAST = ["--batch-sizes", "1,2", "--seq-lens", "8", "--warmup", "1", "--iters", "2"]
+FIELDS = {
+    "backend",
+    "precision",
+    "kernels",
+    "recipe",
+    "passed",
+    "reason",
+    "accuracy",
+    "p50_ms",
+    "speedup_vs_eager",
+}
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """``run_export`` counted (tune imports it from vlexport.pipeline when it builds); ``interrupt_at`` N
+    makes the Nth call raise KeyboardInterrupt (Ctrl-C in the middle of a tune) before it builds anything."""
+    real = vlexport.pipeline.run_export
+    state = {"calls": [], "interrupt_at": None}
+
+    def run_export(job, *args, **kwargs):
+        state["calls"].append((job.backend, job.precision.name, tuple(job.kernels)))
+        if len(state["calls"]) == state["interrupt_at"]:
+            raise KeyboardInterrupt
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(vlexport.pipeline, "run_export", run_export)
+    return state
 
 
 def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: Path, capsys) -> None:
@@ -16,7 +51,18 @@ def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: 
     # fp32 is judged value-exact (its own tolerance), fp16 by the target.
     args = ["tune", "bridgetower-tiny", "--task", "itm", "--random-weights", "-o", str(out)]
     args += ["--backends", "onnx", "--precisions", "fp32,int8-weight", "--min-cosine", "0.999999"]
-    args += ["--batch-sizes", "1,2", "--seq-lens", "8,16", "--warmup", "1", "--iters", "3"]
+    args += [
+        "--batch-sizes",
+        "1,2",
+        "--seq-lens",
+        "8,16",
+        "--warmup",
+        "1",
+        "--iters",
+        "3",
+        "--kernels",
+        "off",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     printed = " ".join(capsys.readouterr().out.split())
     report = json.loads((out / "tune" / "report.json").read_text())
@@ -24,6 +70,8 @@ def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: 
     assert set(by) == {"onnx fp32", "onnx int8-weight"}
     w8 = by["onnx int8-weight"]
     assert not w8["passed"] and "cosine" in w8["reason"] and "< 0.999999" in w8["reason"]
+    # it missed, so its block size was searched (128 .. 16) and none reached the target either
+    assert w8["searched"] and "--search: int8-weight --search found no block size" in w8["reason"]
     assert not w8["p50_ms"]  # excluded before the bench
     fp32 = by["onnx fp32"]
     assert (
@@ -43,3 +91,109 @@ def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: 
     assert (out / "tune" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["validate", str(out)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["tuned"]  # the work dir went with the run
+
+
+def test_kernels_on_off_listing_and_work_dir_reuse_after_an_interruption(
+    exported, tmp_path: Path, counted, capsys
+) -> None:
+    parent = exported("bridgetower-tiny", "itm")  # fp32, no kernels: the kernels-off onnx fp32 candidate
+    out, work = tmp_path / "tuned", tmp_path / "work"
+    args = [
+        "tune",
+        str(parent),
+        "-o",
+        str(out),
+        "--backends",
+        "onnx,aoti",
+        "--precisions",
+        "fp32,int8-dynamic",
+    ]
+    args += [*FAST, "--work-dir", str(work)]
+
+    # --kernels off: only the fp32 DIR itself, reused as given (nothing built); aoti fp32 is left out too by
+    # the budget, so the run stays short
+    assert main([*args, "--kernels", "off", "--max-minutes", "0"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "tune" / "report.json").read_text())
+    names = [c["name"] for c in report["candidates"]]
+    assert names == ["onnx fp32", "onnx int8-dynamic", "aoti fp32"] and counted["calls"] == []
+    assert all(c["kernels"] == [] for c in report["candidates"])
+
+    # --kernels on, interrupted when the second build starts: the first stays in the work dir
+    counted["interrupt_at"] = 2
+    assert main([*args, "--kernels", "on", "--force"]) == 130
+    assert counted["calls"] == [("onnx", "fp32", ("attention", "bridge")), ("onnx", "int8-dynamic", ())]
+    assert (work / "onnx-fp32-kernels" / "manifest.json").is_file()
+    assert not (work / "onnx-int8-dynamic-kernels").exists()
+    capsys.readouterr()
+
+    # the re-run reuses it and builds only what is missing
+    counted["calls"], counted["interrupt_at"] = [], None
+    assert main([*args, "--kernels", "on", "--force"]) == 0, capsys.readouterr().err
+    assert counted["calls"] == [("onnx", "int8-dynamic", ())]  # derived from the kernels parent, reused
+    report = json.loads((out / "tune" / "report.json").read_text())
+    by = {c["name"]: c for c in report["candidates"]}
+    assert set(by) == {
+        "onnx fp32 +attention,bridge",
+        "onnx int8-dynamic +attention,bridge",
+        "aoti fp32 +attention,bridge",
+    }
+    assert report["budget"]["builds"] == 1 and report["kernels"] == "on" and report["device"] == "cpu"
+    assert (
+        by["onnx fp32 +attention,bridge"]["reused"]
+        and not by["onnx int8-dynamic +attention,bridge"]["reused"]
+    )
+    aoti = by["aoti fp32 +attention,bridge"]
+    assert (
+        not aoti["passed"]
+        and aoti["reason"].startswith("skipped: aoti with kernels")
+        and "CUDA" in aoti["reason"]
+    )
+    for c in report["candidates"]:
+        assert FIELDS <= set(c) and c["kernels"] == ["attention", "bridge"]
+    dyn = by["onnx int8-dynamic +attention,bridge"]
+    assert dyn["passed"] and dyn["recipe"] == {
+        "per_channel": True,
+        "smooth": None,
+        "reduce_range": True,
+        "fp32_nodes": [],
+    }
+    for c in (by["onnx fp32 +attention,bridge"], dyn):
+        assert set(c["p50_ms"]) == set(c["speedup_vs_eager"]) == {"1", "2"}
+        assert all(v > 0 for v in c["p50_ms"].values()) and c["accuracy"]["serve_shapes"]["passed"]
+    assert report["chosen"]["name"] in by and report["chosen"]["kernels"] == ["attention", "bridge"]
+    m = Manifest.read(out)
+    assert [k.split(":")[0] for k in m.kernels] == ["attention", "bridge"]
+    graph_ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "MultiHeadAttention" in graph_ops  # the kernels, as ONNX Runtime runs them on CPU
+    md = (out / "tune" / "report.md").read_text()
+    assert "| aoti fp32 +attention,bridge | attention,bridge |" in md and "1 build(s) in this run" in md
+    assert main(["validate", str(out)]) == 0
+
+
+def test_max_minutes_picks_among_what_was_measured(exported, tmp_path: Path, counted, capsys) -> None:
+    parent = exported("bridgetower-tiny", "itm")
+    out = tmp_path / "tuned"
+    args = ["tune", str(parent), "-o", str(out), "--backends", "onnx", "--kernels", "off", *FAST]
+    args += ["--precisions", "fp32,int8-dynamic,int8-weight", "--max-minutes", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads((out / "tune" / "report.json").read_text())
+    by = {c["name"]: c for c in report["candidates"]}
+    # the first candidate always runs (here: the fp32 DIR, reused); the budget stops every later build
+    assert by["onnx fp32"]["passed"] and by["onnx fp32"]["p50_ms"]
+    for name in ("onnx int8-dynamic", "onnx int8-weight"):
+        assert by[name]["reason"].startswith("not built: the --max-minutes 0 budget ran out")
+        assert not by[name]["built"] and not by[name]["p50_ms"]
+    assert counted["calls"] == [] and report["budget"]["exhausted"] and report["budget"]["max_minutes"] == 0
+    assert report["chosen"]["name"] == "onnx fp32" and "chosen: onnx fp32" in printed
+    assert "ran out" in (out / "tune" / "report.md").read_text()
+    assert main(["tune", str(parent), "-o", str(tmp_path / "x"), "--max-minutes", "-1"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(exported, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "tuned"
+    assert main(["tune", str(exported("bridgetower-tiny", "itm")), "-o", str(out), "--device", "cuda"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--device cuda: torch sees no CUDA device on this machine (use --device cpu)" in err
+    assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == []

@@ -91,7 +91,8 @@ def quantize(
     """A reduced-precision variant (fp16, int8-dynamic, int8-weight, int4-weight, int8-static, ...) of an
     fp32 artifact, checked against eager fp32 as `vlexport quantize` does; returns the variant's manifest. The
     knobs are the config's own (a knob the precision lacks is refused, as on the CLI): ``min_cosine`` /
-    ``min_agreement`` stricter targets, ``search`` (int8-dynamic) a recipe searched on the calibration set; a
+    ``min_agreement`` stricter targets, ``search`` a recipe searched on the calibration set (int8-dynamic /
+    int8-static: SmoothQuant and fp32 MatMuls; int8-weight / int4-weight: the block size); a
     recipe is replayed by passing its config (``contracts.precision.precision_from_recipe(path)``) as
     ``precision``. ``components`` gives components their own precision (``{"decoder": "int4-weight"}``; the
     others at ``precision``, else fp32), as ``--components`` does."""

@@ -1,31 +1,46 @@
-"""`vlexport tune MODEL|DIR -o OUT`: build every backend x precision this machine can run, keep those whose
-accuracy meets the targets at the shapes to be served, bench the survivors in one interleaved run, and write
-the fastest as OUT (a normal validated artifact) with OUT/tune/report.json and report.md.
+"""`vlexport tune MODEL|DIR -o OUT`: build every backend x precision x kernels this machine can run, keep
+those whose accuracy meets the targets at the shapes to be served, bench the survivors in one interleaved run,
+and write the fastest as OUT (a normal validated artifact) with OUT/tune/report.json, report.md, pareto.png.
 
-* Candidates: every registered backend (or ``--backends``) x each precision it builds (or ``--precisions``);
-  one whose check fails here (``errors.MissingToolchain``: no TensorRT, no CUDA, no torchao) or that the
-  model refuses (a ``UsageError`` from the backend's or the config's own checks) is listed as skipped with
-  the reason. Each is built with ``pipeline.run_export`` and validated as usual (the precision's tolerance,
-  tightened by ``--min-cosine`` / ``--min-agreement``); derived builds reuse one fp32 parent per backend in
-  the work dir. A precision with a ``search`` knob that misses is built again with ``--search``.
+* Candidates: every registered backend (or ``--backends``) x each precision it builds (or ``--precisions``) x
+  kernels off / on (``--kernels auto``: both where the family has injection rules; ``on`` / ``off``: one).
+  One whose check fails here (``errors.MissingToolchain``: no TensorRT, no CUDA, no torchao), that the model
+  refuses (a ``UsageError`` from the backend's or the config's own checks), or whose kernels would not run as
+  kernels on the device (``kernels_runnable``) is listed as skipped with the reason. Each is built with
+  ``pipeline.run_export`` and validated as usual (the precision's tolerance, tightened by ``--min-cosine`` /
+  ``--min-agreement``); derived builds reuse one fp32 parent per backend and kernels in the work dir. A
+  precision with a ``search`` knob that misses is built again with ``--search`` (int8: SmoothQuant and fp32
+  MatMuls; weight-only: block size), and the recipe found is reported.
+* ``--work-dir DIR`` keeps every build: a re-run (after an interruption, say) reuses a candidate whose
+  manifest is there and asks the same precision, targets and kernels, and builds only the rest.
+* ``--max-minutes M``: no candidate starts building after M minutes (the first one always does, so there is
+  something to pick; reused ones are not builds); those left are listed as not built, and the choice is made
+  among what was measured.
 * Accuracy is also judged at the shapes to serve (``--batch-sizes`` x ``--seq-lens``) on seeded inputs other
   than validation's and the calibration set's (``SERVE_SEED``), against eager fp32 (validate/outputs.py).
-* Survivors are benched by ``bench.harness.run_bench`` as artifact directories beside eager (parity-checked);
-  the choice is the passing candidate with the lowest p50 summed over the batch sizes (``latency``), the
-  highest summed throughput (``throughput``) or the smallest files (``size``).
+* Survivors are benched by ``bench.harness.run_bench`` as artifact directories beside eager (parity-checked)
+  on ``--device``; the choice is the passing candidate with the lowest p50 summed over the batch sizes
+  (``latency``), the highest summed throughput (``throughput``) or the smallest files (``size``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlexport.artifact import atomic_write_text, check_output_dir, staged_dir
-from vlexport.contracts.backends import ExportJob, backend_names, backend_precisions, get_backend
+from vlexport.contracts.backends import (
+    ExportJob,
+    backend_names,
+    backend_options,
+    backend_precisions,
+    get_backend,
+)
 from vlexport.contracts.passes import derivation
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
 from vlexport.errors import CheckError, UsageError, ValidationError
@@ -33,6 +48,8 @@ from vlexport.manifest import Manifest, component_size
 
 SERVE_SEED = 4321  # validation uses 1234.., calibration 50000..: the serve-shape inputs are neither
 OBJECTIVES = ("latency", "throughput", "size")
+KERNEL_MODES = ("auto", "on", "off")
+DEVICES = ("cpu", "cuda")
 Progress = Callable[[str], None]
 
 
@@ -54,11 +71,20 @@ class TunePlan:
     warmup: int = 3
     iters: int = 20
     force: bool = False
+    kernels: str = "auto"  # auto: off and on where the family has injection rules; on / off: only that
+    device: str = "cpu"  # where candidates are built for, judged and benched
+    max_minutes: float | None = None  # no candidate starts building after this (module doc)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective takes {', '.join(OBJECTIVES)}, not {self.objective!r}.")
+        if self.kernels not in KERNEL_MODES:
+            raise UsageError(f"--kernels takes {', '.join(KERNEL_MODES)}, not {self.kernels!r}.")
+        if self.device not in DEVICES:
+            raise UsageError(f"--device takes {', '.join(DEVICES)}, not {self.device!r}.")
+        if self.max_minutes is not None and not self.max_minutes >= 0:
+            raise UsageError(f"--max-minutes takes a number of minutes >= 0, got {self.max_minutes}.")
         unknown = [b for b in self.backends if b not in backend_names()]
         if unknown:
             raise UsageError(f"Unknown backend(s) {unknown}: choose from {', '.join(backend_names())}.")
@@ -69,9 +95,16 @@ class TunePlan:
 class Candidate:
     backend: str
     precision: str
+    kernels: tuple[str, ...] = ()  # injected kernels (the family's), () for none
     knobs: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # the graph-shaping knobs (searched ones included)
+    searched: bool = False  # the recipe came from --search after the plain scheme missed
     directory: str | None = None
     built: bool = False
+    # found built, not built again: by an earlier run in --work-dir, as the fp32 DIR tune was given, or as
+    # the parent of a variant built before it
+    reused: bool = False
+    build_s: float | None = None
     passed: bool = False
     reason: str = ""  # why it was skipped or dropped
     accuracy: dict[str, Any] = field(default_factory=dict)  # validation + serve shapes: min cosine, agreement
@@ -82,7 +115,12 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"{self.backend} {self.precision}"
+        return f"{self.backend} {self.precision}" + (f" +{','.join(self.kernels)}" if self.kernels else "")
+
+    @property
+    def slug(self) -> str:
+        """Its directory name in the work dir."""
+        return f"{self.backend}-{self.precision}" + ("-kernels" if self.kernels else "")
 
 
 def targets(config: PrecisionConfig, plan: TunePlan) -> PrecisionConfig:
@@ -96,8 +134,47 @@ def targets(config: PrecisionConfig, plan: TunePlan) -> PrecisionConfig:
         return config
 
 
-def candidate_list(plan: TunePlan) -> list[tuple[Candidate, PrecisionConfig | None]]:
-    """Every backend x precision asked for, with the config to build, or None and the reason it is skipped."""
+def family_kernels(family: Any, mode: str) -> list[tuple[str, ...]]:
+    """The kernel sets to try: () (off) and the kernels the family's injection rules name (on), as ``mode``
+    says; ``on`` for a family without rules is a usage error."""
+    from vlexport.inject import KERNELS
+
+    named = tuple(k for k in KERNELS if any(rule.kernel == k for rule in family.injection))
+    if mode == "on" and not named:
+        raise UsageError(
+            f"--kernels on: the {family.name} family declares no kernel injection rules, so there is nothing "
+            "to inject. Use --kernels off (or auto)."
+        )
+    return {"off": [()], "on": [named], "auto": [(), named] if named else [()]}[mode]
+
+
+def kernels_runnable(backend: str, device: str) -> str | None:
+    """Why ``backend`` cannot run injected kernels as kernels on ``device`` (None: it can). ONNX graphs
+    carry them as com.microsoft MultiHeadAttention / SkipLayerNormalization nodes, which ONNX Runtime runs on
+    CPU and GPU. Other backends call the ``vlexport::`` ops, whose Triton kernels run compiled on CUDA only:
+    on a CPU they run their PyTorch references (or the Triton interpreter under TRITON_INTERPRET=1, far
+    slower), so the timing would not be the kernels'."""
+    root = get_backend(backend)
+    while root.parent:
+        root = get_backend(root.parent)
+    if root.suffix == ".onnx" or device == "cuda":
+        return None
+    return (
+        f"{backend} with kernels runs vlexport's Triton kernels, which run compiled on CUDA only (on a CPU: "
+        "their PyTorch references, or the Triton interpreter under TRITON_INTERPRET=1); tune on a GPU "
+        "machine with --device cuda"
+    )
+
+
+def _job_options(backend: str, device: str) -> dict[str, Any]:
+    return {"device": device} if "device" in backend_options(get_backend(backend)) else {}
+
+
+def candidate_list(
+    plan: TunePlan, kernel_sets: Sequence[tuple[str, ...]] = ((),)
+) -> list[tuple[Candidate, PrecisionConfig | None]]:
+    """Every backend x precision x kernel set asked for, with the config to build, or None and the reason it
+    is skipped."""
     from vlexport.pipeline import check_job
 
     out = []
@@ -106,59 +183,114 @@ def candidate_list(plan: TunePlan) -> list[tuple[Candidate, PrecisionConfig | No
         for pname in backend_precisions(backend):
             if plan.precisions and pname not in plan.precisions:
                 continue
-            cand = Candidate(name, pname)
-            try:
-                config = targets(get_precision(pname), plan)
-                check_job(ExportJob("", None, backend=name, precision=config))
-            except UsageError as e:  # MissingToolchain included: what this machine cannot build
-                cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
-                out.append((cand, None))
-                continue
-            out.append((cand, config))
+            for kernels in kernel_sets:
+                cand = Candidate(name, pname, kernels)
+                try:
+                    config = targets(get_precision(pname), plan)
+                    options = _job_options(name, plan.device)
+                    check_job(ExportJob("", None, backend=name, precision=config, options=options))
+                    why = kernels_runnable(name, plan.device) if kernels else None
+                    if why:
+                        raise UsageError(why)
+                except UsageError as e:  # MissingToolchain included: what this machine cannot build
+                    cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+                    out.append((cand, None))
+                    continue
+                out.append((cand, config))
     return out
 
 
-def _build(
-    plan: TunePlan, cand: Candidate, config: PrecisionConfig, work: Path, parents: dict[str, Path], progress
-) -> Manifest:
-    """Build ``cand`` in the work dir, from its backend's fp32 parent when it derives (built once, reused)."""
-    from vlexport.pipeline import run_export
-
-    backend = get_backend(cand.backend)
-    how = derivation(backend, config)
-    model = plan.model
-    if how is not None:
-        model = str(_parent(plan, how.parent_backend, work, parents, progress))
-    out = work / f"{cand.backend}-{cand.precision}"
-    if (out / "manifest.json").is_file():  # a re-run with --work-dir: built and validated before
-        return Manifest.read(out)
-    job = ExportJob(
-        model,
-        out,
-        backend=cand.backend,
-        task=plan.task if how is None else None,
-        precision=config,
-        random_weights=plan.random_weights,
-        seed=plan.seed,
-        force=True,
+def _reusable(directory: Path, config: PrecisionConfig, kernels: tuple[str, ...]) -> Manifest | None:
+    """The manifest of a candidate an earlier run built in the work dir, if it asked the same precision,
+    targets and kernels (a re-run with other targets builds again)."""
+    if not (directory / "manifest.json").is_file():
+        return None
+    manifest = Manifest.read(directory)
+    knobs = manifest.precision_knobs or {}
+    same_targets = all(
+        knobs.get(k) == v for k, v in config.knobs().items() if k in ("min_cosine", "min_agreement")
     )
+    built_kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
+    if manifest.precision == config.name and same_targets and built_kernels == tuple(sorted(kernels)):
+        return manifest
+    return None
+
+
+class _Builds:
+    """Builds candidates in the work dir: one fp32 parent per backend and kernels, reused by its derived
+    variants and, with ``--work-dir``, by re-runs; ``count`` says how many ``run_export`` calls ran."""
+
+    def __init__(
+        self, plan: TunePlan, work: Path, parents: dict[tuple[str, tuple[str, ...]], Path], progress
+    ):
+        self.plan, self.work, self.parents, self.progress = plan, work, parents, progress
+        self.count = 0
+
+    def built(self, cand: Candidate, config: PrecisionConfig) -> Manifest | None:
+        """The candidate's manifest when the work dir holds it already (its parent too, for derived ones)."""
+        return _reusable(self.work / cand.slug, config, cand.kernels)
+
+    def build(self, cand: Candidate, config: PrecisionConfig) -> Manifest:
+        """Build ``cand`` from its backend's fp32 parent when it derives (built once, reused)."""
+        from vlexport.pipeline import run_export
+
+        plan = self.plan
+        backend = get_backend(cand.backend)
+        how = derivation(backend, config)
+        given = self.parents.get((cand.backend, tuple(sorted(cand.kernels))))
+        if how is None and config.name == "fp32" and given is not None:  # the fp32 DIR tune was given
+            cand.reused, cand.directory = True, str(given)
+            return Manifest.read(given)
+        model = plan.model
+        if how is not None:
+            model = str(self.parent(how.parent_backend, cand.kernels))
+        out = self.work / cand.slug
+        cand.directory = str(out)
+        reused = self.built(cand, config)
+        if reused is not None:
+            cand.reused = True
+            return reused
+        job = ExportJob(
+            model,
+            out,
+            backend=cand.backend,
+            task=plan.task if how is None else None,
+            precision=config,
+            random_weights=plan.random_weights,
+            seed=plan.seed,
+            kernels=cand.kernels if how is None else (),
+            options=_job_options(cand.backend, plan.device),
+            force=True,
+        )
+        self.count += 1
+        try:
+            return run_export(job, self.progress)
+        except ValidationError as e:
+            retry = config.with_knobs(search=True) if "search" in config.knobs() else None
+            if retry is None or getattr(config, "search", True) or not _checks(retry, cand.backend):
+                raise
+            self.progress(f"{cand.name} missed: searching a recipe")
+            cand.searched = True
+            cand.accuracy["validation"] = {"passed": False, "misses": _misses(e)}  # the plain scheme's
+            self.count += 1
+            return run_export(replace(job, precision=retry), self.progress)
+
+    def parent(self, backend: str, kernels: tuple[str, ...]) -> Path:
+        key = (backend, tuple(sorted(kernels)))
+        if key not in self.parents:
+            cand = Candidate(backend, "fp32", kernels)
+            self.build(cand, Fp32Config())
+            self.parents[key] = Path(cand.directory)
+        return self.parents[key]
+
+
+def _checks(config: PrecisionConfig, backend: str) -> bool:
+    """Whether ``config`` passes its own checks for ``backend`` (a search knob some backends refuse)."""
     try:
-        return run_export(job, progress)
-    except ValidationError:
-        if "search" not in config.knobs() or getattr(config, "search", True):
-            raise
-        progress(f"{cand.name} missed: searching a recipe")
-        return run_export(replace(job, precision=config.with_knobs(search=True)), progress)
-
-
-def _parent(plan: TunePlan, backend: str, work: Path, parents: dict[str, Path], progress: Progress) -> Path:
-    if backend not in parents:
-        out = work / f"{backend}-fp32"
-        if not (out / "manifest.json").is_file():
-            cand = Candidate(backend, "fp32")
-            _build(plan, cand, Fp32Config(), work, parents, progress)
-        parents[backend] = out
-    return parents[backend]
+        config.check_for(backend, None)
+    except UsageError:
+        return False
+    return True
 
 
 def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path, Manifest], dict[str, Any]]:
@@ -171,9 +303,8 @@ def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path
     refs = output_references(model, task_spec, shapes=shapes, seed=SERVE_SEED)
 
     def check(directory: Path, manifest: Manifest) -> dict[str, Any]:
-        report = compare_outputs(
-            refs, load_artifact(directory, manifest=manifest).run, precision=manifest.precision_config
-        )
+        artifact = load_artifact(directory, manifest=manifest, device=plan.device)
+        report = compare_outputs(refs, artifact.run, precision=manifest.precision_config)
         return {
             "passed": bool(report.passed),
             "shapes": [str(s) for s in shapes],
@@ -208,8 +339,9 @@ def run_tune(plan: TunePlan, progress: Progress = lambda msg: None) -> dict[str,
         return _run_tune(plan, progress)
 
 
-def _source(plan: TunePlan) -> tuple[TunePlan, Any, dict[str, Path]]:
-    """The model to build from, and an fp32 artifact given as DIR, reused as its backend's parent."""
+def _source(plan: TunePlan) -> tuple[TunePlan, Any, dict[tuple[str, tuple[str, ...]], Path]]:
+    """The model to build from, and an fp32 artifact given as DIR, reused as the parent of its backend and
+    kernels."""
     from vlexport.weights import resolve
 
     given = Path(plan.model)
@@ -232,14 +364,17 @@ def _source(plan: TunePlan) -> tuple[TunePlan, Any, dict[str, Path]]:
         seed=manifest.weights.get("seed", 0),
     )
     source = resolve(plan.model, random_weights=random, seed=plan.seed)
-    return plan, source, {manifest.backend: given}
+    kernels = tuple(sorted(k.split(":")[0] for k in manifest.kernels))
+    return plan, source, {(manifest.backend, kernels): given}
 
 
 def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
     from vlexport.artifact import scratch_dir
-    from vlexport.errors import CheckError
+    from vlexport.bench.timing import resolve_device
     from vlexport.weights import load_model
 
+    start = time.monotonic()
+    resolve_device(plan.device)  # --device cuda without a GPU: MissingToolchain (exit 2) before any work
     plan, source, parents = _source(plan)
     task_spec = source.family.task(plan.task)
     if task_spec.generative:
@@ -248,7 +383,7 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
             "and bench its variants with `vlexport quantize` and `vlexport bench`."
         )
     check_output_dir(plan.output, force=plan.force)
-    listed = candidate_list(plan)
+    listed = candidate_list(plan, family_kernels(source.family, plan.kernels))
     if not any(config is not None for _, config in listed):
         raise UsageError(
             "No backend x precision asked for can be built here: " + "; ".join(c.reason for c, _ in listed)
@@ -256,14 +391,22 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
     with scratch_dir(plan.output) if plan.work_dir is None else _kept(plan.work_dir) as work:
         progress("eager references at the shapes to serve")
         check = serve_accuracy(load_model(source, plan.task), task_spec, plan)
+        builds = _Builds(plan, work, parents, progress)
+        budget = _Budget(plan.max_minutes, start)
         for cand, config in listed:
-            if config is not None:
-                progress(f"building {cand.name}")
-                _judge(plan, cand, config, work, parents, check, progress)
+            if config is None:
+                continue
+            if budget.spent() and builds.built(cand, config) is None:
+                cand.reason = budget.reason()
+                continue
+            progress(f"building {cand.name}")
+            _judge(cand, config, builds, check)
+            budget.started = True
         survivors = [c for c, _ in listed if c.passed]
         rows = _bench(plan, survivors, progress) if survivors else []
         chosen = _choose(plan, survivors)
         report = _report(plan, [c for c, _ in listed], chosen, rows)
+        report["budget"] = budget.record(builds.count)
         if chosen is None:
             raise CheckError(
                 f"No candidate passed the accuracy targets at the shapes to serve; nothing was written to "
@@ -277,6 +420,33 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
             atomic_write_text(tmp / "tune" / "report.md", to_markdown(report))
             plot_pareto(report, tmp / "tune" / "pareto.png")
     return report
+
+
+class _Budget:
+    """``--max-minutes``: once spent, no candidate starts building (the first one always does)."""
+
+    def __init__(self, minutes: float | None, start: float):
+        self.minutes, self.start, self.started = minutes, start, False
+
+    def elapsed_min(self) -> float:
+        return (time.monotonic() - self.start) / 60
+
+    def spent(self) -> bool:
+        return self.minutes is not None and self.started and self.elapsed_min() >= self.minutes
+
+    def reason(self) -> str:
+        return (
+            f"not built: the --max-minutes {self.minutes:g} budget ran out ({self.elapsed_min():.2f} min "
+            "spent); the choice was made among the candidates measured"
+        )
+
+    def record(self, builds: int) -> dict[str, Any]:
+        return {
+            "max_minutes": self.minutes,
+            "minutes_spent": round(self.elapsed_min(), 3),
+            "exhausted": self.spent(),
+            "builds": builds,  # run_export calls in this run (candidates reused from --work-dir are not)
+        }
 
 
 class _kept:
@@ -293,20 +463,29 @@ class _kept:
         return None
 
 
-def _judge(plan, cand: Candidate, config, work: Path, parents: dict, check, progress) -> None:
+def _judge(cand: Candidate, config: PrecisionConfig, builds: _Builds, check: Callable) -> None:
+    started = time.monotonic()
     try:
-        manifest = _build(plan, cand, config, work, parents, progress)
+        manifest = builds.build(cand, config)
     except CheckError as e:  # a validation miss, or a --search that found no recipe
-        report = getattr(e, "report", None)
-        misses = report.accuracy.misses if report is not None and report.accuracy is not None else []
+        misses = _misses(e)
+        if cand.searched:  # the plain scheme missed (its misses kept), then the search or its recipe did
+            plain = cand.accuracy["validation"]["misses"]
+            cand.reason = f"dropped: {'; '.join(plain)}; --search: " + (
+                "; ".join(misses) or " ".join(str(e).split())[:300]
+            )
+            return
         cand.reason = "dropped: " + ("; ".join(misses) or " ".join(str(e).split())[:300])
         cand.accuracy["validation"] = {"passed": False, "misses": misses}
         return
     except UsageError as e:
         cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
         return
-    directory = work / f"{cand.backend}-{cand.precision}"
-    cand.built, cand.directory, cand.knobs = True, str(directory), manifest.precision_knobs
+    directory = Path(cand.directory)
+    cand.built, cand.knobs = True, manifest.precision_knobs
+    cand.build_s = None if cand.reused else round(time.monotonic() - started, 2)
+    cand.recipe = _recipe(manifest)
+    cand.searched = cand.searched or bool((manifest.derived_from or {}).get("search"))
     cand.size_mib = round(sum(component_size(directory, c) for c in manifest.components.values()) / 2**20, 2)
     cand.accuracy["validation"] = _summary(manifest)
     serve = check(directory, manifest)
@@ -316,6 +495,20 @@ def _judge(plan, cand: Candidate, config, work: Path, parents: dict, check, prog
         cand.reason = (
             "dropped: missed the targets at the shapes to serve: " + "; ".join(serve["misses"])[:300]
         )
+
+
+def _misses(error: CheckError) -> list[str]:
+    """The accuracy misses a validation error carries ([] for other check errors)."""
+    report = getattr(error, "report", None)
+    return list(report.accuracy.misses) if report is not None and report.accuracy is not None else []
+
+
+def _recipe(manifest: Manifest) -> dict[str, Any]:
+    """The graph-shaping knobs of a built candidate (what ``quantize --recipe`` replays); {} for fp32."""
+    from vlexport.quantize.search import recipe_knobs
+
+    config = manifest.precision_config
+    return recipe_knobs(config) if config.knobs() and config.name != "fp32" else {}
 
 
 def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> list[Any]:
@@ -330,10 +523,17 @@ def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -
         iters=plan.iters,
         random_weights=plan.random_weights,
         seed=plan.seed,
+        device=plan.device,
     )
     rows = run_bench(bench)
     for c in survivors:
-        mine = [r for r in rows if r.backend == c.backend and r.precision == c.precision]
+        kernels = ",".join(sorted(c.kernels))
+        mine = [
+            r
+            for r in rows
+            if (r.backend, r.precision, ",".join(sorted(filter(None, r.kernels.split(",")))))
+            == (c.backend, c.precision, kernels)
+        ]
         for r in mine:
             if not r.ok:
                 c.passed = False
@@ -364,6 +564,8 @@ def _report(
         "model": plan.model,
         "task": plan.task,
         "objective": plan.objective,
+        "device": plan.device,
+        "kernels": plan.kernels,
         "batch_sizes": list(plan.batch_sizes),
         "seq_lens": list(plan.seq_lens),
         "targets": {"min_cosine": plan.min_cosine, "min_agreement": plan.min_agreement},
@@ -372,7 +574,14 @@ def _report(
         ],
         "chosen": None
         if chosen is None
-        else {"backend": chosen.backend, "precision": chosen.precision, "knobs": chosen.knobs},
+        else {
+            "name": chosen.name,
+            "backend": chosen.backend,
+            "precision": chosen.precision,
+            "kernels": chosen.kernels,
+            "recipe": chosen.recipe,
+            "knobs": chosen.knobs,
+        },
         "bench_rows": [r.__dict__ for r in rows],
     }
 
@@ -393,27 +602,49 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"# vlexport tune: {report['model']} ({report['task']})",
         "",
         f"Objective: {report['objective']}; batch sizes {report['batch_sizes']}, sequence lengths "
-        f"{report['seq_lens']}; chosen: **{chosen['backend']} {chosen['precision']}**"
+        f"{report['seq_lens']}; device {report['device']}, kernels {report['kernels']}; chosen: "
+        f"**{chosen['name']}**"
         if chosen
         else "no choice",
         "",
+        _budget_line(report.get("budget") or {}),
+        "",
         (
-            "| candidate | passed | min cosine (validation / serve shapes) | p50 ms per batch | speed-up vs "
-            "eager | MiB | why not |"
+            "| candidate | kernels | recipe | passed | min cosine (validation / serve shapes) | "
+            "p50 ms per batch | speed-up vs eager | MiB | why not |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["candidates"]:
         acc = c["accuracy"]
         v, s = _accuracy_cell(acc.get("validation")), _accuracy_cell(acc.get("serve_shapes"))
+        recipe = ", ".join(f"{k}={_short(x)}" for k, x in c["recipe"].items()) or "-"
+        recipe += " (searched)" if c["searched"] else ""
         lines.append(
-            f"| {c['name']} | {'yes' if c['passed'] else 'no'} | {v} / {s} | "
+            f"| {c['name']} | {','.join(c['kernels']) or 'off'} | {recipe} | "
+            f"{'yes' if c['passed'] else 'no'} | {v} / {s} | "
             + ", ".join(f"b{b}: {p:.2f}" for b, p in c["p50_ms"].items())
             + " | "
             + ", ".join(f"b{b}: {x:.2f}x" for b, x in c["speedup_vs_eager"].items())
             + f" | {c['size_mib'] if c['size_mib'] is not None else '-'} | {c['reason']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _budget_line(budget: dict[str, Any]) -> str:
+    limit = budget.get("max_minutes")
+    head = "No time budget" if limit is None else f"Time budget {limit:g} min"
+    return (
+        f"{head}: {budget.get('minutes_spent', 0):.2f} min spent, {budget.get('builds', 0)} build(s) in "
+        "this run"
+        + ("; ran out: candidates not built are marked so" if budget.get("exhausted") else "")
+        + "."
+    )
+
+
+def _short(value: Any) -> str:
+    """A recipe knob for a table cell: lists (fp32 MatMuls) as their count."""
+    return f"[{len(value)}]" if isinstance(value, list | tuple) else str(value)
 
 
 def _accuracy_x(c: dict[str, Any]) -> float | None:
@@ -446,7 +677,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="tab:orange", label="Pareto front")
     chosen = report["chosen"]
     if chosen:
-        mine = [p for p in points if p[0] == f"{chosen['backend']} {chosen['precision']}"]
+        mine = [p for p in points if p[0] == chosen["name"]]
         ax.scatter(
             [p[1] for p in mine],
             [p[2] for p in mine],

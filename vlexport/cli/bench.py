@@ -225,7 +225,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
 
 
 def tune_args(p: argparse.ArgumentParser) -> None:
-    from vlexport.bench.tune import OBJECTIVES
+    from vlexport.bench.tune import DEVICES, KERNEL_MODES, OBJECTIVES
 
     p.add_argument("model", metavar="MODEL|DIR", help="preset, save_pretrained directory, or its fp32 export")
     p.add_argument("-o", "--output", type=Path, required=True, help="where the chosen variant is written")
@@ -255,7 +255,31 @@ def tune_args(p: argparse.ArgumentParser) -> None:
     )
     opts.add_ranged(p, "--warmup", "untimed calls per candidate and batch size", 3)
     opts.add_ranged(p, "--iters", "timed calls per candidate and batch size", 20)
-    p.add_argument("--work-dir", type=Path, help="keep candidates here; a re-run reuses them (default: temp)")
+    p.add_argument(
+        "--kernels",
+        choices=KERNEL_MODES,
+        default="auto",
+        help="fused-kernel injection: auto (candidates with and without, where the family has injection "
+        "rules), on, off",
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="build, judge and bench for this device (cuda without a GPU: refused, exit 2)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="time budget: no candidate starts building after M minutes (the first always does); the choice "
+        "is made among those measured, the report lists the others as not built",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep candidates here; a re-run (e.g. after an interruption) reuses those built (default: temp)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
@@ -287,6 +311,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         iters=args.iters,
         force=args.force,
+        kernels=args.kernels,
+        device=args.device,
+        max_minutes=args.max_minutes,
     )
     with console.status("tuning") as status:
         report = run_tune(plan, progress=lambda msg: status.update(escape(msg)))
@@ -296,8 +323,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         out.print(f"{c['name']}: {verdict}" + (f"; p50 {p50}" if p50 else ""), highlight=False)
     chosen = report["chosen"]
     out.print(
-        f"chosen: {chosen['backend']} {chosen['precision']} -> {args.output} "
-        f"(report: {args.output / 'tune' / 'report.md'})",
+        f"chosen: {chosen['name']} -> {args.output} (report: {args.output / 'tune' / 'report.md'})",
         highlight=False,
     )
     return 0

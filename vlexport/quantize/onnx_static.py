@@ -41,9 +41,15 @@ def quantize_static_graph(
     exclude: Sequence[str] = (),
     only: Sequence[str] | None = None,
     external: bool = False,
+    ranges: Path | None = None,
 ) -> None:
     """ONNX Runtime's static QDQ quantizer with ``config``'s settings, calibrated on ``feeds``; ``exclude``:
-    nodes kept fp32, ``only``: the nodes quantized (None: every node of ``QUANTIZED_OPS``)."""
+    nodes kept fp32, ``only``: the nodes quantized (None: every node of ``QUANTIZED_OPS``). ``ranges``: a
+    file caching the calibrated ranges of ``src`` across calls (the search quantizes one graph many ways; the
+    ranges cover every tensor of ``QUANTIZED_OPS`` whichever nodes are quantized), where ONNX Runtime takes
+    one (``calibration_cache_path``, 1.32)."""
+    import inspect
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {
@@ -51,6 +57,9 @@ def quantize_static_graph(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[config.method]
+    cache = {}
+    if ranges is not None and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        cache["calibration_cache_path"] = ranges
     # The histogram calibrators print their progress on stdout: keep the CLI's output readable.
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(
@@ -73,6 +82,7 @@ def quantize_static_graph(
                 "CalibTensorRangeSymmetric": True,
             },
             calibration_providers=["CPUExecutionProvider"],
+            **cache,
         )
 
 
@@ -97,9 +107,14 @@ class OnnxInt8StaticPass:
         ctx.progress(f"int8-static: calibrating on {len(cal.feeds)} {cal.source} sample(s), {config.method}")
         details: dict[str, Any] = {}
         files: list[str] = []
+        # one calibration per graph searched (the plain one, each smoothed one): every candidate reuses it
         scheme = Scheme(
-            write=lambda src, dst, c, exclude: quantize_static_graph(src, dst, c, cal.feeds, exclude=exclude),
-            only=lambda src, dst, c, node: quantize_static_graph(src, dst, c, cal.feeds, only=[node]),
+            write=lambda src, dst, c, exclude: quantize_static_graph(
+                src, dst, c, cal.feeds, exclude=exclude, ranges=src.with_suffix(".ranges.json")
+            ),
+            only=lambda src, dst, c, node: quantize_static_graph(
+                src, dst, c, cal.feeds, only=[node], ranges=src.with_suffix(".ranges.json")
+            ),
         )
 
         def write(src: Path, dst: Path, external: bool) -> None:
