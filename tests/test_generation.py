@@ -111,6 +111,39 @@ def test_caption_without_prompt_and_vqa_output_are_decoder_tokens(exported) -> N
     assert got.prompt_length == 1 and (got.sequences[:, 0] == model.config.text_config.bos_token_id).all()
 
 
+def test_decode_binds_unchanged_inputs_once_with_logits_of_fresh_bindings(exported, monkeypatch) -> None:
+    """StepBinding (runtime/decoder_session.py): the image's cross-attention K/V are bound once per request,
+    not at every step, and every step's logits are bitwise those of the loop before (a fresh IO binding of
+    every input at every step)."""
+    from vlexport.runtime import decoder_session
+
+    gen = Generator(load_artifact(exported("blip-tiny", "caption"), device="cpu"))
+    dec = gen.decoder
+    bound: list[str] = []
+    bind = decoder_session.StepBinding._bind
+    monkeypatch.setattr(
+        decoder_session.StepBinding, "_bind", lambda s, n, v: (bound.append(n), bind(s, n, v))
+    )
+
+    class Fresh:  # the loop before: each step after the prompt's binds every input again
+        def step(self, env, mask, **kw):
+            return dec.step(env, mask, run_next=dec.run, **kw)
+
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": 2, "output_logits": True}
+    new = gen.generate(pixels, **settings)
+    cross = [n for n in dec.input_names if ".encoder." in n]
+    steps = bound.count("input_ids")
+    assert cross and steps == 6 and all(bound.count(n) == 1 for n in cross), (steps, sorted(set(bound)))
+    bound.clear()
+    old = gen.generate(pixels, **settings, decoder=Fresh())
+    assert all(bound.count(n) == steps for n in cross)  # the loop before: at every step
+    np.testing.assert_array_equal(new.sequences, old.sequences)
+    assert len(new.logits) == len(old.logits) == steps
+    for a, b in zip(new.logits, old.logits):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_blip2_prompt_without_image_tokens_is_refused(exported) -> None:
     gen = Generator(load_artifact(exported("blip2-opt-tiny", "generate"), device="cpu"))
     with pytest.raises(UsageError, match="exactly num_query_tokens=8 image tokens"):
