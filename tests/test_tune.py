@@ -155,6 +155,7 @@ def test_kernels_on_off_listing_and_work_dir_reuse_after_an_interruption(
         "per_channel": True,
         "smooth": None,
         "reduce_range": True,
+        "activations": "per-tensor",
         "fp32_nodes": [],
     }
     for c in (by["onnx fp32 +attention,bridge"], dyn):
