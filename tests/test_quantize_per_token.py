@@ -85,6 +85,18 @@ def test_per_token_graph_is_the_per_token_arithmetic(tmp_path: Path, reduce_rang
     np.testing.assert_allclose(y2, _numpy_per_token(h, w["w3"], wmax), rtol=1e-4, atol=1e-4)
     assert np.all(np.isfinite(y1)) and np.all(y1[1, 4] == 0)
 
+    # the sensitivity sweep's form: one MatMul alone, the others left fp32
+    names = quantize_per_token(
+        tmp_path / "fp32.onnx", tmp_path / "one.onnx", per_channel=True, reduce_range=reduce_range, only="mm2"
+    )
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "one.onnx")).graph.node]
+    assert names == ["mm2"] and ops.count("MatMulInteger") == 1 and ops.count("MatMul") == 2
+    y1, y2 = _run(tmp_path / "one.onnx", x)
+    np.testing.assert_allclose(y1, x @ w["w1"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        y2, np.maximum(_numpy_per_token(x, w["w2"], wmax), 0) @ w["w3"], rtol=1e-4, atol=1e-4
+    )
+
 
 def test_per_token_scales_keep_small_rows_that_per_tensor_loses(tmp_path: Path) -> None:
     _graph(tmp_path / "fp32.onnx")

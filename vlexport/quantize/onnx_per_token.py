@@ -39,16 +39,22 @@ def quantize_per_token(
     per_channel: bool,
     reduce_range: bool,
     exclude: Sequence[str] = (),
+    only: str | None = None,
     external: bool = False,
 ) -> list[str]:
-    """Write ``src`` with every constant-weight MatMul not in ``exclude`` quantized per token; returns their
-    names."""
+    """Write ``src`` with every constant-weight MatMul not in ``exclude`` (or the one named ``only``)
+    quantized per token; returns their names."""
     model = onnx.load(str(src))
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     inits = {i.name: i for i in graph.initializer}
     skip = set(exclude)
-    chosen = [n for ns in constant_weight_matmuls(model).values() for n in ns if n.name not in skip]
+    chosen = [
+        n
+        for ns in constant_weight_matmuls(model).values()
+        for n in ns
+        if n.name not in skip and only in (None, n.name)
+    ]
     targets = {id(n) for n in chosen}
     wmax = 63.0 if reduce_range else 127.0
     quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (uint8 codes, per-row scale)

@@ -86,9 +86,18 @@ def smoothed_source(
     return path, keep, n
 
 
-def quantize(src: Path, dst: Path, config: Int8DynamicConfig, exclude: Sequence[str], external: bool) -> None:
+def quantize(
+    src: Path,
+    dst: Path,
+    config: Int8DynamicConfig,
+    exclude: Sequence[str],
+    external: bool,
+    *,
+    only: str | None = None,
+) -> None:
     """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py), or the
-    per-token rewrite (quantize/onnx_per_token.py)."""
+    per-token rewrite (quantize/onnx_per_token.py). ``only``: that node alone quantized (the sensitivity
+    sweep)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if config.activations == "per-token":
@@ -98,6 +107,7 @@ def quantize(src: Path, dst: Path, config: Int8DynamicConfig, exclude: Sequence[
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
             exclude=exclude,
+            only=only,
             external=external,
         )
         return
@@ -113,6 +123,7 @@ def quantize(src: Path, dst: Path, config: Int8DynamicConfig, exclude: Sequence[
             reduce_range=config.reduce_range,
             use_external_data_format=external,
             nodes_to_exclude=list(exclude),
+            nodes_to_quantize=None if only is None else [only],
         )
 
 
@@ -171,25 +182,7 @@ class Scheme:
 
 
 def _dynamic_only(src: Path, dst: Path, config: Int8Recipe, node: str) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from vlexport.quantize.onnx_rewrite import quiet_root_logger
-
-    if _grain(config) == "per-token":
-        model = onnx.load(str(src), load_external_data=False)
-        others = [n.name for ns in constant_weight_matmuls(model).values() for n in ns if n.name != node]
-        quantize(src, dst, config, others, external=False)  # the one writer of int8-dynamic graphs
-        return
-
-    with quiet_root_logger():
-        quantize_dynamic(
-            src,
-            dst,
-            per_channel=config.per_channel,
-            weight_type=QuantType.QInt8,
-            reduce_range=config.reduce_range,
-            nodes_to_quantize=[node],
-        )
+    quantize(src, dst, config, (), external=False, only=node)
 
 
 DYNAMIC = Scheme(
