@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_compiled_cpu import _build
+from generation_compiled_cpu import build_pair
 
 from vlexport.bench.peaks import MEMORY, measure_peaks
 from vlexport.bench.work import decode_shape, step_bytes
@@ -152,18 +151,7 @@ def main() -> None:
 
     source = resolve(args.model, random_weights=True, seed=0)
     model = load_model(source, "caption")
-    tmp = Path(tempfile.mkdtemp(prefix="vlexport-bench-"))
-    dirs = {"onnx": args.onnx or tmp / "onnx", "aoti": args.aoti or tmp / "aoti"}
-    builds = {
-        "onnx": _build(model, args.model, dirs["onnx"], "onnx", {}),
-        "aoti": _build(
-            model,
-            args.model,
-            dirs["aoti"],
-            "aoti",
-            {"max_length": args.max_length, "max_batch": max(batches)},
-        ),
-    }
+    dirs, builds = build_pair(model, args, max(batches))
     # interleaved=True: ORT threads do not spin between calls, as in `vlexport bench` and serving
     onnx = Generator(load_artifact(dirs["onnx"], device="cpu", threads=args.threads, interleaved=True))
     aoti = Generator(load_artifact(dirs["aoti"], device="cpu", threads=args.threads))

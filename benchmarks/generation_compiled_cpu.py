@@ -54,6 +54,19 @@ def _build(model, name: str, directory: Path, backend: str, options: dict) -> di
     return {"build_s": round(time.perf_counter() - t0, 1), "timings": job.timings}
 
 
+def build_pair(model, args: argparse.Namespace, max_batch: int) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The ONNX artifact and the AOTI package of ``model`` (``--onnx`` / ``--aoti`` when given, else in a
+    temporary directory): their directories and build records."""
+    tmp = Path(tempfile.mkdtemp(prefix="vlexport-bench-"))
+    dirs = {"onnx": args.onnx or tmp / "onnx", "aoti": args.aoti or tmp / "aoti"}
+    aoti = {"max_length": args.max_length, "max_batch": max_batch}
+    builds = {
+        "onnx": _build(model, args.model, dirs["onnx"], "onnx", {}),
+        "aoti": _build(model, args.model, dirs["aoti"], "aoti", aoti),
+    }
+    return dirs, builds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="blip-image-captioning-base")
@@ -73,18 +86,7 @@ def main() -> None:
 
     source = resolve(args.model, random_weights=True, seed=0)
     model = load_model(source, "caption")
-    tmp = Path(tempfile.mkdtemp(prefix="vlexport-bench-"))
-    dirs = {"onnx": args.onnx or tmp / "onnx", "aoti": args.aoti or tmp / "aoti"}
-    builds = {
-        "onnx": _build(model, args.model, dirs["onnx"], "onnx", {}),
-        "aoti": _build(
-            model,
-            args.model,
-            dirs["aoti"],
-            "aoti",
-            {"max_length": args.max_length, "max_batch": max(map(int, args.batch_sizes.split(",")))},
-        ),
-    }
+    dirs, builds = build_pair(model, args, max(map(int, args.batch_sizes.split(","))))
     gens = {}
     for backend, directory in dirs.items():
         artifact = load_artifact(directory, device="cpu", threads=args.threads)
