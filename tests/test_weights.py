@@ -115,6 +115,13 @@ def test_unsupported_task() -> None:
         source.check_task("itm")
 
 
+def test_random_weights_open_every_family_task() -> None:
+    # No checkpoint means no missing head: bridgetower-base's ITM head is as random as its trunk
+    source = resolve("bridgetower-base", random_weights=True)
+    assert source.check_task("itm") == "itm" and source.default_task == "features"
+    assert set(source.tasks) == {"features", "itm", "itc", "mlm"}
+
+
 def test_dir_without_config(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(UsageError, match="no config.json"):

@@ -87,6 +87,10 @@ def _resolve_preset(preset: Preset, random_weights: bool, seed: int) -> ModelSou
     config = _config_from_dict(preset.config_dict(), where=f"preset {preset.name}")
     src = ModelSource(preset.name, get_family(preset.family), config, preset=preset, tasks=preset.tasks)
     if random_weights:
+        # No checkpoint, so no head is missing: every task of the family builds on this architecture (the
+        # preset's own tasks stay first, so its default is unchanged)
+        family_tasks = tuple(t for t in src.family.tasks if t not in preset.tasks)
+        src.tasks = preset.tasks + family_tasks
         src.origin = {"kind": "random", "seed": seed, "initializer_range": SANE_INITIALIZER_RANGE}
         return src
     if preset.checkpoint is None:
