@@ -162,3 +162,24 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     assert "interrupted (SIGINT): nothing was written (partial output removed)." in err.splitlines(), err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no partial, no lock file
+
+
+def test_an_unanticipated_library_error_is_one_paragraph(capsys, monkeypatch) -> None:
+    # onnx's checker raises its own ValidationError (no ValueError), ONNX Runtime RuntimeErrors: the CLI
+    # still answers with one paragraph and exit 1, and VLEXPORT_DEBUG=1 gives the traceback
+    import vlexport.display
+
+    class CheckerError(Exception):
+        pass
+
+    def broken() -> None:
+        raise CheckerError("Data of TensorProto should be stored in x.data, but it is a symbolic link")
+
+    monkeypatch.setattr(vlexport.display, "listing", broken)
+    code, out, err = _run(capsys, "list")
+    text = " ".join((out + err).split())
+    assert code == 1 and "Traceback" not in out + err
+    assert "error: CheckerError: Data of TensorProto" in text and "VLEXPORT_DEBUG=1" in text
+    monkeypatch.setenv("VLEXPORT_DEBUG", "1")
+    with pytest.raises(CheckerError):
+        main(["list"])

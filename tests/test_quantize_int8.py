@@ -373,3 +373,21 @@ def test_block_size_applies_to_int8_weight_only(exported, tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "--block-size applies to --precision int8-weight" in err and "power of two" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static"])
+def test_int8_from_a_parent_with_external_data(tmp_path: Path, monkeypatch, capsys, precision: str) -> None:
+    """Full-size graphs keep their weights in external data (bridgetower-base: 1.3 GB). ONNX Runtime's
+    quantizers read the parent through a scratch view of it (quantize/onnx_rewrite.py source_view); onnx
+    >= 1.20 refuses external data behind a symlink, so the view must not be one. Forced on the tiny twin."""
+    from vlexport.export import onnx as onnx_export
+    from vlexport.pipeline import ExportJob, run_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    parent = tmp_path / "fp32"
+    m = run_export(ExportJob("bridgetower-tiny", parent, task="itm", random_weights=True))
+    data = parent / m.components["model"].external_data
+    before = (data.read_bytes(), data.stat().st_nlink)
+    out = tmp_path / precision
+    assert main(["quantize", str(parent), "-o", str(out), "--precision", precision]) == 0, capsys.readouterr()
+    assert Manifest.read(out).validation.passed and (data.read_bytes(), data.stat().st_nlink) == before

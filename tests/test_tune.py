@@ -198,3 +198,27 @@ def test_device_cuda_without_a_gpu_is_refused(exported, tmp_path: Path, capsys) 
     err = " ".join(capsys.readouterr().err.split())
     assert "--device cuda: torch sees no CUDA device on this machine (use --device cpu)" in err
     assert "Traceback" not in err and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_candidate_whose_build_crashes_is_reported_and_the_rest_go_on(
+    exported, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # A library failing on one candidate (onnx 1.23's checker refused int8-dynamic's symlinked external data
+    # on bridgetower-base) costs that candidate, not the tune
+    import vlexport.quantize.onnx_dynamic as dynamic
+
+    class LibraryError(Exception):
+        pass
+
+    def crash(self, ctx):
+        raise LibraryError("Data of TensorProto should be stored in x, but it is a symbolic link")
+
+    monkeypatch.setattr(dynamic.OnnxInt8DynamicPass, "derive", crash)
+    parent = exported("bridgetower-tiny", "itm")
+    out = tmp_path / "tuned"
+    args = ["tune", str(parent), "-o", str(out), "--backends", "onnx", "--kernels", "off", *FAST]
+    assert main([*args, "--precisions", "fp32,int8-dynamic"]) == 0, capsys.readouterr().err
+    by = {c["name"]: c for c in json.loads((out / "tune" / "report.json").read_text())["candidates"]}
+    assert by["onnx int8-dynamic"]["reason"].startswith("failed: LibraryError: Data of TensorProto")
+    assert not by["onnx int8-dynamic"]["passed"] and by["onnx fp32"]["passed"]
+    assert main(["validate", str(out)]) == 0

@@ -43,7 +43,7 @@ from vlexport.contracts.backends import (
 )
 from vlexport.contracts.passes import derivation
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
-from vlexport.errors import CheckError, UsageError, ValidationError
+from vlexport.errors import CheckError, UsageError, ValidationError, VlexportError
 from vlexport.manifest import Manifest, component_size
 
 SERVE_SEED = 4321  # validation uses 1234.., calibration 50000..: the serve-shape inputs are neither
@@ -480,6 +480,11 @@ def _judge(cand: Candidate, config: PrecisionConfig, builds: _Builds, check: Cal
         return
     except UsageError as e:
         cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+        return
+    except VlexportError:  # a full disk, a missing toolchain: every later candidate would meet it too
+        raise
+    except Exception as e:  # noqa: BLE001 (a library failing on this candidate alone: reported, the rest go on)
+        cand.reason = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         return
     directory = Path(cand.directory)
     cand.built, cand.knobs = True, manifest.precision_knobs

@@ -102,12 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 os._exit(stop.exit_code)
         return stop.exit_code
-    except (ValueError, OSError) as e:
-        # Library errors we did not anticipate still get one readable paragraph, not a traceback.
+    except Exception as e:
+        # Errors we did not anticipate (ours, or a library's: onnx's checker errors are not ValueErrors,
+        # ONNX Runtime's are RuntimeErrors) still get one readable paragraph, not a traceback.
         if os.environ.get("VLEXPORT_DEBUG"):
             raise
+        report = "" if isinstance(e, OSError) else " If it persists, report it with that traceback."
         console.print(
-            f"[red]error:[/red] {type(e).__name__}: {e}. Re-run with VLEXPORT_DEBUG=1 for a traceback.",
+            f"[red]error:[/red] {type(e).__name__}: {escape(str(e))}. Nothing half-written was left. "
+            f"Re-run with VLEXPORT_DEBUG=1 for a traceback.{report}",
             soft_wrap=True,
         )
         return 1

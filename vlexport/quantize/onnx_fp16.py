@@ -6,6 +6,7 @@ External data is kept for graphs above the exporter's threshold (BLIP-2's 2 GiB 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -39,9 +40,16 @@ class OnnxFp16Pass:
 
         def write(src: Path, dst: Path, external: bool) -> None:
             model = onnx.load(str(src))
-            half = float16.convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=list(FP16_KEEP_FP32), disable_shape_infer=external
-            )
+            with warnings.catch_warnings():
+                # one warning per weight clamped into fp16's range (hundreds per model): validation judges
+                # what the clamping costs, the console needs none of them
+                warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+                half = float16.convert_float_to_float16(
+                    model,
+                    keep_io_types=True,
+                    op_block_list=list(FP16_KEEP_FP32),
+                    disable_shape_infer=external,
+                )
             onnx.save(
                 half,
                 str(dst),

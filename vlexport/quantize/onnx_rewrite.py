@@ -4,6 +4,7 @@ directory an ONNX Runtime quantizer writes into (quiet, with only its result mov
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -58,15 +59,28 @@ def quantizer_output(out_dir: Path, dst: Path) -> Iterator[Path]:
 
 
 def source_view(src: Path, scratch: Path) -> Path:
-    """``src`` seen from ``scratch``: symlinks to the graph and its external data, for a quantizer to read.
+    """``src`` copied into ``scratch`` (the graph and its external data), for a quantizer to read.
 
     ONNX Runtime's quantizers write a shape-inferred copy (``*-inferred.onnx``) beside the path they are given
     and delete it after: given the source artifact's own path, two quantizes of one artifact race on that file
-    and a read-only source cannot be quantized. A source artifact is read, never written.
+    and a read-only source cannot be quantized. A source artifact is read, never written. A copy, not a link:
+    onnx >= 1.20 refuses external data behind a symlink or with several hard links (its path-traversal and
+    hardlink-attack checks); where the filesystem clones files (btrfs, XFS) the copy costs no bytes.
     """
     view = scratch / "source"
     view.mkdir(exist_ok=True)
     for f in src.parent.iterdir():
         if f.name.startswith(src.name) and not (view / f.name).exists():  # the graph and its ``.data``
-            (view / f.name).symlink_to(f.resolve())
+            _clone_or_copy(f, view / f.name)
     return view / src.name
+
+
+def _clone_or_copy(src: Path, dst: Path) -> None:
+    ficlone = 0x40049409  # linux/fs.h FICLONE: share the extents copy-on-write
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), ficlone, fin.fileno())
+            return
+        except OSError:  # ext4, tmpfs, another filesystem: a plain copy
+            pass
+    shutil.copyfile(src, dst)
