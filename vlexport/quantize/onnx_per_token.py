@@ -8,13 +8,18 @@ of fp32's time more than the per-tensor graph (benchmarks/real_minilm_precision.
 quantizer writes per-row activation scales, so this rewrite does, with standard operators around
 ``MatMulInteger`` (uint8 x int8: MLAS's fast path)::
 
-    s = max(|x|, last axis) / 127              one scale per row, computed per call
-    q = uint8(clip(round(x / s) + 128, 0, 255))
-    y = float(MatMulInteger(q, Wq, 128)) * s * sw
+    x2 = x viewed as rows (-1, K)
+    s = max(|x2|, axis 1) / 127                one scale per row, computed per call
+    q = QuantizeLinear(x2, s, 128, axis=0)      uint8(clip(round(x2 / s) + 128, 0, 255)), one fused pass
+    y = float(MatMulInteger(q, Wq, 128)) * sw * s, viewed back as (..., N)
 
 ``Wq`` / ``sw``: int8 weights with one scale per output channel (``per_channel``) or per tensor, 7-bit when
 ``reduce_range`` (the saturating u8 x s8 multiply of CPUs without VNNI; contracts/precision.py). MatMuls that
-read the same tensor (an attention block's Q, K and V) share one quantization of it. Node and initializer
+read the same tensor (an attention block's Q, K and V) share one quantization of it. The rows view is what
+lets ONNX's per-axis QuantizeLinear do in one pass what Div, Round, Add, Clip and Cast did in five (ONNX
+Runtime fuses none of them: its MatMulIntegerToFloat takes one activation scale). The product side stays
+Cast and two Muls: ONNX Runtime 1.32's per-axis DequantizeLinear of int32 is not vectorised (3x slower on real
+MiniLM at batch 8, measured with its profiler). Node and initializer
 names derive from the MatMul's, so the same source and knobs write the same graph (``--recipe`` replays).
 """
 
@@ -46,7 +51,8 @@ def quantize_per_token(
     quantized per token; returns their names."""
     model = onnx.load(str(src))
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18) < 18:
+        raise ValueError(f"{src}: per-token int8 needs ONNX opset >= 18 (ReduceMax's axes input)")
     inits = {i.name: i for i in graph.initializer}
     skip = set(exclude)
     chosen = [
@@ -57,7 +63,8 @@ def quantize_per_token(
     ]
     targets = {id(n) for n in chosen}
     wmax = 63.0 if reduce_range else 127.0
-    quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (uint8 codes, per-row scale)
+    # activation -> (uint8 codes as rows, per-row scale (rows, 1), its shape without the last axis)
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
     consts = _constants(added)
@@ -68,8 +75,9 @@ def quantize_per_token(
         x, w_name = node.input[0], node.input[1]
         p = f"{node.name or node.output[0]}/pertoken"
         if x not in quantized_inputs:
-            quantized_inputs[x] = _quantize_rows(x, p, opset, consts, nodes)
-        codes, scale = quantized_inputs[x]
+            k = numpy_helper.to_array(inits[w_name]).shape[0]
+            quantized_inputs[x] = _quantize_rows(x, k, p, consts, nodes, added)
+        codes, scale, lead = quantized_inputs[x]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         peak = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
         sw = (np.maximum(peak, np.finfo(np.float32).tiny) / wmax).astype(np.float32)
@@ -77,14 +85,17 @@ def quantize_per_token(
         added += [
             numpy_helper.from_array(wq, f"{p}/weight_int8"),
             numpy_helper.from_array(sw, f"{p}/weight_scale"),
+            numpy_helper.from_array(np.array([w.shape[1]], np.int64), f"{p}/n"),
         ]
         nodes += [
             helper.make_node(
                 "MatMulInteger", [codes, f"{p}/weight_int8", consts["zp"]], [f"{p}/acc"], f"{p}/MatMulInteger"
             ),
             helper.make_node("Cast", [f"{p}/acc"], [f"{p}/acc_f"], f"{p}/Cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}/acc_f", scale], [f"{p}/rows"], f"{p}/MulRows"),
-            helper.make_node("Mul", [f"{p}/rows", f"{p}/weight_scale"], [node.output[0]], f"{p}/MulCols"),
+            helper.make_node("Mul", [f"{p}/acc_f", f"{p}/weight_scale"], [f"{p}/cols"], f"{p}/MulCols"),
+            helper.make_node("Mul", [f"{p}/cols", scale], [f"{p}/rows"], f"{p}/MulRows"),
+            helper.make_node("Concat", [lead, f"{p}/n"], [f"{p}/shape"], f"{p}/OutShape", axis=0),
+            helper.make_node("Reshape", [f"{p}/rows", f"{p}/shape"], [node.output[0]], f"{p}/Unrows"),
         ]
     used = {i for n in nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
@@ -104,11 +115,10 @@ def _constants(added: list[onnx.TensorProto]) -> dict[str, str]:
     values = {
         "127": np.array(127.0, np.float32),
         "tiny": np.array(np.finfo(np.float32).tiny, np.float32),
-        "128": np.array(float(ZERO_POINT), np.float32),
-        "0": np.array(0.0, np.float32),
-        "255": np.array(255.0, np.float32),
         "zp": np.array(ZERO_POINT, np.uint8),
-        "last_axis": np.array([-1], np.int64),
+        "one_axis": np.array([1], np.int64),
+        "0": np.array([0], np.int64),
+        "-1": np.array([-1], np.int64),
     }
     names = {k: f"pertoken/{k}" for k in values}
     added += [numpy_helper.from_array(v, names[k]) for k, v in values.items()]
@@ -116,27 +126,33 @@ def _constants(added: list[onnx.TensorProto]) -> dict[str, str]:
 
 
 def _quantize_rows(
-    x: str, p: str, opset: int, c: dict[str, str], nodes: list[onnx.NodeProto]
-) -> tuple[str, str]:
-    """Nodes that turn ``x`` into uint8 codes with one scale per row (its last axis); returns both names."""
-    if opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
-        reduce = helper.make_node(
-            "ReduceMax", [f"{p}/abs", c["last_axis"]], [f"{p}/peak"], f"{p}/ReduceMax", keepdims=1
-        )
-    else:
-        reduce = helper.make_node(
-            "ReduceMax", [f"{p}/abs"], [f"{p}/peak"], f"{p}/ReduceMax", axes=[-1], keepdims=1
-        )
+    x: str,
+    k: int,
+    p: str,
+    c: dict[str, str],
+    nodes: list[onnx.NodeProto],
+    added: list[onnx.TensorProto],
+) -> tuple[str, str, str]:
+    """Nodes that turn ``x`` (..., k) into uint8 codes (rows, k) with one scale per row; returns the codes,
+    the scales (rows, 1) and ``x``'s shape without its last axis (to view the product back)."""
+    added.append(numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}/rows_shape"))
     nodes += [
-        helper.make_node("Abs", [x], [f"{p}/abs"], f"{p}/Abs"),
-        reduce,
+        helper.make_node("Reshape", [x, f"{p}/rows_shape"], [f"{p}/x2"], f"{p}/Rows"),
+        helper.make_node("Shape", [x], [f"{p}/xshape"], f"{p}/Shape"),
+        helper.make_node("Slice", [f"{p}/xshape", c["0"], c["-1"]], [f"{p}/lead"], f"{p}/Lead"),
+        helper.make_node("Abs", [f"{p}/x2"], [f"{p}/abs"], f"{p}/Abs"),
+        helper.make_node(
+            "ReduceMax", [f"{p}/abs", c["one_axis"]], [f"{p}/peak"], f"{p}/ReduceMax", keepdims=0
+        ),
         helper.make_node("Div", [f"{p}/peak", c["127"]], [f"{p}/scale0"], f"{p}/DivPeak"),
         # an all-zero row (padding) gets the smallest scale, not a division by zero
         helper.make_node("Max", [f"{p}/scale0", c["tiny"]], [f"{p}/scale"], f"{p}/MaxTiny"),
-        helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"], f"{p}/DivScale"),
-        helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"], f"{p}/Round"),
-        helper.make_node("Add", [f"{p}/rounded", c["128"]], [f"{p}/shifted"], f"{p}/AddZeroPoint"),
-        helper.make_node("Clip", [f"{p}/shifted", c["0"], c["255"]], [f"{p}/clipped"], f"{p}/Clip"),
-        helper.make_node("Cast", [f"{p}/clipped"], [f"{p}/codes"], f"{p}/CastUint8", to=TensorProto.UINT8),
+        # per-axis zero points take the scales' shape: 128 for every row
+        helper.make_node("Shape", [f"{p}/scale"], [f"{p}/row_count"], f"{p}/RowCount"),
+        helper.make_node("Expand", [c["zp"], f"{p}/row_count"], [f"{p}/zps"], f"{p}/ZeroPoints"),
+        helper.make_node(
+            "QuantizeLinear", [f"{p}/x2", f"{p}/scale", f"{p}/zps"], [f"{p}/codes"], f"{p}/Quantize", axis=0
+        ),
+        helper.make_node("Unsqueeze", [f"{p}/scale", c["one_axis"]], [f"{p}/scale_col"], f"{p}/ScaleCol"),
     ]
-    return f"{p}/codes", f"{p}/scale"
+    return f"{p}/codes", f"{p}/scale_col", f"{p}/lead"
