@@ -398,3 +398,33 @@ def test_damaged_artifact_file(case: str, exported, tmp_path: Path, capsys) -> N
     text = ["--text", "a cat"] if task == "itm" else []  # scoring needs a text; captioning takes none
     code, err = cli(capsys, "run", art, "--image", image(tmp_path / "ok.png"), *text)
     assert code == 1 and str(path) in err and message in err and EXPORT_AGAIN.search(err), err
+
+
+def test_a_graph_this_onnxruntime_cannot_run_is_not_called_damaged(tmp_path: Path) -> None:
+    # An intact graph with an operator this onnxruntime lacks (an int4 artifact on an old onnxruntime, say)
+    # names the runtime to upgrade; a graph cut short is the damaged file it is
+    import onnx
+    from onnx import helper
+
+    from vlexport.errors import CheckError
+    from vlexport.runtime.onnx_session import OnnxComponent
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    node = helper.make_node("MatMulNBitsV9", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "g", [x], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    newer = tmp_path / "newer.onnx"
+    onnx.save(model, newer)
+    with pytest.raises(CheckError) as caught:
+        OnnxComponent(newer)
+    said = " ".join(str(caught.value).split())
+    assert "MatMulNBitsV9" in said and "upgrade it (pip install -U onnxruntime" in said
+    assert "damaged" not in said
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(newer.read_bytes()[:20])
+    with pytest.raises(CheckError, match="damaged or incomplete; export the artifact again"):
+        OnnxComponent(cut)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,10 +52,7 @@ class OnnxComponent:
                 str(path), sess_options=opts, providers=list(providers or available_providers())
             )
         except Exception as e:  # noqa: BLE001  ORT raises its own Fail/InvalidGraph types
-            raise CheckError(
-                f"ONNX Runtime cannot load {path}: {e}. The file is damaged or incomplete; "
-                "export the artifact again."
-            ) from None
+            raise load_error(path, e) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_types = {i.name: i.type for i in self.session.get_inputs()}
@@ -65,3 +63,27 @@ class OnnxComponent:
             raise CheckError(f"Missing inputs {missing} for ONNX graph expecting {self.input_names}.")
         feed = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names}
         return dict(zip(self.output_names, self.session.run(None, feed)))
+
+
+# What ONNX Runtime says when the graph is sound but this build of it cannot run it (an operator or opset
+# newer than it, a contrib op it was built without): an onnxruntime to upgrade, not a file to re-export
+_RUNTIME_TOO_OLD = re.compile(
+    r"Could not find an implementation|is not a registered function/op|No Op registered|"
+    r"Unsupported model IR version|opset \d+ is under development|only guarantees support",
+    re.IGNORECASE,
+)
+
+
+def load_error(path: str | Path, error: Exception) -> CheckError:
+    """One paragraph for a graph ONNX Runtime refused, naming the cause its message gives."""
+    said = " ".join(str(error).split())[:400]
+    if _RUNTIME_TOO_OLD.search(said):
+        return CheckError(
+            f"ONNX Runtime {ort.__version__} cannot run {path}: {said}. The graph is intact but needs an "
+            "operator or opset this onnxruntime lacks: upgrade it (pip install -U onnxruntime, or "
+            "onnxruntime-gpu for CUDA) on the machine that runs the artifact."
+        )
+    return CheckError(
+        f"ONNX Runtime cannot load {path}: {said}. The file is damaged or incomplete; export the artifact "
+        "again."
+    )
