@@ -287,3 +287,17 @@ def test_plan_names_one_spelling_per_backend_and_precision() -> None:
         ("bridgetower-tiny",), backends=("eager", "trt", "tensorrt"), precisions=("fp32", "int8")
     )
     assert plan.backends == ("eager", "tensorrt") and plan.precisions == ("fp32", "int8-static")
+
+
+def test_a_parity_miss_names_the_number_that_missed() -> None:
+    # tune drops a candidate with this text; "logits: tolerance (limit cosine >= 0.98)" said not how far
+    from vlexport.bench.measure import output_parity
+    from vlexport.contracts.precision import get_precision
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 2)).astype(np.float32)
+    got = ref + 0.5 * rng.standard_normal((4, 2)).astype(np.float32)
+    cos = float(got.ravel() @ ref.ravel() / np.linalg.norm(got) / np.linalg.norm(ref))
+    status, _, detail = output_parity({"logits": got}, {"logits": ref}, get_precision("int8-dynamic"), {}.get)
+    assert status == "failed-parity" and cos < 0.98
+    assert detail.startswith(f"logits: tolerance cosine {cos:.5f} (limit cosine >= 0.98")

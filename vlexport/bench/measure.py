@@ -167,7 +167,12 @@ def output_parity(
             if v is not None
         }
         if not check.passed:
-            misses.append(f"{name}: {check.kind} {check.detail} (limit {check.limit or '-'})".strip())
+            measured = check.detail or ", ".join(
+                f"{k} {v:.5f}"
+                for k, v in (("cosine", check.cosine), ("agreement", check.agreement_with_near_ties))
+                if v is not None
+            )
+            misses.append(f"{name}: {check.kind} {measured} (limit {check.limit or '-'})")
     flat = np.concatenate([r.astype(np.float64).ravel() for r in ref.values()]) if ref else np.zeros(0)
     if flat.size > 1 and flat.std() < DEGENERATE_STD:
         misses.append(

@@ -649,7 +649,7 @@ def _budget_line(budget: dict[str, Any]) -> str:
 
 def _short(value: Any) -> str:
     """A recipe knob for a table cell: lists (fp32 MatMuls) as their count."""
-    return f"[{len(value)}]" if isinstance(value, list | tuple) else str(value)
+    return str(len(value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _accuracy_x(c: dict[str, Any]) -> float | None:
