@@ -222,3 +222,17 @@ def test_a_candidate_whose_build_crashes_is_reported_and_the_rest_go_on(
     assert by["onnx int8-dynamic"]["reason"].startswith("failed: LibraryError: Data of TensorProto")
     assert not by["onnx int8-dynamic"]["passed"] and by["onnx fp32"]["passed"]
     assert main(["validate", str(out)]) == 0
+
+
+def test_bench_runs_are_split_to_fit_memory() -> None:
+    # bridgetower-base's 14 survivors held 18 GiB loaded at once (24 GiB machine): a larger model must not OOM
+    from vlexport.bench.tune import LOADED_PER_FILE_BYTE, bench_groups
+
+    sizes = [1246.0, 1245.0, 625.0, 320.0, 470.0, 1247.0]
+    assert bench_groups(sizes, float("inf")) == [[0, 1, 2, 3, 4, 5]]
+    fits = 0.6 * 4000 / LOADED_PER_FILE_BYTE  # 1600 MiB of files per run
+    groups = bench_groups(sizes, 4000.0)
+    assert [i for g in groups for i in g] == list(range(6))  # every candidate, once, in order
+    assert all(sum(sizes[i] for i in g) <= fits or len(g) == 1 for g in groups)
+    assert groups == [[0], [1], [2, 3, 4], [5]]
+    assert bench_groups([9000.0], 4000.0) == [[0]]  # one too large alone still runs

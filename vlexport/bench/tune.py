@@ -403,10 +403,11 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
             _judge(cand, config, builds, check)
             budget.started = True
         survivors = [c for c, _ in listed if c.passed]
-        rows = _bench(plan, survivors, progress) if survivors else []
+        rows, runs = _bench(plan, survivors, progress) if survivors else ([], 0)
         chosen = _choose(plan, survivors)
         report = _report(plan, [c for c, _ in listed], chosen, rows)
         report["budget"] = budget.record(builds.count)
+        report["bench_runs"] = runs  # > 1: the survivors did not fit in memory at once (bench_groups)
         if chosen is None:
             raise CheckError(
                 f"No candidate passed the accuracy targets at the shapes to serve; nothing was written to "
@@ -516,21 +517,62 @@ def _recipe(manifest: Manifest) -> dict[str, Any]:
     return recipe_knobs(config) if config.knobs() and config.name != "fp32" else {}
 
 
-def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> list[Any]:
+# A loaded candidate holds about this many times its files in memory (ORT's prepacked weights and arenas, the
+# package's constants): bridgetower-base's 14 survivors (10.9 GiB of files) peaked at 18.2 GiB beside eager
+LOADED_PER_FILE_BYTE = 1.5
+BENCH_MEMORY_SHARE = 0.6  # of the memory available when the bench starts, for the candidates of one run
+
+
+def bench_groups(sizes_mib: Sequence[float], available_mib: float) -> list[list[int]]:
+    """Candidates (their indices, in order) split into runs whose loaded size fits the memory budget; each
+    run is interleaved beside its own eager reference, so ratios to eager compare across runs."""
+    budget = BENCH_MEMORY_SHARE * available_mib
+    groups: list[list[int]] = [[]]
+    used = 0.0
+    for i, size in enumerate(sizes_mib):
+        need = LOADED_PER_FILE_BYTE * size
+        if groups[-1] and used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(i)
+        used += need
+    return groups
+
+
+def _available_mib() -> float:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere no bound."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> tuple[list[Any], int]:
     from vlexport.bench.harness import BenchPlan, run_bench
 
-    progress(f"benchmarking {len(survivors)} candidate(s) in one interleaved run")
-    bench = BenchPlan(
-        models=tuple(c.directory for c in survivors),
-        batch_sizes=plan.batch_sizes,
-        seq_len=max(plan.seq_lens),
-        warmup=plan.warmup,
-        iters=plan.iters,
-        random_weights=plan.random_weights,
-        seed=plan.seed,
-        device=plan.device,
-    )
-    rows = run_bench(bench)
+    groups = bench_groups([c.size_mib or 0.0 for c in survivors], _available_mib())
+    rows = []
+    for n, group in enumerate(groups, 1):
+        runs = (
+            f" (run {n} of {len(groups)}: all of them would not fit in memory at once)"
+            if len(groups) > 1
+            else ""
+        )
+        progress(f"benchmarking {len(group)} candidate(s) in one interleaved run{runs}")
+        bench = BenchPlan(
+            models=tuple(survivors[i].directory for i in group),
+            batch_sizes=plan.batch_sizes,
+            seq_len=max(plan.seq_lens),
+            warmup=plan.warmup,
+            iters=plan.iters,
+            random_weights=plan.random_weights,
+            seed=plan.seed,
+            device=plan.device,
+        )
+        rows += run_bench(bench)
     for c in survivors:
         kernels = ",".join(sorted(c.kernels))
         mine = [
@@ -548,7 +590,7 @@ def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -
             c.throughput[str(r.batch)] = r.throughput
             if r.speedup_vs_eager is not None:
                 c.speedup_vs_eager[str(r.batch)] = r.speedup_vs_eager
-    return rows
+    return rows, len(groups)
 
 
 def _choose(plan: TunePlan, survivors: Sequence[Candidate]) -> Candidate | None:
@@ -612,7 +654,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         if chosen
         else "no choice",
         "",
-        _budget_line(report.get("budget") or {}),
+        _budget_line(report.get("budget") or {})
+        + (
+            f" Benched in {report['bench_runs']} interleaved runs, each beside eager: all candidates at once "
+            "would not fit in memory."
+            if report.get("bench_runs", 1) > 1
+            else ""
+        ),
         "",
         (
             "| candidate | kernels | recipe | passed | min cosine (validation / serve shapes) | "
