@@ -10,7 +10,8 @@ take, so a replayed recipe gives the same graph.
 
 The search scores candidates on the **calibration** feeds (quantize/calibration.py), against the fp32 parent
 run by ONNX Runtime on the same feeds (the parent is within 1e-4 of eager): per output, the smallest cosine
-over the feeds, and for outputs the task judges by argmax, the share of rows whose argmax agrees. The final
+over the feeds and the smallest cosine of one row (one input's output, which may use ``ROW_SLACK`` times the
+allowance), and for outputs the task judges by argmax, the share of rows whose argmax agrees. The final
 choice is judged afterwards by the normal validation on the seeded validation inputs (pipeline), never on
 what was searched with. Cheapest first:
 
