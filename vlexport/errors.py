@@ -7,6 +7,7 @@ staged write cleans up after each of them as it does after Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -90,9 +91,23 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _in_finalizer(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if SIGNALS.hold:
         SIGNALS.pending = SIGNALS.pending or signum
+        return
+    if _in_finalizer(frame):
+        # CPython prints and drops an exception raised inside __del__ ("Exception ignored in ..."): raised
+        # there, the signal would be lost (seen in CI: SIGINT during a regex object's collection, then the run
+        # went on). Send it again once the finalizer has returned.
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
     raise Interrupted(signum, committed=SIGNALS.committed)
 
