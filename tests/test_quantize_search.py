@@ -341,3 +341,15 @@ def test_one_ruined_row_fails_a_whole_output_that_passes(tmp_path: Path) -> None
     # The same error spread over all rows keeps every row near the whole-output cosine: it passes
     _offset_graph(bad, 0.12 / np.sqrt(8) * rng.standard_normal(x.shape))
     assert Scorer(ref, [{"x": x}], tol, {}).score(bad).passed
+
+
+def test_a_generative_miss_is_not_told_to_search(exported, tmp_path: Path, capsys) -> None:
+    # --search scores encoder artifacts only: a BLIP-2 int4 miss (full-size Flan-T5-XL: logit cosine 0.929)
+    # was told to run a --search command that refuses; it is told what works for several components
+    out = tmp_path / "w4"
+    args = ["quantize", str(exported("blip2-opt-tiny", "generate")), "-o", str(out)]
+    assert main([*args, "--precision", "int4-weight", "--min-cosine", "0.9999999"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--search scores encoder artifacts only" in err and "To search its" not in err
+    assert "`--block-size 16`" in err and "--components decoder=int4-weight,image_encoder=int8-weight" in err
+    assert not out.exists()

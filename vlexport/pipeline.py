@@ -582,6 +582,18 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
             f"inputs ({missed}). Search on inputs closer to yours (--calibration DIR), or use --precision "
             "int8-weight, which is likely to pass." + tail
         )
+    if "search" in config.knobs() and len(manifest.components) > 1:  # --search scores one-component artifacts
+        smaller = (
+            f"`--block-size {max(16, config.block_size // 2)}` (smaller blocks keep more of each weight), or "
+            if getattr(config, "block_size", 0) > 16
+            else ""
+        )
+        return (
+            f"{what} missed its accuracy targets ({missed}). --search scores encoder artifacts only; for "
+            f"this one try {smaller}a per-component mix that keeps the costliest component at a higher "
+            f"precision (`--components decoder={config.name},image_encoder=int8-weight`; with two or more "
+            "changed components the report attributes the loss to each)." + tail
+        )
     if "search" in config.knobs():
         knobs = (
             "block size"
