@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 K, N = 32, 16
 
 
-def _graph(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def _graph(path: Path, seed: int = 0, opset: int = 18) -> dict[str, np.ndarray]:
     """x -> MatMul(W1) -> y1, x -> MatMul(W2) -> Relu -> MatMul(W3) -> y2: two MatMuls share an input."""
     rng = np.random.default_rng(seed)
     w = {f"w{i}": rng.standard_normal((K, N if i < 3 else 8)).astype(np.float32) for i in (1, 2)}
@@ -44,7 +44,7 @@ def _graph(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
         ],
         [numpy_helper.from_array(v, k) for k, v in w.items()],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
     return w
 
 
@@ -61,9 +61,10 @@ def _numpy_per_token(x: np.ndarray, w: np.ndarray, wmax: float) -> np.ndarray:
     return (q @ wq).astype(np.float32) * s * sw.astype(np.float32)
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute at 17, an input from 18
 @pytest.mark.parametrize("reduce_range", [False, True])
-def test_per_token_graph_is_the_per_token_arithmetic(tmp_path: Path, reduce_range: bool) -> None:
-    w = _graph(tmp_path / "fp32.onnx")
+def test_per_token_graph_is_the_per_token_arithmetic(tmp_path: Path, reduce_range: bool, opset: int) -> None:
+    w = _graph(tmp_path / "fp32.onnx", opset=opset)
     names = quantize_per_token(
         tmp_path / "fp32.onnx", tmp_path / "q.onnx", per_channel=True, reduce_range=reduce_range
     )

@@ -51,8 +51,7 @@ def quantize_per_token(
     quantized per token; returns their names."""
     model = onnx.load(str(src))
     graph = model.graph
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18) < 18:
-        raise ValueError(f"{src}: per-token int8 needs ONNX opset >= 18 (ReduceMax's axes input)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     inits = {i.name: i for i in graph.initializer}
     skip = set(exclude)
     chosen = [
@@ -74,11 +73,10 @@ def quantize_per_token(
             continue
         x, w_name = node.input[0], node.input[1]
         p = f"{node.name or node.output[0]}/pertoken"
-        if x not in quantized_inputs:
-            k = numpy_helper.to_array(inits[w_name]).shape[0]
-            quantized_inputs[x] = _quantize_rows(x, k, p, consts, nodes, added)
-        codes, scale, lead = quantized_inputs[x]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        if x not in quantized_inputs:
+            quantized_inputs[x] = _quantize_rows(x, w.shape[0], p, opset, consts, nodes, added)
+        codes, scale, lead = quantized_inputs[x]
         peak = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
         sw = (np.maximum(peak, np.finfo(np.float32).tiny) / wmax).astype(np.float32)
         wq = np.clip(np.round(w / sw), -wmax, wmax).astype(np.int8)
@@ -129,6 +127,7 @@ def _quantize_rows(
     x: str,
     k: int,
     p: str,
+    opset: int,
     c: dict[str, str],
     nodes: list[onnx.NodeProto],
     added: list[onnx.TensorProto],
@@ -136,14 +135,20 @@ def _quantize_rows(
     """Nodes that turn ``x`` (..., k) into uint8 codes (rows, k) with one scale per row; returns the codes,
     the scales (rows, 1) and ``x``'s shape without its last axis (to view the product back)."""
     added.append(numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}/rows_shape"))
+    if opset >= 18:  # ReduceMax took its axes as an attribute before opset 18
+        reduce = helper.make_node(
+            "ReduceMax", [f"{p}/abs", c["one_axis"]], [f"{p}/peak"], f"{p}/ReduceMax", keepdims=0
+        )
+    else:
+        reduce = helper.make_node(
+            "ReduceMax", [f"{p}/abs"], [f"{p}/peak"], f"{p}/ReduceMax", axes=[1], keepdims=0
+        )
     nodes += [
         helper.make_node("Reshape", [x, f"{p}/rows_shape"], [f"{p}/x2"], f"{p}/Rows"),
         helper.make_node("Shape", [x], [f"{p}/xshape"], f"{p}/Shape"),
         helper.make_node("Slice", [f"{p}/xshape", c["0"], c["-1"]], [f"{p}/lead"], f"{p}/Lead"),
         helper.make_node("Abs", [f"{p}/x2"], [f"{p}/abs"], f"{p}/Abs"),
-        helper.make_node(
-            "ReduceMax", [f"{p}/abs", c["one_axis"]], [f"{p}/peak"], f"{p}/ReduceMax", keepdims=0
-        ),
+        reduce,
         helper.make_node("Div", [f"{p}/peak", c["127"]], [f"{p}/scale0"], f"{p}/DivPeak"),
         # an all-zero row (padding) gets the smallest scale, not a division by zero
         helper.make_node("Max", [f"{p}/scale0", c["tiny"]], [f"{p}/scale"], f"{p}/MaxTiny"),
