@@ -588,11 +588,15 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
             if getattr(config, "block_size", 0) > 16
             else ""
         )
+        # the example names this artifact's own components (BLIP's vision_encoder, BLIP-2's image_encoder)
+        names = list(manifest.components)
+        low = "decoder" if "decoder" in names else names[-1]
+        mix = ",".join([f"{low}={config.name}", *(f"{c}=int8-weight" for c in names if c != low)])
         return (
             f"{what} missed its accuracy targets ({missed}). --search scores encoder artifacts only; for "
             f"this one try {smaller}a per-component mix that keeps the costliest component at a higher "
-            f"precision (`--components decoder={config.name},image_encoder=int8-weight`; with two or more "
-            "changed components the report attributes the loss to each)." + tail
+            f"precision (e.g. `--components {mix}`; with two or more changed components the report "
+            "attributes the loss to each)." + tail
         )
     if "search" in config.knobs():
         knobs = (
