@@ -275,7 +275,7 @@ def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
         free, _ = torch.cuda.mem_get_info()
         nbytes = min(1 << 30, free // 8)
     else:  # twice the last-level cache (480 MiB on some servers), so the sum reads memory, not cache
-        nbytes = min(max(256 << 20, 2 * _last_level_cache_bytes()), _available_bytes() // 8)
+        nbytes = min(max(256 << 20, 2 * _last_level_cache_bytes()), (available_bytes() or 4 << 30) // 8)
     n = max(1 << 20, nbytes // 4)
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -289,7 +289,8 @@ def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
     return Peak(MEMORY, round(max(read, copy), 2), "GB/s", method)
 
 
-def _available_bytes() -> int:
+def available_bytes() -> int | None:
+    """The memory available now (Linux MemAvailable); None where the system does not say."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -297,7 +298,7 @@ def _available_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 4 << 30
+    return None
 
 
 def _last_level_cache_bytes() -> int:

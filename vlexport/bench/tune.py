@@ -539,21 +539,14 @@ def bench_groups(sizes_mib: Sequence[float], available_mib: float) -> list[list[
     return groups
 
 
-def _available_mib() -> float:
-    """MemAvailable from /proc/meminfo (Linux); elsewhere no bound."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("inf")
-
-
 def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> tuple[list[Any], int]:
     from vlexport.bench.harness import BenchPlan, run_bench
+    from vlexport.bench.peaks import available_bytes
 
-    groups = bench_groups([c.size_mib or 0.0 for c in survivors], _available_mib())
+    available = available_bytes()  # unknown: no bound
+    groups = bench_groups(
+        [c.size_mib or 0.0 for c in survivors], float("inf") if available is None else available / 2**20
+    )
     rows = []
     for n, group in enumerate(groups, 1):
         runs = (
