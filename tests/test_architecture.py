@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "vlexport",
             "vlexport.errors",
+            "vlexport.cpu",
             "vlexport.userdata",
             "vlexport.artifact",
             "vlexport.manifest",

@@ -13,6 +13,7 @@ import pytest
 
 from vlexport.cli import main
 from vlexport.contracts.precision import get_precision
+from vlexport.cpu import exact_int8_dot
 from vlexport.manifest import Manifest
 from vlexport.validate import validate_directory
 
@@ -31,7 +32,9 @@ def test_quantize_an_onnx_artifact(exported, tmp_path: Path, capsys, precision: 
     assert main(["quantize", str(parent), "-o", str(out), "--precision", precision]) == 0
     m = Manifest.read(out)
     assert m.backend == "onnx" and m.precision == precision
-    bits = {"weight_bits": 7} if precision == "int8-dynamic" else {}  # reduce_range: see Int8DynamicConfig
+    # reduce_range: this CPU decides (cpu.py); the manifest records which
+    reduce = not exact_int8_dot()
+    bits = {"weight_bits": 7 if reduce else 8} if precision == "int8-dynamic" else {}
     assert m.derived_from == {"backend": "onnx", "precision": "fp32", "path": str(parent.resolve()), **bits}
     v = m.validation
     tol = get_precision(precision).tolerance

@@ -147,7 +147,10 @@ def test_search_keeps_the_sensitive_matmul_fp32_and_replays(sensitive, tmp_path:
     # the plain scheme and every SmoothQuant strength missed on the calibration set; fp32 nodes were needed
     cands = m.derived_from["search"]["candidates"]
     assert [c["fp32_nodes"] for c in cands[:4]] == [[]] * 4 and not any(c["passed"] for c in cands[:4])
-    assert cands[-1]["passed"] and cands[-1]["fp32_nodes"] == knobs["fp32_nodes"]
+    recipe_of = (knobs["activations"], knobs["fp32_nodes"])
+    assert any(c["passed"] and (c["activations"], c["fp32_nodes"]) == recipe_of for c in cands)
+    timed = m.derived_from["search"].get("timed", [])  # both grains found a recipe: the faster is chosen
+    assert not timed or min(timed, key=lambda t: t["p50_ms"])["activations"] == knobs["activations"]
     table = json.loads((out / "search" / "sensitivity.json").read_text())
     assert table[0]["node"] == fragile  # most sensitive first
     assert [r["error"] for r in table] == sorted((r["error"] for r in table), reverse=True)
@@ -281,8 +284,8 @@ def test_int8_static_search_smooths_and_replays(exported, tmp_path: Path, capsys
     parent = exported("bridgetower-tiny", "itm")
     out = tmp_path / "searched"
     # 0.9985 asks 0.9988 on the calibration set (search.MARGIN): plain int8-static and SmoothQuant 0.5 give
-    # less there, 0.7 more
-    args = ["quantize", str(parent), "-o", str(out), "--precision", "int8-static", "--search"]
+    # less there, 0.7 more. Measured with 7-bit weights; pinned, since the unset knob is the CPU's (cpu.py)
+    args = ["quantize", str(parent), "-o", str(out), "--precision", "int8-static", "--search", "--reduce-range"]
     assert main([*args, "--min-cosine", "0.9985"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     m = Manifest.read(out)
@@ -353,3 +356,33 @@ def test_a_generative_miss_is_not_told_to_search(exported, tmp_path: Path, capsy
     assert "--search scores encoder artifacts only" in err and "To search its" not in err
     assert "`--block-size 16`" in err and "--components decoder=int4-weight,image_encoder=int8-weight" in err
     assert not out.exists()
+
+
+def test_when_both_activation_grains_pass_the_faster_recipe_is_chosen(tmp_path: Path, monkeypatch) -> None:
+    from vlexport.quantize import search
+
+    src = tmp_path / "src.onnx"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    tensor = search.recipe(Int8DynamicConfig(), None, ["mm"])
+    token = search.recipe(Int8DynamicConfig(activations="per-token"), 0.5, [])
+    found = [(tensor, [{"node": "mm"}]), (token, [{"node": "mm", "weights": 64}])]
+    feeds = [{"x": np.ones((2, 8), np.float32)}]
+    scorer = search.Scorer(src, feeds, Int8DynamicConfig().tolerance, {})
+    run = search._Run(src, feeds, tmp_path, search.DYNAMIC, scorer, search.SearchResult(tensor), print)
+    run.sources = {None: src, 0.5: src}
+    for times, want in (([3.0, 2.0], token), ([1.0, 2.0], tensor)):
+        monkeypatch.setattr(search, "p50_ms", lambda paths, feed, t=times: list(t))
+        run.result.timed.clear()
+        chosen, table = run.fastest(found)
+        assert chosen == want and table is next(t for c, t in found if c == want)
+        assert [t["p50_ms"] for t in run.result.timed] == times
+        assert [t["activations"] for t in run.result.timed] == ["per-tensor", "per-token"]
+    assert "timed" in run.result.record()
+    assert run.fastest(found[:1]) == found[0]  # one recipe: nothing to time
+    monkeypatch.undo()  # the timer itself: every graph measured, in the order given
+    times = search.p50_ms([src, tmp_path / "finalist-1.onnx"], feeds[0], seconds=0.05)
+    assert len(times) == 2 and all(t > 0 for t in times)

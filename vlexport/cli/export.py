@@ -116,6 +116,7 @@ def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
         "activations",
         "block_size",
         "method",
+        "reduce_range",
         "search",
     )  # the recipe is the graph; these would change it
     given = [k for k in graph_knobs if getattr(args, k, None) not in (None, False)]
@@ -297,6 +298,15 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         choices=("per-tensor", "per-token"),
         help="int8-dynamic: one activation scale per call (ONNX Runtime's DynamicQuantizeLinear, default) or "
         "one per token (more accurate where a few tokens have large values; ~0.15x of fp32's time slower)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int8-dynamic / int8-static: 7-bit weights (--reduce-range), which x86 CPUs without VNNI need "
+        "(their u8 x s8 multiply saturates 8-bit ones), or 8-bit (--no-reduce-range: VNNI, AMX, ARM). "
+        "Default: this machine's CPU decides and the manifest records it; an artifact built here for "
+        "another machine names that machine's choice",
     )
     p.add_argument(
         "--block-size",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from vlexport.cpu import exact_int8_dot
 from vlexport.errors import UsageError
 
 if TYPE_CHECKING:
@@ -174,7 +175,11 @@ class TargetedPrecision(PrecisionConfig):
 
 
 def _recipe_knobs(config: Int8DynamicConfig | Int8StaticConfig) -> None:
-    """The SmoothQuant / fp32-MatMul / --search knobs the two int8 activation schemes share, checked."""
+    """The SmoothQuant / fp32-MatMul / --search / weight-range knobs the two int8 activation schemes share,
+    checked; an unset ``reduce_range`` becomes this CPU's (the value travels resolved, so every stage and
+    the manifest see the same graph's recipe)."""
+    if config.reduce_range is None:
+        object.__setattr__(config, "reduce_range", not exact_int8_dot())
     if config.smooth is not None and not 0 < config.smooth < 1:
         raise UsageError(
             f"--smooth must be in (0, 1) (SmoothQuant's alpha; 0.7 is a good start), got {config.smooth}."
@@ -257,8 +262,10 @@ class Int8DynamicConfig(TargetedPrecision):
     smooth: float | None = None
     # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 x s8 pairs into saturating int16
     # (vpmaddubsw), which 8-bit weights overflow; measured on an AVX2 EPYC, tiny BridgeTower ITM logits fell
-    # to cosine 0.974 with 8 bits and kept 0.9996 with 7. The artifact does not know the CPU it will run on.
-    reduce_range: bool = True
+    # to cosine 0.974 with 8 bits and kept 0.9996 with 7. None: the building machine's CPU decides (cpu.py:
+    # 8 bits where VNNI / AMX / ARM multiply exactly), and the manifest records the choice; loading 8-bit
+    # weights on a saturating CPU is refused (runtime.load_artifact), since its outputs would be wrong.
+    reduce_range: bool | None = None
     # the activation scale: "per-tensor" (ONNX Runtime's DynamicQuantizeLinear: one per call) or "per-token"
     # (one per row, quantize/onnx_per_token.py: real MiniLM mean cosine 0.9920 -> 0.9973, for ~0.15x of fp32's
     # time). --search tries per-tensor first, then per-token.
@@ -315,7 +322,7 @@ class Int8StaticConfig(TargetedPrecision):
     """int8 weights and activations with scales calibrated ahead of time (QDQ graphs, TensorRT int8)."""
 
     method: str = "minmax"
-    reduce_range: bool = True  # 7-bit weights, as Int8DynamicConfig says why
+    reduce_range: bool | None = None  # 7-bit weights; None: this CPU decides, as Int8DynamicConfig says
     calibration: Path | None = None  # a directory of images (and .txt prompts); None: a seeded synthetic set
     # SmoothQuant strength before calibration, MatMuls kept fp32 and --search: as Int8DynamicConfig's (the
     # recipe of quantize/search.py, calibrated here instead of quantized per call)

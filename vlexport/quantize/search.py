@@ -17,13 +17,19 @@ what was searched with. Cheapest first:
 
 1. the plain scheme, then a small SmoothQuant grid (``SMOOTH_GRID``); for int8-dynamic with per-tensor
    activation scales first (ONNX Runtime's, the fastest), then per-token ones (quantize/onnx_per_token.py);
-   the best of them is the base;
-2. per-MatMul sensitivity on the base: the output error when that MatMul alone is quantized (constant-weight
-   MatMuls only; one quantizer call and one session per MatMul), written as JSON and a bar plot;
-3. the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them, at most
-   ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first, quantized
-   again if the targets still hold) is the recipe. None: a ``CheckError`` that names the precision likely
-   to pass (int8-weight: activations stay float).
+   the first that meets the targets is the recipe, else the best of each activation grain is its base;
+2. per-MatMul sensitivity on each base (a costlier grain's only when its base is more accurate than the
+   cheaper grains': else it needs as many fp32 MatMuls, each slower): the output error when that MatMul alone
+   is quantized
+   (constant-weight MatMuls only; one quantizer call and one session per MatMul), written as JSON and a bar
+   plot (the chosen recipe's grain);
+3. on each base, the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them,
+   at most ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first,
+   quantized again if the targets still hold) is that grain's recipe. None: a ``CheckError`` that names the
+   precision likely to pass (int8-weight: activations stay float);
+4. when both grains found one, the faster here (``p50_ms``, interleaved on the largest calibration feed) is
+   the recipe: per-token scales cost nodes, fp32 MatMuls cost int8's speed, and which costs more is the
+   machine's and the model's.
 
 Weight-only schemes try ``BLOCK_GRID`` from the largest block (the smallest, fastest file) down; the first
 that meets the targets is the recipe.
@@ -300,6 +306,7 @@ class SearchResult:
     config: PrecisionConfig  # the recipe found (search off)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate scored, in order
     sensitivity: list[dict[str, Any]] = field(default_factory=list)  # most sensitive first ([] if not run)
+    timed: list[dict[str, Any]] = field(default_factory=list)  # recipes that passed, timed when several did
 
     def record(self) -> dict[str, Any]:
         return {
@@ -307,6 +314,7 @@ class SearchResult:
             "scored_on": "calibration feeds (fp32 parent's outputs as reference)",
             "candidates": self.candidates,
             "sensitive_matmuls": [r["node"] for r in self.sensitivity[:10]],
+            **({"timed": self.timed} if self.timed else {}),
         }
 
 
@@ -335,62 +343,148 @@ def search(
     scheme: Scheme = DYNAMIC,
 ) -> SearchResult:
     """The cheapest recipe of ``config`` whose score on ``feeds`` meets ``config.tolerance`` (module doc)."""
-    scorer = Scorer(src, feeds, config.tolerance, agreement or {})
-    result = SearchResult(config)
-    work = scratch / "candidate.onnx"
-    sources: dict[float | None, Path] = {}
-
-    def scored(base: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Score:
-        if alpha not in sources:
-            if alpha is not None:
-                progress(f"search: SmoothQuant {alpha:g} on {len(feeds)} calibration feeds")
-            sources[alpha] = smoothed_source(src, alpha, feeds, scratch)[0]
-        scheme.write(sources[alpha], work, base, nodes)
-        s = scorer.score(work)
-        label = _label(base, alpha, nodes)
-        grain = {"activations": _grain(base)} if isinstance(base, Int8DynamicConfig) else {}
-        result.candidates.append(
-            {"candidate": label, **grain, "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
-        )
-        progress(f"search: {label}: {s.summary()}")
-        return s
-
+    run = _Run(
+        src,
+        list(feeds),
+        scratch,
+        scheme,
+        Scorer(src, feeds, config.tolerance, agreement or {}),
+        SearchResult(config),
+        progress,
+    )
     # int8-dynamic: per-tensor scales first (ONNX Runtime's own, the fastest), then per-token
     bases = (
         [dataclasses.replace(config, activations=a) for a in ACTIVATION_SCALES]
         if isinstance(config, Int8DynamicConfig)
         else [config]
     )
-    best: tuple[float, Int8Recipe, float | None] | None = None
+    best: dict[str, tuple[float, Int8Recipe, float | None]] = {}  # per activation grain
     for base in bases:
         for alpha in (None, *SMOOTH_GRID):
             progress(f"search: {_label(base, alpha, ())}")
-            s = scored(base, alpha, ())
+            s = run.scored(base, alpha, ())
             if s.passed:
-                result.config = recipe(base, alpha, ())
-                return result
-            if best is None or s.used < best[0]:
-                best = (s.used, base, alpha)
-    _, base, alpha = best
-    result.sensitivity = sensitivity(sources[alpha], base, scorer, scratch, progress, scheme)
-    ranked = [r["node"] for r in result.sensitivity]
-    limit = max_fp32 if max_fp32 is not None else min(MAX_FP32, max(1, math.ceil(len(ranked) / 3)))
-    for k in range(1, min(limit, len(ranked)) + 1):
-        if scored(base, alpha, ranked[:k]).passed:
-            kept = _pruned(ranked[:k], result.sensitivity, alpha, functools.partial(scored, base))
-            result.config = recipe(base, alpha, kept)
-            return result
+                run.result.config = recipe(base, alpha, ())
+                return run.result
+            if _grain(base) not in best or s.used < best[_grain(base)][0]:
+                best[_grain(base)] = (s.used, base, alpha)
+    limit = max_fp32 if max_fp32 is not None else MAX_FP32
+    found, most = run.grain_recipes(list(best.values()), limit, third=max_fp32 is None)
+    if found:
+        run.result.config, run.result.sensitivity = run.fastest(found)
+        return run.result
     tol = config.tolerance
-    best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
+    best_cosine = max(min(c["cosine"].values()) for c in run.result.candidates)
     raise CheckError(
         f"{config.name} --search found no recipe that meets cosine >= {tol.min_cosine}"
         f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
         f"calibration set: plain, SmoothQuant {', '.join(f'{a:g}' for a in SMOOTH_GRID)}"
-        f"{' (per-tensor and per-token activations)' if len(bases) > 1 else ''}, and up to "
-        f"{limit} of the most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
+        f"{' (per-tensor and per-token activations)' if len(bases) > 1 else ''}, and up to {most} of the "
+        f"most sensitive MatMuls kept fp32 (best cosine {best_cosine:.5f}). "
         "Nothing was written. --precision int8-weight (int8 weights, float activations) is the precision "
         "likely to pass; or lower the target (the precision's defaults are the floor)."
     )
+
+
+Found = list[tuple[Int8Recipe, list[dict[str, Any]]]]  # recipes that pass, each with its sensitivity table
+
+
+@dataclass
+class _Run:
+    """One search: where candidates are written and scored, and what it has recorded."""
+
+    src: Path
+    feeds: list[Mapping[str, np.ndarray]]
+    scratch: Path
+    scheme: Scheme
+    scorer: Scorer
+    result: SearchResult
+    progress: Progress
+    sources: dict[float | None, Path] = field(default_factory=dict)  # the parent smoothed per alpha
+
+    def scored(self, base: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Score:
+        if alpha not in self.sources:
+            if alpha is not None:
+                self.progress(f"search: SmoothQuant {alpha:g} on {len(self.feeds)} calibration feeds")
+            self.sources[alpha] = smoothed_source(self.src, alpha, self.feeds, self.scratch)[0]
+        work = self.scratch / "candidate.onnx"
+        self.scheme.write(self.sources[alpha], work, base, nodes)
+        s = self.scorer.score(work)
+        label = _label(base, alpha, nodes)
+        grain = {"activations": _grain(base)} if isinstance(base, Int8DynamicConfig) else {}
+        self.result.candidates.append(
+            {"candidate": label, **grain, "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
+        )
+        self.progress(f"search: {label}: {s.summary()}")
+        return s
+
+    def grain_recipes(
+        self, bases: Sequence[tuple[float, Int8Recipe, float | None]], limit: int, *, third: bool
+    ) -> tuple[Found, int]:
+        """Steps 2 and 3 on each grain's base (its ``used``, config, alpha): the recipes found, and the most
+        fp32 MatMuls tried. ``third``: at most a third of the MatMuls, else ``limit``."""
+        found: Found = []
+        most, floor = 0, math.inf
+        for used, base, alpha in bases:
+            if used >= floor:  # no more accurate than a cheaper grain's base: more fp32 MatMuls, each slower
+                continue
+            floor = used
+            table = sensitivity(
+                self.sources[alpha], base, self.scorer, self.scratch, self.progress, self.scheme
+            )
+            ranked = [r["node"] for r in table]
+            top = min(max(1, math.ceil(len(ranked) / 3)) if third else limit, limit, len(ranked))
+            most = max(most, top)
+            for k in range(1, top + 1):
+                if self.scored(base, alpha, ranked[:k]).passed:
+                    kept = _pruned(ranked[:k], table, alpha, functools.partial(self.scored, base))
+                    found.append((recipe(base, alpha, kept), table))
+                    break
+            self.result.sensitivity = self.result.sensitivity or table
+        return found, most
+
+    def fastest(self, found: Found) -> tuple[Int8Recipe, list[dict[str, Any]]]:
+        """The recipe of ``found`` that runs fastest here. Which wins is the machine's and the model's:
+        per-token scales cost a few nodes per MatMul, each fp32 MatMul int8's speed on its share (real
+        MiniLM, VNNI: per-token + 2 fp32 vs per-tensor + 5 fp32). Timed on the largest calibration feed."""
+        if len(found) == 1:
+            return found[0]
+        paths = []
+        for i, (config, _) in enumerate(found):
+            paths.append(self.scratch / f"finalist-{i}.onnx")
+            self.scheme.write(self.sources[config.smooth], paths[-1], config, config.fp32_nodes or ())
+        feed = max(self.feeds, key=lambda f: sum(v.size for v in f.values()))
+        self.progress(f"search: timing the {len(found)} recipes that pass")
+        times = p50_ms(paths, feed)
+        for (config, _), ms in zip(found, times):
+            label = _label(config, config.smooth, config.fp32_nodes or ())
+            self.result.timed.append(
+                {"candidate": label, "activations": _grain(config), "p50_ms": round(ms, 3)}
+            )
+            self.progress(f"search: {label}: {ms:.2f} ms")
+        return found[times.index(min(times))]
+
+
+def p50_ms(paths: Sequence[Path], feed: Mapping[str, np.ndarray], seconds: float = 4.0) -> list[float]:
+    """Median ms per call of each graph on ``feed``, the graphs taking turns (each round runs every one once,
+    so a slower or faster moment of a shared machine falls on all alike); rounds until ``seconds`` pass
+    (at least 10)."""
+    import time
+
+    sessions = [_session(p) for p in paths]
+    runs = []
+    for sess in sessions:
+        accepted = {i.name for i in sess.get_inputs()}
+        runs.append((sess, {k: v for k, v in feed.items() if k in accepted}))
+        sess.run(None, runs[-1][1])  # warm-up: arena growth and first-call packing stay out of the times
+    times: list[list[float]] = [[] for _ in paths]
+    deadline = time.perf_counter() + seconds
+    while len(times[0]) < 10 or time.perf_counter() < deadline:
+        for (sess, f), ts in zip(runs, times):
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [float(np.median(ts)) for ts in times]
 
 
 def search_block_size(

@@ -50,6 +50,25 @@ def check_device(device: str) -> None:
             )
 
 
+def check_int8_weights(directory: Path, manifest: Manifest, device: str) -> None:
+    """Refuse 8-bit int8-dynamic / int8-static weights on a CPU whose u8 x s8 multiply saturates them
+    (cpu.py): ONNX Runtime would run them and answer wrong (tiny BridgeTower ITM: cosine 0.974 where 7-bit
+    weights keep 0.9996)."""
+    if device == "cuda" or (manifest.precision_knobs or {}).get("reduce_range") is not False:
+        return
+    from vlexport.cpu import exact_int8_dot
+
+    if exact_int8_dot():
+        return
+    raise CheckError(
+        f"{directory} holds int8 weights with all 8 bits (built with --no-reduce-range, or on a CPU with "
+        "VNNI / AMX, which multiplies them exactly), but this CPU has no VNNI or AMX: ONNX Runtime's int8 "
+        "MatMuls here add u8 x s8 products in saturating 16-bit registers, and its outputs would be wrong. "
+        f"Build the variant for this machine: `vlexport quantize PARENT -o OUT --precision "
+        f"{manifest.precision} --reduce-range` (or `--recipe {directory}/manifest.json --reduce-range`)."
+    )
+
+
 def load_artifact(
     directory: str | Path,
     *,
@@ -70,6 +89,7 @@ def load_artifact(
     check_device(device)
     directory = Path(directory)
     manifest = manifest or Manifest.read(directory)
+    check_int8_weights(directory, manifest, device)
     if verify != "none":
         manifest.verify_hashes(directory, suffixes=None if verify == "full" else NATIVE_SUFFIXES)
     task_spec = get_family(manifest.family).task(manifest.task)
