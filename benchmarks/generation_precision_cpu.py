@@ -124,6 +124,15 @@ def _run_peak_rss(directory: Path, image: Path, new_tokens: int, prompted: bool)
     )
 
 
+def _needs_prompt(directory: Path, manifest: object) -> bool:
+    """Whether the task generates from a text prompt (BLIP-2 Flan-T5), as the worker's Generator reads it."""
+    from vlexport.models import get_family
+    from vlexport.runtime.generate import artifact_config
+
+    spec = get_family(manifest.family).task(manifest.task)
+    return bool(spec.generation(artifact_config(directory)).needs_prompt)
+
+
 def _agreement(
     ref_tokens: np.ndarray, ref_logits: np.ndarray, tokens: np.ndarray, logits: np.ndarray
 ) -> dict:
@@ -152,6 +161,11 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="1,4")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "cpu-generation-precision.json")
+    p.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="only the size and `vlexport run`'s peak RSS of each artifact (no timing, no agreement)",
+    )
     p.add_argument("--worker", nargs=2, metavar=("DIR", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -173,6 +187,24 @@ def main() -> int:
     for name, directory in pairs:
         directory = Path(directory)
         manifest = Manifest.read(directory)
+        if args.rss_only:
+            rss, code, wall = _run_peak_rss(
+                directory, image, args.new_tokens, _needs_prompt(directory, manifest)
+            )
+            size = sum(component_size(directory, c) for c in manifest.components.values()) / 1e9
+            entry = {
+                "name": name,
+                "path": str(directory),
+                "precision": manifest.precision,
+                "component_precisions": manifest.component_precisions,
+                "size_gb": round(size, 3),
+                "run_peak_rss_gb": rss,
+                "run_exit_code": code,
+                "run_wall_s": wall,
+            }
+            results.append(entry)
+            print(json.dumps(entry), flush=True)
+            continue
         out = scratch / f"{name}.json"
         subprocess.run(
             [

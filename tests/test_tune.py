@@ -79,7 +79,7 @@ def test_tune_excludes_a_candidate_that_misses_and_writes_the_fastest(tmp_path: 
         fp32["passed"] and set(fp32["p50_ms"]) == {"1", "2"} and all(v > 0 for v in fp32["p50_ms"].values())
     )
     serve = fp32["accuracy"]["serve_shapes"]
-    assert serve["passed"] and serve["shapes"] == ["b1s8", "b1s16", "b2s8", "b2s16"]
+    assert serve["passed"] and serve["shapes"] == ["b1s8", "b1s16", "b2s8", "b2s16"] and serve["draws"] == 3
     assert report["chosen"]["backend"] == "onnx" and report["chosen"]["precision"] == "fp32"
     # the bench rows come from one run with eager as the reference, and the chosen row is the candidate's
     rows = report["bench_rows"]

@@ -77,6 +77,7 @@ def load_artifact(
     threads: int | None = None,
     interleaved: bool = False,
     verify: str = "native",
+    lazy: bool = False,
 ) -> Artifact:
     """Every component of an artifact as a callable, loaded by the backend the manifest names.
 
@@ -85,6 +86,8 @@ def load_artifact(
     them, ``full`` of every file, ``none`` nothing (the caller has just checked them). ONNX files are parsed
     and checked by ONNX Runtime, which runs only the operators it knows, so hashing GBs of them at every start
     is left to `validate`, `triton` and `run --verify`.
+    ``lazy``: each component loads on first use and may be released after (``LazyComponent``): a one-shot
+    generation (`vlexport run`) then never holds its encoders and its decoder at once.
     """
     check_device(device)
     directory = Path(directory)
@@ -100,8 +103,66 @@ def load_artifact(
             f"{directory}: backend {manifest.backend!r} cannot be loaded by this vlexport version "
             "(`vlexport list` shows the backends it has)."
         ) from None
-    components = {
-        name: backend.load(directory / comp.file, device=device, threads=threads, interleaved=interleaved)
-        for name, comp in manifest.components.items()
+
+    def loader(name: str) -> Callable[[], ComponentFn]:
+        def load() -> ComponentFn:
+            comp = manifest.components[name]
+            loaded = backend.load(
+                directory / comp.file, device=device, threads=threads, interleaved=interleaved
+            )
+            check_component(directory, name, manifest, loaded)
+            return loaded
+
+        return load
+
+    components: dict[str, ComponentFn] = {
+        name: LazyComponent(loader(name)) if lazy else loader(name)() for name in manifest.components
     }
     return Artifact(directory, manifest, task_spec, components)
+
+
+class LazyComponent:
+    """A component that loads on first use (a call or an attribute such as ``input_names``) and can be
+    released: the memory of a graph that has done its part (BLIP-2's vision tower once the prompt is
+    encoded) goes back before the next one loads. A released component loads again if used again."""
+
+    def __init__(self, load: Callable[[], ComponentFn]):
+        self._load = load
+        self._loaded: ComponentFn | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def _get(self) -> ComponentFn:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._get()(inputs)
+
+    def __getattr__(self, name: str) -> object:  # only for what this class lacks: the loaded callable's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+    def release(self) -> None:
+        self._loaded = None
+
+
+def check_component(directory: Path, name: str, manifest: Manifest, loaded: object) -> None:
+    """A loaded graph must declare the inputs / outputs its manifest entry records (swapped files fail here,
+    not at a feed deep in a run). Callables that do not list their names (compiled packages) pass."""
+    if not hasattr(loaded, "input_names"):
+        return
+    comp = manifest.components[name]
+    recorded_in = {t.name for t in comp.inputs}
+    recorded_out = [t.name for t in comp.outputs]
+    got_in, got_out = set(loaded.input_names), list(loaded.output_names)
+    if not got_in <= recorded_in or got_out != recorded_out:
+        raise CheckError(
+            f"{directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} and outputs "
+            f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest "
+            "does not match its files. Export the artifact again."
+        )

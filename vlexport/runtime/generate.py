@@ -9,6 +9,7 @@ tokens when none is given, as ``_prepare_attention_mask_for_generation`` does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +116,26 @@ class Generator:
             )
         check_components_match_manifest(artifact)
         specs = artifact.manifest.components
-        self.decoder = _decoder_session(artifact.components["decoder"], specs.get("decoder"))
         # Declared input dtypes per stage component: the request's arrays are cast to what each graph takes.
         self._dtypes = {n: input_dtypes(specs.get(n)) for n in needed if n != "decoder"}
         self._search = SearchSettings.from_settings(self.settings)
         self.eos = np.array(self._search.eos_token_id, dtype=np.int64)
+
+    @functools.cached_property
+    def decoder(self) -> Any:
+        """The decode-step source, made on first use: a lazily loaded artifact (``load_artifact(lazy=True)``)
+        loads its decoder only when the encoders are done."""
+        spec = self.artifact.manifest.components.get("decoder")
+        return _decoder_session(self.artifact.components["decoder"], spec)
+
+    def release_encoders(self) -> None:
+        """Give back the memory of the recipe's encoder components (lazily loaded ones; others stay): a
+        one-shot run calls it between encoding its requests and decoding them."""
+        for stage in self.recipe.stages:
+            if isinstance(stage, str):
+                release = getattr(self.artifact.components[stage], "release", None)
+                if release is not None:
+                    release()
 
     # ------------------------------------------------------------ public
     def generate(
@@ -138,7 +154,7 @@ class Generator:
         """Greedy (``num_beams=1``) or beam search; ``on_step(i)`` is called when step i's logits are
         ready. ``decoder``: what makes the request's decode step instead of the artifact's own decoder session
         (a ``step(env, mask, first_step=, repeat=)`` like DecoderSession's; serving's batcher)."""
-        self._check_request(pixel_values, input_ids, max_new_tokens, num_beams, min_new_tokens)
+        self.check_request(pixel_values, input_ids, max_new_tokens, num_beams, min_new_tokens)
         env = self.encode(pixel_values, input_ids, attention_mask)
         return self.decode(
             env,
@@ -221,14 +237,15 @@ class Generator:
         return GenerationOutput(out.sequences, prompt.shape[1], out.logits, out.beam_margins)
 
     # ------------------------------------------------------------ checks
-    def _check_request(
+    def check_request(
         self,
         pixel_values: np.ndarray,
         input_ids: np.ndarray | None,
         max_new_tokens: int,
         num_beams: int,
-        min_new_tokens: int,
+        min_new_tokens: int = 0,
     ) -> None:
+        """A request's shapes and options, refused before any work (UsageError)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
         if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
@@ -300,22 +317,14 @@ def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
 
 def check_components_match_manifest(artifact: Artifact) -> None:
     """Every loaded graph must declare the inputs/outputs its manifest entry records (swapped files fail
-    here)."""
-    for name, comp in artifact.manifest.components.items():
+    here); a lazy component not loaded yet is checked when it loads (runtime.load_artifact)."""
+    from vlexport.runtime import LazyComponent, check_component
+
+    for name in artifact.manifest.components:
         loaded = artifact.components.get(name)
-        if loaded is None or not hasattr(loaded, "input_names"):
+        if loaded is None or (isinstance(loaded, LazyComponent) and not loaded.loaded):
             continue
-        recorded_in = {t.name for t in comp.inputs}
-        recorded_out = [t.name for t in comp.outputs]
-        got_in, got_out = set(loaded.input_names), list(loaded.output_names)
-        if not got_in <= recorded_in or got_out != recorded_out:
-            raise CheckError(
-                f"{artifact.directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} "
-                "and outputs "
-                f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest "
-                "does not "
-                "match its files. Export the artifact again."
-            )
+        check_component(artifact.directory, name, artifact.manifest, loaded)
 
 
 def prompt_ids(

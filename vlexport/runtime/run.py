@@ -68,7 +68,7 @@ def run_artifact(
         directory, manifest, max_new_tokens=max_new_tokens, num_beams=num_beams, raw_prompt=raw_prompt
     )
     pixels = load_image(image, image_settings(directory, manifest))[0]  # a bad image fails before loading
-    task = load(directory, device=device, verify=verify)
+    task = load(directory, device=device, verify=verify, one_shot=True)  # one encoder or decoder at a time
     if isinstance(task, GenerateTask):
         records = task.generate(
             pixels,
