@@ -90,3 +90,21 @@ def test_a_request_above_the_row_limit_runs_alone_and_nothing_waits_forever(expo
     for t in threads:
         t.join(60)
     assert got == alone and batcher.peak_rows == 4  # 4 beams > 2 rows: admitted alone, never with the other
+
+
+def test_left_padded_stack_is_pad_then_concatenate_in_one_copy() -> None:
+    from vlexport.runtime.batching import _left_padded_stack
+
+    rng = np.random.default_rng(0)
+    pasts = [rng.standard_normal((r, 2, t, 3)).astype(np.float32) for r, t in ((1, 5), (3, 2), (2, 7))]
+    view = rng.standard_normal((2, 2, 9, 3)).astype(np.float32)[:, :, 3:]  # a present sliced last step
+    pasts.append(view)
+    longest = 7
+    want = np.concatenate(
+        [np.pad(p, ((0, 0), (0, 0), (longest - p.shape[2], 0), (0, 0))) for p in pasts], axis=0
+    )
+    got = _left_padded_stack(pasts, [longest - p.shape[2] for p in pasts], axis=2)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
+    masks = [np.ones((1, 5), np.int64), np.ones((2, 3), np.int64)]
+    got = _left_padded_stack(masks, [0, 2], axis=1)
+    assert got.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]

@@ -163,8 +163,7 @@ class StepBatcher:
             arrays = [f[name] for f in feeds]
             if name in self._padded:
                 axis = 1 if name == "attention_mask" else 2
-                arrays = [_left_pad(a, longest - p, axis) for a, p in zip(arrays, past)]
-                stacked[name] = np.concatenate(arrays, axis=0)
+                stacked[name] = _left_padded_stack(arrays, [longest - p for p in past], axis)
             else:
                 stacked[name] = self._stack(name, arrays)
         logits, present = self.session.run(stacked)
@@ -217,12 +216,20 @@ class Member:
         return self.batcher._post(self, feeds)
 
 
-def _left_pad(array: np.ndarray, n: int, axis: int) -> np.ndarray:
-    if n == 0:
-        return array
-    shape = list(array.shape)
-    shape[axis] = n
-    return np.concatenate([np.zeros(shape, dtype=array.dtype), array], axis=axis)
+def _left_padded_stack(arrays: list[np.ndarray], pads: list[int], axis: int) -> np.ndarray:
+    """``arrays`` left-padded with ``pads`` zeros along ``axis`` and stacked on the rows (axis 0), written
+    once into one buffer: padding each past and then concatenating copied every KV cache twice per step."""
+    shape = list(arrays[0].shape)
+    shape[0] = sum(a.shape[0] for a in arrays)
+    shape[axis] = arrays[0].shape[axis] + pads[0]
+    out = np.zeros(shape, dtype=arrays[0].dtype)  # calloc'd: the padding costs no write
+    start = 0
+    for array, pad in zip(arrays, pads):
+        index = [slice(None)] * array.ndim
+        index[0], index[axis] = slice(start, start + array.shape[0]), slice(pad, None)
+        out[tuple(index)] = array
+        start += array.shape[0]
+    return out
 
 
 def _numpy(value: Any) -> np.ndarray:
