@@ -8,6 +8,7 @@ compares against the eager model's generate() tokens, never only that something 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -201,14 +202,22 @@ def test_tampered_artifacts_fail_with_check_errors(exported, tmp_path) -> None:
     with pytest.raises(CheckError, match="lacks component"):
         Generator(load_artifact(d1, device="cpu"))
     # Files swapped behind the manifest's back (sizes patched so only the graphs tell).
-    d2 = tmp_path / "swapped"
-    shutil.copytree(src, d2)
-    m = json.loads((d2 / "manifest.json").read_text())
-    (d2 / "decoder.onnx").write_bytes((src / "vision_encoder.onnx").read_bytes())
-    m["components"]["decoder"]["size_bytes"] = (d2 / "decoder.onnx").stat().st_size
-    (d2 / "manifest.json").write_text(json.dumps(m))
+    d2 = _decoder_swapped(src, tmp_path / "swapped", "vision_encoder.onnx")
     with pytest.raises(CheckError, match="does not match its files"):
         Generator(load_artifact(d2, device="cpu"))
+
+
+def _decoder_swapped(src: Path, out: Path, other: str) -> Path:
+    """A copy of ``src`` whose decoder.onnx is its ``other`` graph, the manifest's size patched so that only
+    the graphs tell."""
+    import shutil
+
+    shutil.copytree(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "decoder.onnx").write_bytes((src / other).read_bytes())
+    m["components"]["decoder"]["size_bytes"] = (out / "decoder.onnx").stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
 
 
 def test_external_data_path_of_large_models_on_the_tiny_preset(tmp_path, monkeypatch) -> None:
@@ -301,8 +310,6 @@ def test_one_shot_load_holds_the_encoders_or_the_decoder_never_both(exported, tm
     """`vlexport run` loads with ``one_shot=True``: each component loads on first use, the encoders are given
     back before the decoder loads (BLIP-2 OPT-2.7b int4 mix: run peak RSS 4.54 -> 3.04 GB), and the tokens are
     those of a normal load. A swapped file still fails, when its component loads."""
-    import shutil
-
     from PIL import Image
 
     from vlexport.runtime import LazyComponent
@@ -331,12 +338,8 @@ def test_one_shot_load_holds_the_encoders_or_the_decoder_never_both(exported, tm
     # a second request loads the encoder again, beside the decoder: correct, only not one-shot any more
     assert task.generate(image, max_new_tokens=6, return_ids=True).ids == want
 
-    swapped = tmp_path / "swapped"
-    shutil.copytree(src, swapped)
-    m = json.loads((swapped / "manifest.json").read_text())
-    (swapped / "decoder.onnx").write_bytes((src / "image_encoder.onnx").read_bytes())
-    m["components"]["decoder"]["size_bytes"] = (swapped / "decoder.onnx").stat().st_size
-    (swapped / "manifest.json").write_text(json.dumps(m))
-    lazy = load(swapped, device="cpu", one_shot=True)
+    lazy = load(
+        _decoder_swapped(src, tmp_path / "swapped", "image_encoder.onnx"), device="cpu", one_shot=True
+    )
     with pytest.raises(CheckError, match="does not match its files"):
         lazy.generate(image, max_new_tokens=2)

@@ -7,6 +7,7 @@ thresholds; the report lands in the manifest, is printed, and decides the exit c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +392,8 @@ def test_int8_from_a_parent_with_external_data(tmp_path: Path, monkeypatch, caps
     out = tmp_path / precision
     assert main(["quantize", str(parent), "-o", str(out), "--precision", precision]) == 0, capsys.readouterr()
     assert Manifest.read(out).validation.passed and (data.read_bytes(), data.stat().st_nlink) == before
+    # onnx 1.23 writes external data 0600: the artifact's files get the usual read bits (a server user reads)
+    umask = os.umask(0)
+    os.umask(umask)
+    bits = 0o444 & ~umask
+    assert list(out.glob("*.data")) and all(f.stat().st_mode & bits == bits for f in out.iterdir())

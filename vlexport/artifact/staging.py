@@ -208,7 +208,17 @@ def _make_staging(out: Path, suffix: str) -> Path:
     return tmp
 
 
+def _readable(tmp: Path) -> None:
+    """Give every file the read bits the umask allows: onnx >= 1.23 creates external data files 0600 (its
+    checker opens them so), which a server running as another user (Triton's container) could not read."""
+    bits = 0o444 & ~_umask()
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & bits) != bits:
+            f.chmod((f.stat().st_mode | bits) & 0o7777)
+
+
 def _commit(tmp: Path, out: Path) -> None:
+    _readable(tmp)
     if not out.exists():
         tmp.rename(out)
         return
