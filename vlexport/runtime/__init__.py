@@ -13,12 +13,12 @@ from vlexport.contracts.backends import get_backend
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
+from vlexport.runtime.loading import ComponentFn, LazyComponent, check_component
 
 # Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only
 # after their content hash matched the manifest's, always: a changed byte there is a crash or silent wrong
 # code.
 NATIVE_SUFFIXES = (".pt2", ".plan", ".engine")
-ComponentFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -119,50 +119,3 @@ def load_artifact(
         name: LazyComponent(loader(name)) if lazy else loader(name)() for name in manifest.components
     }
     return Artifact(directory, manifest, task_spec, components)
-
-
-class LazyComponent:
-    """A component that loads on first use (a call or an attribute such as ``input_names``) and can be
-    released: the memory of a graph that has done its part (BLIP-2's vision tower once the prompt is
-    encoded) goes back before the next one loads. A released component loads again if used again."""
-
-    def __init__(self, load: Callable[[], ComponentFn]):
-        self._load = load
-        self._loaded: ComponentFn | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded is not None
-
-    def _get(self) -> ComponentFn:
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._get()(inputs)
-
-    def __getattr__(self, name: str) -> object:  # only for what this class lacks: the loaded callable's
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._get(), name)
-
-    def release(self) -> None:
-        self._loaded = None
-
-
-def check_component(directory: Path, name: str, manifest: Manifest, loaded: object) -> None:
-    """A loaded graph must declare the inputs / outputs its manifest entry records (swapped files fail here,
-    not at a feed deep in a run). Callables that do not list their names (compiled packages) pass."""
-    if not hasattr(loaded, "input_names"):
-        return
-    comp = manifest.components[name]
-    recorded_in = {t.name for t in comp.inputs}
-    recorded_out = [t.name for t in comp.outputs]
-    got_in, got_out = set(loaded.input_names), list(loaded.output_names)
-    if not got_in <= recorded_in or got_out != recorded_out:
-        raise CheckError(
-            f"{directory}: component {name!r} ({comp.file}) declares inputs {sorted(got_in)} and outputs "
-            f"{got_out}, but the manifest records {sorted(recorded_in)} and {recorded_out}: the manifest "
-            "does not match its files. Export the artifact again."
-        )

@@ -318,7 +318,7 @@ def _as_dtype(array: Any, dtype: np.dtype | None) -> Any:
 def check_components_match_manifest(artifact: Artifact) -> None:
     """Every loaded graph must declare the inputs/outputs its manifest entry records (swapped files fail
     here); a lazy component not loaded yet is checked when it loads (runtime.load_artifact)."""
-    from vlexport.runtime import LazyComponent, check_component
+    from vlexport.runtime.loading import LazyComponent, check_component
 
     for name in artifact.manifest.components:
         loaded = artifact.components.get(name)

@@ -26,9 +26,10 @@ import numpy as np
 
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
-from vlexport.runtime import Artifact, LazyComponent, load_artifact
+from vlexport.runtime import Artifact, load_artifact
 from vlexport.runtime.generate import prompt_ids
 from vlexport.runtime.inputs import ImageInput, TextInput, broadcast, image_pixels, is_single_image, text_list
+from vlexport.runtime.loading import LazyComponent
 from vlexport.runtime.preprocess import image_settings
 from vlexport.runtime.texts import PlaceholderTexts, check_options, encode_batch, token_limit
 from vlexport.runtime.tokenizer import ArtifactTokenizer

@@ -22,6 +22,7 @@ SOURCE = Path(vlexport.__file__).resolve().parent
 _MODULES = (
     "vlexport",
     "vlexport.errors",
+    "vlexport.cpu",
     "vlexport.userdata",
     "vlexport.manifest",
     "vlexport.artifact",
@@ -35,6 +36,7 @@ _MODULES = (
     "vlexport.runtime.decode",
     "vlexport.runtime.decoder_session",
     "vlexport.runtime.generate",
+    "vlexport.runtime.loading",
     "vlexport.runtime.preprocess",
     "vlexport.runtime.tokenizer",
     "vlexport.runtime.onnx_session",
