@@ -4,6 +4,7 @@ carry it (serve/embedded.py)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,15 +27,20 @@ class LazyComponent:
     def __init__(self, load: Callable[[], ComponentFn]):
         self._load = load
         self._loaded: ComponentFn | None = None
+        self._lock = threading.Lock()  # two first calls from two threads load it once
 
     @property
     def loaded(self) -> bool:
         return self._loaded is not None
 
     def _get(self) -> ComponentFn:
-        if self._loaded is None:
-            self._loaded = self._load()
-        return self._loaded
+        loaded = self._loaded
+        if loaded is None:
+            with self._lock:
+                if self._loaded is None:
+                    self._loaded = self._load()
+                loaded = self._loaded
+        return loaded
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._get()(inputs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,11 +115,9 @@ class GenerateTask(Task):
         super().__init__(artifact, batch_size)
         self.generator = Generator(artifact)
         self.settings, self.recipe = self.generator.settings, self.generator.recipe
-        decoder = artifact.components["decoder"]
         # a compiled package's decoder rows (a lazy component is an ONNX graph: no limit, nothing to load)
-        static_rows = (
-            None if isinstance(decoder, LazyComponent) else getattr(self.generator.decoder, "max_batch", None)
-        )
+        self._one_shot = isinstance(artifact.components["decoder"], LazyComponent)
+        static_rows = None if self._one_shot else getattr(self.generator.decoder, "max_batch", None)
         if static_rows:
             self.batch_size = max(1, min(self.batch_size, int(static_rows)))
         if self._tokenizer is None:
@@ -172,21 +170,23 @@ class GenerateTask(Task):
             for start in range(0, len(indices), self.batch_size)
         ]
         out: list[Generation | None] = [None] * n
-        with self._lock:
-            # every chunk's encoders first, then every chunk's decoding: a one-shot load (``load(one_shot=
-            # True)``) releases the encoders in between, so they and the decoder are never loaded together
-            envs = []
+
+        def encoded() -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
             for chunk in chunks:
                 batch_ids = None if ids[chunk[0]] is None else np.concatenate([ids[i] for i in chunk])
                 batch_pixels = pixels[[min(i, len(pixels) - 1) for i in chunk]]
                 self.generator.check_request(batch_pixels, batch_ids, new, beams)
-                envs.append(
-                    self.generator.encode(
-                        batch_pixels, batch_ids, None if batch_ids is None else np.ones_like(batch_ids)
-                    )
-                )
-            self.generator.release_encoders()
-            for chunk, env in zip(chunks, envs):
+                mask = None if batch_ids is None else np.ones_like(batch_ids)
+                yield chunk, self.generator.encode(batch_pixels, batch_ids, mask)
+
+        with self._lock:
+            pairs: Iterable[tuple[list[int], dict[str, np.ndarray]]] = encoded()
+            if (
+                self._one_shot
+            ):  # every chunk's encoders, give them back, then the decoder (load(one_shot=True))
+                pairs = list(pairs)
+                self.generator.release_encoders()
+            for chunk, env in pairs:  # else chunk by chunk: one chunk's encoder outputs held at a time
                 result = self.generator.decode(env, max_new_tokens=new, num_beams=beams)
                 for row, i in enumerate(chunk):
                     out[i] = self._record(
