@@ -209,10 +209,11 @@ def _make_staging(out: Path, suffix: str) -> Path:
 
 
 def _readable(tmp: Path) -> None:
-    """Give every file the read bits the umask allows: onnx >= 1.23 creates external data files 0600 (its
-    checker opens them so), which a server running as another user (Triton's container) could not read."""
+    """Give external data files the read bits the umask allows: onnx >= 1.23 creates them 0600 (its checker
+    opens them so), which a server running as another user (Triton's container) could not read. Only those:
+    a file a user kept private stays so."""
     bits = 0o444 & ~_umask()
-    for f in tmp.rglob("*"):
+    for f in tmp.rglob("*.data"):
         if f.is_file() and not f.is_symlink() and (f.stat().st_mode & bits) != bits:
             f.chmod((f.stat().st_mode | bits) & 0o7777)
 
