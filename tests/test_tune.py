@@ -237,3 +237,50 @@ def test_bench_runs_are_split_to_fit_memory() -> None:
     assert all(sum(sizes[i] for i in g) <= fits or len(g) == 1 for g in groups)
     assert groups == [[0], [1], [2, 3, 4], [5]]
     assert bench_groups([9000.0], 4000.0) == [[0]]  # one too large alone still runs
+
+
+def test_generative_tune_judges_generate_at_the_batch_sizes_and_builds_the_family_mixes(
+    tmp_path: Path, capsys
+) -> None:
+    """BLIP-2 (OPT): whole-model precisions and the family's per-component recipes, each judged by greedy
+    generate() at the batch sizes to serve and benched as generation (prefill, decode ms/token); a
+    candidate that misses is excluded with the reason, the fastest that passed is written and validates."""
+    out, work = tmp_path / "tuned", tmp_path / "work"
+    args = ["tune", "blip2-opt-tiny", "--random-weights", "-o", str(out), "--work-dir", str(work)]
+    args += ["--backends", "onnx", "--precisions", "fp32,int8-weight,int4-weight", "--kernels", "off"]
+    args += ["--batch-sizes", "1,2", "--seq-lens", "6", "--warmup", "1", "--iters", "2", "--new-tokens", "8"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads((out / "tune" / "report.json").read_text())
+    assert report["generative"] and report["task"] == "generate"
+    by = {c["name"]: c for c in report["candidates"]}
+    mix = (
+        "onnx int4-weight [image_encoder=int8-dynamic activations=per-token, "
+        "decoder=int4-weight quantize_embeddings=True]"
+    )
+    assert {"onnx fp32", "onnx int8-weight", "onnx int4-weight", mix} <= set(by)
+    assert mix in printed  # the recipe is printed, not eaten as markup
+    for c in by.values():
+        assert c["passed"] or c["reason"], c
+        if c["passed"]:
+            serve = c["accuracy"]["serve_shapes"]
+            assert serve["shapes"] == ["b1 prompt 6 greedy", "b2 prompt 6 greedy"] and serve["passed"]
+            assert set(c["decode_ms_per_token"]) == {"1", "2"} and all(
+                0 < c["decode_ms_per_token"][b] < c["p50_ms"][b] for b in ("1", "2")
+            )
+    # fp32 generates eager's tokens exactly at both batch sizes; int8 weights keep the logits close
+    fp32, w8 = by["onnx fp32"], by["onnx int8-weight"]
+    assert fp32["passed"] and fp32["accuracy"]["serve_shapes"]["min_exact_agreement"] == 1.0
+    assert w8["passed"] and w8["accuracy"]["serve_shapes"]["min_cosine"] > 0.999
+    # the mix was built as asked: each component at its own precision, its loss judged by the loosest's
+    mixes = [Manifest.read(d) for d in work.iterdir() if d.name.startswith("onnx-mix-")]
+    assert {tuple(sorted(m.component_precisions.items())) for m in mixes} == {
+        (("decoder", "int4-weight"), ("image_encoder", "fp32")),
+        (("decoder", "int4-weight"), ("image_encoder", "int8-dynamic")),
+    }
+    passed = [c for c in by.values() if c["passed"]]
+    fastest = min(passed, key=lambda c: sum(c["p50_ms"].values()))
+    assert report["chosen"]["name"] == fastest["name"]
+    assert report["chosen"]["components"] == fastest["components"]
+    assert main(["validate", str(out)]) == 0
+    assert "prefill ms / decode ms per token" in (out / "tune" / "report.md").read_text()

@@ -16,20 +16,29 @@ and write the fastest as OUT (a normal validated artifact) with OUT/tune/report.
 * ``--max-minutes M``: no candidate starts building after M minutes (the first one always does, so there is
   something to pick; reused ones are not builds); those left are listed as not built, and the choice is made
   among what was measured.
+* Generative tasks add the family's per-component recipes (``TaskSpec.component_mixes``: BLIP-2's
+  language model at int4-weight, its image tower at int8-dynamic per-token...) as candidates of the backends
+  that derive them from the fp32 parent (``quantize --components``); a mix counts under ``--precisions`` by
+  its loosest component's precision.
 * Accuracy is also judged at the shapes to serve (``--batch-sizes`` x ``--seq-lens``) on seeded inputs other
   than validation's and the calibration set's (``SERVE_SEED``, ``SERVE_DRAWS`` per shape), against eager fp32
-  (validate/outputs.py).
+  (validate/outputs.py). Generative tasks: greedy ``generate()`` at each batch size on prompts of each
+  ``--seq-lens`` length (validate/generation.py: exact tokens for fp32; token agreement and per-step logit
+  cosine for reduced precisions).
 * Survivors are benched by ``bench.harness.run_bench`` as artifact directories beside eager (parity-checked)
   on ``--device``; the choice is the passing candidate with the lowest p50 summed over the batch sizes
-  (``latency``), the highest summed throughput (``throughput``) or the smallest files (``size``).
+  (``latency``; for generation the p50 of a whole ``generate()`` call of ``new_tokens`` tokens, with prefill
+  and decode ms/token reported beside), the highest summed throughput (``throughput``) or the smallest files
+  (``size``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,13 +51,14 @@ from vlexport.contracts.backends import (
     backend_precisions,
     get_backend,
 )
-from vlexport.contracts.passes import derivation
-from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
+from vlexport.contracts.passes import derivation, precision_pass
+from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision, loosest, per_component
 from vlexport.errors import CheckError, UsageError, ValidationError, VlexportError
 from vlexport.manifest import Manifest, component_size
 
 SERVE_SEED = 4321  # validation uses 1234.., calibration 50000..: the serve-shape inputs are neither
 SERVE_DRAWS = 3  # seeded inputs per shape to serve
+SERVE_GENERATIONS = 4  # generative tasks: greedy samples per batch size to serve (at least one batch of each)
 OBJECTIVES = ("latency", "throughput", "size")
 KERNEL_MODES = ("auto", "on", "off")
 DEVICES = ("cpu", "cuda")
@@ -76,6 +86,7 @@ class TunePlan:
     kernels: str = "auto"  # auto: off and on where the family has injection rules; on / off: only that
     device: str = "cpu"  # where candidates are built for, judged and benched
     max_minutes: float | None = None  # no candidate starts building after this (module doc)
+    new_tokens: int = 16  # generative tasks: tokens per sample, judged and benched alike
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -98,6 +109,10 @@ class Candidate:
     backend: str
     precision: str
     kernels: tuple[str, ...] = ()  # injected kernels (the family's), () for none
+    # a per-component recipe (generative tasks): each component's precision and the knobs it sets; then
+    # ``precision`` is the loosest of them, which judges the artifact
+    components: dict[str, str] = field(default_factory=dict)
+    mix: dict[str, PrecisionConfig] = field(default_factory=dict, repr=False)  # what builds it (not reported)
     knobs: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)  # the graph-shaping knobs (searched ones included)
     searched: bool = False  # the recipe came from --search after the plain scheme missed
@@ -113,15 +128,22 @@ class Candidate:
     p50_ms: dict[str, float] = field(default_factory=dict)  # batch -> p50
     speedup_vs_eager: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
+    prefill_ms: dict[str, float] = field(default_factory=dict)  # generation: batch -> prefill
+    decode_ms_per_token: dict[str, float] = field(default_factory=dict)  # generation: batch -> decode step
     size_mib: float | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.backend} {self.precision}" + (f" +{','.join(self.kernels)}" if self.kernels else "")
+        mix = ", ".join(f"{k}={v}" for k, v in self.components.items())
+        kernels = f" +{','.join(self.kernels)}" if self.kernels else ""
+        return f"{self.backend} {self.precision}" + (f" [{mix}]" if mix else "") + kernels
 
     @property
     def slug(self) -> str:
-        """Its directory name in the work dir."""
+        """Its directory name in the work dir (a mix: named by a hash of its recipe)."""
+        if self.components:
+            digest = hashlib.sha256(json.dumps(self.components, sort_keys=True).encode()).hexdigest()[:8]
+            return f"{self.backend}-mix-{digest}"
         return f"{self.backend}-{self.precision}" + ("-kernels" if self.kernels else "")
 
 
@@ -172,6 +194,43 @@ def _job_options(backend: str, device: str) -> dict[str, Any]:
     return {"device": device} if "device" in backend_options(get_backend(backend)) else {}
 
 
+def config_label(config: PrecisionConfig) -> str:
+    """A component's precision in a mix: its name and the knobs it sets away from the defaults."""
+    default = type(config)().knobs()
+    changed = {k: v for k, v in config.knobs().items() if default.get(k) != v}
+    return config.name + "".join(f" {k}={v}" for k, v in changed.items())
+
+
+def mix_candidates(
+    plan: TunePlan, mixes: Sequence[Mapping[str, PrecisionConfig]], components: Sequence[str]
+) -> list[tuple[Candidate, PrecisionConfig]]:
+    """The family's per-component recipes, for every backend asked for that derives them from its fp32
+    parent (a quantization pass per precision); unnamed components stay fp32."""
+    out = []
+    for name in plan.backends or backend_names():
+        backend = get_backend(name)
+        for mix in mixes:
+            mapping = {k: targets(c, plan) for k, c in per_component(mix, components, None, {}).items()}
+            judge = loosest(mapping.values())
+            if plan.precisions and judge.name not in plan.precisions:
+                continue
+            if derivation(backend, judge) is None or any(
+                c.name != "fp32" and precision_pass(name, c.name) is None for c in mapping.values()
+            ):
+                continue  # this backend builds whole models only
+            cand = Candidate(name, judge.name, components={k: config_label(c) for k, c in mapping.items()})
+            cand.mix = mapping
+            try:
+                for c in mapping.values():
+                    c.check_for(name, None)
+            except UsageError as e:
+                cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+                out.append((cand, None))
+                continue
+            out.append((cand, judge))
+    return out
+
+
 def candidate_list(
     plan: TunePlan, kernel_sets: Sequence[tuple[str, ...]] = ((),)
 ) -> list[tuple[Candidate, PrecisionConfig | None]]:
@@ -202,12 +261,17 @@ def candidate_list(
     return out
 
 
-def _reusable(directory: Path, config: PrecisionConfig, kernels: tuple[str, ...]) -> Manifest | None:
-    """The manifest of a candidate an earlier run built in the work dir, if it asked the same precision,
-    targets and kernels (a re-run with other targets builds again)."""
+def _reusable(
+    directory: Path, config: PrecisionConfig, kernels: tuple[str, ...], mix: Mapping[str, PrecisionConfig]
+) -> Manifest | None:
+    """The manifest of a candidate an earlier run built in the work dir, if it asked the same precision (per
+    component for a mix, whose knobs its directory name hashes), targets and kernels (a re-run with other
+    targets builds again)."""
     if not (directory / "manifest.json").is_file():
         return None
     manifest = Manifest.read(directory)
+    if manifest.component_precisions != {k: c.name for k, c in mix.items()}:
+        return None
     knobs = manifest.precision_knobs or {}
     same_targets = all(
         knobs.get(k) == v for k, v in config.knobs().items() if k in ("min_cosine", "min_agreement")
@@ -230,7 +294,7 @@ class _Builds:
 
     def built(self, cand: Candidate, config: PrecisionConfig) -> Manifest | None:
         """The candidate's manifest when the work dir holds it already (its parent too, for derived ones)."""
-        return _reusable(self.work / cand.slug, config, cand.kernels)
+        return _reusable(self.work / cand.slug, config, cand.kernels, cand.mix)
 
     def build(self, cand: Candidate, config: PrecisionConfig) -> Manifest:
         """Build ``cand`` from its backend's fp32 parent when it derives (built once, reused)."""
@@ -263,13 +327,15 @@ class _Builds:
             kernels=cand.kernels if how is None else (),
             options=_job_options(cand.backend, plan.device),
             force=True,
+            component_precisions=dict(cand.mix),
         )
         self.count += 1
         try:
             return run_export(job, self.progress)
         except ValidationError as e:
             retry = config.with_knobs(search=True) if "search" in config.knobs() else None
-            if retry is None or getattr(config, "search", True) or not _checks(retry, cand.backend):
+            searchable = retry is not None and not cand.mix and not getattr(config, "search", True)
+            if not searchable or not _checks(retry, cand.backend):
                 raise
             self.progress(f"{cand.name} missed: searching a recipe")
             cand.searched = True
@@ -301,6 +367,8 @@ def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path
     from vlexport.runtime import load_artifact
     from vlexport.validate.outputs import compare_outputs, output_references
 
+    if task_spec.generative:
+        return _serve_generation(model, task_spec, plan)
     shapes = [InputShape(b, s) for b in plan.batch_sizes for s in plan.seq_lens]
     # each shape drawn SERVE_DRAWS times (other seeds): a few values per input (ITM's (B, 2) logits) make a
     # cosine that moves with the draw, and one lucky draw let through a variant bench parity then dropped
@@ -323,8 +391,64 @@ def serve_accuracy(model: Any, task_spec: Any, plan: TunePlan) -> Callable[[Path
     return check
 
 
+def _serve_generation(
+    model: Any, task_spec: Any, plan: TunePlan
+) -> Callable[[Path, Manifest], dict[str, Any]]:
+    """Greedy ``generate()`` references at each batch size to serve, one set per prompt length, on samples
+    of their own seed (computed once); ``check`` runs the artifact's generation loop on them."""
+    from vlexport.runtime import load_artifact
+    from vlexport.validate.generation import compare_generation, generation_references
+
+    samples = max(SERVE_GENERATIONS, *plan.batch_sizes)
+    refs = {
+        s: generation_references(
+            model,
+            task_spec,
+            samples=samples,
+            batch_sizes=plan.batch_sizes,
+            num_beams=1,
+            seed=SERVE_SEED,
+            prompt_tokens=s,
+            max_new_tokens=plan.new_tokens,
+        )
+        for s in plan.seq_lens
+    }
+
+    def check(directory: Path, manifest: Manifest) -> dict[str, Any]:
+        artifact = load_artifact(directory, manifest=manifest, device=plan.device)
+        reports = {s: compare_generation(r, artifact, with_accuracy=True) for s, r in refs.items()}
+        figures = [r.accuracy.generation for r in reports.values() if r.accuracy is not None]
+        cosines = [g["min_logit_cosine"] for g in figures if g["min_logit_cosine"] is not None]
+        agreements = [
+            g["agreement_with_near_ties"] for g in figures if g["agreement_with_near_ties"] is not None
+        ]
+        exact = [g["greedy_token_agreement"] for g in figures if g["greedy_token_agreement"] is not None]
+        return {
+            "passed": all(r.passed for r in reports.values()),
+            "shapes": [f"b{b} prompt {s} greedy" for s in plan.seq_lens for b in plan.batch_sizes],
+            "samples": samples,
+            "misses": [f"prompt {s}: {m}" for s, r in reports.items() for m in r.failure_lines()][:5],
+            "min_cosine": min(cosines, default=None),  # per-step logit cosine, the worst sample
+            # greedy samples whose tokens all agree: near-tie divergences counted as agreeing (what judges),
+            # and not
+            "min_agreement": min(agreements, default=None),
+            "min_exact_agreement": min(exact, default=None),
+        }
+
+    return check
+
+
 def _summary(manifest: Manifest) -> dict[str, Any]:
     v = manifest.validation
+    generation = v.accuracy.generation if v.accuracy is not None else None
+    if generation:  # generative: per-step logit cosine and greedy token agreement (validate/accuracy.py)
+        return {
+            "passed": bool(v.passed),
+            "shapes": list(v.shapes),
+            "min_cosine": generation["min_logit_cosine"],
+            "min_agreement": generation["greedy_token_agreement"],
+            "max_abs_error": v.max_abs_error,
+        }
     cos = [c["cosine"] for c in v.checks if c.get("cosine") is not None]
     agree = [c["agreement"] for c in v.checks if c.get("agreement") is not None]
     return {
@@ -382,13 +506,12 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
     resolve_device(plan.device)  # --device cuda without a GPU: MissingToolchain (exit 2) before any work
     plan, source, parents = _source(plan)
     task_spec = source.family.task(plan.task)
-    if task_spec.generative:
-        raise UsageError(
-            f"`vlexport tune` judges encoder tasks at the shapes to serve; {plan.task} is generative. Build "
-            "and bench its variants with `vlexport quantize` and `vlexport bench`."
-        )
     check_output_dir(plan.output, force=plan.force)
     listed = candidate_list(plan, family_kernels(source.family, plan.kernels))
+    mixes = task_spec.component_mixes(source.config) if task_spec.generative else ()
+    if mixes:
+        names = [c.name for c in task_spec.components(source.config)]
+        listed += mix_candidates(plan, mixes, names)
     if not any(config is not None for _, config in listed):
         raise UsageError(
             "No backend x precision asked for can be built here: " + "; ".join(c.reason for c, _ in listed)
@@ -569,16 +692,12 @@ def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -
             random_weights=plan.random_weights,
             seed=plan.seed,
             device=plan.device,
+            new_tokens=plan.new_tokens,
         )
         rows += run_bench(bench)
     for c in survivors:
-        kernels = ",".join(sorted(c.kernels))
-        mine = [
-            r
-            for r in rows
-            if (r.backend, r.precision, ",".join(sorted(filter(None, r.kernels.split(",")))))
-            == (c.backend, c.precision, kernels)
-        ]
+        note = f"artifact {Path(c.directory).name}"  # bench.variants.given_artifact_variant's row note
+        mine = [r for r in rows if r.detail == note or r.detail.startswith(note + ";")]
         for r in mine:
             if not r.ok:
                 c.passed = False
@@ -588,6 +707,9 @@ def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -
             c.throughput[str(r.batch)] = r.throughput
             if r.speedup_vs_eager is not None:
                 c.speedup_vs_eager[str(r.batch)] = r.speedup_vs_eager
+            if r.decode_ms_per_token is not None:
+                c.decode_ms_per_token[str(r.batch)] = r.decode_ms_per_token
+                c.prefill_ms[str(r.batch)] = r.prefill_ms
     return rows, len(groups)
 
 
@@ -605,9 +727,11 @@ def _choose(plan: TunePlan, survivors: Sequence[Candidate]) -> Candidate | None:
 def _report(
     plan: TunePlan, cands: Sequence[Candidate], chosen: Candidate | None, rows: Sequence[Any]
 ) -> dict:
+    generative = any(r.new_tokens for r in rows) or any(c.components for c in cands)
     return {
         "model": plan.model,
         "task": plan.task,
+        "generative": generative,
         "objective": plan.objective,
         "device": plan.device,
         "kernels": plan.kernels,
@@ -615,7 +739,8 @@ def _report(
         "seq_lens": list(plan.seq_lens),
         "targets": {"min_cosine": plan.min_cosine, "min_agreement": plan.min_agreement},
         "candidates": [
-            {k: v for k, v in vars(c).items() if k != "directory"} | {"name": c.name} for c in cands
+            {k: v for k, v in vars(c).items() if k not in ("directory", "mix")} | {"name": c.name}
+            for c in cands
         ],
         "chosen": None
         if chosen is None
@@ -624,6 +749,7 @@ def _report(
             "backend": chosen.backend,
             "precision": chosen.precision,
             "kernels": chosen.kernels,
+            "components": chosen.components,
             "recipe": chosen.recipe,
             "knobs": chosen.knobs,
         },
@@ -643,6 +769,7 @@ def _accuracy_cell(record: dict[str, Any] | None) -> str:
 
 def to_markdown(report: dict[str, Any]) -> str:
     chosen = report["chosen"]
+    decode = any(c.get("decode_ms_per_token") for c in report["candidates"])  # generative: prefill, decode
     lines = [
         f"# vlexport tune: {report['model']} ({report['task']})",
         "",
@@ -662,9 +789,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         (
             "| candidate | kernels | recipe | passed | min cosine (validation / serve shapes) | "
-            "p50 ms per batch | speed-up vs eager | MiB | why not |"
+            "p50 ms per batch | speed-up vs eager | "
+            + ("prefill ms / decode ms per token | " if decode else "")
+            + "MiB | why not |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|" + ("---|" if decode else "") + "---|---|",
     ]
     for c in report["candidates"]:
         acc = c["accuracy"]
@@ -677,9 +806,16 @@ def to_markdown(report: dict[str, Any]) -> str:
             + ", ".join(f"b{b}: {p:.2f}" for b, p in c["p50_ms"].items())
             + " | "
             + ", ".join(f"b{b}: {x:.2f}x" for b, x in c["speedup_vs_eager"].items())
+            + (" | " + _generation_cell(c) if decode else "")
             + f" | {c['size_mib'] if c['size_mib'] is not None else '-'} | {c['reason']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _generation_cell(c: dict[str, Any]) -> str:
+    return ", ".join(
+        f"b{b}: {c['prefill_ms'][b]:.1f} / {ms:.2f}" for b, ms in c.get("decode_ms_per_token", {}).items()
+    )
 
 
 def _budget_line(budget: dict[str, Any]) -> str:
@@ -744,7 +880,11 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
             label="chosen",
         )
     ax.ticklabel_format(axis="x", useOffset=False)
-    ax.set_xlabel("min cosine vs eager fp32 at the shapes to serve")
+    ax.set_xlabel(
+        "min per-step logit cosine vs eager fp32 generate() at the shapes to serve"
+        if report.get("generative")
+        else "min cosine vs eager fp32 at the shapes to serve"
+    )
     ax.set_ylabel("speed-up vs eager (mean over batch sizes)")
     ax.set_title(f"vlexport tune: {report['model']} ({report['task']})")
     ax.legend(fontsize=8)

@@ -235,7 +235,7 @@ def tune_args(p: argparse.ArgumentParser) -> None:
         type=opts.csv,
         default=("32",),
         metavar="N,...",
-        help="text lengths to serve: judged (benched at the longest)",
+        help="text lengths to serve: judged (benched at the longest); generative tasks: prompt text tokens",
     )
     p.add_argument(
         "--objective", choices=OBJECTIVES, default="latency", help="how to pick among those that pass"
@@ -255,6 +255,7 @@ def tune_args(p: argparse.ArgumentParser) -> None:
     )
     opts.add_ranged(p, "--warmup", "untimed calls per candidate and batch size", 3)
     opts.add_ranged(p, "--iters", "timed calls per candidate and batch size", 20)
+    opts.add_ranged(p, "--new-tokens", "generative tasks: tokens per sample, judged and benched", 16)
     p.add_argument(
         "--kernels",
         choices=KERNEL_MODES,
@@ -314,16 +315,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         kernels=args.kernels,
         device=args.device,
         max_minutes=args.max_minutes,
+        new_tokens=args.new_tokens,
     )
     with console.status("tuning") as status:
         report = run_tune(plan, progress=lambda msg: status.update(escape(msg)))
     for c in report["candidates"]:
         p50 = ", ".join(f"b{b} {ms:.2f} ms" for b, ms in c["p50_ms"].items())
         verdict = "passed" if c["passed"] else escape(c["reason"])
-        out.print(f"{c['name']}: {verdict}" + (f"; p50 {p50}" if p50 else ""), highlight=False)
+        out.print(f"{escape(c['name'])}: {verdict}" + (f"; p50 {p50}" if p50 else ""), highlight=False)
     chosen = report["chosen"]
     out.print(
-        f"chosen: {chosen['name']} -> {args.output} (report: {args.output / 'tune' / 'report.md'})",
+        f"chosen: {escape(chosen['name'])} -> {args.output} (report: {args.output / 'tune' / 'report.md'})",
         highlight=False,
     )
     return 0

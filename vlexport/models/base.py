@@ -23,6 +23,7 @@ from vlexport.models.inputs import InputShape
 if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from vlexport.contracts.precision import PrecisionConfig
     from vlexport.inject import Rule
 
 DynamicAxes = Mapping[str, Mapping[int, str]]
@@ -109,6 +110,10 @@ class OutputSelector(nn.Module):
         return tuple(out[name] for name in self.output_names)
 
 
+def _no_mixes(config: PretrainedConfig) -> tuple[Mapping[str, PrecisionConfig], ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A task of a family: which HF class, which components, which inputs, which task-level checks."""
@@ -134,6 +139,9 @@ class TaskSpec:
     run_inputs: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = lambda feeds: feeds
     # `vlexport run`: how per-text scores are read off the outputs; None: the task has no image-text score
     scores: ScoreReader | None = None
+    # generative tasks: config -> per-component precision recipes (component -> config; unnamed ones fp32)
+    # that `vlexport tune` builds beside the whole-model precisions (`quantize --components` by hand)
+    component_mixes: Callable[[PretrainedConfig], tuple[Mapping[str, PrecisionConfig], ...]] = _no_mixes
 
     def hf_class(self) -> type[PreTrainedModel]:
         return getattr(importlib.import_module("transformers"), self.hf_class_name)

@@ -37,6 +37,8 @@ from vlexport.models.inputs import InputShape, generator, pixel_values, text_inp
 if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from vlexport.contracts.precision import PrecisionConfig
+
 
 def _is_opt(config: PretrainedConfig) -> bool:
     return bool(config.use_decoder_only_language_model)
@@ -153,6 +155,22 @@ def _components(config: PretrainedConfig) -> tuple[ComponentSpec, ...]:
         static_step=_t5_static_step,
     )
     return _image_encoder(), encoder, decoder
+
+
+def _mixes(config: PretrainedConfig) -> tuple[dict[str, PrecisionConfig], ...]:
+    """Per-component recipes `vlexport tune` tries. The language model is where decode time goes (it reads
+    every weight per token), so it gets int4 weights with its token table quantized too; the image tower
+    runs once per image at many rows, where weight-only kernels lose to fp32 GEMMs and int8-dynamic per-token
+    wins (OPT-2.7b prefill 0.51x fp32: benchmarks/results/cpu-blip2-opt-2.7b-mixed-dyn.json). The T5 encoder
+    at int4 dropped logit cosine to 0.929 where int8 weights kept 0.977
+    (benchmarks/results/cpu-blip2-flan-t5-xl-int4-mixed.json)."""
+    from vlexport.contracts.precision import Int4WeightConfig, Int8DynamicConfig, Int8WeightConfig
+
+    lm = {"decoder": Int4WeightConfig(quantize_embeddings=True)}
+    vision = {"image_encoder": Int8DynamicConfig(activations="per-token")}
+    if _is_opt(config):
+        return lm, lm | vision
+    return lm | {"encoder": Int8WeightConfig()}, lm | {"encoder": Int8WeightConfig()} | vision
 
 
 # ---------------------------------------------------------------- what generate() does before the LM
@@ -284,6 +302,7 @@ FAMILY = FamilySpec(
             description="captioning / prompted VQA: image encoder (ViT + Q-Former + projection) + LM with KV "
             "cache",
             generation=_recipe,
+            component_mixes=_mixes,
         ),
     },
     architectures={"Blip2ForConditionalGeneration": ("generate",)},

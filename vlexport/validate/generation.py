@@ -87,10 +87,12 @@ def generation_references(
     max_new_tokens: int = MAX_NEW_TOKENS,
     num_beams: int = NUM_BEAMS,
     seed: int = 1234,
+    prompt_tokens: int = PROMPT_TOKENS,
 ) -> GenerationReferences:
-    """Seeded samples at every (mode, batch size) and what ``model.generate()`` makes of them."""
-    inputs = task.make_inputs(model.config, InputShape(samples, PROMPT_TOKENS), seed)
-    modes = [("greedy", 1), (f"beam{num_beams}", num_beams)]
+    """Seeded samples at every (mode, batch size) and what ``model.generate()`` makes of them (greedy, and
+    beam search when ``num_beams`` > 1)."""
+    inputs = task.make_inputs(model.config, InputShape(samples, prompt_tokens), seed)
+    modes = [("greedy", 1)] + ([(f"beam{num_beams}", num_beams)] if num_beams > 1 else [])
     cases = []
     for mode, beams in modes:
         for bs in batch_sizes:
