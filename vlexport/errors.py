@@ -35,6 +35,11 @@ class MissingToolchain(UsageError):
     (`vlexport bench --suite ... --dry-run`) can leave such a variant out, and only such a variant."""
 
 
+class InsufficientMemory(MissingToolchain):
+    """This machine has too little memory free for a step (a library holding a whole graph several times
+    over): like a missing package, what another machine (or another scheme) can do and this one cannot."""
+
+
 class CheckError(VlexportError):
     """A check failed: validation mismatch, corrupt file, missing component."""
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vlexport.memory import available_bytes
+
 if TYPE_CHECKING:
     from vlexport.contracts.precision import PrecisionConfig
 
@@ -287,18 +289,6 @@ def _bandwidth(device: str, timer: Callable, slice_s: float) -> Peak:
         f"sum of {mb} MiB fp32 (read {read:.1f} GB/s) and copy (read+write {copy:.1f} GB/s), best of {reps}"
     )
     return Peak(MEMORY, round(max(read, copy), 2), "GB/s", method)
-
-
-def available_bytes() -> int | None:
-    """The memory available now (Linux MemAvailable); None where the system does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _last_level_cache_bytes() -> int:

@@ -669,7 +669,7 @@ def bench_groups(sizes_mib: Sequence[float], available_mib: float) -> list[list[
 
 def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> tuple[list[Any], int]:
     from vlexport.bench.harness import BenchPlan, run_bench
-    from vlexport.bench.peaks import available_bytes
+    from vlexport.memory import available_bytes
 
     available = available_bytes()  # unknown: no bound
     groups = bench_groups(

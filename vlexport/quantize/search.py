@@ -59,6 +59,7 @@ from vlexport.contracts.precision import (
 )
 from vlexport.errors import CheckError
 from vlexport.quantize.onnx_per_token import quantize_per_token
+from vlexport.quantize.ort_quantizer import quantize_dynamic
 from vlexport.quantize.smoothing import after_activation_matmuls, constant_weight_matmuls, smooth
 
 SMOOTH_GRID = (0.5, 0.7, 0.85)
@@ -111,8 +112,6 @@ def quantize(
     """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py), or the
     per-token rewrite (quantize/onnx_per_token.py). ``only``: that node alone quantized (the sensitivity
     sweep)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     if config.activations == "per-token":
         quantize_per_token(
             src,
@@ -124,20 +123,15 @@ def quantize(
             external=external,
         )
         return
-
-    from vlexport.quantize.onnx_rewrite import quiet_root_logger
-
-    with quiet_root_logger():
-        quantize_dynamic(
-            src,
-            dst,
-            per_channel=config.per_channel,
-            weight_type=QuantType.QInt8,
-            reduce_range=config.reduce_range,
-            use_external_data_format=external,
-            nodes_to_exclude=list(exclude),
-            nodes_to_quantize=None if only is None else [only],
-        )
+    quantize_dynamic(
+        src,
+        dst,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        external=external,
+        exclude=exclude,
+        only=only,
+    )
 
 
 def build(
