@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from vlexport.cli import main
 from vlexport.contracts.precision import Int8DynamicConfig, get_precision
 from vlexport.manifest import Manifest
+from vlexport.quantize.search import BLOCK_GRID
 from vlexport.quantize.smoothing import constant_weight_matmuls
 
 SCALE = 1e6
@@ -355,16 +356,81 @@ def test_one_ruined_row_fails_a_whole_output_that_passes(tmp_path: Path) -> None
     assert Scorer(ref, [{"x": x}], tol, {}).score(bad).passed
 
 
-def test_a_generative_miss_is_not_told_to_search(exported, tmp_path: Path, capsys) -> None:
-    # --search scores encoder artifacts only: a BLIP-2 int4 miss (full-size Flan-T5-XL: logit cosine 0.929)
-    # was told to run a --search command that refuses; it is told what works for several components
+def test_a_generative_miss_is_told_the_search_that_works(exported, tmp_path: Path, capsys) -> None:
+    # a BLIP-2 int4 miss (full-size Flan-T5-XL: logit cosine 0.929) is told the --search that scores blocks by
+    # generating, and what else works for several components
     out = tmp_path / "w4"
-    args = ["quantize", str(exported("blip2-opt-tiny", "generate")), "-o", str(out)]
-    assert main([*args, "--precision", "int4-weight", "--min-cosine", "0.9999999"]) == 1
+    parent = str(exported("blip2-opt-tiny", "generate"))
+    assert (
+        main(["quantize", parent, "-o", str(out), "--precision", "int4-weight", "--min-cosine", "0.9999999"])
+        == 1
+    )
     err = " ".join(capsys.readouterr().err.split())
-    assert "--search scores encoder artifacts only" in err and "To search its" not in err
+    assert "--precision int4-weight --search --min-cosine 0.9999999" in err
     assert "`--block-size 16`" in err and "--components decoder=int4-weight,image_encoder=int8-weight" in err
     assert not out.exists()
+
+
+def test_generative_search_picks_the_largest_block_that_generates_within_the_target(
+    exported, tmp_path: Path, capsys
+) -> None:
+    """BLIP-2 int4-weight --search: whole variants built per block, largest first, each judged by greedy
+    generate() on seeded calibration prompts against eager; the first that passes is kept and recorded, and
+    its recipe replays to the same files. (Tiny random weights: block 128 keeps logit cosine ~0.969, block
+    16 ~0.985; validation judges the block found on its own samples, kept with --accept-degraded should it
+    land below the target there.)"""
+    parent = str(exported("blip2-opt-tiny", "generate"))
+    out, replay = tmp_path / "w4", tmp_path / "replay"
+    args = [
+        "quantize",
+        parent,
+        "-o",
+        str(out),
+        "--precision",
+        "int4-weight",
+        "--search",
+        "--min-cosine",
+        "0.98",
+    ]
+    assert main([*args, "--accept-degraded"]) == 0, capsys.readouterr().err
+    printed = " ".join(capsys.readouterr().out.split())
+    m = Manifest.read(out)
+    search = m.derived_from["search"]
+    tried = search["candidates"]
+    assert [c["block_size"] for c in tried] == list(BLOCK_GRID[: len(tried)]) and len(tried) >= 2
+    assert all(not c["passed"] and c["min_logit_cosine"] < 0.98 for c in tried[:-1])
+    assert tried[-1]["passed"] and tried[-1]["min_logit_cosine"] >= 0.98
+    assert "seeded calibration samples" in search["scored_on"]
+    assert m.precision_knobs["block_size"] == tried[-1]["block_size"] and not m.precision_knobs["search"]
+    assert m.validation.accuracy.generation["max_new_tokens"] > 0
+    assert f"search: recipe block_size={tried[-1]['block_size']}" in printed
+    recipe = out / "search" / "recipe.json"
+    assert main(["quantize", parent, "-o", str(replay), "--recipe", str(recipe), "--accept-degraded"]) == 0
+    again = Manifest.read(replay)
+    assert {k: v for k, v in again.sha256.items() if k.endswith(".onnx")} == {
+        k: v for k, v in m.sha256.items() if k.endswith(".onnx")
+    }
+
+
+def test_generative_search_that_finds_no_block_writes_nothing(exported, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w4"
+    parent = str(exported("blip2-opt-tiny", "generate"))
+    args = [
+        "quantize",
+        parent,
+        "-o",
+        str(out),
+        "--precision",
+        "int4-weight",
+        "--search",
+        "--min-cosine",
+        "0.9999",
+    ]
+    assert main(args) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "found no block size that meets cosine >= 0.9999" in err and "seeded calibration samples" in err
+    assert "blocks 128, 64, 32, 16" in err and "--precision int8-weight" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_when_both_activation_grains_pass_the_faster_recipe_is_chosen(tmp_path: Path, monkeypatch) -> None:

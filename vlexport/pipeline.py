@@ -14,7 +14,7 @@ import contextlib
 import gc
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,12 @@ from vlexport.contracts.backends import (
     get_backend,
 )
 from vlexport.contracts.passes import BUILTIN, Derivation, derivation, precision_pass
-from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
+from vlexport.contracts.precision import (
+    Fp32Config,
+    PrecisionConfig,
+    WeightOnlyConfig,
+    precisions_for_backend,
+)
 from vlexport.errors import UsageError
 from vlexport.manifest import Component, Manifest, ValidationReport
 from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
@@ -381,35 +386,131 @@ def _derive(job: ExportJob, backend: Backend, how: Derivation, progress: Progres
                 progress,
                 parent_is_scratch=not from_artifact,
             )
-            with _timed(job, how.stage, progress):
-                derived = _build_per_component(ctx, backend) if job.component_precisions else how.build(ctx)
-            for rel in parent.files:
+            for rel in parent.files:  # before the build: a generative search loads its candidates
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(parent_dir / rel, tmp / rel)
-            manifest = replace(
-                parent,
-                backend=backend.name,
-                precision=job.precision.name,
-                precision_knobs=job.precision.knobs(),
-                component_precisions={k: c.name for k, c in job.component_precisions.items()},
-                components=derived.components,
-                opset=_opset(derived.components),
-                fused_ops=derived.fused_ops,
-                files=[*parent.files, *derived.files],
-                validation=None,
-                timings={},
-                versions={},
-                created="",
-                derived_from={
-                    "backend": parent.backend,
-                    "precision": parent.precision,
-                    # None: the parent was built in a scratch dir for this export and removed
-                    "path": str(given.resolve()) if from_artifact else None,
-                    **derived.details,
-                },
-            )
+
+            def variant(derived: Derived) -> Manifest:
+                return replace(
+                    parent,
+                    backend=backend.name,
+                    precision=job.precision.name,
+                    precision_knobs=job.precision.knobs(),
+                    component_precisions={k: c.name for k, c in job.component_precisions.items()},
+                    components=derived.components,
+                    opset=_opset(derived.components),
+                    fused_ops=derived.fused_ops,
+                    files=[*parent.files, *derived.files],
+                    validation=None,
+                    timings={},
+                    versions={},
+                    created="",
+                    derived_from={
+                        "backend": parent.backend,
+                        "precision": parent.precision,
+                        # None: the parent was built in a scratch dir for this export and removed
+                        "path": str(given.resolve()) if from_artifact else None,
+                        **derived.details,
+                    },
+                )
+
+            with _timed(job, how.stage, progress):
+                if _searches_generation(job, task_spec):
+                    derived = _search_generation(ctx, backend, how, eager, variant)
+                else:
+                    derived = _build(ctx, backend, how)
+            manifest = variant(derived)
             _validate(job, backend, manifest, tmp, eager, task_spec, progress, parent=(parent_dir, parent))
     return manifest
+
+
+def _build(ctx: DeriveContext, backend: Backend, how: Derivation) -> Derived:
+    return _build_per_component(ctx, backend) if ctx.job.component_precisions else how.build(ctx)
+
+
+def _searched(job: ExportJob) -> list[PrecisionConfig]:
+    """The configs of ``job`` whose ``--search`` is still to run (the whole-model one, or components')."""
+    configs = [job.precision, *job.component_precisions.values()]
+    return [c for c in configs if getattr(c, "search", False)]
+
+
+def _searches_generation(job: ExportJob, task_spec: TaskSpec) -> bool:
+    """A weight-only ``--search`` on a generative artifact: scored by generating, at the orchestrator (the
+    pass sees one component at a time; encoder artifacts are searched inside their pass)."""
+    return task_spec.generative and any(isinstance(c, WeightOnlyConfig) for c in _searched(job))
+
+
+# the search's generation samples: seeded like the calibration set, never the validation's (1234..)
+SEARCH_SAMPLES = 4
+
+
+def _search_generation(
+    ctx: DeriveContext,
+    backend: Backend,
+    how: Derivation,
+    eager: _Eager,
+    variant: Callable[[Derived], Manifest],
+) -> Derived:
+    """``--search`` for a weight-only precision of a generative artifact: the largest block of
+    quantize/search.py's ``BLOCK_GRID`` whose whole variant (every component at its precision, the
+    searched ones at that block) generates within the targets, greedy on seeded calibration prompts against
+    eager ``generate()``; then validation judges the block found on its own samples, as for encoders."""
+    from vlexport.quantize.calibration import SYNTHETIC_SEED
+    from vlexport.quantize.search import BlockScore, search_blocks, write_report
+    from vlexport.validate.generation import compare_generation, generation_references
+
+    job = ctx.job
+    searched = _searched(job)
+    config = searched[0]
+    if any(c.knobs() != config.knobs() for c in searched):
+        raise UsageError(
+            "--search picks one block size for every weight-only component; give the searched components "
+            "the same precision and knobs (or --block-size N each)."
+        )
+    refs = generation_references(
+        eager.model, ctx.task_spec, samples=SEARCH_SAMPLES, num_beams=1, seed=SYNTHETIC_SEED
+    )
+    given = dict(job.component_precisions)
+    whole = job.precision
+    built: dict[str, Derived] = {}
+
+    def score(candidate: PrecisionConfig) -> BlockScore:
+        job.precision = candidate if getattr(whole, "search", False) else whole
+        job.component_precisions = {
+            k: candidate if getattr(c, "search", False) else c for k, c in given.items()
+        }
+        for rel in ctx.parent.components:  # the previous candidate's files
+            for f in ctx.out_dir.glob(f"{rel}*"):
+                f.unlink()
+        derived = built["last"] = _build(ctx, backend, how)
+        manifest = variant(derived)
+        manifest.record_hashes(ctx.out_dir)
+        manifest.write(ctx.out_dir)
+        artifact = load_artifact(ctx.out_dir, manifest=manifest, device=backend.validation_device)
+        report = compare_generation(refs, artifact, with_accuracy=True)
+        del artifact
+        gc.collect()
+        g = report.accuracy.generation
+        cosine = g["min_logit_cosine"] if g["min_logit_cosine"] is not None else 0.0
+        figures = {
+            "greedy_token_agreement": g["greedy_token_agreement"],
+            "agreement_with_near_ties": g["agreement_with_near_ties"],
+            "min_logit_cosine": g["min_logit_cosine"],
+            "misses": report.accuracy.misses,
+            "passed": bool(report.passed),
+        }
+        line = f"logit cosine {cosine:.5f}, agreement {g['agreement_with_near_ties']}"
+        return BlockScore(bool(report.passed), figures, line, cosine)
+
+    on = f"{SEARCH_SAMPLES} seeded calibration samples (greedy generate() against eager)"
+    result = search_blocks(config, score, on=on, progress=ctx.progress)
+    # the last candidate scored passed: its files are in place, and the job's configs are its (the manifest
+    # records the block found as a knob)
+    derived = built["last"]
+    files = write_report(result, ctx.out_dir)
+    derived.files.extend(files)
+    derived.details["search"] = {**result.record(), "files": files, "scored_on": on}
+    return derived
 
 
 def _check_components(job: ExportJob, parent: Manifest, backend: Backend) -> None:
@@ -576,6 +677,13 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
         for k in ("min_cosine", "min_agreement")
         if getattr(config, k, None) is not None
     )
+    if (manifest.derived_from or {}).get("search") and manifest.generation:
+        return (
+            f"{what} is the block --search found generating on seeded calibration prompts, and it missed on "
+            f"the validation samples ({missed}). Lower the target, give --block-size 16 (the most accurate "
+            "block), or keep the costliest component at a higher precision (--components; the attribution "
+            "above names it)." + tail
+        )
     if (manifest.derived_from or {}).get("search"):
         return (
             f"{what} is the recipe --search found on the calibration set, and it missed on the validation "
@@ -592,11 +700,17 @@ def _accuracy_advice(job: ExportJob, manifest: Manifest) -> str:
         names = list(manifest.components)
         low = "decoder" if "decoder" in names else names[-1]
         mix = ",".join([f"{low}={config.name}", *(f"{c}=int8-weight" for c in names if c != low)])
+        if isinstance(config, WeightOnlyConfig) and manifest.generation and not job.component_precisions:
+            search = (
+                f"To search its block size by generating on seeded calibration prompts: `vlexport quantize "
+                f"{job.model} -o {job.output} --precision {config.name} --search{targets}`; or try "
+            )
+        else:
+            search = "--search scores encoder artifacts only; for this one try "
         return (
-            f"{what} missed its accuracy targets ({missed}). --search scores encoder artifacts only; for "
-            f"this one try {smaller}a per-component mix that keeps the costliest component at a higher "
-            f"precision (e.g. `--components {mix}`; with two or more changed components the report "
-            "attributes the loss to each)." + tail
+            f"{what} missed its accuracy targets ({missed}). {search}{smaller}a per-component mix that "
+            f"keeps the costliest component at a higher precision (e.g. `--components {mix}`; with two or "
+            "more changed components the report attributes the loss to each)." + tail
         )
     if "search" in config.knobs():
         knobs = (

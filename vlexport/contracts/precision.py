@@ -409,10 +409,11 @@ class WeightOnlyConfig(TargetedPrecision):
                 f"--search scores MatMulNBits block sizes with ONNX Runtime; {backend} {self.name} takes "
                 "--block-size N (16..256) instead."
             )
-        if self.search and artifact is not None and len(artifact.components) != 1:
+        if self.search and artifact is not None and len(artifact.components) != 1 and not artifact.generation:
             raise UsageError(
-                "--search scores block sizes on a calibration set of encoder artifacts (one component); for "
-                "generative artifacts give --block-size N (32 keeps the most accuracy)."
+                "--search scores block sizes on a calibration set of one-component encoder artifacts (or by "
+                f"generating, for generative ones); {artifact.task} has {len(artifact.components)} "
+                "components: give --block-size N (32 keeps the most accuracy)."
             )
 
 

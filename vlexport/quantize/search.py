@@ -112,25 +112,16 @@ def quantize(
     """ONNX Runtime's dynamic quantizer with the config's settings (quantize/onnx_dynamic.py), or the
     per-token rewrite (quantize/onnx_per_token.py). ``only``: that node alone quantized (the sensitivity
     sweep)."""
-    if config.activations == "per-token":
-        quantize_per_token(
-            src,
-            dst,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            exclude=exclude,
-            only=only,
-            external=external,
-        )
-        return
-    quantize_dynamic(
+    # the same knobs: one activation scale per token (our rewrite) or per tensor (ONNX Runtime's quantizer)
+    write = quantize_per_token if config.activations == "per-token" else quantize_dynamic
+    write(
         src,
         dst,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
-        external=external,
         exclude=exclude,
         only=only,
+        external=external,
     )
 
 
@@ -494,26 +485,56 @@ def search_block_size(
     """The largest block of ``BLOCK_GRID`` whose ``write`` of ``src`` meets ``config.tolerance`` on ``feeds``
     (the cheapest: fewest scales); a ``CheckError`` naming the best cosine when none does."""
     scorer = Scorer(src, feeds, config.tolerance, agreement or {})
-    result = SearchResult(config)
     work = scratch / "candidate.onnx"
-    for block in BLOCK_GRID:
-        candidate = dataclasses.replace(config, search=False, block_size=block)
+
+    def score(candidate: WeightOnlyConfig) -> BlockScore:
         write(src, work, candidate)
         s = scorer.score(work)
-        result.candidates.append({"candidate": f"block {block}", "block_size": block, **s.as_dict()})
-        progress(f"search: {config.name} block {block}: {s.summary()}")
+        return BlockScore(s.passed, s.as_dict(), s.summary(), s.worst_cosine)
+
+    return search_blocks(config, score, progress=progress)
+
+
+@dataclass
+class BlockScore:
+    """One block size's verdict: passed, the figures recorded, a line for progress, the cosine to name."""
+
+    passed: bool
+    figures: dict[str, Any]
+    summary: str
+    worst_cosine: float
+
+
+def search_blocks(
+    config: WeightOnlyConfig,
+    score: Callable[[WeightOnlyConfig], BlockScore],
+    *,
+    on: str = "the calibration set",
+    progress: Progress = lambda msg: None,
+) -> SearchResult:
+    """The largest block of ``BLOCK_GRID`` whose candidate ``score`` passes (the cheapest: fewest scales,
+    fastest kernels); a ``CheckError`` naming the best cosine when none does. ``score`` builds and judges
+    one candidate: one graph on calibration feeds (``search_block_size``), or a whole generative variant
+    generating on seeded prompts (pipeline)."""
+    result = SearchResult(config)
+    best = -1.0
+    for block in BLOCK_GRID:
+        candidate = dataclasses.replace(config, search=False, block_size=block)
+        s = score(candidate)
+        result.candidates.append({"candidate": f"block {block}", "block_size": block, **s.figures})
+        progress(f"search: {config.name} block {block}: {s.summary}")
+        best = max(best, s.worst_cosine)
         if s.passed:
             result.config = candidate
             return result
     tol = config.tolerance
-    best_cosine = max(min(c["cosine"].values()) for c in result.candidates)
     better = "int8-weight" if config.weight_bits < 8 else "fp16"
     raise CheckError(
         f"{config.name} --search found no block size that meets cosine >= {tol.min_cosine}"
-        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on the "
-        f"calibration set: blocks {', '.join(map(str, BLOCK_GRID))} (best cosine {best_cosine:.5f}). "
-        f"Nothing was written. --precision {better} is the precision likely to pass; or lower the target "
-        "(the precision's defaults are the floor)."
+        f"{f', agreement >= {tol.min_agreement}' if tol.min_agreement is not None else ''} on {on}: "
+        f"blocks {', '.join(map(str, BLOCK_GRID))} (best cosine {best:.5f}). Nothing was written. "
+        f"--precision {better} is the precision likely to pass; or lower the target (the precision's "
+        "defaults are the floor)."
     )
 
 
