@@ -7,8 +7,8 @@ ONNX export, then each precision through vlexport's own passes (quantize/), cosi
 a few hundred sentences (benchmarks/minilm_sentences.py; the int8-static calibration uses other
 sentences). It also measures each MatMul's sensitivity (int8-dynamic on that node alone) to find the
 layers that carry the error. Run: ``python benchmarks/real_minilm_precision.py`` (writes
-benchmarks/results/real-minilm-precision.json). ``--search`` runs the accuracy-aware search instead
-(vlexport's ``quantize --precision int8-dynamic --search --min-cosine 0.998``: quantize/search.py),
+benchmarks/results/real-minilm-precision.json). ``--search [--out PATH]`` runs the accuracy-aware search
+instead (vlexport's ``quantize --precision int8-dynamic --search --min-cosine 0.998``: quantize/search.py),
 searching on other sentences than the 320 judged, and times the recipe against the fp32 ONNX graph at
 batch 8 in the same run (writes benchmarks/results/real-minilm-search.json).
 """
@@ -285,8 +285,25 @@ def search_study(module: torch.nn.Module, tok: object, directory: Path) -> dict:
         "p50_ms_batch8": p50,
         "p50_ratio_searched_vs_fp32": round(p50["int8-dynamic searched"] / p50["fp32"], 3),
         "threads": 2,
+        "cpu": _cpu(),
         "load_average_at_end": os.getloadavg()[0],
     }
+
+
+def _cpu() -> dict[str, object]:
+    """The CPU model and the int8 instructions that decide the ratios (vlexport/cpu.py)."""
+    from vlexport.cpu import cpu_flags, exact_int8_dot
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    flags = sorted(f for f in cpu_flags() if "vnni" in f or f.startswith("amx") or f == "avx512_bf16")
+    return {"model": model, "int8_flags": flags, "exact_int8_dot": exact_int8_dot()}
 
 
 def weight_only(
@@ -324,7 +341,9 @@ def main() -> int:
     if "--search" in sys.argv[1:]:
         doc = search_study(module, tok, directory)
         print(json.dumps({k: v for k, v in doc.items() if k != "candidates"}, indent=1))
-        SEARCH_RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+        args = sys.argv[1:]
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else SEARCH_RESULTS
+        out.write_text(json.dumps(doc, indent=2) + "\n")
         return 0
     texts = sentences(320)
     feeds = batches(tok, texts)
