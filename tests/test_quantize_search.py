@@ -412,6 +412,31 @@ def test_generative_search_picks_the_largest_block_that_generates_within_the_tar
     }
 
 
+def test_ctrl_c_during_a_generative_search_leaves_nothing(exported, tmp_path: Path) -> None:
+    parent = exported("blip2-opt-tiny", "generate")
+    before = {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlexport.cli", "quantize", str(parent), "-o", str(out)]
+        + ["--precision", "int4-weight", "--search", "--min-cosine", "0.9999"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    # each block's whole variant is written (with its manifest) into the staging dir, then loaded and scored
+    while not list(tmp_path.glob(".o.*.partial/manifest.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the search never built a candidate"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted (SIGINT): nothing was written" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before
+
+
 def test_generative_search_that_finds_no_block_writes_nothing(exported, tmp_path: Path, capsys) -> None:
     out = tmp_path / "w4"
     parent = str(exported("blip2-opt-tiny", "generate"))
