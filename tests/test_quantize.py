@@ -119,6 +119,29 @@ def test_int8_caption_generation_agrees_with_fp32(exported, tmp_path: Path) -> N
     assert acc["min_logit_cosine"] >= tol.min_cosine
 
 
+def test_fp16_decoder_whose_cache_outputs_are_read_inside_loads_and_generates(
+    exported, tmp_path: Path
+) -> None:
+    # BLIP-2 OPT's decoder emits present.*.key and reads it again for attention: with keep_io_types the
+    # converter cast that output back to fp32 under its name while typing its inner readers fp16, and the
+    # graph failed to load ("Type (tensor(float16)) ... does not match expected type (tensor(float))")
+    import onnxruntime as ort
+
+    from vlexport.quantize.onnx_fp16 import outputs_read_inside
+
+    parent = exported("blip2-opt-tiny", "generate")
+    assert outputs_read_inside(onnx.load(str(parent / "decoder.onnx")))  # the shape that broke it
+    out = tmp_path / "fp16"
+    assert main(["quantize", str(parent), "-o", str(out), "--precision", "fp16"]) == 0
+    m = Manifest.read(out)
+    g = m.validation.accuracy.generation
+    assert m.validation.passed and g["min_logit_cosine"] > 0.999 and g["greedy_token_agreement"] == 1.0
+    half = onnx.load(str(out / "decoder.onnx"))
+    assert not outputs_read_inside(half)  # every output is read by no node but its Identity
+    assert {o.type.tensor_type.elem_type for o in half.graph.output} == {onnx.TensorProto.FLOAT}
+    ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+
+
 def test_onnx_precision_flag_exports_then_quantizes(tmp_path: Path) -> None:
     out = tmp_path / "int8"  # altclip-tiny: the fastest export; the flag's path is what is checked
     assert (

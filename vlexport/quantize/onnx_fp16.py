@@ -31,6 +31,25 @@ FP16_KEEP_FP32 = (
 )
 
 
+def outputs_read_inside(model: onnx.ModelProto) -> list[str]:
+    """Graph outputs that nodes of the graph also read (a decoder's ``present.*.key``, reshaped for attention
+    after it is emitted) given their own Identity, so the outputs alone are graph boundary tensors. With
+    ``keep_io_types`` the converter casts such an output back to fp32 under its name and the inner readers
+    then read that fp32 tensor while it typed their results fp16: BLIP-2 OPT's fp16 decoder failed to load
+    ("Type (tensor(float16)) of output arg ... of node Reshape does not match expected type
+    (tensor(float))"). Returns the outputs rewired."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    read = {i for n in graph.node for i in n.input} & outputs
+    for name in sorted(read):
+        inner = f"{name}/inner"
+        for node in graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}/output"))
+    return sorted(read)
+
+
 class OnnxFp16Pass:
     backend = "onnx"
     precision = Fp16Config.name
@@ -40,6 +59,7 @@ class OnnxFp16Pass:
 
         def write(src: Path, dst: Path, external: bool) -> None:
             model = onnx.load(str(src))
+            outputs_read_inside(model)
             with warnings.catch_warnings():
                 # one warning per weight clamped into fp16's range (hundreds per model): validation judges
                 # what the clamping costs, the console needs none of them

@@ -74,6 +74,11 @@ _RUNTIME_TOO_OLD = re.compile(
 )
 
 
+# What ONNX Runtime says when the protobuf parsed but its types or shapes do not check: a graph written wrong
+# (by a pass, or edited by hand), not a truncated file
+_GRAPH_INCONSISTENT = re.compile(r"Type Error|ShapeInferenceError|\[TypeInferenceError\]", re.IGNORECASE)
+
+
 def load_error(path: str | Path, error: Exception) -> CheckError:
     """One paragraph for a graph ONNX Runtime refused, naming the cause its message gives."""
     said = " ".join(str(error).split())[:400]
@@ -82,6 +87,12 @@ def load_error(path: str | Path, error: Exception) -> CheckError:
             f"ONNX Runtime {ort.__version__} cannot run {path}: {said}. The graph is intact but needs an "
             "operator or opset this onnxruntime lacks: upgrade it (pip install -U onnxruntime, or "
             "onnxruntime-gpu for CUDA) on the machine that runs the artifact."
+        )
+    if _GRAPH_INCONSISTENT.search(said):
+        return CheckError(
+            f"ONNX Runtime cannot load {path}: {said}. The file reads, but its graph does not type-check: "
+            "if vlexport has just built it, the pass that wrote it is at fault (report it with this "
+            "message); an artifact changed after export needs exporting again."
         )
     return CheckError(
         f"ONNX Runtime cannot load {path}: {said}. The file is damaged or incomplete; export the artifact "
