@@ -179,22 +179,21 @@ def test_search_keeps_the_sensitive_matmul_fp32_and_replays(sensitive, tmp_path:
     assert "--recipe replays" in " ".join(capsys.readouterr().err.split())
 
 
-def test_ctrl_c_during_search_leaves_nothing(sensitive, tmp_path: Path) -> None:
-    parent, _ = sensitive
+def _interrupt_quantize(parent: Path, tmp_path: Path, options: list[str], ready: str, what: str) -> None:
+    """``vlexport quantize PARENT -o TMP/o OPTIONS`` sent SIGINT once ``ready`` (a glob under ``tmp_path``)
+    exists: exit 130, one line saying nothing was written, nothing left, the parent untouched."""
     before = {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
     out = tmp_path / "o"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlexport.cli", "quantize", str(parent), "-o", str(out)]
-        + ["--precision", "int8-dynamic", "--search"],
+        [sys.executable, "-m", "vlexport.cli", "quantize", str(parent), "-o", str(out), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + 300
-    # the per-MatMul sweep writes one.onnx in the quantizer's scratch inside the staging dir
-    while not list(tmp_path.glob(".o.*.partial/.quant.*/one.onnx")):
+    while not list(tmp_path.glob(ready)):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the search never reached its sensitivity sweep"
+        assert time.monotonic() < deadline, f"the search never {what}"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -202,6 +201,13 @@ def test_ctrl_c_during_search_leaves_nothing(sensitive, tmp_path: Path) -> None:
     assert "interrupted (SIGINT): nothing was written" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
     assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before
+
+
+def test_ctrl_c_during_search_leaves_nothing(sensitive, tmp_path: Path) -> None:
+    parent, _ = sensitive
+    # the per-MatMul sweep writes one.onnx in the quantizer's scratch inside the staging dir
+    options = ["--precision", "int8-dynamic", "--search"]
+    _interrupt_quantize(parent, tmp_path, options, ".o.*.partial/.quant.*/one.onnx", "reached its sweep")
 
 
 def _blocky_parent(parent: Path, out: Path, group: int = 32, scale: float = 1e3) -> list[str]:
@@ -414,27 +420,9 @@ def test_generative_search_picks_the_largest_block_that_generates_within_the_tar
 
 def test_ctrl_c_during_a_generative_search_leaves_nothing(exported, tmp_path: Path) -> None:
     parent = exported("blip2-opt-tiny", "generate")
-    before = {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
-    out = tmp_path / "o"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vlexport.cli", "quantize", str(parent), "-o", str(out)]
-        + ["--precision", "int4-weight", "--search", "--min-cosine", "0.9999"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
     # each block's whole variant is written (with its manifest) into the staging dir, then loaded and scored
-    while not list(tmp_path.glob(".o.*.partial/manifest.json")):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.monotonic() < deadline, "the search never built a candidate"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "interrupted (SIGINT): nothing was written" in err and "Traceback" not in err
-    assert not out.exists() and not list(tmp_path.iterdir())
-    assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before
+    options = ["--precision", "int4-weight", "--search", "--min-cosine", "0.9999"]
+    _interrupt_quantize(parent, tmp_path, options, ".o.*.partial/manifest.json", "built a candidate")
 
 
 def test_generative_search_that_finds_no_block_writes_nothing(exported, tmp_path: Path, capsys) -> None:
