@@ -52,7 +52,14 @@ from vlexport.contracts.backends import (
     get_backend,
 )
 from vlexport.contracts.passes import derivation, precision_pass
-from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision, loosest, per_component
+from vlexport.contracts.precision import (
+    Fp32Config,
+    PrecisionConfig,
+    WeightOnlyConfig,
+    get_precision,
+    loosest,
+    per_component,
+)
 from vlexport.errors import CheckError, UsageError, ValidationError, VlexportError
 from vlexport.manifest import Manifest, component_size
 
@@ -333,15 +340,14 @@ class _Builds:
         try:
             return run_export(job, self.progress)
         except ValidationError as e:
-            retry = config.with_knobs(search=True) if "search" in config.knobs() else None
-            searchable = retry is not None and not cand.mix and not getattr(config, "search", True)
-            if not searchable or not _checks(retry, cand.backend):
+            searched = _searched(job)
+            if searched is None:
                 raise
             self.progress(f"{cand.name} missed: searching a recipe")
             cand.searched = True
             cand.accuracy["validation"] = {"passed": False, "misses": _misses(e)}  # the plain scheme's
             self.count += 1
-            return run_export(replace(job, precision=retry), self.progress)
+            return run_export(searched, self.progress)
 
     def parent(self, backend: str, kernels: tuple[str, ...]) -> Path:
         key = (backend, tuple(sorted(kernels)))
@@ -350,6 +356,25 @@ class _Builds:
             self.build(cand, Fp32Config())
             self.parents[key] = Path(cand.directory)
         return self.parents[key]
+
+
+def _searched(job: ExportJob) -> ExportJob | None:
+    """``job`` again with ``--search`` where its precision has the knob and allows it here: the whole-model
+    config, or a mix's weight-only components (their block, scored by generating: pipeline); None: nothing
+    to search."""
+    if job.component_precisions:
+        mix = {
+            k: c.with_knobs(search=True) if isinstance(c, WeightOnlyConfig) and not c.search else c
+            for k, c in job.component_precisions.items()
+        }
+        if mix == job.component_precisions:
+            return None
+        return replace(job, precision=loosest(mix.values()), component_precisions=mix)
+    config = job.precision
+    if "search" not in config.knobs() or getattr(config, "search", True):
+        return None
+    retry = config.with_knobs(search=True)
+    return replace(job, precision=retry) if _checks(retry, job.backend) else None
 
 
 def _checks(config: PrecisionConfig, backend: str) -> bool:
