@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "vlexport",
             "vlexport.errors",
             "vlexport.cpu",
+            "vlexport.memory",
             "vlexport.userdata",
             "vlexport.artifact",
             "vlexport.manifest",
