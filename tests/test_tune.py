@@ -313,3 +313,23 @@ def test_a_missed_candidate_is_built_again_with_its_search() -> None:
         _searched(ExportJob("p", None, precision=vision, component_precisions={"image_encoder": vision}))
         is None
     )
+
+
+def test_family_mixes_are_listed_per_backend_that_derives_them_and_per_kernel_set(tmp_path: Path) -> None:
+    from vlexport.bench.tune import TunePlan, mix_candidates
+    from vlexport.models import get_family
+    from vlexport.weights import resolve
+
+    source = resolve("blip2-opt-tiny", random_weights=True)
+    spec = get_family("blip2").task("generate")
+    mixes = spec.component_mixes(source.config)
+    names = [c.name for c in spec.components(source.config)]
+    plan = TunePlan("blip2-opt-tiny", tmp_path / "o", backends=("onnx", "aoti"))
+    listed = mix_candidates(plan, mixes, names, [(), ("attention", "bridge")])
+    # aoti compiles whole models: no mix; onnx: each mix from the plain and from the kernels parent
+    kernels = ("attention", "bridge")
+    assert [(c.backend, c.kernels) for c, _ in listed] == [("onnx", ())] * 2 + [("onnx", kernels)] * 2
+    assert len({c.slug for c, _ in listed}) == 4 and all(config is not None for _, config in listed)
+    assert {c.components["decoder"] for c, _ in listed} == {"int4-weight quantize_embeddings=True"}
+    # --precisions counts a mix by its loosest component's precision
+    assert mix_candidates(TunePlan("m", tmp_path / "o", precisions=("int8-weight",)), mixes, names) == []

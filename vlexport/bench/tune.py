@@ -150,7 +150,7 @@ class Candidate:
         """Its directory name in the work dir (a mix: named by a hash of its recipe)."""
         if self.components:
             digest = hashlib.sha256(json.dumps(self.components, sort_keys=True).encode()).hexdigest()[:8]
-            return f"{self.backend}-mix-{digest}"
+            return f"{self.backend}-mix-{digest}" + ("-kernels" if self.kernels else "")
         return f"{self.backend}-{self.precision}" + ("-kernels" if self.kernels else "")
 
 
@@ -209,32 +209,40 @@ def config_label(config: PrecisionConfig) -> str:
 
 
 def mix_candidates(
-    plan: TunePlan, mixes: Sequence[Mapping[str, PrecisionConfig]], components: Sequence[str]
-) -> list[tuple[Candidate, PrecisionConfig]]:
+    plan: TunePlan,
+    mixes: Sequence[Mapping[str, PrecisionConfig]],
+    components: Sequence[str],
+    kernel_sets: Sequence[tuple[str, ...]] = ((),),
+) -> list[tuple[Candidate, PrecisionConfig | None]]:
     """The family's per-component recipes, for every backend asked for that derives them from its fp32
-    parent (a quantization pass per precision); unnamed components stay fp32."""
+    parent (a quantization pass per precision) and each kernel set it runs as kernels (the mix is built
+    from that kernel set's parent); unnamed components stay fp32."""
     out = []
-    for name in plan.backends or backend_names():
+    for name, mix, kernels in (
+        (n, m, k) for n in plan.backends or backend_names() for k in kernel_sets for m in mixes
+    ):
         backend = get_backend(name)
-        for mix in mixes:
-            mapping = {k: targets(c, plan) for k, c in per_component(mix, components, None, {}).items()}
-            judge = loosest(mapping.values())
-            if plan.precisions and judge.name not in plan.precisions:
-                continue
-            if derivation(backend, judge) is None or any(
-                c.name != "fp32" and precision_pass(name, c.name) is None for c in mapping.values()
-            ):
-                continue  # this backend builds whole models only
-            cand = Candidate(name, judge.name, components={k: config_label(c) for k, c in mapping.items()})
-            cand.mix = mapping
-            try:
-                for c in mapping.values():
-                    c.check_for(name, None)
-            except UsageError as e:
-                cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
-                out.append((cand, None))
-                continue
-            out.append((cand, judge))
+        if kernels and kernels_runnable(name, plan.device):
+            continue
+        mapping = {k: targets(c, plan) for k, c in per_component(mix, components, None, {}).items()}
+        judge = loosest(mapping.values())
+        if plan.precisions and judge.name not in plan.precisions:
+            continue
+        if derivation(backend, judge) is None or any(
+            c.name != "fp32" and precision_pass(name, c.name) is None for c in mapping.values()
+        ):
+            continue  # this backend builds whole models only
+        labels = {k: config_label(c) for k, c in mapping.items()}
+        cand = Candidate(name, judge.name, kernels, components=labels)
+        cand.mix = mapping
+        try:
+            for c in mapping.values():
+                c.check_for(name, None)
+        except UsageError as e:
+            cand.reason = f"skipped: {' '.join(str(e).split())[:300]}"
+            out.append((cand, None))
+            continue
+        out.append((cand, judge))
     return out
 
 
@@ -536,7 +544,7 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
     mixes = task_spec.component_mixes(source.config) if task_spec.generative else ()
     if mixes:
         names = [c.name for c in task_spec.components(source.config)]
-        listed += mix_candidates(plan, mixes, names)
+        listed += mix_candidates(plan, mixes, names, family_kernels(source.family, plan.kernels))
     if not any(config is not None for _, config in listed):
         raise UsageError(
             "No backend x precision asked for can be built here: " + "; ".join(c.reason for c, _ in listed)
