@@ -377,6 +377,20 @@ def test_a_generative_miss_is_told_the_search_that_works(exported, tmp_path: Pat
     assert not out.exists()
 
 
+def _int4_search(parent: str, out: Path, min_cosine: str) -> list[str]:
+    return [
+        "quantize",
+        parent,
+        "-o",
+        str(out),
+        "--precision",
+        "int4-weight",
+        "--search",
+        "--min-cosine",
+        min_cosine,
+    ]
+
+
 def test_generative_search_picks_the_largest_block_that_generates_within_the_target(
     exported, tmp_path: Path, capsys
 ) -> None:
@@ -387,17 +401,7 @@ def test_generative_search_picks_the_largest_block_that_generates_within_the_tar
     land below the target there.)"""
     parent = str(exported("blip2-opt-tiny", "generate"))
     out, replay = tmp_path / "w4", tmp_path / "replay"
-    args = [
-        "quantize",
-        parent,
-        "-o",
-        str(out),
-        "--precision",
-        "int4-weight",
-        "--search",
-        "--min-cosine",
-        "0.98",
-    ]
+    args = _int4_search(parent, out, "0.98")
     assert main([*args, "--accept-degraded"]) == 0, capsys.readouterr().err
     printed = " ".join(capsys.readouterr().out.split())
     m = Manifest.read(out)
@@ -428,17 +432,7 @@ def test_ctrl_c_during_a_generative_search_leaves_nothing(exported, tmp_path: Pa
 def test_generative_search_that_finds_no_block_writes_nothing(exported, tmp_path: Path, capsys) -> None:
     out = tmp_path / "w4"
     parent = str(exported("blip2-opt-tiny", "generate"))
-    args = [
-        "quantize",
-        parent,
-        "-o",
-        str(out),
-        "--precision",
-        "int4-weight",
-        "--search",
-        "--min-cosine",
-        "0.9999",
-    ]
+    args = _int4_search(parent, out, "0.9999")
     assert main(args) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "found no block size that meets cosine >= 0.9999" in err and "seeded calibration samples" in err
