@@ -291,26 +291,26 @@ def test_a_missed_candidate_is_built_again_with_its_search() -> None:
     knob; a per-component mix with --search on its weight-only components only (their block is searched by
     generating, tests/test_quantize_search.py), the others as they were; nothing when there is nothing to
     search."""
-    from vlexport.bench.tune import _searched
+    from vlexport.bench.tune import _with_search
     from vlexport.contracts.backends import ExportJob
     from vlexport.contracts.precision import Fp32Config, Int4WeightConfig, Int8DynamicConfig
 
     whole = ExportJob("p", None, precision=Int4WeightConfig())
-    again = _searched(whole)
+    again = _with_search(whole)
     assert again is not None and again.precision == Int4WeightConfig(search=True)
-    assert _searched(ExportJob("p", None, precision=Int4WeightConfig(search=True))) is None
-    assert _searched(ExportJob("p", None, precision=Fp32Config())) is None
+    assert _with_search(ExportJob("p", None, precision=Int4WeightConfig(search=True))) is None
+    assert _with_search(ExportJob("p", None, precision=Fp32Config())) is None
     vision = Int8DynamicConfig(activations="per-token")
     mix = {"decoder": Int4WeightConfig(quantize_embeddings=True), "image_encoder": vision}
     job = ExportJob("p", None, precision=Int4WeightConfig(), component_precisions=mix)
-    again = _searched(job)
+    again = _with_search(job)
     assert again is not None and again.component_precisions == {
         "decoder": Int4WeightConfig(quantize_embeddings=True, search=True),
         "image_encoder": vision,
     }
     assert again.precision.name == "int4-weight" and job.component_precisions == mix  # the miss's job kept
     assert (
-        _searched(ExportJob("p", None, precision=vision, component_precisions={"image_encoder": vision}))
+        _with_search(ExportJob("p", None, precision=vision, component_precisions={"image_encoder": vision}))
         is None
     )
 

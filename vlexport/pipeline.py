@@ -479,9 +479,10 @@ def _search_generation(
         job.component_precisions = {
             k: candidate if getattr(c, "search", False) else c for k, c in given.items()
         }
-        for rel in ctx.parent.components:  # the previous candidate's files
-            for f in ctx.out_dir.glob(f"{rel}*"):
-                f.unlink()
+        if "last" in built:  # the previous candidate's component files
+            for comp in built["last"].components.values():
+                for rel in filter(None, (comp.file, comp.external_data)):
+                    (ctx.out_dir / rel).unlink(missing_ok=True)
         derived = built["last"] = _build(ctx, backend, how)
         manifest = variant(derived)
         manifest.record_hashes(ctx.out_dir)

@@ -348,7 +348,7 @@ class _Builds:
         try:
             return run_export(job, self.progress)
         except ValidationError as e:
-            searched = _searched(job)
+            searched = _with_search(job)
             if searched is None:
                 raise
             self.progress(f"{cand.name} missed: searching a recipe")
@@ -366,7 +366,7 @@ class _Builds:
         return self.parents[key]
 
 
-def _searched(job: ExportJob) -> ExportJob | None:
+def _with_search(job: ExportJob) -> ExportJob | None:
     """``job`` again with ``--search`` where its precision has the knob and allows it here: the whole-model
     config, or a mix's weight-only components (their block, scored by generating: pipeline); None: nothing
     to search."""
@@ -566,7 +566,7 @@ def _run_tune(plan: TunePlan, progress: Progress) -> dict[str, Any]:
         survivors = [c for c, _ in listed if c.passed]
         rows, runs = _bench(plan, survivors, progress) if survivors else ([], 0)
         chosen = _choose(plan, survivors)
-        report = _report(plan, [c for c, _ in listed], chosen, rows)
+        report = _report(plan, [c for c, _ in listed], chosen, rows, generative=task_spec.generative)
         report["budget"] = budget.record(builds.count)
         report["bench_runs"] = runs  # > 1: the survivors did not fit in memory at once (bench_groups)
         if chosen is None:
@@ -758,9 +758,13 @@ def _choose(plan: TunePlan, survivors: Sequence[Candidate]) -> Candidate | None:
 
 
 def _report(
-    plan: TunePlan, cands: Sequence[Candidate], chosen: Candidate | None, rows: Sequence[Any]
+    plan: TunePlan,
+    cands: Sequence[Candidate],
+    chosen: Candidate | None,
+    rows: Sequence[Any],
+    *,
+    generative: bool,
 ) -> dict:
-    generative = any(r.new_tokens for r in rows) or any(c.components for c in cands)
     return {
         "model": plan.model,
         "task": plan.task,

@@ -17,6 +17,7 @@ The per-token scheme streams one weight at a time (quantize/onnx_per_token.py) a
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -48,13 +49,21 @@ quantize_dynamic(a.pop("src"), a.pop("dst"), weight_type=QuantType.QInt8, **a)
 
 def weight_bytes(path: Path) -> int:
     """The graph's bytes: its protobuf plus the external data its initializers point at."""
-    model = onnx.load(str(path), load_external_data=False)
+    st = path.stat()
+    return _weight_bytes(str(path), st.st_mtime_ns, st.st_size)
+
+
+# keyed by the file's identity: the sensitivity sweep quantizes one source once per MatMul, and a graph with
+# its weights inline would otherwise be parsed again each time only to be sized
+@functools.lru_cache(maxsize=16)
+def _weight_bytes(path: str, mtime_ns: int, size: int) -> int:
+    model = onnx.load(path, load_external_data=False)
     external = 0
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             external += int(info.get("length", 0))
-    return path.stat().st_size + external
+    return size + external
 
 
 def quantize_dynamic(
