@@ -231,6 +231,9 @@ def p50_ms(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 60
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
+    # taking turns, a session must not spin after its run: the next one's would share the cores with the
+    # spinning threads (every p50 measured ~2.8x its time alone, ratios compressed toward 1)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
         k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()
     }

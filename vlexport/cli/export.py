@@ -159,7 +159,8 @@ def _search_lines(source: str, output: Path, search: dict) -> list[str]:
         nodes = r["fp32_nodes"]
         grain = f"{r['activations']} activations, " if "activations" in r else ""
         found = (
-            f"search: recipe {grain}smooth={r['smooth']}, {len(nodes)} MatMul(s) kept fp32"
+            f"search: recipe {grain}smooth={r['smooth']}, {len(nodes)} MatMul(s) kept "
+            f"{r.get('kept_as', 'fp32')}"
             + (f" ({', '.join(nodes)})" if nodes else "")
             + f"; sensitivity table and plot in {output / 'search'}"
         )

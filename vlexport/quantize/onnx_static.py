@@ -91,7 +91,7 @@ class OnnxInt8StaticPass:
     precision = Int8StaticConfig.name
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        from vlexport.quantize.search import Scheme, search, smoothed_source, write_report
+        from vlexport.quantize.search import Scheme, search, smoothed_source, write_kept, write_report
 
         config = ctx.job.precision
         assert isinstance(config, Int8StaticConfig)
@@ -137,9 +137,20 @@ class OnnxInt8StaticPass:
                     ctx.job.precision = chosen  # the manifest records the recipe found as the knobs
                 source, default_keep, n = smoothed_source(src, chosen.smooth, cal.feeds, out.parent)
                 exclude = list(chosen.fp32_nodes) if chosen.fp32_nodes is not None else default_keep
-                quantize_static_graph(source, out, chosen, cal.feeds, exclude=exclude, external=external)
+                write_kept(
+                    lambda s, d, c, e: quantize_static_graph(
+                        s, d, c, cal.feeds, exclude=e, external=external
+                    ),
+                    source,
+                    out,
+                    chosen,
+                    exclude,
+                    external=external,
+                )
                 if exclude:
                     details["fp32_nodes"] = exclude
+                    if chosen.kept_as != "fp32":
+                        details["kept_as"] = chosen.kept_as
                 if chosen.smooth is not None:
                     details["smooth"] = {
                         "alpha": chosen.smooth,

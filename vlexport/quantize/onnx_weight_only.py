@@ -20,6 +20,7 @@ refused up front (its CPU provider would fail on the first call).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -286,13 +287,21 @@ class _Rewrite:
 
 
 def weight_only_nbits(
-    src: Path, dst: Path, config: WeightOnlyConfig, *, external: bool, exclude: tuple[str, ...] = ()
+    src: Path,
+    dst: Path,
+    config: WeightOnlyConfig,
+    *,
+    external: bool,
+    exclude: tuple[str, ...] = (),
+    only: Collection[str] | None = None,
 ) -> dict[str, int]:
     """Write ``src`` to ``dst`` with its constant-weight MatMuls (and Gemms) as MatMulNBits of
     ``config.weight_bits`` (and, with ``config.quantize_embeddings``, its embedding Gathers as
     GatherBlockQuantized); returns how many of each op it wrote.
 
-    ``exclude``: node names kept fp32. ``external``: write the weights to ``dst.name + ".data"``.
+    ``exclude``: node names kept fp32; ``only``: the node names rewritten (None: every one the rule takes;
+    the int8 activation schemes keep their left-out MatMuls this way, quantize/search.py ``write_kept``).
+    ``external``: write the weights to ``dst.name + ".data"``.
     """
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
@@ -300,8 +309,10 @@ def weight_only_nbits(
     rewrite = _Rewrite(graph, config, tensors)
     try:
         for node in graph.node:
-            if node.name in exclude or not (
-                rewrite.linear(node) or (config.quantize_embeddings and rewrite.gather(node))
+            if (
+                node.name in exclude
+                or (only is not None and node.name not in only)
+                or not (rewrite.linear(node) or (config.quantize_embeddings and rewrite.gather(node)))
             ):
                 rewrite.nodes.append(node)
         uses = rewrite.uses

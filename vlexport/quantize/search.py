@@ -25,11 +25,13 @@ what was searched with. Cheapest first:
    plot (the chosen recipe's grain);
 3. on each base, the k most sensitive MatMuls kept fp32, k = 1, 2, ... up to ``max_fp32`` (a third of them,
    at most ``MAX_FP32``); the first k that meets the targets, pruned (each kept MatMul, the largest first,
-   quantized again if the targets still hold) is that grain's recipe. None: a ``CheckError`` that names the
-   precision likely to pass (int8-weight: activations stay float);
-4. when both grains found one, the faster here (``p50_ms``, interleaved on the largest calibration feed) is
-   the recipe: per-token scales cost nodes, fp32 MatMuls cost int8's speed, and which costs more is the
-   machine's and the model's.
+   quantized again if the targets still hold) is that grain's recipe; then the same with the MatMuls kept
+   as int8-weight (``kept_as``: 8-bit MatMulNBits, activations quantized per row and block inside the
+   kernel), k from fp32's up to twice it. None: a ``CheckError`` that names the precision likely to pass
+   (int8-weight: activations stay float);
+4. when several recipes were found, the fastest here (``p50_ms``, interleaved on the largest calibration
+   feed) is the recipe: per-token scales cost nodes, fp32 MatMuls cost int8's speed, int8-weight ones less,
+   and which costs more is the machine's and the model's.
 
 Weight-only schemes try ``BLOCK_GRID`` from the largest block (the smallest, fastest file) down; the first
 that meets the targets is the recipe.
@@ -51,6 +53,7 @@ import onnx
 
 from vlexport.contracts.precision import (
     ACTIVATION_SCALES,
+    KEPT_AS,
     Int8DynamicConfig,
     Int8StaticConfig,
     PrecisionConfig,
@@ -140,13 +143,47 @@ def build(
     """
     source, default_keep, n = smoothed_source(src, config.smooth, feeds() if config.smooth else (), scratch)
     exclude = list(config.fp32_nodes) if config.fp32_nodes is not None else default_keep
-    quantize(source, dst, config, exclude, external)
+    write_kept(
+        lambda s, d, c, e: quantize(s, d, c, e, external), source, dst, config, exclude, external=external
+    )
     details: dict[str, Any] = {"fp32_nodes": exclude} if exclude else {}  # plain int8-dynamic: nothing kept
+    if exclude and config.kept_as != "fp32":
+        details["kept_as"] = config.kept_as
     if config.smooth is not None:
         details["smooth"] = {"alpha": config.smooth, "activations_smoothed": n, "kept_fp32": exclude}
     if config.activations != "per-tensor":
         details["activations"] = config.activations
     return details
+
+
+Write = Callable[[Path, Path, "Int8Recipe", Sequence[str]], None]  # (src, dst, config, nodes left out)
+
+# The block of the MatMulNBits that keep left-out MatMuls as int8-weight: its int8 kernel quantizes each row's
+# activations per block, so smaller blocks are more accurate and slower (real MiniLM, batch 8, 5 FFN-output
+# MatMuls kept: 3.2 ms over plain int8 as fp32, 2.5 ms at block 32, 1.7 ms at 128; min cosines within 0.0007)
+KEPT_BLOCK = 128
+
+
+def write_kept(
+    write: Write, src: Path, dst: Path, config: Int8Recipe, nodes: Sequence[str], *, external: bool = False
+) -> None:
+    """``write`` (a scheme's writer) of ``src`` to ``dst`` with ``nodes`` left out of int8, then those nodes
+    kept as ``config.kept_as`` says: fp32 as written, or int8-weight (MatMulNBits, block ``KEPT_BLOCK``)."""
+    if config.kept_as == "fp32" or not nodes:
+        write(src, dst, config, nodes)
+        return
+    from vlexport.contracts.precision import Int8WeightConfig
+    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+
+    pre = dst.with_name(f"{dst.stem}-int8.onnx")
+    try:
+        write(src, pre, config, nodes)
+        weight_only_nbits(
+            pre, dst, Int8WeightConfig(block_size=KEPT_BLOCK), external=external, only=set(nodes)
+        )
+    finally:
+        for p in dst.parent.glob(f"{pre.name}*"):  # the graph and its external data, if any
+            p.unlink()
 
 
 def recipe(config: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Int8Recipe:
@@ -220,6 +257,9 @@ def _session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # ORT's pool spins after each run by default: graphs taking turns (p50_ms) would each run beside the
+    # previous one's spinning threads (real MiniLM at batch 8 on 2 cores: every p50 ~2.8x its time alone)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -312,7 +352,7 @@ def _label(config: PrecisionConfig, alpha: float | None, nodes: Sequence[str]) -
     return (
         ("per-token " if _grain(config) == "per-token" else "")
         + f"{'plain' if alpha is None else f'smooth {alpha:g}'}"
-        + (f" + {len(nodes)} fp32" if nodes else "")
+        + (f" + {len(nodes)} {getattr(config, 'kept_as', 'fp32')}" if nodes else "")
     )
 
 
@@ -393,12 +433,19 @@ class _Run:
                 self.progress(f"search: SmoothQuant {alpha:g} on {len(self.feeds)} calibration feeds")
             self.sources[alpha] = smoothed_source(self.src, alpha, self.feeds, self.scratch)[0]
         work = self.scratch / "candidate.onnx"
-        self.scheme.write(self.sources[alpha], work, base, nodes)
+        write_kept(self.scheme.write, self.sources[alpha], work, base, nodes)
         s = self.scorer.score(work)
         label = _label(base, alpha, nodes)
         grain = {"activations": _grain(base)} if isinstance(base, Int8DynamicConfig) else {}
         self.result.candidates.append(
-            {"candidate": label, **grain, "smooth": alpha, "fp32_nodes": list(nodes), **s.as_dict()}
+            {
+                "candidate": label,
+                **grain,
+                "smooth": alpha,
+                "fp32_nodes": list(nodes),
+                "kept_as": base.kept_as,
+                **s.as_dict(),
+            }
         )
         self.progress(f"search: {label}: {s.summary()}")
         return s
@@ -420,11 +467,19 @@ class _Run:
             ranked = [r["node"] for r in table]
             top = min(max(1, math.ceil(len(ranked) / 3)) if third else limit, limit, len(ranked))
             most = max(most, top)
-            for k in range(1, top + 1):
-                if self.scored(base, alpha, ranked[:k]).passed:
-                    kept = _pruned(ranked[:k], table, alpha, functools.partial(self.scored, base))
-                    found.append((recipe(base, alpha, kept), table))
+            start, stop = 1, top
+            # fp32 first (the most accurate keep), then int8-weight from as many as fp32 needed up to twice
+            # as many: it keeps less accuracy, and costs about half of fp32's time per MatMul (KEPT_BLOCK)
+            for kept_as in KEPT_AS:
+                keep = dataclasses.replace(base, kept_as=kept_as)
+                k = next(
+                    (k for k in range(start, stop + 1) if self.scored(keep, alpha, ranked[:k]).passed), 0
+                )
+                if not k:
                     break
+                kept = _pruned(ranked[:k], table, alpha, functools.partial(self.scored, keep))
+                found.append((recipe(keep, alpha, kept), table))
+                start, stop = k, min(top, 2 * k)
             self.result.sensitivity = self.result.sensitivity or table
         return found, most
 
@@ -437,14 +492,21 @@ class _Run:
         paths = []
         for i, (config, _) in enumerate(found):
             paths.append(self.scratch / f"finalist-{i}.onnx")
-            self.scheme.write(self.sources[config.smooth], paths[-1], config, config.fp32_nodes or ())
+            write_kept(
+                self.scheme.write, self.sources[config.smooth], paths[-1], config, config.fp32_nodes or ()
+            )
         feed = max(self.feeds, key=lambda f: sum(v.size for v in f.values()))
         self.progress(f"search: timing the {len(found)} recipes that pass")
         times = p50_ms(paths, feed)
         for (config, _), ms in zip(found, times):
             label = _label(config, config.smooth, config.fp32_nodes or ())
             self.result.timed.append(
-                {"candidate": label, "activations": _grain(config), "p50_ms": round(ms, 3)}
+                {
+                    "candidate": label,
+                    "activations": _grain(config),
+                    "kept_as": config.kept_as,
+                    "p50_ms": round(ms, 3),
+                }
             )
             self.progress(f"search: {label}: {ms:.2f} ms")
         return found[times.index(min(times))]
