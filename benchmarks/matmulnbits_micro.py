@@ -5,7 +5,7 @@ The shape is OPT-2.7b's FFN projection (x[M, 2560] @ W[2560, 10240]) at M = 1 (b
 of each variant per round, so a load change hits all of them alike), median of ``--reps`` rounds; results
 are ratios to the fp32 MatMul's median only (absolute times follow the machine's load, which is recorded:
 ``uptime`` before and after). The quantized weights come from vlexport's own pass
-(quantize/onnx_weight_only.py), so what is timed is what an int8-weight / int4-weight artifact runs.
+(quantize/matmul_nbits.py), so what is timed is what an int8-weight / int4-weight artifact runs.
 What it answers: which accuracy level makes each width fast on this CPU (contracts/precision.py defaults).
 
 Run: ``python benchmarks/matmulnbits_micro.py [--reps 40]``
@@ -46,7 +46,7 @@ def _model(nodes: list, inits: list) -> bytes:
 
 
 def models(weight: np.ndarray) -> dict[str, bytes]:
-    from vlexport.quantize.onnx_weight_only import quantize_block
+    from vlexport.quantize.matmul_nbits import quantize_block
 
     out = {
         "fp32": _model(

@@ -316,7 +316,7 @@ def weight_only(
     block sizes users pick from; int4 block 32 also at fp32 compute (level 1), which the kernel may pick on
     another CPU."""
     from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, WeightOnlyConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+    from vlexport.quantize.matmul_nbits import weight_only_nbits
 
     configs: list[WeightOnlyConfig] = [Int8WeightConfig(), Int8WeightConfig(block_size=128)]
     configs += [Int4WeightConfig(block_size=b) for b in (32, 64, 128)]

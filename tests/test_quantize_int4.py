@@ -19,7 +19,7 @@ from vlexport.cli import main
 from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, get_precision
 from vlexport.errors import UsageError
 from vlexport.manifest import Manifest
-from vlexport.quantize.onnx_weight_only import linear_weight
+from vlexport.quantize.matmul_nbits import linear_weight
 
 
 def _nbits(directory: Path) -> list[dict[str, int]]:
@@ -193,7 +193,7 @@ def test_quantized_embeddings_share_the_tied_table(tmp_path: Path, config) -> No
 
     import onnxruntime as ort
 
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+    from vlexport.quantize.matmul_nbits import weight_only_nbits
 
     for d in ("src", "plain", "emb"):
         (tmp_path / d).mkdir()

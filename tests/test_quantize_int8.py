@@ -24,7 +24,7 @@ from vlexport.contracts.precision import (
     get_precision,
 )
 from vlexport.manifest import Manifest
-from vlexport.quantize.onnx_weight_only import linear_weight
+from vlexport.quantize.matmul_nbits import linear_weight
 from vlexport.validate import validate_directory
 
 
@@ -290,7 +290,7 @@ def test_streaming_weight_only_equals_onnxruntime_quantizer(
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+    from vlexport.quantize.matmul_nbits import weight_only_nbits
 
     for d in ("src", "canon", "mine"):
         (tmp_path / d).mkdir()

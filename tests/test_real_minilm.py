@@ -40,7 +40,7 @@ def test_int8_weight_and_smoothed_int8_dynamic_keep_real_embeddings(minilm) -> N
     from minilm_sentences import sentences
 
     from vlexport.contracts.precision import Int8WeightConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+    from vlexport.quantize.matmul_nbits import weight_only_nbits
     from vlexport.quantize.smoothing import smooth
 
     _module, tok, fp32, feeds, ref, work = minilm
@@ -68,7 +68,7 @@ def test_int4_weight_costs_real_embeddings_more_than_int8(minilm) -> None:
     """16 levels per block of 32 on the real BERT: mean cosine ~0.976 (min ~0.91) on the study's sentences,
     where int8-weight keeps 0.9997; still within int4-weight's 0.95 on average, and retrieval unchanged."""
     from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
+    from vlexport.quantize.matmul_nbits import weight_only_nbits
 
     _module, _tok, fp32, feeds, ref, work = minilm
     got = {}

@@ -158,6 +158,7 @@ def test_kernels_on_off_listing_and_work_dir_reuse_after_an_interruption(
         "reduce_range": not exact_int8_dot(),  # this CPU's (cpu.py)
         "activations": "per-tensor",
         "fp32_nodes": [],
+        "kept_as": "fp32",
     }
     for c in (by["onnx fp32 +attention,bridge"], dyn):
         assert set(c["p50_ms"]) == set(c["speedup_vs_eager"]) == {"1", "2"}

@@ -393,7 +393,7 @@ class WeightOnlyConfig(TargetedPrecision):
     accuracy_level: int = 4
     symmetric: bool = False  # a zero point per block: every level is used for skewed blocks
     # Embedding tables (constant Gathers) as GatherBlockQuantized at the same width and blocks, a tied lm_head
-    # sharing the table's bytes (quantize/onnx_weight_only.py). Off by default: the token table is a tenth of
+    # sharing the table's bytes (quantize/matmul_nbits.py). Off by default: the token table is a tenth of
     # BLIP-2 OPT's weights and the lookups cost no compute, so it only saves bytes
     quantize_embeddings: bool = False
     # --search: when the default block misses the targets, try blocks from the cheapest (128) down
@@ -435,7 +435,7 @@ class Int8WeightConfig(WeightOnlyConfig):
     """Int8 weights (activations are never stored quantized): the decode-bandwidth lever for language models.
 
     On CPU the 8-bit MatMulNBits kernel computes in int8 (``accuracy_level`` 4), quantizing activations
-    per ``block_size`` block inside the kernel; it is the only fast x86 path (quantize/onnx_weight_only.py).
+    per ``block_size`` block inside the kernel; it is the only fast x86 path (quantize/matmul_nbits.py).
     Block 32 keeps real all-MiniLM-L6-v2 embeddings at cosine >= 0.998 (min 0.99847); 128 gives min 0.99390
     (benchmarks/results/real-minilm-precision.json) for a ~10% smaller, faster file.
     """

@@ -56,11 +56,13 @@ from vlexport.contracts.precision import (
     KEPT_AS,
     Int8DynamicConfig,
     Int8StaticConfig,
+    Int8WeightConfig,
     PrecisionConfig,
     Tolerance,
     WeightOnlyConfig,
 )
 from vlexport.errors import CheckError
+from vlexport.quantize.matmul_nbits import weight_only_nbits
 from vlexport.quantize.onnx_per_token import quantize_per_token
 from vlexport.quantize.ort_quantizer import quantize_dynamic
 from vlexport.quantize.smoothing import after_activation_matmuls, constant_weight_matmuls, smooth
@@ -172,9 +174,6 @@ def write_kept(
     if config.kept_as == "fp32" or not nodes:
         write(src, dst, config, nodes)
         return
-    from vlexport.contracts.precision import Int8WeightConfig
-    from vlexport.quantize.onnx_weight_only import weight_only_nbits
-
     pre = dst.with_name(f"{dst.stem}-int8.onnx")
     try:
         write(src, pre, config, nodes)
