@@ -25,6 +25,7 @@ from vlexport.contracts.precision import (
 )
 from vlexport.manifest import Manifest
 from vlexport.quantize.matmul_nbits import linear_weight
+from vlexport.quantize.smoothing import constant_weight_matmuls
 from vlexport.validate import validate_directory
 
 
@@ -206,6 +207,12 @@ def test_int8_dynamic_smoothing_keeps_gelu_fed_matmuls_fp32(exported, tmp_path: 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     kept = {n.name for n in graph.node if n.op_type == "MatMul"}
     assert set(sm["kept_fp32"]) <= kept  # still float MatMuls; the others were quantized
+    # ... reading their GELU output unsmoothed: it has no other reader, so no Mul either
+    assert all(not n.input[0].endswith("_smoothed") for n in graph.node if n.name in sm["kept_fp32"])
+    (comp,) = Manifest.read(parent).components.values()
+    assert sm["activations_smoothed"] == len(
+        constant_weight_matmuls(onnx.load(str(parent / comp.file)))
+    ) - len(sm["kept_fp32"])
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
     assert (
         sum(n.op_type == "Mul" and n.name.endswith("_smooth") for n in graph.node)

@@ -135,7 +135,9 @@ class OnnxInt8StaticPass:
                     files.extend(write_report(result, ctx.out_dir))
                     details["search"] = {**result.record(), "files": files}
                     ctx.job.precision = chosen  # the manifest records the recipe found as the knobs
-                source, default_keep, n = smoothed_source(src, chosen.smooth, cal.feeds, out.parent)
+                source, default_keep, n = smoothed_source(
+                    src, chosen.smooth, cal.feeds, out.parent, leave=chosen.fp32_nodes
+                )
                 exclude = list(chosen.fp32_nodes) if chosen.fp32_nodes is not None else default_keep
                 write_kept(
                     lambda s, d, c, e: quantize_static_graph(

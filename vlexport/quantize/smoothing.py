@@ -13,7 +13,7 @@ activation, shared by the MatMuls that read it (Q, K and V). Xiao et al., Smooth
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 import onnx
@@ -53,13 +53,27 @@ def activation_ranges(
     return ranges
 
 
-def smooth(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], alpha: float = 0.5) -> int:
+def smooth(
+    model: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    alpha: float = 0.5,
+    *,
+    leave: Collection[str] = (),
+    ranges: dict[str, np.ndarray] | None = None,
+) -> int:
     """Rewrite ``model`` in place (graph below 2 GiB: the probe is serialised); returns activations
-    smoothed."""
-    groups = constant_weight_matmuls(model)
+    smoothed. ``leave``: MatMuls that keep their weight and read the activation as it was (those a recipe
+    keeps out of int8 gain nothing from smoothing, and an activation none of whose MatMuls is smoothed needs
+    no ``Mul``); ``ranges``: ``activation_ranges`` of this graph already measured (they do not depend on
+    alpha or ``leave``)."""
+    groups = {
+        act: kept
+        for act, nodes in constant_weight_matmuls(model).items()
+        if (kept := [n for n in nodes if n.name not in leave])
+    }
     if not groups:
         return 0
-    ranges = activation_ranges(model, groups, feeds)
+    ranges = ranges if ranges is not None else activation_ranges(model, groups, feeds)
     init = {i.name: i for i in model.graph.initializer}
     users = defaultdict(int)
     for node in model.graph.node:
