@@ -91,7 +91,14 @@ class OnnxInt8StaticPass:
     precision = Int8StaticConfig.name
 
     def derive(self, ctx: DeriveContext) -> Derived:
-        from vlexport.quantize.search import Scheme, search, smoothed_source, write_kept, write_report
+        from vlexport.quantize.search import (
+            Scheme,
+            search,
+            smoothed_source,
+            unsmoothed,
+            write_kept,
+            write_report,
+        )
 
         config = ctx.job.precision
         assert isinstance(config, Int8StaticConfig)
@@ -136,7 +143,7 @@ class OnnxInt8StaticPass:
                     details["search"] = {**result.record(), "files": files}
                     ctx.job.precision = chosen  # the manifest records the recipe found as the knobs
                 source, default_keep, n = smoothed_source(
-                    src, chosen.smooth, cal.feeds, out.parent, leave=chosen.fp32_nodes
+                    src, chosen.smooth, cal.feeds, out.parent, leave=unsmoothed(chosen, chosen.fp32_nodes)
                 )
                 exclude = list(chosen.fp32_nodes) if chosen.fp32_nodes is not None else default_keep
                 write_kept(

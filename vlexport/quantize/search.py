@@ -109,10 +109,9 @@ def smoothed_source(
     """``src`` SmoothQuant-ed at ``alpha`` in ``scratch`` (``src`` itself for None); the GELU-fed MatMuls (the
     default fp32 rule, read before smoothing puts a Mul in between) and the activations smoothed.
 
-    ``leave``: the MatMuls the recipe keeps out of int8 (None: the default rule's), left unsmoothed, so an
-    activation read by kept MatMuls only needs no ``Mul`` (real MiniLM, 8 FFN MatMuls kept as int8-weight:
-    7 of 24 Muls gone, p50 at batch 8 0.637x -> 0.620x fp32, min cosine 0.99648 -> 0.99587). The file is named
-    for what was left, so a scheme's caches beside it (int8-static's ranges) never serve another graph."""
+    ``leave``: MatMuls left unsmoothed (None: the default rule's), so an activation read by them only needs
+    no ``Mul`` (``unsmoothed``). The file is named for what was left, so a scheme's caches beside it
+    (int8-static's ranges) never serve another graph."""
     if alpha is None:
         return src, [], 0
     model = onnx.load(str(src))
@@ -164,7 +163,11 @@ def build(
     ``feeds`` is called only when the recipe smooths (the calibration set costs a tokenizer or image reads).
     """
     source, default_keep, n = smoothed_source(
-        src, config.smooth, feeds() if config.smooth else (), scratch, leave=config.fp32_nodes
+        src,
+        config.smooth,
+        feeds() if config.smooth else (),
+        scratch,
+        leave=unsmoothed(config, config.fp32_nodes),
     )
     exclude = list(config.fp32_nodes) if config.fp32_nodes is not None else default_keep
     write_kept(
@@ -205,6 +208,15 @@ def write_kept(
     finally:
         for p in dst.parent.glob(f"{pre.name}*"):  # the graph and its external data, if any
             p.unlink()
+
+
+def unsmoothed(config: Int8Recipe, nodes: Sequence[str] | None) -> Sequence[str] | None:
+    """The kept MatMuls a recipe leaves unsmoothed: those kept fp32, where smoothing changes nothing but adds
+    a ``Mul`` (None: the default rule's). Kept as int8-weight, they stay smoothed: MatMulNBits quantizes
+    their activations per block, and smoothing evens those (real MiniLM, 8 MatMuls kept unsmoothed: p50 at
+    batch 8 0.637x -> 0.620x fp32, but the calibration set's worst row below the floor, so the search fell
+    back to fp32 keeps)."""
+    return nodes if config.kept_as == "fp32" else ()
 
 
 def recipe(config: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Int8Recipe:
@@ -464,10 +476,9 @@ class _Run:
         return smoothed_source(self.src, alpha, self.feeds, self.scratch, leave=nodes, ranges=self.ranges)[0]
 
     @contextlib.contextmanager
-    def source(self, alpha: float | None, nodes: Sequence[str]) -> Iterator[Path]:
-        """The source of a candidate keeping ``nodes``, those left unsmoothed: written for it and deleted
-        after (with what a scheme cached beside it), since a search tries dozens of sets, each a copy of
-        the model."""
+    def source(self, alpha: float | None, nodes: Sequence[str]) -> Iterator[Path]:  # nodes: left unsmoothed
+        """The source of a candidate leaving ``nodes`` unsmoothed: written for it and deleted after (with
+        what a scheme cached beside it), since a search tries dozens of sets, each a copy of the model."""
         if alpha is None or not nodes:
             yield self.base(alpha)
             return
@@ -480,7 +491,7 @@ class _Run:
 
     def scored(self, base: Int8Recipe, alpha: float | None, nodes: Sequence[str]) -> Score:
         work = self.scratch / "candidate.onnx"
-        with self.source(alpha, nodes) as source:
+        with self.source(alpha, unsmoothed(base, nodes)) as source:
             write_kept(self.scheme.write, source, work, base, nodes)
         s = self.scorer.score(work)
         label = _label(base, alpha, nodes)
@@ -539,7 +550,7 @@ class _Run:
         for i, (config, _) in enumerate(found):
             paths.append(self.scratch / f"finalist-{i}.onnx")
             nodes = config.fp32_nodes or ()
-            with self.source(config.smooth, nodes) as source:
+            with self.source(config.smooth, unsmoothed(config, nodes)) as source:
                 write_kept(self.scheme.write, source, paths[-1], config, nodes)
         feed = max(self.feeds, key=lambda f: sum(v.size for v in f.values()))
         self.progress(f"search: timing the {len(found)} recipes that pass")
