@@ -255,8 +255,8 @@ class Bf16Config(TargetedPrecision):
 ACTIVATION_SCALES = ("per-tensor", "per-token")  # Int8DynamicConfig.activations, cheapest first
 # How the int8 activation schemes keep the MatMuls they leave out (``fp32_nodes``): in fp32, or as 8-bit
 # weight-only MatMulNBits, whose int8 kernel quantizes activations per row and block (so an outlier row or
-# channel costs only its own block's precision). Real MiniLM, 5 FFN-output MatMuls kept: min cosine 0.99594
-# as fp32, 0.99554 as int8-weight block 128, at 0.67x vs 0.59x fp32's time (benchmarks/README.md).
+# channel costs only its own block's precision). Real MiniLM: --search keeps 5 MatMuls fp32 or 8 as
+# int8-weight (block 128), and times the second faster (README.md, "Accuracy targets and recipe search").
 KEPT_AS = ("fp32", "int8-weight")
 
 
