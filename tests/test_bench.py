@@ -301,3 +301,21 @@ def test_a_parity_miss_names_the_number_that_missed() -> None:
     status, _, detail = output_parity({"logits": got}, {"logits": ref}, get_precision("int8-dynamic"), {}.get)
     assert status == "failed-parity" and cos < 0.98
     assert detail.startswith(f"logits: tolerance cosine {cos:.5f} (limit cosine >= 0.98")
+
+
+def test_a_busy_machine_is_recorded_and_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    import os
+
+    from vlexport.bench.rows import shared_cores_note
+
+    cores = os.cpu_count() or 1
+    assert shared_cores_note(0.1, 1, cores=cores + 1) is None  # quiet: nothing to say
+    assert shared_cores_note(None, 64) is None  # no load average on this OS: no guess
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    out = tmp_path / "busy.json"
+    args = ["bench", *TINY, "--backends", "eager", "--batch-sizes", "1", "--warmup", "0", "--iters", "2"]
+    assert main([*args, "--threads", "1", "--json", str(out)]) == 0
+    rows, _ = read_rows(out)
+    assert rows and all(r.load_average == cores + 3.0 and r.threads == 1 for r in rows)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"load average {cores + 3.0:.1f} on {cores} core(s)" in err and "--threads 1 or fewer" in err

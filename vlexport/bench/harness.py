@@ -21,7 +21,7 @@ import torch
 from vlexport.bench.measure import Live, Progress, measure_shape, one_line
 from vlexport.bench.peaks import machine_peaks, peak_kind
 from vlexport.bench.rows import ERROR, BenchRow, fill_peak_fractions, fill_speedups, now
-from vlexport.bench.timing import device_name, resolve_device
+from vlexport.bench.timing import device_name, load_average, resolve_device
 from vlexport.bench.variants import (
     BenchContext,
     Variant,
@@ -119,6 +119,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRo
     groups = _plan_groups(plan)
     progress.start(sum(_steps(plan, g) for g in groups))
     torch.set_num_threads(threads)
+    load = load_average()  # before this run's own work: what else wants the cores
     try:
         progress.message(f"measuring this machine's GEMM and memory peaks ({threads} thread(s))")
         machine_peaks(device, threads)  # before any model loads: the machine as the rows will find it
@@ -131,6 +132,7 @@ def run_bench(plan: BenchPlan, progress: Progress | None = None) -> list[BenchRo
     for r in rows:
         found = peaks.get(r.peak_kind)
         r.peak_value = found.value if found else None
+        r.load_average = load
     fill_speedups(rows)
     fill_peak_fractions(rows)
     return rows

@@ -8,7 +8,9 @@ and peak fields (how close a row is to the machine's limit); files of schema 1 r
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ class BenchRow:
     device: str = ""
     device_kind: str = "cpu"  # cpu | cuda
     threads: int | None = None  # intra-op threads (torch and ONNX Runtime alike)
+    load_average: float | None = None  # the machine's 1-minute load as the run began (timing.py)
     # verdict
     status: str = OK  # ok | failed-parity | error
     # per output: max_abs, max_rel, cosine, agreement, kind
@@ -201,3 +204,24 @@ def is_reference(r: BenchRow) -> bool:
 
 def _shape_key(r: BenchRow) -> tuple:
     return (r.model, r.task, r.batch, r.seq_len, r.image_size, r.new_tokens)
+
+
+def shared_cores_note(load: float | None, threads: int, cores: int | None = None) -> str | None:
+    """What to say when other work and this run's threads want more cores than the machine has: the CPU
+    timings then share cores (ONNX Runtime's and OpenMP's threads spin on cores another process holds, and a
+    p50 can double), which the interleaved ratios survive and the absolute times and peak fractions do not."""
+    cores = cores or os.cpu_count() or 1
+    if load is None or load + threads <= cores + 0.5:
+        return None
+    return (
+        f"the machine was busy: load average {load:.1f} on {cores} core(s) as the run began, and each call "
+        f"used {threads} thread(s), so CPU timings shared cores with other work. Ratios to eager were "
+        "measured in the same rounds and still compare; absolute ms and peak fractions do not. Re-run on a "
+        f"quiet machine, or with --threads {max(1, int(cores - load))} or fewer."
+    )
+
+
+def busy_notes(rows: Sequence[BenchRow]) -> list[str]:
+    """The shared-cores note of each distinct load and thread count of ``rows``' CPU runs."""
+    notes = {shared_cores_note(r.load_average, r.threads or 1) for r in rows if r.device_kind == "cpu"}
+    return sorted(n for n in notes if n)

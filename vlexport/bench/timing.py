@@ -121,6 +121,15 @@ def device_name(device: str) -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable work, ours only as far as it has run: a bench reads it
+    before measuring anything); None where the OS keeps none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

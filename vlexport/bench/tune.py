@@ -702,6 +702,7 @@ def bench_groups(sizes_mib: Sequence[float], available_mib: float) -> list[list[
 
 def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -> tuple[list[Any], int]:
     from vlexport.bench.harness import BenchPlan, run_bench
+    from vlexport.bench.rows import busy_notes
     from vlexport.memory import available_bytes
 
     available = available_bytes()  # unknown: no bound
@@ -727,7 +728,10 @@ def _bench(plan: TunePlan, survivors: Sequence[Candidate], progress: Progress) -
             device=plan.device,
             new_tokens=plan.new_tokens,
         )
-        rows += run_bench(bench)
+        ran = run_bench(bench)
+        rows += ran
+        for note in busy_notes(ran):
+            progress(f"note: {note}")
     for c in survivors:
         note = f"artifact {Path(c.directory).name}"  # bench.variants.given_artifact_variant's row note
         mine = [r for r in rows if r.detail == note or r.detail.startswith(note + ";")]

@@ -94,6 +94,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlexport.bench import BenchPlan, run_bench
     from vlexport.bench.report import RichProgress, to_rich, write_reports
+    from vlexport.bench.rows import busy_notes
     from vlexport.bench.suite import dry_run, load_suite
 
     check_bench_args(args)  # whatever would lose the results after minutes of benchmarking, checked first
@@ -137,6 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     raise
                 case_errors += 1  # a suite goes on with its other cases
                 console.print(f"[red]error:[/red] case {', '.join(plan.models)}: {escape(str(e))}")
+    for note in busy_notes(rows):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     suite = f" --suite {args.suite}" if args.suite else ""
     title = f"vlexport bench{suite}{' --dry-run' if args.dry_run else ''}"
     for renderable in to_rich(rows, title=title):
