@@ -476,7 +476,7 @@ class _Run:
         return smoothed_source(self.src, alpha, self.feeds, self.scratch, leave=nodes, ranges=self.ranges)[0]
 
     @contextlib.contextmanager
-    def source(self, alpha: float | None, nodes: Sequence[str]) -> Iterator[Path]:  # nodes: left unsmoothed
+    def source(self, alpha: float | None, nodes: Sequence[str]) -> Iterator[Path]:
         """The source of a candidate leaving ``nodes`` unsmoothed: written for it and deleted after (with
         what a scheme cached beside it), since a search tries dozens of sets, each a copy of the model."""
         if alpha is None or not nodes:

@@ -67,9 +67,9 @@ def smooth(
     no ``Mul``); ``ranges``: ``activation_ranges`` of this graph already measured (they do not depend on
     alpha or ``leave``)."""
     groups = {
-        act: kept
+        act: scaled
         for act, nodes in constant_weight_matmuls(model).items()
-        if (kept := [n for n in nodes if n.name not in leave])
+        if (scaled := [n for n in nodes if n.name not in leave])
     }
     if not groups:
         return 0
