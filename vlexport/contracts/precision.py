@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from vlexport.cpu import exact_int8_dot
 from vlexport.errors import UsageError
@@ -25,7 +25,21 @@ from vlexport.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from vlexport.manifest import Manifest
+
+class ParentArtifact(Protocol):
+    """What a precision's ``check_for`` reads of the artifact it would derive from (a
+    ``vlexport.manifest.Manifest``): named here, so the contracts layer does not import the manifest, which
+    imports it."""
+
+    @property
+    def task(self) -> str: ...
+
+    @property
+    def components(self) -> Mapping[str, object]: ...
+
+    @property
+    def generation(self) -> Mapping[str, Any]: ...
+
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -124,7 +138,7 @@ class PrecisionConfig:
                 )
         return dataclasses.replace(self, **given)
 
-    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+    def check_for(self, backend: str, artifact: ParentArtifact | None) -> None:
         """Refuse (UsageError) what this precision cannot build from ``artifact`` (a parent's manifest; None
         when a model is exported) with ``backend``, before any work."""
         return
@@ -314,7 +328,7 @@ class Int8DynamicConfig(TargetedPrecision):
             )
         _recipe_knobs(self)
 
-    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+    def check_for(self, backend: str, artifact: ParentArtifact | None) -> None:
         if (
             (self.smooth is not None or self.search)
             and artifact is not None
@@ -361,7 +375,7 @@ class Int8StaticConfig(TargetedPrecision):
             )
         _recipe_knobs(self)
 
-    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+    def check_for(self, backend: str, artifact: ParentArtifact | None) -> None:
         if backend != "onnx" and (self.search or self.smooth is not None or self.fp32_nodes is not None):
             raise UsageError(
                 f"--search / --smooth / fp32 MatMuls shape ONNX int8-static graphs; {backend} builds its own "
@@ -416,7 +430,7 @@ class WeightOnlyConfig(TargetedPrecision):
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UsageError(f"accuracy_level must be 0..4 (MatMulNBits), got {self.accuracy_level}.")
 
-    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+    def check_for(self, backend: str, artifact: ParentArtifact | None) -> None:
         if self.search and backend != "onnx":
             raise UsageError(
                 f"--search scores MatMulNBits block sizes with ONNX Runtime; {backend} {self.name} takes "
@@ -467,7 +481,7 @@ class Int4WeightConfig(WeightOnlyConfig):
     backends: ClassVar[tuple[str, ...]] = ("onnx", "aoti")
     description: ClassVar[str] = "int4 weights (MatMulNBits; int8 compute on CPU); embeddings fp32 by default"
 
-    def check_for(self, backend: str, artifact: Manifest | None) -> None:
+    def check_for(self, backend: str, artifact: ParentArtifact | None) -> None:
         super().check_for(backend, artifact)
         if backend == "aoti" and self.block_size < 32:  # torchao's int4 groups are 32..256
             raise UsageError(
