@@ -75,7 +75,13 @@ class OnnxNoOptBackend(BackendBase):
         return Derived(dict(ctx.parent.components))
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> Any:
         return NoOptSession(path, threads=threads, interleaved=interleaved)
 

@@ -189,6 +189,34 @@ def test_decoder_graph_runs_with_an_empty_past(exported) -> None:
     assert any(i.name == "past_key_values.0.key" for i in graph.input)
 
 
+def test_decode_step_sessions_keep_the_attention_scale_out_of_fusedmatmul(exported, tmp_path) -> None:
+    """The decoder is loaded for one-row steps: ORT must not fold the attention scale into FusedMatMul's alpha
+    (MLAS runs one-row products through its GEMV kernels only at alpha 1). Read off the graph ORT optimized;
+    the encoder keeps the fusion."""
+    import onnxruntime as ort
+
+    from vlexport.runtime.onnx_session import session_options
+
+    out = exported("blip-tiny", "caption")
+
+    def alphas(component: str, decode_step: bool) -> list[float]:
+        opts, disabled = session_options(decode_step=decode_step)
+        opts.optimized_model_filepath = str(tmp_path / f"{component}-{decode_step}.onnx")
+        ort.InferenceSession(
+            str(out / f"{component}.onnx"), opts, ["CPUExecutionProvider"], disabled_optimizers=disabled
+        )
+        graph = onnx.load(opts.optimized_model_filepath).graph
+        return [
+            a.f for n in graph.node if n.op_type == "FusedMatMul" for a in n.attribute if a.name == "alpha"
+        ]
+
+    assert any(a != 1.0 for a in alphas("decoder", False))  # what ORT does to this graph by default
+    assert alphas("decoder", True) and all(a == 1.0 for a in alphas("decoder", True))
+    artifact = load_artifact(out, device="cpu")
+    assert artifact.components["decoder"].decode_step is True
+    assert artifact.components["vision_encoder"].decode_step is False
+
+
 def test_tampered_artifacts_fail_with_check_errors(exported, tmp_path) -> None:
     import shutil
 

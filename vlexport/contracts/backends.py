@@ -143,12 +143,20 @@ class Backend(Protocol):
         """Derived backends: build every component of the parent artifact into ``ctx.out_dir``."""
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> ComponentFn:
         """A component file as a callable with ``input_names`` / ``output_names``.
 
         ``interleaved``: the caller alternates this component with other work on the same cores (the
-        benchmark): thread pools must not spin-wait between calls.
+        benchmark): thread pools must not spin-wait between calls. ``decode_step``: the component is a
+        generative decoder, called once per new token (one query row per sequence), which a backend may load
+        with kernels for that shape (runtime/onnx_session.py).
         """
 
 

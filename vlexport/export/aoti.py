@@ -305,7 +305,13 @@ class AotiBackend(BackendBase):
         )
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> Any:
         from vlexport.runtime.components import AotiComponent
 

@@ -191,12 +191,22 @@ class OnnxBackend(BackendBase):
         )
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> Any:
         from vlexport.runtime.onnx_session import OnnxComponent, available_providers
 
         return OnnxComponent(
-            path, providers=available_providers(device), threads=threads, spin=not interleaved
+            path,
+            providers=available_providers(device),
+            threads=threads,
+            spin=not interleaved,
+            decode_step=decode_step,
         )
 
 

@@ -90,11 +90,19 @@ class OnnxOptimizedBackend(BackendBase):
         return Derived(components, fused_ops=fused)
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> Any:
         from vlexport.export.onnx import BACKEND as ONNX
 
-        return ONNX.load(path, device=device, threads=threads, interleaved=interleaved)
+        return ONNX.load(
+            path, device=device, threads=threads, interleaved=interleaved, decode_step=decode_step
+        )
 
 
 BACKEND = register_backend(OnnxOptimizedBackend())

@@ -205,7 +205,13 @@ class TensorRTBackend(BackendBase):
         return Derived(components, details={"shapes": {k: [r.min, r.opt, r.max] for k, r in shapes.items()}})
 
     def load(
-        self, path: Path, *, device: str = "auto", threads: int | None = None, interleaved: bool = False
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        interleaved: bool = False,
+        decode_step: bool = False,
     ) -> Any:
         from vlexport.runtime.components import TensorRTComponent
 

@@ -13,6 +13,7 @@ from vlexport.contracts.backends import get_backend
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
+from vlexport.models.host import DECODER
 from vlexport.runtime.loading import ComponentFn, LazyComponent, check_component
 
 # Files a backend loads as native code (a compiled package's shared library, a TensorRT engine): loaded only
@@ -108,7 +109,11 @@ def load_artifact(
         def load() -> ComponentFn:
             comp = manifest.components[name]
             loaded = backend.load(
-                directory / comp.file, device=device, threads=threads, interleaved=interleaved
+                directory / comp.file,
+                device=device,
+                threads=threads,
+                interleaved=interleaved,
+                decode_step=task_spec.generative and name == DECODER,
             )
             check_component(directory, name, manifest, loaded)
             return loaded

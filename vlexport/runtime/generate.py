@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlexport.errors import CheckError, UsageError
-from vlexport.models.host import GenerationRecipe
+from vlexport.models.host import DECODER, GenerationRecipe
 from vlexport.runtime.decode import SearchSettings, search
 from vlexport.runtime.decoder_session import DecoderSession, input_dtypes
 
@@ -106,7 +106,7 @@ class Generator:
             raise CheckError(
                 f"{artifact.directory}/manifest.json has no generation settings; export it again."
             )
-        needed = [s for s in self.recipe.stages if isinstance(s, str)] + ["decoder"]
+        needed = [s for s in self.recipe.stages if isinstance(s, str)] + [DECODER]
         missing = [n for n in needed if n not in artifact.components]
         if missing:
             raise CheckError(
@@ -117,7 +117,7 @@ class Generator:
         check_components_match_manifest(artifact)
         specs = artifact.manifest.components
         # Declared input dtypes per stage component: the request's arrays are cast to what each graph takes.
-        self._dtypes = {n: input_dtypes(specs.get(n)) for n in needed if n != "decoder"}
+        self._dtypes = {n: input_dtypes(specs.get(n)) for n in needed if n != DECODER}
         self._search = SearchSettings.from_settings(self.settings)
         self.eos = np.array(self._search.eos_token_id, dtype=np.int64)
 
@@ -125,8 +125,8 @@ class Generator:
     def decoder(self) -> Any:
         """The decode-step source, made on first use: a lazily loaded artifact (``load_artifact(lazy=True)``)
         loads its decoder only when the encoders are done."""
-        spec = self.artifact.manifest.components.get("decoder")
-        return _decoder_session(self.artifact.components["decoder"], spec)
+        spec = self.artifact.manifest.components.get(DECODER)
+        return _decoder_session(self.artifact.components[DECODER], spec)
 
     def release_encoders(self) -> None:
         """Give back the memory of the recipe's encoder components (lazily loaded ones; others stay): a

@@ -26,6 +26,7 @@ import numpy as np
 
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
+from vlexport.models.host import DECODER
 from vlexport.runtime import Artifact, load_artifact
 from vlexport.runtime.generate import prompt_ids
 from vlexport.runtime.inputs import ImageInput, TextInput, broadcast, image_pixels, is_single_image, text_list
@@ -116,7 +117,7 @@ class GenerateTask(Task):
         self.generator = Generator(artifact)
         self.settings, self.recipe = self.generator.settings, self.generator.recipe
         # a compiled package's decoder rows (a lazy component is an ONNX graph: no limit, nothing to load)
-        self._one_shot = isinstance(artifact.components["decoder"], LazyComponent)
+        self._one_shot = isinstance(artifact.components[DECODER], LazyComponent)
         static_rows = None if self._one_shot else getattr(self.generator.decoder, "max_batch", None)
         if static_rows:
             self.batch_size = max(1, min(self.batch_size, int(static_rows)))

@@ -74,6 +74,7 @@ class TritonPythonModel:
                 common.version_dir(args) / meta["decoder"]["file"],
                 providers=available_providers("auto" if device == "gpu" else "cpu"),
                 spin=False,  # idle threads must not spin on the cores the server and other models share
+                decode_step=True,
             )
         recipe = recipe_from_json(meta["recipe"])
         task = SimpleNamespace(generative=True, generation=lambda config: recipe)

@@ -28,6 +28,7 @@ def past_name(present: str) -> str:
 
 # ---------------------------------------------------------------- how the runtime generates for a task
 HostStage = Callable[[dict[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
+DECODER = "decoder"  # the component the decode loop calls once per new token
 
 
 @dataclass(frozen=True)
