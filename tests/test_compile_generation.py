@@ -27,6 +27,7 @@ from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.runtime.generate import Generator
 from vlexport.runtime.preprocess import image_settings, load_image
+from vlexport.runtime.static_step import META_STATIC
 from vlexport.weights import load_model, resolve
 
 MAX_LENGTH = 32  # static cache slots: validation needs prompt (<= 7 + queries) + 12 new tokens
@@ -102,9 +103,38 @@ def test_bench_times_the_compiled_loop_with_token_parity(caption: Path) -> None:
 def test_blip2_package_validates_token_exact(exported) -> None:
     # The encoder-decoder LM (its own static step, relative positions): the OPT decoder and BLIP VQA compile
     # the same way and are checked eagerly in test_compile_static_cache.py (one compile per family keeps CI
-    # short).
-    manifest = _checked(exported("blip2-flan-t5-tiny", "generate", **COMPILE))
+    # short). Its decoder is compiled frozen (--freeze yes: weights packed for oneDNN), the path --freeze
+    # auto takes where oneDNN's GEMMs win; the caption package above takes the unfrozen one (tiny shapes).
+    options = {**COMPILE["options"], "freeze": "yes"}
+    out = exported("blip2-flan-t5-tiny", "generate", backend="aoti", options=options)
+    manifest = _checked(out)
     assert set(manifest["components"]) == {"image_encoder", "encoder", "decoder"}
+    static = json.loads(load_artifact(out, device="cpu").components["decoder"].metadata[META_STATIC])
+    assert static["freezing"] == {"freeze": True, "how": "asked"}
+    with zipfile.ZipFile(out / "decoder.pt2") as z:  # frozen: Inductor calls oneDNN over packed weights
+        wrapper = next(n for n in z.namelist() if n.endswith(".wrapper.cpp"))
+        assert "_linear_pointwise" in z.read(wrapper).decode()
+
+
+def test_freeze_auto_keeps_the_faster_gemms_and_records_their_times(caption: Path, monkeypatch) -> None:
+    from vlexport.export import decode_gemms
+
+    static = json.loads(load_artifact(caption, device="cpu").components["decoder"].metadata[META_STATIC])
+    measured = static["freezing"]
+    assert measured["how"] == "measured" and measured["rows"] == [1, 12]
+    assert measured["freeze"] == (measured["onednn_ms"] < measured["aten_ms"])
+    with zipfile.ZipFile(caption / "decoder.pt2") as z:
+        wrapper = z.read(next(n for n in z.namelist() if n.endswith(".wrapper.cpp"))).decode()
+    assert ("_linear_pointwise" in wrapper) == measured["freeze"]
+    # The choice follows the times, both ways (the tiny decoder's Linears, times faked per kernel).
+    decoder = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 8), torch.nn.Linear(8, 32))
+    for aten, onednn in ((2.0, 1.0), (1.0, 2.0)):
+        monkeypatch.setattr(decode_gemms, "_times", lambda x, w, a=aten, o=onednn: (a, o))
+        choice = decode_gemms.choose_freezing("auto", decoder, (1, 4))
+        assert choice.freeze is (onednn < aten)
+        # three Linears, two row counts
+        assert (choice.aten_ms, choice.onednn_ms) == (6 * aten * 1e3, 6 * onednn * 1e3)
+    assert decode_gemms.choose_freezing("no", decoder, (1, 4)) == decode_gemms.FreezeChoice(False, "asked")
 
 
 @ONE_WORKER

@@ -221,6 +221,13 @@ def compile_args(p: argparse.ArgumentParser) -> None:
     opts.add_ranged(
         p, "--max-batch", "generative tasks: decoder rows (batch x beams) the package takes; default 16"
     )
+    p.add_argument(
+        "--freeze",
+        choices=("auto", "yes", "no"),
+        help="CPU fp32 decoders: freeze the weights into the package, where Inductor packs them for oneDNN; "
+        "auto (default) times oneDNN's and MKL's GEMMs at the decoder's shapes on this machine and keeps "
+        "the faster",
+    )
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -232,6 +239,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         device=args.device,
         max_length=args.max_length,
         max_batch=args.max_batch,
+        freeze=args.freeze,
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
+from vlexport.export.decode_gemms import FREEZE_CHOICES, choose_freezing
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
@@ -42,8 +43,9 @@ def inductor_configs(mode: str, device: str = "cpu") -> dict[str, Any]:
     max-autotune benchmarks matmul / conv templates at compile time (minutes). On CPU its GEMM templates
     (C++ micro-kernels over prepacked weights) only apply to constant weights, so it also freezes the
     parameters into the package. Measured on blip-image-captioning-base (one run each, ratios to the ORT
-    loop): decode step b1 0.80x -> 1.03x, b8 0.51x -> 0.74x; freezing alone does not help
-    (benchmarks/results/generation_compiled_cpu-modes.json).
+    loop, an Intel Xeon): decode step b1 0.80x -> 1.03x, b8 0.51x -> 0.74x
+    (benchmarks/results/generation_compiled_cpu-modes.json). Whether freezing alone helps depends on the
+    CPU's GEMMs: default-mode CPU decoders choose it by measurement (export/decode_gemms.py).
     """
     if mode not in MODES:
         raise UsageError(f"Unknown --mode {mode!r}: choose one of {', '.join(MODES)}.")
@@ -239,6 +241,7 @@ class AotiBackend(BackendBase):
         "device": "cpu",
         "max_length": DEFAULT_MAX_LENGTH,
         "max_batch": DEFAULT_MAX_BATCH,
+        "freeze": "auto",  # CPU fp32 decoders: export/decode_gemms.py
     }
     description = (
         "AOTInductor packages (torch.export + aoti_compile_and_package), `vlexport compile`; "
@@ -263,6 +266,8 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--max-length {job.option('max_length')}: give 16..32768 static cache slots.")
         if not 1 <= int(job.option("max_batch")) <= 1 << 12:
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
+        if job.option("freeze") not in FREEZE_CHOICES:
+            raise UsageError(f"--freeze {job.option('freeze')!r}: choose one of {', '.join(FREEZE_CHOICES)}.")
         if job.precision.quantizes_weights and importlib.util.find_spec("torchao") is None:
             raise MissingToolchain(torchao_hint(job.precision))
 
@@ -276,6 +281,8 @@ class AotiBackend(BackendBase):
         translation_table: Mapping[Any, Any],
     ) -> Component:
         metadata = {}
+        configs = inductor_configs(job.option("mode"), job.option("device"))
+        copied = job.precision.quantizes_weights or job.precision.dtype != "float32"
         if isinstance(module, CachedDecoder):  # generative: the static-cache twin of the ONNX decoder
             from vlexport.export.static_cache import static_decoder
 
@@ -283,14 +290,18 @@ class AotiBackend(BackendBase):
             module, spec, example = static_decoder(
                 module, spec, example, max_length=max_length, max_batch=max_batch
             )
-            metadata[META_STATIC] = json.dumps(
-                {
-                    "max_length": max_length,
-                    "max_batch": max_batch,
-                    "cuda_graphs": job.option("mode") == "reduce-overhead",
-                }
-            )
-        copied = job.precision.quantizes_weights or job.precision.dtype != "float32"
+            static: dict[str, Any] = {
+                "max_length": max_length,
+                "max_batch": max_batch,
+                "cuda_graphs": job.option("mode") == "reduce-overhead",
+            }
+            if job.option("device") == "cpu" and not configs.get("freezing") and not copied:
+                # fp32 CPU decode steps: MKL's or oneDNN's GEMMs, whichever this machine runs faster
+                choice = choose_freezing(job.option("freeze"), module, sorted({1, max_batch}))
+                static["freezing"] = choice.as_dict()
+                if choice.freeze:
+                    configs = {**configs, "freezing": True}
+            metadata[META_STATIC] = json.dumps(static)
         if copied:
             module, example = with_precision(module, spec, dict(example), job.precision, job.option("device"))
         return compile_component(
@@ -299,7 +310,7 @@ class AotiBackend(BackendBase):
             example,
             path,
             device=job.option("device"),
-            configs=inductor_configs(job.option("mode"), job.option("device")),
+            configs=configs,
             metadata=metadata,
             copied=copied,
         )

@@ -29,9 +29,10 @@ def available_providers(device: str = "auto") -> list[str]:
 # ONNX Runtime graph optimizers a decode-step session leaves out. MatMulScaleFusion folds the attention scale
 # (a Div or Mul by a scalar) into FusedMatMul's alpha; MLAS runs a one-row product through its GEMV kernels
 # only when alpha is 1, so in a decode step (one query row per head) the fused node packs the cached keys on
-# every call instead. blip-image-captioning-base decoder, 2 threads, AMD EPYC: the step 27.5 -> 24.4 ms at
-# batch 1 and 48.8 -> 39.7 ms at batch 8 (FusedMatMul 2.4 -> 1.1 ms and 12.8 -> 5.3 ms). Encoders keep the
-# fusion: their many query rows take the GEMM path, and the separate Div cost their vision encoder 4-7%.
+# every call instead. blip-image-captioning-base decoder, 2 threads, AMD EPYC: FusedMatMul 12.8 -> 5.3 ms per
+# step at batch 8 (ORT profile); the decode loop 0.85x the time per token at batch 8 and 1.0x at batch 1
+# (interleaved). Encoders keep the fusion: their many query rows take the GEMM path, and the separate Div
+# cost their vision encoder 4-7%.
 DECODE_STEP_DISABLED_OPTIMIZERS = ("MatMulScaleFusion",)
 
 
