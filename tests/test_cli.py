@@ -183,3 +183,24 @@ def test_an_unanticipated_library_error_is_one_paragraph(capsys, monkeypatch) ->
     monkeypatch.setenv("VLEXPORT_DEBUG", "1")
     with pytest.raises(CheckerError):
         main(["list"])
+
+
+def test_a_torch_error_is_reported_without_its_cpp_backtrace(capsys, monkeypatch) -> None:
+    # what an AOTI package that Inductor miscompiled raises when it runs (torch 2.13, CPU max-autotune)
+    import vlexport.display
+
+    said = (
+        "Error: aoti_torch_cpu_bmm_out(buf20, ...) API call failed at model.wrapper.cpp, line 2697\n"
+        "Expected size for first two dimensions of batch2 tensor to be: [4, 32] but got: [8, 32].\n"
+        "Exception raised from common_checks_baddbmm_bmm at LinearAlgebra.cpp:301 (most recent call first):\n"
+        + "".join(f"frame #{i}: <unknown function> + 0x3d2825 (0x7f in libtorch_cpu.so)\n" for i in range(40))
+    )
+
+    def broken() -> None:
+        raise RuntimeError(said)
+
+    monkeypatch.setattr(vlexport.display, "listing", broken)
+    code, out, err = _run(capsys, "list")
+    text = " ".join((out + err).split())
+    assert code == 1 and "frame #" not in text and "Exception raised from" not in text
+    assert "API call failed at model.wrapper.cpp, line 2697 Expected size for first two dimensions" in text

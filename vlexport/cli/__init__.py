@@ -109,8 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         report = "" if isinstance(e, OSError) else " If it persists, report it with that traceback."
         console.print(
-            f"[red]error:[/red] {type(e).__name__}: {escape(str(e))}. Nothing half-written was left. "
+            f"[red]error:[/red] {type(e).__name__}: {escape(_said(e))}. Nothing half-written was left. "
             f"Re-run with VLEXPORT_DEBUG=1 for a traceback.{report}",
             soft_wrap=True,
         )
         return 1
+
+
+def _said(e: BaseException) -> str:
+    """What an unanticipated error says, without the C++ backtrace torch appends to its errors (an AOTI
+    package failing at run time: forty ``frame #`` lines after one line of message)."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith(("Exception raised from", "frame #", "<omitting python frames>")):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)[:1200] or type(e).__name__
