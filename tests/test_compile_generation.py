@@ -220,4 +220,6 @@ def test_compile_options_are_checked_before_any_work(tmp_path: Path, capsys) -> 
             main([*base, "--precision", "int8-weight"]) == 2
             and "pip install torchao" in capsys.readouterr().err
         )
+    assert main([*base, "--freeze", "yes", "--precision", "fp16"]) == 2
+    assert "Drop --freeze" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "x").exists()

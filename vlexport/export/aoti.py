@@ -268,6 +268,15 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
         if job.option("freeze") not in FREEZE_CHOICES:
             raise UsageError(f"--freeze {job.option('freeze')!r}: choose one of {', '.join(FREEZE_CHOICES)}.")
+        plain = (
+            job.option("device") == "cpu" and job.option("mode") == "default" and job.precision.name == "fp32"
+        )
+        if job.option("freeze") != "auto" and not plain:
+            raise UsageError(
+                f"--freeze {job.option('freeze')} decides how a CPU fp32 decoder in the default mode "
+                "multiplies; this compile has none (max-autotune always freezes, CUDA and reduced precisions "
+                "never do). Drop --freeze."
+            )
         if job.precision.quantizes_weights and importlib.util.find_spec("torchao") is None:
             raise MissingToolchain(torchao_hint(job.precision))
 
