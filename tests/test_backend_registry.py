@@ -19,10 +19,12 @@ import pytest
 
 from vlexport.bench import BenchPlan, run_bench
 from vlexport.contracts.backends import (
+    LOAD_DEFAULTS,
     BackendBase,
     DeriveContext,
     Derived,
     ExportJob,
+    LoadOptions,
     backend_names,
     get_backend,
     register_backend,
@@ -74,16 +76,8 @@ class OnnxNoOptBackend(BackendBase):
                 shutil.copy2(ctx.parent_dir / rel, ctx.out_dir / rel)
         return Derived(dict(ctx.parent.components))
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> Any:
-        return NoOptSession(path, threads=threads, interleaved=interleaved)
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> Any:
+        return NoOptSession(path, threads=options.threads, interleaved=options.interleaved)
 
 
 @pytest.fixture

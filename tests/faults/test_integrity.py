@@ -89,7 +89,7 @@ def test_native_code_failing_its_hash_is_never_loaded(
     loaded: list[Path] = []
 
     class Recorder:
-        def load(self, path: Path, **kwargs):
+        def load(self, path: Path, options: object = None):
             loaded.append(path)
             return lambda feeds: {}
 

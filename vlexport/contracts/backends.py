@@ -83,6 +83,23 @@ class ExportJob:
         return self.options[name]
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the caller will run a loaded component: one value for every backend's ``load``."""
+
+    device: str = "auto"  # cpu | cuda | auto
+    threads: int | None = None  # intra-op threads; None: the runtime's default
+    # the caller alternates this component with other work on the same cores (the benchmark): thread pools
+    # must not spin-wait between calls
+    interleaved: bool = False
+    # a generative decoder, called once per new token (one query row per sequence), which a backend may load
+    # with kernels for that shape (runtime/onnx_session.py)
+    decode_step: bool = False
+
+
+LOAD_DEFAULTS = LoadOptions()
+
+
 @dataclass
 class DeriveContext:
     """What a derived backend gets: the parent artifact, the staging directory, and the task it serves."""
@@ -142,22 +159,9 @@ class Backend(Protocol):
     def derive(self, ctx: DeriveContext) -> Derived:
         """Derived backends: build every component of the parent artifact into ``ctx.out_dir``."""
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> ComponentFn:
-        """A component file as a callable with ``input_names`` / ``output_names``.
-
-        ``interleaved``: the caller alternates this component with other work on the same cores (the
-        benchmark): thread pools must not spin-wait between calls. ``decode_step``: the component is a
-        generative decoder, called once per new token (one query row per sequence), which a backend may load
-        with kernels for that shape (runtime/onnx_session.py).
-        """
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> ComponentFn:
+        """A component file as a callable with ``input_names`` / ``output_names``, run as ``options``
+        say."""
 
 
 class BackendBase:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
+from vlexport.contracts.backends import LOAD_DEFAULTS, BackendBase, ExportJob, LoadOptions, register_backend
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export.decode_gemms import FREEZE_CHOICES, choose_freezing
@@ -324,18 +324,10 @@ class AotiBackend(BackendBase):
             copied=copied,
         )
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> Any:
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> Any:
         from vlexport.runtime.components import AotiComponent
 
-        return AotiComponent(path, device=device, threads=threads)
+        return AotiComponent(path, device=options.device, threads=options.threads)
 
 
 BACKEND = register_backend(AotiBackend())

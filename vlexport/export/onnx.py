@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from vlexport.contracts.backends import BackendBase, ExportJob, register_backend
+from vlexport.contracts.backends import LOAD_DEFAULTS, BackendBase, ExportJob, LoadOptions, register_backend
 from vlexport.errors import UsageError
 from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import ComponentSpec
@@ -190,23 +190,15 @@ class OnnxBackend(BackendBase):
             module, spec, example, path, opset=job.option("opset"), translation_table=translation_table
         )
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> Any:
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> Any:
         from vlexport.runtime.onnx_session import OnnxComponent, available_providers
 
         return OnnxComponent(
             path,
-            providers=available_providers(device),
-            threads=threads,
-            spin=not interleaved,
-            decode_step=decode_step,
+            providers=available_providers(options.device),
+            threads=options.threads,
+            spin=not options.interleaved,
+            decode_step=options.decode_step,
         )
 
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import onnx
 
-from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, register_backend
+from vlexport.contracts.backends import (
+    LOAD_DEFAULTS,
+    BackendBase,
+    DeriveContext,
+    Derived,
+    LoadOptions,
+    register_backend,
+)
 
 # The op types worth reporting: what the fusions produce.
 FUSED_OPS = (
@@ -89,20 +96,10 @@ class OnnxOptimizedBackend(BackendBase):
             components[name] = describe(path, name, specs[name].dynamic_axes, root=ctx.out_dir)
         return Derived(components, fused_ops=fused)
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> Any:
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> Any:
         from vlexport.export.onnx import BACKEND as ONNX
 
-        return ONNX.load(
-            path, device=device, threads=threads, interleaved=interleaved, decode_step=decode_step
-        )
+        return ONNX.load(path, options)
 
 
 BACKEND = register_backend(OnnxOptimizedBackend())

@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlexport.contracts.backends import BackendBase, DeriveContext, Derived, ExportJob, register_backend
+from vlexport.contracts.backends import (
+    LOAD_DEFAULTS,
+    BackendBase,
+    DeriveContext,
+    Derived,
+    ExportJob,
+    LoadOptions,
+    register_backend,
+)
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export import TRT_DEFAULT_SHAPES
@@ -204,18 +212,10 @@ class TensorRTBackend(BackendBase):
             )
         return Derived(components, details={"shapes": {k: [r.min, r.opt, r.max] for k, r in shapes.items()}})
 
-    def load(
-        self,
-        path: Path,
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        interleaved: bool = False,
-        decode_step: bool = False,
-    ) -> Any:
+    def load(self, path: Path, options: LoadOptions = LOAD_DEFAULTS) -> Any:
         from vlexport.runtime.components import TensorRTComponent
 
-        return TensorRTComponent(path, device=device, threads=threads)
+        return TensorRTComponent(path, device=options.device, threads=options.threads)
 
 
 BACKEND = register_backend(TensorRTBackend())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlexport.contracts.backends import get_backend
+from vlexport.contracts.backends import LoadOptions, get_backend
 from vlexport.errors import CheckError, UsageError
 from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
@@ -108,13 +108,8 @@ def load_artifact(
     def loader(name: str) -> Callable[[], ComponentFn]:
         def load() -> ComponentFn:
             comp = manifest.components[name]
-            loaded = backend.load(
-                directory / comp.file,
-                device=device,
-                threads=threads,
-                interleaved=interleaved,
-                decode_step=task_spec.generative and name == DECODER,
-            )
+            options = LoadOptions(device, threads, interleaved, task_spec.generative and name == DECODER)
+            loaded = backend.load(directory / comp.file, options)
             check_component(directory, name, manifest, loaded)
             return loaded
 

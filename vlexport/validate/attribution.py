@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vlexport.contracts.backends import get_backend
+from vlexport.contracts.backends import LoadOptions, get_backend
 from vlexport.manifest import Manifest
 from vlexport.models.base import TaskSpec
 from vlexport.runtime import Artifact
@@ -82,7 +82,7 @@ def attribute_components(
             precision_knobs=variant.precision_knobs if precision == variant.precision else {},
         )
         fns = {
-            c: backend.load((variant_dir if c == name else parent_dir) / record.file, device=device)
+            c: backend.load((variant_dir if c == name else parent_dir) / record.file, LoadOptions(device))
             for c, record in records.items()
         }
         report = check.attribution(Artifact(variant_dir, manifest, task_spec, fns))
