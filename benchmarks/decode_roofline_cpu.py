@@ -44,7 +44,7 @@ from generation_compiled_cpu import build_pair
 
 from vlexport.bench.peaks import MEMORY, measure_peaks
 from vlexport.bench.work import decode_shape, step_bytes
-from vlexport.manifest import library_versions
+from vlexport.contracts.manifest import library_versions
 from vlexport.models.inputs import generator, pixel_values
 from vlexport.runtime import load_artifact
 from vlexport.runtime.decoder_session import DecoderSession

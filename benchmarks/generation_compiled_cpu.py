@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generation_cpu import _eager, _onnx, _row
 
-from vlexport.manifest import component_size, library_versions
+from vlexport.contracts.manifest import component_size, library_versions
 from vlexport.models.inputs import generator, pixel_values
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime import load_artifact

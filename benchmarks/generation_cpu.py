@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlexport.manifest import component_size, library_versions
+from vlexport.contracts.manifest import component_size, library_versions
 from vlexport.models.inputs import generator, pixel_values
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime import load_artifact

@@ -36,7 +36,7 @@ PROMPT = "what is in the picture?"  # for tasks that need a text prompt (BLIP-2 
 def _worker(directory: Path, out: Path, new_tokens: int, batches: list[int], iters: int) -> None:
     import resource
 
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
     from vlexport.runtime import load_artifact
     from vlexport.runtime.generate import Generator
 
@@ -177,7 +177,7 @@ def main() -> int:
 
     from PIL import Image
 
-    from vlexport.manifest import Manifest, component_size, library_versions
+    from vlexport.contracts.manifest import Manifest, component_size, library_versions
 
     pairs = [a.split("=", 1) for a in args.artifacts]
     scratch = Path(tempfile.mkdtemp(prefix="vlexport-precision-"))

@@ -19,7 +19,7 @@ import platform
 import time
 from pathlib import Path
 
-from vlexport.manifest import Manifest, file_sha256
+from vlexport.contracts.manifest import Manifest, file_sha256
 
 
 def _evict(path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlexport.manifest import Manifest
+from vlexport.contracts.manifest import Manifest
 from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.weights import load_model, source_from_manifest

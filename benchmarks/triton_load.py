@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.triton.client import generate, image_bytes, scores
 from tests.triton.server import Server, missing_reason
-from vlexport.manifest import library_versions
+from vlexport.contracts.manifest import library_versions
 
 TEXTS = ["a cat on a mat", "two dogs", "a red bus in the rain at night"]
 
@@ -201,7 +201,7 @@ def _worker(server: Server, i: int, cases: list, stop: float, log: list) -> None
 def _in_process_itm(artifact: Path):
     """The same ITM artifact called in this process, as `vlexport run` computes it (decode, tokenize, ONNX
     Runtime, scores), one shared session: what the ensemble is compared with at the same concurrency."""
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
     from vlexport.models import get_family
     from vlexport.runtime.onnx_session import OnnxComponent
     from vlexport.runtime.preprocess import image_settings

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import vlexport
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 
 
 def test_export_returns_the_manifest_it_wrote_and_quantize_its_variant(tmp_path: Path) -> None:

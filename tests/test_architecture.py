@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "vlexport.memory",
             "vlexport.userdata",
             "vlexport.artifact",
-            "vlexport.manifest",
+            "vlexport.contracts.manifest",
             "vlexport.support_files",
             "vlexport.contracts",
             "vlexport.callables",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vlexport.cli import main
-from vlexport.manifest import Manifest
+from vlexport.contracts.manifest import Manifest
 from vlexport.runtime import load_artifact
 from vlexport.validate import eager_references
 from vlexport.validate.attribution import FIGURES, changed_components

@@ -16,8 +16,8 @@ from vlexport.bench.peaks import machine_peaks, measure_peaks, peak_kind
 from vlexport.bench.regress import compare
 from vlexport.bench.rows import SCHEMA, BenchRow, fill_peak_fractions, fill_speedups, read_rows, write_rows
 from vlexport.bench.work import count_flops, decode_shape, encoder_work, step_bytes, step_weight_elements
+from vlexport.contracts.family import ComponentSpec
 from vlexport.contracts.precision import get_precision
-from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import InputShape
 from vlexport.weights import load_model, resolve
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.runtime.generate import Generator

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.export.static_cache import SlotLayer, static_decoder
-from vlexport.manifest import Component, TensorSpec
 from vlexport.models.base import with_axis_limits
 from vlexport.models.generative import CachedDecoder
 from vlexport.models.inputs import EXPORT_SHAPE, InputShape

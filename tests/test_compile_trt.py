@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.contracts.precision import get_precision
 from vlexport.errors import UsageError
 from vlexport.export.tensorrt import AxisRange, parse_shapes, profile_shapes
-from vlexport.manifest import Component, TensorSpec
 from vlexport.pipeline import ExportJob, run_export
 from vlexport.runtime.components import import_tensorrt
 

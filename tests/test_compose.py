@@ -11,8 +11,8 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from vlexport.cli import main
 from vlexport.compose import TEXT_TYPES, VISION_TYPES, check_role
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 
 
 def test_dual_encoder_from_two_dirs_exports_and_validates(tmp_path: Path, capsys) -> None:

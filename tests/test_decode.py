@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from vlexport.contracts.manifest import Component, Manifest, TensorSpec
 from vlexport.errors import CheckError
-from vlexport.manifest import Component, Manifest, TensorSpec
 from vlexport.models.generative import GenerationRecipe
 from vlexport.runtime.decode import SearchSettings, beam_search, greedy_search, search
 from vlexport.runtime.decoder_session import DecoderSession, numpy_dtype

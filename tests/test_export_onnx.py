@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from vlexport.manifest import SCHEMA, Manifest
+from vlexport.contracts.manifest import SCHEMA, Manifest
 from vlexport.models import get_family
 from vlexport.models.inputs import InputShape
 from vlexport.presets import PRESETS
@@ -90,8 +90,8 @@ def test_tampered_graph_fails_validation(exported, tmp_path) -> None:
     """A graph that computes something else must fail validation, naming the output."""
     import shutil
 
+    from vlexport.contracts.manifest import file_sha256
     from vlexport.errors import ValidationError
-    from vlexport.manifest import file_sha256
     from vlexport.validate import raise_on_failure
 
     src = exported("altclip-tiny", "features")

@@ -15,8 +15,8 @@ import onnx
 import pytest
 import torch
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import CheckError, UsageError, ValidationError
-from vlexport.manifest import Manifest
 from vlexport.models.inputs import InputShape
 from vlexport.runtime import load_artifact
 from vlexport.runtime.generate import Generator

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import vlexport.hf
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.precision import get_precision
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.weights import load_model, resolve
 
 FULL = pytest.mark.exhaustive

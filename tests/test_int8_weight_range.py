@@ -14,8 +14,8 @@ from onnx import numpy_helper
 import vlexport.cpu
 from vlexport.cli import main
 from vlexport.contracts import precision
+from vlexport.contracts.manifest import Manifest
 from vlexport.cpu import exact_int8_dot
-from vlexport.manifest import Manifest
 
 
 def test_exact_int8_dot_reads_the_cpu_flags() -> None:

@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_inject import OpCalls, expected_calls, expected_modules
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.inject import inject
-from vlexport.manifest import Manifest
 from vlexport.models import get_family
 from vlexport.models.inputs import EXPORT_SHAPE
 from vlexport.presets import PRESETS

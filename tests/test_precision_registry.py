@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from vlexport.cli import main
 from vlexport.contracts.backends import DeriveContext, Derived, ExportJob
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.passes import register_pass, unregister_pass
 from vlexport.contracts.precision import (
     PRECISIONS,
@@ -32,7 +33,6 @@ from vlexport.contracts.precision import (
     unregister_precision,
 )
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.pipeline import run_export
 
 NAME = "fp32-round"

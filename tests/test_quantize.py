@@ -12,9 +12,9 @@ import onnx
 import pytest
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.precision import get_precision
 from vlexport.cpu import exact_int8_dot
-from vlexport.manifest import Manifest
 from vlexport.validate import validate_directory
 
 

@@ -16,9 +16,9 @@ import onnx
 import pytest
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, get_precision
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.quantize.matmul_nbits import linear_weight
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.precision import (
     Int4WeightConfig,
     Int8WeightConfig,
@@ -23,7 +24,6 @@ from vlexport.contracts.precision import (
     WeightOnlyConfig,
     get_precision,
 )
-from vlexport.manifest import Manifest
 from vlexport.quantize.matmul_nbits import linear_weight
 from vlexport.quantize.smoothing import constant_weight_matmuls
 from vlexport.validate import validate_directory

@@ -26,8 +26,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.precision import Int8DynamicConfig, get_precision
-from vlexport.manifest import Manifest
 from vlexport.quantize.search import BLOCK_GRID
 from vlexport.quantize.smoothing import constant_weight_matmuls
 

@@ -86,7 +86,7 @@ def test_dual_encoder_with_the_real_text_tower_quantizes(tmp_path: Path) -> None
     from transformers import ViTConfig, ViTModel
 
     from vlexport.cli import main
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
     vision = tmp_path / "vit"
     ViTModel(

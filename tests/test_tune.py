@@ -12,8 +12,8 @@ import torch
 
 import vlexport.pipeline
 from vlexport.cli import main
+from vlexport.contracts.manifest import Manifest
 from vlexport.cpu import exact_int8_dot
-from vlexport.manifest import Manifest
 
 FAST = ["--batch-sizes", "1,2", "--seq-lens", "8", "--warmup", "1", "--iters", "2"]
 FIELDS = {

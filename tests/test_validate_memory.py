@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlexport import pipeline, validate
-from vlexport.manifest import Manifest
+from vlexport.contracts.manifest import Manifest
 from vlexport.pipeline import ExportJob, run_export
 
 

@@ -2,9 +2,9 @@
 
 ``vlexport.export`` / ``vlexport.quantize`` build an ``ExportJob`` and hand it to ``pipeline.run_export`` (the
 same validation, atomic staging and errors as `vlexport onnx` / `compile` / `quantize`) and return the
-artifact's
-:class:`~vlexport.manifest.Manifest`; ``vlexport.bench`` runs ``bench.run_bench`` over one plan (or a shipped
-suite) and returns its rows. Options the CLI checks up front are checked here the same way (docs/api.md).
+artifact's :class:`~vlexport.contracts.manifest.Manifest`; ``vlexport.bench`` runs ``bench.run_bench``
+over one plan (or a shipped suite) and returns its rows. Options the CLI checks up front are checked here
+the same way (docs/api.md).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from vlexport.errors import UsageError
 
 if TYPE_CHECKING:
     from vlexport.bench.rows import BenchRow
+    from vlexport.contracts.manifest import Manifest
     from vlexport.contracts.precision import PrecisionConfig
-    from vlexport.manifest import Manifest
 
 Progress = Callable[[str], None]
 
@@ -96,8 +96,8 @@ def quantize(
     recipe is replayed by passing its config (``contracts.precision.precision_from_recipe(path)``) as
     ``precision``. ``components`` gives components their own precision (``{"decoder": "int4-weight"}``; the
     others at ``precision``, else fp32), as ``--components`` does."""
+    from vlexport.contracts.manifest import Manifest
     from vlexport.contracts.precision import loosest, per_component
-    from vlexport.manifest import Manifest
     from vlexport.pipeline import ExportJob, check_variant_source, run_export
 
     knobs = {

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
 
 def listing() -> dict[str, Any]:
@@ -100,7 +100,7 @@ def render_listing(data: dict[str, Any]) -> list[Table]:
 
 def artifact_summary(directory: Path, manifest: Manifest) -> list[str]:
     """What an export prints: the artifact, its validation verdict and errors, its stage timings."""
-    from vlexport.manifest import component_size
+    from vlexport.contracts.manifest import component_size
 
     size = sum(component_size(directory, c) for c in manifest.components.values())
     v = manifest.validation

@@ -33,6 +33,8 @@ from vlexport.contracts.backends import (
     backend_precisions,
     get_backend,
 )
+from vlexport.contracts.family import FamilySpec, TaskSpec
+from vlexport.contracts.manifest import Component, Manifest, ValidationReport
 from vlexport.contracts.passes import BUILTIN, Derivation, derivation, precision_pass
 from vlexport.contracts.precision import (
     Fp32Config,
@@ -41,8 +43,7 @@ from vlexport.contracts.precision import (
     precisions_for_backend,
 )
 from vlexport.errors import UsageError
-from vlexport.manifest import Component, Manifest, ValidationReport
-from vlexport.models.base import FamilySpec, TaskSpec, with_axis_limits
+from vlexport.models.base import with_axis_limits
 from vlexport.models.inputs import EXPORT_SHAPE, image_size
 from vlexport.runtime import load_artifact
 from vlexport.support_files import copy_support_files, tokenizer_record, write_config

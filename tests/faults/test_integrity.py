@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.faults.cli_helpers import cli
+from vlexport.contracts.manifest import Manifest, file_sha256
 from vlexport.errors import CheckError
-from vlexport.manifest import Manifest, file_sha256
 
 FEATURES = ("altclip-tiny", "features")
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlexport.cli import main
-from vlexport.manifest import Manifest
+from vlexport.contracts.manifest import Manifest
 from vlexport.weights import load_model, resolve
 
 Tensors = dict[str, torch.Tensor]

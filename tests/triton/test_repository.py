@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.errors import CheckError, UsageError
-from vlexport.manifest import Component, TensorSpec
 from vlexport.serve import triton_config as tc
 from vlexport.serve.triton_repo import sanitize, write_repository
 
@@ -371,7 +371,7 @@ def _served(repo: Path, requests: dict[str, dict[str, list[str]]], cwd: Path) ->
 
 def test_python_models_run_without_torch_transformers_or_installed_vlexport(exported, tmp_path: Path) -> None:
     from tests.triton.client import image_bytes
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
     from vlexport.runtime.preprocess import image_settings, load_image
     from vlexport.runtime.texts import placeholder_batch as _placeholder_batch
 

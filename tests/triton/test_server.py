@@ -40,7 +40,7 @@ def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -
     uses)."""
     import torch
 
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
     from vlexport.models import get_family
     from vlexport.runtime.preprocess import image_settings, load_image
     from vlexport.runtime.texts import placeholder_batch as _placeholder_batch
@@ -65,7 +65,7 @@ def _eager_itm(artifact: Path, image: bytes, texts: list[str], tmp_path: Path) -
 def test_itm_ensemble_answers_image_and_texts_with_eager_scores(
     triton_server, clients, triton_artifacts, tmp_path: Path, protocol: str
 ) -> None:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
     artifact = triton_artifacts["itm"]
     image = image_bytes(1)
@@ -260,7 +260,7 @@ def test_short_requests_are_not_held_back_by_one_at_max_new_tokens(
     import threading
     import time
 
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
     limit = Manifest.read(triton_artifacts["caption"]).generation["max_positions"] - 1  # prompt: [bos]
     long = {"name": "caption", "image": image_bytes(60), "beams": 4, "max_new": limit}  # 4 of the 8 rows
@@ -304,7 +304,7 @@ def test_a_client_that_goes_away_mid_generation_frees_its_rows(
 
     from tritonclient import grpc
 
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
     limit = Manifest.read(triton_artifacts["caption"]).generation["max_positions"] - 1
     client = grpc.InferenceServerClient(triton_server.grpc_url)

@@ -31,9 +31,9 @@ from vlexport.bench.variants import (
 )
 from vlexport.bench.work import decode_shape, encoder_work, step_bytes, storage_bytes
 from vlexport.contracts.backends import canonical_name
+from vlexport.contracts.manifest import Manifest, library_versions
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig, get_precision
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest, library_versions
 from vlexport.models.inputs import InputShape, image_size
 
 if TYPE_CHECKING:

@@ -51,6 +51,7 @@ from vlexport.contracts.backends import (
     backend_precisions,
     get_backend,
 )
+from vlexport.contracts.manifest import Manifest, component_size
 from vlexport.contracts.passes import derivation, precision_pass
 from vlexport.contracts.precision import (
     Fp32Config,
@@ -61,7 +62,6 @@ from vlexport.contracts.precision import (
     per_component,
 )
 from vlexport.errors import CheckError, UsageError, ValidationError, VlexportError
-from vlexport.manifest import Manifest, component_size
 
 SERVE_SEED = 4321  # validation uses 1234.., calibration 50000..: the serve-shape inputs are neither
 SERVE_DRAWS = 3  # seeded inputs per shape to serve

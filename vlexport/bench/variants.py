@@ -40,11 +40,11 @@ from vlexport.contracts.backends import (
     canonical_name,
     get_backend,
 )
+from vlexport.contracts.family import ComponentSpec, TaskSpec
+from vlexport.contracts.manifest import Manifest
 from vlexport.contracts.passes import derivation
 from vlexport.contracts.precision import Fp32Config, PrecisionConfig, precisions_for_backend
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
-from vlexport.models.base import ComponentSpec, TaskSpec
 from vlexport.runtime import load_artifact
 from vlexport.weights import ModelSource
 

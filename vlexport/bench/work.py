@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlexport.contracts.family import ComponentSpec
 from vlexport.contracts.precision import PrecisionConfig
-from vlexport.models.base import ComponentSpec
 from vlexport.models.inputs import InputShape
 
 

@@ -132,7 +132,7 @@ def quantize_config(args: argparse.Namespace) -> PrecisionConfig:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
     from vlexport.pipeline import check_variant_source
 
     if args.components:

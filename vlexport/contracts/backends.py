@@ -29,8 +29,8 @@ from vlexport.errors import UsageError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from vlexport.manifest import Component, Manifest
-    from vlexport.models.base import ComponentSpec, FamilySpec, TaskSpec
+    from vlexport.contracts.family import ComponentSpec, FamilySpec, TaskSpec
+    from vlexport.contracts.manifest import Component, Manifest
 
 ComponentFn = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[[str], None]

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 class ParentArtifact(Protocol):
     """What a precision's ``check_for`` reads of the artifact it would derive from (a
-    ``vlexport.manifest.Manifest``): named here, so the contracts layer does not import the manifest, which
-    imports it."""
+    ``contracts.manifest.Manifest``): named here, so this module does not import the manifest, which imports
+    it."""
 
     @property
     def task(self) -> str: ...

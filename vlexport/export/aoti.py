@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from vlexport.contracts.backends import LOAD_DEFAULTS, BackendBase, ExportJob, LoadOptions, register_backend
+from vlexport.contracts.family import ComponentSpec
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export.decode_gemms import FREEZE_CHOICES, choose_freezing
 from vlexport.export.onnx import _quiet_exporter, dynamic_shapes
-from vlexport.manifest import Component, TensorSpec
-from vlexport.models.base import ComponentSpec
 from vlexport.models.generative import CachedDecoder
 from vlexport.runtime.static_step import META_STATIC
 

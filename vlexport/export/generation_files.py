@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.runtime.tokenizer import PLACEHOLDER_NOTE, write_placeholder
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from vlexport.contracts.backends import LOAD_DEFAULTS, BackendBase, ExportJob, LoadOptions, register_backend
+from vlexport.contracts.family import ComponentSpec
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.errors import UsageError
-from vlexport.manifest import Component, TensorSpec
-from vlexport.models.base import ComponentSpec
 
 DEFAULT_OPSET = 18
 # The dynamo exporter emits opset 18 graphs and converts down with the version converter, which cannot

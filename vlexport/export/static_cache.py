@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
 
+from vlexport.contracts.family import ComponentSpec
 from vlexport.errors import UsageError
-from vlexport.models.base import ComponentSpec
 from vlexport.models.generative import EXAMPLE_NEW_TOKENS, EXAMPLE_PAST, CachedDecoder, CacheLayout
 from vlexport.runtime.static_step import CACHE_POSITION
 

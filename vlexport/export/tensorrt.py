@@ -26,11 +26,11 @@ from vlexport.contracts.backends import (
     LoadOptions,
     register_backend,
 )
+from vlexport.contracts.family import TaskSpec
+from vlexport.contracts.manifest import Component
 from vlexport.contracts.precision import PrecisionConfig
 from vlexport.errors import CheckError, MissingToolchain, UsageError
 from vlexport.export import TRT_DEFAULT_SHAPES
-from vlexport.manifest import Component
-from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import InputShape
 from vlexport.runtime.components import import_tensorrt
 

@@ -11,8 +11,9 @@ import importlib
 import importlib.util
 import pkgutil
 
+from vlexport.contracts.family import ComponentSpec, FamilySpec, Preset, TaskSpec  # noqa: F401
 from vlexport.errors import UsageError
-from vlexport.models.base import ComponentSpec, FamilySpec, OutputSelector, Preset, TaskSpec  # noqa: F401
+from vlexport.models.base import OutputSelector  # noqa: F401
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 """AltCLIP: XLM-RoBERTa text tower + CLIP ViT vision tower."""
 
+from vlexport.contracts.family import FamilySpec, Preset
 from vlexport.inject import interface, post_norm
-from vlexport.models.base import FamilySpec, Preset, roberta_position_offset
+from vlexport.models.base import roberta_position_offset
 from vlexport.models.dual_encoder_tasks import features_task
 
 PRESETS = (

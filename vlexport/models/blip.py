@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vlexport.contracts.family import ComponentSpec, FamilySpec, Preset, TaskSpec
 from vlexport.inject import Rule, additive_bias, kernel_attention, post_norm, use_original
 from vlexport.models import dual_encoder_tasks, scores
-from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec, single_component
+from vlexport.models.base import single_component
 from vlexport.models.generative import (
     CacheLayout,
     ExampleDims,

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vlexport.contracts.family import ComponentSpec, FamilySpec, Preset, TaskSpec
 from vlexport.inject import interface, post_norm
-from vlexport.models.base import ComponentSpec, FamilySpec, Preset, TaskSpec
 from vlexport.models.generative import (
     CacheLayout,
     ExampleDims,

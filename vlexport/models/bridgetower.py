@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from vlexport.contracts.family import FamilySpec, Preset, ScoreReader, TaskSpec
 from vlexport.inject import (
     Rule,
     add_layer_norm,
@@ -19,14 +20,7 @@ from vlexport.inject import (
     use_original,
 )
 from vlexport.models import scores
-from vlexport.models.base import (
-    FamilySpec,
-    Preset,
-    ScoreReader,
-    TaskSpec,
-    roberta_position_offset,
-    single_component,
-)
+from vlexport.models.base import roberta_position_offset, single_component
 from vlexport.models.host import bridgetower as host_bridgetower
 from vlexport.models.inputs import InputShape, generator, image_size, pixel_values, text_inputs
 

@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlexport.contracts.family import TaskSpec
 from vlexport.models import scores
-from vlexport.models.base import TaskSpec, single_component
+from vlexport.models.base import single_component
 from vlexport.models.inputs import InputShape, generator, pixel_values, text_inputs
 
 if TYPE_CHECKING:  # annotations only (family modules load without transformers)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vlexport.models.base import ComponentSpec
+from vlexport.contracts.family import ComponentSpec
 from vlexport.models.host import GenerationRecipe, HostStage, past_name  # noqa: F401  (re-exported)
 from vlexport.models.inputs import InputShape, generator
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from vlexport.contracts.family import InputShape
+
 if TYPE_CHECKING:  # annotations only: compiled artifacts generate without transformers
     from transformers import PretrainedConfig
-
-
-@dataclass(frozen=True)
-class InputShape:
-    batch: int
-    seq_len: int
-
-    def __str__(self) -> str:
-        return f"b{self.batch}s{self.seq_len}"
 
 
 # The export example avoids 1 (torch.export specialises size-1 dims) and the validation shapes differ

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from vlexport.models.base import ScoreReader
+    from vlexport.contracts.family import ScoreReader
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

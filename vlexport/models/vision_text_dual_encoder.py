@@ -1,7 +1,7 @@
 """VisionTextDualEncoder: any vision encoder + any text encoder joined by two projections."""
 
+from vlexport.contracts.family import FamilySpec, Preset
 from vlexport.inject import BERT_LIKE, VIT_LIKE
-from vlexport.models.base import FamilySpec, Preset
 from vlexport.models.dual_encoder_tasks import features_task
 
 PRESETS = (

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import difflib
 
+from vlexport.contracts.family import Preset
 from vlexport.errors import UsageError
 from vlexport.models import family_names, get_family
-from vlexport.models.base import Preset
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
 

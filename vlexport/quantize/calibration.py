@@ -22,8 +22,8 @@ from vlexport.models.inputs import InputShape
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from vlexport.manifest import Manifest
-    from vlexport.models.base import TaskSpec
+    from vlexport.contracts.family import TaskSpec
+    from vlexport.contracts.manifest import Manifest
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from vlexport.contracts.backends import LoadOptions, get_backend
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import CheckError, UsageError
-from vlexport.manifest import Manifest
 from vlexport.models import TaskSpec, get_family
 from vlexport.models.host import DECODER
 from vlexport.runtime.loading import ComponentFn, LazyComponent, check_component

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vlexport.contracts.manifest import Component
 from vlexport.errors import CheckError
-from vlexport.manifest import Component
 from vlexport.models.host import past_name
 
 # one decoder call: feeds in, (logits, present.* outputs) out

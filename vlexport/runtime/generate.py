@@ -23,7 +23,7 @@ from vlexport.runtime.decode import SearchSettings, search
 from vlexport.runtime.decoder_session import DecoderSession, input_dtypes
 
 if TYPE_CHECKING:
-    from vlexport.models.base import ComponentSpec
+    from vlexport.contracts.family import ComponentSpec
     from vlexport.runtime import Artifact
 
 

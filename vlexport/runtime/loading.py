@@ -14,7 +14,7 @@ import numpy as np
 from vlexport.errors import CheckError
 
 if TYPE_CHECKING:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
 ComponentFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 

@@ -19,7 +19,7 @@ from vlexport.userdata import brief, finite, kind_of, read_json
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
 
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what the BLIP / CLIP processors use

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.runtime import check_device
 from vlexport.runtime.preprocess import image_settings, load_image
 from vlexport.runtime.tasks import EncoderTask, GenerateTask, load

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlexport.contracts.manifest import Component
 from vlexport.errors import CheckError, UsageError
-from vlexport.manifest import Component
 from vlexport.models.host import past_name
 
 CACHE_POSITION = "cache_position"

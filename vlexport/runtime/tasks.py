@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import CheckError, UsageError
-from vlexport.manifest import Manifest
 from vlexport.models.host import DECODER
 from vlexport.runtime import Artifact, load_artifact
 from vlexport.runtime.generate import prompt_ids

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import UsageError
-from vlexport.manifest import Manifest
 from vlexport.models import get_family
 from vlexport.runtime.tokenizer import ArtifactTokenizer, build_placeholder, pad_batch
 

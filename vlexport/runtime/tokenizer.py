@@ -17,7 +17,7 @@ from vlexport.errors import CheckError, UsageError
 from vlexport.userdata import brief, kind_of, read_json
 
 if TYPE_CHECKING:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
 
 PLACEHOLDER_NOTE = (

@@ -24,7 +24,7 @@ _MODULES = (
     "vlexport.errors",
     "vlexport.cpu",
     "vlexport.userdata",
-    "vlexport.manifest",
+    "vlexport.contracts.manifest",
     "vlexport.artifact",
     "vlexport.artifact.locks",
     "vlexport.artifact.staging",

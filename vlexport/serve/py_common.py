@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from vlexport.contracts.manifest import Manifest
 from vlexport.errors import VlexportError
-from vlexport.manifest import Manifest
 
 
 def pb() -> Any:

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlexport.contracts.manifest import Component, TensorSpec
 from vlexport.errors import CheckError, UsageError
-from vlexport.manifest import Component, TensorSpec
 
 KINDS = ("gpu", "cpu")
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "python-onnxruntime")

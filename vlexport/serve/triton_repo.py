@@ -39,10 +39,10 @@ from vlexport.artifact import (
     staged_dir,
 )
 from vlexport.contracts.backends import backend_names, get_backend
+from vlexport.contracts.family import TaskSpec
+from vlexport.contracts.manifest import MANIFEST, Component, Manifest
 from vlexport.errors import CheckError, UsageError, signals_held
-from vlexport.manifest import MANIFEST, Component, Manifest
 from vlexport.models import get_family
-from vlexport.models.base import TaskSpec
 from vlexport.models.host import code_ref
 from vlexport.serve import embedded
 from vlexport.serve import triton_config as tc

@@ -4,9 +4,9 @@
   configs (contracts/precision.py);
 * :mod:`vlexport.validate.generation`: generative artifacts, tokens vs HF ``generate()``.
 
-Both produce a :class:`vlexport.manifest.ValidationReport`. The eager side runs first and the model can be
-dropped before the artifact loads (:func:`eager_references`), so both sets of weights are never in memory
-together. This package uses the runtime (it runs artifacts); the runtime never imports it.
+Both produce a :class:`vlexport.contracts.manifest.ValidationReport`. The eager side runs first and the model
+can be dropped before the artifact loads (:func:`eager_references`), so both sets of weights are never in
+memory together. This package uses the runtime (it runs artifacts); the runtime never imports it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
+from vlexport.contracts.family import TaskSpec
+from vlexport.contracts.manifest import Manifest, ValidationReport
 from vlexport.errors import ValidationError
-from vlexport.manifest import Manifest, ValidationReport
-from vlexport.models.base import TaskSpec
 from vlexport.validate.outputs import compare_outputs, output_references
 
 if TYPE_CHECKING:

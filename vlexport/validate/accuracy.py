@@ -1,7 +1,7 @@
 """The accuracy report of a reduced-precision variant against eager fp32, and its verdict.
 
 Built from validation's own checks (the seeded validation inputs, never a calibration set), one record
-(:class:`vlexport.manifest.AccuracyReport`) for the manifest, the CLI and the exit code:
+(:class:`vlexport.contracts.manifest.AccuracyReport`) for the manifest, the CLI and the exit code:
 
 * encoders: per output, the smallest cosine and largest absolute error over the shapes; per output the
   task declares an agreement kind for (models/ ``TaskSpec.agreement``), the task-level agreement (ITM
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from vlexport.contracts.manifest import AccuracyReport, ValidationReport
 from vlexport.contracts.precision import Tolerance
-from vlexport.manifest import AccuracyReport, ValidationReport
 
 # What an argmax agreement means, per task name (the kinds models/ declare are generic: "argmax").
 TASK_LABELS = {

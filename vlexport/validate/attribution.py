@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from vlexport.contracts.backends import LoadOptions, get_backend
-from vlexport.manifest import Manifest
-from vlexport.models.base import TaskSpec
+from vlexport.contracts.family import TaskSpec
+from vlexport.contracts.manifest import Manifest
 from vlexport.runtime import Artifact
 from vlexport.validate.generation import GenerationCheck
 

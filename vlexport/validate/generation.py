@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.contracts.manifest import ValidationReport
 from vlexport.contracts.precision import Tolerance
-from vlexport.manifest import ValidationReport
 from vlexport.models.inputs import InputShape
 from vlexport.validate.outputs import noise_level
 

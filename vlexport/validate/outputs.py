@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from vlexport.contracts.family import TaskSpec
+from vlexport.contracts.manifest import ValidationReport
 from vlexport.contracts.precision import PrecisionConfig, Tolerance
-from vlexport.manifest import ValidationReport
-from vlexport.models.base import TaskSpec
 from vlexport.models.inputs import VALIDATION_SHAPES, InputShape
 
 # Outputs whose values barely vary carry no signal: a comparison against them passes trivially.

@@ -23,7 +23,7 @@ from vlexport.presets import Preset, get_preset
 from vlexport.weights.integrity import check_safetensors, check_unchanged, weights_sha256
 
 if TYPE_CHECKING:
-    from vlexport.manifest import Manifest
+    from vlexport.contracts.manifest import Manifest
 
 
 # BLIP's vision config defaults to initializer_range=1e-10: random weights that small make every
