@@ -46,6 +46,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+from vlexport.contracts.family import Rule
 from vlexport.errors import UsageError
 
 ATTN_IMPLEMENTATION = "vlexport"
@@ -263,23 +264,6 @@ def _register_attention() -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules: what a family declares (FamilySpec.injection)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Module classes (``<transformers.models sub-path>.<Class>``) that one kernel takes over, and how.
-
-    ``replacement`` None: the classes call ALL_ATTENTION_FUNCTIONS, so switching their config routes them.
-    Otherwise ``method`` of every instance is replaced by ``replacement(module, original, *args)``, where
-    ``original`` is the bound method it replaces (the fallback for training / requested attentions).
-    ``check`` returns why a module cannot be taken over (a layout the replacement does not know), or None.
-    """
-
-    kernel: str  # "attention" | "bridge"
-    classes: tuple[str, ...]
-    replacement: Callable[..., Any] | None = None
-    method: str = "forward"
-    check: Callable[[nn.Module], str | None] = lambda module: None
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A family has tasks, a task has one or more components. A component is what becomes one ONNX file (or one
 compiled package): a wrapper module that takes its inputs positionally and returns a tuple of tensors, with
-named inputs/outputs and dynamic axes. The declarations live in ``models/<family>.py``; the helpers that build
+named inputs/outputs and dynamic axes; a family's kernel-injection ``Rule``s are what inject.py applies.
+The declarations live in ``models/<family>.py``; the helpers that build
 them in ``models/base.py``. Annotations only name torch, numpy and transformers types, so the served
 runtime's torch-free modules may import this schema.
 """
@@ -22,13 +23,29 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
     from vlexport.contracts.precision import PrecisionConfig
-    from vlexport.inject import Rule
 
 DynamicAxes = Mapping[str, Mapping[int, str]]
 # The image statistics of CLIP's processor, which the BLIP, BLIP-2, BridgeTower and AltCLIP checkpoints use.
 CLIP_IMAGE_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 # (outputs of one run over n texts, n) -> per-text scores by name (models/scores.py has the shared readers)
 ScoreReader: TypeAlias = "Callable[[Mapping[str, np.ndarray], int], dict[str, np.ndarray]]"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Module classes (``<transformers.models sub-path>.<Class>``) that one kernel takes over, and how.
+
+    ``replacement`` None: the classes call ALL_ATTENTION_FUNCTIONS, so switching their config routes them.
+    Otherwise ``method`` of every instance is replaced by ``replacement(module, original, *args)``, where
+    ``original`` is the bound method it replaces (the fallback for training / requested attentions).
+    ``check`` returns why a module cannot be taken over (a layout the replacement does not know), or None.
+    """
+
+    kernel: str  # "attention" | "bridge"
+    classes: tuple[str, ...]
+    replacement: Callable[..., Any] | None = None
+    method: str = "forward"
+    check: Callable[[nn.Module], str | None] = lambda module: None
 
 
 @dataclass(frozen=True)
