@@ -229,11 +229,11 @@ def p50_ms(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 60
 
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
+    from vlexport.runtime.onnx_session import session_options
+
     # taking turns, a session must not spin after its run: the next one's would share the cores with the
     # spinning threads (every p50 measured ~2.8x its time alone, ratios compressed toward 1)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts, _ = session_options(2, spin=False)
     sessions = {
         k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()
     }

@@ -232,6 +232,12 @@ def _torchao_config(precision: PrecisionConfig) -> object:
         return Int4WeightOnlyConfig(group_size=group, int4_packing_format="opaque")
 
 
+def _freeze_decides(job: ExportJob) -> bool:
+    """Whether --freeze chooses anything for this compile: CPU fp32 decoders in the default mode
+    (max-autotune always freezes; CUDA and reduced precisions never do)."""
+    return job.option("device") == "cpu" and job.option("mode") == "default" and job.precision.name == "fp32"
+
+
 class AotiBackend(BackendBase):
     name = "aoti"
     triton_backends = ("pytorch",)
@@ -268,10 +274,7 @@ class AotiBackend(BackendBase):
             raise UsageError(f"--max-batch {job.option('max_batch')}: give 1..4096 decoder rows.")
         if job.option("freeze") not in FREEZE_CHOICES:
             raise UsageError(f"--freeze {job.option('freeze')!r}: choose one of {', '.join(FREEZE_CHOICES)}.")
-        plain = (
-            job.option("device") == "cpu" and job.option("mode") == "default" and job.precision.name == "fp32"
-        )
-        if job.option("freeze") != "auto" and not plain:
+        if job.option("freeze") != "auto" and not _freeze_decides(job):
             raise UsageError(
                 f"--freeze {job.option('freeze')} decides how a CPU fp32 decoder in the default mode "
                 "multiplies; this compile has none (max-autotune always freezes, CUDA and reduced precisions "
@@ -304,8 +307,7 @@ class AotiBackend(BackendBase):
                 "max_batch": max_batch,
                 "cuda_graphs": job.option("mode") == "reduce-overhead",
             }
-            if job.option("device") == "cpu" and not configs.get("freezing") and not copied:
-                # fp32 CPU decode steps: MKL's or oneDNN's GEMMs, whichever this machine runs faster
+            if _freeze_decides(job):  # MKL's or oneDNN's GEMMs, whichever this machine runs faster
                 choice = choose_freezing(job.option("freeze"), module, sorted({1, max_batch}))
                 static["freezing"] = choice.as_dict()
                 if choice.freeze:

@@ -42,11 +42,6 @@ class FreezeChoice:
         return {k: v for k, v in asdict(self).items() if v not in (None, ())}
 
 
-def linear_weights(module: nn.Module) -> Counter[tuple[int, int]]:
-    """(in_features, out_features) of every nn.Linear, counted (a tied head is its own Linear)."""
-    return Counter((m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear))
-
-
 def choose_freezing(asked: str, module: nn.Module, rows: Sequence[int]) -> FreezeChoice:
     """The choice for ``--freeze asked`` (auto / yes / no) for a decoder whose steps run ``rows`` rows."""
     if asked not in FREEZE_CHOICES:
@@ -55,14 +50,14 @@ def choose_freezing(asked: str, module: nn.Module, rows: Sequence[int]) -> Freez
         return FreezeChoice(asked == "yes", "asked")
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return FreezeChoice(False, "this torch has no oneDNN: nothing to pack for")
-    weights = {
-        (m.in_features, m.out_features): m.weight.detach()
-        for m in module.modules()
-        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
-    }
+    counts: Counter[tuple[int, int]] = Counter()  # (in, out) -> Linears of that shape (a tied head counts)
+    weights: dict[tuple[int, int], torch.Tensor] = {}  # one weight per shape to time
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32:
+            counts[m.in_features, m.out_features] += 1
+            weights.setdefault((m.in_features, m.out_features), m.weight.detach())
     if not weights:
         return FreezeChoice(False, "no fp32 Linear to measure")
-    counts = linear_weights(module)
     aten = onednn = 0.0
     for shape, weight in weights.items():
         for m in rows:

@@ -288,11 +288,12 @@ class Score:
 def _session(path: Path) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from vlexport.runtime.onnx_session import session_options
+
+    # spin=False: graphs taking turns (p50_ms) would each run beside the previous one's spinning threads
+    # (real MiniLM at batch 8 on 2 cores: every p50 ~2.8x its time alone)
+    opts, _ = session_options(spin=False)
     opts.log_severity_level = 3
-    # ORT's pool spins after each run by default: graphs taking turns (p50_ms) would each run beside the
-    # previous one's spinning threads (real MiniLM at batch 8 on 2 cores: every p50 ~2.8x its time alone)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
