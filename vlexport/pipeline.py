@@ -543,6 +543,7 @@ def _build_per_component(ctx: DeriveContext, backend: Backend) -> Derived:
         groups.setdefault(config.name, []).append(comp)
     components: dict[str, Component] = {}
     details: dict[str, Any] = {}
+    fused: dict[str, dict[str, int]] = {}
     for name, comps in groups.items():
         if name == "fp32":
             for comp in comps:
@@ -555,8 +556,9 @@ def _build_per_component(ctx: DeriveContext, backend: Backend) -> Derived:
         job = replace(ctx.job, precision=config, component_precisions={})
         derived = precision_pass(backend.name, name).derive(replace(ctx, job=job, only=frozenset(comps)))
         components.update(derived.components)
+        fused.update(derived.fused_ops)
         details[name] = {"components": comps, **derived.details}
-    return Derived({k: components[k] for k in ctx.parent.components}, details)
+    return Derived({k: components[k] for k in ctx.parent.components}, details, fused_ops=fused)
 
 
 def _check_parent(parent: Manifest, how: Derivation, name: str, job: ExportJob, directory: Path) -> None:

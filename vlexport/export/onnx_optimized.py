@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,7 @@ from vlexport.contracts.backends import (
     LoadOptions,
     register_backend,
 )
-
-# The op types worth reporting: what the fusions produce.
-FUSED_OPS = (
-    "Attention",
-    "MultiHeadAttention",
-    "SkipLayerNormalization",
-    "LayerNormalization",
-    "BiasGelu",
-    "FastGelu",
-    "Gelu",
-    "EmbedLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-)
+from vlexport.export.ort_fusions import op_counts
 
 
 def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict[str, int]:
@@ -64,12 +51,6 @@ def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict
         os.remove(data)
     model.save_model_to_file(str(path), use_external_data_format=external, all_tensors_to_one_file=True)
     return op_counts(path)
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    graph = onnx.load(str(path), load_external_data=False).graph
-    counts = Counter(node.op_type for node in graph.node)
-    return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
 class OnnxOptimizedBackend(BackendBase):

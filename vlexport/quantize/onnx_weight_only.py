@@ -1,5 +1,7 @@
 """The ONNX weight-only passes (int8-weight, int4-weight): each component rewritten by the MatMulNBits writer
-(quantize/matmul_nbits.py), after a block-size ``--search`` on the calibration set when asked."""
+(quantize/matmul_nbits.py), after a block-size ``--search`` on the calibration set when asked, then given ONNX
+Runtime's fused attention and normalization ops (export/ort_fusions.py): MatMulNBits already runs on ONNX
+Runtime alone, so its graphs lose no consumer by them."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from vlexport.contracts.backends import DeriveContext, Derived
 from vlexport.contracts.passes import register_pass
 from vlexport.contracts.precision import Int4WeightConfig, Int8WeightConfig, WeightOnlyConfig
 from vlexport.errors import UsageError
+from vlexport.export.ort_fusions import fuse_for_ort
+from vlexport.models.host import DECODER
 from vlexport.quantize.matmul_nbits import check_runtime, weight_only_nbits
 from vlexport.quantize.onnx_rewrite import rewrite_components
 
@@ -28,6 +32,7 @@ class OnnxWeightOnlyPass:
         assert isinstance(config, self.config_type)
         counts: dict[str, int] = {}
         gathers: dict[str, int] = {}
+        fused: dict[str, dict[str, int]] = {}
         details: dict[str, Any] = {}
         files: list[str] = []
 
@@ -41,6 +46,7 @@ class OnnxWeightOnlyPass:
                 written["MatMulNBits"],
                 written.get("GatherBlockQuantized", 0),
             )
+            fused[dst.stem] = fuse_for_ort(dst, external=external, decode_step=dst.stem == DECODER)
 
         derived = rewrite_components(ctx, write)
         if not any(counts.values()):
@@ -50,6 +56,7 @@ class OnnxWeightOnlyPass:
             )
         derived.details.update(details)
         derived.files.extend(files)
+        derived.fused_ops.update(fused)
         derived.details.update(
             {
                 "block_size": config.block_size,
