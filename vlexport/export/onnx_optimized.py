@@ -1,7 +1,9 @@
-"""The ``onnx-opt`` backend: an ONNX artifact rewritten by ONNX Runtime's transformer optimizer.
+"""The ``onnx-opt`` backend: an ONNX artifact rewritten with ONNX Runtime's fused operators.
 
-Derived from ``onnx`` (``vlexport onnx --optimize``): the graphs are copied and fused in place
-(SkipLayerNormalization, BiasGelu, ...; the family module names the optimizer's model type), then
+Derived from ``onnx`` (``vlexport onnx --optimize``): the graphs are copied and fused in place, first by
+export/ort_fusions.py (onnxscript's fusions for dynamo-exported graphs: MultiHeadAttention with past,
+(Skip)SimplifiedLayerNormalization, ...; the decode-step rewrites for the decoder), then by ONNX Runtime's
+transformer optimizer for what its patterns still find (the family module names its model type), then
 described again from the files and validated like any artifact. The fused op counts go in the manifest.
 """
 
@@ -22,7 +24,8 @@ from vlexport.contracts.backends import (
     LoadOptions,
     register_backend,
 )
-from vlexport.export.ort_fusions import op_counts
+from vlexport.export.ort_fusions import fuse_for_ort, op_counts
+from vlexport.models.host import DECODER
 
 
 def optimize_onnx(path: Path, *, model_type: str, use_gpu: bool = False) -> dict[str, int]:
@@ -58,7 +61,7 @@ class OnnxOptimizedBackend(BackendBase):
     triton_backends = ("onnxruntime", "python-onnxruntime")
     suffix = ".onnx"
     parent = "onnx"
-    description = "ONNX graphs fused by ONNX Runtime's transformer optimizer"
+    description = "ONNX graphs with ONNX Runtime's fused attention and normalization ops"
 
     def derive(self, ctx: DeriveContext) -> Derived:
         from vlexport.export.onnx import describe
@@ -73,6 +76,7 @@ class OnnxOptimizedBackend(BackendBase):
                     ctx.parent_dir / rel, ctx.out_dir / rel
                 )
             path = ctx.out_dir / comp.file
+            fuse_for_ort(path, external=comp.external_data is not None, decode_step=name == DECODER)
             fused[name] = optimize_onnx(path, model_type=ctx.family.ort_model_type)
             components[name] = describe(path, name, specs[name].dynamic_axes, root=ctx.out_dir)
         return Derived(components, fused_ops=fused)
