@@ -102,3 +102,22 @@ def test_weight_only_variants_carry_the_fusions(exported, tmp_path: Path, capsys
         assert counts == {op: ops[op] for op in counts} and counts["MultiHeadAttention"] > 0
     image = onnx.load(str(out / m.components["image_encoder"].file), load_external_data=False).graph
     assert not {n.domain for n in image.node} & {"com.microsoft"}
+
+
+def test_optimized_generative_export_validates_with_fused_attention(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "opt"
+    argv = ["onnx", "blip-tiny", "--task", "caption", "--random-weights", "--optimize", "-o", str(out)]
+    assert main(argv) == 0
+    assert "tokens equal HF generate()" in " ".join(capsys.readouterr().out.split())
+    m = Manifest.read(out)
+    assert m.backend == "onnx-opt" and m.validation.passed
+    decoder = onnx.load(str(out / m.components["decoder"].file), load_external_data=False).graph
+    attention = [n for n in decoder.node if n.op_type == "MultiHeadAttention"]
+    assert m.fused_ops["decoder"]["MultiHeadAttention"] == len(attention) > 0
+    # the decoder's query carries the scale; the vision encoder's many query rows keep it inside
+    assert all(a.f == 1.0 for n in attention for a in n.attribute if a.name == "scale")
+    vision = onnx.load(str(out / m.components["vision_encoder"].file), load_external_data=False).graph
+    assert m.fused_ops["vision_encoder"]["MultiHeadAttention"] > 0
+    assert not [
+        a for n in vision.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "scale"
+    ]
