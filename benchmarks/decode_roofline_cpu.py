@@ -17,7 +17,9 @@ machine's memory bandwidth (``bench.peaks``, the bench's peak) before each itera
   setting; the two above do not spin, as in ``vlexport bench`` and serving). Off by default: its spinning
   pool shares the cores with torch's OpenMP pool in this process and slowed the AOTI runner beside it
   (blip-base b1 from ~30 to 1760 ms/token on a quiet machine);
-- ``aoti``: the static-cache package (`vlexport compile`).
+- ``aoti``: the static-cache package (`vlexport compile`);
+- ``onnx-fused`` (with ``--fused``): the loop now over the decoder with ONNX Runtime's fused ops
+  (export/ort_fusions.py, what `--optimize` and the weight-only variants get), written to a temp dir.
 
 Bytes per step are the bench's (``bench.work.decode_shape``: the weights one step reads plus the KV cache at
 the mean decode length, cross-attention K/V in full), GB/s = bytes / median step time, peak fraction = GB/s /
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,7 +131,22 @@ def _ratios(rows: list[dict], batches: list[int]) -> dict:
         }
         if "onnx-spin" in ms:
             ratios[f"b{batch}"]["onnx_spin_speed_vs_onnx"] = round(ms["onnx"] / ms["onnx-spin"], 3)
+        if "onnx-fused" in ms:
+            ratios[f"b{batch}"]["onnx_fused_speed_vs_onnx"] = round(ms["onnx"] / ms["onnx-fused"], 3)
+            ratios[f"b{batch}"]["aoti_speed_vs_onnx_fused"] = round(ms["onnx-fused"] / ms["aoti"], 3)
     return ratios
+
+
+def _fused_decoder(path: Path, scratch: Path) -> Path:
+    """A copy of the decoder graph with ORT's fused ops (export/ort_fusions.py), as onnx-opt writes it."""
+    import shutil
+
+    from vlexport.export.ort_fusions import fuse_for_ort
+
+    for f in path.parent.glob(path.name + "*"):
+        shutil.copy2(f, scratch / f.name)
+    fuse_for_ort(scratch / path.name, external=(scratch / f"{path.name}.data").exists(), decode_step=True)
+    return scratch / path.name
 
 
 def main() -> None:
@@ -142,6 +160,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--spin", action="store_true", help="also time an ORT session whose threads spin")
+    p.add_argument("--fused", action="store_true", help="also time the decoder with ORT's fused ops")
     p.add_argument("--note", default="", help="recorded as is, e.g. the machine's load")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_roofline_cpu.json")
     args = p.parse_args()
@@ -162,6 +181,12 @@ def main() -> None:
         spin = DecoderSession(OnnxComponent(dirs["onnx"] / spec.file, threads=args.threads, spin=True), spec)
         runners["onnx-spin"] = (onnx, spin)
         sessions.append(spin)
+    if args.fused:
+        scratch = tempfile.TemporaryDirectory(prefix="vlexport-roofline-")  # removed at exit
+        fused = _fused_decoder(dirs["onnx"] / spec.file, Path(scratch.name))
+        one = OnnxComponent(fused, threads=args.threads, spin=False, decode_step=True)
+        runners["onnx-fused"] = (onnx, DecoderSession(one, spec))
+        sessions.append(runners["onnx-fused"][1])
     inside = {id(s): _InsideRun(s.session) for s in sessions}
     task = source.family.task("caption")
     components = task.components(model.config)
@@ -185,7 +210,7 @@ def main() -> None:
             k = it % len(names)
             for name in names[k:] + names[:k]:
                 gen, decoder = runners[name]
-                session = decoder if name == "onnx-spin" else gen.decoder
+                session = decoder if name in ("onnx-spin", "onnx-fused") else gen.decoder
                 rec = inside.get(id(session))
                 if rec is not None:
                     rec.ns.clear()

@@ -22,8 +22,8 @@ batch 1 61.0 -> 53.0 ms, batch 4 110.2 -> 85.5 ms; fp32 215.8 -> 201.8 ms and 25
 within 7.9e-6 of the unfused fp32 graph.
 
 The ops are ONNX Runtime's (com.microsoft and its onnx-domain SimplifiedLayerNormalization), so only graphs
-that run on ONNX Runtime alone get them: the weight-only variants (MatMulNBits already ties them to it),
-never the fp32 artifact TensorRT parses.
+that run on ONNX Runtime alone get them: onnx-opt (export/onnx_optimized.py) and the weight-only variants
+(MatMulNBits already ties them to it), never the fp32 artifact TensorRT parses.
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def _scale_on_query(graph: ir.Graph) -> int:
         scale = attr.as_float() if attr is not None else None
         query = node.inputs[0]
         if scale is None:
-            width = query.shape[-1] if query is not None and query.shape is not None else None
+            # q as [batch, sequence, hidden] beside a key (not packed QKV), of known width
+            shape = query.shape if query is not None and len(node.inputs) > 1 and node.inputs[1] else None
+            width = shape[-1] if shape is not None and len(shape) == 3 else None
             if not isinstance(width, int):
                 continue
             scale = float(width // node.attributes["num_heads"].as_int()) ** -0.5
@@ -149,6 +151,8 @@ def _bnsh_source(value: ir.Value | None) -> ir.Value | None:
     ``x`` is 4-D: [batch, heads, sequence, head_size] under a [batch, sequence, hidden] reshape)."""
     reshape = value.producer() if value is not None else None
     if reshape is None or reshape.op_type != "Reshape" or reshape.domain not in ("", "ai.onnx"):
+        return None
+    if value.shape is not None and len(value.shape) != 3:  # merging heads into [batch, sequence, hidden]
         return None
     transpose = reshape.inputs[0].producer()
     if transpose is None or transpose.op_type != "Transpose":
