@@ -71,6 +71,7 @@ def odd_blip_checkpoint(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def triton_artifacts(exported, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name in the repository -> artifact directory (shared tiny exports, plus the non-preset checkpoint)."""
+    import vlexport
     from vlexport.pipeline import ExportJob, run_export
 
     reason = missing_reason()
@@ -79,10 +80,15 @@ def triton_artifacts(exported, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("triton-artifacts")
     odd = root / "odd"
     run_export(ExportJob(str(odd_blip_checkpoint(root)), odd))
+    opt = exported("blip2-opt-tiny", "generate")
+    # an int4 variant: MatMulNBits, GatherBlockQuantized and ORT's fused attention in the served graphs
+    opt4 = root / "opt4"
+    vlexport.quantize(opt, out=opt4, precision="int4-weight", quantize_embeddings=True)
     return {
         "itm": exported("bridgetower-tiny", "itm"),
         "caption": exported("blip-tiny", "caption"),
-        "opt": exported("blip2-opt-tiny", "generate"),
+        "opt": opt,
+        "opt4": opt4,
         "odd": odd,
     }
 

@@ -83,11 +83,12 @@ def test_itm_ensemble_answers_image_and_texts_with_eager_scores(
     )
 
 
-GENERATION = [  # (artifact, prompt, num_beams): BLIP caption, BLIP-2 OPT, the non-preset checkpoint
+GENERATION = [  # (artifact, prompt, num_beams): BLIP caption, BLIP-2 OPT fp32 and int4, an odd checkpoint
     ("caption", None, None),
     ("caption", "a photo of", 3),
     ("opt", "what is in the picture?", None),
     ("opt", None, 2),
+    ("opt4", "what is in the picture?", None),
     ("odd", None, None),
     ("odd", "a picture of", 2),
 ]
