@@ -115,3 +115,28 @@ def test_optimized_generative_export_validates_with_fused_attention(tmp_path: Pa
     assert not [
         a for n in vision.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "scale"
     ]
+
+
+def test_fusing_an_external_data_graph_keeps_its_weights_file(exported, tmp_path: Path) -> None:
+    """A multi-GB decoder is not written twice: the fused graph refers to the weights where they lie."""
+    import onnxruntime as ort
+
+    parent = exported("blip2-flan-t5-tiny", "generate")
+    comp = Manifest.read(parent).components["decoder"]
+    graph = tmp_path / "decoder.onnx"
+    onnx.save_model(
+        onnx.load(str(parent / comp.file)), graph, save_as_external_data=True, location="decoder.onnx.data"
+    )
+    data = tmp_path / "decoder.onnx.data"
+    weights, inode, mode = data.read_bytes(), data.stat().st_ino, graph.stat().st_mode
+    counts = fuse_for_ort(graph, external=True, decode_step=True)
+    assert counts["MultiHeadAttention"] > 0 and graph.stat().st_mode == mode
+    # the same file, appended to at most, never rewritten
+    assert data.stat().st_ino == inode and data.read_bytes().startswith(weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+
+    feeds = _feeds(comp, np.random.default_rng(1))
+    want = ort.InferenceSession(str(parent / comp.file), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

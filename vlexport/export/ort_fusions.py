@@ -65,8 +65,9 @@ def op_counts(path: Path) -> dict[str, int]:
 def fuse_for_ort(path: Path, *, external: bool, decode_step: bool = False) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with ORT's fused ops; return the counts of fused op types.
 
-    ``external``: the graph keeps its weights in ``<name>.data`` beside it (rewritten whole: the new file is
-    written into a scratch directory first, as onnx_ir reads the old one lazily while it writes).
+    ``external``: the graph keeps its weights in ``<name>.data`` beside it. That file is not rewritten: the
+    fused graph refers to the weights where they lie, and the few tensors the fusions make (1 KiB and up) are
+    appended to it. Only the graph file is replaced, atomically.
     ``decode_step``: the graph is a generative decoder, called with one query row per sequence.
     """
     import onnx_ir as ir
@@ -78,16 +79,19 @@ def fuse_for_ort(path: Path, *, external: bool, decode_step: bool = False) -> di
         ir.passes.common.RemoveUnusedNodesPass()(model)
     if decode_step:
         _scale_on_query(model.graph)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fuse.") as scratch:
-        out = Path(scratch) / path.name
-        data = f"{path.name}.data"
-        ir.save(model, str(out), external_data=data if external else None)
-        del model  # its tensors map the old data file
-        os.replace(out, path)
+    proto = ir.serde.serialize_model(model)  # external weights stay references (location, offset)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # the graph's own mode, not mkstemp's 0600
         if external:
-            os.replace(Path(scratch) / data, path.parent / data)
-        elif (path.parent / data).exists():
-            os.remove(path.parent / data)
+            onnx.save_model(proto, tmp, save_as_external_data=True, location=f"{path.name}.data")
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return op_counts(path)
 
 
