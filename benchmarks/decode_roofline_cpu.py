@@ -13,10 +13,9 @@ machine's memory bandwidth (``bench.peaks``, the bench's peak) before each itera
 - ``onnx-before``: the loop as it was: every step binds every decoder input again (a fresh IO binding);
 - ``onnx``: the loop now (runtime/decoder_session.py ``StepBinding``: one binding per request, the inputs
   fed unchanged at every step bound once);
-- ``onnx-spin`` (with ``--spin``): the same loop over a session whose idle threads spin (``vlexport run``'s
-  setting; the two above do not spin, as in ``vlexport bench`` and serving). Off by default: its spinning
-  pool shares the cores with torch's OpenMP pool in this process and slowed the AOTI runner beside it
-  (blip-base b1 from ~30 to 1760 ms/token on a quiet machine);
+- ``onnx-blocking`` (with ``--blocking``): the same loop over a session whose threads never spin (serving's
+  setting); the two above spin between the operators of a run and stop when it returns (``vlexport run``,
+  ``vlexport.load`` and ``vlexport bench``: runtime/onnx_session.py ``SPIN_US``);
 - ``aoti``: the static-cache package (`vlexport compile`);
 - ``onnx-fused`` (with ``--fused``): the loop now over the decoder with ONNX Runtime's fused ops
   (export/ort_fusions.py, what `--optimize` and the weight-only variants get), written to a temp dir.
@@ -129,8 +128,8 @@ def _ratios(rows: list[dict], batches: list[int]) -> dict:
             "onnx_speedup_vs_before": round(ms["onnx-before"] / ms["onnx"], 3),
             "aoti_speed_vs_onnx": round(ms["onnx"] / ms["aoti"], 3),
         }
-        if "onnx-spin" in ms:
-            ratios[f"b{batch}"]["onnx_spin_speed_vs_onnx"] = round(ms["onnx"] / ms["onnx-spin"], 3)
+        if "onnx-blocking" in ms:
+            ratios[f"b{batch}"]["onnx_speed_vs_blocking"] = round(ms["onnx-blocking"] / ms["onnx"], 3)
         if "onnx-fused" in ms:
             ratios[f"b{batch}"]["onnx_fused_speed_vs_onnx"] = round(ms["onnx"] / ms["onnx-fused"], 3)
             ratios[f"b{batch}"]["aoti_speed_vs_onnx_fused"] = round(ms["onnx-fused"] / ms["aoti"], 3)
@@ -159,7 +158,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
-    p.add_argument("--spin", action="store_true", help="also time an ORT session whose threads spin")
+    p.add_argument("--blocking", action="store_true", help="also time a session that never spins")
     p.add_argument("--fused", action="store_true", help="also time the decoder with ORT's fused ops")
     p.add_argument("--note", default="", help="recorded as is, e.g. the machine's load")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_roofline_cpu.json")
@@ -171,20 +170,19 @@ def main() -> None:
     source = resolve(args.model, random_weights=True, seed=0)
     model = load_model(source, "caption")
     dirs, builds = build_pair(model, args, max(batches))
-    # interleaved=True: ORT threads do not spin between calls, as in `vlexport bench` and serving
     onnx = Generator(load_artifact(dirs["onnx"], device="cpu", threads=args.threads, interleaved=True))
     aoti = Generator(load_artifact(dirs["aoti"], device="cpu", threads=args.threads))
     spec = onnx.artifact.manifest.components["decoder"]
     runners = {"onnx-before": (onnx, _Before(onnx.decoder)), "onnx": (onnx, None), "aoti": (aoti, None)}
     sessions = [onnx.decoder]
-    if args.spin:
-        spin = DecoderSession(OnnxComponent(dirs["onnx"] / spec.file, threads=args.threads, spin=True), spec)
-        runners["onnx-spin"] = (onnx, spin)
-        sessions.append(spin)
+    if args.blocking:
+        one = OnnxComponent(dirs["onnx"] / spec.file, threads=args.threads, spin=False, decode_step=True)
+        runners["onnx-blocking"] = (onnx, DecoderSession(one, spec))
+        sessions.append(runners["onnx-blocking"][1])
     if args.fused:
         scratch = tempfile.TemporaryDirectory(prefix="vlexport-roofline-")  # removed at exit
         fused = _fused_decoder(dirs["onnx"] / spec.file, Path(scratch.name))
-        one = OnnxComponent(fused, threads=args.threads, spin=False, decode_step=True)
+        one = OnnxComponent(fused, threads=args.threads, decode_step=True)
         runners["onnx-fused"] = (onnx, DecoderSession(one, spec))
         sessions.append(runners["onnx-fused"][1])
     inside = {id(s): _InsideRun(s.session) for s in sessions}
@@ -210,7 +208,7 @@ def main() -> None:
             k = it % len(names)
             for name in names[k:] + names[:k]:
                 gen, decoder = runners[name]
-                session = decoder if name in ("onnx-spin", "onnx-fused") else gen.decoder
+                session = decoder if name in ("onnx-blocking", "onnx-fused") else gen.decoder
                 rec = inside.get(id(session))
                 if rec is not None:
                     rec.ns.clear()

@@ -231,9 +231,9 @@ def p50_ms(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int = 60
 
     from vlexport.runtime.onnx_session import session_options
 
-    # taking turns, a session must not spin after its run: the next one's would share the cores with the
-    # spinning threads (every p50 measured ~2.8x its time alone, ratios compressed toward 1)
-    opts, _ = session_options(2, spin=False)
+    # taking turns, a session must not spin after its run (session_options' threads stop when it returns): the
+    # next one's would share the cores with the spinning threads (every p50 ~2.8x its time alone)
+    opts, _ = session_options(2)
     sessions = {
         k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()
     }

@@ -197,7 +197,6 @@ class OnnxBackend(BackendBase):
             path,
             providers=available_providers(options.device),
             threads=options.threads,
-            spin=not options.interleaved,
             decode_step=options.decode_step,
         )
 

@@ -290,9 +290,9 @@ def _session(path: Path) -> Any:
 
     from vlexport.runtime.onnx_session import session_options
 
-    # spin=False: graphs taking turns (p50_ms) would each run beside the previous one's spinning threads
-    # (real MiniLM at batch 8 on 2 cores: every p50 ~2.8x its time alone)
-    opts, _ = session_options(spin=False)
+    # graphs take turns (p50_ms): their threads spin only inside a run, never beside the next graph's
+    # (spinning on after each run, real MiniLM at batch 8 on 2 cores: every p50 ~2.8x its time alone)
+    opts, _ = session_options()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

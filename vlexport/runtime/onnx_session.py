@@ -37,16 +37,32 @@ def available_providers(device: str = "auto") -> list[str]:
 DECODE_STEP_DISABLED_OPTIMIZERS = ("MatMulScaleFusion",)
 
 
+# How long an intra-op thread spins for the next operator's work before it sleeps (ORT >= 1.27; older ones
+# ignore the key). Within a run the gap between two operators is microseconds, and a sleeping thread costs a
+# wake-up per parallel operator; on a loaded machine a spinning one holds a core another process needs.
+# blip-image-captioning-base decode loop, 2 threads, AMD EPYC, ms/token, never spinning / 30 us within a run /
+# ORT's default: quiet, batch 1 16.3 / 14.3 / 14.2, batch 8 32.7 / 29.0 / 28.7; beside two busy loops,
+# batch 1 30.9 / 32.7 / 52.7 (docs/ARCHITECTURE.md, "Thread pools that wait by spinning").
+SPIN_US = 30
+
+
 def session_options(
     threads: int | None = None, *, spin: bool = True, decode_step: bool = False
 ) -> tuple[ort.SessionOptions, list[str]]:
-    """The SessionOptions and the disabled optimizers (an InferenceSession argument) of a component."""
+    """The SessionOptions and the disabled optimizers (an InferenceSession argument) of a component.
+
+    ``spin``: the pool's threads spin between the operators of a run, for at most SPIN_US each time, and stop
+    when the run returns; else they never spin (serving: the cores are shared with the server and other
+    models, run by run)."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    if not spin:
-        # ORT's pool spins after each run by default; interleaved with eager on a small machine the
-        # spinning threads steal the cores torch needs next (eager measured 2x slower beside one).
+    if spin:
+        # ORT's pool would go on spinning after each run by default: whatever runs next on the cores (torch
+        # beside the benchmark's ORT variants, the caller's own work) was measured 2x slower beside it
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    else:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts, list(DECODE_STEP_DISABLED_OPTIMIZERS if decode_step else ())
 

@@ -25,7 +25,7 @@ class TritonPythonModel:
         self.component = OnnxComponent(
             path,
             providers=available_providers("auto" if device == "gpu" else "cpu"),
-            spin=False,  # idle threads must not spin on the cores the server and other models share
+            spin=False,  # threads must not spin on the cores the server and other models' runs share
         )
         config = common.model_config(args)
         self.outputs = [o["name"] for o in config["output"]]

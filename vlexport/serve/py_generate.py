@@ -73,7 +73,7 @@ class TritonPythonModel:
             components["decoder"] = OnnxComponent(
                 common.version_dir(args) / meta["decoder"]["file"],
                 providers=available_providers("auto" if device == "gpu" else "cpu"),
-                spin=False,  # idle threads must not spin on the cores the server and other models share
+                spin=False,  # threads must not spin on the cores the server and other models' runs share
                 decode_step=True,
             )
         recipe = recipe_from_json(meta["recipe"])
