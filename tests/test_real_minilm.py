@@ -105,3 +105,25 @@ def test_dual_encoder_with_the_real_text_tower_quantizes(tmp_path: Path) -> None
     assert main(["onnx", str(dual), "--precision", "int8-weight", "-o", str(out)]) == 0
     acc = Manifest.read(out).validation.accuracy
     assert acc.passed and acc.outputs["text_embeds"]["cosine"] >= 0.998
+
+
+def test_concurrent_extractions_give_every_reader_the_whole_checkpoint(tmp_path: Path) -> None:
+    """Test workers extract the checkpoint at once (the module fixtures of two files): each one returns a
+    directory whose safetensors file is whole, never one still being written by another."""
+    import subprocess
+
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[2]); import real_minilm_precision as study\n"
+        "from pathlib import Path; from safetensors import safe_open\n"
+        "out = study.model_dir(Path(sys.argv[1]))\n"
+        "with safe_open(str(out / 'model.safetensors'), framework='np') as f: print(len(list(f.keys())))\n"
+    )
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    argv = [sys.executable, "-c", probe, str(tmp_path / "cache"), bench]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert all(rc == 0 for rc, _, _ in results), [err[-500:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1 and int(results[0][1]) > 50
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["all-MiniLM-L6-v2"]  # no staging left
