@@ -37,9 +37,10 @@ def available_providers(device: str = "auto") -> list[str]:
 DECODE_STEP_DISABLED_OPTIMIZERS = ("MatMulScaleFusion",)
 
 
-# How long an intra-op thread spins for the next operator's work before it sleeps (ORT >= 1.27; older ones
-# ignore the key). Within a run the gap between two operators is microseconds, and a sleeping thread costs a
-# wake-up per parallel operator; on a loaded machine a spinning one holds a core another process needs.
+# How long an intra-op thread spins for the next operator's work before it sleeps (a key of recent ORT
+# releases, measured on 1.32; older ones ignore it and spin unbounded within a run). Within a run the gap
+# between two operators is microseconds, and a sleeping thread costs a wake-up per parallel operator; on a
+# loaded machine a spinning one holds a core another process needs.
 # blip-image-captioning-base decode loop, 2 threads, AMD EPYC, ms/token, never spinning / 30 us within a run /
 # ORT's default: quiet, batch 1 16.3 / 14.3 / 14.2, batch 8 32.7 / 29.0 / 28.7; beside two busy loops,
 # batch 1 30.9 / 32.7 / 52.7 (docs/ARCHITECTURE.md, "Thread pools that wait by spinning").
