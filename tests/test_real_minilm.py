@@ -123,7 +123,8 @@ def test_concurrent_extractions_give_every_reader_the_whole_checkpoint(tmp_path:
     procs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)
     ]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
-    assert all(rc == 0 for rc, _, _ in results), [err[-500:] for _, _, err in results]
-    assert len({out.strip() for _, out, _ in results}) == 1 and int(results[0][1]) > 50
+    # communicate() reads the pipes while it waits: a child that fills one cannot block the wait
+    results = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err[-500:] for _, err, _ in results]
+    assert len({out.strip() for out, _, _ in results}) == 1 and int(results[0][0]) > 50
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["all-MiniLM-L6-v2"]  # no staging left
